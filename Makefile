@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make demo` (the main job, embedded default)  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel (a plain resolve would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q "torch==2.13.0"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/anisora-ray generate --config configs/local.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/generation_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,246 @@
+"""One typed config tree, loaded from ``configs/*.yaml`` with dotted overrides.
+
+    cfg = load_config("configs/local.yaml", ["generator.replicas=2"])
+
+Every section forbids unknown keys; a validation error names the dotted key, the value given
+and what was expected, e.g. ``generator.replicas = 'two': expected a valid integer``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anisora_ray.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of all config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "anisora-local"
+    output_dir: str = "outputs/local"  # local path or fsspec URL
+    seed: int = 0
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster
+    num_cpus: int | None = Field(default=None, ge=1)  # logical CPUs of a local Ray: a scheduling budget
+    num_gpus: int | None = Field(default=None, ge=0)
+    node_ip_address: str = "127.0.0.1"  # local Ray only: keep it on loopback
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    namespace: str = "anisora-ray"
+    log_to_driver: bool = True
+
+
+class TinyModelConfig(Section):
+    """Sizes of the random-init CogVideoX image-to-video pipeline used on CPU and in tests."""
+
+    num_layers: int = Field(default=1, ge=1)
+    num_attention_heads: int = Field(default=2, ge=1)
+    attention_head_dim: int = Field(default=16, ge=2)
+    time_embed_dim: int = Field(default=32, ge=2)
+    text_d_model: int = Field(default=32, ge=8)
+    text_layers: int = Field(default=1, ge=1)
+    vae_channels: int = Field(default=8, ge=4)
+    latent_channels: int = Field(default=4, ge=1)
+    max_text_seq_length: int = Field(default=128, ge=4)
+    init_seed: int = 0
+
+
+class ModelConfig(Section):
+    pretrained: str = "tiny"  # Hugging Face id, local path, or "tiny" (built from `tiny` and cached)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str = "~/.cache/anisora-ray/models"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class ActorResources(Section):
+    """What one actor asks Ray for."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class GeneratorConfig(Section):
+    replicas: int = Field(default=1, ge=1)
+    actor: ActorResources = ActorResources()
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    candidates_per_prompt: int = Field(default=4, ge=1)
+    prompts_per_call: int = Field(default=1, ge=1)
+    max_calls_in_flight: int = Field(default=2, ge=1)  # per replica
+    num_frames: int = Field(default=9, ge=1)
+    height: int = Field(default=64, ge=16)
+    width: int = Field(default=64, ge=16)
+    fps: int = Field(default=8, ge=1)
+    num_inference_steps: int = Field(default=8, ge=1)
+    guidance_scale: float = Field(default=6.0, ge=0)
+    max_sequence_length: int = Field(default=128, ge=1)
+    device: str = "auto"  # auto: cuda when Ray gave the actor a GPU and torch sees one, else cpu
+    torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE factor 8 x patch size 2), got {v}")
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 4k+1 (the VAE compresses time 4x), e.g. 9, 13, 49; got {v}")
+        return v
+
+
+class VideoConfig(Section):
+    codec: str = "libx264"
+    crf: int = Field(default=18, ge=0, le=51)
+    sample_frames: int = Field(default=24, ge=1)  # frames sampled evenly ...
+    sample_max_frames: int = Field(default=144, ge=1)  # ... over the first this many
+    sample_size: int | None = Field(default=224, ge=8)  # square resize for scoring; None keeps size
+
+
+class DataConfig(Section):
+    prompts: str = "demo"  # manifest URL, or "demo" for the procedurally drawn demo set
+    demo_prompts: int = Field(default=16, ge=1)
+    demo_image_size: int = Field(default=256, ge=16)
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = None  # None: sqlite store in the output dir; MLFLOW_TRACKING_URI wins
+    experiment: str = "anisora-ray"
+
+
+class AnisoraConfig(Section):
+    """The whole config tree."""
+
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    video: VideoConfig = VideoConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _sample_window(self) -> AnisoraConfig:
+        if self.video.sample_max_frames < self.video.sample_frames:
+            raise ValueError(
+                f"video.sample_max_frames ({self.video.sample_max_frames}) must be >= "
+                f"video.sample_frames ({self.video.sample_frames})"
+            )
+        tiny = self.model.tiny
+        if self.model.pretrained == "tiny" and self.generator.max_sequence_length > tiny.max_text_seq_length:
+            raise ValueError(
+                f"generator.max_sequence_length ({self.generator.max_sequence_length}) must be <= "
+                f"model.tiny.max_text_seq_length ({tiny.max_text_seq_length})"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``{"dotted.key": value}`` (for tracking params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump())
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as a YAML scalar or flow collection."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. generator.replicas=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict (in place) and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "<root>"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, [str(p) for p in error["loc"][:-1]])
+        hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        suggestion = f" (did you mean {'.'.join([*map(str, error['loc'][:-1]), hint[0]])!r}?)" if hint else ""
+        return f"{key} = {value!r}: unknown key; expected one of {sorted(allowed)}{suggestion}"
+    msg = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check across sections names its keys in the message itself
+        return msg
+    return f"{key} = {value!r}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
+    """Validate a raw dict into the config tree; errors name each bad key."""
+    try:
+        return AnisoraConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, AnisoraConfig) for e in exc.errors()]
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> AnisoraConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source!r}: expected a mapping at the top, got {type(loaded).__name__}")
+        raw = loaded or {}
+    apply_overrides(raw, list(overrides or []))
+    return build_config(raw, source)

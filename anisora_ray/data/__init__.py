@@ -1,0 +1,1 @@
+"""Prompt manifests and the procedurally drawn demo set."""

@@ -1,0 +1,131 @@
+"""Prompt manifests: parquet with ``prompt_id``, ``prompt``, ``image_uri`` and optional ``character_id``.
+
+Read and written through fsspec, so local paths, ``memory://``, ``s3://`` and ``gs://`` work alike.
+Relative ``image_uri`` values are resolved against the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from anisora_ray.errors import ManifestError
+from anisora_ray.io import fs
+from anisora_ray.types import PromptItem
+
+REQUIRED_COLUMNS = ("prompt_id", "prompt", "image_uri")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _resolve(image_uri: str, manifest_uri: str) -> str:
+    if fs.is_url(image_uri) or os.path.isabs(image_uri):
+        return image_uri
+    base = fs.normalize(manifest_uri)
+    if fs.is_url(base):
+        return posixpath.join(posixpath.dirname(base), image_uri)
+    return os.path.join(os.path.dirname(base), image_uri)
+
+
+def read_manifest(uri: str) -> list[PromptItem]:
+    """Read and check a manifest; errors name the file, the column or the row."""
+    try:
+        table = fs.read_table(uri)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {uri!r} does not exist") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"manifest {uri!r} is not a readable parquet file: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"manifest {uri!r} lacks column(s) {missing}; it has {table.column_names}")
+    items: list[PromptItem] = []
+    seen: set[str] = set()
+    for row_number, row in enumerate(table.to_pylist()):
+        for column in REQUIRED_COLUMNS:
+            if row[column] is None or not str(row[column]).strip():
+                raise ManifestError(f"manifest {uri!r} row {row_number}: empty {column}")
+        prompt_id = str(row["prompt_id"])
+        if prompt_id in seen:
+            raise ManifestError(f"manifest {uri!r} row {row_number}: duplicate prompt_id {prompt_id!r}")
+        seen.add(prompt_id)
+        character = row.get("character_id")
+        items.append(
+            PromptItem(
+                prompt_id=prompt_id,
+                prompt=str(row["prompt"]),
+                image_uri=_resolve(str(row["image_uri"]), uri),
+                character_id=None if character is None else str(character),
+            )
+        )
+    return items
+
+
+def write_manifest(items: Sequence[PromptItem], uri: str) -> str:
+    if not items:
+        raise ManifestError(f"refusing to write an empty manifest to {uri!r}")
+    fs.write_table(PromptItem.to_table(items), uri)
+    return uri
+
+
+def _prompt_rows(prompts_file: str, images: list[str]) -> list[dict[str, str]]:
+    text = fs.read_bytes(prompts_file).decode("utf-8")
+    suffix = os.path.splitext(prompts_file)[1].lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ManifestError(f"{prompts_file!r} line {n}: not JSON ({exc})") from None
+        return rows
+    if suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != len(images):
+        raise ManifestError(
+            f"{prompts_file!r} has {len(lines)} prompt lines for {len(images)} images; a plain text file "
+            "pairs prompts with images in sorted order, so the counts must match (or use .csv/.jsonl "
+            "with an 'image' column)"
+        )
+    return [{"image": image, "prompt": line} for image, line in zip(images, lines, strict=True)]
+
+
+def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[PromptItem]:
+    """Make a manifest from a folder of images and a prompts file.
+
+    ``prompts_file`` is .csv or .jsonl with columns ``image`` (file name in the folder), ``prompt``
+    and optional ``prompt_id`` / ``character_id``; or plain text, one prompt per line, paired with
+    the images in sorted order.
+    """
+    folder_fs, folder = fs.url_to_fs(images_dir)
+    if not folder_fs.isdir(folder):
+        raise ManifestError(f"image folder {images_dir!r} does not exist")
+    images = sorted(
+        posixpath.basename(p) for p in folder_fs.ls(folder, detail=False) if p.lower().endswith(IMAGE_SUFFIXES)
+    )
+    items = []
+    for n, row in enumerate(_prompt_rows(prompts_file, images)):
+        if not row.get("image") or not row.get("prompt"):
+            raise ManifestError(f"{prompts_file!r} entry {n}: needs 'image' and 'prompt', got {row!r}")
+        if row["image"] not in images:
+            raise ManifestError(f"{prompts_file!r} entry {n}: image {row['image']!r} is not in {images_dir!r}")
+        items.append(
+            PromptItem(
+                prompt_id=str(row.get("prompt_id") or os.path.splitext(row["image"])[0]),
+                prompt=str(row["prompt"]),
+                image_uri=fs.join(fs.normalize(images_dir), row["image"]),
+                character_id=row.get("character_id") or None,
+            )
+        )
+    ids = [item.prompt_id for item in items]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ManifestError(f"{prompts_file!r}: duplicate prompt_id(s) {duplicates}")
+    write_manifest(items, out_uri)
+    return items

@@ -1,0 +1,37 @@
+"""Exception types of anisora-ray; each names the item (key, file, prompt) at fault."""
+
+from __future__ import annotations
+
+
+class AnisoraError(Exception):
+    """Base class of every error anisora-ray raises on purpose."""
+
+
+class ConfigError(AnisoraError, ValueError):
+    """A config file or override is invalid; the message names key, value and expectation."""
+
+
+class ManifestError(AnisoraError, ValueError):
+    """A prompt manifest is missing columns, has bad rows or cannot be read."""
+
+
+class VideoDecodeError(AnisoraError):
+    """A video file is empty, truncated, corrupt or not a video at all."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"cannot decode video {uri!r}: {reason}")
+
+
+class ImageLoadError(AnisoraError):
+    """A first-frame image is missing or unreadable."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"cannot load image {uri!r}: {reason}")
+
+
+class ReplicaError(AnisoraError, RuntimeError):
+    """A generator replica failed or reports an unexpected state."""

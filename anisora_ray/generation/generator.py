@@ -1,0 +1,165 @@
+"""The generator: one image-to-video pipeline that turns prompts into candidate videos.
+
+Plain Python (no Ray): :mod:`anisora_ray.generation.replicas` hosts it in Ray actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
+from anisora_ray.io import fs
+from anisora_ray.io.images import load_image
+from anisora_ray.io.video import write_video
+from anisora_ray.models.pipeline import load_i2v_pipeline
+from anisora_ray.types import Candidate, PromptItem, QuarantineRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and the seeds of its candidates."""
+
+    item: PromptItem
+    seeds: tuple[int, ...]
+
+
+def video_uri(out_dir: str, prompt_id: str, seed: int) -> str:
+    return fs.join(out_dir, "videos", prompt_id, f"{seed}.mp4")
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Pipeline output in [0, 1] -> uint8 [F, H, W, 3]."""
+    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+class Generator:
+    """Hosts the pipeline, keeps its weights version, writes each candidate's mp4."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        model: ModelConfig,
+        generator: GeneratorConfig,
+        video: VideoConfig,
+        weights_version: int = 0,
+    ):
+        threads = generator.torch_threads or max(1, int(generator.actor.num_cpus))
+        torch.set_num_threads(threads)
+        self.cfg = generator
+        self.video = video
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.pipe = load_i2v_pipeline(pretrained, model.dtype, generator.device, model.revision)
+        if generator.vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if generator.vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self._weights_version = weights_version
+
+    @property
+    def weights_version(self) -> int:
+        return self._weights_version
+
+    def get_weights_version(self) -> int:
+        return self._weights_version
+
+    def device(self) -> str:
+        return str(self.pipe.transformer.device)
+
+    def render(self, requests: list[GenerationRequest]) -> np.ndarray:
+        """Run the pipeline once for all (prompt, seed) pairs: uint8 [N, F, H, W, 3], N = total seeds.
+
+        Every video gets its own torch.Generator, so each depends on its own seed only.
+        """
+        images, prompts, generators = [], [], []
+        device = self.pipe.transformer.device
+        for request in requests:
+            image = load_image(request.item.image_uri)
+            for seed in request.seeds:
+                images.append(image)
+                prompts.append(request.item.prompt)
+                generators.append(torch.Generator(device=device).manual_seed(int(seed)))
+        c = self.cfg
+        with torch.inference_mode():
+            out = self.pipe(
+                image=images,
+                prompt=prompts,
+                height=c.height,
+                width=c.width,
+                num_frames=c.num_frames,
+                num_inference_steps=c.num_inference_steps,
+                guidance_scale=c.guidance_scale,
+                generator=generators,
+                output_type="np",
+                max_sequence_length=c.max_sequence_length,
+            )
+        return to_uint8(np.asarray(out.frames))
+
+    def generate(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[QuarantineRecord]]:
+        """Candidates for every request; a request that fails is quarantined and the others go on."""
+        try:
+            return self._generate(requests, out_dir), []
+        except Exception as exc:  # noqa: BLE001 - any failure quarantines the item, with its reason
+            if len(requests) == 1:
+                return [], [self._quarantine(requests[0], exc)]
+            log.warning("batch of %d prompts failed (%s); retrying one by one", len(requests), exc)
+        candidates, quarantined = [], []
+        for request in requests:  # isolate the bad item(s)
+            c, q = self.generate([request], out_dir)
+            candidates += c
+            quarantined += q
+        return candidates, quarantined
+
+    @staticmethod
+    def _quarantine(request: GenerationRequest, exc: Exception) -> QuarantineRecord:
+        log.warning("quarantined prompt %s: %s", request.item.prompt_id, exc)
+        return QuarantineRecord(
+            stage="generation",
+            item_id=request.item.prompt_id,
+            reason=type(exc).__name__,
+            uri=request.item.image_uri,
+            detail=str(exc)[:2000],
+        )
+
+    def _generate(self, requests: list[GenerationRequest], out_dir: str) -> list[Candidate]:
+        start = time.perf_counter()
+        videos = self.render(requests)
+        per_video = (time.perf_counter() - start) / max(1, len(videos))
+        candidates = []
+        n = 0
+        for request in requests:
+            for index, seed in enumerate(request.seeds):
+                frames = videos[n]
+                n += 1
+                t0 = time.perf_counter()
+                uri = video_uri(out_dir, request.item.prompt_id, seed)
+                write_video(frames, uri, fps=self.cfg.fps, codec=self.video.codec, crf=self.video.crf)
+                candidates.append(
+                    Candidate(
+                        prompt_id=request.item.prompt_id,
+                        prompt=request.item.prompt,
+                        image_uri=request.item.image_uri,
+                        seed=int(seed),
+                        candidate_index=index,
+                        video_uri=uri,
+                        weights_version=self._weights_version,
+                        num_frames=int(frames.shape[0]),
+                        height=int(frames.shape[1]),
+                        width=int(frames.shape[2]),
+                        fps=self.cfg.fps,
+                        frames_sha256=hashlib.sha256(frames.tobytes()).hexdigest(),
+                        replica_id=self.replica_id,
+                        generate_seconds=per_video,
+                        encode_seconds=time.perf_counter() - t0,
+                        character_id=request.item.character_id,
+                    )
+                )
+        return candidates

@@ -1,0 +1,127 @@
+"""Generator replicas: N persistent Ray actors, each with its own resources, in one placement group."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from anisora_ray.config import ActorResources, AnisoraConfig
+from anisora_ray.errors import ConfigError, ReplicaError
+from anisora_ray.generation.generator import GenerationRequest, Generator
+from anisora_ray.types import Candidate, QuarantineRecord
+
+
+class GeneratorActor(Generator):
+    """The Ray-hosted generator; adds what only Ray knows (node, GPU ids, actor id)."""
+
+    def placement(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "actor_id": ctx.get_actor_id(),
+            "node_id": ctx.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "pid": os.getpid(),
+            "replica_id": self.replica_id,
+            "device": self.device(),
+            "weights_version": self.weights_version,
+        }
+
+
+def bundle_for(actor: ActorResources) -> dict[str, float]:
+    bundle = {"CPU": actor.num_cpus, "GPU": actor.num_gpus, **actor.resources}
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    if not bundle:
+        raise ConfigError("generator.actor asks for no resources: set num_cpus, num_gpus or resources above 0")
+    return bundle
+
+
+class GeneratorReplicas:
+    """Creates the replicas, spreads work over them and collects candidates."""
+
+    def __init__(self, cfg: AnisoraConfig, pretrained: str, ready_timeout_s: float = 600.0):
+        g = cfg.generator
+        self.cfg = cfg
+        bundle = bundle_for(g.actor)
+        self.pg: PlacementGroup = placement_group([dict(bundle) for _ in range(g.replicas)], strategy=g.placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ReplicaError(
+                f"{g.replicas} generator replica(s) of {bundle} each ({g.placement_strategy}) could not be placed "
+                f"within {ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}"
+            ) from None
+        remote = ray.remote(GeneratorActor)
+        self.actors = [
+            remote.options(
+                num_cpus=g.actor.num_cpus,
+                num_gpus=g.actor.num_gpus,
+                resources=dict(g.actor.resources),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(pretrained, cfg.model, g, cfg.video)
+            for i in range(g.replicas)
+        ]
+        self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
+
+    def placements(self) -> list[dict]:
+        return list(self._placements)
+
+    def weights_versions(self) -> list[int]:
+        return ray.get([a.get_weights_version.remote() for a in self.actors])
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        out_dir: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[Candidate], list[QuarantineRecord]]:
+        """Spread ``requests`` over the replicas (bounded calls in flight each) and gather the results.
+
+        ``on_progress(n)`` is called with the number of videos each finished call accounted for.
+        """
+        per_call = self.cfg.generator.prompts_per_call
+        pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
+        in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest]]] = {}
+        load = [0] * len(self.actors)
+        candidates: list[Candidate] = []
+        quarantined: list[QuarantineRecord] = []
+        limit = self.cfg.generator.max_calls_in_flight
+        while pending or in_flight:
+            while pending and min(load) < limit:
+                replica = load.index(min(load))
+                chunk = pending.popleft()
+                in_flight[self.actors[replica].generate.remote(chunk, out_dir)] = (replica, chunk)
+                load[replica] += 1
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            replica, chunk = in_flight.pop(done[0])
+            load[replica] -= 1
+            got, bad = ray.get(done[0])
+            candidates += got
+            quarantined += bad
+            if on_progress:
+                on_progress(sum(len(r.seeds) for r in chunk))
+        candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
+        return candidates, quarantined
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+        self.actors = []
+
+
+def wait_for_cluster(resources: dict[str, float], timeout_s: float = 60.0) -> None:
+    """Block until the cluster advertises at least ``resources`` (nodes may still be joining)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        have = ray.cluster_resources()
+        if all(have.get(k, 0) >= v for k, v in resources.items()):
+            return
+        time.sleep(0.5)
+    raise ReplicaError(f"cluster never offered {resources}; it has {ray.cluster_resources()}")

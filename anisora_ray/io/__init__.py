@@ -1,0 +1,1 @@
+"""File formats and storage: fsspec URLs, mp4 video, images, parquet tables."""

@@ -1,0 +1,74 @@
+"""Thin helpers over fsspec so that every URL (local path, memory://, s3://, gs://) works alike."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def is_url(uri: str) -> bool:
+    return "://" in uri
+
+
+def normalize(uri: str) -> str:
+    """Absolute local path (``~`` expanded) or the URL unchanged."""
+    return uri if is_url(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_url(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(normalize(uri))
+    return fs, path
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``; local files are written to a temp name and renamed (atomic)."""
+    fs, path = url_to_fs(uri)
+    parent = posixpath.dirname(path) if is_url(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_url(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write a parquet file at ``uri`` (any fsspec URL)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_table(uri: str) -> pa.Table:
+    fs, path = url_to_fs(uri)
+    return pq.read_table(path, filesystem=fs)

@@ -1,0 +1,1 @@
+"""Model construction and loading; no Ray here. The tiny and the real models load through one path."""

@@ -1,0 +1,120 @@
+"""Build a tiny random-init CogVideoX image-to-video pipeline from configs and save it.
+
+Its structure mirrors ``THUDM/CogVideoX-5b-I2V`` (image latents concatenated to the noise, rotary
+and learned positional embeddings, v-prediction DDIM with zero-SNR betas); only the sizes differ.
+The result is a normal diffusers folder that :func:`anisora_ray.models.pipeline.load_i2v_pipeline`
+loads with ``from_pretrained`` exactly as it loads the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from anisora_ray.config import TinyModelConfig
+
+# ByT5 works on UTF-8 bytes: 3 special tokens + 256 bytes + 125 extra ids; it needs no vocab file.
+BYT5_VOCAB_SIZE = 384
+
+# Scheduler settings of CogVideoX-5b-I2V.
+I2V_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=1.0,
+    timestep_spacing="trailing",
+)
+
+
+def tiny_fingerprint(tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> str:
+    import diffusers
+
+    spec = {"tiny": tiny.model_dump(), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_frames: int):
+    """A random-init CogVideoXImageToVideoPipeline, deterministic for ``tiny.init_seed``."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    heads = tiny.num_attention_heads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.init_seed)
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=BYT5_VOCAB_SIZE,
+                d_model=tiny.text_d_model,
+                d_kv=max(4, tiny.text_d_model // heads),
+                d_ff=tiny.text_d_model * 2,
+                num_layers=tiny.text_layers,
+                num_heads=heads,
+                relative_attention_num_buckets=8,
+            )
+        )
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(tiny.vae_channels,) * 4,
+            latent_channels=tiny.latent_channels,
+            layers_per_block=1,
+            norm_num_groups=min(4, tiny.vae_channels),
+            sample_height=height,
+            sample_width=width,
+        )
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=heads,
+            attention_head_dim=tiny.attention_head_dim,
+            in_channels=2 * tiny.latent_channels,  # noise latents + first-frame image latents
+            out_channels=tiny.latent_channels,
+            time_embed_dim=tiny.time_embed_dim,
+            text_embed_dim=tiny.text_d_model,
+            num_layers=tiny.num_layers,
+            sample_height=height // 8,
+            sample_width=width // 8,
+            sample_frames=num_frames,
+            max_text_seq_length=tiny.max_text_seq_length,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=True,
+        )
+    for module in (text_encoder, vae, transformer):
+        module.eval()  # dropout off: generation must be deterministic
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=ByT5Tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(**I2V_SCHEDULER),
+    )
+
+
+def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_frames: int, out_dir: str) -> str:
+    """Build and ``save_pretrained`` (safetensors) to ``out_dir``; atomic, so replicas never see half a model."""
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(os.path.join(out_dir, "model_index.json")):
+        return out_dir
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        build_tiny_i2v_pipeline(tiny, height, width, num_frames).save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first
+            if not os.path.exists(os.path.join(out_dir, "model_index.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,30 @@
+"""Connect to Ray: join a cluster (``ray.address``) or start a local one bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from anisora_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once; a driver that already connected (a test, ``ray job submit``) is kept."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=cfg.log_to_driver)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        namespace=cfg.namespace,
+        include_dashboard=cfg.include_dashboard,
+        dashboard_host=cfg.dashboard_host,
+        log_to_driver=cfg.log_to_driver,
+        _node_ip_address=cfg.node_ip_address,
+    )
+    log.info("started a local Ray: %s", ray.cluster_resources())

@@ -1,0 +1,67 @@
+"""Shared fixtures: one Ray mini-cluster per test session, a tiny pipeline, small configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL_CONFIG = os.path.join(REPO, "configs", "local.yaml")
+
+# The mini-cluster: two nodes, fake GPUs and logical CPUs (a scheduling budget, not cores).
+NODES = [{"num_cpus": 8, "num_gpus": 4}, {"num_cpus": 8, "num_gpus": 4}]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(NODES[0], include_dashboard=False))
+    for node in NODES[1:]:
+        cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="anisora-tests", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture
+def make_config(tmp_path, model_cache):
+    """``make_config(*overrides)``: configs/local.yaml at test sizes, writing under tmp_path."""
+    from anisora_ray.config import load_config
+
+    base = [
+        f"run.output_dir={tmp_path / 'out'}",
+        f"model.cache_dir={model_cache}",
+        "generator.height=32",
+        "generator.width=32",
+        "generator.num_frames=9",
+        "generator.num_inference_steps=3",
+        "generator.candidates_per_prompt=3",
+        "data.demo_prompts=3",
+        "data.demo_image_size=64",
+        "video.sample_size=32",
+    ]
+
+    def make(*overrides: str):
+        return load_config(LOCAL_CONFIG, [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def demo_manifest(tmp_path) -> str:
+    from anisora_ray.data.demo import make_demo_set
+
+    return make_demo_set(str(tmp_path / "demo"), num_prompts=3, image_size=64, seed=0)

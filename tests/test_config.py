@@ -1,0 +1,91 @@
+import pytest
+
+from anisora_ray.config import AnisoraConfig, load_config, parse_override
+from anisora_ray.errors import ConfigError
+from tests.conftest import LOCAL_CONFIG, REPO
+
+
+def test_shipped_configs_load():
+    local = load_config(LOCAL_CONFIG)
+    real = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml")
+    assert local.model.pretrained == "tiny" and local.ray.address is None
+    assert real.model.pretrained == "THUDM/CogVideoX-5b-I2V"
+    assert (real.generator.num_frames, real.generator.width, real.generator.height) == (49, 720, 480)
+    assert real.model.dtype == "bfloat16" and real.generator.actor.num_gpus == 1
+
+
+def test_overrides_apply_with_yaml_typed_values():
+    cfg = load_config(LOCAL_CONFIG, ["generator.replicas=3", "generator.actor.num_gpus=0.5", "ray.address=auto",
+                                     "generator.actor.resources={accel: 1}", "tracking.tracking_uri=null"])
+    assert cfg.generator.replicas == 3
+    assert cfg.generator.actor.num_gpus == 0.5
+    assert cfg.ray.address == "auto"
+    assert cfg.generator.actor.resources == {"accel": 1.0}
+    assert cfg.tracking.tracking_uri is None
+
+
+def test_bad_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL_CONFIG, ["generator.replicaz=2"])
+    msg = str(err.value)
+    assert "generator.replicaz" in msg and "unknown key" in msg and "'generator.replicas'" in msg
+
+
+def test_bad_type_names_key_value_and_expectation():
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL_CONFIG, ["generator.replicas=two"])
+    msg = str(err.value)
+    assert "generator.replicas = 'two'" in msg and "valid integer" in msg
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("generator.height=50", "generator.height = 50: must be a multiple of 16"),
+        ("generator.num_frames=10", "generator.num_frames = 10: must be 4k+1"),
+        ("generator.replicas=0", "generator.replicas = 0: Input should be greater than or equal to 1"),
+        ("model.dtype=int8", "model.dtype = 'int8'"),
+        ("video.sample_frames=500", "video.sample_max_frames (144) must be >= video.sample_frames (500)"),
+    ],
+)
+def test_bad_values_name_key_and_value(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL_CONFIG, [override])
+    assert expected in str(err.value)
+
+
+def test_several_errors_reported_together_and_file_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("generator:\n  replicas: -1\n  fps: fast\nbogus: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for part in ("generator.replicas = -1", "generator.fps = 'fast'", "bogus = 1: unknown key"):
+        assert part in msg
+
+
+@pytest.mark.parametrize("text", ["generator.replicas", "=3", "a..b=1"])
+def test_malformed_override(text):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override(text)
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="generator.replicas is a value"):
+        load_config(LOCAL_CONFIG, ["generator.replicas.count=2"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_flat_lists_every_leaf():
+    flat = AnisoraConfig().flat()
+    assert flat["generator.replicas"] == 1
+    assert flat["model.tiny.num_layers"] == 1
+    assert "generator.actor" not in flat and "generator.actor.num_gpus" in flat

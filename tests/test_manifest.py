@@ -1,0 +1,89 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from anisora_ray.data.demo import make_demo_set
+from anisora_ray.data.manifest import build_manifest, read_manifest, write_manifest
+from anisora_ray.errors import ImageLoadError, ManifestError
+from anisora_ray.io import fs
+from anisora_ray.io.images import load_image
+from anisora_ray.types import PromptItem
+
+ITEMS = [
+    PromptItem("a", "a cat waves", "memory://imgs/a.png", character_id="cat-1"),
+    PromptItem("b", "a dog runs", "memory://imgs/b.png"),
+]
+
+
+def test_manifest_round_trip_through_memory_fs():
+    write_manifest(ITEMS, "memory://manifests/m.parquet")
+    assert read_manifest("memory://manifests/m.parquet") == ITEMS
+
+
+def test_relative_image_paths_resolve_against_the_manifest():
+    table = pa.table({"prompt_id": ["x"], "prompt": ["p"], "image_uri": ["imgs/x.png"]})
+    fs.write_table(table, "memory://rel/m.parquet")
+    assert read_manifest("memory://rel/m.parquet")[0].image_uri == "memory://rel/imgs/x.png"
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"prompt_id": ["x"], "prompt": ["p"]}, r"lacks column\(s\) \['image_uri'\]"),
+        ({"prompt_id": ["x", "x"], "prompt": ["p", "q"], "image_uri": ["i", "j"]}, "row 1: duplicate prompt_id 'x'"),
+        ({"prompt_id": ["x"], "prompt": [""], "image_uri": ["i"]}, "row 0: empty prompt"),
+    ],
+)
+def test_bad_manifests_name_the_problem(columns, message):
+    fs.write_table(pa.table(columns), "memory://bad/m.parquet")
+    with pytest.raises(ManifestError, match=message):
+        read_manifest("memory://bad/m.parquet")
+
+
+def test_missing_and_non_parquet_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(str(tmp_path / "none.parquet"))
+    (tmp_path / "text.parquet").write_text("hello")
+    with pytest.raises(ManifestError, match="not a readable parquet"):
+        read_manifest(str(tmp_path / "text.parquet"))
+
+
+def test_demo_set_is_deterministic_and_loadable(tmp_path):
+    a = read_manifest(make_demo_set(str(tmp_path / "a"), num_prompts=5, image_size=64, seed=3))
+    b = read_manifest(make_demo_set(str(tmp_path / "b"), num_prompts=5, image_size=64, seed=3))
+    assert [(i.prompt, i.character_id) for i in a] == [(i.prompt, i.character_id) for i in b]
+    assert len({i.prompt_id for i in a}) == 5 and all(i.character_id for i in a)
+    assert load_image(a[0].image_uri).size == (64, 64)
+    assert fs.read_bytes(a[2].image_uri) == fs.read_bytes(b[2].image_uri)
+
+
+def test_build_manifest_from_folder(tmp_path):
+    images = tmp_path / "images"
+    demo = read_manifest(make_demo_set(str(tmp_path / "d"), num_prompts=2, image_size=32))
+    images.mkdir()
+    for name, item in zip(["one.png", "two.png"], demo):
+        (images / name).write_bytes(fs.read_bytes(item.image_uri))
+    rows = [{"image": "two.png", "prompt": "second", "character_id": "c2"}, {"image": "one.png", "prompt": "first"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = build_manifest(str(images), str(tmp_path / "p.jsonl"), str(tmp_path / "m.parquet"))
+    assert [(i.prompt_id, i.prompt, i.character_id) for i in items] == [("two", "second", "c2"), ("one", "first", None)]
+    assert read_manifest(str(tmp_path / "m.parquet")) == items
+    (tmp_path / "p.txt").write_text("first line\nsecond line\n")  # plain text pairs with sorted images
+    items = build_manifest(str(images), str(tmp_path / "p.txt"), str(tmp_path / "m2.parquet"))
+    assert [(i.prompt_id, i.prompt) for i in items] == [("one", "first line"), ("two", "second line")]
+
+
+def test_build_manifest_names_missing_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "p.csv").write_text("image,prompt\nghost.png,boo\n")
+    with pytest.raises(ManifestError, match="image 'ghost.png' is not in"):
+        build_manifest(str(tmp_path / "images"), str(tmp_path / "p.csv"), str(tmp_path / "m.parquet"))
+
+
+def test_missing_or_broken_image_is_named(tmp_path):
+    with pytest.raises(ImageLoadError, match="nope.png"):
+        load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(ImageLoadError, match="bad.png.*not a readable image"):
+        load_image(str(tmp_path / "bad.png"))

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from anisora_ray.errors import VideoDecodeError
+from anisora_ray.io import fs
+from anisora_ray.io.video import read_all_frames, read_clip, sample_indices, video_info, write_video
+
+
+def moving_square(num_frames=9, size=32):
+    frames = np.zeros((num_frames, size, size, 3), dtype=np.uint8)
+    frames[..., 2] = 60
+    for t in range(num_frames):
+        x = 2 + 2 * t
+        frames[t, 10:20, x : x + 10] = (250, 200, 40)
+    return frames
+
+
+def test_sample_indices_even_and_windowed():
+    assert sample_indices(300, 24, 144)[0] == 0 and sample_indices(300, 24, 144)[-1] == 143
+    assert sample_indices(9, 3, 144) == [0, 4, 8]
+    short = sample_indices(9, 24, 144)
+    assert len(short) == 24 and max(short) == 8 and sorted(short) == short
+    with pytest.raises(ValueError):
+        sample_indices(0, 4, 8)
+
+
+@pytest.mark.parametrize("base", ["local", "memory://videos"])
+def test_write_then_decode(tmp_path, base):
+    root = str(tmp_path) if base == "local" else base
+    uri = fs.join(root, "a", "clip.mp4")
+    frames = moving_square()
+    assert write_video(frames, uri, fps=8) > 0
+    info = video_info(uri)
+    assert (info.num_frames, info.height, info.width, info.fps) == (9, 32, 32, 8.0)
+    decoded = read_all_frames(uri)
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 6  # H.264 is lossy, not wrong
+    clip = read_clip(uri, num_frames=24, max_frames=144, size=16)
+    assert clip.shape == (24, 16, 16, 3) and clip.dtype == np.uint8
+
+
+def test_encoding_is_deterministic(tmp_path):
+    frames = moving_square()
+    write_video(frames, str(tmp_path / "a.mp4"), fps=8)
+    write_video(frames, str(tmp_path / "b.mp4"), fps=8)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_encode_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
+        write_video(np.zeros((4, 32, 32), np.uint8), str(tmp_path / "x.mp4"), fps=8)
+    with pytest.raises(ValueError, match="even"):
+        write_video(np.zeros((4, 31, 32, 3), np.uint8), str(tmp_path / "x.mp4"), fps=8)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.05, 0.5, 0.9, 0.99])
+def test_truncated_and_empty_files_raise_naming_the_file(tmp_path, keep):
+    good = tmp_path / "good.mp4"
+    write_video(moving_square(), str(good), fps=8)
+    data = good.read_bytes()
+    bad = tmp_path / f"cut-{keep}.mp4"
+    bad.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(VideoDecodeError) as err:
+        read_clip(str(bad), num_frames=24, max_frames=144)
+    assert err.value.uri == str(bad) and str(bad) in str(err.value)
+    if keep == 0.0:
+        assert "empty" in err.value.reason
+
+
+@pytest.mark.parametrize("content", [b"not a video at all " * 50, None])
+def test_garbage_and_missing_files(tmp_path, content):
+    path = tmp_path / "x.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VideoDecodeError, match="x.mp4"):
+        read_clip(str(path), num_frames=4, max_frames=8)
