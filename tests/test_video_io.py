@@ -74,3 +74,12 @@ def test_garbage_and_missing_files(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(VideoDecodeError, match="x.mp4"):
         read_clip(str(path), num_frames=4, max_frames=8)
+
+
+def test_strided_frames_encode_like_their_contiguous_copy(tmp_path):
+    channels_first = np.ascontiguousarray(moving_square().transpose(0, 3, 1, 2))
+    view = channels_first.transpose(0, 2, 3, 1)  # a channels-last view, as a permute gives
+    assert not view.flags["C_CONTIGUOUS"]
+    write_video(view, str(tmp_path / "view.mp4"), fps=8)
+    write_video(np.ascontiguousarray(view), str(tmp_path / "copy.mp4"), fps=8)
+    assert (tmp_path / "view.mp4").read_bytes() == (tmp_path / "copy.mp4").read_bytes()

@@ -32,6 +32,7 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 
         raise ValueError(f"expected uint8 frames of shape [F, H, W, 3], got {frames.dtype} {frames.shape}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    frames = np.ascontiguousarray(frames)  # PyAV misreads strided views (e.g. a channels-last permute)
     with tempfile.TemporaryDirectory(prefix="anisora-enc-") as tmp:
         path = os.path.join(tmp, "video.mp4")
         with av.open(path, mode="w", options={"movflags": "+faststart"}) as container:

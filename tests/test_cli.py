@@ -1,0 +1,45 @@
+"""The command line as a user runs it (in-process, on the session's Ray cluster)."""
+
+import json
+
+from anisora_ray.cli import main
+from anisora_ray.data.manifest import read_manifest
+from anisora_ray.io import fs
+from anisora_ray.io.video import read_all_frames
+from anisora_ray.types import Candidate
+from tests.conftest import LOCAL_CONFIG
+
+SMALL = ["--set", "generator.height=32", "--set", "generator.width=32", "--set", "generator.num_inference_steps=2",
+         "--set", "data.demo_prompts=2", "--set", "data.demo_image_size=64", "--set", "generator.candidates_per_prompt=2"]
+
+
+def test_generate_on_the_demo_set(ray_cluster, tmp_path, model_cache, capsys):
+    out = tmp_path / "run"
+    code = main(["generate", "--config", LOCAL_CONFIG, "--quiet", *SMALL,
+                 "--set", f"run.output_dir={out}", "--set", f"model.cache_dir={model_cache}"])
+    assert code == 0
+    candidates = Candidate.from_table(fs.read_table(str(out / "generate" / "candidates.parquet")))
+    prompts = read_manifest(str(out / "demo" / "prompts.parquet"))
+    assert len(prompts) == 2 and len(candidates) == 4
+    assert {c.prompt_id for c in candidates} == {p.prompt_id for p in prompts}
+    for c in candidates:
+        assert read_all_frames(c.video_uri).shape == (9, 32, 32, 3)
+    assert "4 candidates" in capsys.readouterr().out
+
+
+def test_bad_config_key_exits_2_and_names_it(capsys):
+    assert main(["generate", "--config", LOCAL_CONFIG, "--set", "generator.replcas=2"]) == 2
+    err = capsys.readouterr().err
+    assert "generator.replcas" in err and "did you mean 'generator.replicas'" in err
+
+
+def test_make_demo_then_build_manifest(tmp_path, capsys):
+    assert main(["make-demo", "--out", str(tmp_path / "demo"), "--num", "2", "--image-size", "32"]) == 0
+    items = read_manifest(str(tmp_path / "demo" / "prompts.parquet"))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"image": f"{i.prompt_id}.png", "prompt": i.prompt}) for i in items))
+    assert main(["build-manifest", "--images", str(tmp_path / "demo" / "images"), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--out", "memory://cli/m.parquet"]) == 0
+    assert [i.prompt for i in read_manifest("memory://cli/m.parquet")] == [i.prompt for i in items]
+    assert main(["build-manifest", "--images", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--out", "memory://cli/m2.parquet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
