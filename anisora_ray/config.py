@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anisora_ray.errors import ConfigError
+from anisora_ray.types import DIMENSIONS
 
 
 class Section(BaseModel):
@@ -121,6 +122,55 @@ class DataConfig(Section):
     demo_image_size: int = Field(default=256, ge=16)
 
 
+class NormalizeConfig(Section):
+    """How one dimension's raw score is mapped to [0, 1] before weighting."""
+
+    kind: Literal["fixed", "zscore", "rank"] = "fixed"  # fixed range | running z-score -> sigmoid | rank in round
+    low: float = 0.0  # fixed: raw score mapped to 0 ...
+    high: float = 1.0  # ... and to 1 (clipped outside)
+
+    @model_validator(mode="after")
+    def _range(self) -> NormalizeConfig:
+        if self.kind == "fixed" and not self.high > self.low:
+            raise ValueError(f"normalize.high ({self.high}) must be > normalize.low ({self.low})")
+        return self
+
+
+class DimensionConfig(Section):
+    backend: str = "classical"
+    weight: float = Field(default=1.0, ge=0)
+    normalize: NormalizeConfig = NormalizeConfig()
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to the backend's constructor
+
+
+def _dimension(low: float, high: float) -> Any:
+    return Field(default_factory=lambda: DimensionConfig(normalize=NormalizeConfig(low=low, high=high)))
+
+
+class RewardDimensionsConfig(Section):
+    """One entry per AnimeReward dimension; defaults are the classical backends and their raw ranges."""
+
+    visual_smoothness: DimensionConfig = _dimension(0.9, 1.0)
+    visual_motion: DimensionConfig = _dimension(0.0, 0.05)
+    visual_appeal: DimensionConfig = _dimension(0.0, 1.0)
+    text_video: DimensionConfig = _dimension(0.0, 1.0)
+    image_video: DimensionConfig = _dimension(0.0, 1.0)
+    character: DimensionConfig = _dimension(0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RewardDimensionsConfig:
+        if not any(d.weight > 0 for d in self.as_dict().values()):
+            raise ValueError("at least one reward dimension needs a weight above 0")
+        return self
+
+    def as_dict(self) -> dict[str, DimensionConfig]:
+        return {name: getattr(self, name) for name in DIMENSIONS}
+
+
+class RewardConfig(Section):
+    dimensions: RewardDimensionsConfig = RewardDimensionsConfig()
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: sqlite store in the output dir; MLFLOW_TRACKING_URI wins
     experiment: str = "anisora-ray"
@@ -135,6 +185,7 @@ class AnisoraConfig(Section):
     data: DataConfig = DataConfig()
     generator: GeneratorConfig = GeneratorConfig()
     video: VideoConfig = VideoConfig()
+    reward: RewardConfig = RewardConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -218,10 +269,24 @@ def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
-    """Validate a raw dict into the config tree; errors name each bad key."""
+    """Validate a raw dict, laid over the defaults, into the config tree; errors name each bad key.
+
+    Laying it over the defaults keeps per-entry defaults (e.g. each reward dimension's range)
+    when a file or an override sets only part of a section.
+    """
     try:
-        return AnisoraConfig.model_validate(raw)
+        return AnisoraConfig.model_validate(_merge(AnisoraConfig().model_dump(), raw))
     except ValidationError as exc:
         lines = [_describe(e, AnisoraConfig) for e in exc.errors()]
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None

@@ -20,6 +20,16 @@ import pyarrow as pa
 
 R = TypeVar("R", bound="Record")
 
+# The six AnimeReward dimensions, in the paper's order.
+DIMENSIONS = (
+    "visual_smoothness",
+    "visual_motion",
+    "visual_appeal",
+    "text_video",
+    "image_video",
+    "character",
+)
+
 _SCALARS: dict[Any, pa.DataType] = {
     str: pa.string(),
     int: pa.int64(),

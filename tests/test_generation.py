@@ -51,8 +51,8 @@ def test_k_candidates_per_prompt_distinct_and_reproducible(replicas, demo_manife
     for c in result.candidates:
         frames = read_all_frames(c.video_uri)
         assert frames.shape == (g.num_frames, g.height, g.width, 3)
-    clip = read_clip(result.candidates[0].video_uri, cfg.video.sample_frames, cfg.video.sample_max_frames, 16)
-    assert clip.shape == (cfg.video.sample_frames, 16, 16, 3)
+    clip = read_clip(result.candidates[0].video_uri, 5, cfg.video.sample_max_frames, 16)
+    assert clip.shape == (5, 16, 16, 3)
 
     # same seed and weights version -> same frames (bit-exact), on whichever replica it lands;
     # the mp4 holds them up to H.264's loss (x264 output bytes can vary between processes)

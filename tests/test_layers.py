@@ -1,4 +1,4 @@
-"""Imports point one way: errors <- types/config <- io/models <- data <- stages <- pairs <- loop <- cli."""
+"""Imports point one way: errors <- types <- config <- io/models <- data <- stages <- pairs <- loop <- cli."""
 
 import ast
 import pathlib
@@ -7,13 +7,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "anisora_ray"
 
 LAYERS = {
     "errors": 0,
-    "types": 1, "config": 1,
-    "io": 2, "models": 2, "runtime": 2, "tracking": 2,
-    "data": 3,
-    "generation": 4, "reward": 4, "gapo": 4, "weights": 4,
-    "pairs": 5,
-    "eval": 6, "loop": 6,
-    "cli": 7,
+    "types": 1,
+    "config": 2,
+    "io": 3, "models": 3, "runtime": 3, "tracking": 3,
+    "data": 4,
+    "generation": 5, "reward": 5, "gapo": 5, "weights": 5,
+    "pairs": 6,
+    "eval": 7, "loop": 7,
+    "cli": 8,
 }
 RAY_FREE = {"types", "config", "errors", "io", "models", "data"}
 

@@ -55,15 +55,17 @@ def write_video(frames: np.ndarray, uri: str, fps: int, codec: str = "libx264", 
 
 
 def sample_indices(total: int, num_frames: int, max_frames: int) -> list[int]:
-    """``num_frames`` indices spread evenly over the first ``max_frames`` of ``total`` frames.
+    """At most ``num_frames`` indices spread evenly over the first ``max_frames`` of ``total`` frames.
 
-    As AnimeReward does (24 of the first 144): when the video is shorter, indices repeat so the
-    clip keeps its length.
+    As the released AnimeReward code does (24 of the first 144): a shorter window is taken whole,
+    never with repeated frames, since repeats would read as stutter to the motion measures.
     """
     if total <= 0:
         raise ValueError("a video with no frames cannot be sampled")
-    last = min(total, max_frames) - 1
-    return np.linspace(0, last, num_frames).round().astype(int).tolist()
+    window = min(total, max_frames)
+    if window <= num_frames:
+        return list(range(window))
+    return np.linspace(0, window - 1, num_frames).round().astype(int).tolist()
 
 
 def _reader(uri: str):
@@ -96,7 +98,7 @@ def video_info(uri: str) -> VideoInfo:
 
 
 def read_clip(uri: str, num_frames: int, max_frames: int, size: int | None = None) -> np.ndarray:
-    """Decode ``num_frames`` frames sampled evenly over the first ``max_frames``: uint8 [N, H, W, 3].
+    """Decode up to ``num_frames`` frames sampled evenly over the first ``max_frames``: uint8 [N, H, W, 3].
 
     ``size`` resizes to a square ``size`` x ``size`` (224 for AnimeReward), antialiased bilinear.
     """

@@ -1,0 +1,104 @@
+"""Per-dimension normalization and weighting into one reward in [0, 1]; pure, no Ray.
+
+A NaN, infinite or missing score never becomes 0: its candidate is quarantined with the
+dimension and the reason, and it takes no part in the statistics of the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import rankdata
+
+from anisora_ray.config import DimensionConfig, NormalizeConfig
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance (Chan et al. parallel update), for z-score normalization."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        n, mean, m2 = values.size, float(values.mean()), float(((values - values.mean()) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """Per row: the normalized scores, the reward (None when quarantined) and the quarantine reason."""
+
+    normalized: list[dict[str, float]]
+    rewards: list[float | None]
+    reasons: list[str | None]
+
+
+def invalid_reason(row: Mapping[str, float], dimensions: Sequence[str]) -> str | None:
+    problems = []
+    for name in dimensions:
+        value = row.get(name)
+        if value is None:
+            problems.append(f"{name}: missing score")
+        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"{name}: non-finite score {value!r}")
+    return "; ".join(problems) or None
+
+
+def normalize(values: np.ndarray, cfg: NormalizeConfig, moments: RunningMoments | None = None) -> np.ndarray:
+    """Map raw scores of one dimension (all finite) to [0, 1]."""
+    if values.size == 0:
+        return values.astype(float)
+    if cfg.kind == "fixed":
+        return np.clip((values - cfg.low) / (cfg.high - cfg.low), 0.0, 1.0)
+    if cfg.kind == "rank":
+        if values.size == 1:
+            return np.full(1, 0.5)
+        return (rankdata(values, method="average") - 1.0) / (values.size - 1.0)
+    moments = moments if moments is not None else RunningMoments()
+    moments.update(values)
+    z = (values - moments.mean) / max(moments.std, 1e-8)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass
+class RewardAggregator:
+    """Normalizes each weighted dimension and combines them by their weights."""
+
+    dimensions: dict[str, DimensionConfig]
+    moments: dict[str, RunningMoments] = field(default_factory=dict)
+
+    @property
+    def active(self) -> list[str]:
+        return [name for name, d in self.dimensions.items() if d.weight > 0]
+
+    def __call__(self, rows: Sequence[Mapping[str, float]]) -> Aggregated:
+        """``rows``: raw scores per candidate, ``{dimension: score}``."""
+        names = self.active
+        reasons = [invalid_reason(row, names) for row in rows]
+        valid = [i for i, reason in enumerate(reasons) if reason is None]
+        normalized: list[dict[str, float]] = [{} for _ in rows]
+        for name in names:
+            values = np.array([float(rows[i][name]) for i in valid], dtype=float)
+            moments = self.moments.setdefault(name, RunningMoments())
+            for i, value in zip(valid, normalize(values, self.dimensions[name].normalize, moments), strict=True):
+                normalized[i][name] = float(value)
+        total = sum(self.dimensions[n].weight for n in names)
+        rewards: list[float | None] = [None] * len(rows)
+        for i in valid:
+            rewards[i] = sum(self.dimensions[n].weight * normalized[i][n] for n in names) / total
+        return Aggregated(normalized=normalized, rewards=rewards, reasons=reasons)

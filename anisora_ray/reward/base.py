@@ -1,0 +1,84 @@
+"""The interface every reward dimension implements, and the registry that builds them by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from anisora_ray.types import DIMENSIONS
+
+
+
+@dataclass(frozen=True)
+class ClipBatch:
+    """Decoded clips with what they were generated from.
+
+    ``frames``: B clips of uint8 [N, H, W, 3] (N may differ between clips); ``images``: the B
+    first-frame images, uint8 [H', W', 3]; ``references``: per clip a reference image of the
+    character (or None: the first-frame image stands in).
+    """
+
+    frames: list[np.ndarray]
+    prompts: list[str]
+    images: list[np.ndarray]
+    references: list[np.ndarray | None]
+
+    def __post_init__(self) -> None:
+        n = len(self.frames)
+        if not (len(self.prompts) == len(self.images) == len(self.references) == n):
+            raise ValueError(
+                f"ClipBatch fields disagree in length: frames {n}, prompts {len(self.prompts)}, "
+                f"images {len(self.images)}, references {len(self.references)}"
+            )
+        for i, clip in enumerate(self.frames):
+            if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8:
+                raise ValueError(f"clip {i}: expected uint8 [N, H, W, 3], got {clip.dtype} {clip.shape}")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class RewardDimension(Protocol):
+    """Scores a batch of clips: one float per clip (NaN when the clip cannot be scored)."""
+
+    name: str
+
+    def score(self, batch: ClipBatch) -> np.ndarray: ...
+
+
+_REGISTRY: dict[tuple[str, str], Callable[..., RewardDimension]] = {}
+
+
+def register(dimension: str, backend: str) -> Callable[[Callable[..., RewardDimension]], Callable[..., RewardDimension]]:
+    """Class decorator: make ``backend`` of ``dimension`` buildable by name."""
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"unknown reward dimension {dimension!r}; expected one of {DIMENSIONS}")
+
+    def decorate(factory: Callable[..., RewardDimension]) -> Callable[..., RewardDimension]:
+        _REGISTRY[(dimension, backend)] = factory
+        return factory
+
+    return decorate
+
+
+def backends() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {d: [] for d in DIMENSIONS}
+    for dimension, backend in _REGISTRY:
+        out[dimension].append(backend)
+    return out
+
+
+def build_dimension(dimension: str, backend: str, **options: Any) -> RewardDimension:
+    """Build one dimension's scorer; an unknown pair names what exists."""
+    import anisora_ray.reward.classical  # noqa: F401  (registers the classical backends)
+
+    try:
+        factory = _REGISTRY[(dimension, backend)]
+    except KeyError:
+        raise ValueError(
+            f"no backend {backend!r} for reward dimension {dimension!r}; registered: {backends().get(dimension)}"
+        ) from None
+    return factory(**options)

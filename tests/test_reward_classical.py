@@ -1,0 +1,100 @@
+"""Classical reward backends on synthetic clips with known properties."""
+
+import cv2
+import numpy as np
+import pytest
+
+from anisora_ray.reward import DIMENSIONS, ClipBatch, build_dimension
+
+SIZE = 64
+PINK, BLUE = (246, 143, 181), (104, 160, 237)
+
+
+def background(seed=0):
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 40, (SIZE // 4, SIZE // 4, 3), dtype=np.uint8)
+    return (cv2.resize(noise, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC) + 90).astype(np.uint8)
+
+
+def scene(x, y, colour=PINK, bg=None):
+    frame = (background() if bg is None else bg).copy()
+    cv2.rectangle(frame, (int(x), int(y)), (int(x) + 18, int(y) + 22), colour, -1)
+    cv2.circle(frame, (int(x) + 6, int(y) + 8), 2, (20, 20, 20), -1)
+    cv2.circle(frame, (int(x) + 12, int(y) + 8), 2, (20, 20, 20), -1)
+    return frame
+
+
+def clip_of(positions, colours=None):
+    colours = colours or [PINK] * len(positions)
+    return np.stack([scene(x, y, c) for (x, y), c in zip(positions, colours)])
+
+
+def batch(clips, prompt="an anime pink cat waves", image=None):
+    image = clips[0][0] if image is None else image
+    return ClipBatch(frames=list(clips), prompts=[prompt] * len(clips), images=[image] * len(clips),
+                     references=[None] * len(clips))
+
+
+def scores(dimension, clips, **kw):
+    return build_dimension(dimension, "classical").score(batch(clips, **kw))
+
+
+STATIC = clip_of([(20, 20)] * 12)
+PAN = clip_of([(6 + 3 * t, 20) for t in range(12)])
+JITTER = clip_of([(6 + 3 * t + (9 if t % 2 else -9), 20 + (6 if t % 3 == 0 else -6)) for t in range(12)])
+
+
+def test_every_dimension_has_a_classical_backend():
+    for name in DIMENSIONS:
+        out = scores(name, [STATIC, PAN])
+        assert out.shape == (2,) and np.isfinite(out).all(), name
+
+
+def test_static_clip_moves_less_than_moving_one():
+    static, moving = scores("visual_motion", [STATIC, PAN])
+    assert static < 0.2 * moving and moving > 0
+
+
+def test_jittered_pan_is_less_smooth_than_smooth_pan():
+    smooth, jitter = scores("visual_smoothness", [PAN, JITTER])
+    assert jitter < smooth
+
+
+def test_blurred_clip_is_less_appealing():
+    blurred = np.stack([cv2.GaussianBlur(f, (9, 9), 3) for f in PAN])
+    sharp, blur = scores("visual_appeal", [PAN, blurred])
+    assert blur < sharp
+
+
+def test_clip_drifting_from_the_input_image_is_less_consistent():
+    drift = np.stack([np.roll(f, 3 * t, axis=0) for t, f in enumerate(STATIC)])
+    stay, away = scores("image_video", [STATIC, drift], image=STATIC[0])
+    assert away < stay
+
+
+def test_character_changing_colour_loses_identity():
+    changed = clip_of([(20, 20)] * 12, [PINK] * 2 + [BLUE] * 10)
+    same, other = scores("character", [STATIC, changed], image=STATIC[0])
+    assert other < same
+
+
+def test_text_video_stand_in_follows_colour_words():
+    blue_cat = clip_of([(20, 20)] * 12, [BLUE] * 12)
+    pink, blue = scores("text_video", [STATIC, blue_cat], prompt="an anime pink cat waves")
+    assert pink > blue
+    neutral = scores("text_video", [STATIC, blue_cat], prompt="a cat waves")
+    assert list(neutral) == [0.5, 0.5]
+
+
+def test_too_short_clip_is_nan_not_zero():
+    out = scores("visual_smoothness", [PAN[:2], PAN])
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+
+
+def test_unknown_backend_and_bad_batch_are_named():
+    with pytest.raises(ValueError, match="no backend 'magic' for reward dimension 'visual_motion'"):
+        build_dimension("visual_motion", "magic")
+    with pytest.raises(ValueError, match=r"clip 0: expected uint8 \[N, H, W, 3\]"):
+        ClipBatch([PAN.astype(np.float32)], ["p"], [PAN[0]], [None])
+    with pytest.raises(ValueError, match="disagree in length"):
+        ClipBatch([PAN], ["p", "q"], [PAN[0]], [None])
