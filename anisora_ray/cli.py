@@ -29,6 +29,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.reward.stage import run_scoring
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_scoring(cfg, args.candidates, args.out, progress=not args.quiet)
+    print(f"{len(result.scored) - len(result.quarantined)} scored, {len(result.quarantined)} quarantined -> {result.scores_uri}")
+    return 0
+
+
 def _make_demo(args: argparse.Namespace) -> int:
     from anisora_ray.data.demo import make_demo_set
 
@@ -65,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder or URL (default: <run.output_dir>/generate)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="score candidates on the six AnimeReward dimensions")
+    _with_config(p)
+    p.add_argument("--candidates", required=True, help="candidates.parquet from `generate`")
+    p.add_argument("--out", help="scores parquet URL (default: <run.output_dir>/score/scores.parquet)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")
     p.add_argument("--out", required=True)

@@ -139,6 +139,8 @@ class NormalizeConfig(Section):
 class DimensionConfig(Section):
     backend: str = "classical"
     weight: float = Field(default=1.0, ge=0)
+    replicas: int = Field(default=1, ge=1)  # actors scoring this dimension
+    actor: ActorResources = ActorResources(num_cpus=1.0)
     normalize: NormalizeConfig = NormalizeConfig()
     options: dict[str, Any] = Field(default_factory=dict)  # passed to the backend's constructor
 
@@ -169,6 +171,8 @@ class RewardDimensionsConfig(Section):
 
 class RewardConfig(Section):
     dimensions: RewardDimensionsConfig = RewardDimensionsConfig()
+    batch_size: int = Field(default=8, ge=1)  # clips decoded once and scored on every dimension per call
+    batches_in_flight: int = Field(default=2, ge=1)
 
 
 class TrackingConfig(Section):

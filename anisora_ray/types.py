@@ -85,12 +85,13 @@ class Record:
         missing = [n for n in required if n not in row]
         if missing:
             raise ValueError(f"{cls.__name__} record is missing field(s) {missing}: {row!r}")
+        maps = {f.name for f in cls.arrow_schema() if pa.types.is_map(f.type)}
         values = {}
         for name in names:
             if name not in row:
                 continue
             value = row[name]
-            if isinstance(value, list) and value and isinstance(value[0], tuple):
+            if name in maps and isinstance(value, list):
                 value = dict(value)  # Arrow maps come back as lists of (key, value)
             values[name] = value
         return cls(**values)
@@ -142,7 +143,13 @@ class ScoredCandidate(Candidate):
 
     raw_scores: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
-    reward: float = float("nan")
+    reward: float = float("nan")  # NaN when quarantined
+    quarantine_reason: str | None = None
+
+    @classmethod
+    def from_candidate(cls, candidate: Candidate, **scores: Any) -> ScoredCandidate:
+        fields = {f.name: getattr(candidate, f.name) for f in dataclasses.fields(Candidate)}
+        return cls(**fields, **scores)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ CANDIDATE = dict(
         PromptItem("p2", "a dog", "memory://y.png", character_id="dog-1"),
         Candidate(**CANDIDATE),
         ScoredCandidate(**CANDIDATE, raw_scores={"motion": 3.5}, scores={"motion": 0.7}, reward=0.61),
+        ScoredCandidate(**CANDIDATE, reward=0.0, quarantine_reason="VideoDecodeError: gone"),  # empty maps
         PreferencePair("p1", "a cat", "/i.png", "/w.mp4", "/l.mp4", 1, 2, 0.9, 0.2, 0.7, 3,
                        winner_scores={"motion": 0.9}, loser_scores={"motion": 0.1}),
         QuarantineRecord("generation", "p3", "ImageLoadError", uri="/missing.png", detail="gone"),

@@ -48,6 +48,11 @@ class Aggregated:
     reasons: list[str | None]
 
 
+def active_dimensions(dimensions: Mapping[str, DimensionConfig]) -> list[str]:
+    """The dimensions that count: weight above 0."""
+    return [name for name, d in dimensions.items() if d.weight > 0]
+
+
 def invalid_reason(row: Mapping[str, float], dimensions: Sequence[str]) -> str | None:
     problems = []
     for name in dimensions:
@@ -82,13 +87,9 @@ class RewardAggregator:
     dimensions: dict[str, DimensionConfig]
     moments: dict[str, RunningMoments] = field(default_factory=dict)
 
-    @property
-    def active(self) -> list[str]:
-        return [name for name, d in self.dimensions.items() if d.weight > 0]
-
     def __call__(self, rows: Sequence[Mapping[str, float]]) -> Aggregated:
         """``rows``: raw scores per candidate, ``{dimension: score}``."""
-        names = self.active
+        names = active_dimensions(self.dimensions)
         reasons = [invalid_reason(row, names) for row in rows]
         valid = [i for i, reason in enumerate(reasons) if reason is None]
         normalized: list[dict[str, float]] = [{} for _ in rows]

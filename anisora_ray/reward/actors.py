@@ -1,0 +1,70 @@
+"""Reward actors: one pool of Ray actors per dimension, each with its own resources."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import ray
+
+from anisora_ray.config import DimensionConfig, RewardConfig
+from anisora_ray.reward.aggregate import active_dimensions
+from anisora_ray.reward.base import ClipBatch, build_dimension
+
+
+class DimensionScorer:
+    """Hosts one dimension's backend (plain Python; Ray wraps it below)."""
+
+    def __init__(self, name: str, cfg: DimensionConfig):
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.actor.num_cpus)))
+        self.name = name
+        self.dimension = build_dimension(name, cfg.backend, **cfg.options)
+
+    def score(self, batch: ClipBatch) -> np.ndarray:
+        out = np.asarray(self.dimension.score(batch), dtype=float)
+        if out.shape != (len(batch),):
+            raise ValueError(f"{self.name} returned shape {out.shape} for a batch of {len(batch)} clips")
+        return out
+
+
+class DimensionActor(DimensionScorer):
+    def placement(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"dimension": self.name, "actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+
+
+class RewardActors:
+    """Every weighted dimension's actor pool; scores one batch on all dimensions in parallel."""
+
+    def __init__(self, cfg: RewardConfig, timeout_s: float = 600.0):
+        remote = ray.remote(DimensionActor)
+        self.pools: dict[str, list] = {}
+        dimensions = cfg.dimensions.as_dict()
+        for name in active_dimensions(dimensions):
+            dim = dimensions[name]
+            self.pools[name] = [
+                remote.options(num_cpus=dim.actor.num_cpus, num_gpus=dim.actor.num_gpus,
+                               resources=dict(dim.actor.resources)).remote(name, dim)
+                for _ in range(dim.replicas)
+            ]
+        self._next = {name: itertools.cycle(pool) for name, pool in self.pools.items()}
+        refs = [a.placement.remote() for pool in self.pools.values() for a in pool]
+        self._placements = ray.get(refs, timeout=timeout_s)
+
+    def placements(self) -> list[dict]:
+        return list(self._placements)
+
+    def submit(self, batch: ClipBatch) -> dict[str, ray.ObjectRef]:
+        """Start scoring ``batch`` on every dimension; the clips go to the object store once."""
+        ref = ray.put(batch)
+        return {name: next(self._next[name]).score.remote(ref) for name in self.pools}
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            for actor in pool:
+                ray.kill(actor)
+        self.pools = {}

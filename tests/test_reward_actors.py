@@ -1,0 +1,53 @@
+"""Reward actors on the mini-cluster: placement per dimension, and `anisora-ray score` end to end."""
+
+import math
+
+import pytest
+
+from anisora_ray.cli import main
+from anisora_ray.io import fs
+from anisora_ray.reward.actors import RewardActors
+from anisora_ray.types import DIMENSIONS, ScoredCandidate
+from tests.conftest import LOCAL_CONFIG
+
+
+def test_six_dimensions_land_on_six_distinct_gpus(ray_cluster, make_config):
+    cfg = make_config(*[f"reward.dimensions.{d}.actor.num_gpus=1" for d in DIMENSIONS])
+    actors = RewardActors(cfg.reward)
+    try:
+        placements = actors.placements()
+        assert sorted(p["dimension"] for p in placements) == sorted(DIMENSIONS)
+        assert all(len(p["gpu_ids"]) == 1 for p in placements)
+        assert len({(p["node_id"], p["gpu_ids"][0]) for p in placements}) == 6
+    finally:
+        actors.shutdown()
+
+
+@pytest.mark.parametrize("broken", ["truncated"])
+def test_score_command_scores_all_and_quarantines_a_corrupt_clip(ray_cluster, tmp_path, model_cache, broken):
+    common = ["--config", LOCAL_CONFIG, "--quiet", "--set", f"run.output_dir={tmp_path}",
+              "--set", f"model.cache_dir={model_cache}", "--set", "generator.height=32", "--set", "generator.width=32",
+              "--set", "generator.num_inference_steps=2", "--set", "data.demo_prompts=2",
+              "--set", "data.demo_image_size=64", "--set", "generator.candidates_per_prompt=3",
+              "--set", "reward.batch_size=2"]
+    assert main(["generate", *common]) == 0
+    candidates_uri = str(tmp_path / "generate" / "candidates.parquet")
+    victim = sorted((tmp_path / "generate" / "videos").rglob("*.mp4"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+
+    out = str(tmp_path / "scores.parquet")
+    assert main(["score", *common, "--candidates", candidates_uri, "--out", out]) == 0
+    table = fs.read_table(out)
+    for name in DIMENSIONS:
+        assert name in table.column_names and f"{name}_raw" in table.column_names
+    scored = ScoredCandidate.from_table(table)
+    assert len(scored) == 6
+    bad = [s for s in scored if s.video_uri == str(victim)]
+    good = [s for s in scored if s.video_uri != str(victim)]
+    assert len(bad) == 1 and "VideoDecodeError" in bad[0].quarantine_reason and str(victim) in bad[0].quarantine_reason
+    assert math.isnan(bad[0].reward) and bad[0].scores == {}
+    for s in good:
+        assert s.quarantine_reason is None
+        assert 0.0 <= s.reward <= 1.0
+        assert set(s.scores) == set(DIMENSIONS) and all(0.0 <= v <= 1.0 for v in s.scores.values())
+        assert set(s.raw_scores) == set(DIMENSIONS)
