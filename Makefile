@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation_throughput.py
+	$(PY) benchmarks/scoring_throughput.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
