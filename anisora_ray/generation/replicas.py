@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -115,13 +114,3 @@ class GeneratorReplicas:
         remove_placement_group(self.pg)
         self.actors = []
 
-
-def wait_for_cluster(resources: dict[str, float], timeout_s: float = 60.0) -> None:
-    """Block until the cluster advertises at least ``resources`` (nodes may still be joining)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        have = ray.cluster_resources()
-        if all(have.get(k, 0) >= v for k, v in resources.items()):
-            return
-        time.sleep(0.5)
-    raise ReplicaError(f"cluster never offered {resources}; it has {ray.cluster_resources()}")
