@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
@@ -28,3 +29,14 @@ def init_ray(cfg: RayConfig) -> None:
         _node_ip_address=cfg.node_ip_address,
     )
     log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def actor_placement() -> dict:
+    """Where the calling actor runs: actor id, node id, the GPU ids Ray gave it, pid."""
+    ctx = ray.get_runtime_context()
+    return {
+        "actor_id": ctx.get_actor_id(),
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "pid": os.getpid(),
+    }

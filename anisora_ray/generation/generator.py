@@ -38,7 +38,7 @@ def video_uri(out_dir: str, prompt_id: str, seed: int) -> str:
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Pipeline output in [0, 1] -> uint8 [F, H, W, 3]."""
-    return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 class Generator:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -13,6 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, ReplicaError
 from anisora_ray.generation.generator import GenerationRequest, Generator
+from anisora_ray.runtime import actor_placement
 from anisora_ray.types import Candidate, QuarantineRecord
 
 
@@ -20,12 +20,8 @@ class GeneratorActor(Generator):
     """The Ray-hosted generator; adds what only Ray knows (node, GPU ids, actor id)."""
 
     def placement(self) -> dict:
-        ctx = ray.get_runtime_context()
         return {
-            "actor_id": ctx.get_actor_id(),
-            "node_id": ctx.get_node_id(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "pid": os.getpid(),
+            **actor_placement(),
             "replica_id": self.replica_id,
             "device": self.device(),
             "weights_version": self.weights_version,

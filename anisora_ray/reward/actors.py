@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import ray
@@ -11,6 +10,7 @@ import ray
 from anisora_ray.config import DimensionConfig, RewardConfig
 from anisora_ray.reward.aggregate import active_dimensions
 from anisora_ray.reward.base import ClipBatch, build_dimension
+from anisora_ray.runtime import actor_placement
 
 
 class DimensionScorer:
@@ -32,9 +32,7 @@ class DimensionScorer:
 
 class DimensionActor(DimensionScorer):
     def placement(self) -> dict:
-        ctx = ray.get_runtime_context()
-        return {"dimension": self.name, "actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+        return {"dimension": self.name, **actor_placement()}
 
 
 class RewardActors:
