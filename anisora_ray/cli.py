@@ -64,6 +64,39 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reward(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.reward.training import train_reward
+
+    overrides = list(args.overrides) + ([f"reward.training.dimension={args.dimension}"] if args.dimension else [])
+    summary = train_reward(load_config(args.config, overrides), args.annotations, args.out)
+    print(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("holdout_")))
+    print(f"head -> {summary['head_uri']} (set reward.dimensions.{summary['dimension']}.options.head to use it)")
+    return 0
+
+
+def _build_gallery(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.reward.character import build_gallery
+    from anisora_ray.reward.base import build_dimension
+
+    character = load_config(args.config, args.overrides).reward.dimensions.character
+    if character.backend != "grounded":
+        raise ConfigError(f"reward.dimensions.character.backend = {character.backend!r}: build-gallery needs 'grounded'")
+    options = {k: v for k, v in character.options.items() if k != "gallery"}
+    meta = build_gallery(build_dimension("character", "grounded", **options), args.references, args.out)
+    print(f"{len(meta['ids'])} characters -> {args.out} (set reward.dimensions.character.options.gallery to use it)")
+    return 0
+
+
+def _tiny_reward(args: argparse.Namespace) -> int:
+    from anisora_ray.models.tiny_reward import save_tiny_backbone
+
+    print(save_tiny_backbone(args.kind, args.out, seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anisora-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -101,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("train-reward", help="fit a reward dimension's head on rated clips with Ray Train")
+    _with_config(p)
+    p.add_argument("--annotations", required=True, help="parquet: video_uri, prompt, image_uri, one column per dimension")
+    p.add_argument("--dimension", help="default: reward.training.dimension")
+    p.add_argument("--out", help="head folder or URL (default: <run.output_dir>/reward-heads/<dimension>)")
+    p.set_defaults(func=_train_reward)
+
+    p = sub.add_parser("build-gallery", help="character embeddings from reference images (<dir>/<character_id>/*.png)")
+    _with_config(p)
+    p.add_argument("--references", required=True)
+    p.add_argument("--out", required=True, help="gallery .safetensors URL")
+    p.set_defaults(func=_build_gallery)
+
+    p = sub.add_parser("tiny-reward", help="save a tiny random-init reward backbone (clip, siglip, xclip, grounding-dino, sam)")
+    p.add_argument("--kind", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_reward)
     return parser
 
 

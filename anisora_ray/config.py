@@ -169,10 +169,43 @@ class RewardDimensionsConfig(Section):
         return {name: getattr(self, name) for name in DIMENSIONS}
 
 
+class LoraConfig(Section):
+    r: int = Field(default=0, ge=0)  # 0: no LoRA (frozen backbone, features cached once)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class RewardTrainingConfig(Section):
+    """``anisora-ray train-reward``: fit one dimension's regression head on human ratings."""
+
+    dimension: str = "visual_appeal"
+    label_column: str | None = None  # default: the dimension's name
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    epochs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    hidden: int = Field(default=256, ge=1)
+    num_workers: int = Field(default=1, ge=1)  # Ray Train workers (data-parallel)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    lora: LoraConfig = LoraConfig()
+
+    @field_validator("dimension")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in DIMENSIONS:
+            raise ValueError(f"unknown dimension {value!r}; expected one of {DIMENSIONS}")
+        return value
+
+
 class RewardConfig(Section):
     dimensions: RewardDimensionsConfig = RewardDimensionsConfig()
     batch_size: int = Field(default=8, ge=1)  # clips decoded once and scored on every dimension per call
     batches_in_flight: int = Field(default=2, ge=1)
+    training: RewardTrainingConfig = RewardTrainingConfig()
 
 
 class TrackingConfig(Section):

@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from anisora_ray.errors import ConfigError
 from anisora_ray.reward import DIMENSIONS, ClipBatch, build_dimension
 
 SIZE = 64
@@ -92,7 +93,7 @@ def test_too_short_clip_is_nan_not_zero():
 
 
 def test_unknown_backend_and_bad_batch_are_named():
-    with pytest.raises(ValueError, match="no backend 'magic' for reward dimension 'visual_motion'"):
+    with pytest.raises(ConfigError, match="reward.dimensions.visual_motion.backend = 'magic': no such backend"):
         build_dimension("visual_motion", "magic")
     with pytest.raises(ValueError, match=r"clip 0: expected uint8 \[N, H, W, 3\]"):
         ClipBatch([PAN.astype(np.float32)], ["p"], [PAN[0]], [None])

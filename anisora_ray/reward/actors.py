@@ -9,7 +9,7 @@ import ray
 
 from anisora_ray.config import DimensionConfig, RewardConfig
 from anisora_ray.reward.aggregate import active_dimensions
-from anisora_ray.reward.base import ClipBatch, build_dimension
+from anisora_ray.reward.base import ClipBatch, build_dimension, check_options
 from anisora_ray.runtime import actor_placement
 
 
@@ -42,6 +42,8 @@ class RewardActors:
         remote = ray.remote(DimensionActor)
         self.pools: dict[str, list] = {}
         dimensions = cfg.dimensions.as_dict()
+        for name in active_dimensions(dimensions):
+            check_options(name, dimensions[name].backend, dimensions[name].options)
         for name in active_dimensions(dimensions):
             dim = dimensions[name]
             self.pools[name] = [

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from anisora_ray.errors import ConfigError
 from anisora_ray.types import DIMENSIONS
 
 
@@ -71,14 +73,45 @@ def backends() -> dict[str, list[str]]:
     return out
 
 
-def build_dimension(dimension: str, backend: str, **options: Any) -> RewardDimension:
-    """Build one dimension's scorer; an unknown pair names what exists."""
-    import anisora_ray.reward.classical  # noqa: F401  (registers the classical backends)
+def _factory(dimension: str, backend: str) -> Callable[..., RewardDimension]:
+    import anisora_ray.reward.character  # noqa: F401  (these imports register the backends)
+    import anisora_ray.reward.classical  # noqa: F401
+    import anisora_ray.reward.learned  # noqa: F401
 
     try:
-        factory = _REGISTRY[(dimension, backend)]
+        return _REGISTRY[(dimension, backend)]
     except KeyError:
-        raise ValueError(
-            f"no backend {backend!r} for reward dimension {dimension!r}; registered: {backends().get(dimension)}"
+        raise ConfigError(
+            f"reward.dimensions.{dimension}.backend = {backend!r}: no such backend; registered: {backends().get(dimension)}"
         ) from None
-    return factory(**options)
+
+
+def check_options(dimension: str, backend: str, options: dict[str, Any]) -> None:
+    """Fail early (on the driver) on an unknown backend or option key, naming what is accepted."""
+    factory = _factory(dimension, backend)
+    unknown = set(options) - accepted_options(factory)
+    if unknown:
+        raise ConfigError(
+            f"reward.dimensions.{dimension}.options: unknown option(s) {sorted(unknown)} for backend {backend!r}; "
+            f"accepted: {sorted(accepted_options(factory))}"
+        )
+
+
+def build_dimension(dimension: str, backend: str, **options: Any) -> RewardDimension:
+    """Build one dimension's scorer; an unknown backend or option names what exists."""
+    check_options(dimension, backend, options)
+    return _factory(dimension, backend)(**options)
+
+
+def accepted_options(factory: Callable[..., Any]) -> set[str]:
+    """Keyword names a backend's constructor takes, following ``**options`` up its base classes."""
+    names: set[str] = set()
+    for cls in getattr(factory, "__mro__", (factory,)):
+        init = cls.__init__ if isinstance(cls, type) else cls
+        if init is object.__init__:
+            break
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names

@@ -1,0 +1,154 @@
+"""Tiny random-init reward backbones (CLIP, SigLIP, X-CLIP, GroundingDINO, SAM) built from configs.
+
+Each is saved as a normal transformers folder (weights as safetensors, tokenizer, image processor)
+so the reward backends load it with the same ``from_pretrained`` calls as the real checkpoints
+(``openai/clip-vit-large-patch14``, ``google/siglip-so400m-patch14-384``, ``microsoft/xclip-base-patch32``,
+``IDEA-Research/grounding-dino-tiny``, ``facebook/sam-vit-base``). A backbone spec ``tiny:<kind>``
+in a reward option resolves to such a folder, built once and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+import torch
+
+TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam")
+TINY_IMAGE_SIZE = 32
+_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               image_size=TINY_IMAGE_SIZE, patch_size=8)
+_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "character", "a", "the", "person"]
+
+
+def _byt5_tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def _clip(seed: int):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    # ByT5 ends each text with </s> = 1: the text tower pools there.
+    text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, eos_token_id=1, pad_token_id=0, bos_token_id=1)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=_VISION, projection_dim=24))
+    size = {"shortest_edge": TINY_IMAGE_SIZE}
+    crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return model, [_byt5_tokenizer(), CLIPImageProcessor(size=size, crop_size=crop)]
+
+
+def _siglip(seed: int):
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=_VISION))
+    size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return model, [_byt5_tokenizer(), SiglipImageProcessor(size=size)]
+
+
+def _xclip(seed: int):
+    from transformers import CLIPImageProcessor, XCLIPConfig, XCLIPModel
+
+    text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    vision = dict(_VISION, num_frames=8, mit_hidden_size=24, mit_intermediate_size=48, mit_num_attention_heads=2)
+    model = XCLIPModel(XCLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
+                                   prompt_num_attention_heads=2, prompt_layers=1))
+    size = {"shortest_edge": TINY_IMAGE_SIZE}
+    crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return model, [_byt5_tokenizer(), CLIPImageProcessor(size=size, crop_size=crop)]
+
+
+def _grounding_dino(seed: int, workdir: str):
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    vocab = os.path.join(workdir, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(_BERT_WORDS) + "\n")
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                   image_size=64, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(_BERT_WORDS), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_feature_levels=3,
+        encoder_n_points=2, decoder_n_points=2, max_text_len=32,
+    )
+    model = GroundingDinoForObjectDetection(config)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
+    return model, [GroundingDinoProcessor(image_processor=image_processor, tokenizer=BertTokenizer(vocab))]
+
+
+def _sam(seed: int):
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
+                                      image_size=64, patch_size=8, output_channels=16, global_attn_indexes=[0],
+                                      window_size=0, num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 mlp_dim=32, iou_head_hidden_dim=16),
+    )
+    processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
+                                                               pad_size={"height": 64, "width": 64}))
+    return SamModel(config), [processor]
+
+
+def save_tiny_backbone(kind: str, path: str, seed: int = 0) -> str:
+    """Build the tiny ``kind`` model with ``seed`` and save it (atomically) to ``path``; returns ``path``."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {TINY_KINDS}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if kind == "grounding-dino":
+                model, extras = _grounding_dino(seed, tmp)
+            else:
+                model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam}[kind](seed)
+        model.eval().save_pretrained(tmp, safe_serialization=True)
+        for extra in extras:
+            extra.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve_backbone(spec: str, cache_dir: str = "~/.cache/anisora-ray") -> str:
+    """``tiny:<kind>`` → the cached tiny folder (built on first use); anything else is returned as is."""
+    if not spec.startswith("tiny:"):
+        return spec
+    import transformers
+
+    kind = spec.split(":", 1)[1]
+    key = hashlib.sha256(f"{kind}|{transformers.__version__}".encode()).hexdigest()[:12]
+    return save_tiny_backbone(kind, os.path.join(os.path.expanduser(cache_dir), f"tiny-{kind}-{key}"))

@@ -1,0 +1,165 @@
+"""Character consistency, learned backend: detect, segment, crop, embed, compare with a gallery.
+
+As in the released code (GroundingDINO + SAMURAI crops, BLIP retrieval against a gallery), per frame:
+GroundingDINO finds the best box for the text query ``character.``; SAM (optional) segments it and
+the background is blacked out; the crop is embedded with a CLIP-family image encoder; the score is
+the top-1 cosine similarity to the gallery, averaged over ``frames`` frames. The gallery is a
+safetensors file of one embedding per character id (``anisora-ray build-gallery``); without one,
+each clip's reference (or first-frame) image is its one-entry gallery.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import torch
+
+from anisora_ray.io import fs
+from anisora_ray.io.images import load_image
+from anisora_ray.models.pipeline import DTYPES, pick_device
+from anisora_ray.models.tiny_reward import resolve_backbone
+from anisora_ray.reward.base import ClipBatch, register
+from anisora_ray.reward.encoders import Backbone, l2
+from anisora_ray.reward.learned import even_indices
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@register("character", "grounded")
+class GroundedCharacter:
+    name = "character"
+
+    def __init__(self, detector: str = "IDEA-Research/grounding-dino-tiny", segmenter: str | None = "facebook/sam-vit-base",
+                 embedder: str = "openai/clip-vit-large-patch14", gallery: str | None = None, query: str = "character.",
+                 box_threshold: float = 0.35, text_threshold: float = 0.25, frames: int = 8,
+                 on_no_detection: str = "full_frame", device: str = "auto", dtype: str = "float32",
+                 cache_dir: str = "~/.cache/anisora-ray", max_images: int = 256):
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
+
+        if on_no_detection not in ("full_frame", "skip"):
+            raise ValueError(f"on_no_detection must be 'full_frame' or 'skip', got {on_no_detection!r}")
+        self.device, dtype_ = pick_device(device), DTYPES[dtype]
+        det = resolve_backbone(detector, cache_dir)
+        self.det_processor = AutoProcessor.from_pretrained(det)
+        self.detector = AutoModelForZeroShotObjectDetection.from_pretrained(det, dtype=dtype_, use_safetensors=True)
+        self.detector.eval().requires_grad_(False).to(self.device)
+        self.segmenter = self.seg_processor = None
+        if segmenter:
+            seg = resolve_backbone(segmenter, cache_dir)
+            self.seg_processor = SamProcessor.from_pretrained(seg)
+            self.segmenter = SamModel.from_pretrained(seg, dtype=dtype_, use_safetensors=True)
+            self.segmenter.eval().requires_grad_(False).to(self.device)
+        self.embedder = Backbone(embedder, device=device, dtype=dtype, cache_dir=cache_dir, max_images=max_images, text=False)
+        self.query, self.frames = query, int(frames)
+        self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
+        self.on_no_detection = on_no_detection
+        self.gallery_ids, self.gallery = ([], None) if gallery is None else load_gallery(gallery, self.device)
+
+    @torch.no_grad()
+    def boxes(self, frames: np.ndarray) -> list[list[float] | None]:
+        """The best box [x0, y0, x1, y1] for the query in each frame, or None."""
+        images = list(frames)
+        inputs = self.det_processor(images=images, text=[self.query] * len(images), return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.detector.dtype)
+        outputs = self.detector(**inputs)
+        results = self.det_processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
+            target_sizes=[f.shape[:2] for f in images])
+        out: list[list[float] | None] = []
+        for r in results:
+            out.append(r["boxes"][int(r["scores"].argmax())].tolist() if len(r["scores"]) else None)
+        return out
+
+    @torch.no_grad()
+    def masks(self, frames: np.ndarray, boxes: list[list[float]]) -> list[np.ndarray]:
+        inputs = self.seg_processor(images=list(frames), input_boxes=[[b] for b in boxes], return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.segmenter.dtype)
+        outputs = self.segmenter(**inputs, multimask_output=False)
+        masks = self.seg_processor.image_processor.post_process_masks(
+            outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
+        return [m[0, 0].numpy() for m in masks]
+
+    def crops(self, frames: np.ndarray) -> list[np.ndarray]:
+        """One square crop per frame with a character (all frames with ``on_no_detection='full_frame'``)."""
+        boxes = self.boxes(frames)
+        found = [i for i, b in enumerate(boxes) if b is not None]
+        masks = dict(zip(found, self.masks(frames[found], [boxes[i] for i in found]), strict=True)) if (
+            self.segmenter is not None and found) else {}
+        size = self.embedder.image_size
+        out = []
+        for i, frame in enumerate(frames):
+            if boxes[i] is None:
+                if self.on_no_detection == "skip":
+                    continue
+                crop = frame
+            else:
+                h, w = frame.shape[:2]
+                x0, y0, x1, y1 = boxes[i]
+                x0, y0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
+                x1, y1 = int(np.clip(np.ceil(x1), x0 + 1, w)), int(np.clip(np.ceil(y1), y0 + 1, h))
+                crop = frame * masks[i][..., None] if i in masks else frame
+                crop = np.ascontiguousarray(crop[y0:y1, x0:x1]).astype(np.uint8)
+            out.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+        return out
+
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        """l2-normalized embeddings [N, D] of the character crops of ``images`` (uint8 [N, H, W, 3])."""
+        crops = self.crops(images)
+        if not crops:
+            return torch.zeros(0, 0)
+        return l2(self.embedder.image_features(np.stack(crops)))
+
+    @torch.no_grad()
+    def score(self, batch: ClipBatch) -> np.ndarray:
+        out = np.full(len(batch), np.nan)  # no character found in any frame → NaN (quarantined)
+        for i, clip in enumerate(batch.frames):
+            query = self.embed(clip[even_indices(len(clip), min(self.frames, len(clip)))])
+            if query.numel() == 0:
+                continue
+            gallery = self.gallery
+            if gallery is None:
+                reference = batch.references[i] if batch.references[i] is not None else batch.images[i]
+                gallery = self.embed(reference[None])
+                if gallery.numel() == 0:
+                    continue
+            out[i] = float((query @ gallery.T).max(dim=1).values.mean())
+        return out
+
+
+def load_gallery(uri: str, device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor]:
+    from safetensors.torch import load
+
+    tensors = load(fs.read_bytes(uri))
+    meta = json.loads(fs.read_bytes(uri + ".json"))
+    return list(meta["ids"]), tensors["embeddings"].to(device)
+
+
+def build_gallery(scorer: GroundedCharacter, references_uri: str, out_uri: str) -> dict:
+    """Embed every reference image under ``references_uri/<character_id>/`` and save one mean embedding per id."""
+    from safetensors.torch import save
+
+    filesystem, root = fs.url_to_fs(references_uri)
+    ids, embeddings, counts = [], [], {}
+    for entry in sorted(filesystem.ls(root, detail=False)):
+        if not filesystem.isdir(entry):
+            continue
+        files = sorted(p for p in filesystem.ls(entry, detail=False) if p.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            continue
+        images = [np.asarray(load_image(filesystem.unstrip_protocol(p))) for p in files]
+        with torch.no_grad():
+            feats = [f for f in (scorer.embed(im[None]) for im in images) if f.numel()]
+        if not feats:
+            continue
+        feats = torch.cat(feats)
+        ids.append(entry.rstrip("/").rsplit("/", 1)[-1])
+        embeddings.append(l2(feats.mean(0)))
+        counts[ids[-1]] = len(files)
+    if not ids:
+        raise ValueError(f"no reference images found under {references_uri!r} (expected <character_id>/*.png)")
+    fs.write_bytes(out_uri, save({"embeddings": torch.stack(embeddings).cpu().contiguous()}))
+    meta = {"ids": ids, "images": counts, "embedder": scorer.embedder.spec}
+    fs.write_bytes(out_uri + ".json", json.dumps(meta, indent=2).encode())
+    return meta

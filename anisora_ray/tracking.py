@@ -1,0 +1,78 @@
+"""MLflow tracking: where the store is, and runs that carry the resolved config.
+
+The store is ``MLFLOW_TRACKING_URI`` if set, else ``tracking.tracking_uri``, else a SQLite store
+inside the run's output dir (MLflow 3's file store is in maintenance mode). Artifacts of a
+default local store go next to it, never into the current directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from anisora_ray.config import AnisoraConfig
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(cfg: AnisoraConfig) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    out = cfg.run.output_dir
+    if "://" in out and not out.startswith("file://"):
+        raise ValueError(f"run.output_dir {out!r} is remote: set tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
+    root = os.path.abspath(os.path.expanduser(out.removeprefix("file://")))
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def _experiment_id(cfg: AnisoraConfig) -> str:
+    import mlflow
+
+    name = cfg.tracking.experiment
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:///"):
+        db = mlflow.get_tracking_uri().removeprefix("sqlite:///")
+        location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def params_of(cfg: AnisoraConfig) -> dict[str, str]:
+    return {k: str(v)[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None = None,
+               tags: Mapping[str, str] | None = None, log_config: bool = True) -> Iterator[Any]:
+    """Start (or nest under ``parent_run_id``) an MLflow run; the whole config is logged as params."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment_id = _experiment_id(cfg)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=all_tags, nested=bool(parent_run_id)) as run:
+        if log_config:
+            mlflow.log_params(params_of(cfg))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` to the active run."""
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
