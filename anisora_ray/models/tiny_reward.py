@@ -131,6 +131,9 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0) -> str:
             else:
                 model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam}[kind](seed)
         model.eval().save_pretrained(tmp, safe_serialization=True)
+        if not os.path.isfile(os.path.join(tmp, "config.json")):  # transformers saves on torch.distributed rank 0 only
+            raise RuntimeError(f"tiny {kind} was not written to {path!r}: build it outside torch.distributed "
+                               "workers (resolve_backbones on the driver)")
         for extra in extras:
             extra.save_pretrained(tmp)
         try:
@@ -152,3 +155,9 @@ def resolve_backbone(spec: str, cache_dir: str = "~/.cache/anisora-ray") -> str:
     kind = spec.split(":", 1)[1]
     key = hashlib.sha256(f"{kind}|{transformers.__version__}".encode()).hexdigest()[:12]
     return save_tiny_backbone(kind, os.path.join(os.path.expanduser(cache_dir), f"tiny-{kind}-{key}"))
+
+
+def resolve_backbones(options: dict, cache_dir: str | None = None) -> dict:
+    """``options`` with every ``tiny:<kind>`` value resolved to its cached folder (for the driver to do once)."""
+    cache = cache_dir or options.get("cache_dir", "~/.cache/anisora-ray")
+    return {k: resolve_backbone(v, cache) if isinstance(v, str) and v.startswith("tiny:") else v for k, v in options.items()}

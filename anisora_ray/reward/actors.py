@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from anisora_ray.config import DimensionConfig, RewardConfig
+from anisora_ray.models.tiny_reward import resolve_backbones
 from anisora_ray.reward.aggregate import active_dimensions
 from anisora_ray.reward.base import ClipBatch, build_dimension, check_options
 from anisora_ray.runtime import actor_placement
@@ -45,7 +46,8 @@ class RewardActors:
         for name in active_dimensions(dimensions):
             check_options(name, dimensions[name].backend, dimensions[name].options)
         for name in active_dimensions(dimensions):
-            dim = dimensions[name]
+            # Tiny backbones are built once here, not raced by every actor.
+            dim = dimensions[name].model_copy(update={"options": resolve_backbones(dimensions[name].options)})
             self.pools[name] = [
                 remote.options(num_cpus=dim.actor.num_cpus, num_gpus=dim.actor.num_gpus,
                                resources=dict(dim.actor.resources)).remote(name, dim)

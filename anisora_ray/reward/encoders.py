@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from anisora_ray.io import fs
 from anisora_ray.models.pipeline import DTYPES, pick_device
 from anisora_ray.models.tiny_reward import resolve_backbone
 
@@ -113,25 +114,22 @@ class RegressionHead(nn.Module):
         return z * self.config["label_std"] + self.config["label_mean"]
 
     def save(self, path: str) -> str:
-        from safetensors.torch import save_file
+        """Write ``head.safetensors`` and ``head.json`` under ``path`` (a folder or any fsspec URL)."""
+        from safetensors.torch import save
 
-        os.makedirs(path, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(path, HEAD_WEIGHTS))
-        with open(os.path.join(path, HEAD_CONFIG), "w") as f:
-            json.dump(self.config, f, indent=2, sort_keys=True)
+        fs.write_bytes(fs.join(path, HEAD_WEIGHTS), save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}))
+        fs.write_bytes(fs.join(path, HEAD_CONFIG), json.dumps(self.config, indent=2, sort_keys=True).encode())
         return path
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> RegressionHead:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            with open(os.path.join(path, HEAD_CONFIG)) as f:
-                config = json.load(f)
-            state = load_file(os.path.join(path, HEAD_WEIGHTS), device=str(device))
+            config = json.loads(fs.read_bytes(fs.join(path, HEAD_CONFIG)))
+            state = load(fs.read_bytes(fs.join(path, HEAD_WEIGHTS)))
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"reward head {path!r} is missing {os.path.basename(exc.filename)}; "
+            raise FileNotFoundError(f"reward head {path!r} is missing {os.path.basename(str(exc.filename or exc))}; "
                                     "train one with `anisora-ray train-reward`") from None
         head = cls(**config)
         head.load_state_dict(state)

@@ -26,6 +26,7 @@ import torch
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ManifestError
 from anisora_ray.io import fs
+from anisora_ray.models.tiny_reward import resolve_backbones
 from anisora_ray.reward.base import ClipBatch, build_dimension
 from anisora_ray.reward.encoders import RegressionHead
 from anisora_ray.types import QuarantineRecord
@@ -120,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     dim_cfg = cfg.reward.dimensions.as_dict()[t.dimension]
-    options = {**dim_cfg.options, "head": None, "training": True, "device": str(device)}
+    options = {**config["options"], "head": None, "training": True, "device": str(device)}
     torch.manual_seed(t.seed)
     dimension = build_dimension(t.dimension, dim_cfg.backend, **options)
     trainable: list[torch.nn.Parameter] = []
@@ -218,7 +219,8 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     storage = fs.join(fs.normalize(cfg.run.output_dir), "ray-train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump()},
+        train_loop_config={"cfg": cfg.model_dump(),
+                           "options": resolve_backbones(cfg.reward.dimensions.as_dict()[t.dimension].options)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         datasets={"train": ray.data.from_arrow(train), "holdout": ray.data.from_arrow(holdout)},
