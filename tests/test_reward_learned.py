@@ -75,7 +75,7 @@ def test_heads_save_load_and_score(cache, tmp_path):
         head_dir = head.save(str(tmp_path / name))
         scorer = build_dimension(name, backend, cache_dir=cache, head=head_dir, **extra)
         with torch.no_grad():
-            expected = [float(head(t)) for t in dim.tokens(batch())]
+            expected = [float(head.to(t.device)(t)) for t in dim.tokens(batch())]
         np.testing.assert_allclose(scorer.score(batch()), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="visual_appeal: option 'head' is required.*train-reward"):
         build_dimension("visual_appeal", "siglip", backbone="tiny:siglip", cache_dir=cache)

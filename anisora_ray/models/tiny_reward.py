@@ -30,8 +30,12 @@ def _byt5_tokenizer():
     return ByT5Tokenizer()
 
 
-def _clip(seed: int):
+def _clip(base: bool):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    if base:  # ViT-B/32 at 224, the architecture of openai/clip-vit-base-patch32
+        return CLIPModel(CLIPConfig(text_config=dict(eos_token_id=1, bos_token_id=1, pad_token_id=0))), [
+            _byt5_tokenizer(), CLIPImageProcessor()]
 
     # ByT5 ends each text with </s> = 1: the text tower pools there.
     text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, eos_token_id=1, pad_token_id=0, bos_token_id=1)
@@ -41,8 +45,12 @@ def _clip(seed: int):
     return model, [_byt5_tokenizer(), CLIPImageProcessor(size=size, crop_size=crop)]
 
 
-def _siglip(seed: int):
+def _siglip(base: bool):
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    if base:  # ViT-B/16 at 224, the architecture of google/siglip-base-patch16-224
+        return SiglipModel(SiglipConfig(text_config=dict(eos_token_id=1, bos_token_id=1, pad_token_id=0))), [
+            _byt5_tokenizer(), SiglipImageProcessor()]
 
     text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=_VISION))
@@ -50,8 +58,12 @@ def _siglip(seed: int):
     return model, [_byt5_tokenizer(), SiglipImageProcessor(size=size)]
 
 
-def _xclip(seed: int):
+def _xclip(base: bool):
     from transformers import CLIPImageProcessor, XCLIPConfig, XCLIPModel
+
+    if base:  # the architecture of microsoft/xclip-base-patch32 (8 frames)
+        return XCLIPModel(XCLIPConfig(text_config=dict(eos_token_id=1, bos_token_id=1, pad_token_id=0))), [
+            _byt5_tokenizer(), CLIPImageProcessor()]
 
     text = dict(_TEXT, vocab_size=384, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1)
     vision = dict(_VISION, num_frames=8, mit_hidden_size=24, mit_intermediate_size=48, mit_num_attention_heads=2)
@@ -62,7 +74,7 @@ def _xclip(seed: int):
     return model, [_byt5_tokenizer(), CLIPImageProcessor(size=size, crop_size=crop)]
 
 
-def _grounding_dino(seed: int, workdir: str):
+def _grounding_dino(base: bool, workdir: str):
     from transformers import (
         BertConfig,
         BertTokenizer,
@@ -76,6 +88,9 @@ def _grounding_dino(seed: int, workdir: str):
     vocab = os.path.join(workdir, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(_BERT_WORDS) + "\n")
+    if base:  # Swin-T + BERT-base, the architecture of IDEA-Research/grounding-dino-tiny
+        return GroundingDinoForObjectDetection(GroundingDinoConfig()), [
+            GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(), tokenizer=BertTokenizer(vocab))]
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
                                    image_size=64, out_features=["stage2", "stage3", "stage4"]),
@@ -90,7 +105,7 @@ def _grounding_dino(seed: int, workdir: str):
     return model, [GroundingDinoProcessor(image_processor=image_processor, tokenizer=BertTokenizer(vocab))]
 
 
-def _sam(seed: int):
+def _sam(base: bool):
     from transformers import (
         SamConfig,
         SamImageProcessor,
@@ -101,6 +116,8 @@ def _sam(seed: int):
         SamVisionConfig,
     )
 
+    if base:  # ViT-B at 1024, the architecture of facebook/sam-vit-base
+        return SamModel(SamConfig()), [SamProcessor(image_processor=SamImageProcessor())]
     config = SamConfig(
         vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
                                       image_size=64, patch_size=8, output_channels=16, global_attn_indexes=[0],
@@ -114,8 +131,12 @@ def _sam(seed: int):
     return SamModel(config), [processor]
 
 
-def save_tiny_backbone(kind: str, path: str, seed: int = 0) -> str:
-    """Build the tiny ``kind`` model with ``seed`` and save it (atomically) to ``path``; returns ``path``."""
+def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) -> str:
+    """Build the tiny ``kind`` model with ``seed`` and save it (atomically) to ``path``; returns ``path``.
+
+    ``base=True`` builds the released base architecture instead (random weights, real sizes): for
+    throughput measurements where checkpoints cannot be downloaded.
+    """
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {TINY_KINDS}")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -127,9 +148,9 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0) -> str:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if kind == "grounding-dino":
-                model, extras = _grounding_dino(seed, tmp)
+                model, extras = _grounding_dino(base, tmp)
             else:
-                model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam}[kind](seed)
+                model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam}[kind](base)
         model.eval().save_pretrained(tmp, safe_serialization=True)
         if not os.path.isfile(os.path.join(tmp, "config.json")):  # transformers saves on torch.distributed rank 0 only
             raise RuntimeError(f"tiny {kind} was not written to {path!r}: build it outside torch.distributed "
@@ -147,17 +168,20 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0) -> str:
 
 
 def resolve_backbone(spec: str, cache_dir: str = "~/.cache/anisora-ray") -> str:
-    """``tiny:<kind>`` → the cached tiny folder (built on first use); anything else is returned as is."""
-    if not spec.startswith("tiny:"):
+    """``tiny:<kind>`` (or ``random-base:<kind>``) → the cached random-init folder, built on first use;
+    anything else (a Hugging Face id, a path) is returned as is."""
+    size, _, kind = spec.partition(":")
+    if size not in ("tiny", "random-base") or not kind:
         return spec
     import transformers
 
-    kind = spec.split(":", 1)[1]
     key = hashlib.sha256(f"{kind}|{transformers.__version__}".encode()).hexdigest()[:12]
-    return save_tiny_backbone(kind, os.path.join(os.path.expanduser(cache_dir), f"tiny-{kind}-{key}"))
+    path = os.path.join(os.path.expanduser(cache_dir), f"{size}-{kind}-{key}")
+    return save_tiny_backbone(kind, path, base=size == "random-base")
 
 
 def resolve_backbones(options: dict, cache_dir: str | None = None) -> dict:
     """``options`` with every ``tiny:<kind>`` value resolved to its cached folder (for the driver to do once)."""
     cache = cache_dir or options.get("cache_dir", "~/.cache/anisora-ray")
-    return {k: resolve_backbone(v, cache) if isinstance(v, str) and v.startswith("tiny:") else v for k, v in options.items()}
+    random = ("tiny:", "random-base:")
+    return {k: resolve_backbone(v, cache) if isinstance(v, str) and v.startswith(random) else v for k, v in options.items()}

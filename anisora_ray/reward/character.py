@@ -35,7 +35,8 @@ class GroundedCharacter:
                  embedder: str = "openai/clip-vit-large-patch14", gallery: str | None = None, query: str = "character.",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, frames: int = 8,
                  on_no_detection: str = "full_frame", device: str = "auto", dtype: str = "float32",
-                 cache_dir: str = "~/.cache/anisora-ray", max_images: int = 256):
+                 cache_dir: str = "~/.cache/anisora-ray", max_images: int = 256, model_batch: int = 32,
+                 detector_size: int | None = None):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
 
         if on_no_detection not in ("full_frame", "skip"):
@@ -55,13 +56,21 @@ class GroundedCharacter:
         self.query, self.frames = query, int(frames)
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
         self.on_no_detection = on_no_detection
+        self.model_batch = int(model_batch)  # frames per GroundingDINO / SAM call
+        # The detector's input size (shortest edge); None keeps its processor's (800 for GroundingDINO).
+        # Sampled frames are 224 px: detecting at 800 upsamples them ~13x in pixels for no new detail.
+        self.detector_kwargs = {} if detector_size is None else {
+            "size": {"shortest_edge": int(detector_size), "longest_edge": int(detector_size) * 1333 // 800}}
         self.gallery_ids, self.gallery = ([], None) if gallery is None else load_gallery(gallery, self.device)
 
     @torch.no_grad()
     def boxes(self, frames: np.ndarray) -> list[list[float] | None]:
         """The best box [x0, y0, x1, y1] for the query in each frame, or None."""
+        if len(frames) > self.model_batch:
+            return [b for i in range(0, len(frames), self.model_batch) for b in self.boxes(frames[i : i + self.model_batch])]
         images = list(frames)
-        inputs = self.det_processor(images=images, text=[self.query] * len(images), return_tensors="pt").to(self.device)
+        inputs = self.det_processor(images=images, text=[self.query] * len(images), return_tensors="pt",
+                                    **self.detector_kwargs).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.detector.dtype)
         outputs = self.detector(**inputs)
         results = self.det_processor.post_process_grounded_object_detection(
@@ -74,6 +83,9 @@ class GroundedCharacter:
 
     @torch.no_grad()
     def masks(self, frames: np.ndarray, boxes: list[list[float]]) -> list[np.ndarray]:
+        if len(frames) > self.model_batch:
+            step = self.model_batch
+            return [m for i in range(0, len(frames), step) for m in self.masks(frames[i : i + step], boxes[i : i + step])]
         inputs = self.seg_processor(images=list(frames), input_boxes=[[b] for b in boxes], return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.segmenter.dtype)
         outputs = self.segmenter(**inputs, multimask_output=False)
@@ -81,14 +93,14 @@ class GroundedCharacter:
             outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
         return [m[0, 0].numpy() for m in masks]
 
-    def crops(self, frames: np.ndarray) -> list[np.ndarray]:
+    def crops(self, frames: np.ndarray, return_kept: bool = False):
         """One square crop per frame with a character (all frames with ``on_no_detection='full_frame'``)."""
         boxes = self.boxes(frames)
         found = [i for i, b in enumerate(boxes) if b is not None]
         masks = dict(zip(found, self.masks(frames[found], [boxes[i] for i in found]), strict=True)) if (
             self.segmenter is not None and found) else {}
         size = self.embedder.image_size
-        out = []
+        out, kept = [], []
         for i, frame in enumerate(frames):
             if boxes[i] is None:
                 if self.on_no_detection == "skip":
@@ -102,30 +114,40 @@ class GroundedCharacter:
                 crop = frame * masks[i][..., None] if i in masks else frame
                 crop = np.ascontiguousarray(crop[y0:y1, x0:x1]).astype(np.uint8)
             out.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
-        return out
+            kept.append(i)
+        return (out, kept) if return_kept else out
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
-        """l2-normalized embeddings [N, D] of the character crops of ``images`` (uint8 [N, H, W, 3])."""
-        crops = self.crops(images)
-        if not crops:
-            return torch.zeros(0, 0)
-        return l2(self.embedder.image_features(np.stack(crops)))
+        """l2-normalized embeddings [M, D] of the character crops of ``images`` (uint8 [N, H, W, 3]), M ≤ N."""
+        return self.embed_many(images)[0]
 
     @torch.no_grad()
     def score(self, batch: ClipBatch) -> np.ndarray:
-        out = np.full(len(batch), np.nan)  # no character found in any frame → NaN (quarantined)
-        for i, clip in enumerate(batch.frames):
-            query = self.embed(clip[even_indices(len(clip), min(self.frames, len(clip)))])
-            if query.numel() == 0:
-                continue
-            gallery = self.gallery
-            if gallery is None:
-                reference = batch.references[i] if batch.references[i] is not None else batch.images[i]
-                gallery = self.embed(reference[None])
-                if gallery.numel() == 0:
-                    continue
-            out[i] = float((query @ gallery.T).max(dim=1).values.mean())
+        """All sampled frames of the batch (and the references) go through detection, SAM and the embedder together."""
+        picked = [clip[even_indices(len(clip), min(self.frames, len(clip)))] for clip in batch.frames]
+        owners = np.concatenate([np.full(len(p), i) for i, p in enumerate(picked)])
+        frames = np.concatenate(picked)
+        if self.gallery is None:  # each clip's reference (or first-frame) image is its gallery
+            refs = [r if r is not None else im for r, im in zip(batch.references, batch.images, strict=True)]
+            refs = [cv2.resize(r, frames.shape[2:0:-1], interpolation=cv2.INTER_AREA) for r in refs]
+            frames = np.concatenate([frames, np.stack(refs)])
+            owners = np.concatenate([owners, -1 - np.arange(len(batch))])  # -1 - i: clip i's reference
+        embeddings, kept = self.embed_many(frames)
+        owners = owners[kept]
+        out = np.full(len(batch), np.nan)  # no character in any frame (or reference) → NaN, quarantined
+        for i in range(len(batch)):
+            query = embeddings[torch.from_numpy(owners == i).to(embeddings.device)]
+            gallery = self.gallery if self.gallery is not None else embeddings[torch.from_numpy(owners == -1 - i).to(embeddings.device)]
+            if len(query) and len(gallery):
+                out[i] = float((query @ gallery.T).max(dim=1).values.mean())
         return out
+
+    def embed_many(self, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Embeddings of the images that yield a crop, and the indices of those images."""
+        crops, kept = self.crops(images, return_kept=True)
+        if not crops:
+            return torch.zeros(0, 1, device=self.device), np.zeros(0, np.int64)
+        return l2(self.embedder.image_features(np.stack(crops))), np.asarray(kept)
 
 
 def load_gallery(uri: str, device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor]:
