@@ -43,3 +43,22 @@ def test_make_demo_then_build_manifest(tmp_path, capsys):
     assert main(["build-manifest", "--images", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "p.jsonl"),
                  "--out", "memory://cli/m2.parquet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_build_gallery_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from anisora_ray.io.images import save_image
+
+    for cid, colour in [("aki", (250, 120, 170)), ("ren", (60, 90, 220))]:
+        save_image(Image.new("RGB", (48, 48), colour), str(tmp_path / "refs" / cid / "a.png"))
+    cache = str(tmp_path / "backbones")
+    character = ["--set", "reward.dimensions.character.backend=grounded", "--set",
+                 "reward.dimensions.character.options={detector: 'tiny:grounding-dino', segmenter: 'tiny:sam', "
+                 f"embedder: 'tiny:clip', box_threshold: 0.0, text_threshold: 0.0, cache_dir: '{cache}'}}"]
+    out = str(tmp_path / "gallery.safetensors")
+    assert main(["build-gallery", "--config", LOCAL_CONFIG, *character, "--references", str(tmp_path / "refs"), "--out", out]) == 0
+    assert "2 characters" in capsys.readouterr().out and fs.exists(out + ".json")
+    # The classical character backend has no gallery: a clear error, exit 2.
+    assert main(["build-gallery", "--config", LOCAL_CONFIG, "--references", str(tmp_path / "refs"), "--out", out]) == 2
+    assert "build-gallery needs 'grounded'" in capsys.readouterr().err
