@@ -208,6 +208,20 @@ class RewardConfig(Section):
     training: RewardTrainingConfig = RewardTrainingConfig()
 
 
+class PairsConfig(Section):
+    """``anisora-ray pairs``: the streaming generate → score → pair pipeline and its rules."""
+
+    min_gap: float = Field(default=0.0, ge=0, le=1)  # pairs with a smaller normalized gap are dropped (counted)
+    ties: Literal["skip", "keep"] = "skip"  # best and worst with equal rewards: skip the prompt, or keep the pair
+    keep_scores: bool = False  # also write every candidate's scores (scores-*.parquet) for analysis
+    flush_every: int = Field(default=8, ge=1)  # prompts per output shard: an interruption redoes at most these
+    max_prompts: int | None = Field(default=None, ge=1)  # pair at most this many new prompts in a run
+    decode_batch_size: int = Field(default=4, ge=1)
+    decode_cpus: float = Field(default=1.0, gt=0)
+    decode_concurrency: int = Field(default=2, ge=1)
+    object_store_memory_mb: int | None = Field(default=None, ge=64)  # Ray Data backpressure budget (None: Ray's)
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: sqlite store in the output dir; MLFLOW_TRACKING_URI wins
     experiment: str = "anisora-ray"
@@ -223,6 +237,7 @@ class AnisoraConfig(Section):
     generator: GeneratorConfig = GeneratorConfig()
     video: VideoConfig = VideoConfig()
     reward: RewardConfig = RewardConfig()
+    pairs: PairsConfig = PairsConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

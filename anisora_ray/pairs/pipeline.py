@@ -1,0 +1,280 @@
+"""The online pairs pipeline: one streaming Ray Data dataset from prompts to preference pairs.
+
+prompts → K seeds each → generation on the **persistent** generator replicas (a thin Ray Data
+stage forwards each batch to one replica actor; nothing reloads a model) → decode once → one
+Ray Data actor-pool stage per weighted reward dimension (its own resources, replicas and batch
+size) → the driver groups rows by prompt as they stream in, aggregates, selects the pair and
+writes shards (:mod:`anisora_ray.pairs.writer`). Ray Data's backpressure bounds what is in flight.
+Every row carries ``error``: a failed generation or decode travels on as an error row (the
+candidate is quarantined with its reason) so each prompt still sees its K rows and pairs from the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from anisora_ray.config import AnisoraConfig, DimensionConfig, VideoConfig
+from anisora_ray.errors import ImageLoadError, VideoDecodeError
+from anisora_ray.generation.generator import GenerationRequest
+from anisora_ray.generation.replicas import GeneratorReplicas
+from anisora_ray.generation.stage import build_requests
+from anisora_ray.io import fs
+from anisora_ray.io.images import load_image
+from anisora_ray.io.video import read_clip
+from anisora_ray.pairs.select import select_pair
+from anisora_ray.pairs.writer import PairWriter
+from anisora_ray.reward.actors import DimensionScorer
+from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
+from anisora_ray.reward.base import ClipBatch
+from anisora_ray.types import Candidate, PromptItem, QuarantineRecord, ScoredCandidate
+
+log = logging.getLogger(__name__)
+CANDIDATE_FIELDS = [f.name for f in fields(Candidate)]
+NO_FRAMES = np.zeros((1, 1, 1, 3), np.uint8)  # what an error row carries in place of a clip
+
+
+@ray.remote(num_cpus=0)
+class _Counter:
+    def __init__(self) -> None:
+        self.n = -1
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class GenerateOnReplicas:
+    """Ray Data stage: sends its batches of (prompt, seed) rows to one persistent generator replica."""
+
+    def __init__(self, replicas: list, counter, out_dir: str):
+        self.replica = replicas[ray.get(counter.next.remote()) % len(replicas)]
+        self.out_dir = out_dir
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        seeds: dict[str, list[int]] = defaultdict(list)
+        items: dict[str, PromptItem] = {}
+        for r in rows:
+            items[r["prompt_id"]] = PromptItem(r["prompt_id"], r["prompt"], r["image_uri"], r.get("character_id"))
+            seeds[r["prompt_id"]].append(int(r["seed"]))
+        requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
+        candidates, quarantined = ray.get(self.replica.generate.remote(requests, self.out_dir))
+        made = {(c.prompt_id, c.seed): c for c in candidates}
+        failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
+        out, errors = [], []
+        for r in rows:
+            c = made.get((r["prompt_id"], int(r["seed"])))
+            if c is None:
+                c = Candidate(r["prompt_id"], r["prompt"], r["image_uri"], int(r["seed"]), int(r["candidate_index"]),
+                              video_uri="", weights_version=-1, num_frames=0, height=0, width=0, fps=0,
+                              frames_sha256="", replica_id="", generate_seconds=0.0, encode_seconds=0.0,
+                              character_id=r.get("character_id"))
+            out.append(c)
+            errors.append("" if (c.prompt_id, c.seed) in made else failed.get(c.prompt_id, "generation failed"))
+        return Candidate.to_table(out).append_column("error", pa.array(errors, pa.string()))
+
+
+def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndarray]:
+    """Ray Data stage: each clip decoded once (sampled, resized) with its first-frame image."""
+    v = VideoConfig.model_validate(video)
+    frames, images, errors = [], [], [failure(e) for e in batch["error"]]
+    for i, uri in enumerate(batch["video_uri"]):
+        clip = image = NO_FRAMES
+        if not errors[i]:
+            try:
+                clip = read_clip(str(uri), v.sample_frames, v.sample_max_frames, v.sample_size)
+                image = np.asarray(load_image(str(batch["image_uri"][i])))[None]
+            except (VideoDecodeError, ImageLoadError) as exc:
+                errors[i], clip, image = f"{type(exc).__name__}: {exc}", NO_FRAMES, NO_FRAMES
+        frames.append(clip)
+        images.append(image)
+    out = dict(batch)
+    out["error"] = np.array(errors, dtype=object)
+    out["frames"] = _objects(frames)
+    out["image"] = _objects(images)
+    return out
+
+
+def failure(error) -> str:
+    """A row's error as a string, "" when there is none (whatever Arrow/numpy made of an empty value)."""
+    return error if isinstance(error, str) else ""
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    holder = np.empty(len(arrays), dtype=object)
+    holder[:] = arrays
+    return holder
+
+
+class ScoreDimension:
+    """Ray Data stage: one reward dimension over the decoded clips of a batch (error rows get NaN)."""
+
+    def __init__(self, name: str, dimension: dict):
+        self.name = name
+        self.scorer = DimensionScorer(name, DimensionConfig.model_validate(dimension))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
+        scores = np.full(len(batch["error"]), np.nan)
+        if ok:
+            clips = ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
+                              images=[batch["image"][i][0] for i in ok], references=[None] * len(ok))
+            try:
+                scores[ok] = self.scorer.score(clips)
+            except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, with the dimension named
+                log.exception("%s failed on a batch of %d clips; their scores are NaN", self.name, len(ok))
+        out = dict(batch)
+        out[f"{self.name}_raw"] = scores
+        return out
+
+
+def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_dir: str,
+                  round_index: int = 0) -> ray.data.Dataset:
+    """The lazy streaming dataset; nothing runs until it is iterated."""
+    rows = [{"prompt_id": r.item.prompt_id, "prompt": r.item.prompt, "image_uri": r.item.image_uri,
+             "character_id": r.item.character_id, "seeds": list(r.seeds)} for r in build_requests(items, cfg, round_index)]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.flat_map(lambda r: [{**{k: v for k, v in r.items() if k != "seeds"}, "seed": s, "candidate_index": i}
+                                for i, s in enumerate(r["seeds"])])
+    g = cfg.generator
+    ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
+                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir},
+                        concurrency=len(replicas.actors) * g.max_calls_in_flight, num_cpus=0.01)
+    return score_stream(cfg, ds)
+
+
+def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Candidate rows (with ``error``) → decoded once → one actor-pool stage per weighted dimension."""
+    p = cfg.pairs
+    ds = ds.map_batches(decode_clips, batch_format="numpy", batch_size=p.decode_batch_size,
+                        fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus, concurrency=p.decode_concurrency)
+    dims = cfg.reward.dimensions.as_dict()
+    for name in active_dimensions(dims):
+        d = dims[name]
+        ds = ds.map_batches(ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
+                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump()}, concurrency=d.replicas,
+                            num_cpus=d.actor.num_cpus, num_gpus=d.actor.num_gpus or None, resources=dict(d.actor.resources) or None)
+    return ds.drop_columns(["frames", "image"])
+
+
+def candidates_dataset(candidates: Sequence[Candidate]) -> ray.data.Dataset:
+    """Already generated candidates (e.g. ``anisora-ray generate`` output) as pipeline rows."""
+    table = Candidate.to_table(candidates).append_column("error", pa.array([""] * len(candidates), pa.string()))
+    return ray.data.from_arrow(table)
+
+
+@dataclass(frozen=True)
+class PairsResult:
+    out_uri: str
+    pairs: int  # written by this run
+    skipped: dict[str, int]  # reason -> prompts, this run
+    already_done: int  # prompts found paired or skipped before this run
+    candidates: int
+    quarantined_candidates: int
+
+
+def score_group(rows: list[dict], aggregator: RewardAggregator) -> list[ScoredCandidate]:
+    """One prompt's streamed rows → scored candidates (errors and invalid scores quarantined)."""
+    names = active_dimensions(aggregator.dimensions)
+    for r in rows:
+        r["error"] = failure(r["error"])
+    clean = [r for r in rows if not r["error"]]
+    aggregated = aggregator([{n: r[f"{n}_raw"] for n in names} for r in clean])
+    by_uri = {r["video_uri"]: i for i, r in enumerate(clean)}
+    out = []
+    for r in sorted(rows, key=lambda r: r["candidate_index"]):
+        c = Candidate.from_dict({k: r[k] for k in CANDIDATE_FIELDS})
+        i = by_uri.get(r["video_uri"]) if not r["error"] else None
+        reason = r["error"] or (aggregated.reasons[i] and f"invalid score: {aggregated.reasons[i]}")
+        reward = aggregated.rewards[i] if i is not None else None
+        out.append(ScoredCandidate.from_candidate(
+            c, raw_scores={n: r[f"{n}_raw"] for n in names} if i is not None else {},
+            scores=aggregated.normalized[i] if i is not None else {},
+            reward=float("nan") if reward is None else reward, quarantine_reason=reason or None))
+    return out
+
+
+def _configure_data_context(cfg: AnisoraConfig, progress: bool) -> None:
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    if cfg.pairs.object_store_memory_mb:
+        context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+            object_store_memory=cfg.pairs.object_store_memory_mb * 2**20)
+
+
+def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, total: int, already: int,
+            progress: bool = True, expected: dict[str, int] | None = None) -> PairsResult:
+    """Group the streamed rows by prompt; each complete prompt is scored, paired and handed to ``writer``."""
+    from tqdm.auto import tqdm
+
+    k = cfg.generator.candidates_per_prompt
+    aggregator = RewardAggregator(cfg.reward.dimensions.as_dict())
+    groups: dict[str, list[dict]] = defaultdict(list)
+    skipped_reasons: Counter[str] = Counter()
+    n_candidates = n_quarantined = 0
+    with tqdm(total=total, desc="pairs", unit="prompt", disable=not progress) as bar:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                group = groups[row["prompt_id"]]
+                group.append(row)
+                if len(group) < (expected or {}).get(row["prompt_id"], k):
+                    continue
+                scored = score_group(groups.pop(row["prompt_id"]), aggregator)
+                n_candidates += len(scored)
+                n_quarantined += sum(1 for s in scored if s.quarantine_reason)
+                result = select_pair(row["prompt_id"], scored, cfg.pairs)
+                if isinstance(result, QuarantineRecord):
+                    skipped_reasons[result.reason] += 1
+                writer.add(result, scored if cfg.pairs.keep_scores else ())
+                bar.update(1)
+                bar.set_postfix(candidates=n_candidates, quarantined=n_quarantined, refresh=False)
+                if writer.pending >= cfg.pairs.flush_every:
+                    writer.flush()
+        for prompt_id, rows in groups.items():  # fewer than K rows: pair what arrived, and say so
+            scored = score_group(rows, aggregator)
+            n_candidates += len(scored)
+            result = select_pair(prompt_id, scored, cfg.pairs)
+            if isinstance(result, QuarantineRecord):
+                skipped_reasons[result.reason] += 1
+            writer.add(result, scored if cfg.pairs.keep_scores else ())
+            log.warning("prompt %s: only %d candidate(s) arrived", prompt_id, len(rows))
+        writer.flush()
+    return PairsResult(writer.out_uri, writer.written["pairs"], dict(skipped_reasons), already, n_candidates, n_quarantined)
+
+
+def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,
+                 round_index: int = 0, progress: bool = True) -> PairsResult:
+    """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete."""
+    writer = PairWriter(out_uri)
+    already = len(writer.done)
+    todo = [i for i in items if i.prompt_id not in writer.done]
+    if cfg.pairs.max_prompts is not None:
+        todo = todo[: cfg.pairs.max_prompts]
+    if not todo:
+        return PairsResult(out_uri, 0, {}, already, 0, 0)
+    _configure_data_context(cfg, progress)
+    dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index)
+    return consume(cfg, dataset, writer, len(todo), already, progress)
+
+
+def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True) -> PairsResult:
+    """Pairs from candidates generated earlier (same scoring stages and rules, no generation)."""
+    writer = PairWriter(out_uri)
+    already = len(writer.done)
+    todo = [c for c in candidates if c.prompt_id not in writer.done]
+    prompts = list(dict.fromkeys(c.prompt_id for c in todo))
+    if cfg.pairs.max_prompts is not None:
+        keep = set(prompts[: cfg.pairs.max_prompts])
+        todo, prompts = [c for c in todo if c.prompt_id in keep], [p for p in prompts if p in keep]
+    if not todo:
+        return PairsResult(out_uri, 0, {}, already, 0, 0)
+    _configure_data_context(cfg, progress)
+    expected = Counter(c.prompt_id for c in todo)
+    return consume(cfg, score_stream(cfg, candidates_dataset(todo)), writer, len(prompts), already, progress, expected)

@@ -1,0 +1,40 @@
+"""``anisora-ray pairs``: start (or reuse) the generator replicas and stream one round into pairs."""
+
+from __future__ import annotations
+
+import logging
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.generation.replicas import GeneratorReplicas
+from anisora_ray.io import fs
+from anisora_ray.pairs.pipeline import PairsResult, stream_pairs
+
+log = logging.getLogger(__name__)
+
+
+def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, replicas: GeneratorReplicas | None = None,
+              round_index: int = 0, progress: bool = True) -> PairsResult:
+    """Pairs for every prompt of the manifest not yet paired at ``out_uri``.
+
+    ``replicas``: persistent generator replicas to use (kept running); when None, replicas are
+    started for this call and stopped after it.
+    """
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.stage import resolve_prompts
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.runtime import init_ray
+
+    out_uri = fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs"))
+    init_ray(cfg.ray)
+    items = read_manifest(resolve_prompts(cfg, prompts))
+    owned = replicas is None
+    if owned:
+        replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    try:
+        result = stream_pairs(cfg, items, replicas, out_uri, round_index, progress)
+    finally:
+        if owned:
+            replicas.shutdown()
+    if result.skipped:
+        log.warning("skipped prompts by reason: %s (in %s/skipped-*.parquet)", result.skipped, out_uri)
+    return result

@@ -1,0 +1,83 @@
+"""Exactly-once output of a pairs run: numbered parquet shards, and resume from what is there.
+
+Every ``flush`` writes ``skipped-NNNNN.parquet`` (prompts with no pair, with the reason), optionally
+``scores-NNNNN.parquet`` (every candidate), and last ``pairs-NNNNN.parquet``; each file is written
+atomically. A prompt counts as done once it is in a pairs or skipped shard, so a re-run skips it and
+no prompt is written twice; an interruption loses at most the unflushed prompts, which are redone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from anisora_ray.io import fs
+from anisora_ray.types import PreferencePair, QuarantineRecord, ScoredCandidate
+
+SHARD = re.compile(r"(pairs|skipped|scores)-(\d{5})\.parquet$")
+
+
+def _shards(out_uri: str) -> list[tuple[str, int, str]]:
+    filesystem, root = fs.url_to_fs(out_uri)
+    if not filesystem.exists(root):
+        return []
+    found = []
+    for path in filesystem.ls(root, detail=False):
+        m = SHARD.search(path.rsplit("/", 1)[-1])
+        if m:
+            found.append((m.group(1), int(m.group(2)), fs.join(out_uri, path.rsplit("/", 1)[-1])))
+    return sorted(found, key=lambda t: (t[1], t[0]))
+
+
+def read_pairs(out_uri: str) -> list[PreferencePair]:
+    """Every pair of a pairs output folder, in shard order."""
+    return [p for kind, _, uri in _shards(out_uri) if kind == "pairs" for p in PreferencePair.from_table(fs.read_table(uri))]
+
+
+def read_skipped(out_uri: str) -> list[QuarantineRecord]:
+    return [q for kind, _, uri in _shards(out_uri) if kind == "skipped" for q in QuarantineRecord.from_table(fs.read_table(uri))]
+
+
+class PairWriter:
+    def __init__(self, out_uri: str):
+        self.out_uri = out_uri
+        shards = _shards(out_uri)
+        self.done: set[str] = {p.prompt_id for p in read_pairs(out_uri)} | {q.item_id for q in read_skipped(out_uri)}
+        self._seq = max((seq for _, seq, _ in shards), default=-1) + 1
+        self._pairs: list[PreferencePair] = []
+        self._skipped: list[QuarantineRecord] = []
+        self._scores: list[ScoredCandidate] = []
+        self.written = {"pairs": 0, "skipped": 0}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pairs) + len(self._skipped)
+
+    def add(self, result: PreferencePair | QuarantineRecord, scores: Sequence[ScoredCandidate] = ()) -> None:
+        prompt_id = result.prompt_id if isinstance(result, PreferencePair) else result.item_id
+        if prompt_id in self.done:
+            raise RuntimeError(f"prompt {prompt_id!r} is already paired or skipped: refusing to write it twice")
+        self.done.add(prompt_id)
+        (self._pairs if isinstance(result, PreferencePair) else self._skipped).append(result)
+        self._scores.extend(scores)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"{self._seq:05d}.parquet"
+        if self._skipped:
+            fs.write_table(QuarantineRecord.to_table(self._skipped), fs.join(self.out_uri, f"skipped-{name}"))
+        if self._scores:
+            fs.write_table(ScoredCandidate.to_table(self._scores), fs.join(self.out_uri, f"scores-{name}"))
+        if self._pairs:  # last: a prompt is done once its pair is on storage
+            fs.write_table(PreferencePair.to_table(self._pairs), fs.join(self.out_uri, f"pairs-{name}"))
+        self.written["pairs"] += len(self._pairs)
+        self.written["skipped"] += len(self._skipped)
+        self._pairs, self._skipped, self._scores = [], [], []
+        self._seq += 1
+
+
+def pairs_table(out_uri: str) -> pa.Table:
+    return PreferencePair.to_table(read_pairs(out_uri))
