@@ -39,6 +39,28 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.pairs.stage import run_pairs
+
+    cfg = load_config(args.config, args.overrides)
+    if args.candidates:
+        from anisora_ray.io import fs
+        from anisora_ray.pairs.pipeline import pair_candidates
+        from anisora_ray.runtime import init_ray
+        from anisora_ray.types import Candidate
+
+        init_ray(cfg.ray)
+        out = fs.normalize(args.out or fs.join(fs.normalize(cfg.run.output_dir), "pairs"))
+        result = pair_candidates(cfg, Candidate.from_table(fs.read_table(args.candidates)), out, progress=not args.quiet)
+    else:
+        result = run_pairs(cfg, args.prompts, args.out, progress=not args.quiet)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result.skipped.items())) or "none"
+    print(f"{result.pairs} pairs written ({result.already_done} prompts already done; skipped: {skipped}; "
+          f"{result.quarantined_candidates} of {result.candidates} candidates quarantined) -> {result.out_uri}")
+    return 0
+
+
 def _make_demo(args: argparse.Namespace) -> int:
     from anisora_ray.data.demo import make_demo_set
 
@@ -115,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="scores parquet URL (default: <run.output_dir>/score/scores.parquet)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("pairs", help="stream prompts through generation and the reward into preference pairs")
+    _with_config(p)
+    p.add_argument("--prompts", help="manifest URL (default: data.prompts; 'demo' draws the demo set)")
+    p.add_argument("--candidates", help="pair candidates.parquet from `generate` instead of generating")
+    p.add_argument("--out", help="pairs folder or URL (default: <run.output_dir>/pairs); re-running resumes it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_pairs)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")
     p.add_argument("--out", required=True)

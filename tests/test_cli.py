@@ -62,3 +62,16 @@ def test_build_gallery_from_the_command_line(tmp_path, capsys):
     # The classical character backend has no gallery: a clear error, exit 2.
     assert main(["build-gallery", "--config", LOCAL_CONFIG, "--references", str(tmp_path / "refs"), "--out", out]) == 2
     assert "build-gallery needs 'grounded'" in capsys.readouterr().err
+
+
+def test_pairs_command_writes_and_resumes(ray_cluster, tmp_path, model_cache, capsys):
+    from anisora_ray.pairs import read_pairs
+
+    out = tmp_path / "pairs"
+    args = ["pairs", "--config", LOCAL_CONFIG, "--quiet", *SMALL, "--set", f"run.output_dir={tmp_path / 'run'}",
+            "--set", f"model.cache_dir={model_cache}", "--set", "generator.replicas=1", "--out", str(out)]
+    assert main(args) == 0
+    assert "2 pairs written (0 prompts already done" in capsys.readouterr().out
+    assert len(read_pairs(str(out))) == 2
+    assert main(args) == 0
+    assert "0 pairs written (2 prompts already done" in capsys.readouterr().out

@@ -77,6 +77,7 @@ def _factory(dimension: str, backend: str) -> Callable[..., RewardDimension]:
     import anisora_ray.reward.character  # noqa: F401  (these imports register the backends)
     import anisora_ray.reward.classical  # noqa: F401
     import anisora_ray.reward.learned  # noqa: F401
+    import anisora_ray.reward.synthetic  # noqa: F401
 
     try:
         return _REGISTRY[(dimension, backend)]

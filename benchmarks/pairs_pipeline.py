@@ -1,0 +1,133 @@
+"""The streaming pairs pipeline against its stages run one after another, and against its slowest stage.
+
+    python benchmarks/pairs_pipeline.py [--mode real|fixed|both] [--prompts 32] [--k 4]
+
+Same run, same machine. Stages: generation on the persistent replicas, decode, and one stage per
+reward dimension; each "alone" time is that stage over the whole round with its inputs ready
+(generation writes the videos; decode runs over the candidates; each dimension over clips decoded
+and materialized beforehand). Streaming = prompts → pairs written, generation included.
+
+- real: the tiny generator and the classical reward backends (all CPU-bound: on 2 cores they compete).
+- fixed: each stage holds its actor for a fixed time per batch without using the CPU (generation
+  by stand-in replica actors that copy pre-made videos; rewards by the ``sleep`` backend), so the
+  pipeline's own overhead is what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+
+from anisora_ray.config import load_config  # noqa: E402
+from anisora_ray.data.demo import make_demo_set  # noqa: E402
+from anisora_ray.data.manifest import read_manifest  # noqa: E402
+from anisora_ray.generation.replicas import GeneratorReplicas  # noqa: E402
+from anisora_ray.generation.stage import build_requests  # noqa: E402
+from anisora_ray.models.pipeline import resolve_pretrained  # noqa: E402
+from anisora_ray.pairs.pipeline import ScoreDimension, candidates_dataset, decode_clips, stream_pairs  # noqa: E402
+from anisora_ray.reward.aggregate import active_dimensions  # noqa: E402
+from anisora_ray.runtime import init_ray  # noqa: E402
+from anisora_ray.types import DIMENSIONS  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@ray.remote(num_cpus=0.1)
+class FixedTimeReplica:
+    """Stands in for a GPU generator replica: waits a fixed time per call, hands back pre-made videos."""
+
+    def __init__(self, made: dict, seconds_per_call: float):
+        self.made, self.seconds = made, seconds_per_call
+
+    def generate(self, requests, out_dir):
+        time.sleep(self.seconds)
+        out = []
+        for r in requests:
+            for seed in r.seeds:
+                c = self.made[(r.item.prompt_id, seed)]
+                uri = os.path.join(out_dir, "videos", c.prompt_id, f"{seed}.mp4")
+                os.makedirs(os.path.dirname(uri), exist_ok=True)
+                shutil.copyfile(c.video_uri, uri)
+                out.append(replace(c, video_uri=uri))
+        return out, []
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run(mode: str, args, tmp: str) -> None:
+    overrides = [f"run.output_dir={tmp}/{mode}", f"model.cache_dir={tmp}/cache", f"generator.candidates_per_prompt={args.k}",
+                 f"generator.replicas={args.replicas}", "pairs.flush_every=8", f"reward.batch_size={args.batch}",
+                 f"pairs.decode_batch_size={args.batch}", "generator.max_calls_in_flight=1"]
+    if mode == "fixed":
+        for name in DIMENSIONS:
+            overrides += [f"reward.dimensions.{name}.backend=sleep",
+                          f"reward.dimensions.{name}.options={{seconds_per_batch: {args.dim_seconds}}}",
+                          f"reward.dimensions.{name}.actor.num_cpus=0.25"]
+    cfg = load_config(os.path.join(REPO, "configs", "local.yaml"), overrides)
+    init_ray(cfg.ray)
+    items = read_manifest(make_demo_set(f"{tmp}/demo", num_prompts=args.prompts, image_size=64, seed=0))
+    real = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    requests = build_requests(items, cfg)
+    real.generate(requests[:1], f"{tmp}/{mode}/warmup")  # model warm-up
+    t_gen, (candidates, _) = timed(lambda: real.generate(requests, f"{tmp}/{mode}/alone"))
+    replicas = real
+    if mode == "fixed":
+        made = {(c.prompt_id, c.seed): c for c in candidates}
+        replicas = SimpleNamespace(actors=[FixedTimeReplica.remote(made, args.gen_seconds) for _ in range(args.replicas)])
+        calls = -(-len(requests) // cfg.generator.prompts_per_call)
+        t_gen = calls * args.gen_seconds / args.replicas  # what the stand-ins take alone, by construction
+    stages = {"generate": t_gen}
+    p = cfg.pairs
+    decode = lambda ds: ds.map_batches(decode_clips, batch_format="numpy", batch_size=p.decode_batch_size,  # noqa: E731
+                                       fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus,
+                                       concurrency=p.decode_concurrency)
+    stages["decode"], decoded = timed(lambda: decode(candidates_dataset(candidates)).materialize())
+    dims = cfg.reward.dimensions.as_dict()
+    for name in active_dimensions(dims):
+        d = dims[name]
+        stages[name], _ = timed(lambda: decoded.map_batches(
+            ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size, concurrency=d.replicas,
+            fn_constructor_kwargs={"name": name, "dimension": d.model_dump()}, num_cpus=d.actor.num_cpus).materialize())
+    t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs", progress=False))
+    total, slowest = sum(stages.values()), max(stages, key=stages.get)
+    print(f"\n[{mode}] {args.prompts} prompts x {args.k} candidates, {args.replicas} replicas, batch {args.batch}; "
+          f"{result.pairs} pairs")
+    for name, seconds in stages.items():
+        print(f"  {name:18s} alone {seconds:7.2f} s")
+    print(f"  sum of stages      {total:7.2f} s")
+    print(f"  streaming          {t_stream:7.2f} s")
+    print(f"  streaming / slowest stage ({slowest}) = {t_stream / stages[slowest]:.2f}x   "
+          f"streaming / sum of stages = {t_stream / total:.2f}x")
+    real.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", default="both", choices=["real", "fixed", "both"])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--gen-seconds", type=float, default=0.4, help="fixed mode: per generation call (one prompt)")
+    parser.add_argument("--dim-seconds", type=float, default=0.3, help="fixed mode: per reward batch")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="anisora-bench-") as tmp:
+        for mode in (["real", "fixed"] if args.mode == "both" else [args.mode]):
+            run(mode, args, tmp)
+
+
+if __name__ == "__main__":
+    main()
