@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/anisora-ray generate --config configs/local.yaml
+	$(VENV)/bin/anisora-ray pairs --config configs/local.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest tests
@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/generation_throughput.py
 	$(PY) benchmarks/scoring_throughput.py
+	$(PY) benchmarks/pairs_pipeline.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -172,6 +172,14 @@ class PreferencePair(Record):
 
 
 @dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and the seeds of its candidates (what a generator replica is asked to render)."""
+
+    item: PromptItem
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class QuarantineRecord(Record):
     """An item set aside by a stage, with the reason; nothing is dropped silently."""
 

@@ -93,24 +93,32 @@ def run(mode: str, args, tmp: str) -> None:
     p = cfg.pairs
     decode = lambda ds: ds.map_batches(decode_clips, batch_format="numpy", batch_size=p.decode_batch_size,  # noqa: E731
                                        fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus,
-                                       concurrency=p.decode_concurrency)
+                                       compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
     stages["decode"], decoded = timed(lambda: decode(candidates_dataset(candidates)).materialize())
     dims = cfg.reward.dimensions.as_dict()
     for name in active_dimensions(dims):
         d = dims[name]
         stages[name], _ = timed(lambda: decoded.map_batches(
-            ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size, concurrency=d.replicas,
+            ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=d.replicas),
             fn_constructor_kwargs={"name": name, "dimension": d.model_dump()}, num_cpus=d.actor.num_cpus).materialize())
-    t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs", progress=False))
+    done: list[float] = []
+    start = time.perf_counter()
+    t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs", progress=False,
+                                                  on_prompt=lambda _: done.append(time.perf_counter() - start)))
+    # Steady state: the rate between the first and the last pair, over the whole round (start-up excluded).
+    steady = (done[-1] - done[0]) * len(done) / max(1, len(done) - 1)
     total, slowest = sum(stages.values()), max(stages, key=stages.get)
     print(f"\n[{mode}] {args.prompts} prompts x {args.k} candidates, {args.replicas} replicas, batch {args.batch}; "
           f"{result.pairs} pairs")
     for name, seconds in stages.items():
         print(f"  {name:18s} alone {seconds:7.2f} s")
     print(f"  sum of stages      {total:7.2f} s")
-    print(f"  streaming          {t_stream:7.2f} s")
+    print(f"  streaming          {t_stream:7.2f} s (first pair after {done[0]:.2f} s; "
+          f"at the steady rate a round takes {steady:.2f} s)")
     print(f"  streaming / slowest stage ({slowest}) = {t_stream / stages[slowest]:.2f}x   "
-          f"streaming / sum of stages = {t_stream / total:.2f}x")
+          f"streaming / sum of stages = {t_stream / total:.2f}x   "
+          f"steady streaming / slowest stage = {steady / stages[slowest]:.2f}x")
     real.shutdown()
 
 

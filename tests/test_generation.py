@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anisora_ray.data.manifest import read_manifest
-from anisora_ray.generation.generator import GenerationRequest
+from anisora_ray.types import GenerationRequest
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import generate_candidates
 from anisora_ray.io import fs

@@ -19,17 +19,9 @@ from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.pipeline import load_i2v_pipeline
-from anisora_ray.types import Candidate, PromptItem, QuarantineRecord
+from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt and the seeds of its candidates."""
-
-    item: PromptItem
-    seeds: tuple[int, ...]
 
 
 def video_uri(out_dir: str, prompt_id: str, seed: int) -> str:

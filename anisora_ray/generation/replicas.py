@@ -11,7 +11,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, ReplicaError
-from anisora_ray.generation.generator import GenerationRequest, Generator
+from anisora_ray.generation.generator import Generator
+from anisora_ray.types import GenerationRequest
 from anisora_ray.runtime import actor_placement
 from anisora_ray.types import Candidate, QuarantineRecord
 

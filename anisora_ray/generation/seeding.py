@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.types import GenerationRequest, PromptItem
 
 SEED_SPACE = 2**31 - 1
 
@@ -18,3 +22,11 @@ def candidate_seeds(run_seed: int, prompt_id: str, count: int, round_index: int 
             seeds.append(seed)
         attempt += 1
     return seeds
+
+
+def build_requests(items: Sequence[PromptItem], cfg: AnisoraConfig, round_index: int = 0) -> list[GenerationRequest]:
+    k = cfg.generator.candidates_per_prompt
+    return [
+        GenerationRequest(item, tuple(candidate_seeds(cfg.run.seed, item.prompt_id, k, round_index)))
+        for item in items
+    ]

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from anisora_ray.config import AnisoraConfig
-from anisora_ray.generation.generator import GenerationRequest
 from anisora_ray.generation.replicas import GeneratorReplicas
-from anisora_ray.generation.seeding import candidate_seeds
+from anisora_ray.generation.seeding import build_requests  # noqa: F401  (re-exported)
 from anisora_ray.io import fs
 from anisora_ray.types import Candidate, PromptItem, QuarantineRecord
 
@@ -24,14 +23,6 @@ class GenerationResult:
     quarantined: list[QuarantineRecord]
     candidates_uri: str
     quarantine_uri: str
-
-
-def build_requests(items: Sequence[PromptItem], cfg: AnisoraConfig, round_index: int = 0) -> list[GenerationRequest]:
-    k = cfg.generator.candidates_per_prompt
-    return [
-        GenerationRequest(item, tuple(candidate_seeds(cfg.run.seed, item.prompt_id, k, round_index)))
-        for item in items
-    ]
 
 
 def generate_candidates(

@@ -14,8 +14,6 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam")
 TINY_IMAGE_SIZE = 32
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -137,6 +135,8 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) 
     ``base=True`` builds the released base architecture instead (random weights, real sizes): for
     throughput measurements where checkpoints cannot be downloaded.
     """
+    import torch
+
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {TINY_KINDS}")
     if os.path.isfile(os.path.join(path, "config.json")):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +23,7 @@ import ray
 
 from anisora_ray.config import AnisoraConfig, DimensionConfig, VideoConfig
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
-from anisora_ray.generation.generator import GenerationRequest
-from anisora_ray.generation.replicas import GeneratorReplicas
-from anisora_ray.generation.stage import build_requests
+from anisora_ray.generation.seeding import build_requests
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_clip
@@ -33,7 +32,10 @@ from anisora_ray.pairs.writer import PairWriter
 from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.base import ClipBatch
-from anisora_ray.types import Candidate, PromptItem, QuarantineRecord, ScoredCandidate
+from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
+
+if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
+    from anisora_ray.generation.replicas import GeneratorReplicas
 
 log = logging.getLogger(__name__)
 CANDIDATE_FIELDS = [f.name for f in fields(Candidate)]
@@ -146,7 +148,7 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
     g = cfg.generator
     ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
                         fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir},
-                        concurrency=len(replicas.actors) * g.max_calls_in_flight, num_cpus=0.01)
+                        compute=ray.data.ActorPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0.01)
     return score_stream(cfg, ds)
 
 
@@ -154,12 +156,14 @@ def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
     """Candidate rows (with ``error``) → decoded once → one actor-pool stage per weighted dimension."""
     p = cfg.pairs
     ds = ds.map_batches(decode_clips, batch_format="numpy", batch_size=p.decode_batch_size,
-                        fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus, concurrency=p.decode_concurrency)
+                        fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
     dims = cfg.reward.dimensions.as_dict()
     for name in active_dimensions(dims):
         d = dims[name]
         ds = ds.map_batches(ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
-                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump()}, concurrency=d.replicas,
+                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump()},
+                            compute=ray.data.ActorPoolStrategy(size=d.replicas),
                             num_cpus=d.actor.num_cpus, num_gpus=d.actor.num_gpus or None, resources=dict(d.actor.resources) or None)
     return ds.drop_columns(["frames", "image"])
 
@@ -210,7 +214,8 @@ def _configure_data_context(cfg: AnisoraConfig, progress: bool) -> None:
 
 
 def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, total: int, already: int,
-            progress: bool = True, expected: dict[str, int] | None = None) -> PairsResult:
+            progress: bool = True, expected: dict[str, int] | None = None,
+            on_prompt: Callable[[str], None] | None = None) -> PairsResult:
     """Group the streamed rows by prompt; each complete prompt is scored, paired and handed to ``writer``."""
     from tqdm.auto import tqdm
 
@@ -233,6 +238,8 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
                 if isinstance(result, QuarantineRecord):
                     skipped_reasons[result.reason] += 1
                 writer.add(result, scored if cfg.pairs.keep_scores else ())
+                if on_prompt:
+                    on_prompt(row["prompt_id"])
                 bar.update(1)
                 bar.set_postfix(candidates=n_candidates, quarantined=n_quarantined, refresh=False)
                 if writer.pending >= cfg.pairs.flush_every:
@@ -250,7 +257,7 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
 
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,
-                 round_index: int = 0, progress: bool = True) -> PairsResult:
+                 round_index: int = 0, progress: bool = True, on_prompt: Callable[[str], None] | None = None) -> PairsResult:
     """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
@@ -261,7 +268,7 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
     dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index)
-    return consume(cfg, dataset, writer, len(todo), already, progress)
+    return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt)
 
 
 def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True) -> PairsResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import ray
@@ -18,11 +19,13 @@ class DimensionScorer:
     """Hosts one dimension's backend (plain Python; Ray wraps it below)."""
 
     def __init__(self, name: str, cfg: DimensionConfig):
-        import torch
-
-        torch.set_num_threads(max(1, int(cfg.actor.num_cpus)))
         self.name = name
         self.dimension = build_dimension(name, cfg.backend, **cfg.options)
+        threads = max(1, int(cfg.actor.num_cpus))
+        if "torch" in sys.modules:  # learned backends; classical ones never pay torch's import
+            sys.modules["torch"].set_num_threads(threads)
+        if "cv2" in sys.modules:
+            sys.modules["cv2"].setNumThreads(threads)
 
     def score(self, batch: ClipBatch) -> np.ndarray:
         out = np.asarray(self.dimension.score(batch), dtype=float)

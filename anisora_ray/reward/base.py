@@ -74,11 +74,12 @@ def backends() -> dict[str, list[str]]:
 
 
 def _factory(dimension: str, backend: str) -> Callable[..., RewardDimension]:
-    import anisora_ray.reward.character  # noqa: F401  (these imports register the backends)
-    import anisora_ray.reward.classical  # noqa: F401
-    import anisora_ray.reward.learned  # noqa: F401
+    import anisora_ray.reward.classical  # noqa: F401  (these imports register the backends)
     import anisora_ray.reward.synthetic  # noqa: F401
 
+    if (dimension, backend) not in _REGISTRY:  # torch + transformers only when a learned backend is asked for
+        import anisora_ray.reward.character  # noqa: F401
+        import anisora_ray.reward.learned  # noqa: F401
     try:
         return _REGISTRY[(dimension, backend)]
     except KeyError:
