@@ -140,6 +140,7 @@ class DimensionConfig(Section):
     backend: str = "classical"
     weight: float = Field(default=1.0, ge=0)
     replicas: int = Field(default=1, ge=1)  # actors scoring this dimension
+    batch_size: int | None = Field(default=None, ge=1)  # clips per call in the pairs pipeline (None: reward.batch_size)
     actor: ActorResources = ActorResources(num_cpus=1.0)
     normalize: NormalizeConfig = NormalizeConfig()
     options: dict[str, Any] = Field(default_factory=dict)  # passed to the backend's constructor
@@ -220,6 +221,11 @@ class PairsConfig(Section):
     decode_cpus: float = Field(default=1.0, gt=0)
     decode_concurrency: int = Field(default=2, ge=1)
     object_store_memory_mb: int | None = Field(default=None, ge=64)  # Ray Data backpressure budget (None: Ray's)
+    # Where the reward dimensions run: "pipeline" = one Ray Data actor pool per dimension, created per
+    # run; "actors" = the persistent per-dimension reward actors (kept across rounds, like the generator
+    # replicas) reached through thin Ray Data forwarding stages: no model loads, fewer workers per round.
+    reward_stage: Literal["pipeline", "actors"] = "pipeline"
+    reward_forwarders: int = Field(default=2, ge=1)  # "actors": concurrent forwarding workers
 
 
 class TrackingConfig(Section):

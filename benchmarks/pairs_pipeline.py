@@ -34,7 +34,9 @@ from anisora_ray.generation.replicas import GeneratorReplicas  # noqa: E402
 from anisora_ray.generation.stage import build_requests  # noqa: E402
 from anisora_ray.models.pipeline import resolve_pretrained  # noqa: E402
 from anisora_ray.pairs.pipeline import ScoreDimension, candidates_dataset, decode_clips, stream_pairs  # noqa: E402
+from anisora_ray.reward.actors import RewardActors  # noqa: E402
 from anisora_ray.reward.aggregate import active_dimensions  # noqa: E402
+from anisora_ray.reward.base import ClipBatch  # noqa: E402
 from anisora_ray.runtime import init_ray  # noqa: E402
 from anisora_ray.types import DIMENSIONS  # noqa: E402
 
@@ -71,6 +73,8 @@ def run(mode: str, args, tmp: str) -> None:
     overrides = [f"run.output_dir={tmp}/{mode}", f"model.cache_dir={tmp}/cache", f"generator.candidates_per_prompt={args.k}",
                  f"generator.replicas={args.replicas}", "pairs.flush_every=8", f"reward.batch_size={args.batch}",
                  f"pairs.decode_batch_size={args.batch}", "generator.max_calls_in_flight=1"]
+    if args.reward_stage == "actors":
+        overrides.append("pairs.reward_stage=actors")
     if mode == "fixed":
         for name in DIMENSIONS:
             overrides += [f"reward.dimensions.{name}.backend=sleep",
@@ -96,7 +100,15 @@ def run(mode: str, args, tmp: str) -> None:
                                        compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
     stages["decode"], decoded = timed(lambda: decode(candidates_dataset(candidates)).materialize())
     dims = cfg.reward.dimensions.as_dict()
-    for name in active_dimensions(dims):
+    reward_actors = RewardActors(cfg.reward) if args.reward_stage == "actors" else None
+    if reward_actors is not None:  # persistent, started before the clock like the generator replicas
+        rows = list(decoded.iter_rows())
+        batches = [ray.put(ClipBatch([r["frames"] for r in rows[i: i + args.batch]], [r["prompt"] for r in rows[i: i + args.batch]],
+                                     [r["image"][0] for r in rows[i: i + args.batch]], [None] * len(rows[i: i + args.batch])))
+                   for i in range(0, len(rows), args.batch)]
+        for name, pool in reward_actors.pools.items():
+            stages[name], _ = timed(lambda: ray.get([pool[0].score.remote(b) for b in batches]))
+    for name in active_dimensions(dims) if reward_actors is None else []:
         d = dims[name]
         stages[name], _ = timed(lambda: decoded.map_batches(
             ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
@@ -105,11 +117,13 @@ def run(mode: str, args, tmp: str) -> None:
     done: list[float] = []
     start = time.perf_counter()
     t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs", progress=False,
-                                                  on_prompt=lambda _: done.append(time.perf_counter() - start)))
+                                                  on_prompt=lambda _: done.append(time.perf_counter() - start),
+                                                  reward_actors=reward_actors))
     # Steady state: the rate between the first and the last pair, over the whole round (start-up excluded).
     steady = (done[-1] - done[0]) * len(done) / max(1, len(done) - 1)
     total, slowest = sum(stages.values()), max(stages, key=stages.get)
-    print(f"\n[{mode}] {args.prompts} prompts x {args.k} candidates, {args.replicas} replicas, batch {args.batch}; "
+    print(f"\n[{mode}, rewards in {args.reward_stage}] {args.prompts} prompts x {args.k} candidates, "
+          f"{args.replicas} replicas, batch {args.batch}; "
           f"{result.pairs} pairs")
     for name, seconds in stages.items():
         print(f"  {name:18s} alone {seconds:7.2f} s")
@@ -120,6 +134,8 @@ def run(mode: str, args, tmp: str) -> None:
           f"streaming / sum of stages = {t_stream / total:.2f}x   "
           f"steady streaming / slowest stage = {steady / stages[slowest]:.2f}x")
     real.shutdown()
+    if reward_actors is not None:
+        reward_actors.shutdown()
 
 
 def main() -> None:
@@ -129,6 +145,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reward-stage", default="pipeline", choices=["pipeline", "actors"],
+                        help="reward dimensions as Ray Data pools per run, or persistent actors started beforehand")
     parser.add_argument("--gen-seconds", type=float, default=0.4, help="fixed mode: per generation call (one prompt)")
     parser.add_argument("--dim-seconds", type=float, default=0.3, help="fixed mode: per reward batch")
     args = parser.parse_args()

@@ -34,7 +34,8 @@ def test_pair_rules():
 def pairs_cfg(make_config):
     def make(*extra: str):
         return make_config("generator.replicas=2", "generator.candidates_per_prompt=3", "pairs.flush_every=1",
-                           "reward.batch_size=2", "pairs.decode_batch_size=3", *extra)
+                           "reward.batch_size=2", "reward.dimensions.visual_motion.batch_size=1",
+                           "pairs.decode_batch_size=3", *extra)
 
     return make
 
@@ -106,3 +107,29 @@ def test_a_corrupt_candidate_is_quarantined_and_its_prompt_still_pairs(ray_clust
     assert [q.video_uri for q in quarantined] == [bad.video_uri]
     assert quarantined[0].quarantine_reason.startswith("VideoDecodeError") and math.isnan(quarantined[0].reward)
     assert read_skipped(str(tmp_path / "pairs")) == []
+
+
+def test_persistent_reward_actors_give_the_same_pairs(ray_cluster, pairs_cfg, demo_manifest, tmp_path):
+    """pairs.reward_stage=actors: the same scores through persistent per-dimension actors, kept after the run."""
+    from anisora_ray.generation.stage import run_generation
+    from anisora_ray.pairs.pipeline import pair_candidates
+    import ray
+
+    from anisora_ray.reward.actors import RewardActors
+
+    cfg = pairs_cfg("generator.replicas=1")
+    generated = run_generation(cfg, demo_manifest, str(tmp_path / "gen"), progress=False)
+    in_pipeline = pair_candidates(cfg, generated.candidates, str(tmp_path / "pipeline"), progress=False)
+    actors = RewardActors(cfg.reward)
+    try:
+        before = actors.placements()
+        on_actors = pair_candidates(pairs_cfg("generator.replicas=1", "pairs.reward_stage=actors"), generated.candidates,
+                                    str(tmp_path / "actors"), progress=False, reward_actors=actors)
+        # The same live actors answer after the run (a dead or replaced actor would fail or differ).
+        after = ray.get([a.placement.remote() for pool in actors.pools.values() for a in pool])
+        assert [p["actor_id"] for p in after] == [p["actor_id"] for p in before]
+    finally:
+        actors.shutdown()
+    assert in_pipeline.pairs == on_actors.pairs == 3
+    assert sorted(map(key, read_pairs(str(tmp_path / "actors")))) == sorted(map(key, read_pairs(str(tmp_path / "pipeline"))))
+

@@ -118,8 +118,8 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 class ScoreDimension:
     """Ray Data stage: one reward dimension over the decoded clips of a batch (error rows get NaN)."""
 
-    def __init__(self, name: str, dimension: dict):
-        self.name = name
+    def __init__(self, name: str, dimension: dict, last: bool = False):
+        self.name, self.last = name, last  # the last stage drops the clips: they go no further
         self.scorer = DimensionScorer(name, DimensionConfig.model_validate(dimension))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,40 +132,76 @@ class ScoreDimension:
                 scores[ok] = self.scorer.score(clips)
             except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, with the dimension named
                 log.exception("%s failed on a batch of %d clips; their scores are NaN", self.name, len(ok))
-        out = dict(batch)
+        out = {k: v for k, v in batch.items() if not (self.last and k in ("frames", "image"))}
         out[f"{self.name}_raw"] = scores
         return out
 
 
+class ScoreOnActors:
+    """Ray Data stage ("actors" mode): a batch goes to the object store once and to every dimension's
+    persistent actor pool in parallel; the scores come back as ``<dim>_raw`` columns."""
+
+    def __init__(self, pools: dict[str, list], start: int = 0):
+        self.pools = pools
+        self.calls = start
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["error"])
+        ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
+        out = {k: v for k, v in batch.items() if k not in ("frames", "image")}
+        scores = {name: np.full(n, np.nan) for name in self.pools}
+        if ok:
+            clips = ray.put(ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
+                                      images=[batch["image"][i][0] for i in ok], references=[None] * len(ok)))
+            refs = {name: pool[self.calls % len(pool)].score.remote(clips) for name, pool in self.pools.items()}
+            self.calls += 1
+            for name, ref in refs.items():
+                try:
+                    scores[name][ok] = ray.get(ref)
+                except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, naming the dimension
+                    log.exception("%s failed on a batch of %d clips; their scores are NaN", name, len(ok))
+        for name, values in scores.items():
+            out[f"{name}_raw"] = values
+        return out
+
+
 def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_dir: str,
-                  round_index: int = 0) -> ray.data.Dataset:
+                  round_index: int = 0, reward_actors=None) -> ray.data.Dataset:
     """The lazy streaming dataset; nothing runs until it is iterated."""
+    # One row per (prompt, seed), one block per prompt: expanded here rather than in a Ray Data stage,
+    # which would be one more kind of worker to start per round.
     rows = [{"prompt_id": r.item.prompt_id, "prompt": r.item.prompt, "image_uri": r.item.image_uri,
-             "character_id": r.item.character_id, "seeds": list(r.seeds)} for r in build_requests(items, cfg, round_index)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.flat_map(lambda r: [{**{k: v for k, v in r.items() if k != "seeds"}, "seed": s, "candidate_index": i}
-                                for i, s in enumerate(r["seeds"])])
+             "character_id": r.item.character_id, "seed": s, "candidate_index": i}
+            for r in build_requests(items, cfg, round_index) for i, s in enumerate(r.seeds)]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
     ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
                         fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir},
                         compute=ray.data.ActorPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0.01)
-    return score_stream(cfg, ds)
+    return score_stream(cfg, ds, reward_actors)
 
 
-def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Candidate rows (with ``error``) → decoded once → one actor-pool stage per weighted dimension."""
+def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset, reward_actors=None) -> ray.data.Dataset:
+    """Candidate rows (with ``error``) → decoded once → one actor-pool stage per weighted dimension
+    (or, given persistent ``reward_actors``, one forwarding stage to their pools)."""
     p = cfg.pairs
     ds = ds.map_batches(decode_clips, batch_format="numpy", batch_size=p.decode_batch_size,
                         fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus,
                         compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
+    if reward_actors is not None:
+        ds = ds.map_batches(ScoreOnActors, batch_format="numpy", batch_size=cfg.reward.batch_size, num_cpus=0.01,
+                            fn_constructor_kwargs={"pools": reward_actors.pools},
+                            compute=ray.data.ActorPoolStrategy(size=p.reward_forwarders))
+        return ds
     dims = cfg.reward.dimensions.as_dict()
-    for name in active_dimensions(dims):
+    names = active_dimensions(dims)
+    for name in names:
         d = dims[name]
-        ds = ds.map_batches(ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
-                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump()},
+        ds = ds.map_batches(ScoreDimension, batch_format="numpy", batch_size=d.batch_size or cfg.reward.batch_size,
+                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump(), "last": name == names[-1]},
                             compute=ray.data.ActorPoolStrategy(size=d.replicas),
                             num_cpus=d.actor.num_cpus, num_gpus=d.actor.num_gpus or None, resources=dict(d.actor.resources) or None)
-    return ds.drop_columns(["frames", "image"])
+    return ds
 
 
 def candidates_dataset(candidates: Sequence[Candidate]) -> ray.data.Dataset:
@@ -257,7 +293,8 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
 
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,
-                 round_index: int = 0, progress: bool = True, on_prompt: Callable[[str], None] | None = None) -> PairsResult:
+                 round_index: int = 0, progress: bool = True, on_prompt: Callable[[str], None] | None = None,
+                 reward_actors=None) -> PairsResult:
     """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
@@ -267,11 +304,12 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
     if not todo:
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
-    dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index)
+    dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors)
     return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt)
 
 
-def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True) -> PairsResult:
+def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True,
+                    reward_actors=None) -> PairsResult:
     """Pairs from candidates generated earlier (same scoring stages and rules, no generation)."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
@@ -284,4 +322,5 @@ def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
     expected = Counter(c.prompt_id for c in todo)
-    return consume(cfg, score_stream(cfg, candidates_dataset(todo)), writer, len(prompts), already, progress, expected)
+    dataset = score_stream(cfg, candidates_dataset(todo), reward_actors)
+    return consume(cfg, dataset, writer, len(prompts), already, progress, expected)
