@@ -61,6 +61,18 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.gapo.trainer import train_gapo
+    from anisora_ray.pairs.writer import pairs_table
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train_gapo(cfg, pairs_table(args.pairs), args.out)
+    print(f"step {metrics['step']}: loss {metrics['loss']:.4f}, dpo {metrics['dpo']:.4f}, gain {metrics['gain']:.4f}, "
+          f"implicit accuracy {metrics['implicit_accuracy']:.2f} -> {metrics['transformer_uri']}")
+    return 0
+
+
 def _make_demo(args: argparse.Namespace) -> int:
     from anisora_ray.data.demo import make_demo_set
 
@@ -145,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="pairs folder or URL (default: <run.output_dir>/pairs); re-running resumes it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_pairs)
+
+    p = sub.add_parser("train", help="GAPO (gapo.loss: gapo | dpo | sft) on a pairs folder with Ray Train + DeepSpeed")
+    _with_config(p)
+    p.add_argument("--pairs", required=True, help="folder written by `anisora-ray pairs`")
+    p.add_argument("--out", help="trained transformer folder (default: <run.output_dir>/gapo/transformer)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")
     p.add_argument("--out", required=True)

@@ -228,6 +228,22 @@ class PairsConfig(Section):
     reward_forwarders: int = Field(default=2, ge=1)  # "actors": concurrent forwarding workers
 
 
+class GapoConfig(Section):
+    """``anisora-ray train``: GAPO (or the Diffusion-DPO / SFT baselines) with Ray Train + DeepSpeed."""
+
+    loss: Literal["gapo", "dpo", "sft"] = "gapo"  # dpo: gain off (ablation); sft: fit the winners only
+    beta: float = Field(default=5000.0, gt=0)
+    alpha: float = Field(default=2.0, gt=0)
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage, optimizer, LR schedule, clipping, precision
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    steps: int = Field(default=10, ge=1)  # optimizer steps per training run
+    pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: sqlite store in the output dir; MLFLOW_TRACKING_URI wins
     experiment: str = "anisora-ray"
@@ -244,6 +260,7 @@ class AnisoraConfig(Section):
     video: VideoConfig = VideoConfig()
     reward: RewardConfig = RewardConfig()
     pairs: PairsConfig = PairsConfig()
+    gapo: GapoConfig = GapoConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
