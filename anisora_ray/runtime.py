@@ -20,6 +20,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=cfg.log_to_driver)
         return
     ray.init(
+        address="local",  # a new local instance, even when another Ray runs on this machine
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         namespace=cfg.namespace,

@@ -78,12 +78,14 @@ def ranking_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     }
 
 
-def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int) -> list[tuple[ClipBatch, np.ndarray]]:
+def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[ClipBatch, np.ndarray]]:
+    """This worker's rows (``row % world == rank``: the same rows on every run), decoded in batches."""
     from anisora_ray.reward.stage import decode_batch
 
+    mine = [r for rows in shard.iter_batches(batch_format="pyarrow") for r in rows.to_pylist() if r["row"] % world == rank]
     out = []
-    for rows in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-        items = [SimpleNamespace(**r) for r in rows.to_pylist()]
+    for start in range(0, len(mine), batch_size):
+        items = [SimpleNamespace(**r) for r in mine[start : start + batch_size]]
         kept, batch, failed = decode_batch(cfg, items)
         for uri, reason in failed.items():
             log.warning("train-reward: skipping %s: %s", uri, reason)
@@ -136,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.set_grad_enabled(bool(t.lora.r)):
             return dimension.tokens(batch)
 
-    train = _decode_shard(cfg, ray.train.get_dataset_shard("train"), t.batch_size)
+    train = _decode_shard(cfg, ray.train.get_dataset_shard("train"), t.batch_size, rank, world)
     holdout = _decode_shard(cfg, ray.train.get_dataset_shard("holdout"), t.batch_size) if rank == 0 else []
     cached = None if t.lora.r else [(featurize(b), torch.from_numpy(y)) for b, y in train]
     labels = np.concatenate([y for _, y in train]) if train else np.zeros(0, np.float32)
@@ -214,6 +216,8 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     label = t.label_column or t.dimension
     table, bad = load_annotations(annotations_uri, label)
     train, holdout = split_holdout(table, t.holdout_fraction, t.seed)
+    train = train.append_column("row", pa.array(np.arange(train.num_rows)))
+    holdout = holdout.append_column("row", pa.array(np.arange(holdout.num_rows)))
     out_uri = out_uri or fs.join(fs.normalize(cfg.run.output_dir), "reward-heads", t.dimension)
     init_ray(cfg.ray)
     storage = fs.join(fs.normalize(cfg.run.output_dir), "ray-train")
@@ -224,7 +228,9 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         datasets={"train": ray.data.from_arrow(train), "holdout": ray.data.from_arrow(holdout)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Not split by Ray Data (its streaming split hands blocks to whichever worker asks first):
+        # each worker keeps the rows with row % world == rank, so a run is reproducible.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(name=f"train-reward-{t.dimension}-{os.getpid()}", storage_path=storage),
     )
     result = trainer.fit()
