@@ -13,8 +13,11 @@ from anisora_ray.io import fs
 from anisora_ray.reward.training import load_annotations, ranking_metrics, split_holdout
 
 
-def brightness_set(root: str, n: int = 40) -> tuple[str, dict[str, float]]:
-    """Clips of one noisy colour each; the 'human' label is 1 + 4 × brightness (a known function)."""
+def brightness_set(root: str, n: int = 40, size: int = 128) -> tuple[str, dict[str, float]]:
+    """Clips of one noisy colour each; the 'human' label is 1 + 4 × brightness (a known function).
+
+    128 px: libx264's output for frames under ~128 px varies from run to run, which would make the
+    decoded clips, and so the fit, differ between runs."""
     from PIL import Image
 
     from anisora_ray.io.images import save_image
@@ -25,7 +28,7 @@ def brightness_set(root: str, n: int = 40) -> tuple[str, dict[str, float]]:
     for i in range(n):
         b = rng.uniform(0.1, 0.9)
         base = np.array([b, b * rng.uniform(0.5, 1), b * rng.uniform(0.3, 1)]) * 255
-        frames = np.clip(base + rng.normal(0, 12, (9, 32, 32, 3)), 0, 255).astype(np.uint8)
+        frames = np.clip(base + rng.normal(0, 12, (9, size, size, 3)), 0, 255).astype(np.uint8)
         video, image = os.path.join(root, f"v{i}.mp4"), os.path.join(root, f"i{i}.png")
         write_video(frames, video, fps=8)
         save_image(Image.fromarray(frames[0]), image)
