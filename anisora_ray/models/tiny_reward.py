@@ -183,5 +183,4 @@ def resolve_backbone(spec: str, cache_dir: str = "~/.cache/anisora-ray") -> str:
 def resolve_backbones(options: dict, cache_dir: str | None = None) -> dict:
     """``options`` with every ``tiny:<kind>`` value resolved to its cached folder (for the driver to do once)."""
     cache = cache_dir or options.get("cache_dir", "~/.cache/anisora-ray")
-    random = ("tiny:", "random-base:")
-    return {k: resolve_backbone(v, cache) if isinstance(v, str) and v.startswith(random) else v for k, v in options.items()}
+    return {k: resolve_backbone(v, cache) if isinstance(v, str) else v for k, v in options.items()}

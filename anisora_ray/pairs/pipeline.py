@@ -25,13 +25,12 @@ from anisora_ray.config import AnisoraConfig, DimensionConfig, VideoConfig
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
 from anisora_ray.generation.seeding import build_requests
 from anisora_ray.io import fs
-from anisora_ray.io.images import load_image
-from anisora_ray.io.video import read_clip
 from anisora_ray.pairs.select import select_pair
 from anisora_ray.pairs.writer import PairWriter
 from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.base import ClipBatch
+from anisora_ray.reward.stage import decode_one
 from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
 
 if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
@@ -91,8 +90,8 @@ def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndar
         clip = image = NO_FRAMES
         if not errors[i]:
             try:
-                clip = read_clip(str(uri), v.sample_frames, v.sample_max_frames, v.sample_size)
-                image = np.asarray(load_image(str(batch["image_uri"][i])))[None]
+                clip, image = decode_one(v, str(uri), str(batch["image_uri"][i]))
+                image = image[None]
             except (VideoDecodeError, ImageLoadError) as exc:
                 errors[i], clip, image = f"{type(exc).__name__}: {exc}", NO_FRAMES, NO_FRAMES
         frames.append(clip)
@@ -107,6 +106,12 @@ def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndar
 def failure(error) -> str:
     """A row's error as a string, "" when there is none (whatever Arrow/numpy made of an empty value)."""
     return error if isinstance(error, str) else ""
+
+
+def _clip_batch(batch: dict[str, np.ndarray], ok: list[int]) -> ClipBatch:
+    """The decoded clips of rows ``ok`` of a stage batch."""
+    return ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
+                     images=[batch["image"][i][0] for i in ok], references=[None] * len(ok))
 
 
 def _objects(arrays: list[np.ndarray]) -> np.ndarray:
@@ -126,10 +131,8 @@ class ScoreDimension:
         ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
         scores = np.full(len(batch["error"]), np.nan)
         if ok:
-            clips = ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
-                              images=[batch["image"][i][0] for i in ok], references=[None] * len(ok))
             try:
-                scores[ok] = self.scorer.score(clips)
+                scores[ok] = self.scorer.score(_clip_batch(batch, ok))
             except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, with the dimension named
                 log.exception("%s failed on a batch of %d clips; their scores are NaN", self.name, len(ok))
         out = {k: v for k, v in batch.items() if not (self.last and k in ("frames", "image"))}
@@ -141,9 +144,9 @@ class ScoreOnActors:
     """Ray Data stage ("actors" mode): a batch goes to the object store once and to every dimension's
     persistent actor pool in parallel; the scores come back as ``<dim>_raw`` columns."""
 
-    def __init__(self, pools: dict[str, list], start: int = 0):
+    def __init__(self, pools: dict[str, list]):
         self.pools = pools
-        self.calls = start
+        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])
@@ -151,8 +154,7 @@ class ScoreOnActors:
         out = {k: v for k, v in batch.items() if k not in ("frames", "image")}
         scores = {name: np.full(n, np.nan) for name in self.pools}
         if ok:
-            clips = ray.put(ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
-                                      images=[batch["image"][i][0] for i in ok], references=[None] * len(ok)))
+            clips = ray.put(_clip_batch(batch, ok))
             refs = {name: pool[self.calls % len(pool)].score.remote(clips) for name, pool in self.pools.items()}
             self.calls += 1
             for name, ref in refs.items():
@@ -259,37 +261,36 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
     aggregator = RewardAggregator(cfg.reward.dimensions.as_dict())
     groups: dict[str, list[dict]] = defaultdict(list)
     skipped_reasons: Counter[str] = Counter()
-    n_candidates = n_quarantined = 0
+    counts = Counter()
+
+    def finish(prompt_id: str, rows: list[dict], bar) -> None:
+        scored = score_group(rows, aggregator)
+        counts["candidates"] += len(scored)
+        counts["quarantined"] += sum(1 for s in scored if s.quarantine_reason)
+        result = select_pair(prompt_id, scored, cfg.pairs)
+        if isinstance(result, QuarantineRecord):
+            skipped_reasons[result.reason] += 1
+        writer.add(result, scored if cfg.pairs.keep_scores else ())
+        if on_prompt:
+            on_prompt(prompt_id)
+        bar.update(1)
+        bar.set_postfix(candidates=counts["candidates"], quarantined=counts["quarantined"], refresh=False)
+        if writer.pending >= cfg.pairs.flush_every:
+            writer.flush()
+
     with tqdm(total=total, desc="pairs", unit="prompt", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 group = groups[row["prompt_id"]]
                 group.append(row)
-                if len(group) < (expected or {}).get(row["prompt_id"], k):
-                    continue
-                scored = score_group(groups.pop(row["prompt_id"]), aggregator)
-                n_candidates += len(scored)
-                n_quarantined += sum(1 for s in scored if s.quarantine_reason)
-                result = select_pair(row["prompt_id"], scored, cfg.pairs)
-                if isinstance(result, QuarantineRecord):
-                    skipped_reasons[result.reason] += 1
-                writer.add(result, scored if cfg.pairs.keep_scores else ())
-                if on_prompt:
-                    on_prompt(row["prompt_id"])
-                bar.update(1)
-                bar.set_postfix(candidates=n_candidates, quarantined=n_quarantined, refresh=False)
-                if writer.pending >= cfg.pairs.flush_every:
-                    writer.flush()
+                if len(group) >= (expected or {}).get(row["prompt_id"], k):
+                    finish(row["prompt_id"], groups.pop(row["prompt_id"]), bar)
         for prompt_id, rows in groups.items():  # fewer than K rows: pair what arrived, and say so
-            scored = score_group(rows, aggregator)
-            n_candidates += len(scored)
-            result = select_pair(prompt_id, scored, cfg.pairs)
-            if isinstance(result, QuarantineRecord):
-                skipped_reasons[result.reason] += 1
-            writer.add(result, scored if cfg.pairs.keep_scores else ())
             log.warning("prompt %s: only %d candidate(s) arrived", prompt_id, len(rows))
+            finish(prompt_id, rows, bar)
         writer.flush()
-    return PairsResult(writer.out_uri, writer.written["pairs"], dict(skipped_reasons), already, n_candidates, n_quarantined)
+    return PairsResult(writer.out_uri, writer.written["pairs"], dict(skipped_reasons), already, counts["candidates"],
+                       counts["quarantined"])
 
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,

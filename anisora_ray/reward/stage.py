@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from anisora_ray.config import AnisoraConfig
+from anisora_ray.config import AnisoraConfig, VideoConfig
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
@@ -32,14 +32,19 @@ class ScoringResult:
     scores_uri: str | None = None
 
 
+def decode_one(video: VideoConfig, video_uri: str, image_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """One clip as the reward sees it (sampled, resized) and its first-frame image; raises
+    VideoDecodeError / ImageLoadError naming the file."""
+    clip = read_clip(video_uri, video.sample_frames, video.sample_max_frames, video.sample_size)
+    return clip, np.asarray(load_image(image_uri))
+
+
 def decode_batch(cfg: AnisoraConfig, candidates: Sequence[Candidate]) -> tuple[list[Candidate], ClipBatch, dict[str, str]]:
     """Decode each clip once; a clip or image that fails is left out with its reason."""
-    v = cfg.video
     kept, frames, images, failed = [], [], [], {}
     for c in candidates:
         try:
-            clip = read_clip(c.video_uri, v.sample_frames, v.sample_max_frames, v.sample_size)
-            image = np.asarray(load_image(c.image_uri))
+            clip, image = decode_one(cfg.video, c.video_uri, c.image_uri)
         except (VideoDecodeError, ImageLoadError) as exc:
             failed[c.video_uri] = f"{type(exc).__name__}: {exc}"
             continue
