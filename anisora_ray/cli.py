@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -67,9 +68,24 @@ def _train(args: argparse.Namespace) -> int:
     from anisora_ray.pairs.writer import pairs_table
 
     cfg = load_config(args.config, args.overrides)
-    metrics = train_gapo(cfg, pairs_table(args.pairs), args.out)
-    print(f"step {metrics['step']}: loss {metrics['loss']:.4f}, dpo {metrics['dpo']:.4f}, gain {metrics['gain']:.4f}, "
-          f"implicit accuracy {metrics['implicit_accuracy']:.2f} -> {metrics['transformer_uri']}")
+    m = train_gapo(cfg, pairs_table(args.pairs), args.out, init_uri=args.init, resume_from=args.resume)
+    print(f"step {m['step']}: loss {m['loss']:.4f}, dpo {m['dpo']:.4f}, gain {m['gain']:.4f}, "
+          f"implicit accuracy {m['implicit_accuracy']:.2f} -> {m['kind']} weights {m['weights_uri']} "
+          f"(checkpoint {m['checkpoint_uri']}, MLflow run {m['mlflow_run_id']})")
+    if cfg.gapo.refresh_replicas and not args.no_refresh:
+        from anisora_ray.generation.replicas import GeneratorReplicas
+        from anisora_ray.io import fs
+        from anisora_ray.models.pipeline import resolve_pretrained
+
+        replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+        try:
+            version, reports = replicas.refresh_from(m["weights_uri"], cfg.gapo.refresh_bucket_mb)
+        finally:
+            replicas.shutdown()
+        fs.write_bytes(fs.join(m["weights_uri"], "weights_version.json"), json.dumps(version.to_dict(), indent=2).encode())
+        print(f"refreshed {len(reports)} replica(s) to weights version {version.version} ({version.kind}, "
+              f"{version.num_bytes / 1e6:.1f} MB, checksum {version.checksum[:12]}, "
+              f"{max(r['seconds'] for r in reports):.2f}s)")
     return 0
 
 
@@ -161,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="GAPO (gapo.loss: gapo | dpo | sft) on a pairs folder with Ray Train + DeepSpeed")
     _with_config(p)
     p.add_argument("--pairs", required=True, help="folder written by `anisora-ray pairs`")
-    p.add_argument("--out", help="trained transformer folder (default: <run.output_dir>/gapo/transformer)")
+    p.add_argument("--out", help="trained weights folder (default: <run.output_dir>/gapo/weights)")
+    p.add_argument("--init", help="start from this trained folder (a previous run's weights or adapter)")
+    p.add_argument("--resume", help="checkpoint URI of an interrupted run to resume (same config)")
+    p.add_argument("--no-refresh", action="store_true", help="do not load the result into generator replicas")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")

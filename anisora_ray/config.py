@@ -241,6 +241,13 @@ class GapoConfig(Section):
     steps: int = Field(default=10, ge=1)  # optimizer steps per training run
     pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
     gradient_checkpointing: bool = False
+    learning_rate: float | None = Field(default=None, gt=0)  # overrides the DeepSpeed JSON's optimizer/scheduler lr
+    lora: LoraConfig = LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # r > 0: train an adapter
+    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps between checkpoints (0: the last step only)
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    cache_latents: bool = True  # VAE / text-encoder outputs cached under <output_dir>/latent-cache
+    refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
+    refresh_bucket_mb: float = Field(default=256.0, gt=0)  # object-store bucket size of a weight refresh
     seed: int = 0
 
 

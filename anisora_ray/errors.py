@@ -35,3 +35,7 @@ class ImageLoadError(AnisoraError):
 
 class ReplicaError(AnisoraError, RuntimeError):
     """A generator replica failed or reports an unexpected state."""
+
+
+class WeightsError(AnisoraError, RuntimeError):
+    """A weights file or transfer is unusable, or a replica did not load the weights it was sent."""

@@ -172,6 +172,18 @@ class PreferencePair(Record):
 
 
 @dataclass(frozen=True)
+class WeightsVersion(Record):
+    """One published version of the generator's trained weights (full transformer or LoRA adapter)."""
+
+    version: int
+    kind: str  # "full" | "lora"
+    uri: str  # the folder holding the safetensors
+    checksum: str  # tensors_checksum of what was published
+    num_bytes: int
+    num_tensors: int
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One prompt and the seeds of its candidates (what a generator replica is asked to render)."""
 

@@ -1,14 +1,14 @@
 """GAPO training of the generator's transformer with Ray Train + DeepSpeed (gloo on CPU, NCCL on GPU).
 
 Each worker loads the image-to-video pipeline through the same ``from_pretrained`` path as the
-replicas, keeps a frozen reference copy of the transformer, wraps the trained copy with
-``deepspeed.initialize`` (ZeRO stage, optimizer, schedule, clipping and precision from the
-DeepSpeed JSON named by ``gapo.deepspeed_config``) and streams its shard of the pairs parquet
-(``get_dataset_shard``): videos are decoded, encoded to latents by the frozen VAE, and each step
-evaluates :func:`anisora_ray.gapo.diffusion.gapo_step`. Rank 0 reports the trained transformer
-as safetensors in the final checkpoint.
-
-Still to come (issue 5): LoRA, checkpoint every N steps with resume, latent caching, MLflow metrics.
+replicas, builds the policy (the whole transformer, or a ``gapo`` LoRA adapter through peft) and
+its frozen reference (a copy, or the same transformer with the adapter disabled), wraps the
+policy with ``deepspeed.initialize`` (ZeRO stage, optimizer, schedule, clipping and precision from
+the JSON named by ``gapo.deepspeed_config``) and trains on the pairs it receives through
+``get_dataset_shard``. Every ``gapo.checkpoint_every`` steps and at the end all ranks report a
+checkpoint (DeepSpeed state + step + publishable weights); a run given ``resume_from`` restores
+model, optimizer, scheduler and step, and the data position follows from the step. Rank 0 logs
+every step's metrics (averaged over workers) to MLflow.
 """
 
 from __future__ import annotations
@@ -17,25 +17,19 @@ import copy
 import json
 import os
 import tempfile
+import time
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
-from anisora_ray.gapo.diffusion import (
-    PairLatents,
-    encode_first_frames,
-    encode_prompts,
-    encode_videos,
-    gapo_step,
-    prediction_errors,
-    rotary_embeddings,
-)
+from anisora_ray.gapo.batches import PairEncoder, pair_rows, step_rows, worker_rows
+from anisora_ray.gapo.checkpoint import WEIGHTS_DIR, load_training_state, save_training_state, save_weights, weights_only_checkpoint_engine
+from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors, rotary_embeddings
 from anisora_ray.gapo.loss import GapoLoss
-from anisora_ray.io.images import load_image
-from anisora_ray.io.video import read_all_frames
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.update import load_folder
 
 
 def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
@@ -48,30 +42,106 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
         raise ConfigError(f"gapo.deepspeed_config = {cfg.gapo.deepspeed_config!r}: cannot read a JSON file at {path} ({exc})") from None
     ds["train_micro_batch_size_per_gpu"] = cfg.gapo.pairs_per_step
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch × accumulation × world
+    if cfg.gapo.learning_rate is not None:
+        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.gapo.learning_rate
+        if "warmup_max_lr" in ds.get("scheduler", {}).get("params", {}):
+            ds["scheduler"]["params"]["warmup_max_lr"] = cfg.gapo.learning_rate
     return ds
-
-
-def load_pairs_batch(pipe, rows: list[dict]) -> PairLatents:
-    """Decode a batch of pair rows and encode them for the transformer."""
-    winners = np.stack([read_all_frames(r["winner_video_uri"]) for r in rows])
-    losers = np.stack([read_all_frames(r["loser_video_uri"]) for r in rows])
-    images = np.stack([np.asarray(load_image(r["image_uri"]).resize(winners.shape[3:1:-1])) for r in rows])
-    w = encode_videos(pipe, winners)
-    return PairLatents(
-        winner=w, loser=encode_videos(pipe, losers), image=encode_first_frames(pipe, images, w.shape[1]),
-        prompt_embeds=encode_prompts(pipe, [r["prompt"] for r in rows]),
-        reward_w=torch.tensor([float(r["winner_reward"]) for r in rows], device=w.device),
-        reward_l=torch.tensor([float(r["loser_reward"]) for r in rows], device=w.device),
-    )
 
 
 def sft_loss(model, scheduler, batch: PairLatents, generator: torch.Generator, rotary) -> GapoLoss:
     """The paper's SFT baseline: the diffusion loss on the winners alone."""
-    noise = torch.randn(batch.winner.shape, generator=generator, dtype=batch.winner.dtype).to(batch.winner.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.winner.shape[0],), generator=generator).to(noise.device)
+    noise = torch.randn(batch.winner.shape, generator=generator, device=batch.winner.device, dtype=batch.winner.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.winner.shape[0],), generator=generator,
+                      device=batch.winner.device)
     err_w, _ = prediction_errors(model, scheduler, batch, noise, t, rotary)
     zero = torch.zeros_like(err_w)
     return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero)
+
+
+class AdapterOffReference:
+    """The LoRA reference: the policy's own transformer with the ``gapo`` adapter disabled."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def __call__(self, **kwargs):
+        self.transformer.disable_adapters()
+        try:
+            return self.transformer(**kwargs)
+        finally:
+            self.transformer.enable_adapters()
+
+
+def build_policy(pipe, cfg: AnisoraConfig, init_uri: str | None):
+    """(policy, reference): the trained module and the frozen one it is compared against."""
+    g = cfg.gapo
+    base = pipe.transformer.eval().requires_grad_(False)
+    if g.lora.r > 0:
+        lora_io.add_adapter(base, g.lora)
+        if init_uri:
+            load_folder(base, init_uri)
+        for name, param in base.named_parameters():
+            param.requires_grad_(f".{lora_io.ADAPTER}." in name)
+        policy, reference = base, AdapterOffReference(base)
+    else:
+        if init_uri:
+            load_folder(base, init_uri)
+        policy, reference = copy.deepcopy(base).requires_grad_(True), base
+    if g.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy, reference
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
+
+
+class StepLogger:
+    """Rank 0's per-step MLflow metrics (the driver opened the run)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def mean_over_workers(metrics: dict[str, float], device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist(), strict=True))
+
+
+def _report(engine, metrics: dict, step: int, lora) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(engine, folder, step, lora is not None)
+        save_weights(engine, os.path.join(folder, WEIGHTS_DIR), lora)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _load_rows(rank: int, world: int) -> list[dict]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("pairs")  # unsplit: every worker sees all pairs, keeps its own
+    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
+    return worker_rows(pair_rows(table), rank, world)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -82,49 +152,60 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = AnisoraConfig.model_validate(config["cfg"])
     g = cfg.gapo
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(g.seed)
     pipe = load_i2v_pipeline(config["pretrained"], cfg.model.dtype, str(device), cfg.model.revision)
-    reference = pipe.transformer.eval().requires_grad_(False)
-    model = copy.deepcopy(reference).train().requires_grad_(True)
-    if g.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    policy, reference = build_policy(pipe, cfg, config.get("init_uri"))
+    engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
                                            config=config["deepspeed"])
-    generator = torch.Generator().manual_seed(g.seed + 1000 * rank)
-    shard = ray.train.get_dataset_shard("pairs")
-    step, rotary = 0, None
-    while step < g.steps:
-        for rows in shard.iter_batches(batch_size=g.pairs_per_step, batch_format="pyarrow", drop_last=True):
-            batch = load_pairs_batch(pipe, rows.to_pylist())
-            if rotary is None:
-                h, w = cfg.generator.height, cfg.generator.width
-                rotary = rotary_embeddings(pipe, h, w, batch.winner.shape[1])
-            if g.loss == "sft":
-                out = sft_loss(engine, pipe.scheduler, batch, generator, rotary)
-            else:
-                out = gapo_step(engine, reference, pipe.scheduler, batch, generator, beta=g.beta, alpha=g.alpha,
-                                use_gain=g.loss == "gapo", rotary=rotary)
-            engine.backward(out.loss)
-            engine.step()
-            step += 1
-            metrics = {"step": step, **out.metrics(), "lr": float(engine.get_lr()[0])}
-            if step < g.steps:
-                ray.train.report(metrics)
-                continue
-            checkpoint = None
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    engine.module.save_pretrained(tmp, safe_serialization=True, is_main_process=True)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            break
+    weights_only_checkpoint_engine(engine)
+    lora = g.lora if g.lora.r > 0 else None
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = load_training_state(engine, folder, lora is not None)
+    rows = _load_rows(rank, world)
+    encoder = PairEncoder(pipe, config["pretrained"], cfg.generator.height, cfg.generator.width,
+                          config["cache_uri"] if g.cache_latents else None)
+    logger = StepLogger(*config["mlflow"]) if rank == 0 and config.get("mlflow") else None
+    rotary = None
+    for step in range(start, g.steps):
+        began = time.perf_counter()
+        batch = encoder.batch(step_rows(rows, step, g.pairs_per_step, g.seed + 7919 * rank))
+        if rotary is None:
+            rotary = rotary_embeddings(pipe, cfg.generator.height, cfg.generator.width, batch.winner.shape[1])
+        generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, rank, step))
+        if g.loss == "sft":
+            out = sft_loss(engine, pipe.scheduler, batch, generator, rotary)
+        else:
+            out = gapo_step(engine, reference, pipe.scheduler, batch, generator, beta=g.beta, alpha=g.alpha,
+                            use_gain=g.loss == "gapo", rotary=rotary)
+        engine.backward(out.loss)
+        engine.step()
+        grad_norm = engine.get_global_grad_norm()
+        local = {**out.metrics(), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                 "step_seconds": time.perf_counter() - began}
+        metrics = {**mean_over_workers(local, device), "lr": float(engine.get_lr()[0]), "step": step + 1,
+                   "latent_cache_hits": encoder.hits, "latent_cache_misses": encoder.misses}
+        if logger:
+            logger.log(metrics, step + 1)
+        if step + 1 == g.steps or (g.checkpoint_every and (step + 1) % g.checkpoint_every == 0):
+            _report(engine, metrics, step + 1, lora)
 
 
-def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None) -> dict:
-    """Fit the transformer on ``table`` (PreferencePair rows, e.g. ``pairs.writer.pairs_table``);
-    returns the last step's metrics and the trained transformer's folder."""
+def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
+               init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
+               parent_run_id: str | None = None) -> dict:
+    """Fit the generator on ``table`` (PreferencePair rows, e.g. ``pairs.writer.pairs_table``).
+
+    ``init_uri``: a trained folder to start from (the previous round's transformer or adapter);
+    ``resume_from``: a checkpoint URI of an interrupted run with the same config. Returns the last
+    step's metrics, ``weights_uri`` (what a refresh publishes), ``checkpoint_uri``,
+    ``checkpoints`` ({step: uri}) and ``mlflow_run_id``.
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -132,28 +213,42 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     from anisora_ray.io import fs
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray
+    from anisora_ray.tracking import log_metrics, mlflow_run, tracking_uri
 
     root = root or os.getcwd()
-    if table.num_rows < cfg.gapo.num_workers * cfg.gapo.pairs_per_step:
-        raise ValueError(f"{table.num_rows} pair(s): too few for {cfg.gapo.num_workers} worker(s) "
-                         f"x {cfg.gapo.pairs_per_step} pair(s) per step")
+    g = cfg.gapo
+    pair_rows(table)  # fail on the driver, naming missing columns
+    if table.num_rows < g.num_workers * g.pairs_per_step:
+        raise ValueError(f"{table.num_rows} pair(s): too few for {g.num_workers} worker(s) x {g.pairs_per_step} pair(s) per step")
+    ds_config = deepspeed_config(cfg, root)
     init_ray(cfg.ray)
     output = fs.normalize(cfg.run.output_dir)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
-                           "deepspeed": deepspeed_config(cfg, root)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.gapo.num_workers, use_gpu=cfg.gapo.use_gpu,
-                                               resources_per_worker={"CPU": cfg.gapo.cpus_per_worker}),
-        datasets={"pairs": ray.data.from_arrow(table)},
-        run_config=ray.train.RunConfig(name=f"gapo-{os.getpid()}", storage_path=fs.join(output, "ray-train")),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"GAPO training produced no checkpoint (error: {result.error})")
-    out_uri = out_uri or fs.join(output, "gapo", "transformer")
-    with result.checkpoint.as_directory() as ckpt:
-        for name in os.listdir(ckpt):
-            with open(os.path.join(ckpt, name), "rb") as f:
-                fs.write_bytes(fs.join(out_uri, name), f.read())
-    return {**result.metrics, "transformer_uri": out_uri}
+    with mlflow_run(cfg, run_name, parent_run_id=parent_run_id, tags={"anisora.stage": "gapo"}) as run:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
+                               "deepspeed": ds_config, "init_uri": init_uri,
+                               "cache_uri": fs.join(output, "latent-cache"),
+                               "mlflow": (tracking_uri(cfg), run.info.run_id)},
+            scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu,
+                                                   resources_per_worker={"CPU": g.cpus_per_worker}),
+            datasets={"pairs": ray.data.from_arrow(table)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            run_config=ray.train.RunConfig(name=f"{run_name}-{os.getpid()}-{int(time.time())}",
+                                           storage_path=fs.join(output, "ray-train"),
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
+            resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
+        )
+        result = trainer.fit()
+        if result.error is not None or result.checkpoint is None:
+            raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")
+        out_uri = out_uri or fs.join(output, "gapo", "weights")
+        with result.checkpoint.as_directory() as folder:
+            weights = os.path.join(folder, WEIGHTS_DIR)
+            for name in sorted(os.listdir(weights)):
+                with open(os.path.join(weights, name), "rb") as f:
+                    fs.write_bytes(fs.join(out_uri, name), f.read())
+        log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+        checkpoints = {int(m["step"]): c.path for c, m in (result.best_checkpoints or [])}
+        return {**result.metrics, "weights_uri": out_uri, "kind": "lora" if g.lora.r > 0 else "full",
+                "checkpoint_uri": result.checkpoint.path, "checkpoints": checkpoints, "mlflow_run_id": run.info.run_id}

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
+from anisora_ray.weights.state import Bucket
+from anisora_ray.weights.update import UpdateMeta, load_update
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class Generator:
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
         self._weights_version = weights_version
+        self._weights_checksum = ""
 
     @property
     def weights_version(self) -> int:
@@ -62,6 +66,22 @@ class Generator:
 
     def get_weights_version(self) -> int:
         return self._weights_version
+
+    def weights_state(self) -> dict:
+        return {"replica_id": self.replica_id, "version": self._weights_version, "checksum": self._weights_checksum}
+
+    def load_weights(self, meta: UpdateMeta, buckets: Iterable[Bucket]) -> dict:
+        """Load a published weights version (full transformer or LoRA adapter), verified by checksum.
+
+        The version is bumped only after the checksums agree; a failed load raises and leaves the
+        version where it was (the weights may be partly written: the caller must not generate).
+        """
+        report = load_update(self.pipe.transformer, meta, buckets, self._weights_version)
+        self._weights_version = meta.version.version
+        self._weights_checksum = report["loaded"]
+        log.info("replica %s loaded weights version %d (%s, %.1f MB in %.2fs)", self.replica_id,
+                 self._weights_version, meta.version.kind, report["num_bytes"] / 1e6, report["seconds"])
+        return {**report, "replica_id": self.replica_id}
 
     def device(self) -> str:
         return str(self.pipe.transformer.device)

@@ -10,11 +10,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from anisora_ray.config import ActorResources, AnisoraConfig
-from anisora_ray.errors import ConfigError, ReplicaError
+from anisora_ray.errors import ConfigError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.types import GenerationRequest
 from anisora_ray.runtime import actor_placement
-from anisora_ray.types import Candidate, QuarantineRecord
+from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
+from anisora_ray.weights.refresh import WeightsUpdate, publish, refresh_actors
+from anisora_ray.weights.update import UpdateMeta
 
 
 class GeneratorActor(Generator):
@@ -27,6 +28,10 @@ class GeneratorActor(Generator):
             "device": self.device(),
             "weights_version": self.weights_version,
         }
+
+    def load_weights(self, meta: UpdateMeta, bucket_refs: list) -> dict:
+        """Fetch the buckets one at a time from the object store while loading them."""
+        return super().load_weights(meta, (ray.get(ref) for ref in bucket_refs))
 
 
 def bundle_for(actor: ActorResources) -> dict[str, float]:
@@ -70,6 +75,25 @@ class GeneratorReplicas:
 
     def weights_versions(self) -> list[int]:
         return ray.get([a.get_weights_version.remote() for a in self.actors])
+
+    def weights_states(self) -> list[dict]:
+        return ray.get([a.weights_state.remote() for a in self.actors])
+
+    def refresh(self, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
+        """Load ``update`` on every replica; raises WeightsError unless all verify and report its version."""
+        reports = refresh_actors(self.actors, update, timeout_s)
+        lagging = [i for i, v in enumerate(self.weights_versions()) if v != update.version]
+        if lagging:
+            raise WeightsError(f"replica(s) {lagging} did not reach weights version {update.version}")
+        return reports
+
+    def refresh_from(self, uri: str, bucket_mb: float = 256.0) -> tuple[WeightsVersion, list[dict]]:
+        """Publish the trained folder ``uri`` as the next weights version and load it on every replica."""
+        update = publish(uri, max(self.weights_versions()) + 1, bucket_mb)
+        try:
+            return update.meta.version, self.refresh(update)
+        finally:
+            del update.buckets[:]  # release the object-store copies
 
     def generate(
         self,

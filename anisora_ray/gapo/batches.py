@@ -1,0 +1,106 @@
+"""Pairs into training batches: a deterministic order per worker and step, and cached encodings.
+
+The batch of step ``s`` on worker ``r`` depends on (rows, seed, r, world, s) only, so a run
+resumed at step ``s`` sees exactly the data an uninterrupted run would (the data position is the
+step). Each worker keeps rows ``i % world == r`` of the pairs sorted by prompt and videos, and
+reshuffles them every epoch with ``seed + epoch``.
+
+Encodings (VAE latents of videos and first frames, prompt embeddings) are deterministic for a
+frozen encoder, so with a cache folder they are computed once and read back as safetensors,
+keyed by the sha256 of the encoder's identity and the input's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos
+from anisora_ray.io import fs
+from anisora_ray.io.images import load_image
+from anisora_ray.io.video import read_all_frames
+
+REQUIRED = ("prompt", "image_uri", "winner_video_uri", "loser_video_uri", "winner_reward", "loser_reward")
+
+
+def pair_rows(table: pa.Table) -> list[dict]:
+    """The pairs as dicts in a canonical order (independent of how the table was assembled)."""
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise ValueError(f"pairs table lacks column(s) {missing}; has {table.column_names}")
+    rows = table.select(list(REQUIRED) + (["prompt_id"] if "prompt_id" in table.column_names else [])).to_pylist()
+    return sorted(rows, key=lambda r: (r.get("prompt_id", ""), r["winner_video_uri"], r["loser_video_uri"]))
+
+
+def worker_rows(rows: list[dict], rank: int, world: int) -> list[dict]:
+    return rows[rank::world]
+
+
+def step_rows(rows: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
+    """The rows of (0-based) optimizer ``step``: epoch-wise reshuffled, ``per_step`` at a time."""
+    per_epoch = len(rows) // per_step
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} pair(s) on this worker: fewer than pairs_per_step = {per_step}")
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(len(rows))
+    return [rows[j] for j in order[index * per_step : (index + 1) * per_step]]
+
+
+class PairEncoder:
+    """Encodes pair rows into :class:`PairLatents`, reading and filling a cache when given one."""
+
+    def __init__(self, pipe, encoder_id: str, height: int, width: int, cache_uri: str | None = None):
+        self.pipe, self.height, self.width, self.cache_uri = pipe, height, width, cache_uri
+        self.namespace = f"{encoder_id}|{pipe.vae.dtype}|{height}x{width}"
+        self.hits = self.misses = 0
+
+    def _key(self, kind: str, payload: bytes) -> str:
+        return hashlib.sha256(f"{self.namespace}|{kind}|".encode() + payload).hexdigest()
+
+    def _cached(self, key: str, compute) -> torch.Tensor:
+        if self.cache_uri is None:
+            return compute()
+        from safetensors.torch import load, save
+
+        uri = fs.join(self.cache_uri, key[:2], f"{key}.safetensors")
+        if fs.exists(uri):
+            self.hits += 1
+            return load(fs.read_bytes(uri))["t"].to(self.pipe.vae.device)
+        self.misses += 1
+        value = compute()
+        fs.write_bytes(uri, save({"t": value.detach().cpu().contiguous()}))
+        return value
+
+    def video(self, uri: str) -> torch.Tensor:
+        """[F', C, h, w] latents of one video (VAE posterior mode)."""
+        key = self._key("video", fs.read_bytes(uri))
+        return self._cached(key, lambda: encode_videos(self.pipe, read_all_frames(uri)[None])[0])
+
+    def image(self, uri: str, latent_frames: int) -> torch.Tensor:
+        key = self._key(f"image{latent_frames}", fs.read_bytes(uri))
+
+        def compute():
+            image = np.asarray(load_image(uri).resize((self.width, self.height)))
+            return encode_first_frames(self.pipe, image[None], latent_frames)[0]
+
+        return self._cached(key, compute)
+
+    def prompt(self, text: str) -> torch.Tensor:
+        return self._cached(self._key("prompt", text.encode()), lambda: encode_prompts(self.pipe, [text])[0])
+
+    def batch(self, rows: list[dict]) -> PairLatents:
+        winners = torch.stack([self.video(r["winner_video_uri"]) for r in rows])
+        losers = torch.stack([self.video(r["loser_video_uri"]) for r in rows])
+        if winners.shape != losers.shape:
+            raise ValueError(f"winner latents {tuple(winners.shape)} != loser latents {tuple(losers.shape)}")
+        device = winners.device
+        return PairLatents(
+            winner=winners, loser=losers,
+            image=torch.stack([self.image(r["image_uri"], winners.shape[1]) for r in rows]),
+            prompt_embeds=torch.stack([self.prompt(r["prompt"]) for r in rows]),
+            reward_w=torch.tensor([float(r["winner_reward"]) for r in rows], device=device),
+            reward_l=torch.tensor([float(r["loser_reward"]) for r in rows], device=device),
+        )

@@ -1,0 +1,1 @@
+"""Trained weights on the move: checksummed buckets, LoRA adapters, verified refresh of replicas."""

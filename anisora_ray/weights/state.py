@@ -1,0 +1,174 @@
+"""Named tensors on the wire: checksums, buckets and safetensors folders (no Ray here).
+
+A bucket is one contiguous ``uint8`` buffer plus a manifest of the tensors packed in it, so a
+model travels through the object store as a few large zero-copy numpy buffers rather than
+thousands of small pickled tensors. The checksum covers names, dtypes, shapes and bytes, in
+the order the tensors are sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from anisora_ray.errors import WeightsError
+from anisora_ray.io import fs
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # e.g. "float32"
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    entries: tuple[TensorEntry, ...]
+    data: np.ndarray  # uint8, 1-D
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a uint8 numpy view (a CPU copy first when it lives elsewhere)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class Checksum:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        self._h.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        self._h.update(memoryview(raw_bytes(tensor)))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def tensors_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    checksum = Checksum()
+    for name, tensor in tensors:
+        checksum.update(name, tensor)
+    return checksum.hexdigest()
+
+
+def pack_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Pack tensors, in order, into buckets of about ``bucket_bytes`` (a larger tensor gets its own)."""
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+
+    def flush() -> Bucket:
+        data = np.empty(size, dtype=np.uint8)
+        entries, offset = [], 0
+        for name, tensor in pending:
+            raw = raw_bytes(tensor)
+            data[offset : offset + raw.nbytes] = raw
+            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, int(raw.nbytes)))
+            offset += raw.nbytes
+        return Bucket(tuple(entries), data)
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > bucket_bytes:
+            yield flush()
+            pending, size = [], 0
+        pending.append((name, tensor))
+        size += nbytes
+    if pending:
+        yield flush()
+
+
+def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a bucket, as views of its buffer (read-only when it lives in the object store)."""
+    for e in bucket.entries:
+        with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(bucket.data[e.offset : e.offset + e.nbytes])
+        yield e.name, raw.view(getattr(torch, e.dtype)).reshape(e.shape)
+
+
+def safetensors_files(uri: str) -> list[str]:
+    """The ``*.safetensors`` files of a folder, sorted; a clear error when there are none."""
+    filesystem, path = fs.url_to_fs(uri)
+    try:
+        names = sorted(p for p in filesystem.ls(path, detail=False) if p.endswith(".safetensors"))
+    except FileNotFoundError:
+        raise WeightsError(f"weights folder {uri} does not exist") from None
+    if not names:
+        raise WeightsError(f"no .safetensors file in {uri}")
+    return [fs.join(uri, os.path.basename(n)) for n in names]
+
+
+def read_safetensors(uri: str, strip_prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every safetensors file in a folder, sorted by name (never a pickle)."""
+    from safetensors.torch import load
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(uri):
+        try:
+            tensors.update(load(fs.read_bytes(file)))
+        except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+            raise WeightsError(f"cannot read weights file {file}: {exc}") from None
+    for name in sorted(tensors):
+        yield name.removeprefix(strip_prefix), tensors[name]
+
+
+def bucket_tensors(buckets: Iterable[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in buckets:
+        yield from unpack_bucket(bucket)
+
+
+def copy_into(targets: Mapping[str, torch.Tensor], tensors: Iterable[tuple[str, torch.Tensor]], *,
+              require_all: bool) -> dict:
+    """Copy named tensors into ``targets`` (views of a module's state) and verify what landed.
+
+    Returns the checksum of what was received, of it cast to the targets' dtypes, and of the
+    targets read back after the copy (the two last must match). Unknown names or shapes, or
+    (``require_all``) targets left without a tensor, raise :class:`WeightsError`.
+    """
+    received, cast, order, nbytes = Checksum(), Checksum(), [], 0
+    with torch.no_grad():
+        for name, tensor in tensors:
+            target = targets.get(name)
+            if target is None:
+                raise WeightsError(f"update has tensor {name!r} that the model does not have")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise WeightsError(f"tensor {name!r}: update shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+            received.update(name, tensor)
+            converted = tensor.to(device=target.device, dtype=target.dtype)
+            cast.update(name, converted)
+            target.copy_(converted)
+            order.append(name)
+            nbytes += tensor.numel() * tensor.element_size()
+    missing = sorted(set(targets) - set(order))
+    if require_all and missing:
+        raise WeightsError(f"update misses {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+    loaded = tensors_checksum((name, targets[name]) for name in order)
+    return {"received": received.hexdigest(), "expected_loaded": cast.hexdigest(), "loaded": loaded,
+            "num_bytes": nbytes, "num_tensors": len(order)}
+
+
+def write_json(uri: str, payload: dict) -> None:
+    fs.write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True).encode())

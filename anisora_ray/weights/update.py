@@ -1,0 +1,51 @@
+"""The replica side of a weight refresh (no Ray): what travels with the buckets, and loading it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from anisora_ray.config import LoraConfig
+from anisora_ray.errors import WeightsError
+from anisora_ray.types import WeightsVersion
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.state import Bucket, bucket_tensors, copy_into, read_safetensors
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What travels with the buckets: the version record, and the adapter's shape for LoRA."""
+
+    version: WeightsVersion
+    lora: dict | None = None
+
+
+def load_update(transformer, meta: UpdateMeta, buckets: Iterable[Bucket], current_version: int) -> dict:
+    """Replica side: copy the buckets into ``transformer`` and verify; returns the load report."""
+    record = meta.version
+    if record.version <= current_version:
+        raise WeightsError(f"weights version {record.version} is not newer than the loaded version {current_version}")
+    start = time.perf_counter()
+    if record.kind == "lora":
+        lora_io.add_adapter(transformer, LoraConfig.model_validate(meta.lora))
+        targets = lora_io.adapter_targets(transformer)
+    else:
+        targets = transformer.state_dict()
+    report = copy_into(targets, bucket_tensors(buckets), require_all=True)
+    if report["received"] != record.checksum:
+        raise WeightsError(f"weights version {record.version}: received checksum {report['received'][:12]} != "
+                           f"published {record.checksum[:12]} (transfer corrupted or wrong update)")
+    if report["loaded"] != report["expected_loaded"]:
+        raise WeightsError(f"weights version {record.version}: the model's tensors after loading do not match "
+                           "what was received")
+    return {**report, "version": record.version, "kind": record.kind, "seconds": time.perf_counter() - start}
+
+
+def load_folder(transformer, uri: str) -> dict:
+    """Load a trained folder (full transformer or LoRA adapter, as ``publish`` reads) into ``transformer``."""
+    if lora_io.is_adapter_folder(uri):
+        lora_io.add_adapter(transformer, lora_io.read_lora_config(uri))
+        tensors = read_safetensors(uri, strip_prefix=lora_io.PREFIX)
+        return copy_into(lora_io.adapter_targets(transformer), tensors, require_all=True)
+    return copy_into(transformer.state_dict(), read_safetensors(uri), require_all=True)

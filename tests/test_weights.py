@@ -1,0 +1,120 @@
+"""Weights on the move without Ray: checksums, buckets, verified loading, LoRA adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anisora_ray.config import LoraConfig
+from anisora_ray.errors import WeightsError
+from anisora_ray.types import WeightsVersion
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.state import (
+    bucket_tensors,
+    copy_into,
+    pack_buckets,
+    read_safetensors,
+    tensors_checksum,
+)
+from anisora_ray.weights.update import UpdateMeta, load_folder, load_update
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [("a", torch.randn(3, 5, generator=g)), ("b", torch.randn(7, generator=g).to(torch.bfloat16)),
+            ("c", torch.arange(4)), ("d", torch.randn(200, generator=g))]
+
+
+def test_checksum_covers_names_dtypes_shapes_and_bytes():
+    base = tensors_checksum(_tensors())
+    assert base == tensors_checksum(_tensors())
+    changed = _tensors()
+    changed[0][1][0, 0] += 1e-6
+    assert tensors_checksum(changed) != base
+    assert tensors_checksum([("z", t) if n == "a" else (n, t) for n, t in _tensors()]) != base
+    assert tensors_checksum([(n, t.reshape(5, 3)) if n == "a" else (n, t) for n, t in _tensors()]) != base
+    assert tensors_checksum([(n, t.double()) if n == "d" else (n, t) for n, t in _tensors()]) != base
+
+
+@pytest.mark.parametrize(("bucket_bytes", "expected_buckets"), [(1, 4), (64, 3), (10**6, 1)])
+def test_buckets_round_trip_exactly_at_any_bucket_size(bucket_bytes, expected_buckets):
+    tensors = _tensors()  # 60, 14, 32 and 800 bytes
+    buckets = list(pack_buckets(tensors, bucket_bytes))
+    assert len(buckets) == expected_buckets
+    assert sum(b.nbytes for b in buckets) == sum(t.numel() * t.element_size() for _, t in tensors)
+    back = list(bucket_tensors(buckets))
+    assert [n for n, _ in back] == [n for n, _ in tensors]
+    for (_, got), (_, want) in zip(back, tensors, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_copy_into_verifies_and_names_the_culprit():
+    model = torch.nn.Linear(4, 3)
+    new = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    report = copy_into(model.state_dict(), sorted(new.items()), require_all=True)
+    assert torch.all(model.weight == 0.5) and report["loaded"] == report["expected_loaded"] == report["received"]
+    with pytest.raises(WeightsError, match="'extra'"):
+        copy_into(model.state_dict(), [("extra", torch.zeros(1))], require_all=False)
+    with pytest.raises(WeightsError, match=r"'weight': update shape \(4, 3\) != model \(3, 4\)"):
+        copy_into(model.state_dict(), [("weight", torch.zeros(4, 3))], require_all=False)
+    with pytest.raises(WeightsError, match="misses 1 tensor"):
+        copy_into(model.state_dict(), [("weight", torch.zeros(3, 4))], require_all=True)
+
+
+def _meta(version, tensors, kind="full", lora=None):
+    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
+                            num_bytes=0, num_tensors=len(tensors))
+    return UpdateMeta(record, lora)
+
+
+def test_load_update_refuses_stale_versions_and_corrupt_transfers():
+    model = torch.nn.Linear(4, 3)
+    tensors = sorted((k, torch.randn_like(v)) for k, v in model.state_dict().items())
+    report = load_update(model, _meta(2, tensors), pack_buckets(tensors, 16), current_version=1)
+    assert report["version"] == 2 and torch.equal(model.weight, dict(tensors)["weight"])
+    with pytest.raises(WeightsError, match="not newer"):
+        load_update(model, _meta(2, tensors), pack_buckets(tensors, 16), current_version=2)
+    corrupt = [(n, t + 1) for n, t in tensors]
+    with pytest.raises(WeightsError, match="received checksum .* != published"):
+        load_update(model, _meta(3, tensors), pack_buckets(corrupt, 16), current_version=2)
+
+
+def test_bf16_replica_verifies_a_float32_update():
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    tensors = sorted((k, torch.randn(v.shape)) for k, v in model.state_dict().items())
+    report = load_update(model, _meta(1, tensors), pack_buckets(tensors, 1 << 20), current_version=0)
+    assert report["loaded"] == report["expected_loaded"] and model.weight.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def load_transformer(make_config):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = make_config()
+    path = resolve_pretrained(cfg.model, cfg.generator)
+    return lambda: CogVideoXTransformer3DModel.from_pretrained(path, subfolder="transformer").eval()
+
+
+def test_lora_adapter_save_publish_format_and_load(load_transformer, tmp_path):
+    tiny_transformer = load_transformer()
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["to_q", "to_v"])
+    lora_io.add_adapter(tiny_transformer, cfg)
+    state = lora_io.adapter_state(tiny_transformer)
+    assert state and all("lora_" in k for k in state)
+    targets = lora_io.adapter_targets(tiny_transformer)
+    assert set(targets) == set(state)
+    with torch.no_grad():
+        for t in targets.values():
+            t.normal_()
+    lora_io.save_adapter(tiny_transformer, cfg, str(tmp_path / "adapter"))
+    keys = [k for k, _ in read_safetensors(str(tmp_path / "adapter"))]
+    assert all(k.startswith("transformer.") for k in keys)  # diffusers' load_lora_weights format
+    assert lora_io.read_lora_config(str(tmp_path / "adapter")) == cfg
+
+    fresh = load_transformer()
+    report = load_folder(fresh, str(tmp_path / "adapter"))
+    assert report["num_tensors"] == len(state)
+    for name, tensor in lora_io.adapter_state(fresh).items():
+        assert torch.equal(tensor, state[name])
