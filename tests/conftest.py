@@ -36,13 +36,10 @@ def model_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("model-cache"))
 
 
-@pytest.fixture
-def make_config(tmp_path, model_cache):
-    """``make_config(*overrides)``: configs/local.yaml at test sizes, writing under tmp_path."""
-    from anisora_ray.config import load_config
-
-    base = [
-        f"run.output_dir={tmp_path / 'out'}",
+def config_overrides(root, model_cache: str) -> list[str]:
+    """configs/local.yaml at test sizes, writing under ``root``."""
+    return [
+        f"run.output_dir={root / 'out'}",
         f"model.cache_dir={model_cache}",
         "generator.height=32",
         "generator.width=32",
@@ -54,8 +51,14 @@ def make_config(tmp_path, model_cache):
         "video.sample_size=32",
     ]
 
+
+@pytest.fixture
+def make_config(tmp_path, model_cache):
+    """``make_config(*overrides)``: configs/local.yaml at test sizes, writing under tmp_path."""
+    from anisora_ray.config import load_config
+
     def make(*overrides: str):
-        return load_config(LOCAL_CONFIG, [*base, *overrides])
+        return load_config(LOCAL_CONFIG, [*config_overrides(tmp_path, model_cache), *overrides])
 
     return make
 

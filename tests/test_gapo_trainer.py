@@ -1,39 +1,160 @@
-"""GAPO with Ray Train + DeepSpeed ZeRO-2 on CPU (gloo), two workers, on pairs from the real pairs pipeline."""
+"""GAPO with Ray Train + DeepSpeed ZeRO-2 on CPU (gloo), two workers, on pairs from the real pairs pipeline;
+then the trained weights refresh two generator replicas."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import pytest
+
 from tests.conftest import REPO
 
+STEPS = 6
+TRAIN = ("generator.replicas=1", "gapo.num_workers=2", "gapo.beta=500", "gapo.learning_rate=3e-3")
 
-def test_two_worker_zero2_gapo_run_on_streamed_pairs(ray_cluster, make_config, demo_manifest, tmp_path):
-    from safetensors.torch import load_file
 
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """One full fine-tune of STEPS steps with a checkpoint every 3, on pairs from `run_pairs`."""
+    from anisora_ray.config import load_config
+    from anisora_ray.data.demo import make_demo_set
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.pairs.stage import run_pairs
     from anisora_ray.pairs.writer import pairs_table
+    from tests.conftest import LOCAL_CONFIG, config_overrides
 
-    cfg = make_config("generator.replicas=1", "gapo.num_workers=2", "gapo.steps=2", "gapo.beta=500")
-    pairs = run_pairs(cfg, demo_manifest, str(tmp_path / "pairs"), progress=False)
+    root = tmp_path_factory.mktemp("gapo")
+    manifest = make_demo_set(str(root / "demo"), num_prompts=3, image_size=64, seed=0)
+
+    def make(*overrides):
+        return load_config(LOCAL_CONFIG, [*config_overrides(root, str(root / "models")), *TRAIN, *overrides])
+
+    cfg = make(f"gapo.steps={STEPS}", "gapo.checkpoint_every=3")
+    pairs = run_pairs(cfg, manifest, str(root / "pairs"), progress=False)
     assert pairs.pairs >= 2
-    metrics = train_gapo(cfg, pairs_table(str(tmp_path / "pairs")), str(tmp_path / "transformer"), root=REPO)
-    assert metrics["step"] == 2 and math.isfinite(metrics["loss"]) and metrics["gain"] > 0
-    weights = load_file(str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    table = pairs_table(str(root / "pairs"))
+    result = train_gapo(cfg, table, str(root / "weights"), root=REPO, run_name="full")
+    return {"cfg": cfg, "make": make, "table": table, "result": result, "root": root, "manifest": manifest}
+
+
+def history(cfg, run_id: str, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    from anisora_ray.tracking import tracking_uri
+
+    return {m.step: m.value for m in MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, key)}
+
+
+def test_two_worker_zero2_run_logs_every_step_and_the_loss_falls(trained):
+    from safetensors.torch import load_file
+
+    cfg, result = trained["cfg"], trained["result"]
+    assert result["step"] == STEPS and result["kind"] == "full" and sorted(result["checkpoints"]) == [3, 6]
+    losses = history(cfg, result["mlflow_run_id"], "loss")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
+    first, last = (losses[1] + losses[2]) / 2, (losses[STEPS - 1] + losses[STEPS]) / 2
+    assert last < first, losses
+    for key in ("dpo", "gain", "implicit_accuracy", "grad_norm", "lr", "step_seconds"):
+        values = history(cfg, result["mlflow_run_id"], key)
+        assert len(values) == STEPS and all(math.isfinite(v) for v in values.values()), key
+    assert history(cfg, result["mlflow_run_id"], "latent_cache_hits")[STEPS] > 0  # later steps reuse encodings
+    weights = load_file(os.path.join(result["weights_uri"], "diffusion_pytorch_model.safetensors"))
     assert weights and all(t.isfinite().all() for t in weights.values())
-    assert os.path.isfile(tmp_path / "transformer" / "config.json")
+    assert os.path.isfile(os.path.join(result["weights_uri"], "config.json"))
 
 
-def test_a_missing_deepspeed_config_is_named(make_config, tmp_path):
-    import pytest
+def test_resume_from_a_checkpoint_continues_exactly(trained):
+    from anisora_ray.gapo.trainer import train_gapo
 
+    cfg, result = trained["cfg"], trained["result"]
+    resumed = train_gapo(cfg, trained["table"], str(trained["root"] / "resumed"), root=REPO,
+                         resume_from=result["checkpoints"][3], run_name="resumed")
+    assert resumed["step"] == STEPS
+    before, after = history(cfg, result["mlflow_run_id"], "loss"), history(cfg, resumed["mlflow_run_id"], "loss")
+    assert sorted(after) == [4, 5, 6]  # steps 1-3 were restored, not redone
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(before[step], rel=1e-5, abs=1e-7), (step, before, after)
+
+
+def test_lora_trains_only_the_adapter(trained):
+    from anisora_ray.gapo.trainer import train_gapo
+    from anisora_ray.weights.lora import CONFIG_NAME, WEIGHTS_NAME
+    from anisora_ray.weights.state import read_safetensors
+
+    cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2")
+    result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
+    assert result["kind"] == "lora"
+    assert sorted(os.listdir(result["weights_uri"])) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    tensors = dict(read_safetensors(result["weights_uri"]))
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)  # B starts at zero: it moved
+    losses = history(cfg, result["mlflow_run_id"], "loss")
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
+    assert (losses[3] + losses[4]) < (losses[1] + losses[2]), losses
+    trained["adapter_uri"] = result["weights_uri"]
+
+
+def test_refresh_reaches_both_replicas_and_changes_their_videos(trained):
+    from anisora_ray.errors import WeightsError
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.generation.seeding import build_requests
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.weights.refresh import publish
+
+    cfg = trained["make"]("generator.replicas=2", "generator.candidates_per_prompt=1")
+    replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    try:
+        requests = build_requests(read_manifest(trained["manifest"])[:1], cfg)
+        out = str(trained["root"] / "videos")
+
+        def videos(tag):  # the same request on each replica, one after the other
+            return [r.generate.remote(requests, f"{out}/{tag}{i}") for i, r in enumerate(replicas.actors)]
+
+        import ray
+
+        before = [c[0][0] for c in ray.get(videos("v0-"))]
+        version, reports = replicas.refresh_from(trained["result"]["weights_uri"], bucket_mb=0.05)
+        assert version.version == 1 and version.kind == "full" and replicas.weights_versions() == [1, 1]
+        assert {r["loaded"] for r in reports} == {reports[0]["loaded"]} and reports[0]["received"] == version.checksum
+        after = [c[0][0] for c in ray.get(videos("v1-"))]
+        assert all(a.weights_version == 1 for a in after)
+        assert before[0].frames_sha256 == before[1].frames_sha256  # same weights, same seed
+        assert after[0].frames_sha256 == after[1].frames_sha256
+        assert after[0].frames_sha256 != before[0].frames_sha256  # the trained weights generate differently
+
+        if "adapter_uri" in trained:  # LoRA: only the adapter moves
+            lora_version, _ = replicas.refresh_from(trained["adapter_uri"])
+            assert lora_version.kind == "lora" and replicas.weights_versions() == [2, 2]
+            assert lora_version.num_bytes * 20 < version.num_bytes
+            with_adapter = [c[0][0] for c in ray.get(videos("v2-"))]
+            assert with_adapter[0].frames_sha256 == with_adapter[1].frames_sha256 != before[0].frames_sha256
+            replicas.refresh_from(trained["result"]["weights_uri"])  # full weights again: the adapter is off
+            again = [c[0][0] for c in ray.get(videos("v3-"))]
+            assert again[0].frames_sha256 == again[1].frames_sha256 == after[0].frames_sha256
+
+        stale = publish(trained["result"]["weights_uri"], version=max(replicas.weights_versions()))
+        with pytest.raises(WeightsError, match="failed on 2 of 2 replica"):
+            replicas.refresh(stale)
+        current = replicas.weights_versions()
+        corrupt = publish(trained["result"]["weights_uri"], version=current[0] + 1)
+        object.__setattr__(corrupt.meta.version, "checksum", "0" * 64)
+        with pytest.raises(WeightsError, match="received checksum"):
+            replicas.refresh(corrupt)
+        assert replicas.weights_versions() == current  # nobody claims the version it could not verify
+    finally:
+        replicas.shutdown()
+
+
+def test_a_missing_deepspeed_config_is_named(make_config):
     from anisora_ray.errors import ConfigError
     from anisora_ray.gapo.trainer import deepspeed_config
 
     cfg = make_config("gapo.deepspeed_config=configs/deepspeed/zero9.json", "gapo.pairs_per_step=2")
     with pytest.raises(ConfigError, match="gapo.deepspeed_config = 'configs/deepspeed/zero9.json'"):
         deepspeed_config(cfg, REPO)
-    ds = deepspeed_config(make_config("gapo.pairs_per_step=2"), REPO)
+    ds = deepspeed_config(make_config("gapo.pairs_per_step=2", "gapo.learning_rate=0.5"), REPO)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["torch_adam"] is True  # no op compile
+    assert ds["optimizer"]["params"]["lr"] == 0.5 and ds["scheduler"]["params"]["warmup_max_lr"] == 0.5

@@ -163,7 +163,9 @@ def train_loop_per_worker(config: dict) -> None:
     weights_only_checkpoint_engine(engine)
     lora = g.lora if g.lora.r > 0 else None
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # Ray Train's own restore after a worker failure
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start = load_training_state(engine, folder, lora is not None)
@@ -227,7 +229,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
-                               "deepspeed": ds_config, "init_uri": init_uri,
+                               "deepspeed": ds_config, "init_uri": init_uri, "resume_from": resume_from,
                                "cache_uri": fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
             scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu,
@@ -237,7 +239,6 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
             run_config=ray.train.RunConfig(name=f"{run_name}-{os.getpid()}-{int(time.time())}",
                                            storage_path=fs.join(output, "ray-train"),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
-            resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
         )
         result = trainer.fit()
         if result.error is not None or result.checkpoint is None:

@@ -21,6 +21,11 @@ class UpdateMeta:
     lora: dict | None = None
 
 
+def base_targets(transformer) -> dict:
+    """The transformer's own tensors under their plain names, also when peft wraps layers for an adapter."""
+    return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k}
+
+
 def load_update(transformer, meta: UpdateMeta, buckets: Iterable[Bucket], current_version: int) -> dict:
     """Replica side: copy the buckets into ``transformer`` and verify; returns the load report."""
     record = meta.version
@@ -29,10 +34,13 @@ def load_update(transformer, meta: UpdateMeta, buckets: Iterable[Bucket], curren
     start = time.perf_counter()
     if record.kind == "lora":
         lora_io.add_adapter(transformer, LoraConfig.model_validate(meta.lora))
+        transformer.enable_adapters()
         targets = lora_io.adapter_targets(transformer)
     else:
-        targets = transformer.state_dict()
+        targets = base_targets(transformer)
     report = copy_into(targets, bucket_tensors(buckets), require_all=True)
+    if record.kind == "full" and lora_io.has_adapter(transformer):
+        transformer.disable_adapters()  # the full weights replace base + adapter
     if report["received"] != record.checksum:
         raise WeightsError(f"weights version {record.version}: received checksum {report['received'][:12]} != "
                            f"published {record.checksum[:12]} (transfer corrupted or wrong update)")
@@ -48,4 +56,4 @@ def load_folder(transformer, uri: str) -> dict:
         lora_io.add_adapter(transformer, lora_io.read_lora_config(uri))
         tensors = read_safetensors(uri, strip_prefix=lora_io.PREFIX)
         return copy_into(lora_io.adapter_targets(transformer), tensors, require_all=True)
-    return copy_into(transformer.state_dict(), read_safetensors(uri), require_all=True)
+    return copy_into(base_targets(transformer), read_safetensors(uri), require_all=True)
