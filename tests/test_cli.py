@@ -75,3 +75,22 @@ def test_pairs_command_writes_and_resumes(ray_cluster, tmp_path, model_cache, ca
     assert len(read_pairs(str(out))) == 2
     assert main(args) == 0
     assert "0 pairs written (2 prompts already done" in capsys.readouterr().out
+    # ... and `train` fits GAPO on those pairs, logs to MLflow and refreshes the generator replicas
+    weights = tmp_path / "weights"
+    assert main(["train", "--config", LOCAL_CONFIG, *SMALL, "--set", f"run.output_dir={tmp_path / 'run'}",
+                 "--set", f"model.cache_dir={model_cache}", "--set", "gapo.steps=2", "--set", "generator.replicas=2",
+                 "--pairs", str(out), "--out", str(weights)]) == 0
+    printed = capsys.readouterr().out
+    assert "step 2: loss" in printed and "refreshed 2 replica(s) to weights version 1 (full" in printed
+    version = json.loads(fs.read_bytes(str(weights / "weights_version.json")))
+    assert version["version"] == 1 and version["kind"] == "full" and len(version["checksum"]) == 64
+    import mlflow
+
+    from anisora_ray.config import load_config
+    from anisora_ray.tracking import tracking_uri
+
+    cfg = load_config(LOCAL_CONFIG, [f"run.output_dir={tmp_path / 'run'}"])
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert any(r.data.tags.get("anisora.stage") == "gapo" and len(client.get_metric_history(r.info.run_id, "loss")) == 2
+               for r in runs)

@@ -52,7 +52,7 @@ def test_copy_into_verifies_and_names_the_culprit():
     model = torch.nn.Linear(4, 3)
     new = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
     report = copy_into(model.state_dict(), sorted(new.items()), require_all=True)
-    assert torch.all(model.weight == 0.5) and report["loaded"] == report["expected_loaded"] == report["received"]
+    assert torch.all(model.weight == 0.5) and report["loaded"] == report["received"]
     with pytest.raises(WeightsError, match="'extra'"):
         copy_into(model.state_dict(), [("extra", torch.zeros(1))], require_all=False)
     with pytest.raises(WeightsError, match=r"'weight': update shape \(4, 3\) != model \(3, 4\)"):
@@ -83,7 +83,8 @@ def test_bf16_replica_verifies_a_float32_update():
     model = torch.nn.Linear(4, 3).to(torch.bfloat16)
     tensors = sorted((k, torch.randn(v.shape)) for k, v in model.state_dict().items())
     report = load_update(model, _meta(1, tensors), pack_buckets(tensors, 1 << 20), current_version=0)
-    assert report["loaded"] == report["expected_loaded"] and model.weight.dtype == torch.bfloat16
+    assert model.weight.dtype == torch.bfloat16 and torch.equal(model.weight, dict(tensors)["weight"].bfloat16())
+    assert report["loaded"] == tensors_checksum((n, t.bfloat16()) for n, t in tensors) != report["received"]
 
 
 @pytest.fixture
@@ -118,3 +119,23 @@ def test_lora_adapter_save_publish_format_and_load(load_transformer, tmp_path):
     assert report["num_tensors"] == len(state)
     for name, tensor in lora_io.adapter_state(fresh).items():
         assert torch.equal(tensor, state[name])
+
+
+def test_publish_refuses_non_finite_weights_and_counts_bytes(ray_cluster, tmp_path):
+    from safetensors.torch import save_file
+
+    from anisora_ray.weights.refresh import publish
+
+    good = {"a": torch.ones(1000), "b": torch.zeros(3, dtype=torch.int64)}
+    save_file(good, str(tmp_path / "model.safetensors"))
+    update = publish(str(tmp_path), version=1, bucket_mb=0.001)
+    assert update.meta.version.num_bytes == 4024 and update.meta.version.num_tensors == 2 and len(update.buckets) == 2
+    assert update.meta.version.checksum == tensors_checksum(sorted(good.items()))
+    save_file({**good, "a": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match="'a' has non-finite values"):
+        publish(str(tmp_path), version=2)
+    with pytest.raises(WeightsError, match="nowhere does not exist"):
+        publish(str(tmp_path / "nowhere"), version=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no .safetensors file"):
+        publish(str(tmp_path / "empty"), version=2)

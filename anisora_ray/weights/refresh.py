@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
@@ -44,6 +45,8 @@ def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
     def counted():
         nonlocal count
         for name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise WeightsError(f"{uri}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
             checksum.update(name, tensor)
             count += 1
             yield name, tensor

@@ -54,14 +54,24 @@ def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
 
 
 class Checksum:
-    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+    """sha256 over the per-tensor sha256 of (name, dtype, shape, bytes), in the order given."""
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
 
-    def update(self, name: str, tensor: torch.Tensor) -> None:
-        self._h.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
-        self._h.update(memoryview(raw_bytes(tensor)))
+    @staticmethod
+    def of(name: str, tensor: torch.Tensor) -> bytes:
+        h = hashlib.sha256(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        h.update(memoryview(raw_bytes(tensor)))
+        return h.digest()
+
+    def add(self, digest: bytes) -> None:
+        self._h.update(digest)
+
+    def update(self, name: str, tensor: torch.Tensor) -> bytes:
+        digest = self.of(name, tensor)
+        self.add(digest)
+        return digest
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -140,15 +150,21 @@ def bucket_tensors(buckets: Iterable[Bucket]) -> Iterator[tuple[str, torch.Tenso
         yield from unpack_bucket(bucket)
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality on the tensors' device (NaN-safe, no host copy)."""
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def copy_into(targets: Mapping[str, torch.Tensor], tensors: Iterable[tuple[str, torch.Tensor]], *,
               require_all: bool) -> dict:
     """Copy named tensors into ``targets`` (views of a module's state) and verify what landed.
 
-    Returns the checksum of what was received, of it cast to the targets' dtypes, and of the
-    targets read back after the copy (the two last must match). Unknown names or shapes, or
-    (``require_all``) targets left without a tensor, raise :class:`WeightsError`.
+    Returns the checksum of what was received and of what was loaded (the received tensors in
+    the targets' dtypes; each target is compared bitwise with it after the copy, on its own
+    device). Unknown names or shapes, a copy that did not land, or (``require_all``) targets
+    left without a tensor raise :class:`WeightsError`.
     """
-    received, cast, order, nbytes = Checksum(), Checksum(), [], 0
+    received, loaded, order, nbytes = Checksum(), Checksum(), [], 0
     with torch.no_grad():
         for name, tensor in tensors:
             target = targets.get(name)
@@ -156,18 +172,19 @@ def copy_into(targets: Mapping[str, torch.Tensor], tensors: Iterable[tuple[str, 
                 raise WeightsError(f"update has tensor {name!r} that the model does not have")
             if tuple(target.shape) != tuple(tensor.shape):
                 raise WeightsError(f"tensor {name!r}: update shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-            received.update(name, tensor)
-            converted = tensor.to(device=target.device, dtype=target.dtype)
-            cast.update(name, converted)
-            target.copy_(converted)
+            digest = received.update(name, tensor)
+            cast = tensor.to(target.dtype)
+            loaded.add(digest if cast.dtype == tensor.dtype else Checksum.of(name, cast))
+            target.copy_(cast)
+            if not _same_bytes(target, cast.to(target.device)):
+                raise WeightsError(f"tensor {name!r} does not hold the received values after the copy")
             order.append(name)
             nbytes += tensor.numel() * tensor.element_size()
     missing = sorted(set(targets) - set(order))
     if require_all and missing:
         raise WeightsError(f"update misses {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
-    loaded = tensors_checksum((name, targets[name]) for name in order)
-    return {"received": received.hexdigest(), "expected_loaded": cast.hexdigest(), "loaded": loaded,
-            "num_bytes": nbytes, "num_tensors": len(order)}
+    return {"received": received.hexdigest(), "loaded": loaded.hexdigest(), "num_bytes": nbytes,
+            "num_tensors": len(order)}
 
 
 def write_json(uri: str, payload: dict) -> None:

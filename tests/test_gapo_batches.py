@@ -1,0 +1,70 @@
+"""Training batches: the data position is the step, and encodings are cached exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from anisora_ray.gapo.batches import PairEncoder, pair_rows, step_rows, worker_rows
+
+
+def _table(n: int) -> pa.Table:
+    return pa.table({
+        "prompt_id": [f"p{i:02d}" for i in range(n)][::-1], "prompt": ["a girl waves"] * n,
+        "image_uri": [f"i{i}" for i in range(n)], "winner_video_uri": [f"w{i}" for i in range(n)],
+        "loser_video_uri": [f"l{i}" for i in range(n)], "winner_reward": [0.9] * n, "loser_reward": [0.1] * n,
+    })
+
+
+def test_rows_are_canonical_split_by_rank_and_reshuffled_per_epoch():
+    table = _table(9)
+    rows = pair_rows(table)
+    assert rows == pair_rows(table.take(list(range(8, -1, -1))))  # order of the table does not matter
+    assert [r["prompt_id"] for r in rows] == sorted(r["prompt_id"] for r in rows)
+    shards = [worker_rows(rows, r, 2) for r in range(2)]
+    assert sorted(x["prompt_id"] for s in shards for x in s) == [r["prompt_id"] for r in rows]
+    mine = shards[0]  # 5 rows, 2 per step: 2 steps per epoch
+    epoch0 = [r["prompt_id"] for s in range(2) for r in step_rows(mine, s, 2, seed=3)]
+    assert len(set(epoch0)) == 4 and set(epoch0) <= {r["prompt_id"] for r in mine}
+    assert step_rows(mine, 7, 2, seed=3) == step_rows(mine, 7, 2, seed=3)  # a function of the step only
+    epochs = {tuple(r["prompt_id"] for s in range(2 * e, 2 * e + 2) for r in step_rows(mine, s, 2, seed=3)) for e in range(6)}
+    assert len(epochs) > 1
+
+
+def test_missing_columns_and_too_few_rows_are_named():
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['loser_reward'\]"):
+        pair_rows(_table(2).drop_columns(["loser_reward"]))
+    with pytest.raises(ValueError, match="1 pair"):
+        step_rows(pair_rows(_table(1)), 0, 2, seed=0)
+
+
+def test_cached_encodings_equal_fresh_ones(make_config, tmp_path):
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.io.video import write_video
+    from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
+
+    cfg = make_config()
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    pipe = load_i2v_pipeline(pretrained, device="cpu")
+    item = read_manifest(make_demo_set(str(tmp_path / "demo"), num_prompts=1, image_size=64, seed=0))[0]
+    rng = np.random.default_rng(0)
+    for name in ("w", "l"):
+        write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
+    row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": str(tmp_path / "w.mp4"),
+           "loser_video_uri": str(tmp_path / "l.mp4"), "winner_reward": 0.8, "loser_reward": 0.2}
+    fresh = PairEncoder(pipe, pretrained, 32, 32).batch([row])
+    cached = PairEncoder(pipe, pretrained, 32, 32, str(tmp_path / "cache"))
+    first, second = cached.batch([row]), cached.batch([row])
+    assert (cached.misses, cached.hits) == (4, 4)  # two videos, an image and a prompt: encoded once
+    for a, b, c in zip(
+        (fresh.winner, fresh.loser, fresh.image, fresh.prompt_embeds),
+        (first.winner, first.loser, first.image, first.prompt_embeds),
+        (second.winner, second.loser, second.image, second.prompt_embeds), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(fresh.winner, fresh.loser)
+    other = PairEncoder(pipe, "another-model", 32, 32, str(tmp_path / "cache"))
+    other.batch([row])
+    assert other.hits == 0  # the key includes the encoder's identity
