@@ -89,6 +89,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from anisora_ray.config import load_config
+    from anisora_ray.loop.align import run_alignment
+    from anisora_ray.tracking import tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.quiet:
+        logging.getLogger("anisora_ray.loop").setLevel(logging.INFO)  # one line per phase and round
+    result = run_alignment(cfg, resume=args.resume, progress=not args.quiet)
+    print("round  held-out reward  gain vs round 0 [95% CI]      p      weights")
+    for row in result.rows:
+        gain = (f"{row['mean_diff']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]  {row['p_value']:.3f}"
+                if "mean_diff" in row else f"{'':>34}")
+        print(f"{row['round']:>5}  {row['heldout_reward']:>15.4f}  {gain}  v{row['weights_version']}")
+    print(f"reward curve: {result.curve_uri}\nstate: {result.state_uri}\n"
+          f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {result.parent_run_id})")
+    return 0
+
+
 def _make_demo(args: argparse.Namespace) -> int:
     from anisora_ray.data.demo import make_demo_set
 
@@ -182,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint URI of an interrupted run to resume (same config)")
     p.add_argument("--no-refresh", action="store_true", help="do not load the result into generator replicas")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("align", help="the main job: rounds of generate, score, pair, GAPO train, refresh, held-out eval")
+    _with_config(p)
+    p.add_argument("--resume", action="store_true", help="continue the job in run.output_dir from its last finished phase")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_align)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")
     p.add_argument("--out", required=True)

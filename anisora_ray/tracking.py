@@ -54,11 +54,18 @@ def params_of(cfg: AnisoraConfig) -> dict[str, str]:
 
 @contextlib.contextmanager
 def mlflow_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None = None,
-               tags: Mapping[str, str] | None = None, log_config: bool = True) -> Iterator[Any]:
-    """Start (or nest under ``parent_run_id``) an MLflow run; the whole config is logged as params."""
+               tags: Mapping[str, str] | None = None, log_config: bool = True, run_id: str | None = None) -> Iterator[Any]:
+    """Start (or nest under ``parent_run_id``) an MLflow run; the whole config is logged as params.
+
+    ``run_id``: continue that run (a resumed job keeps its runs); its params are not logged again.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if run_id:
+        with mlflow.start_run(run_id=run_id, nested=bool(parent_run_id)) as run:
+            yield run
+        return
     experiment_id = _experiment_id(cfg)
     all_tags = dict(tags or {})
     if parent_run_id:

@@ -12,8 +12,8 @@ LAYERS = {
     "io": 3, "models": 3, "runtime": 3, "tracking": 3,
     "data": 4, "weights": 4,
     "generation": 5, "reward": 5, "gapo": 5,
-    "pairs": 6,
-    "eval": 7, "loop": 7,
+    "pairs": 6, "eval": 6,
+    "loop": 7,
     "cli": 8,
 }
 RAY_FREE = {"types", "config", "errors", "io", "models", "data"}

@@ -117,9 +117,9 @@ def make_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, se
     return write_manifest(items, fs.join(out_dir, "prompts.parquet"))
 
 
-def ensure_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, seed: int = 0) -> str:
+def ensure_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, seed: int = 0, prefix: str = "demo") -> str:
     """The demo manifest under ``out_dir``, drawn on first use and reused afterwards."""
     manifest = fs.join(fs.normalize(out_dir), "prompts.parquet")
     if fs.exists(manifest):
         return manifest
-    return make_demo_set(out_dir, num_prompts=num_prompts, image_size=image_size, seed=seed)
+    return make_demo_set(out_dir, num_prompts=num_prompts, image_size=image_size, seed=seed, prefix=prefix)

@@ -87,9 +87,9 @@ class GeneratorReplicas:
             raise WeightsError(f"replica(s) {lagging} did not reach weights version {update.version}")
         return reports
 
-    def refresh_from(self, uri: str, bucket_mb: float = 256.0) -> tuple[WeightsVersion, list[dict]]:
-        """Publish the trained folder ``uri`` as the next weights version and load it on every replica."""
-        update = publish(uri, max(self.weights_versions()) + 1, bucket_mb)
+    def refresh_from(self, uri: str, bucket_mb: float = 256.0, version: int | None = None) -> tuple[WeightsVersion, list[dict]]:
+        """Publish the trained folder ``uri`` as weights ``version`` (default: the next one) and load it on every replica."""
+        update = publish(uri, version if version is not None else max(self.weights_versions()) + 1, bucket_mb)
         try:
             return update.meta.version, self.refresh(update)
         finally:

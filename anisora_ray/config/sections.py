@@ -1,19 +1,9 @@
-"""One typed config tree, loaded from ``configs/*.yaml`` with dotted overrides.
-
-    cfg = load_config("configs/local.yaml", ["generator.replicas=2"])
-
-Every section forbids unknown keys; a validation error names the dotted key, the value given
-and what was expected, e.g. ``generator.replicas = 'two': expected a valid integer``.
-"""
+"""The config sections: one pydantic model per component, unknown keys forbidden."""
 
 from __future__ import annotations
 
-import difflib
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anisora_ray.errors import ConfigError
@@ -251,6 +241,25 @@ class GapoConfig(Section):
     seed: int = 0
 
 
+class EvalConfig(Section):
+    """Held-out evaluation of each round's generator: prompts and images never used in training."""
+
+    prompts: str = "demo"  # manifest URL; "demo": a demo set drawn with seed run.seed + seed_offset
+    demo_prompts: int = Field(default=8, ge=2)
+    seed_offset: int = Field(default=1000, ge=1)
+    candidates_per_prompt: int = Field(default=2, ge=1)  # the same seeds every round (paired comparison)
+    bootstrap_samples: int = Field(default=2000, ge=100)  # paired bootstrap over held-out prompts
+    sample_videos: int = Field(default=2, ge=0)  # side-by-side winner | loser videos logged per round
+
+
+class LoopConfig(Section):
+    """``anisora-ray align``: rounds of generate → score → pair → train → refresh → evaluate."""
+
+    rounds: int = Field(default=3, ge=1)
+    placement: Literal["separate", "shared"] = "separate"  # shared: stop generator + reward actors while training
+    registered_model: str | None = "anisora-generator"  # MLflow model name of each round's weights (None: skip)
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = None  # None: sqlite store in the output dir; MLFLOW_TRACKING_URI wins
     experiment: str = "anisora-ray"
@@ -268,6 +277,8 @@ class AnisoraConfig(Section):
     reward: RewardConfig = RewardConfig()
     pairs: PairsConfig = PairsConfig()
     gapo: GapoConfig = GapoConfig()
+    eval: EvalConfig = EvalConfig()
+    loop: LoopConfig = LoopConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -298,96 +309,3 @@ class AnisoraConfig(Section):
 
         walk("", self.model_dump())
         return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as a YAML scalar or flow collection."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. generator.replicas=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({exc})") from exc
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw config dict (in place) and return it."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
-            node = child
-        node[path[-1]] = value
-    return raw
-
-
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "<root>"
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, [str(p) for p in error["loc"][:-1]])
-        hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
-        suggestion = f" (did you mean {'.'.join([*map(str, error['loc'][:-1]), hint[0]])!r}?)" if hint else ""
-        return f"{key} = {value!r}: unknown key; expected one of {sorted(allowed)}{suggestion}"
-    msg = error["msg"].removeprefix("Value error, ")
-    if not error["loc"]:  # a check across sections names its keys in the message itself
-        return msg
-    return f"{key} = {value!r}: {msg}"
-
-
-def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
-    for part in path:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
-    """Validate a raw dict, laid over the defaults, into the config tree; errors name each bad key.
-
-    Laying it over the defaults keeps per-entry defaults (e.g. each reward dimension's range)
-    when a file or an override sets only part of a section.
-    """
-    try:
-        return AnisoraConfig.model_validate(_merge(AnisoraConfig().model_dump(), raw))
-    except ValidationError as exc:
-        lines = [_describe(e, AnisoraConfig) for e in exc.errors()]
-        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> AnisoraConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source!r} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {source!r}: expected a mapping at the top, got {type(loaded).__name__}")
-        raw = loaded or {}
-    apply_overrides(raw, list(overrides or []))
-    return build_config(raw, source)

@@ -1,0 +1,1 @@
+"""The main job: iterative alignment rounds (generate → score → pair → train → refresh → evaluate)."""

@@ -1,0 +1,193 @@
+"""``anisora-ray align``: R rounds of generate → score → pair → GAPO train → refresh → held-out eval.
+
+One controller drives persistent worker groups: the generator replicas and the six reward actors
+live for the whole job (``loop.placement: separate``), or are stopped while the trainer holds the
+GPUs and started again afterwards (``shared``). Round *r* generates with the weights of round
+*r − 1* (on-policy) and trains from them. After every phase the state (phase, pairs, weights,
+checkpoint, weights version, metrics, MLflow run ids) is written to
+``<run.output_dir>/align/state.json``; ``resume=True`` continues from the last finished phase,
+and an interrupted pairs phase resumes prompt by prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import ConfigError
+from anisora_ray.eval.heldout import EvalResult, evaluate, heldout_items
+from anisora_ray.eval.stats import paired_bootstrap
+from anisora_ray.gapo.trainer import train_gapo
+from anisora_ray.generation.replicas import GeneratorReplicas
+from anisora_ray.generation.stage import resolve_prompts
+from anisora_ray.io import fs
+from anisora_ray.loop.report import plot_reward_curve, register_weights, side_by_side
+from anisora_ray.loop.state import AlignState, RoundState
+from anisora_ray.models.pipeline import resolve_pretrained
+from anisora_ray.pairs.stage import run_pairs
+from anisora_ray.pairs.writer import pairs_table, read_pairs
+from anisora_ray.reward.actors import RewardActors
+from anisora_ray.runtime import init_ray
+from anisora_ray.tracking import log_metrics, mlflow_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    state_uri: str
+    curve_uri: str
+    rows: list[dict]  # one per round (0 = untrained): held-out metrics and the gain's bootstrap
+    parent_run_id: str
+
+
+class Workers:
+    """The generator replicas and reward actors the controller drives (stopped and restarted in shared placement)."""
+
+    def __init__(self, cfg: AnisoraConfig):
+        self.cfg = cfg
+        self.replicas: GeneratorReplicas | None = None
+        self.rewards: RewardActors | None = None
+
+    def start(self, weights: RoundState | None) -> None:
+        if self.replicas is None:
+            self.replicas = GeneratorReplicas(self.cfg, resolve_pretrained(self.cfg.model, self.cfg.generator))
+            if weights is not None:  # a restarted group must generate with the latest weights, never the base
+                self.replicas.refresh_from(weights.weights_uri, self.cfg.gapo.refresh_bucket_mb, weights.weights_version)
+        if self.rewards is None:
+            self.rewards = RewardActors(self.cfg.reward)
+
+    def stop(self) -> None:
+        if self.replicas is not None:
+            self.replicas.shutdown()
+        if self.rewards is not None:
+            self.rewards.shutdown()
+        self.replicas = self.rewards = None
+
+
+def _eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int) -> dict:
+    row = {"round": index, **result.metrics(), "weights_version": result.weights_version}
+    if baseline is not None:
+        row.update(paired_bootstrap(baseline, result.per_prompt, samples=samples, seed=seed).to_dict())
+    return row
+
+
+def _log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
+    import mlflow
+
+    for pair in read_pairs(pairs_uri)[: cfg.eval.sample_videos]:
+        uri = side_by_side(pair, fs.join(out, f"{pair.prompt_id}-winner-vs-loser.mp4"), cfg.generator.fps)
+        if not fs.is_url(uri):
+            mlflow.log_artifact(uri, artifact_path="pairs")
+
+
+def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = True, root: str | None = None) -> AlignResult:
+    """Run (or with ``resume`` continue) the alignment job; returns the per-round held-out table."""
+    import mlflow
+
+    root = root or os.getcwd()
+    out = fs.join(fs.normalize(cfg.run.output_dir), "align")
+    state_uri = fs.join(out, "state.json")
+    if fs.exists(state_uri) and not resume:
+        raise ConfigError(f"{state_uri} exists: pass --resume to continue that job, or set run.output_dir elsewhere")
+    state = AlignState.load(state_uri) if resume and fs.exists(state_uri) else AlignState()
+    init_ray(cfg.ray)
+    train_manifest = resolve_prompts(cfg)
+    heldout = heldout_items(cfg, train_manifest)
+    workers = Workers(cfg)
+    rounds = cfg.loop.rounds
+    with mlflow_run(cfg, cfg.run.name, tags={"anisora.stage": "align"}, run_id=state.parent_run_id or None) as parent:
+        state.parent_run_id = parent.info.run_id
+        state.save(state_uri)
+        try:
+            workers.start(state.latest_weights())
+            if not state.baseline:
+                log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
+                base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress)
+                state.baseline = {"per_prompt": base.per_prompt, "row": _eval_row(0, base, None, 0, 0)}
+                log_metrics(state.baseline["row"], step=0)
+                state.save(state_uri)
+            for index in range(1, rounds + 1):
+                _run_round(cfg, state, state.round(index), workers, heldout, train_manifest, out, root, progress,
+                           parent.info.run_id, state_uri)
+            rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
+                                             if r.index <= rounds)]
+            curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
+            if not fs.is_url(curve):
+                mlflow.log_artifact(curve)
+            final = rows[-1]
+            log_metrics({f"final_{k}": v for k, v in final.items() if k in ("mean_diff", "p_value", "ci_low", "ci_high")})
+        finally:
+            workers.stop()
+    return AlignResult(state_uri, curve, rows, state.parent_run_id)
+
+
+def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: Workers, heldout, train_manifest: str,
+               out: str, root: str, progress: bool, parent_run_id: str, state_uri: str) -> None:
+    rounds = cfg.loop.rounds
+    base = fs.join(out, f"round-{rs.index}")
+    with mlflow_run(cfg, f"round-{rs.index}", parent_run_id=parent_run_id, tags={"anisora.stage": "round"},
+                    run_id=rs.mlflow_run_id or None) as run:
+        rs.mlflow_run_id = run.info.run_id
+        if not rs.reached("paired"):
+            workers.start(state.latest_weights())
+            log.info("round %d/%d: generate, score and pair (weights version %d)", rs.index, rounds,
+                     max(workers.replicas.weights_versions()))
+            began = time.perf_counter()
+            result = run_pairs(cfg, train_manifest, fs.join(base, "pairs"), workers.replicas, round_index=rs.index,
+                               progress=progress, reward_actors=workers.rewards if cfg.pairs.reward_stage == "actors" else None)
+            seconds = time.perf_counter() - began
+            pairs = read_pairs(result.out_uri)
+            rs.pairs_uri = result.out_uri
+            rs.metrics.update({
+                "pairs": float(len(pairs)), "candidates_per_second": result.candidates / max(seconds, 1e-9),
+                "train_winner_reward": sum(p.winner_reward for p in pairs) / max(1, len(pairs)),
+                "train_loser_reward": sum(p.loser_reward for p in pairs) / max(1, len(pairs)),
+                "train_reward_gap": sum(p.reward_gap for p in pairs) / max(1, len(pairs))})
+            log_metrics(rs.metrics, step=rs.index)
+            _log_samples(cfg, rs.pairs_uri, fs.join(base, "samples"))
+            rs.phase = "paired"
+            state.save(state_uri)
+        if not rs.reached("trained"):
+            log.info("round %d/%d: GAPO training (%d steps)", rs.index, rounds, cfg.gapo.steps)
+            if cfg.loop.placement == "shared":
+                workers.stop()  # the trainer takes the GPUs
+            previous = state.latest_weights()
+            m = train_gapo(cfg, pairs_table(rs.pairs_uri), fs.join(base, "weights"), root=root,
+                           init_uri=previous.weights_uri if previous else None, run_name=f"gapo-round-{rs.index}",
+                           parent_run_id=run.info.run_id)
+            rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
+            rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
+            log_metrics(rs.metrics, step=rs.index)
+            rs.phase = "trained"
+            state.save(state_uri)
+        if not rs.reached("refreshed"):
+            workers.start(state.latest_weights())
+            version, reports = workers.replicas.refresh_from(rs.weights_uri, cfg.gapo.refresh_bucket_mb, rs.index)
+            rs.weights_version = version.version
+            rs.metrics.update({"refresh_seconds": max(r["seconds"] for r in reports), "refresh_mb": version.num_bytes / 1e6})
+            if cfg.loop.registered_model:
+                rs.metrics["model_version"] = float(register_weights(cfg.loop.registered_model, rs.weights_uri,
+                                                                     run.info.run_id, rs.index, version.version))
+            log.info("round %d/%d: %d replica(s) at weights version %d", rs.index, rounds, len(reports), version.version)
+            rs.phase = "refreshed"
+            state.save(state_uri)
+        if not rs.reached("evaluated"):
+            log.info("round %d/%d: held-out evaluation", rs.index, rounds)
+            workers.start(state.latest_weights())
+            result = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), progress)
+            row = _eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
+            rs.metrics.update(row)
+            log_metrics(rs.metrics, step=rs.index)
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)}, step=rs.index,
+                               run_id=parent_run_id)
+            log.info("round %d/%d: held-out reward %.4f (round 0: %.4f; gain %+.4f, 95%% CI [%+.4f, %+.4f], p=%.3f)",
+                     rs.index, rounds, row["heldout_reward"], state.baseline["row"]["heldout_reward"], row["mean_diff"],
+                     row["ci_low"], row["ci_high"], row["p_value"])
+            rs.phase = "evaluated"
+            state.save(state_uri)

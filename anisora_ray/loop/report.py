@@ -1,0 +1,79 @@
+"""What people look at: reward curves, winner | loser videos side by side, registered model versions."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from anisora_ray.io import fs
+from anisora_ray.io.video import read_all_frames, write_video
+from anisora_ray.types import PreferencePair
+
+
+def side_by_side(pair: PreferencePair, uri: str, fps: int) -> str:
+    """One mp4: the winner on the left, the loser on the right, a white bar between."""
+    winner, loser = read_all_frames(pair.winner_video_uri), read_all_frames(pair.loser_video_uri)
+    frames = min(len(winner), len(loser))
+    bar = np.full((frames, winner.shape[1], max(2, winner.shape[2] // 32), 3), 255, np.uint8)
+    write_video(np.concatenate([winner[:frames], bar, loser[:frames]], axis=2), uri, fps=fps)
+    return uri
+
+
+def plot_reward_curve(rows: list[dict], png_uri: str, title: str) -> str:
+    """Held-out mean reward per round (with the bootstrap CI of the gain over round 0) and per dimension.
+
+    ``rows``: one dict per round: ``round``, ``heldout_reward``, optional ``ci_low``/``ci_high``
+    (of the gain) and ``heldout_<dimension>`` entries.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (ax, ax_dims) = plt.subplots(1, 2, figsize=(11, 4))
+    total = [r["heldout_reward"] for r in rows]
+    ax.plot(rounds, total, "o-", color="C0", label="held-out mean reward")
+    base = total[0]
+    low = [base + r["ci_low"] if "ci_low" in r else np.nan for r in rows]
+    high = [base + r["ci_high"] if "ci_high" in r else np.nan for r in rows]
+    ax.fill_between(rounds, low, high, color="C0", alpha=0.2, label="round 0 + 95% CI of the gain")
+    ax.set_xlabel("round")
+    ax.set_ylabel("reward")
+    ax.set_xticks(rounds)
+    ax.legend()
+    ax.set_title(title)
+    dims = sorted(k.removeprefix("heldout_") for k in rows[0] if k.startswith("heldout_") and k not in
+                  ("heldout_reward", "heldout_quarantined"))
+    for i, name in enumerate(dims):
+        ax_dims.plot(rounds, [r.get(f"heldout_{name}", np.nan) for r in rows], "o-", color=f"C{i}", label=name)
+    ax_dims.set_xlabel("round")
+    ax_dims.set_ylabel("normalized score")
+    ax_dims.set_xticks(rounds)
+    ax_dims.legend(fontsize=7)
+    ax_dims.set_title("held-out score per dimension")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "curve.png")
+        fig.savefig(local, dpi=110)
+        plt.close(fig)
+        with open(local, "rb") as f:
+            fs.write_bytes(png_uri, f.read())
+    return png_uri
+
+
+def register_weights(name: str, weights_uri: str, run_id: str, round_index: int, weights_version: int) -> str:
+    """A model version pointing at the round's weights folder (registered in place: nothing is copied)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, description="anisora-ray generator weights, one version per round")
+    except MlflowException:
+        pass  # exists
+    version = client.create_model_version(name, source=fs.normalize(weights_uri), run_id=run_id,
+                                          tags={"round": str(round_index), "weights_version": str(weights_version)})
+    return version.version

@@ -1,0 +1,53 @@
+"""The alignment job's state, persisted after every phase so ``--resume`` redoes no finished work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from anisora_ray.io import fs
+
+PHASES = ("started", "paired", "trained", "refreshed", "evaluated")  # a round is done when evaluated
+
+
+@dataclass
+class RoundState:
+    index: int
+    phase: str = "started"
+    pairs_uri: str = ""
+    weights_uri: str = ""
+    checkpoint_uri: str = ""
+    weights_version: int = 0
+    mlflow_run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def reached(self, phase: str) -> bool:
+        return PHASES.index(self.phase) >= PHASES.index(phase)
+
+
+@dataclass
+class AlignState:
+    parent_run_id: str = ""
+    baseline: dict = field(default_factory=dict)  # held-out result of the untrained generator (round 0)
+    rounds: list[RoundState] = field(default_factory=list)
+
+    def round(self, index: int) -> RoundState:
+        for r in self.rounds:
+            if r.index == index:
+                return r
+        self.rounds.append(RoundState(index))
+        return self.rounds[-1]
+
+    def latest_weights(self) -> RoundState | None:
+        """The last round whose weights reached the replicas (what a resumed job must load)."""
+        done = [r for r in self.rounds if r.reached("refreshed")]
+        return max(done, key=lambda r: r.index) if done else None
+
+    def save(self, uri: str) -> None:
+        fs.write_bytes(uri, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, uri: str) -> AlignState:
+        raw = json.loads(fs.read_bytes(uri))
+        return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"],
+                   rounds=[RoundState(**r) for r in raw["rounds"]])
