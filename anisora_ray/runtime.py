@@ -13,11 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Start or join Ray once; a driver that already connected (a test, ``ray job submit``) is kept."""
+    """Start or join Ray once; a driver that already connected (a test) is kept.
+
+    ``ray.address``, else ``RAY_ADDRESS`` (what a ``ray job submit`` driver gets), is joined; with
+    neither, a local Ray bound to loopback is started.
+    """
     if ray.is_initialized():
         return
-    if cfg.address:
-        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=cfg.log_to_driver)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for drivers started by `ray job submit`
+    if address:
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=cfg.log_to_driver)
         return
     ray.init(
         address="local",  # a new local instance, even when another Ray runs on this machine

@@ -34,7 +34,10 @@ from anisora_ray.weights.update import load_folder
 
 def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
     path = cfg.gapo.deepspeed_config
-    path = path if os.path.isabs(path) else os.path.join(root, path)
+    if not os.path.isabs(path):  # relative to the working dir, else to the checkout the package runs from
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = next((os.path.join(r, path) for r in (root, package_root) if os.path.isfile(os.path.join(r, path))),
+                    os.path.join(root, path))
     try:
         with open(path) as f:
             ds = json.load(f)

@@ -1,0 +1,69 @@
+"""The cluster files parse, cover what configs/cogvideox5b_i2v.yaml asks for, and start a real entrypoint."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import yaml
+
+from anisora_ray.config import load_config
+from anisora_ray.loop.placement import resource_demand
+from tests.conftest import REPO
+
+REAL = os.path.join(REPO, "configs", "cogvideox5b_i2v.yaml")
+
+
+def _load(*parts):
+    with open(os.path.join(REPO, "cluster", *parts)) as f:
+        return yaml.safe_load(f)
+
+
+def test_demand_depends_on_the_placement_mode():
+    shared = resource_demand(load_config(REAL))
+    assert shared["generator"]["GPU"] == 4 and shared["reward"]["GPU"] == 6 and shared["trainer"]["GPU"] == 8
+    assert shared["peak"]["GPU"] == 10
+    assert resource_demand(load_config(REAL, ["loop.placement=separate"]))["peak"]["GPU"] == 18
+    local = resource_demand(load_config(os.path.join(REPO, "configs", "local.yaml")))
+    assert local["peak"]["GPU"] == 0 and local["peak"]["CPU"] > 0
+
+
+def test_launcher_yaml_covers_the_real_config():
+    launcher = _load("aws-gpu.yaml")
+    peak = resource_demand(load_config(REAL))["peak"]
+    workers = [t for name, t in launcher["available_node_types"].items() if name != launcher["head_node_type"]]
+    gpus = sum(t["resources"].get("GPU", 0) * t["min_workers"] for t in workers)
+    cpus = sum(t["resources"].get("CPU", 0) * t["min_workers"] for t in workers)
+    assert gpus >= peak["GPU"] and cpus >= peak["CPU"], (gpus, cpus, peak)
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head  # forwarded with `ray dashboard`, never exposed
+
+
+def test_kuberay_cluster_covers_the_real_config_and_the_job_targets_it():
+    cluster, job = _load("kuberay", "raycluster.yaml"), _load("kuberay", "rayjob.yaml")
+    assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
+    peak = resource_demand(load_config(REAL))["peak"]
+    gpus = 0
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(group["rayStartParams"]["num-gpus"]) == limits["nvidia.com/gpu"]
+        assert group["minReplicas"] == group["replicas"]
+        gpus += group["minReplicas"] * limits["nvidia.com/gpu"]
+    assert gpus >= peak["GPU"], (gpus, peak)
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    script, config = argv[1], argv[argv.index("--config") + 1]
+    for path in (script, config):  # the image carries the repository under /app
+        assert path.startswith("/app/") and os.path.isfile(os.path.join(REPO, path.removeprefix("/app/"))), path
+    load_config(os.path.join(REPO, config.removeprefix("/app/")))
+
+
+def test_dockerfile_and_runtime_env_ship_what_the_entrypoints_need():
+    with open(os.path.join(REPO, "cluster", "Dockerfile")) as f:
+        docker = f.read()
+    for folder in ("anisora_ray", "configs", "jobs"):
+        assert f"COPY {folder} ./{folder}" in docker
+    env = yaml.safe_load(open(os.path.join(REPO, "jobs", "runtime_env.yaml")))
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
