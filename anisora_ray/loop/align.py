@@ -52,13 +52,24 @@ class Workers:
         self.replicas: GeneratorReplicas | None = None
         self.rewards: RewardActors | None = None
 
-    def start(self, weights: RoundState | None) -> None:
+    def start(self, weights: RoundState | None, rewards: bool = False) -> None:
+        """Start what is not running; reward actors when asked, or always with ``pairs.reward_stage: actors``
+        (with ``pipeline`` the pairs phase brings its own reward pools: holding both would double the ask)."""
         if self.replicas is None:
             self.replicas = GeneratorReplicas(self.cfg, resolve_pretrained(self.cfg.model, self.cfg.generator))
             if weights is not None:  # a restarted group must generate with the latest weights, never the base
                 self.replicas.refresh_from(weights.weights_uri, self.cfg.gapo.refresh_bucket_mb, weights.weights_version)
-        if self.rewards is None:
+        if self.rewards is None and (rewards or self.persistent_rewards):
             self.rewards = RewardActors(self.cfg.reward)
+
+    @property
+    def persistent_rewards(self) -> bool:
+        return self.cfg.pairs.reward_stage == "actors"
+
+    def release_rewards(self) -> None:
+        if self.rewards is not None and not self.persistent_rewards:
+            self.rewards.shutdown()
+            self.rewards = None
 
     def stop(self) -> None:
         if self.replicas is not None:
@@ -106,7 +117,9 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             workers.start(state.latest_weights())
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
+                workers.start(None, rewards=True)
                 base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress)
+                workers.release_rewards()
                 state.baseline = {"per_prompt": base.per_prompt, "row": _eval_row(0, base, None, 0, 0)}
                 log_metrics(state.baseline["row"], step=0)
                 state.save(state_uri)
@@ -138,7 +151,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                      max(workers.replicas.weights_versions()))
             began = time.perf_counter()
             result = run_pairs(cfg, train_manifest, fs.join(base, "pairs"), workers.replicas, round_index=rs.index,
-                               progress=progress, reward_actors=workers.rewards if cfg.pairs.reward_stage == "actors" else None)
+                               progress=progress, reward_actors=workers.rewards)
             seconds = time.perf_counter() - began
             pairs = read_pairs(result.out_uri)
             rs.pairs_uri = result.out_uri
@@ -177,8 +190,9 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             state.save(state_uri)
         if not rs.reached("evaluated"):
             log.info("round %d/%d: held-out evaluation", rs.index, rounds)
-            workers.start(state.latest_weights())
+            workers.start(state.latest_weights(), rewards=True)
             result = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), progress)
+            workers.release_rewards()
             row = _eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
             rs.metrics.update(row)
             log_metrics(rs.metrics, step=rs.index)

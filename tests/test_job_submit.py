@@ -1,0 +1,95 @@
+"""`ray job submit` of the main job to a real local head node (bound to 127.0.0.1), as on a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, config_overrides
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(monkeypatch, tmp_path):
+    """``ray start --head --block`` on loopback with free ports; token auth off on head and client
+    (a test-only setting: real clusters keep it on). Stopped by signalling its process group."""
+    if not os.path.exists(RAY):
+        pytest.skip("no `ray` executable next to this Python")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=16", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline, client = time.time() + 120, None
+    while client is None:
+        try:
+            client = JobSubmissionClient(address)
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            if head.poll() is not None or time.time() > deadline:
+                os.killpg(head.pid, signal.SIGTERM)
+                pytest.skip(f"no Ray head could start here: {(tmp_path / 'head.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield client
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_align_job(ray_head, tmp_path, model_cache):
+    from ray.job_submission import JobStatus
+
+    from anisora_ray.pairs.writer import read_pairs
+
+    overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=1", "gapo.steps=1", "generator.replicas=1",
+                 "eval.demo_prompts=2", "eval.candidates_per_prompt=1", "loop.registered_model=null"]
+    entrypoint = " ".join([sys.executable, "jobs/align.py", "--quiet", "--config", "configs/local.yaml",
+                           *[f"--set {o}" for o in overrides]])
+    job_id = ray_head.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": REPO, "excludes": [".git", ".venv", "outputs", "**/__pycache__"],
+        "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    deadline = time.time() + 900
+    while ray_head.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "the job did not finish in 15 minutes"
+        time.sleep(2)
+    logs = ray_head.get_job_logs(job_id)
+    assert ray_head.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "held-out reward" in logs and "reward curve:" in logs
+    align = tmp_path / "out" / "align"
+    assert read_pairs(str(align / "round-1" / "pairs"))
+    state = json.loads((align / "state.json").read_text())
+    assert state["rounds"][0]["phase"] == "evaluated" and state["rounds"][0]["weights_version"] == 1
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "heldout_reward")) == [0, 1]
