@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/anisora-ray pairs --config configs/local.yaml
+	$(VENV)/bin/anisora-ray align --config configs/local.yaml --resume   # continues (or reprints) a previous run
 
 test: $(STAMP)
 	$(PY) -m pytest tests

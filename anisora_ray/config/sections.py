@@ -46,6 +46,9 @@ class TinyModelConfig(Section):
     latent_channels: int = Field(default=4, ge=1)
     max_text_seq_length: int = Field(default=128, ge=4)
     init_seed: int = 0
+    warm_start_steps: int = Field(default=0, ge=0)  # > 0: fit VAE and transformer on drawn clips (models/tiny_warmstart.py)
+    warm_start_batch: int = Field(default=4, ge=1)
+    warm_start_lr: float = Field(default=2e-3, gt=0)
 
 
 class ModelConfig(Section):

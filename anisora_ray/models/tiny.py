@@ -109,7 +109,12 @@ def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_f
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        build_tiny_i2v_pipeline(tiny, height, width, num_frames).save_pretrained(tmp, safe_serialization=True)
+        pipe = build_tiny_i2v_pipeline(tiny, height, width, num_frames)
+        if tiny.warm_start_steps:
+            from anisora_ray.models.tiny_warmstart import warm_start
+
+            warm_start(pipe, tiny, height, width, num_frames)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first
