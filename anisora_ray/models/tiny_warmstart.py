@@ -68,7 +68,7 @@ def _scaled(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> dict[str, float]:
-    """Fit the VAE, then the transformer, ``tiny.warm_start_steps`` steps each; returns the last losses."""
+    """Fit the VAE, then the transformer, ``tiny.warm_start_steps`` steps each; returns first and last losses."""
     steps, batch = tiny.warm_start_steps, tiny.warm_start_batch
     rng = np.random.default_rng(tiny.init_seed)
     vae, transformer, scheduler = pipe.vae, pipe.transformer, pipe.scheduler
@@ -77,11 +77,13 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
         torch.manual_seed(tiny.init_seed)
         vae.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=tiny.warm_start_lr)
+        initial: dict[str, float] = {}
         for _ in range(steps):
             x = _to_video_tensor(draw_clips(rng, batch, num_frames, height, width)[0])
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
             vae_loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            initial.setdefault("vae_loss_first", float(vae_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             vae_loss.backward()
             optimizer.step()
@@ -107,11 +109,12 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
             prediction = transformer(hidden_states=torch.cat([noisy, image], dim=2), encoder_hidden_states=embeds,
                                      timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
             denoise_loss = torch.nn.functional.mse_loss(prediction, target)
+            initial.setdefault("denoise_loss_first", float(denoise_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             denoise_loss.backward()
             optimizer.step()
         transformer.eval().requires_grad_(False)
     seconds = time.perf_counter() - began
     log.info("tiny warm start: %d + %d steps in %.0fs (vae mse %.4f, denoise mse %.4f)", steps, steps, seconds,
-             float(vae_loss), float(denoise_loss))
-    return {"vae_loss": float(vae_loss), "denoise_loss": float(denoise_loss), "seconds": seconds}
+             float(vae_loss.detach()), float(denoise_loss.detach()))
+    return {**initial, "vae_loss": float(vae_loss.detach()), "denoise_loss": float(denoise_loss.detach()), "seconds": seconds}
