@@ -49,6 +49,8 @@ def config_overrides(root, model_cache: str) -> list[str]:
         "data.demo_prompts=3",
         "data.demo_image_size=64",
         "video.sample_size=32",
+        "model.tiny.warm_start_steps=0",  # tests check mechanics on the cold tiny model (built in ~1 s)
+        "gapo.steps=10",
     ]
 
 

@@ -80,7 +80,9 @@ def test_align_killed_after_pairs_resumes_on_policy_and_tracks_everything(ray_cl
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         assert len(gapo) == 1 and len(client.get_metric_history(gapo[0].info.run_id, "loss")) == 2, name
     artifacts = [a.path for a in client.list_artifacts(children["round-1"].info.run_id, "pairs")]
-    assert len(artifacts) == 1 and artifacts[0].endswith("winner-vs-loser.mp4")
+    assert sum(a.endswith("winner-vs-loser.mp4") for a in artifacts) == 1
+    assert any(a.startswith("pairs/pairs-") and a.endswith(".parquet") for a in artifacts)
+    assert "train_pair_visual_motion" in children["round-1"].data.metrics
     assert any(a.path == "reward_curve.png" for a in client.list_artifacts(parent.info.run_id))
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]

@@ -10,7 +10,8 @@ from anisora_ray.types import Candidate
 from tests.conftest import LOCAL_CONFIG
 
 SMALL = ["--set", "generator.height=32", "--set", "generator.width=32", "--set", "generator.num_inference_steps=2",
-         "--set", "data.demo_prompts=2", "--set", "data.demo_image_size=64", "--set", "generator.candidates_per_prompt=2"]
+         "--set", "data.demo_prompts=2", "--set", "data.demo_image_size=64", "--set", "generator.candidates_per_prompt=2",
+         "--set", "model.tiny.warm_start_steps=0", "--set", "video.sample_size=32"]
 
 
 def test_generate_on_the_demo_set(ray_cluster, tmp_path, model_cache, capsys):

@@ -25,7 +25,7 @@ def pipe(tmp_path_factory):
     from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
     from tests.conftest import LOCAL_CONFIG
 
-    cfg = load_config(LOCAL_CONFIG, [f"model.cache_dir={tmp_path_factory.mktemp('gapo-model')}", "generator.height=32",
+    cfg = load_config(LOCAL_CONFIG, [f"model.cache_dir={tmp_path_factory.mktemp('gapo-model')}", "generator.height=32", "model.tiny.warm_start_steps=0",
                                      "generator.width=32", "generator.num_frames=9"])
     return load_i2v_pipeline(resolve_pretrained(cfg.model, cfg.generator), device="cpu")
 

@@ -29,7 +29,7 @@ def test_score_command_scores_all_and_quarantines_a_corrupt_clip(ray_cluster, tm
               "--set", f"model.cache_dir={model_cache}", "--set", "generator.height=32", "--set", "generator.width=32",
               "--set", "generator.num_inference_steps=2", "--set", "data.demo_prompts=2",
               "--set", "data.demo_image_size=64", "--set", "generator.candidates_per_prompt=3",
-              "--set", "reward.batch_size=2"]
+              "--set", "reward.batch_size=2", "--set", "model.tiny.warm_start_steps=0"]
     assert main(["generate", *common]) == 0
     candidates_uri = str(tmp_path / "generate" / "candidates.parquet")
     victim = sorted((tmp_path / "generate" / "videos").rglob("*.mp4"))[0]

@@ -87,8 +87,13 @@ def _eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None,
 
 
 def _log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
+    """The round's pair tables and side-by-side winner | loser videos, as artifacts of the round's run."""
     import mlflow
 
+    if not fs.is_url(pairs_uri):
+        for name in sorted(os.listdir(pairs_uri)):
+            if name.endswith(".parquet"):
+                mlflow.log_artifact(os.path.join(pairs_uri, name), artifact_path="pairs")
     for pair in read_pairs(pairs_uri)[: cfg.eval.sample_videos]:
         uri = side_by_side(pair, fs.join(out, f"{pair.prompt_id}-winner-vs-loser.mp4"), cfg.generator.fps)
         if not fs.is_url(uri):
@@ -159,7 +164,9 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                 "pairs": float(len(pairs)), "candidates_per_second": result.candidates / max(seconds, 1e-9),
                 "train_winner_reward": sum(p.winner_reward for p in pairs) / max(1, len(pairs)),
                 "train_loser_reward": sum(p.loser_reward for p in pairs) / max(1, len(pairs)),
-                "train_reward_gap": sum(p.reward_gap for p in pairs) / max(1, len(pairs))})
+                "train_reward_gap": sum(p.reward_gap for p in pairs) / max(1, len(pairs)),
+                **{f"train_pair_{d}": sum(p.winner_scores[d] + p.loser_scores[d] for p in pairs) / (2 * len(pairs))
+                   for d in (pairs[0].winner_scores if pairs else {})}})
             log_metrics(rs.metrics, step=rs.index)
             _log_samples(cfg, rs.pairs_uri, fs.join(base, "samples"))
             rs.phase = "paired"
