@@ -96,7 +96,8 @@ def _align(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if not args.quiet:
-        logging.getLogger("anisora_ray.loop").setLevel(logging.INFO)  # one line per phase and round
+        for name in ("anisora_ray.loop", "anisora_ray.models"):  # one line per phase and round; the warm start
+            logging.getLogger(name).setLevel(logging.INFO)
     result = run_alignment(cfg, resume=args.resume, progress=not args.quiet)
     print("round  held-out reward  gain vs round 0 [95% CI]      p      weights")
     for row in result.rows:

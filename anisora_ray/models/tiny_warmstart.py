@@ -72,6 +72,8 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
     steps, batch = tiny.warm_start_steps, tiny.warm_start_batch
     rng = np.random.default_rng(tiny.init_seed)
     vae, transformer, scheduler = pipe.vae, pipe.transformer, pipe.scheduler
+    log.info("warm-starting the tiny generator: %d VAE + %d denoiser steps at %dx%d (once; cached)",
+             steps, steps, width, height)
     began = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.init_seed)
