@@ -31,6 +31,20 @@ def tracking_uri(cfg: AnisoraConfig) -> str:
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
 
+def use_tracking_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect of exporting ``MLFLOW_TRACKING_URI``:
+    that would make this run's store outrank the config of every later run in this process and
+    leak into the processes it starts (a Ray head, a job)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def _experiment_id(cfg: AnisoraConfig) -> str:
     import mlflow
 
@@ -61,7 +75,7 @@ def mlflow_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None =
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    use_tracking_uri(tracking_uri(cfg))
     if run_id:
         with mlflow.start_run(run_id=run_id, nested=bool(parent_run_id)) as run:
             yield run

@@ -41,7 +41,8 @@ def ray_head(monkeypatch, tmp_path):
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", "--num-cpus=16", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+        env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "RAY_AUTH_MODE": "disabled"},
+        start_new_session=True,
         stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     from ray.job_submission import JobSubmissionClient

@@ -56,6 +56,12 @@ def test_annotations_are_validated_and_split_deterministically(tmp_path):
     b_train, b_hold = split_holdout(table.take(list(range(10, -1, -1))), 0.3, seed=1)
     assert sorted(a_hold.column("video_uri").to_pylist()) == sorted(b_hold.column("video_uri").to_pylist())
     assert a_train.num_rows + a_hold.num_rows == 11
+    moved = table.set_column(table.column_names.index("video_uri"), "video_uri", pa.array([v.replace(str(tmp_path), "/elsewhere")
+                                                       for v in table.column("video_uri").to_pylist()]))
+    c_train, c_hold = split_holdout(moved, 0.5, seed=1, base="/elsewhere")
+    d_train, d_hold = split_holdout(table, 0.5, seed=1, base=str(tmp_path))
+    assert [v.replace("/elsewhere", str(tmp_path)) for v in c_hold.column("video_uri").to_pylist()] == \
+        d_hold.column("video_uri").to_pylist()  # the same split wherever the data set lives
     with pytest.raises(ManifestError, match=r"missing column\(s\) \['character'\]"):
         load_annotations(uri, "character")
 

@@ -51,9 +51,12 @@ def load_annotations(uri: str, label: str) -> tuple[pa.Table, list[QuarantineRec
     return table, bad
 
 
-def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """Deterministic split by a hash of the video URI (stable when rows are added or reordered)."""
-    u = [int(hashlib.sha256(f"{seed}:{v}".encode()).hexdigest()[:8], 16) / 2**32 for v in table.column("video_uri").to_pylist()]
+def split_holdout(table: pa.Table, fraction: float, seed: int, base: str = "") -> tuple[pa.Table, pa.Table]:
+    """Deterministic split by a hash of the video URI relative to ``base`` (the annotations' folder):
+    stable when rows are added or reordered and when the data set is moved as a whole."""
+    prefix = base.rstrip("/") + "/" if base else ""
+    u = [int(hashlib.sha256(f"{seed}:{v.removeprefix(prefix)}".encode()).hexdigest()[:8], 16) / 2**32
+         for v in table.column("video_uri").to_pylist()]
     held = pa.array(np.asarray(u) < fraction)
     train, holdout = table.filter(pc.invert(held)), table.filter(held)
     if holdout.num_rows == 0 or train.num_rows == 0:
@@ -215,7 +218,7 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     t = cfg.reward.training
     label = t.label_column or t.dimension
     table, bad = load_annotations(annotations_uri, label)
-    train, holdout = split_holdout(table, t.holdout_fraction, t.seed)
+    train, holdout = split_holdout(table, t.holdout_fraction, t.seed, base=fs.normalize(annotations_uri).rsplit("/", 1)[0])
     train = train.append_column("row", pa.array(np.arange(train.num_rows)))
     holdout = holdout.append_column("row", pa.array(np.arange(holdout.num_rows)))
     out_uri = out_uri or fs.join(fs.normalize(cfg.run.output_dir), "reward-heads", t.dimension)
