@@ -62,22 +62,37 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_replicas(cfg):
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.runtime import init_ray
+
+    init_ray(cfg.ray)
+    return GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+
+
 def _train(args: argparse.Namespace) -> int:
     from anisora_ray.config import load_config
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.pairs.writer import pairs_table
 
     cfg = load_config(args.config, args.overrides)
-    m = train_gapo(cfg, pairs_table(args.pairs), args.out, init_uri=args.init, resume_from=args.resume)
+    refresh = cfg.gapo.refresh_replicas and not args.no_refresh
+    replicas = _start_replicas(cfg) if refresh and cfg.gapo.refresh_every else None  # live during training
+    try:
+        m = train_gapo(cfg, pairs_table(args.pairs), args.out, init_uri=args.init, resume_from=args.resume,
+                       replicas=replicas.actors if replicas else None)
+    except BaseException:
+        if replicas:
+            replicas.shutdown()
+        raise
     print(f"step {m['step']}: loss {m['loss']:.4f}, dpo {m['dpo']:.4f}, gain {m['gain']:.4f}, "
           f"implicit accuracy {m['implicit_accuracy']:.2f} -> {m['kind']} weights {m['weights_uri']} "
           f"(checkpoint {m['checkpoint_uri']}, MLflow run {m['mlflow_run_id']})")
-    if cfg.gapo.refresh_replicas and not args.no_refresh:
-        from anisora_ray.generation.replicas import GeneratorReplicas
+    if refresh:
         from anisora_ray.io import fs
-        from anisora_ray.models.pipeline import resolve_pretrained
 
-        replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+        replicas = replicas or _start_replicas(cfg)
         try:
             version, reports = replicas.refresh_from(m["weights_uri"], cfg.gapo.refresh_bucket_mb)
         finally:

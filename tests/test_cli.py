@@ -80,11 +80,12 @@ def test_pairs_command_writes_and_resumes(ray_cluster, tmp_path, model_cache, ca
     weights = tmp_path / "weights"
     assert main(["train", "--config", LOCAL_CONFIG, *SMALL, "--set", f"run.output_dir={tmp_path / 'run'}",
                  "--set", f"model.cache_dir={model_cache}", "--set", "gapo.steps=2", "--set", "generator.replicas=2",
-                 "--pairs", str(out), "--out", str(weights)]) == 0
+                 "--set", "gapo.refresh_every=1", "--pairs", str(out), "--out", str(weights)]) == 0
     printed = capsys.readouterr().out
-    assert "step 2: loss" in printed and "refreshed 2 replica(s) to weights version 1 (full" in printed
+    # version 1 reached the live replicas after step 1 (gapo.refresh_every), version 2 is the final weights
+    assert "step 2: loss" in printed and "refreshed 2 replica(s) to weights version 2 (full" in printed
     version = json.loads(fs.read_bytes(str(weights / "weights_version.json")))
-    assert version["version"] == 1 and version["kind"] == "full" and len(version["checksum"]) == 64
+    assert version["version"] == 2 and version["kind"] == "full" and len(version["checksum"]) == 64
     import mlflow
 
     from anisora_ray.config import load_config
@@ -93,5 +94,6 @@ def test_pairs_command_writes_and_resumes(ray_cluster, tmp_path, model_cache, ca
     cfg = load_config(LOCAL_CONFIG, [f"run.output_dir={tmp_path / 'run'}"])
     client = mlflow.MlflowClient(tracking_uri(cfg))
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    assert any(r.data.tags.get("anisora.stage") == "gapo" and len(client.get_metric_history(r.info.run_id, "loss")) == 2
-               for r in runs)
+    gapo = [r for r in runs if r.data.tags.get("anisora.stage") == "gapo"]
+    assert len(gapo) == 1 and len(client.get_metric_history(gapo[0].info.run_id, "loss")) == 2
+    assert [(m.step, m.value) for m in client.get_metric_history(gapo[0].info.run_id, "weights_version")] == [(1, 1.0)]

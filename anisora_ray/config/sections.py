@@ -241,6 +241,7 @@ class GapoConfig(Section):
     cache_latents: bool = True  # VAE / text-encoder outputs cached under <output_dir>/latent-cache
     refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
     refresh_bucket_mb: float = Field(default=256.0, gt=0)  # object-store bucket size of a weight refresh
+    refresh_every: int = Field(default=0, ge=0)  # > 0: also refresh live replicas every N steps during training
     seed: int = 0
 
 

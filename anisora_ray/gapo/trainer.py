@@ -139,6 +139,19 @@ def _report(engine, metrics: dict, step: int, lora) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def _refresh_replicas(engine, refresh: dict, version: int, lora, step: int) -> None:
+    """Mid-training refresh (``gapo.refresh_every``): rank 0 publishes the current weights to the replicas."""
+    import logging
+
+    from anisora_ray.weights.refresh import publish, refresh_actors
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_weights(engine, folder, lora)  # a collective under ZeRO-3: every rank takes part
+        if engine.global_rank == 0:
+            reports = refresh_actors(refresh["actors"], publish(folder, version, refresh["bucket_mb"]))
+            logging.getLogger(__name__).info("step %d: %d replica(s) at weights version %d", step, len(reports), version)
+
+
 def _load_rows(rank: int, world: int) -> list[dict]:
     import ray.train
 
@@ -195,6 +208,11 @@ def train_loop_per_worker(config: dict) -> None:
                  "step_seconds": time.perf_counter() - began}
         metrics = {**mean_over_workers(local, device), "lr": float(engine.get_lr()[0]), "step": step + 1,
                    "latent_cache_hits": encoder.hits, "latent_cache_misses": encoder.misses}
+        refresh = config.get("refresh")
+        if refresh and g.refresh_every and (step + 1) % g.refresh_every == 0 and step + 1 < g.steps:
+            version = refresh["base_version"] + (step + 1) // g.refresh_every
+            _refresh_replicas(engine, refresh, version, lora, step + 1)
+            metrics["weights_version"] = version
         if logger:
             logger.log(metrics, step + 1)
         if step + 1 == g.steps or (g.checkpoint_every and (step + 1) % g.checkpoint_every == 0):
@@ -203,11 +221,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
                init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
-               parent_run_id: str | None = None) -> dict:
+               parent_run_id: str | None = None, replicas: list | None = None, replicas_version: int = 0) -> dict:
     """Fit the generator on ``table`` (PreferencePair rows, e.g. ``pairs.writer.pairs_table``).
 
     ``init_uri``: a trained folder to start from (the previous round's transformer or adapter);
-    ``resume_from``: a checkpoint URI of an interrupted run with the same config. Returns the last
+    ``resume_from``: a checkpoint URI of an interrupted run with the same config; ``replicas``:
+    generator actors to refresh every ``gapo.refresh_every`` steps (versions ``replicas_version + k``;
+    the caller refreshes the final weights). Returns the last
     step's metrics, ``weights_uri`` (what a refresh publishes), ``checkpoint_uri``,
     ``checkpoints`` ({step: uri}) and ``mlflow_run_id``.
     """
@@ -233,6 +253,8 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
                                "deepspeed": ds_config, "init_uri": init_uri, "resume_from": resume_from,
+                               "refresh": {"actors": list(replicas), "base_version": replicas_version,
+                                           "bucket_mb": g.refresh_bucket_mb} if replicas and g.refresh_every else None,
                                "cache_uri": fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
             scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu,

@@ -176,9 +176,11 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             if cfg.loop.placement == "shared":
                 workers.stop()  # the trainer takes the GPUs
             previous = state.latest_weights()
+            live = workers.replicas  # None in shared placement: no mid-training refresh then
             m = train_gapo(cfg, pairs_table(rs.pairs_uri), fs.join(base, "weights"), root=root,
                            init_uri=previous.weights_uri if previous else None, run_name=f"gapo-round-{rs.index}",
-                           parent_run_id=run.info.run_id)
+                           parent_run_id=run.info.run_id, replicas=live.actors if live else None,
+                           replicas_version=max(live.weights_versions()) if live else 0)
             rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
             rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
             log_metrics(rs.metrics, step=rs.index)
@@ -186,7 +188,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             state.save(state_uri)
         if not rs.reached("refreshed"):
             workers.start(state.latest_weights())
-            version, reports = workers.replicas.refresh_from(rs.weights_uri, cfg.gapo.refresh_bucket_mb, rs.index)
+            version, reports = workers.replicas.refresh_from(rs.weights_uri, cfg.gapo.refresh_bucket_mb)  # next version
             rs.weights_version = version.version
             rs.metrics.update({"refresh_seconds": max(r["seconds"] for r in reports), "refresh_mb": version.num_bytes / 1e6})
             if cfg.loop.registered_model:
