@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from anisora_ray.gapo.loss import GapoLoss, gapo_loss, prediction_error
+from anisora_ray.models.pipeline import scale_latents
 
 
 @dataclass(frozen=True)
@@ -27,18 +28,13 @@ class PairLatents:
     reward_l: torch.Tensor  # [B]
 
 
-def _scaled(pipe, latents: torch.Tensor) -> torch.Tensor:
-    factor = pipe.vae.config.scaling_factor
-    return latents / factor if pipe.vae.config.get("invert_scale_latents", False) else latents * factor
-
-
 @torch.no_grad()
 def encode_videos(pipe, frames: np.ndarray) -> torch.Tensor:
     """uint8 [B, F, H, W, 3] → scaled VAE latents [B, F', C, h, w] (the posterior mode: deterministic)."""
     device, dtype = pipe.vae.device, pipe.vae.dtype
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
     latents = pipe.vae.encode(x).latent_dist.mode()  # [B, C, F', h, w]
-    return _scaled(pipe, latents).permute(0, 2, 1, 3, 4).contiguous()
+    return scale_latents(pipe.vae, latents).permute(0, 2, 1, 3, 4).contiguous()
 
 
 @torch.no_grad()

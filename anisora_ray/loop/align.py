@@ -145,6 +145,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
 def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: Workers, heldout, train_manifest: str,
                out: str, root: str, progress: bool, parent_run_id: str, state_uri: str) -> None:
+    import mlflow
+
     rounds = cfg.loop.rounds
     base = fs.join(out, f"round-{rs.index}")
     with mlflow_run(cfg, f"round-{rs.index}", parent_run_id=parent_run_id, tags={"anisora.stage": "round"},
@@ -205,8 +207,6 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             row = _eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
             rs.metrics.update(row)
             log_metrics(rs.metrics, step=rs.index)
-            import mlflow
-
             mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)}, step=rs.index,
                                run_id=parent_run_id)
             log.info("round %d/%d: held-out reward %.4f (round 0: %.4f; gain %+.4f, 95%% CI [%+.4f, %+.4f], p=%.3f)",

@@ -21,6 +21,12 @@ def resolve_pretrained(model: ModelConfig, generator: GeneratorConfig) -> str:
     return save_tiny_i2v_pipeline(model.tiny, generator.height, generator.width, generator.num_frames, path)
 
 
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE posterior latents → the transformer's latent space (CogVideoX scales; some VAEs invert the factor)."""
+    factor = vae.config.scaling_factor
+    return latents / factor if vae.config.get("invert_scale_latents", False) else latents * factor
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from anisora_ray.config import TinyModelConfig
+from anisora_ray.models.pipeline import scale_latents
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def _to_video_tensor(clips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [B, 3, F, H, W]
 
 
-def _scaled(vae, latents: torch.Tensor) -> torch.Tensor:
-    factor = vae.config.scaling_factor
-    return latents / factor if vae.config.get("invert_scale_latents", False) else latents * factor
-
-
 def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> dict[str, float]:
     """Fit the VAE, then the transformer, ``tiny.warm_start_steps`` steps each; returns first and last losses."""
     steps, batch = tiny.warm_start_steps, tiny.warm_start_batch
@@ -99,8 +95,8 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
             clips, prompts = draw_clips(rng, batch, num_frames, height, width)
             prompts = ["" if rng.random() < 0.1 else p for p in prompts]
             with torch.no_grad():
-                latents = _scaled(vae, vae.encode(_to_video_tensor(clips)).latent_dist.mode()).permute(0, 2, 1, 3, 4)
-                first = _scaled(vae, vae.encode(_to_video_tensor(clips[:, :1])).latent_dist.mode()).permute(0, 2, 1, 3, 4)
+                latents = scale_latents(vae, vae.encode(_to_video_tensor(clips)).latent_dist.mode()).permute(0, 2, 1, 3, 4)
+                first = scale_latents(vae, vae.encode(_to_video_tensor(clips[:, :1])).latent_dist.mode()).permute(0, 2, 1, 3, 4)
                 image = torch.cat([first, first.new_zeros((batch, latents.shape[1] - 1, *first.shape[2:]))], dim=1)
                 embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                                max_sequence_length=transformer.config.max_text_seq_length, device="cpu")

@@ -17,9 +17,8 @@ import torch
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
-from anisora_ray.weights import lora as lora_io
-from anisora_ray.weights.state import Checksum, pack_buckets, read_safetensors
-from anisora_ray.weights.update import UpdateMeta
+from anisora_ray.weights.state import Checksum, pack_buckets
+from anisora_ray.weights.update import UpdateMeta, read_folder
 
 
 @dataclass
@@ -34,12 +33,8 @@ class WeightsUpdate:
 
 def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
     """Put the weights of folder ``uri`` (full transformer or LoRA adapter) into the object store."""
-    if lora_io.is_adapter_folder(uri):
-        kind, lora = "lora", lora_io.read_lora_config(uri).model_dump()
-        tensors = read_safetensors(uri, strip_prefix=lora_io.PREFIX)
-    else:
-        kind, lora = "full", None
-        tensors = read_safetensors(uri)
+    kind, lora_config, tensors = read_folder(uri)
+    lora = lora_config.model_dump() if lora_config else None
     checksum, count, refs, nbytes = Checksum(), 0, [], 0
 
     def counted():
