@@ -100,6 +100,17 @@ def _log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
             mlflow.log_artifact(uri, artifact_path="pairs")
 
 
+def _close_orphans(parent_run_id: str) -> None:
+    """Mark runs a killed driver left RUNNING under ``parent_run_id`` (an unfinished training) as KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    for orphan in client.search_runs([parent.info.experiment_id],
+                                     f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(orphan.info.run_id, status="KILLED")
+
+
 def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = True, root: str | None = None) -> AlignResult:
     """Run (or with ``resume`` continue) the alignment job; returns the per-round held-out table."""
     import mlflow
@@ -178,6 +189,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             if cfg.loop.placement == "shared":
                 workers.stop()  # the trainer takes the GPUs
             previous = state.latest_weights()
+            _close_orphans(run.info.run_id)
             live = workers.replicas  # None in shared placement: no mid-training refresh then
             m = train_gapo(cfg, pairs_table(rs.pairs_uri), fs.join(base, "weights"), root=root,
                            init_uri=previous.weights_uri if previous else None, run_name=f"gapo-round-{rs.index}",
