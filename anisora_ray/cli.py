@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
         replicas = replicas or _start_replicas(cfg)
         try:
-            version, reports = replicas.refresh_from(m["weights_uri"], cfg.gapo.refresh_bucket_mb)
+            version, reports = replicas.refresh_from(m["weights_uri"])  # each replica streams the folder
         finally:
             replicas.shutdown()
         fs.write_bytes(fs.join(m["weights_uri"], "weights_version.json"), json.dumps(version.to_dict(), indent=2).encode())

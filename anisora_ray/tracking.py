@@ -90,6 +90,13 @@ def mlflow_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None =
         yield run
 
 
+def new_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None = None,
+            tags: Mapping[str, str] | None = None) -> str:
+    """Create a run (config as params) to be continued later with ``mlflow_run(run_id=...)``; returns its id."""
+    with mlflow_run(cfg, run_name, parent_run_id=parent_run_id, tags=tags) as run:
+        return run.info.run_id
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log the finite numeric entries of ``metrics`` to the active run."""
     import mlflow

@@ -40,31 +40,43 @@ def test_missing_columns_and_too_few_rows_are_named():
         step_rows(pair_rows(_table(1)), 0, 2, seed=0)
 
 
-def test_cached_encodings_equal_fresh_ones(make_config, tmp_path):
+def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_ones(make_config, tmp_path):
     from anisora_ray.data.demo import make_demo_set
     from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.gapo.models import Encoders
     from anisora_ray.io.video import write_video
-    from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
+    from anisora_ray.models.pipeline import resolve_pretrained
 
     cfg = make_config()
     pretrained = resolve_pretrained(cfg.model, cfg.generator)
-    pipe = load_i2v_pipeline(pretrained, device="cpu")
     item = read_manifest(make_demo_set(str(tmp_path / "demo"), num_prompts=1, image_size=64, seed=0))[0]
     rng = np.random.default_rng(0)
     for name in ("w", "l"):
         write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
     row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": str(tmp_path / "w.mp4"),
            "loser_video_uri": str(tmp_path / "l.mp4"), "winner_reward": 0.8, "loser_reward": 0.2}
-    fresh = PairEncoder(pipe, pretrained, 32, 32).batch([row])
-    cached = PairEncoder(pipe, pretrained, 32, 32, str(tmp_path / "cache"))
-    first, second = cached.batch([row]), cached.batch([row])
-    assert (cached.misses, cached.hits) == (4, 4)  # two videos, an image and a prompt: encoded once
+
+    def encoder(namespace, cache=None):
+        encoders = Encoders(pretrained, cfg, "cpu")
+        return encoders, PairEncoder(encoders, namespace, 32, 32, 128, cache)
+
+    _, fresh = encoder(pretrained)
+    fresh = fresh.batch([row])
+    loaders, cached = encoder(pretrained, str(tmp_path / "cache"))
+    cached.prefetch([row])
+    assert (cached.misses, cached.hits, loaders.loads) == (4, 0, 1)  # two videos, an image and a prompt
+    loaders.release()
+    first = cached.batch([row])  # from memory: the released encoders are not needed again
+    assert not loaders.loaded and loaders.loads == 1
+    again_loaders, again = encoder(pretrained, str(tmp_path / "cache"))
+    second = again.batch([row])
+    assert (again.misses, again.hits, again_loaders.loads) == (0, 4, 0)  # a warm cache never loads the encoders
     for a, b, c in zip(
         (fresh.winner, fresh.loser, fresh.image, fresh.prompt_embeds),
         (first.winner, first.loser, first.image, first.prompt_embeds),
         (second.winner, second.loser, second.image, second.prompt_embeds), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(fresh.winner, fresh.loser)
-    other = PairEncoder(pipe, "another-model", 32, 32, str(tmp_path / "cache"))
+    _, other = encoder("another-model", str(tmp_path / "cache"))
     other.batch([row])
     assert other.hits == 0  # the key includes the encoder's identity

@@ -9,14 +9,14 @@ from anisora_ray.config import LoraConfig
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
 from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.folder import FolderWriter, read_manifest, read_safetensors
 from anisora_ray.weights.state import (
     bucket_tensors,
     copy_into,
     pack_buckets,
-    read_safetensors,
     tensors_checksum,
 )
-from anisora_ray.weights.update import UpdateMeta, load_folder, load_update
+from anisora_ray.weights.update import UpdateMeta, folder_update, load_folder, load_update, read_folder
 
 
 def _tensors():
@@ -70,19 +70,19 @@ def _meta(version, tensors, kind="full", lora=None):
 def test_load_update_refuses_stale_versions_and_corrupt_transfers():
     model = torch.nn.Linear(4, 3)
     tensors = sorted((k, torch.randn_like(v)) for k, v in model.state_dict().items())
-    report = load_update(model, _meta(2, tensors), pack_buckets(tensors, 16), current_version=1)
+    report = load_update(model, _meta(2, tensors), bucket_tensors(pack_buckets(tensors, 16)), current_version=1)
     assert report["version"] == 2 and torch.equal(model.weight, dict(tensors)["weight"])
     with pytest.raises(WeightsError, match="not newer"):
-        load_update(model, _meta(2, tensors), pack_buckets(tensors, 16), current_version=2)
+        load_update(model, _meta(2, tensors), bucket_tensors(pack_buckets(tensors, 16)), current_version=2)
     corrupt = [(n, t + 1) for n, t in tensors]
     with pytest.raises(WeightsError, match="received checksum .* != published"):
-        load_update(model, _meta(3, tensors), pack_buckets(corrupt, 16), current_version=2)
+        load_update(model, _meta(3, tensors), bucket_tensors(pack_buckets(corrupt, 16)), current_version=2)
 
 
 def test_bf16_replica_verifies_a_float32_update():
     model = torch.nn.Linear(4, 3).to(torch.bfloat16)
     tensors = sorted((k, torch.randn(v.shape)) for k, v in model.state_dict().items())
-    report = load_update(model, _meta(1, tensors), pack_buckets(tensors, 1 << 20), current_version=0)
+    report = load_update(model, _meta(1, tensors), bucket_tensors(pack_buckets(tensors, 1 << 20)), current_version=0)
     assert model.weight.dtype == torch.bfloat16 and torch.equal(model.weight, dict(tensors)["weight"].bfloat16())
     assert report["loaded"] == tensors_checksum((n, t.bfloat16()) for n, t in tensors) != report["received"]
 
@@ -139,3 +139,58 @@ def test_publish_refuses_non_finite_weights_and_counts_bytes(ray_cluster, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="no .safetensors file"):
         publish(str(tmp_path / "empty"), version=2)
+
+
+def test_sharded_folder_streams_back_in_order_with_the_manifest_checksum(load_transformer, tmp_path):
+    """A full transformer written shard by shard (sorted names) reads back with the checksum the writer
+    recorded, loads with diffusers' from_pretrained (index json), and into a replica model via load_folder."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from anisora_ray.weights.update import base_targets
+
+    source = load_transformer()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01)
+    items = sorted(source.state_dict().items())
+    writer = FolderWriter(str(tmp_path / "w"), "full", num_shards=3)
+    for part in (items[:5], items[5:20], items[20:]):
+        writer.write_shard(part)
+    (tmp_path / "w" / "config.json").write_text(source.to_json_string())
+    manifest = writer.close({"step": 7})
+    assert manifest == read_manifest(str(tmp_path / "w"))
+    assert manifest["num_tensors"] == len(items) and len(manifest["files"]) == 3 and manifest["step"] == 7
+    kind, _, tensors = read_folder(str(tmp_path / "w"))
+    assert kind == "full" and [n for n, _ in tensors] == [n for n, _ in items]
+    assert tensors_checksum(read_safetensors(str(tmp_path / "w"))) == manifest["checksum"] == tensors_checksum(items)
+    loaded = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "w"))
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in items)
+    replica = load_transformer()
+    meta = folder_update(str(tmp_path / "w"), version=3)
+    assert meta.version.checksum == manifest["checksum"] and meta.version.kind == "full"
+    report = load_update(replica, meta, read_folder(str(tmp_path / "w"))[2], current_version=0)
+    assert report["received"] == manifest["checksum"]
+    assert all(torch.equal(base_targets(replica)[n], t) for n, t in items)
+
+
+def test_folder_writer_refuses_disorder_non_finite_and_missing_shards(tmp_path):
+    writer = FolderWriter(str(tmp_path / "a"), "full", num_shards=2)
+    writer.write_shard([("b", torch.ones(2))])
+    with pytest.raises(WeightsError, match="'a' out of order"):
+        writer.write_shard([("a", torch.ones(2))])
+    with pytest.raises(WeightsError, match="1 of 2 shard"):
+        writer.close()
+    with pytest.raises(WeightsError, match="'x' has non-finite values"):
+        FolderWriter(str(tmp_path / "b"), "full").write_shard([("x", torch.tensor([0.0, float("inf")]))])
+    assert read_manifest(str(tmp_path / "b")) is None  # nothing claims a finished folder
+
+
+def test_a_folder_without_manifest_is_checked_by_agreement_only(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.ones(3, 4), "bias": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    meta = folder_update(str(tmp_path), version=1)
+    assert meta.version.kind == "full" and meta.version.checksum == ""
+    model = torch.nn.Linear(4, 3)
+    report = load_update(model, meta, read_folder(str(tmp_path))[2], current_version=0)
+    assert report["version"] == 1 and torch.all(model.weight == 1)

@@ -228,10 +228,11 @@ class GapoConfig(Section):
     beta: float = Field(default=5000.0, gt=0)
     alpha: float = Field(default=2.0, gt=0)
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage, optimizer, LR schedule, clipping, precision
+    deepspeed_overrides: dict[str, Any] = Field(default_factory=dict)  # nested keys laid over that JSON
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    steps: int = Field(default=10, ge=1)  # optimizer steps per training run
+    steps: int = Field(default=10, ge=1)  # optimizer updates per training run (each: the JSON's gradient_accumulation_steps micro-batches)
     pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
     gradient_checkpointing: bool = False
     learning_rate: float | None = Field(default=None, gt=0)  # overrides the DeepSpeed JSON's optimizer/scheduler lr
@@ -240,7 +241,8 @@ class GapoConfig(Section):
     checkpoints_to_keep: int = Field(default=2, ge=1)
     cache_latents: bool = True  # VAE / text-encoder outputs cached under <output_dir>/latent-cache
     refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
-    refresh_bucket_mb: float = Field(default=256.0, gt=0)  # object-store bucket size of a weight refresh
+    refresh_bucket_mb: float = Field(default=256.0, gt=0)  # bucket of a weight transfer: object-store bucket, shard, ZeRO-3 gather
+    max_failures: int = Field(default=2, ge=-1)  # Ray Train restarts of a failed worker group from its last checkpoint (-1: no limit)
     refresh_every: int = Field(default=0, ge=0)  # > 0: also refresh live replicas every N steps during training
     seed: int = 0
 

@@ -50,46 +50,64 @@ def step_rows(rows: list[dict], step: int, per_step: int, seed: int) -> list[dic
 
 
 class PairEncoder:
-    """Encodes pair rows into :class:`PairLatents`, reading and filling a cache when given one."""
+    """Encodes pair rows into :class:`PairLatents`: from memory, else the cache, else the encoders.
 
-    def __init__(self, pipe, encoder_id: str, height: int, width: int, cache_uri: str | None = None):
-        self.pipe, self.height, self.width, self.cache_uri = pipe, height, width, cache_uri
-        self.namespace = f"{encoder_id}|{pipe.vae.dtype}|{height}x{width}"
+    ``encoders()`` returns a pipeline with the VAE and text encoder; it is called only for a latent
+    missing from both memory and the cache (see :class:`anisora_ray.gapo.models.Encoders`).
+    :meth:`prefetch` encodes a worker's rows up front so the encoders can be released before training.
+    """
+
+    def __init__(self, encoders, namespace: str, height: int, width: int, text_length: int,
+                 cache_uri: str | None = None, device: torch.device | str = "cpu"):
+        self.encoders, self.height, self.width, self.text_length = encoders, height, width, text_length
+        self.namespace, self.cache_uri, self.device = namespace, cache_uri, torch.device(device)
+        self.memory: dict[str, torch.Tensor] = {}  # key -> host tensor
         self.hits = self.misses = 0
 
     def _key(self, kind: str, payload: bytes) -> str:
         return hashlib.sha256(f"{self.namespace}|{kind}|".encode() + payload).hexdigest()
 
     def _cached(self, key: str, compute) -> torch.Tensor:
-        if self.cache_uri is None:
-            return compute()
+        if key in self.memory:
+            return self.memory[key].to(self.device)
         from safetensors.torch import load, save
 
-        uri = fs.join(self.cache_uri, key[:2], f"{key}.safetensors")
-        if fs.exists(uri):
+        uri = fs.join(self.cache_uri, key[:2], f"{key}.safetensors") if self.cache_uri else None
+        if uri and fs.exists(uri):
             self.hits += 1
-            return load(fs.read_bytes(uri))["t"].to(self.pipe.vae.device)
-        self.misses += 1
-        value = compute()
-        fs.write_bytes(uri, save({"t": value.detach().cpu().contiguous()}))
-        return value
+            value = load(fs.read_bytes(uri))["t"]
+        else:
+            self.misses += 1
+            value = compute().detach().cpu().contiguous()
+            if uri:
+                fs.write_bytes(uri, save({"t": value}))
+        self.memory[key] = value
+        return value.to(self.device)
 
     def video(self, uri: str) -> torch.Tensor:
         """[F', C, h, w] latents of one video (VAE posterior mode)."""
         key = self._key("video", fs.read_bytes(uri))
-        return self._cached(key, lambda: encode_videos(self.pipe, read_all_frames(uri)[None])[0])
+        return self._cached(key, lambda: encode_videos(self.encoders(), read_all_frames(uri)[None])[0])
 
     def image(self, uri: str, latent_frames: int) -> torch.Tensor:
         key = self._key(f"image{latent_frames}", fs.read_bytes(uri))
 
         def compute():
             image = np.asarray(load_image(uri).resize((self.width, self.height)))
-            return encode_first_frames(self.pipe, image[None], latent_frames)[0]
+            return encode_first_frames(self.encoders(), image[None], latent_frames)[0]
 
         return self._cached(key, compute)
 
     def prompt(self, text: str) -> torch.Tensor:
-        return self._cached(self._key("prompt", text.encode()), lambda: encode_prompts(self.pipe, [text])[0])
+        return self._cached(self._key(f"prompt{self.text_length}", text.encode()),
+                            lambda: encode_prompts(self.encoders(), [text], self.text_length)[0])
+
+    def prefetch(self, rows: list[dict], on_progress=None) -> None:
+        """Encode every row once (memory, cache or encoders), so training needs no encoder."""
+        for done, row in enumerate(rows, 1):
+            self.batch([row])
+            if on_progress:
+                on_progress(done, len(rows))
 
     def batch(self, rows: list[dict]) -> PairLatents:
         winners = torch.stack([self.video(r["winner_video_uri"]) for r in rows])

@@ -1,9 +1,10 @@
-"""Training checkpoints (DeepSpeed engine state) and the trained weights a refresh publishes.
+"""Training checkpoints: DeepSpeed engine state and the optimizer step it was taken at.
 
-A checkpoint folder holds ``ds/`` (DeepSpeed's model, optimizer and scheduler state, one optimizer
-partition per rank; Ray Train merges the ranks' folders), ``trainer_state.json`` (the step: the
-data position follows from it, see :mod:`anisora_ray.gapo.batches`) and ``weights/`` (the
-transformer as safetensors, or the LoRA adapter). DeepSpeed's files are read back with
+A checkpoint folder holds ``ds/`` (DeepSpeed's model, optimizer and scheduler state, one partition
+per rank; Ray Train merges the ranks' folders in the run's storage) and ``trainer_state.json``
+(the optimizer step: the data position follows from it, see :mod:`anisora_ray.gapo.batches`).
+Checkpoints stay in storage: the publishable weights are written separately by
+:mod:`anisora_ray.gapo.export`. DeepSpeed's files are read back with
 ``torch.load(weights_only=True)``, allowing only the few DeepSpeed classes they contain.
 """
 
@@ -14,12 +15,8 @@ import os
 
 import torch
 
-from anisora_ray.config import LoraConfig
-from anisora_ray.weights import lora as lora_io
-
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
-WEIGHTS_DIR = "weights"
 
 
 def _deepspeed_safe_globals() -> list:
@@ -45,44 +42,25 @@ def weights_only_checkpoint_engine(engine):
     return engine
 
 
-def save_training_state(engine, folder: str, step: int, lora: bool) -> None:
+def save_training_state(engine, folder: str, step: int, lora: bool, metrics: dict | None = None) -> None:
     """Every rank writes its part of the DeepSpeed state into ``folder`` (its own local folder)."""
     engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
     if engine.global_rank == 0:
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({"step": step, "lora": lora}, f)
+            json.dump({"step": step, "lora": lora, "metrics": metrics or {}}, f)
+
+
+def read_training_state(folder: str) -> dict:
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        return json.load(f)
 
 
 def load_training_state(engine, folder: str, lora: bool) -> int:
     """Restore model, optimizer and scheduler from a checkpoint folder; returns the step it was taken at."""
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_training_state(folder)
     if bool(state["lora"]) != lora:
         raise ValueError(f"checkpoint {folder} was trained with lora={state['lora']}, this run has lora={lora}")
     path, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=not lora)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed state under {folder}/{DS_TAG}")
     return int(state["step"])
-
-
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The trained module's full state on every rank (ZeRO-3 partitions gathered)."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
-
-
-def save_weights(engine, folder: str, lora: LoraConfig | None) -> None:
-    """Rank 0 writes the publishable weights: the adapter (LoRA) or the whole transformer (safetensors)."""
-    state = None if lora else full_state_dict(engine)  # collective under ZeRO-3: every rank takes part
-    if engine.global_rank != 0:
-        return
-    if lora:
-        lora_io.save_adapter(engine.module, lora, folder)
-        return
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    engine.module.save_config(folder)  # config.json: the folder loads with from_pretrained
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})

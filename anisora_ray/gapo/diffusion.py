@@ -55,11 +55,11 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = N
     return embeds
 
 
-def rotary_embeddings(pipe, height: int, width: int, latent_frames: int):
+def rotary_embeddings(pipe, height: int, width: int, latent_frames: int, device=None):
     """The transformer's rotary position embeddings for this geometry (None when it uses none)."""
     if not pipe.transformer.config.use_rotary_positional_embeddings:
         return None
-    return pipe._prepare_rotary_positional_embeddings(height, width, latent_frames, pipe.transformer.device)
+    return pipe._prepare_rotary_positional_embeddings(height, width, latent_frames, device or pipe.transformer.device)
 
 
 def prediction_errors(transformer, scheduler, batch: PairLatents, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -75,7 +75,8 @@ def prediction_errors(transformer, scheduler, batch: PairLatents, noise: torch.T
     else:
         raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
     hidden = torch.cat([noisy, torch.cat([batch.image, batch.image])], dim=2).to(transformer.dtype)
-    prediction = transformer(hidden_states=hidden, encoder_hidden_states=torch.cat([batch.prompt_embeds] * 2),
+    text = torch.cat([batch.prompt_embeds] * 2).to(transformer.dtype)
+    prediction = transformer(hidden_states=hidden, encoder_hidden_states=text,
                              timestep=t2, image_rotary_emb=rotary, return_dict=False)[0]
     errors = prediction_error(prediction, target)
     b = batch.winner.shape[0]

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
+from anisora_ray.errors import WeightsError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
-from anisora_ray.weights.state import Bucket
-from anisora_ray.weights.update import UpdateMeta, load_update
+from anisora_ray.weights.state import Bucket, bucket_tensors
+from anisora_ray.weights.update import UpdateMeta, load_update, read_folder
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,21 @@ class Generator:
         The version is bumped only after the checksums agree; a failed load raises and leaves the
         version where it was (the weights may be partly written: the caller must not generate).
         """
-        report = load_update(self.pipe.transformer, meta, buckets, self._weights_version)
+        return self._load(meta, bucket_tensors(buckets), "object store")
+
+    def load_weights_from(self, meta: UpdateMeta) -> dict:
+        """Load the weights folder ``meta.version.uri`` straight from storage (one shard at a time)."""
+        kind, _, tensors = read_folder(meta.version.uri)
+        if kind != meta.version.kind:
+            raise WeightsError(f"{meta.version.uri} holds {kind} weights, the update says {meta.version.kind}")
+        return self._load(meta, tensors, "storage")
+
+    def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:
+        report = load_update(self.pipe.transformer, meta, tensors, self._weights_version)
         self._weights_version = meta.version.version
         self._weights_checksum = report["loaded"]
-        log.info("replica %s loaded weights version %d (%s, %.1f MB in %.2fs)", self.replica_id,
-                 self._weights_version, meta.version.kind, report["num_bytes"] / 1e6, report["seconds"])
+        log.info("replica %s loaded weights version %d (%s, %.1f MB from %s in %.2fs)", self.replica_id,
+                 self._weights_version, meta.version.kind, report["num_bytes"] / 1e6, source, report["seconds"])
         return {**report, "replica_id": self.replica_id}
 
     def device(self) -> str:

@@ -14,7 +14,7 @@ from anisora_ray.errors import ConfigError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
 from anisora_ray.runtime import actor_placement
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
-from anisora_ray.weights.refresh import WeightsUpdate, publish, refresh_actors
+from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
 from anisora_ray.weights.update import UpdateMeta
 
 
@@ -87,13 +87,15 @@ class GeneratorReplicas:
             raise WeightsError(f"replica(s) {lagging} did not reach weights version {update.version}")
         return reports
 
-    def refresh_from(self, uri: str, bucket_mb: float = 256.0, version: int | None = None) -> tuple[WeightsVersion, list[dict]]:
-        """Publish the trained folder ``uri`` as weights ``version`` (default: the next one) and load it on every replica."""
-        update = publish(uri, version if version is not None else max(self.weights_versions()) + 1, bucket_mb)
-        try:
-            return update.meta.version, self.refresh(update)
-        finally:
-            del update.buckets[:]  # release the object-store copies
+    def refresh_from(self, uri: str, version: int | None = None, timeout_s: float = 1800.0) -> tuple[WeightsVersion, list[dict]]:
+        """Every replica loads the trained folder ``uri`` from storage as weights ``version`` (default: the
+        next one); the driver reads only the folder's manifest, never the tensors."""
+        version = version if version is not None else max(self.weights_versions()) + 1
+        record, reports = refresh_from_storage(self.actors, uri, version, timeout_s)
+        lagging = [i for i, v in enumerate(self.weights_versions()) if v != version]
+        if lagging:
+            raise WeightsError(f"replica(s) {lagging} did not reach weights version {version}")
+        return record, reports
 
     def generate(
         self,

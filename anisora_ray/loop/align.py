@@ -31,7 +31,7 @@ from anisora_ray.pairs.stage import run_pairs
 from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.runtime import init_ray
-from anisora_ray.tracking import log_metrics, mlflow_run
+from anisora_ray.tracking import log_metrics, mlflow_run, new_run
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Workers:
         if self.replicas is None:
             self.replicas = GeneratorReplicas(self.cfg, resolve_pretrained(self.cfg.model, self.cfg.generator))
             if weights is not None:  # a restarted group must generate with the latest weights, never the base
-                self.replicas.refresh_from(weights.weights_uri, self.cfg.gapo.refresh_bucket_mb, weights.weights_version)
+                self.replicas.refresh_from(weights.weights_uri, weights.weights_version)
         if self.rewards is None and (rewards or self.persistent_rewards):
             self.rewards = RewardActors(self.cfg.reward)
 
@@ -100,15 +100,17 @@ def _log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
             mlflow.log_artifact(uri, artifact_path="pairs")
 
 
-def _close_orphans(parent_run_id: str) -> None:
-    """Mark runs a killed driver left RUNNING under ``parent_run_id`` (an unfinished training) as KILLED."""
+def _close_orphans(parent_run_id: str, keep: str) -> None:
+    """Mark runs a killed driver left RUNNING under ``parent_run_id`` as KILLED, except ``keep`` (the
+    training run a resumed round continues)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
     for orphan in client.search_runs([parent.info.experiment_id],
                                      f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-        client.set_terminated(orphan.info.run_id, status="KILLED")
+        if orphan.info.run_id != keep:
+            client.set_terminated(orphan.info.run_id, status="KILLED")
 
 
 def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = True, root: str | None = None) -> AlignResult:
@@ -185,15 +187,22 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             rs.phase = "paired"
             state.save(state_uri)
         if not rs.reached("trained"):
-            log.info("round %d/%d: GAPO training (%d steps)", rs.index, rounds, cfg.gapo.steps)
+            name = f"gapo-round-{rs.index}"
+            if rs.train_run_id:  # a driver died during this training: the same Ray Train run and MLflow run go on
+                log.info("round %d/%d: GAPO training resumes from its last checkpoint", rs.index, rounds)
+            else:
+                log.info("round %d/%d: GAPO training (%d updates)", rs.index, rounds, cfg.gapo.steps)
+                rs.train_run_id = new_run(cfg, name, parent_run_id=run.info.run_id, tags={"anisora.stage": "gapo"})
+                state.save(state_uri)
             if cfg.loop.placement == "shared":
                 workers.stop()  # the trainer takes the GPUs
             previous = state.latest_weights()
-            _close_orphans(run.info.run_id)
+            _close_orphans(run.info.run_id, keep=rs.train_run_id)
             live = workers.replicas  # None in shared placement: no mid-training refresh then
             m = train_gapo(cfg, pairs_table(rs.pairs_uri), fs.join(base, "weights"), root=root,
-                           init_uri=previous.weights_uri if previous else None, run_name=f"gapo-round-{rs.index}",
-                           parent_run_id=run.info.run_id, replicas=live.actors if live else None,
+                           init_uri=previous.weights_uri if previous else None, run_name=name, storage_name=name,
+                           mlflow_run_id=rs.train_run_id, parent_run_id=run.info.run_id,
+                           replicas=live.actors if live else None,
                            replicas_version=max(live.weights_versions()) if live else 0)
             rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
             rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
@@ -202,7 +211,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             state.save(state_uri)
         if not rs.reached("refreshed"):
             workers.start(state.latest_weights())
-            version, reports = workers.replicas.refresh_from(rs.weights_uri, cfg.gapo.refresh_bucket_mb)  # next version
+            version, reports = workers.replicas.refresh_from(rs.weights_uri)  # next version, streamed from storage
             rs.weights_version = version.version
             rs.metrics.update({"refresh_seconds": max(r["seconds"] for r in reports), "refresh_mb": version.num_bytes / 1e6})
             if cfg.loop.registered_model:

@@ -19,6 +19,7 @@ class RoundState:
     checkpoint_uri: str = ""
     weights_version: int = 0
     mlflow_run_id: str = ""
+    train_run_id: str = ""  # the round's GAPO MLflow run, recorded before training starts (resume continues it)
     metrics: dict[str, float] = field(default_factory=dict)
 
     def reached(self, phase: str) -> bool:
@@ -50,4 +51,4 @@ class AlignState:
     def load(cls, uri: str) -> AlignState:
         raw = json.loads(fs.read_bytes(uri))
         return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"],
-                   rounds=[RoundState(**r) for r in raw["rounds"]])
+                   rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]])

@@ -48,14 +48,23 @@ def adapter_state(transformer) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
 
 
-def adapter_targets(transformer) -> dict[str, torch.Tensor]:
-    """Parameter views of the adapter under the names of :func:`adapter_state` (to copy into)."""
+def adapter_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters under the names of :func:`adapter_state` (partitioned or not)."""
     params = dict(transformer.named_parameters())
-    targets = {}
+    found = {}
     for name in adapter_state(transformer):
         stem, _, leaf = name.rpartition(".")
-        targets[name] = params[f"{stem}.{ADAPTER}.{leaf}"].data
-    return targets
+        found[name] = params[f"{stem}.{ADAPTER}.{leaf}"]
+    return found
+
+
+def adapter_targets(transformer) -> dict[str, torch.Tensor]:
+    """Views of the adapter's parameters under the names of :func:`adapter_state` (to copy into)."""
+    return {name: param.data for name, param in adapter_parameters(transformer).items()}
+
+
+def write_lora_config(lora: LoraConfig, uri: str) -> None:
+    fs.write_bytes(fs.join(uri, CONFIG_NAME), json.dumps(lora.model_dump(), indent=2).encode())
 
 
 def save_adapter(transformer, lora: LoraConfig, uri: str) -> None:
@@ -63,7 +72,7 @@ def save_adapter(transformer, lora: LoraConfig, uri: str) -> None:
 
     state = {PREFIX + k: v.detach().cpu().contiguous() for k, v in adapter_state(transformer).items()}
     fs.write_bytes(fs.join(uri, WEIGHTS_NAME), save(state))
-    fs.write_bytes(fs.join(uri, CONFIG_NAME), json.dumps(lora.model_dump(), indent=2).encode())
+    write_lora_config(lora, uri)
 
 
 def read_lora_config(uri: str) -> LoraConfig:

@@ -1,14 +1,17 @@
-"""Weight refresh: publish trained weights into the object store and verify every replica loaded them.
+"""Weight refresh: get trained weights to every replica and verify that each one loaded them.
 
-``publish`` reads a trained folder (a full transformer saved with ``save_pretrained``, or a LoRA
-adapter), packs its tensors into buckets and ``ray.put``s each one; ``refresh_actors`` asks every
-replica to ``load_weights(meta, bucket_refs)`` (a replica fetches one bucket at a time) and
-checks that each one reports the new version and the same checksum of what it loaded. Any
-replica that fails, lags or disagrees makes the refresh raise :class:`WeightsError`.
+Two transports, one check. ``publish_tensors`` packs named tensors (a trainer's live weights,
+gathered bucket by bucket) into object-store buckets that replicas fetch one at a time;
+``refresh_from_storage`` sends only the metadata of a trained folder and each replica streams the
+folder from storage itself. Either way the process that calls it never holds the weights:
+``refresh_actors`` checks that every replica reports the new version and the same checksum of
+what it loaded. Any replica that fails, lags or disagrees makes the refresh raise
+:class:`WeightsError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
 from anisora_ray.weights.state import Checksum, pack_buckets
-from anisora_ray.weights.update import UpdateMeta, read_folder
+from anisora_ray.weights.update import UpdateMeta, folder_update, read_folder
 
 
 @dataclass
@@ -31,17 +34,16 @@ class WeightsUpdate:
         return self.meta.version.version
 
 
-def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
-    """Put the weights of folder ``uri`` (full transformer or LoRA adapter) into the object store."""
-    kind, lora_config, tensors = read_folder(uri)
-    lora = lora_config.model_dump() if lora_config else None
+def publish_tensors(tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str, *, uri: str = "",
+                    lora: dict | None = None, bucket_mb: float = 256.0) -> WeightsUpdate:
+    """Put named tensors (streamed: at most one bucket is packed at a time) into the object store."""
     checksum, count, refs, nbytes = Checksum(), 0, [], 0
 
     def counted():
         nonlocal count
         for name, tensor in tensors:
             if tensor.is_floating_point() and not bool(torch.sum(tensor, dtype=torch.float64).isfinite()):  # NaN/inf propagate
-                raise WeightsError(f"{uri}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
+                raise WeightsError(f"{uri or 'update'}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
             checksum.update(name, tensor)
             count += 1
             yield name, tensor
@@ -54,21 +56,47 @@ def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
     return WeightsUpdate(UpdateMeta(record, lora), refs)
 
 
-def refresh_actors(actors: list, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
-    """Load ``update`` on every actor (in parallel) and verify versions and checksums agree."""
-    calls = [actor.load_weights.remote(update.meta, update.buckets) for actor in actors]
+def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
+    """Put the weights of folder ``uri`` into the object store from this process (small models, tests);
+    replicas load large folders from storage themselves (:func:`refresh_from_storage`)."""
+    kind, lora_config, tensors = read_folder(uri)
+    return publish_tensors(tensors, version, kind, uri=uri, lora=lora_config.model_dump() if lora_config else None,
+                           bucket_mb=bucket_mb)
+
+
+def _collect(actors: list, version: int, call: Callable[[Any], Any], timeout_s: float) -> list[dict]:
+    calls = [call(actor) for actor in actors]
     reports, failures = [], []
-    for index, call in enumerate(calls):
+    for index, pending in enumerate(calls):
         try:
-            reports.append(ray.get(call, timeout=timeout_s))
+            reports.append(ray.get(pending, timeout=timeout_s))
         except Exception as exc:  # noqa: BLE001 - every replica is checked before raising
             failures.append(f"replica {index}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
     if failures:
-        raise WeightsError(f"weights refresh to version {update.version} failed on {len(failures)} of "
+        raise WeightsError(f"weights refresh to version {version} failed on {len(failures)} of "
                            f"{len(actors)} replica(s): " + "; ".join(failures))
     versions = {r["version"] for r in reports}
     loaded = {r["loaded"] for r in reports}
-    if versions != {update.version} or len(loaded) != 1:
-        raise WeightsError(f"replicas disagree after the refresh to version {update.version}: versions {versions}, "
+    if versions != {version} or len(loaded) != 1:
+        raise WeightsError(f"replicas disagree after the refresh to version {version}: versions {versions}, "
                            f"{len(loaded)} distinct checksums")
     return reports
+
+
+def refresh_actors(actors: list, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
+    """Load an object-store ``update`` on every actor (in parallel) and verify versions and checksums agree."""
+    return _collect(actors, update.version, lambda a: a.load_weights.remote(update.meta, update.buckets), timeout_s)
+
+
+def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float = 1800.0) -> tuple[WeightsVersion, list[dict]]:
+    """Every actor streams the trained folder ``uri`` from storage as ``version``; this process reads
+    only the folder's manifest. Without a manifest the replicas' agreement is the only check."""
+    meta = folder_update(uri, version)
+    reports = _collect(actors, version, lambda a: a.load_weights_from.remote(meta), timeout_s)
+    record = meta.version
+    if not record.checksum:  # a folder written by another tool: take what the replicas measured
+        first = reports[0]
+        record = WeightsVersion(version=version, kind=record.kind, uri=uri, checksum=first["received"],
+                                num_bytes=first["num_bytes"], num_tensors=first["num_tensors"])
+    return record, reports
+

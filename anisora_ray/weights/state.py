@@ -9,8 +9,6 @@ the order the tensors are sent.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ import torch
 import xxhash
 
 from anisora_ray.errors import WeightsError
-from anisora_ray.io import fs
 
 
 @dataclass(frozen=True)
@@ -124,32 +121,6 @@ def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
         yield e.name, raw.view(getattr(torch, e.dtype)).reshape(e.shape)
 
 
-def safetensors_files(uri: str) -> list[str]:
-    """The ``*.safetensors`` files of a folder, sorted; a clear error when there are none."""
-    filesystem, path = fs.url_to_fs(uri)
-    try:
-        names = sorted(p for p in filesystem.ls(path, detail=False) if p.endswith(".safetensors"))
-    except FileNotFoundError:
-        raise WeightsError(f"weights folder {uri} does not exist") from None
-    if not names:
-        raise WeightsError(f"no .safetensors file in {uri}")
-    return [fs.join(uri, os.path.basename(n)) for n in names]
-
-
-def read_safetensors(uri: str, strip_prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every safetensors file in a folder, sorted by name (never a pickle)."""
-    from safetensors.torch import load
-
-    tensors: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(uri):
-        try:
-            tensors.update(load(fs.read_bytes(file)))
-        except Exception as exc:  # noqa: BLE001 - truncated or foreign file
-            raise WeightsError(f"cannot read weights file {file}: {exc}") from None
-    for name in sorted(tensors):
-        yield name.removeprefix(strip_prefix), tensors[name]
-
-
 def bucket_tensors(buckets: Iterable[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
     for bucket in buckets:
         yield from unpack_bucket(bucket)
@@ -196,7 +167,3 @@ def copy_into(targets: Mapping[str, torch.Tensor], tensors: Iterable[tuple[str, 
         raise WeightsError(f"update misses {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
     return {"received": received.hexdigest(), "loaded": loaded.hexdigest(), "num_bytes": nbytes,
             "num_tensors": len(order)}
-
-
-def write_json(uri: str, payload: dict) -> None:
-    fs.write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True).encode())

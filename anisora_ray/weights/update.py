@@ -1,4 +1,9 @@
-"""The replica side of a weight refresh (no Ray): what travels with the buckets, and loading it."""
+"""The replica side of a weight refresh (no Ray): what travels with an update, and loading it.
+
+An update reaches a replica either as object-store buckets (pushed by a trainer) or as a folder
+in storage that the replica streams itself (:func:`folder_update`); either way the driver only
+handles the :class:`UpdateMeta`: version, kind, checksum, never the tensors.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from anisora_ray.config import LoraConfig
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
 from anisora_ray.weights import lora as lora_io
-from anisora_ray.weights.state import Bucket, bucket_tensors, copy_into, read_safetensors
+from anisora_ray.weights.folder import read_manifest, read_safetensors
+from anisora_ray.weights.state import copy_into
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,18 @@ def copy_weights(transformer, kind: str, lora: LoraConfig | None, tensors) -> di
     return report
 
 
-def load_update(transformer, meta: UpdateMeta, buckets: Iterable[Bucket], current_version: int) -> dict:
-    """Replica side: copy the buckets into ``transformer`` and verify; returns the load report."""
+def load_update(transformer, meta: UpdateMeta, tensors: Iterable[tuple[str, torch.Tensor]], current_version: int) -> dict:
+    """Replica side: copy the update's tensors into ``transformer`` and verify; returns the load report.
+
+    A record without a checksum (a folder written by another tool) is checked only by the
+    caller's comparison of the replicas' reports."""
     record = meta.version
     if record.version <= current_version:
         raise WeightsError(f"weights version {record.version} is not newer than the loaded version {current_version}")
     start = time.perf_counter()
     lora = LoraConfig.model_validate(meta.lora) if record.kind == "lora" else None
-    report = copy_weights(transformer, record.kind, lora, bucket_tensors(buckets))
-    if report["received"] != record.checksum:
+    report = copy_weights(transformer, record.kind, lora, tensors)
+    if record.checksum and report["received"] != record.checksum:
         raise WeightsError(f"weights version {record.version}: received checksum {report['received'][:12]} != "
                            f"published {record.checksum[:12]} (transfer corrupted or wrong update)")
     return {**report, "version": record.version, "kind": record.kind, "seconds": time.perf_counter() - start}
@@ -60,6 +69,16 @@ def read_folder(uri: str) -> tuple[str, LoraConfig | None, Iterator[tuple[str, t
     if lora_io.is_adapter_folder(uri):
         return "lora", lora_io.read_lora_config(uri), read_safetensors(uri, strip_prefix=lora_io.PREFIX)
     return "full", None, read_safetensors(uri)
+
+
+def folder_update(uri: str, version: int) -> UpdateMeta:
+    """The metadata of a trained folder as weights ``version`` (reads only its small json files)."""
+    manifest = read_manifest(uri) or {}
+    kind = manifest.get("kind") or ("lora" if lora_io.is_adapter_folder(uri) else "full")
+    lora = lora_io.read_lora_config(uri).model_dump() if kind == "lora" else None
+    record = WeightsVersion(version=version, kind=kind, uri=uri, checksum=manifest.get("checksum", ""),
+                            num_bytes=int(manifest.get("num_bytes", 0)), num_tensors=int(manifest.get("num_tensors", 0)))
+    return UpdateMeta(record, lora)
 
 
 def load_folder(transformer, uri: str) -> dict:

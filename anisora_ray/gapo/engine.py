@@ -1,0 +1,181 @@
+"""One GAPO worker without Ray: the DeepSpeed engine, optimizer updates, checkpoints and weight export.
+
+:func:`anisora_ray.gapo.trainer.train_gapo` runs one :class:`GapoWorker` per Ray Train worker;
+``benchmarks/realsize_gpu.py`` runs one in a plain process (NCCL, world size 1). A step of
+``gapo.steps`` is one **optimizer update**: ``gradient_accumulation_steps`` micro-batches (from
+the DeepSpeed JSON) of ``gapo.pairs_per_step`` pairs each. Micro-batch *m* of update *u* is the
+worker's batch number ``u × accumulation + m``, with noise seeded by the same number, so the data
+and noise of a resumed run follow from the update it resumes at.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+import torch
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import ConfigError
+from anisora_ray.gapo.batches import PairEncoder, step_rows
+from anisora_ray.gapo.checkpoint import load_training_state, save_training_state, weights_only_checkpoint_engine
+from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors, rotary_embeddings
+from anisora_ray.gapo.export import export_weights, publish_live
+from anisora_ray.gapo.loss import GapoLoss
+from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
+
+log = logging.getLogger(__name__)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
+    """The JSON named by ``gapo.deepspeed_config`` with ``gapo.deepspeed_overrides`` laid over it."""
+    path = cfg.gapo.deepspeed_config
+    if not os.path.isabs(path):  # relative to the working dir, else to the checkout the package runs from
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = next((os.path.join(r, path) for r in (root, package_root) if os.path.isfile(os.path.join(r, path))),
+                    os.path.join(root, path))
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"gapo.deepspeed_config = {cfg.gapo.deepspeed_config!r}: cannot read a JSON file at {path} ({exc})") from None
+    ds = _merge(ds, cfg.gapo.deepspeed_overrides)
+    ds["train_micro_batch_size_per_gpu"] = cfg.gapo.pairs_per_step
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch × accumulation × world
+    if cfg.gapo.learning_rate is not None:
+        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.gapo.learning_rate
+        if "warmup_max_lr" in ds.get("scheduler", {}).get("params", {}):
+            ds["scheduler"]["params"]["warmup_max_lr"] = cfg.gapo.learning_rate
+    return ds
+
+
+def sft_loss(model, scheduler, batch: PairLatents, generator: torch.Generator, rotary) -> GapoLoss:
+    """The paper's SFT baseline: the diffusion loss on the winners alone."""
+    noise = torch.randn(batch.winner.shape, generator=generator, device=batch.winner.device, dtype=batch.winner.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.winner.shape[0],), generator=generator,
+                      device=batch.winner.device)
+    err_w, _ = prediction_errors(model, scheduler, batch, noise, t, rotary)
+    zero = torch.zeros_like(err_w)
+    return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
+
+
+def mean_over_workers(metrics: dict[str, float], device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist(), strict=True))
+
+
+class GapoWorker:
+    """Policy engine, frozen reference and pair encoder of one rank (``torch.distributed`` initialised)."""
+
+    def __init__(self, cfg: AnisoraConfig, pretrained: str, ds_config: dict, device: torch.device, *, rank: int = 0,
+                 init_uri: str | None = None, cache_uri: str | None = None):
+        import deepspeed
+
+        self.cfg, self.device, self.rank, self.ds_config = cfg, torch.device(device), rank, ds_config
+        g = cfg.gapo
+        self.lora = g.lora if g.lora.r > 0 else None
+        began = time.perf_counter()
+        self.pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if zero_stage(ds_config) == 3 else device)
+        policy = build_policy(self.pipe.transformer, cfg, init_uri)
+        self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
+                                               model_parameters=[p for p in policy.parameters() if p.requires_grad])
+        weights_only_checkpoint_engine(self.engine)
+        self.reference = build_reference(self.engine, pretrained, cfg, ds_config, init_uri, self.device)
+        self.encoders = Encoders(pretrained, cfg, self.device)
+        self.encoder = PairEncoder(self.encoders, f"{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
+                                   cfg.generator.height, cfg.generator.width,
+                                   self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device)
+        self.rows: list[dict] = []
+        self.update = 0  # optimizer updates done
+        self.rotary = None
+        self.load_seconds = time.perf_counter() - began
+
+    @property
+    def accumulation(self) -> int:
+        return int(self.engine.gradient_accumulation_steps())
+
+    def batch_rows(self, index: int) -> list[dict]:
+        g = self.cfg.gapo
+        return step_rows(self.rows, index, g.pairs_per_step, g.seed + 7919 * self.rank)
+
+    def prepare(self, rows: list[dict], on_progress=None) -> float:
+        """Take this rank's rows and encode the ones the remaining updates use; the VAE and text
+        encoder are loaded only for latents missing from the cache and released afterwards."""
+        began = time.perf_counter()
+        self.rows = rows
+        first, last = self.update * self.accumulation, self.cfg.gapo.steps * self.accumulation
+        needed = {id(r): r for i in range(first, last) for r in self.batch_rows(i)}
+        self.encoder.prefetch(list(needed.values()), on_progress)
+        self.encoders.release()
+        return time.perf_counter() - began
+
+    def load(self, folder: str) -> int:
+        self.update = load_training_state(self.engine, folder, self.lora is not None)
+        return self.update
+
+    def save(self, folder: str, metrics: dict | None = None) -> None:
+        save_training_state(self.engine, folder, self.update, self.lora is not None, metrics)
+
+    def _micro_step(self, index: int) -> GapoLoss:
+        g = self.cfg.gapo
+        batch = self.encoder.batch(self.batch_rows(index))
+        if self.rotary is None:
+            self.rotary = rotary_embeddings(self.pipe, self.cfg.generator.height, self.cfg.generator.width,
+                                            batch.winner.shape[1], self.device)
+        generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, self.rank, index))
+        if g.loss == "sft":
+            out = sft_loss(self.engine, self.pipe.scheduler, batch, generator, self.rotary)
+        else:
+            out = gapo_step(self.engine, self.reference, self.pipe.scheduler, batch, generator, beta=g.beta,
+                            alpha=g.alpha, use_gain=g.loss == "gapo", rotary=self.rotary)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return out
+
+    def train_update(self) -> dict[str, float]:
+        """One optimizer update (all its micro-batches); this rank's metrics, averaged over micro-batches."""
+        began, before = time.perf_counter(), self.engine.global_steps
+        parts = [self._micro_step(self.update * self.accumulation + m).metrics() for m in range(self.accumulation)]
+        if self.engine.global_steps != before + 1:  # DeepSpeed counts micro-steps itself
+            raise RuntimeError(f"{self.accumulation} micro-batches made {self.engine.global_steps - before} optimizer "
+                               "steps, expected 1 (gradient accumulation out of sync)")
+        self.update += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        return {**metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "step_seconds": time.perf_counter() - began}
+
+    def step_metrics(self, local: dict[str, float]) -> dict[str, float]:
+        """Metrics of the update just made, averaged over ranks (a collective)."""
+        return {**mean_over_workers(local, self.device), "lr": float(self.engine.get_lr()[0]), "step": self.update,
+                "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation,
+                "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
+                "encoder_loads": self.encoders.loads}
+
+    def export(self, uri: str, bucket_mb: float, extra: dict | None = None) -> dict | None:
+        """Write the publishable weights to ``uri`` (every rank calls; rank 0 writes, returns the manifest)."""
+        return export_weights(self.engine, uri, self.lora, bucket_mb, extra)
+
+    def publish(self, version: int, bucket_mb: float):
+        """Put the live weights into the object store (every rank calls; rank 0 gets the update)."""
+        return publish_live(self.engine, version, self.lora, bucket_mb)

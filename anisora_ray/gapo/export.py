@@ -1,0 +1,121 @@
+"""Trained weights out of a DeepSpeed engine one bucket at a time: to a folder in storage, or to live replicas.
+
+Under ZeRO-3 every rank holds a slice of each parameter: the parameters of one bucket are gathered
+on all ranks (a collective, so every rank walks the same buckets), rank 0 copies the gathered
+bucket to the host and writes or publishes it, and the gathered copies are freed before the next
+bucket. Beyond the model itself, a rank holds at most one bucket, whatever the model's size. Under
+ZeRO-0/1/2 every rank has the whole module and only rank 0 walks it. Full fine-tuning exports the
+transformer's state (bf16 when training in bf16); LoRA exports the ``gapo`` adapter only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from anisora_ray.config import LoraConfig
+from anisora_ray.io import fs
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.folder import FolderWriter
+
+Chunk = list[tuple[str, torch.Tensor]]
+
+
+def _full_bytes(tensor: torch.Tensor) -> int:
+    numel = getattr(tensor, "ds_numel", None)
+    return int(numel if numel is not None else tensor.numel()) * tensor.element_size()
+
+
+def _partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_id")
+
+
+def entries(module, lora: LoraConfig | None) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter or buffer) of what a refresh publishes, in sorted order of names."""
+    if lora is not None:
+        return sorted(lora_io.adapter_parameters(module).items())
+    return sorted(module.state_dict(keep_vars=True).items())
+
+
+def plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Chunk]:
+    """Consecutive runs of ``items`` of about ``bucket_bytes`` (full, gathered sizes)."""
+    chunks: list[Chunk] = []
+    size = 0
+    for name, tensor in items:
+        nbytes = _full_bytes(tensor)
+        if not chunks or (chunks[-1] and size + nbytes > bucket_bytes):
+            chunks.append([])
+            size = 0
+        chunks[-1].append((name, tensor))
+        size += nbytes
+    return chunks
+
+
+@contextlib.contextmanager
+def gathered(tensors: list[torch.Tensor]):
+    """The full values of ZeRO-3-partitioned ``tensors`` on every rank, inside the block."""
+    params = list({id(t): t for t in tensors if _partitioned(t)}.values())
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def host_chunks(engine, lora: LoraConfig | None, bucket_mb: float) -> Iterator[Chunk | None]:
+    """Host copies of the exported tensors, a bucket at a time, on rank 0 (``None`` on the others).
+
+    Every rank must exhaust this iterator under ZeRO-3 (the gathers are collectives)."""
+    zero3 = engine.zero_optimization_stage() == 3
+    rank0 = engine.global_rank == 0
+    if not zero3 and not rank0:
+        return
+    bucket = int(bucket_mb * 2**20) if lora is None else 2**62  # an adapter is small: one gather
+    for chunk in plan(entries(engine.module, lora), bucket):
+        with gathered([t for _, t in chunk]):
+            yield [(name, t.detach().to("cpu", copy=True)) for name, t in chunk] if rank0 else None
+
+
+def num_chunks(engine, lora: LoraConfig | None, bucket_mb: float) -> int:
+    return len(plan(entries(engine.module, lora), int(bucket_mb * 2**20)))
+
+
+def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None) -> dict | None:
+    """Write the trained weights to the folder ``uri`` (any fsspec URL), shard by shard; every rank
+    calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks)."""
+    rank0 = engine.global_rank == 0
+    writer = None
+    if rank0:
+        if lora is not None:
+            writer = FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME)
+        else:
+            writer = FolderWriter(uri, "full", num_shards=num_chunks(engine, lora, bucket_mb))
+    for chunk in host_chunks(engine, lora, bucket_mb):
+        if writer is not None:
+            writer.write_shard(chunk)
+    if writer is None:
+        return None
+    if lora is not None:
+        lora_io.write_lora_config(lora, uri)
+    else:
+        fs.write_bytes(fs.join(uri, "config.json"), engine.module.to_json_string().encode())
+    return writer.close(extra)
+
+
+def publish_live(engine, version: int, lora: LoraConfig | None, bucket_mb: float):
+    """Rank 0 puts the live weights into the object store bucket by bucket (no file, no driver);
+    returns the ``WeightsUpdate`` on rank 0 and ``None`` on the others (which take part in the gathers)."""
+    from anisora_ray.weights.refresh import publish_tensors  # Ray: only where replicas are refreshed
+
+    chunks = host_chunks(engine, lora, bucket_mb)
+    if engine.global_rank != 0:
+        for _ in chunks:
+            pass
+        return None
+    tensors = (item for chunk in chunks for item in chunk)
+    return publish_tensors(tensors, version, "lora" if lora else "full",
+                           lora=lora.model_dump() if lora else None, bucket_mb=bucket_mb)

@@ -1,0 +1,156 @@
+"""What a GAPO worker holds in memory: the transformer, its frozen reference, and encoders only on demand.
+
+- The transformer is loaded without the VAE and text encoder (T5-XXL alone is ~9.5 GB at 5B).
+  :class:`Encoders` loads them the first time a latent is missing from the cache and releases them
+  once the worker's pairs are encoded; with a warm cache they are never loaded.
+- Full fine-tuning compares against a frozen reference loaded from storage (never a deep copy of
+  the policy): under ZeRO-3 it is a parameter-partitioned DeepSpeed inference engine (offloaded to
+  the host when the training JSON offloads parameters), otherwise a frozen copy in the training
+  precision. LoRA compares against its own transformer with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.models.pipeline import DTYPES
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.update import load_folder
+
+ENCODERS = ("vae", "text_encoder", "tokenizer")
+
+
+def load_transformer_pipeline(pretrained: str, cfg: AnisoraConfig, device: torch.device | str):
+    """The I2V pipeline with transformer and scheduler only (VAE and text encoder left unloaded);
+    the VAE's compression factors are read from its config, which rotary embeddings need."""
+    import diffusers
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(
+        pretrained, dtype=DTYPES[cfg.model.dtype], revision=cfg.model.revision, use_safetensors=True,
+        **{name: None for name in ENCODERS})
+    vae = AutoencoderKLCogVideoX.load_config(pretrained, subfolder="vae", revision=cfg.model.revision)
+    pipe.vae_scale_factor_spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+    pipe.vae_scale_factor_temporal = vae["temporal_compression_ratio"]
+    pipe.transformer.to(device).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Encoders:
+    """The VAE and text encoder, loaded on first use (a cache miss) and released after encoding."""
+
+    def __init__(self, pretrained: str, cfg: AnisoraConfig, device: torch.device | str):
+        self.pretrained, self.cfg, self.device = pretrained, cfg, device
+        self._pipe = None
+        self.loads = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    def __call__(self):
+        """A pipeline holding the VAE (tiling / slicing as the generator's), tokenizer and text encoder."""
+        if self._pipe is None:
+            from diffusers import CogVideoXImageToVideoPipeline
+
+            pipe = CogVideoXImageToVideoPipeline.from_pretrained(
+                self.pretrained, dtype=DTYPES[self.cfg.model.dtype], revision=self.cfg.model.revision,
+                use_safetensors=True, transformer=None)
+            pipe.vae.to(self.device).eval()
+            pipe.text_encoder.to(self.device).eval()
+            if self.cfg.generator.vae_slicing:
+                pipe.vae.enable_slicing()
+            if self.cfg.generator.vae_tiling:
+                pipe.vae.enable_tiling()
+            self._pipe, self.loads = pipe, self.loads + 1
+        return self._pipe
+
+    def release(self) -> None:
+        if self._pipe is None:
+            return
+        self._pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class FrozenReference:
+    """A frozen module called like the transformer (``dtype`` for the inputs' cast)."""
+
+    def __init__(self, module, dtype: torch.dtype, adapter_off: bool = False):
+        self.module, self.dtype, self.adapter_off = module, dtype, adapter_off
+
+    def __call__(self, **kwargs):
+        if not self.adapter_off:
+            return self.module(**kwargs)
+        target = getattr(self.module, "module", self.module)
+        target.disable_adapters()
+        try:
+            return self.module(**kwargs)
+        finally:
+            target.enable_adapters()
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def training_dtype(ds_config: dict, model_dtype: torch.dtype) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return model_dtype
+
+
+def reference_config(ds_config: dict) -> dict:
+    """DeepSpeed config of the frozen reference: no optimizer; ZeRO-3 (partitioned, parameter offload
+    as the training JSON says) when training is ZeRO-3, else stage 0 (TRL's ``prepare_deepspeed`` rule)."""
+    ref = {k: copy.deepcopy(v) for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    zero = ref.setdefault("zero_optimization", {})
+    if zero_stage(ds_config) != 3:
+        ref["zero_optimization"] = {"stage": 0}
+    else:
+        zero.pop("offload_optimizer", None)
+    return ref
+
+
+def build_policy(transformer, cfg: AnisoraConfig, init_uri: str | None):
+    """The trained module: the transformer itself (full) or its ``gapo`` LoRA adapter, from ``init_uri``."""
+    g = cfg.gapo
+    transformer.eval().requires_grad_(False)
+    if g.lora.r > 0:
+        lora_io.add_adapter(transformer, g.lora)
+    if init_uri:
+        load_folder(transformer, init_uri)
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(g.lora.r == 0 or f".{lora_io.ADAPTER}." in name)
+    if g.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def build_reference(engine, pretrained: str, cfg: AnisoraConfig, ds_config: dict, init_uri: str | None,
+                    device: torch.device | str) -> FrozenReference:
+    """The frozen model GAPO compares against (see the module docstring)."""
+    import deepspeed
+
+    dtype = training_dtype(ds_config, DTYPES[cfg.model.dtype])
+    if cfg.gapo.lora.r > 0:
+        return FrozenReference(engine.module, dtype, adapter_off=True)
+    zero3 = zero_stage(ds_config) == 3
+    transformer = load_transformer_pipeline(pretrained, cfg, "cpu" if zero3 else device).transformer
+    transformer.requires_grad_(False)
+    if init_uri:
+        load_folder(transformer, init_uri)
+    if not zero3:
+        return FrozenReference(transformer.to(device=device, dtype=dtype), dtype)
+    ref_engine, *_ = deepspeed.initialize(model=transformer, config=reference_config(ds_config))
+    ref_engine.eval()
+    return FrozenReference(ref_engine, dtype)
