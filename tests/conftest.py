@@ -70,3 +70,26 @@ def demo_manifest(tmp_path) -> str:
     from anisora_ray.data.demo import make_demo_set
 
     return make_demo_set(str(tmp_path / "demo"), num_prompts=3, image_size=64, seed=0)
+
+
+GAPO_TRAIN = ("generator.replicas=1", "gapo.num_workers=2", "gapo.beta=500", "gapo.learning_rate=3e-3")
+
+
+@pytest.fixture(scope="session")
+def gapo_pairs(ray_cluster, tmp_path_factory, model_cache):
+    """Pairs of 3 demo prompts from the real pairs pipeline, shared by the GAPO tests; ``make(*overrides)``
+    gives the test config (2 GAPO workers) writing under the same root."""
+    from anisora_ray.config import load_config
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.pairs.stage import run_pairs
+    from anisora_ray.pairs.writer import pairs_table
+
+    root = tmp_path_factory.mktemp("gapo")
+    manifest = make_demo_set(str(root / "demo"), num_prompts=3, image_size=64, seed=0)
+
+    def make(*overrides):
+        return load_config(LOCAL_CONFIG, [*config_overrides(root, model_cache), *GAPO_TRAIN, *overrides])
+
+    pairs = run_pairs(make(), manifest, str(root / "pairs"), progress=False)
+    assert pairs.pairs >= 2
+    return {"make": make, "table": pairs_table(str(root / "pairs")), "root": root, "manifest": manifest}

@@ -11,31 +11,16 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = 6
-TRAIN = ("generator.replicas=1", "gapo.num_workers=2", "gapo.beta=500", "gapo.learning_rate=3e-3")
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
+def trained(gapo_pairs):
     """One full fine-tune of STEPS steps with a checkpoint every 3, on pairs from `run_pairs`."""
-    from anisora_ray.config import load_config
-    from anisora_ray.data.demo import make_demo_set
     from anisora_ray.gapo.trainer import train_gapo
-    from anisora_ray.pairs.stage import run_pairs
-    from anisora_ray.pairs.writer import pairs_table
-    from tests.conftest import LOCAL_CONFIG, config_overrides
 
-    root = tmp_path_factory.mktemp("gapo")
-    manifest = make_demo_set(str(root / "demo"), num_prompts=3, image_size=64, seed=0)
-
-    def make(*overrides):
-        return load_config(LOCAL_CONFIG, [*config_overrides(root, str(root / "models")), *TRAIN, *overrides])
-
-    cfg = make(f"gapo.steps={STEPS}", "gapo.checkpoint_every=3")
-    pairs = run_pairs(cfg, manifest, str(root / "pairs"), progress=False)
-    assert pairs.pairs >= 2
-    table = pairs_table(str(root / "pairs"))
-    result = train_gapo(cfg, table, str(root / "weights"), root=REPO, run_name="full")
-    return {"cfg": cfg, "make": make, "table": table, "result": result, "root": root, "manifest": manifest}
+    cfg = gapo_pairs["make"](f"gapo.steps={STEPS}", "gapo.checkpoint_every=3")
+    result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "weights"), root=REPO, run_name="full")
+    return {**gapo_pairs, "cfg": cfg, "result": result}
 
 
 def history(cfg, run_id: str, key: str) -> dict[int, float]:

@@ -107,6 +107,7 @@ class GapoWorker:
                                    self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device)
         self.rows: list[dict] = []
         self.update = 0  # optimizer updates done
+        self.resumed_from = 0  # the update this attempt restored (0: started fresh)
         self.rotary = None
         self.load_seconds = time.perf_counter() - began
 
@@ -130,7 +131,7 @@ class GapoWorker:
         return time.perf_counter() - began
 
     def load(self, folder: str) -> int:
-        self.update = load_training_state(self.engine, folder, self.lora is not None)
+        self.update = self.resumed_from = load_training_state(self.engine, folder, self.lora is not None)
         return self.update
 
     def save(self, folder: str, metrics: dict | None = None) -> None:
@@ -168,7 +169,7 @@ class GapoWorker:
     def step_metrics(self, local: dict[str, float]) -> dict[str, float]:
         """Metrics of the update just made, averaged over ranks (a collective)."""
         return {**mean_over_workers(local, self.device), "lr": float(self.engine.get_lr()[0]), "step": self.update,
-                "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation,
+                "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation, "resumed_from_update": self.resumed_from,
                 "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
                 "encoder_loads": self.encoders.loads}
 
