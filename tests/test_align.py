@@ -1,5 +1,7 @@
-"""The main job: a driver killed after round 1's pairs resumes without regenerating them, runs round 2
-on-policy, and leaves MLflow parent/child runs, metrics and registered model versions behind."""
+"""The main job: a driver killed while round 1 trains resumes without regenerating its pairs, continues
+that training from its last checkpoint (same Ray Train run, same MLflow run, same result as an
+uninterrupted training), runs round 2 on-policy, and leaves MLflow parent/child runs, metrics and
+registered model versions behind."""
 
 from __future__ import annotations
 
@@ -21,20 +23,35 @@ def _phase(state_uri: str, index: int) -> str:
     return next((r["phase"] for r in rounds if r["index"] == index), "")
 
 
+def _registered_steps(run_dir: str) -> list[int]:
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            return [int(r["metrics"]["step"]) for r in json.load(f)["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def _mtimes(folder) -> dict[str, float]:
     return {os.path.relpath(os.path.join(d, n), folder): os.path.getmtime(os.path.join(d, n))
             for d, _, names in os.walk(folder) for n in names}
 
 
-def test_align_killed_after_pairs_resumes_on_policy_and_tracks_everything(ray_cluster, tmp_path, model_cache):
+STEPS = 30
+
+
+def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything(ray_cluster, tmp_path, model_cache):
     import mlflow
+    import torch
 
     from anisora_ray.config import load_config
+    from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.loop.align import run_alignment
-    from anisora_ray.pairs.writer import read_pairs
+    from anisora_ray.pairs.writer import pairs_table, read_pairs
     from anisora_ray.tracking import tracking_uri
+    from anisora_ray.weights.folder import read_safetensors
 
-    overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", "gapo.steps=2", "gapo.beta=500",
+    overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", f"gapo.steps={STEPS}", "gapo.beta=500",
+                 "gapo.checkpoint_every=5",
                  "generator.replicas=1", "eval.demo_prompts=3", "eval.candidates_per_prompt=1", "eval.sample_videos=1",
                  "loop.registered_model=anisora-test", f"ray.address={ray_cluster.address}", "ray.log_to_driver=false"]
     state_uri = str(tmp_path / "out" / "align" / "state.json")
@@ -42,12 +59,15 @@ def test_align_killed_after_pairs_resumes_on_policy_and_tracks_everything(ray_cl
     for o in overrides:
         argv += ["--set", o]
     driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = str(tmp_path / "out" / "ray-train" / "gapo-round-1")
     deadline = time.time() + 600
-    while _phase(state_uri, 1) != "paired" and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    driver.kill()  # the driver dies between round 1's pairs and its training
+    while not _registered_steps(run_dir) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    driver.kill()  # the driver dies while round 1 trains, after a checkpoint
     _, err = driver.communicate()
     assert _phase(state_uri, 1) == "paired", err.decode()[-3000:]
+    killed_at = _registered_steps(run_dir)
+    assert killed_at and max(killed_at) < STEPS, killed_at
     round1 = tmp_path / "out" / "align" / "round-1" / "pairs"
     before = _mtimes(round1)
     assert any(name.endswith(".mp4") for name in before)
@@ -56,6 +76,11 @@ def test_align_killed_after_pairs_resumes_on_policy_and_tracks_everything(ray_cl
     result = run_alignment(cfg, resume=True, progress=False, root=REPO)
 
     assert _mtimes(round1) == before  # round 1's candidates and pairs were not redone
+    uninterrupted = train_gapo(cfg, pairs_table(str(round1)), str(tmp_path / "uninterrupted"), root=REPO,
+                               run_name="uninterrupted")
+    resumed = dict(read_safetensors(str(tmp_path / "out" / "align" / "round-1" / "weights")))
+    for name, tensor in read_safetensors(uninterrupted["weights_uri"]):  # as close as `train --resume` requires
+        assert torch.allclose(resumed[name], tensor, rtol=1e-5, atol=1e-7), name
     with open(result.state_uri) as f:
         state = json.load(f)
     assert [(r["index"], r["phase"], r["weights_version"]) for r in state["rounds"]] == [(1, "evaluated", 1), (2, "evaluated", 2)]
@@ -78,9 +103,11 @@ def test_align_killed_after_pairs_resumes_on_policy_and_tracks_everything(ray_cl
     for name, child in children.items():
         assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion"} <= set(child.data.metrics)
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
-        finished = [r for r in gapo if r.info.status == "FINISHED"]
-        assert len(finished) == 1 and len(client.get_metric_history(finished[0].info.run_id, "loss")) == 2, name
-        assert {r.info.status for r in gapo} <= {"FINISHED", "KILLED"}  # a run the dead driver began is closed
+        assert [r.info.status for r in gapo] == ["FINISHED"], name  # round 1's killed training went on in its run
+        losses = client.get_metric_history(gapo[0].info.run_id, "loss")
+        assert sorted(m.step for m in losses) == list(range(1, STEPS + 1)), name  # continued, none logged twice
+        resumed_from = gapo[0].data.metrics["final_resumed_from_update"]
+        assert (resumed_from == max(killed_at)) if name == "round-1" else (resumed_from == 0), (name, resumed_from)
     artifacts = [a.path for a in client.list_artifacts(children["round-1"].info.run_id, "pairs")]
     assert sum(a.endswith("winner-vs-loser.mp4") for a in artifacts) == 1
     assert any(a.startswith("pairs/pairs-") and a.endswith(".parquet") for a in artifacts)
