@@ -1,0 +1,232 @@
+"""Real-size GPU check: CogVideoX-5B I2V and its T5-XXL text encoder, built from their configs with random
+weights (nothing downloaded), run through the project's own generator and GAPO/DeepSpeed code.
+
+Phases, each in its own process (so one phase's GPU memory cannot leak into the next):
+
+- ``generate``: ``anisora_ray.generation.Generator`` renders one 49x480x720 video with CFG
+  (seconds per video, peak GPU memory);
+- ``lora``: ``anisora_ray.gapo.engine.GapoWorker`` with ``configs/deepspeed/zero2_bf16.json``, LoRA
+  r=64 on to_q/to_k/to_v/to_out.0, gradient checkpointing (seconds per pair update, peak memory);
+- ``zero3``: the same worker, full fine-tuning under ``configs/deepspeed/zero3_offload.json``
+  (optimizer state on the host, reference model a partitioned ZeRO-3 engine), and the gathered
+  bucket-by-bucket export of the trained transformer to a folder.
+
+World size 1 (NCCL on a GPU, gloo on the CPU). It imports no Ray: a bare GPU machine with torch,
+diffusers, transformers, peft and DeepSpeed runs it. ``--tiny`` runs the same code at tiny size on the
+CPU in seconds (the test suite does, with Ray made unimportable). Within 8 minutes on one H100::
+
+    python benchmarks/realsize_gpu.py --out /tmp/realsize --json realsize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# THUDM/CogVideoX-5b-I2V, from its published configs (random weights: compute does not depend on them).
+TRANSFORMER_5B_I2V = dict(num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16, num_layers=42,
+                          time_embed_dim=512, text_embed_dim=4096, sample_width=90, sample_height=60, sample_frames=49,
+                          patch_size=2, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+                          use_learned_positional_embeddings=True)
+T5_XXL_ENCODER = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+VAE_5B_I2V = dict(scaling_factor=0.7)  # the rest: AutoencoderKLCogVideoX's defaults are CogVideoX's VAE
+SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                 rescale_betas_zero_snr=True, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+
+
+def build_realsize(folder: str) -> str:
+    """Write a random-init CogVideoX-5B I2V pipeline (bf16, safetensors) to ``folder`` (once)."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: minutes faster than on the host
+        transformer = CogVideoXTransformer3DModel(**TRANSFORMER_5B_I2V).to(torch.bfloat16)
+        text_encoder = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).to(torch.bfloat16)
+        vae = AutoencoderKLCogVideoX(**VAE_5B_I2V).to(torch.bfloat16)
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae,
+                                         transformer=transformer, scheduler=CogVideoXDDIMScheduler(**SCHEDULER))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny(folder: str) -> str:
+    from anisora_ray.config import TinyModelConfig
+    from anisora_ray.models.tiny import save_tiny_i2v_pipeline
+
+    return save_tiny_i2v_pipeline(TinyModelConfig(warm_start_steps=0), 32, 32, 9, folder)
+
+
+def config(args, folder: str, **gapo):
+    from anisora_ray.config import load_config
+
+    size = (["generator.height=32", "generator.width=32", "generator.num_frames=9", "generator.num_inference_steps=3",
+             "model.dtype=float32", "generator.max_sequence_length=128", "generator.device=cpu",
+             "generator.vae_tiling=false", "generator.vae_slicing=false"] if args.tiny else
+            [f"generator.num_inference_steps={args.steps}", "generator.device=cuda"])
+    real = os.path.join(REPO, "configs", "cogvideox5b_i2v.yaml")
+    overrides = [f"model.pretrained={folder}", "run.output_dir=" + os.path.join(args.out, "run"),
+                 "ray.address=null", "generator.candidates_per_prompt=1", *size]
+    overrides += [f"gapo.{k}={v}" for k, v in gapo.items()]
+    return load_config(real, overrides)
+
+
+def _peak_gb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def phase_generate(args) -> dict:
+    import numpy as np
+    import torch
+
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.generator import Generator
+    from anisora_ray.io.video import read_all_frames, write_video
+    from anisora_ray.types import GenerationRequest
+
+    folder = args.model
+    cfg = config(args, folder)
+    item = read_manifest(make_demo_set(os.path.join(args.out, "demo"), num_prompts=1,
+                                       image_size=max(cfg.generator.height, cfg.generator.width), seed=0))[0]
+    began = time.perf_counter()
+    generator = Generator(folder, cfg.model, cfg.generator, cfg.video)
+    load = time.perf_counter() - began
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    began = time.perf_counter()
+    candidates, bad = generator.generate([GenerationRequest(item, (1,))], os.path.join(args.out, "gen"))
+    seconds = time.perf_counter() - began
+    if bad or not candidates:
+        raise RuntimeError(f"generation failed: {bad}")
+    winner = candidates[0].video_uri  # the loser: the same clip reversed (GAPO compute does not depend on content)
+    loser = os.path.join(args.out, "gen", "reversed.mp4")
+    write_video(np.ascontiguousarray(read_all_frames(winner)[::-1]), loser, fps=cfg.generator.fps)
+    row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": winner, "loser_video_uri": loser,
+           "winner_reward": 0.8, "loser_reward": 0.3}
+    with open(os.path.join(args.out, "pair.json"), "w") as f:
+        json.dump(row, f)
+    return {"phase": "generate", "load_s": load, "seconds_per_video": seconds, "steps": cfg.generator.num_inference_steps,
+            "frames": candidates[0].num_frames, "height": candidates[0].height, "width": candidates[0].width,
+            "peak_gpu_gb": _peak_gb()}
+
+
+def _init_distributed(tiny: bool) -> None:
+    import deepspeed
+
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29561")})
+    deepspeed.init_distributed(dist_backend="gloo" if tiny else "nccl")
+
+
+def phase_gapo(args, mode: str) -> dict:
+    import torch
+
+    from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
+
+    _init_distributed(args.tiny)
+    with open(os.path.join(args.out, "pair.json")) as f:
+        row = json.load(f)
+    overrides = {"gradient_accumulation_steps": 1}
+    common = {"gradient_checkpointing": "true", "steps": args.gapo_steps + 1, "cache_latents": "false"}
+    if mode == "lora":
+        cfg = config(args, args.model, deepspeed_config="configs/deepspeed/zero2_bf16.json",
+                     **{"lora.r": 4 if args.tiny else 64, "lora.alpha": 4 if args.tiny else 64}, **common)
+    else:
+        cfg = config(args, args.model, deepspeed_config="configs/deepspeed/zero3_offload.json", **common)
+        if args.tiny:  # at tiny size nothing would be partitioned otherwise
+            overrides["zero_optimization"] = {"stage3_param_persistence_threshold": 0}
+    ds = deepspeed_config(cfg, REPO)
+    ds["gradient_accumulation_steps"] = 1  # one pair per timed update
+    ds["zero_optimization"].update(overrides.get("zero_optimization", {}))
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    began = time.perf_counter()
+    worker = GapoWorker(cfg, args.model, ds, device)
+    load = time.perf_counter() - began
+    encode = worker.prepare([row])
+    worker.train_update()  # warm-up (allocator, kernels)
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    times = []
+    for _ in range(args.gapo_steps):
+        began = time.perf_counter()
+        metrics = worker.train_update()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    peak = _peak_gb()
+    began = time.perf_counter()
+    manifest = worker.export(os.path.join(args.out, f"weights-{mode}"), 512.0 if not args.tiny else 0.02)
+    export = time.perf_counter() - began
+    reference = worker.reference.module
+    partitioned = hasattr(next(iter(getattr(reference, "module", reference).parameters())), "ds_id")
+    return {"phase": mode, "zero_stage": worker.engine.zero_optimization_stage(), "load_s": load, "encode_s": encode,
+            "encoder_loads": worker.encoders.loads, "seconds_per_update": sorted(times)[len(times) // 2],
+            "loss": metrics["loss"], "peak_gpu_gb": peak, "export_s": export, "export_gb": manifest["num_bytes"] / 1e9,
+            "export_files": len(manifest["files"]), "reference": "adapter off" if mode == "lora" else
+            ("ZeRO-3 partitioned engine" if partitioned else "frozen copy")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="/tmp/anisora-realsize")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (what the test suite runs)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the generated video")
+    parser.add_argument("--gapo-steps", type=int, default=2, help="timed GAPO updates after one warm-up")
+    parser.add_argument("--phases", default="generate,lora,zero3")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:  # a child: one phase, one JSON line
+        result = phase_generate(args) if args.phase == "generate" else phase_gapo(args, args.phase)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    began = time.perf_counter()
+    model = os.path.join(args.out, "model")
+    model = build_tiny(model) if args.tiny else build_realsize(model)
+    print(f"model built in {time.perf_counter() - began:.0f}s: {model}", flush=True)
+    rows = []
+    for phase in args.phases.split(","):
+        argv = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--model", model, "--out", args.out,
+                "--steps", str(args.steps), "--gapo-steps", str(args.gapo_steps)] + (["--tiny"] if args.tiny else [])
+        done = subprocess.run(argv, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+            raise SystemExit(f"phase {phase} failed (exit {done.returncode})")
+        rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        print(json.dumps(rows[-1]), flush=True)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
+    print(f"\nreal-size check on {device} ({'tiny' if args.tiny else 'CogVideoX-5B I2V + T5-XXL, random init'}), "
+          f"{time.perf_counter() - began:.0f}s in all")
+    for r in rows:
+        if r["phase"] == "generate":
+            print(f"  generate: {r['seconds_per_video']:.1f} s per {r['frames']}x{r['height']}x{r['width']} video at "
+                  f"{r['steps']} steps, peak {r['peak_gpu_gb']:.1f} GB")
+        else:
+            print(f"  {r['phase']} (ZeRO-{r['zero_stage']}, reference: {r['reference']}): {r['seconds_per_update']:.2f} s "
+                  f"per pair update, peak {r['peak_gpu_gb']:.1f} GB; export {r['export_gb']:.2f} GB in "
+                  f"{r['export_files']} file(s), {r['export_s']:.1f}s; encoders loaded {r['encoder_loads']}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
