@@ -210,8 +210,13 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             rs.phase = "trained"
             state.save(state_uri)
         if not rs.reached("refreshed"):
-            workers.start(state.latest_weights())
-            version, reports = workers.replicas.refresh_from(rs.weights_uri)  # next version, streamed from storage
+            if workers.replicas is None:  # shared placement: start the replicas straight at the new weights
+                previous = state.latest_weights()
+                workers.start(None)
+                version, reports = workers.replicas.refresh_from(rs.weights_uri,
+                                                                 (previous.weights_version if previous else 0) + 1)
+            else:  # the next version, streamed from storage by every replica
+                version, reports = workers.replicas.refresh_from(rs.weights_uri)
             rs.weights_version = version.version
             rs.metrics.update({"refresh_seconds": max(r["seconds"] for r in reports), "refresh_mb": version.num_bytes / 1e6})
             if cfg.loop.registered_model:
