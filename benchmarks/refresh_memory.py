@@ -54,7 +54,6 @@ class PeakRss:
 
 def write_trained(pretrained: str, uri: str, shard_mb: float) -> dict:
     """A perturbed copy of the pipeline's transformer, written as the GAPO ranks write it."""
-    import torch
     from diffusers import CogVideoXTransformer3DModel
 
     from anisora_ray.gapo.export import plan

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import time
 
@@ -27,7 +26,6 @@ from anisora_ray.gapo.export import export_weights, publish_live
 from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 
-log = logging.getLogger(__name__)
 
 
 def _merge(base: dict, overrides: dict) -> dict:

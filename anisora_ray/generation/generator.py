@@ -10,7 +10,6 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
