@@ -236,6 +236,10 @@ class GapoConfig(Section):
     gradient_checkpointing: bool = False
     learning_rate: float | None = Field(default=None, gt=0)  # overrides the DeepSpeed JSON's optimizer/scheduler lr
     lora: LoraConfig = LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # r > 0: train an adapter
+    # Full fine-tuning's frozen reference: "partitioned" = a ZeRO-3 inference engine whose parameters are
+    # sliced across the workers (whatever the training stage); "copy" = a frozen copy on every worker.
+    reference: Literal["partitioned", "copy"] = "partitioned"
+    reference_offload: bool = False  # partitioned reference: parameters on the host (ZeRO-3 offload_param)
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps between checkpoints (0: the last step only)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     cache_latents: bool = True  # VAE / text-encoder outputs cached under <output_dir>/latent-cache

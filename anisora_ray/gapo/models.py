@@ -4,9 +4,11 @@
   :class:`Encoders` loads them the first time a latent is missing from the cache and releases them
   once the worker's pairs are encoded; with a warm cache they are never loaded.
 - Full fine-tuning compares against a frozen reference loaded from storage (never a deep copy of
-  the policy): under ZeRO-3 it is a parameter-partitioned DeepSpeed inference engine (offloaded to
-  the host when the training JSON offloads parameters), otherwise a frozen copy in the training
-  precision. LoRA compares against its own transformer with the adapter disabled.
+  the policy): by default a ZeRO-3 DeepSpeed inference engine whose parameters are sliced across the
+  workers whatever the training stage (1/N of the model per GPU; on the host with
+  ``gapo.reference_offload`` or the JSON's ``offload_param``), or with ``gapo.reference: copy`` a
+  frozen copy on every worker in the training precision (fastest, most memory). LoRA compares
+  against its own transformer with the adapter disabled.
 """
 
 from __future__ import annotations
@@ -109,15 +111,15 @@ def training_dtype(ds_config: dict, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype
 
 
-def reference_config(ds_config: dict) -> dict:
-    """DeepSpeed config of the frozen reference: no optimizer; ZeRO-3 (partitioned, parameter offload
-    as the training JSON says) when training is ZeRO-3, else stage 0 (TRL's ``prepare_deepspeed`` rule)."""
+def reference_config(ds_config: dict, offload: bool = False) -> dict:
+    """DeepSpeed config of the partitioned frozen reference: ZeRO-3 without optimizer, whatever the training
+    stage; ZeRO-3 tuning keys and parameter offload as the training JSON has them (``offload`` forces it)."""
     ref = {k: copy.deepcopy(v) for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-    zero = ref.setdefault("zero_optimization", {})
-    if zero_stage(ds_config) != 3:
-        ref["zero_optimization"] = {"stage": 0}
-    else:
-        zero.pop("offload_optimizer", None)
+    train_zero = ds_config.get("zero_optimization", {})
+    zero = {k: copy.deepcopy(v) for k, v in train_zero.items() if k.startswith("stage3_") or k == "offload_param"}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ref["zero_optimization"] = {"stage": 3, **zero}
     return ref
 
 
@@ -144,13 +146,13 @@ def build_reference(engine, pretrained: str, cfg: AnisoraConfig, ds_config: dict
     dtype = training_dtype(ds_config, DTYPES[cfg.model.dtype])
     if cfg.gapo.lora.r > 0:
         return FrozenReference(engine.module, dtype, adapter_off=True)
-    zero3 = zero_stage(ds_config) == 3
-    transformer = load_transformer_pipeline(pretrained, cfg, "cpu" if zero3 else device).transformer
+    partitioned = cfg.gapo.reference == "partitioned"
+    transformer = load_transformer_pipeline(pretrained, cfg, "cpu" if partitioned else device).transformer
     transformer.requires_grad_(False)
     if init_uri:
         load_folder(transformer, init_uri)
-    if not zero3:
+    if not partitioned:
         return FrozenReference(transformer.to(device=device, dtype=dtype), dtype)
-    ref_engine, *_ = deepspeed.initialize(model=transformer, config=reference_config(ds_config))
+    ref_engine, *_ = deepspeed.initialize(model=transformer, config=reference_config(ds_config, cfg.gapo.reference_offload))
     ref_engine.eval()
     return FrozenReference(ref_engine, dtype)

@@ -1,0 +1,70 @@
+"""Full fine-tuning's frozen reference under ZeRO-2 training: a partitioned ZeRO-3 engine (the default) gives
+the same prediction errors as a frozen copy, and holds no whole parameter outside its forward. Runs
+GapoWorker in a child process (world size 1, gloo) so no process group is left in the test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import LOCAL_CONFIG, REPO
+
+CHILD = textwrap.dedent("""
+    import json, os, sys, numpy as np, torch
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29587", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    import deepspeed
+    deepspeed.init_distributed("gloo")
+    from anisora_ray.config import load_config
+    from anisora_ray.gapo.diffusion import prediction_errors
+    from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
+    from anisora_ray.io.video import write_video
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.data.manifest import read_manifest
+    out, config, root, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    rng = np.random.default_rng(0)
+    for name in ("w", "l"):
+        write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), f"{out}/{name}.mp4", fps=8)
+    item = read_manifest(make_demo_set(f"{out}/demo", num_prompts=1, image_size=64, seed=0))[0]
+    row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": f"{out}/w.mp4",
+           "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1}
+    result = {}
+    for kind in ("partitioned", "copy"):
+        cfg = load_config(config, overrides + [f"gapo.reference={kind}", "gapo.steps=1"])
+        worker = GapoWorker(cfg, resolve_pretrained(cfg.model, cfg.generator), deepspeed_config(cfg, root), torch.device("cpu"))
+        worker.prepare([row])
+        batch = worker.encoder.batch([row])
+        noise = torch.randn(batch.winner.shape, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([500])
+        rotary = None
+        with torch.no_grad():
+            ew, el = prediction_errors(worker.reference, worker.pipe.scheduler, batch, noise, t, rotary)
+        module = getattr(worker.reference.module, "module", worker.reference.module)
+        params = list(module.parameters())
+        result[kind] = {"errors": [float(ew[0]), float(el[0])],
+                        "stage": worker.engine.zero_optimization_stage(),
+                        "whole_params": sum(p.numel() for p in params),
+                        "full_params": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
+    print("RESULT " + json.dumps(result))
+""")
+
+
+def test_a_partitioned_reference_equals_a_frozen_copy_and_holds_no_whole_parameter(tmp_path, model_cache):
+    from tests.conftest import config_overrides
+
+    overrides = [o for o in config_overrides(tmp_path, model_cache)] + [
+        "gapo.deepspeed_config=configs/deepspeed/zero2.json",
+        "gapo.deepspeed_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), LOCAL_CONFIG, REPO, json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    part, full = result["partitioned"], result["copy"]
+    assert part["stage"] == full["stage"] == 2  # the policy trains under ZeRO-2 either way
+    assert part["full_params"] == full["full_params"] == full["whole_params"] > 0
+    assert part["whole_params"] == 0  # every reference parameter is a ZeRO-3 partition outside the forward
+    assert part["errors"] == full["errors"]  # gathered on demand, it computes what the copy computes
