@@ -80,3 +80,33 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
     _, other = encoder("another-model", str(tmp_path / "cache"))
     other.batch([row])
     assert other.hits == 0  # the key includes the encoder's identity
+
+
+def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them(make_config, tmp_path):
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.gapo.models import Encoders
+    from anisora_ray.io.video import write_video
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = make_config()
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    item = read_manifest(make_demo_set(str(tmp_path / "demo"), num_prompts=1, image_size=64, seed=0))[0]
+    rng = np.random.default_rng(0)
+    for name in ("w", "l"):
+        write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video at all" * 50)
+    good = {"prompt_id": "good", "prompt": item.prompt, "image_uri": item.image_uri,
+            "winner_video_uri": str(tmp_path / "w.mp4"), "loser_video_uri": str(tmp_path / "l.mp4"),
+            "winner_reward": 0.8, "loser_reward": 0.2}
+    missing = {**good, "prompt_id": "missing", "winner_video_uri": str(tmp_path / "nowhere.mp4")}
+    corrupt = {**good, "prompt_id": "corrupt", "loser_video_uri": str(tmp_path / "garbage.mp4")}
+    no_image = {**good, "prompt_id": "no-image", "image_uri": str(tmp_path / "nowhere.png")}
+    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), pretrained, 32, 32, 128)
+    bad = encoder.prefetch([good, missing, corrupt, no_image])
+    named = {row["prompt_id"]: record for row, record in bad}
+    assert set(named) == {"missing", "corrupt", "no-image"}
+    assert named["missing"].uri.endswith("nowhere.mp4") and named["corrupt"].uri.endswith("garbage.mp4")
+    assert named["corrupt"].reason == "VideoDecodeError" and named["no-image"].uri.endswith("nowhere.png")
+    assert all(r.stage == "gapo" and r.detail for r in named.values())
+    assert encoder.batch([good]).winner.shape[0] == 1  # the good pair is encoded and kept

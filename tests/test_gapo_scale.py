@@ -97,9 +97,22 @@ def test_zero3_lora_exports_whole_adapter_tensors_and_replicas_load_them(gapo_pa
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.weights.folder import read_manifest, read_safetensors
 
+    import pyarrow as pa
+
+    from anisora_ray.io import fs
+    from anisora_ray.types import QuarantineRecord
+
     cfg = gapo_pairs["make"](*ZERO3, "gapo.steps=3", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2",
                              "generator.replicas=2", "generator.candidates_per_prompt=1")
-    result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "zero3-lora"), root=REPO, run_name="zero3-lora")
+    table = gapo_pairs["table"]  # plus a pair whose winner video is gone: quarantined, training goes on
+    lost = str(gapo_pairs["root"] / "gone" / "winner.mp4")
+    broken = {**table.slice(0, 1).to_pylist()[0], "prompt_id": "zz-broken", "winner_video_uri": lost}
+    table = pa.concat_tables([table, pa.Table.from_pylist([broken], schema=table.schema)])
+    result = train_gapo(cfg, table, str(gapo_pairs["root"] / "zero3-lora"), root=REPO, run_name="zero3-lora")
+    assert result["quarantined_pairs"] == 1
+    records = QuarantineRecord.from_table(pa.concat_tables(
+        [fs.read_table(fs.join(result["quarantine_uri"], n)) for n in sorted(os.listdir(result["quarantine_uri"]))]))
+    assert [(q.item_id, q.uri, q.stage) for q in records] == [("zz-broken", lost, "gapo")] and records[0].reason
     manifest = read_manifest(result["weights_uri"])
     adapter = dict(read_safetensors(result["weights_uri"]))
     assert manifest["kind"] == "lora" and manifest["num_tensors"] == len(adapter) > 0

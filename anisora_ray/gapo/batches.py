@@ -19,9 +19,11 @@ import pyarrow as pa
 import torch
 
 from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos
+from anisora_ray.errors import ImageLoadError, VideoDecodeError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_all_frames
+from anisora_ray.types import QuarantineRecord
 
 REQUIRED = ("prompt", "image_uri", "winner_video_uri", "loser_video_uri", "winner_reward", "loser_reward")
 
@@ -102,12 +104,22 @@ class PairEncoder:
         return self._cached(self._key(f"prompt{self.text_length}", text.encode()),
                             lambda: encode_prompts(self.encoders(), [text], self.text_length)[0])
 
-    def prefetch(self, rows: list[dict], on_progress=None) -> None:
-        """Encode every row once (memory, cache or encoders), so training needs no encoder."""
+    def prefetch(self, rows: list[dict], on_progress=None) -> list[tuple[dict, QuarantineRecord]]:
+        """Encode every row once (memory, cache or encoders), so training needs no encoder. Each pair
+        whose video or image is missing, unreadable or of another shape comes back with a quarantine
+        record naming the file and the reason (the caller drops it and trains on the rest)."""
+        bad = []
         for done, row in enumerate(rows, 1):
-            self.batch([row])
+            try:
+                self.batch([row])
+            except (VideoDecodeError, ImageLoadError, FileNotFoundError, ValueError) as exc:
+                culprit = getattr(exc, "uri", None) or getattr(exc, "filename", None) or row["winner_video_uri"]
+                bad.append((row, QuarantineRecord(stage="gapo", reason=type(exc).__name__, uri=str(culprit),
+                                                  item_id=str(row.get("prompt_id") or row["winner_video_uri"]),
+                                                  detail=str(exc)[:2000])))
             if on_progress:
                 on_progress(done, len(rows))
+        return bad
 
     def batch(self, rows: list[dict]) -> PairLatents:
         winners = torch.stack([self.video(r["winner_video_uri"]) for r in rows])

@@ -104,6 +104,7 @@ class GapoWorker:
                                    cfg.generator.height, cfg.generator.width,
                                    self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device)
         self.rows: list[dict] = []
+        self.quarantined: list = []  # QuarantineRecords of pairs dropped for bad content
         self.update = 0  # optimizer updates done
         self.resumed_from = 0  # the update this attempt restored (0: started fresh)
         self.rotary = None
@@ -121,10 +122,16 @@ class GapoWorker:
         """Take this rank's rows and encode the ones the remaining updates use; the VAE and text
         encoder are loaded only for latents missing from the cache and released afterwards."""
         began = time.perf_counter()
-        self.rows = rows
+        self.rows = list(rows)
         first, last = self.update * self.accumulation, self.cfg.gapo.steps * self.accumulation
-        needed = {id(r): r for i in range(first, last) for r in self.batch_rows(i)}
-        self.encoder.prefetch(list(needed.values()), on_progress)
+        while True:  # a quarantined pair changes which rows the updates use: until every used row encodes
+            needed = {id(r): r for i in range(first, last) for r in self.batch_rows(i)}
+            bad = self.encoder.prefetch(list(needed.values()), on_progress)
+            if not bad:
+                break
+            self.quarantined += [record for _, record in bad]
+            dropped = {id(row) for row, _ in bad}
+            self.rows = [r for r in self.rows if id(r) not in dropped]
         self.encoders.release()
         return time.perf_counter() - began
 
@@ -166,7 +173,12 @@ class GapoWorker:
 
     def step_metrics(self, local: dict[str, float]) -> dict[str, float]:
         """Metrics of the update just made, averaged over ranks (a collective)."""
-        return {**mean_over_workers(local, self.device), "lr": float(self.engine.get_lr()[0]), "step": self.update,
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        averaged = mean_over_workers({**local, "quarantined_pairs": float(len(self.quarantined))}, self.device)
+        averaged["quarantined_pairs"] = round(averaged["quarantined_pairs"] * world)  # a sum over the ranks
+        return {**averaged, "lr": float(self.engine.get_lr()[0]), "step": self.update,
                 "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation, "resumed_from_update": self.resumed_from,
                 "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
                 "encoder_loads": self.encoders.loads}

@@ -102,6 +102,14 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("GAPO resumes after update %d of %d", worker.update, g.steps)
     worker.prepare(_load_rows(rank, world))
+    if worker.quarantined:  # pairs whose videos or images cannot be read: recorded with the reason, not trained on
+        from anisora_ray.io import fs
+        from anisora_ray.types import QuarantineRecord
+
+        uri = fs.join(config["quarantine_uri"], f"rank-{rank}.parquet")
+        fs.write_table(QuarantineRecord.to_table(worker.quarantined), uri)
+        log.warning("rank %d: %d pair(s) quarantined (%s), listed in %s", rank, len(worker.quarantined),
+                    "; ".join(f"{q.uri}: {q.reason}" for q in worker.quarantined[:3]), uri)
     logger = StepLogger(*config["mlflow"]) if rank == 0 and config.get("mlflow") else None
     refresh = config.get("refresh")
     metrics, trained = restored, False
@@ -159,13 +167,15 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     init_ray(cfg.ray)
     output = fs.normalize(cfg.run.output_dir)
     out_uri = out_uri or fs.join(output, "gapo", "weights")
+    name = storage_name or f"{run_name}-{os.getpid()}-{int(time.time())}"
+    quarantine_uri = fs.join(output, "gapo-quarantine", name)  # pairs a worker could not read, per rank
     with mlflow_run(cfg, run_name, parent_run_id=parent_run_id, tags={"anisora.stage": "gapo"},
                     run_id=mlflow_run_id) as run:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
                                "deepspeed": ds_config, "init_uri": init_uri, "resume_from": resume_from,
-                               "out_uri": out_uri,
+                               "out_uri": out_uri, "quarantine_uri": quarantine_uri,
                                "refresh": {"actors": list(replicas), "base_version": replicas_version,
                                            "bucket_mb": g.refresh_bucket_mb} if replicas and g.refresh_every else None,
                                "cache_uri": fs.join(output, "latent-cache"),
@@ -174,7 +184,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                                    resources_per_worker={"CPU": g.cpus_per_worker}),
             datasets={"pairs": ray.data.from_arrow(table)},
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-            run_config=ray.train.RunConfig(name=storage_name or f"{run_name}-{os.getpid()}-{int(time.time())}",
+            run_config=ray.train.RunConfig(name=name,
                                            storage_path=fs.join(output, "ray-train"),
                                            failure_config=ray.train.FailureConfig(max_failures=g.max_failures),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
@@ -188,4 +198,5 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
         log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
         checkpoints = {int(m["step"]): c.path for c, m in (result.best_checkpoints or []) if "step" in m}
         return {**result.metrics, "weights_uri": out_uri, "kind": manifest["kind"], "weights_checksum": manifest["checksum"],
+                "quarantine_uri": quarantine_uri,
                 "checkpoint_uri": result.checkpoint.path, "checkpoints": checkpoints, "mlflow_run_id": run.info.run_id}
