@@ -39,3 +39,9 @@ class ReplicaError(AnisoraError, RuntimeError):
 
 class WeightsError(AnisoraError, RuntimeError):
     """A weights file or transfer is unusable, or a replica did not load the weights it was sent."""
+
+
+class InfrastructureError(AnisoraError, RuntimeError):
+    """A component (replica, reward actor, worker) kept failing after its restarts and retries.
+
+    Not a verdict on the content: the items it was working on are left for ``--resume``."""

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from anisora_ray.config import RayConfig
+from anisora_ray.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +50,48 @@ def actor_placement() -> dict:
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "pid": os.getpid(),
     }
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[-1] if text else "")[:300]
+
+
+def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str, retries: int, timeout_s: float | None = None,
+                      on_timeout: Callable[[], None] | None = None, first: ray.ObjectRef | None = None,
+                      restart_wait_s: float = 600.0) -> tuple[Any, int]:
+    """``ray.get(submit())``, submitted again after an infrastructure failure: the actor died or is
+    restarting (waited for up to ``restart_wait_s``, not counted), the call raised, or it ran past ``timeout_s`` (``on_timeout`` runs first, e.g. kill
+    the actor so Ray restarts it). Returns (result, times the call was sent again); after ``retries`` more tries raises
+    :class:`InfrastructureError` naming ``what`` and the last error. Content failures must come back
+    as values (quarantine records, NaN scores), not as exceptions."""
+    last: BaseException | None = None
+    ref = first
+    attempt = resent = 0
+    restarting_since = None
+    while attempt <= retries:
+        if ref is None:
+            ref = submit()
+        try:
+            return ray.get(ref, timeout=timeout_s), resent
+        except ray.exceptions.ActorUnavailableError as exc:  # restarting: wait for it, this is not a new failure
+            restarting_since = restarting_since or time.monotonic()
+            if time.monotonic() - restarting_since < restart_wait_s:
+                ref, resent = None, resent + 1
+                time.sleep(0.5)
+                continue
+            last = exc
+        except ray.exceptions.GetTimeoutError as exc:
+            last = exc
+            log.warning("%s: no answer within %.0fs (try %d of %d)", what, timeout_s, attempt + 1, retries + 1)
+            if on_timeout is not None:
+                on_timeout()
+        except Exception as exc:  # noqa: BLE001 - dead actor, unavailable actor, or an error raised by the call
+            last = exc
+            log.warning("%s failed (try %d of %d): %s: %s", what, attempt + 1, retries + 1, type(exc).__name__,
+                        first_line(exc))
+        ref, restarting_since, resent = None, None, resent + 1
+        time.sleep(min(5.0, 0.2 * 2**attempt))
+        attempt += 1
+    raise InfrastructureError(f"{what} failed {retries + 1} time(s); last error: {type(last).__name__}: "
+                              f"{first_line(last)}")

@@ -84,6 +84,10 @@ class GeneratorConfig(Section):
     torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
     vae_slicing: bool = False
     vae_tiling: bool = False
+    # Infrastructure failures (a replica process or node dies, a call hangs) are retried, not quarantined:
+    max_restarts: int = Field(default=3, ge=-1)  # Ray restarts a dead replica this often (-1: always)
+    call_timeout_s: float | None = Field(default=1800.0, gt=0)  # a call past this: the replica is killed and restarted
+    call_retries: int = Field(default=3, ge=0)  # a failed or timed-out call is sent again this often, then the run fails
 
     @field_validator("height", "width")
     @classmethod
@@ -198,6 +202,9 @@ class RewardConfig(Section):
     dimensions: RewardDimensionsConfig = RewardDimensionsConfig()
     batch_size: int = Field(default=8, ge=1)  # clips decoded once and scored on every dimension per call
     batches_in_flight: int = Field(default=2, ge=1)
+    max_restarts: int = Field(default=3, ge=-1)  # persistent reward actors: Ray restarts a dead one this often
+    batch_timeout_s: float | None = Field(default=600.0, gt=0)  # a batch past this: the actor is killed and restarted
+    batch_retries: int = Field(default=3, ge=0)  # a failed or timed-out batch is scored again this often, then the run fails
     training: RewardTrainingConfig = RewardTrainingConfig()
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
-from anisora_ray.errors import WeightsError
+from anisora_ray.errors import AnisoraError, WeightsError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
@@ -25,6 +25,7 @@ from anisora_ray.weights.state import Bucket, bucket_tensors
 from anisora_ray.weights.update import UpdateMeta, load_update, read_folder
 
 log = logging.getLogger(__name__)
+CONTENT_ERRORS = (AnisoraError, ValueError)  # failures of the item itself; everything else is infrastructure
 
 
 def video_uri(out_dir: str, prompt_id: str, seed: int) -> str:
@@ -126,10 +127,12 @@ class Generator:
         return to_uint8(np.asarray(out.frames))
 
     def generate(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[QuarantineRecord]]:
-        """Candidates for every request; a request that fails is quarantined and the others go on."""
+        """Candidates for every request; a request whose input is bad (``CONTENT_ERRORS``: a missing or
+        unreadable image, a bad value) is quarantined and the others go on. Anything else (CUDA or host
+        out of memory, a broken device, a full disk) is raised: the caller retries it elsewhere or later."""
         try:
             return self._generate(requests, out_dir), []
-        except Exception as exc:  # noqa: BLE001 - any failure quarantines the item, with its reason
+        except CONTENT_ERRORS as exc:
             if len(requests) == 1:
                 return [], [self._quarantine(requests[0], exc)]
             log.warning("batch of %d prompts failed (%s); retrying one by one", len(requests), exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -10,16 +11,42 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from anisora_ray.config import ActorResources, AnisoraConfig
-from anisora_ray.errors import ConfigError, ReplicaError, WeightsError
+from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.runtime import actor_placement
+from anisora_ray.runtime import actor_placement, first_line
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
-from anisora_ray.weights.update import UpdateMeta
+from anisora_ray.weights.update import UpdateMeta, folder_update
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class WeightsLedger:
+    """The weights the replicas were last refreshed to from storage: a restarted replica loads them."""
+
+    def __init__(self) -> None:
+        self.meta: UpdateMeta | None = None
+
+    def set(self, meta: UpdateMeta) -> None:
+        self.meta = meta
+
+    def latest(self) -> UpdateMeta | None:
+        return self.meta
 
 
 class GeneratorActor(Generator):
-    """The Ray-hosted generator; adds what only Ray knows (node, GPU ids, actor id)."""
+    """The Ray-hosted generator; adds what only Ray knows (node, GPU ids, actor id).
+
+    Ray restarts a dead replica (``generator.max_restarts``) by running this constructor again: it
+    then loads the weights of the ledger's latest refresh, so a restarted replica never generates
+    with the base weights unnoticed."""
+
+    def __init__(self, pretrained, model, generator, video, ledger=None):
+        super().__init__(pretrained, model, generator, video)
+        meta = ray.get(ledger.latest.remote()) if ledger is not None else None
+        if meta is not None:
+            self.load_weights_from(meta)
 
     def placement(self) -> dict:
         return {
@@ -59,13 +86,15 @@ class GeneratorReplicas:
                 f"within {ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}"
             ) from None
         remote = ray.remote(GeneratorActor)
+        self.ledger = WeightsLedger.remote()
         self.actors = [
             remote.options(
                 num_cpus=g.actor.num_cpus,
                 num_gpus=g.actor.num_gpus,
                 resources=dict(g.actor.resources),
+                max_restarts=g.max_restarts,  # calls are sent again by the caller (counted), not by Ray
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(pretrained, cfg.model, g, cfg.video)
+            ).remote(pretrained, cfg.model, g, cfg.video, self.ledger)
             for i in range(g.replicas)
         ]
         self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
@@ -95,6 +124,7 @@ class GeneratorReplicas:
         lagging = [i for i, v in enumerate(self.weights_versions()) if v != version]
         if lagging:
             raise WeightsError(f"replica(s) {lagging} did not reach weights version {version}")
+        ray.get(self.ledger.set.remote(UpdateMeta(record, folder_update(uri, version).lora)))
         return record, reports
 
     def generate(
@@ -114,6 +144,7 @@ class GeneratorReplicas:
         candidates: list[Candidate] = []
         quarantined: list[QuarantineRecord] = []
         limit = self.cfg.generator.max_calls_in_flight
+        failures: dict[int, int] = {}
         while pending or in_flight:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
@@ -123,7 +154,19 @@ class GeneratorReplicas:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])
             load[replica] -= 1
-            got, bad = ray.get(done[0])
+            try:
+                got, bad = ray.get(done[0])
+            except Exception as exc:  # noqa: BLE001 - the replica died or failed: the chunk is sent again
+                key = id(chunk)
+                failures[key] = failures.get(key, 0) + 1
+                if failures[key] > self.cfg.generator.call_retries:
+                    raise InfrastructureError(f"generator replica {replica} failed {failures[key]} time(s) on prompts "
+                                              f"{[r.item.prompt_id for r in chunk]}: {type(exc).__name__}: "
+                                              f"{first_line(exc)}") from None
+                log.warning("generator replica %d failed (%s: %s); sending its prompts again", replica,
+                            type(exc).__name__, first_line(exc))
+                pending.appendleft(chunk)
+                continue
             candidates += got
             quarantined += bad
             if on_progress:
@@ -132,7 +175,7 @@ class GeneratorReplicas:
         return candidates, quarantined
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in [*self.actors, self.ledger]:
             ray.kill(actor)
         remove_placement_group(self.pg)
         self.actors = []

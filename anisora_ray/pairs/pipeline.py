@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 
 from anisora_ray.config import AnisoraConfig, DimensionConfig, VideoConfig
-from anisora_ray.errors import ImageLoadError, VideoDecodeError
+from anisora_ray.errors import ImageLoadError, InfrastructureError, VideoDecodeError
 from anisora_ray.generation.seeding import build_requests
 from anisora_ray.io import fs
 from anisora_ray.pairs.select import select_pair
@@ -31,6 +31,7 @@ from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.base import ClipBatch
 from anisora_ray.reward.stage import decode_one
+from anisora_ray.runtime import call_with_retries, first_line
 from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
 
 if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
@@ -54,9 +55,9 @@ class _Counter:
 class GenerateOnReplicas:
     """Ray Data stage: sends its batches of (prompt, seed) rows to one persistent generator replica."""
 
-    def __init__(self, replicas: list, counter, out_dir: str):
-        self.replica = replicas[ray.get(counter.next.remote()) % len(replicas)]
-        self.out_dir = out_dir
+    def __init__(self, replicas: list, counter, out_dir: str, timeout_s: float | None = None, retries: int = 0):
+        self.index = ray.get(counter.next.remote()) % len(replicas)
+        self.replica, self.out_dir, self.timeout_s, self.retries = replicas[self.index], out_dir, timeout_s, retries
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -66,7 +67,9 @@ class GenerateOnReplicas:
             items[r["prompt_id"]] = PromptItem(r["prompt_id"], r["prompt"], r["image_uri"], r.get("character_id"))
             seeds[r["prompt_id"]].append(int(r["seed"]))
         requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
-        candidates, quarantined = ray.get(self.replica.generate.remote(requests, self.out_dir))
+        (candidates, quarantined), retried = call_with_retries(  # a dead or hung replica is restarted, the call sent again
+            lambda: self.replica.generate.remote(requests, self.out_dir), what=f"generator replica {self.index}",
+            retries=self.retries, timeout_s=self.timeout_s, on_timeout=lambda: ray.kill(self.replica, no_restart=False))
         made = {(c.prompt_id, c.seed): c for c in candidates}
         failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
         out, errors = [], []
@@ -79,7 +82,8 @@ class GenerateOnReplicas:
                               character_id=r.get("character_id"))
             out.append(c)
             errors.append("" if (c.prompt_id, c.seed) in made else failed.get(c.prompt_id, "generation failed"))
-        return Candidate.to_table(out).append_column("error", pa.array(errors, pa.string()))
+        return (Candidate.to_table(out).append_column("error", pa.array(errors, pa.string()))
+                .append_column("retries", pa.array([retried] * len(out), pa.int64())))
 
 
 def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndarray]:
@@ -123,18 +127,22 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 class ScoreDimension:
     """Ray Data stage: one reward dimension over the decoded clips of a batch (error rows get NaN)."""
 
-    def __init__(self, name: str, dimension: dict, last: bool = False):
-        self.name, self.last = name, last  # the last stage drops the clips: they go no further
+    def __init__(self, name: str, dimension: dict, last: bool = False, retries: int = 0):
+        self.name, self.last, self.retries = name, last, retries  # the last stage drops the clips: they go no further
         self.scorer = DimensionScorer(name, DimensionConfig.model_validate(dimension))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
         scores = np.full(len(batch["error"]), np.nan)
-        if ok:
-            try:
+        for attempt in range(self.retries + 1) if ok else ():
+            try:  # a non-finite score is content (quarantined downstream); an exception is infrastructure
                 scores[ok] = self.scorer.score(_clip_batch(batch, ok))
-            except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, with the dimension named
-                log.exception("%s failed on a batch of %d clips; their scores are NaN", self.name, len(ok))
+                break
+            except Exception as exc:  # noqa: BLE001 - retried, then the run fails naming the dimension
+                if attempt == self.retries:
+                    raise InfrastructureError(f"reward dimension {self.name} failed {attempt + 1} time(s) on a batch of "
+                                              f"{len(ok)} clips: {type(exc).__name__}: {first_line(exc)}") from exc
+                log.warning("%s failed on a batch of %d clips (%s); scoring it again", self.name, len(ok), exc)
         out = {k: v for k, v in batch.items() if not (self.last and k in ("frames", "image"))}
         out[f"{self.name}_raw"] = scores
         return out
@@ -144,8 +152,8 @@ class ScoreOnActors:
     """Ray Data stage ("actors" mode): a batch goes to the object store once and to every dimension's
     persistent actor pool in parallel; the scores come back as ``<dim>_raw`` columns."""
 
-    def __init__(self, pools: dict[str, list]):
-        self.pools = pools
+    def __init__(self, pools: dict[str, list], timeout_s: float | None = None, retries: int = 0):
+        self.pools, self.timeout_s, self.retries = pools, timeout_s, retries
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -153,17 +161,20 @@ class ScoreOnActors:
         ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
         out = {k: v for k, v in batch.items() if k not in ("frames", "image")}
         scores = {name: np.full(n, np.nan) for name in self.pools}
+        retried = 0
         if ok:
             clips = ray.put(_clip_batch(batch, ok))
-            refs = {name: pool[self.calls % len(pool)].score.remote(clips) for name, pool in self.pools.items()}
+            actors = {name: pool[self.calls % len(pool)] for name, pool in self.pools.items()}
+            refs = {name: actor.score.remote(clips) for name, actor in actors.items()}  # all dimensions in parallel
             self.calls += 1
-            for name, ref in refs.items():
-                try:
-                    scores[name][ok] = ray.get(ref)
-                except Exception:  # noqa: BLE001 - NaN quarantines these candidates downstream, naming the dimension
-                    log.exception("%s failed on a batch of %d clips; their scores are NaN", name, len(ok))
+            for name, actor in actors.items():  # a dead or hung actor is restarted (max_restarts), the batch sent again
+                scores[name][ok], tries = call_with_retries(
+                    lambda a=actor: a.score.remote(clips), first=refs[name], what=f"reward actor {name}",
+                    retries=self.retries, timeout_s=self.timeout_s, on_timeout=lambda a=actor: ray.kill(a, no_restart=False))
+                retried += tries
         for name, values in scores.items():
             out[f"{name}_raw"] = values
+        out["retries"] = np.asarray(batch["retries"]) + retried if "retries" in batch else np.full(n, retried)
         return out
 
 
@@ -178,7 +189,8 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
     ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
-                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir},
+                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir,
+                                               "timeout_s": g.call_timeout_s, "retries": g.call_retries},
                         compute=ray.data.ActorPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0.01)
     return score_stream(cfg, ds, reward_actors)
 
@@ -192,7 +204,8 @@ def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset, reward_actors=None) -
                         compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
     if reward_actors is not None:
         ds = ds.map_batches(ScoreOnActors, batch_format="numpy", batch_size=cfg.reward.batch_size, num_cpus=0.01,
-                            fn_constructor_kwargs={"pools": reward_actors.pools},
+                            fn_constructor_kwargs={"pools": reward_actors.pools, "timeout_s": cfg.reward.batch_timeout_s,
+                                                   "retries": cfg.reward.batch_retries},
                             compute=ray.data.ActorPoolStrategy(size=p.reward_forwarders))
         return ds
     dims = cfg.reward.dimensions.as_dict()
@@ -200,7 +213,8 @@ def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset, reward_actors=None) -
     for name in names:
         d = dims[name]
         ds = ds.map_batches(ScoreDimension, batch_format="numpy", batch_size=d.batch_size or cfg.reward.batch_size,
-                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump(), "last": name == names[-1]},
+                            fn_constructor_kwargs={"name": name, "dimension": d.model_dump(), "last": name == names[-1],
+                                                   "retries": cfg.reward.batch_retries},
                             compute=ray.data.ActorPoolStrategy(size=d.replicas),
                             num_cpus=d.actor.num_cpus, num_gpus=d.actor.num_gpus or None, resources=dict(d.actor.resources) or None)
     return ds
@@ -220,6 +234,7 @@ class PairsResult:
     already_done: int  # prompts found paired or skipped before this run
     candidates: int
     quarantined_candidates: int
+    retried_candidates: int = 0  # candidates whose generation or scoring was sent again after an infrastructure failure
 
 
 def score_group(rows: list[dict], aggregator: RewardAggregator) -> list[ScoredCandidate]:
@@ -279,18 +294,21 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
             writer.flush()
 
     with tqdm(total=total, desc="pairs", unit="prompt", disable=not progress) as bar:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                group = groups[row["prompt_id"]]
-                group.append(row)
-                if len(group) >= (expected or {}).get(row["prompt_id"], k):
-                    finish(row["prompt_id"], groups.pop(row["prompt_id"]), bar)
-        for prompt_id, rows in groups.items():  # fewer than K rows: pair what arrived, and say so
-            log.warning("prompt %s: only %d candidate(s) arrived", prompt_id, len(rows))
-            finish(prompt_id, rows, bar)
-        writer.flush()
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.to_pylist():
+                    counts["retried"] += bool(row.get("retries"))
+                    group = groups[row["prompt_id"]]
+                    group.append(row)
+                    if len(group) >= (expected or {}).get(row["prompt_id"], k):
+                        finish(row["prompt_id"], groups.pop(row["prompt_id"]), bar)
+        finally:  # what finished is kept, also when a component fails for good: --resume redoes only the rest
+            writer.flush()
+    if groups:  # rows lost on the way (not a content verdict): these prompts stay undone for --resume
+        raise InfrastructureError(f"{len(groups)} prompt(s) did not get all their candidates back "
+                                  f"({', '.join(sorted(groups)[:5])}); they are left for --resume")
     return PairsResult(writer.out_uri, writer.written["pairs"], dict(skipped_reasons), already, counts["candidates"],
-                       counts["quarantined"])
+                       counts["quarantined"], counts["retried"])
 
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,

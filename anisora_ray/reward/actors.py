@@ -52,7 +52,7 @@ class RewardActors:
             # Tiny backbones are built once here, not raced by every actor.
             dim = dimensions[name].model_copy(update={"options": resolve_backbones(dimensions[name].options)})
             self.pools[name] = [
-                remote.options(num_cpus=dim.actor.num_cpus, num_gpus=dim.actor.num_gpus,
+                remote.options(num_cpus=dim.actor.num_cpus, num_gpus=dim.actor.num_gpus, max_restarts=cfg.max_restarts,
                                resources=dict(dim.actor.resources)).remote(name, dim)
                 for _ in range(dim.replicas)
             ]
