@@ -67,3 +67,26 @@ def test_dockerfile_and_runtime_env_ship_what_the_entrypoints_need():
         assert f"COPY {folder} ./{folder}" in docker
     env = yaml.safe_load(open(os.path.join(REPO, "jobs", "runtime_env.yaml")))
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
+
+
+def _env(container) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_cluster_files_turn_on_token_auth_keep_the_jobs_api_inside_and_resume_a_retried_job():
+    cluster, job = _load("kuberay", "raycluster.yaml"), _load("kuberay", "rayjob.yaml")
+    pods = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    pods.append(job["spec"]["submitterPodTemplate"])  # the submitter calls the Jobs API
+    for pod in pods:
+        env = _env(pod["spec"]["containers"][0])
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]  # from a Secret, never inline
+        assert secret == {"name": "anisora-ray-auth", "key": "token"} and "value" not in env["RAY_AUTH_TOKEN"]
+    assert cluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert "--resume" in shlex.split(job["spec"]["entrypoint"])  # a retried submission continues the job
+    launcher = _load("aws-gpu.yaml")
+    for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert command.startswith("RAY_AUTH_MODE=token "), command
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    assert "-e RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
