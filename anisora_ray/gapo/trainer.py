@@ -164,9 +164,9 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     if table.num_rows < g.num_workers * g.pairs_per_step:
         raise ValueError(f"{table.num_rows} pair(s): too few for {g.num_workers} worker(s) x {g.pairs_per_step} pair(s) per step")
     ds_config = deepspeed_config(cfg, root)
+    output = fs.check_writable(fs.normalize(cfg.run.output_dir))
+    out_uri = fs.check_writable(out_uri or fs.join(output, "gapo", "weights"), "the GAPO weights folder")
     init_ray(cfg.ray)
-    output = fs.normalize(cfg.run.output_dir)
-    out_uri = out_uri or fs.join(output, "gapo", "weights")
     name = storage_name or f"{run_name}-{os.getpid()}-{int(time.time())}"
     quarantine_uri = fs.join(output, "gapo-quarantine", name)  # pairs a worker could not read, per rank
     with mlflow_run(cfg, run_name, parent_run_id=parent_run_id, tags={"anisora.stage": "gapo"},

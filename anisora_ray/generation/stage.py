@@ -70,7 +70,7 @@ def run_generation(cfg: AnisoraConfig, prompts: str | None, out_dir: str | None,
     from anisora_ray.runtime import init_ray
 
     items = read_manifest(resolve_prompts(cfg, prompts))
-    out_dir = out_dir or fs.join(fs.normalize(cfg.run.output_dir), "generate")
+    out_dir = fs.check_writable(out_dir or fs.join(fs.normalize(cfg.run.output_dir), "generate"), "the generate output")
     init_ray(cfg.ray)
     replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
     try:

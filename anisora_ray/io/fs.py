@@ -35,6 +35,21 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def check_writable(uri: str, what: str = "run.output_dir") -> str:
+    """Fail early, naming ``what``, when ``uri`` cannot be written (a file in the way, no permission,
+    a full disk, a bucket that refuses): before any model is loaded or any GPU is held."""
+    from anisora_ray.errors import ConfigError
+
+    probe = join(uri, f".anisora-write-probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"ok")
+        fs, path = url_to_fs(probe)
+        fs.rm(path)
+    except Exception as exc:  # noqa: BLE001 - whatever the filesystem says, said with the setting's name
+        raise ConfigError(f"{what} = {uri!r} is not writable: {type(exc).__name__}: {exc}") from None
+    return uri
+
+
 def makedirs(uri: str) -> None:
     fs, path = url_to_fs(uri)
     fs.makedirs(path, exist_ok=True)

@@ -123,6 +123,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     if fs.exists(state_uri) and not resume:
         raise ConfigError(f"{state_uri} exists: pass --resume to continue that job, or set run.output_dir elsewhere")
     state = AlignState.load(state_uri) if resume and fs.exists(state_uri) else AlignState()
+    fs.check_writable(out)  # before Ray, models or GPUs
     init_ray(cfg.ray)
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)

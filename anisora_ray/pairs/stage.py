@@ -25,7 +25,7 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray
 
-    out_uri = fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs"))
+    out_uri = fs.check_writable(fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs")), "the pairs output")
     init_ray(cfg.ray)
     items = read_manifest(resolve_prompts(cfg, prompts))
     owned = replicas is None

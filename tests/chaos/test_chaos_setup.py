@@ -1,0 +1,27 @@
+"""Chaos, before any work: an output location that cannot be written stops the job at once, naming the
+setting, before Ray starts or a model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from tests.conftest import LOCAL_CONFIG, REPO
+
+
+def test_an_unwritable_output_location_fails_before_ray_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")  # a file where the output folder should be: no write can succeed below it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "anisora_ray.cli", "align", "--config", LOCAL_CONFIG,
+                           "--set", f"run.output_dir={blocker}/out"], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=120)
+    seconds = time.perf_counter() - began
+    print(f"\nunwritable-output: lost=0 duplicated=0 retried=0 seconds={seconds:.1f}")
+    assert done.returncode != 0
+    assert "run.output_dir" in done.stderr and "is not writable" in done.stderr, done.stderr[-2000:]
+    assert "Started a local Ray" not in done.stderr + done.stdout  # nothing was started
+    assert not os.path.exists(str(blocker) + "/out")
