@@ -30,6 +30,8 @@ class RayConfig(Section):
     dashboard_host: str = "127.0.0.1"
     namespace: str = "anisora-ray"
     log_to_driver: bool = True
+    # align: how long to wait for the cluster (e.g. an autoscaler) to offer what the config asks for at peak
+    wait_for_resources_s: float = Field(default=60.0, ge=0)
 
 
 class TinyModelConfig(Section):

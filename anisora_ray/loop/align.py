@@ -24,6 +24,7 @@ from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
+from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import plot_reward_curve, register_weights, side_by_side
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.models.pipeline import resolve_pretrained
@@ -125,6 +126,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     state = AlignState.load(state_uri) if resume and fs.exists(state_uri) else AlignState()
     fs.check_writable(out)  # before Ray, models or GPUs
     init_ray(cfg.ray)
+    check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
     workers = Workers(cfg)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import ConfigError
 from anisora_ray.reward.aggregate import active_dimensions
 
 
@@ -28,3 +31,28 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     else:
         peak = {k: max(sampling[k], trainer[k]) for k in ("GPU", "CPU")}
     return {"generator": generator, "reward": reward, "trainer": trainer, "peak": peak}
+
+
+def check_cluster_fits(cfg: AnisoraConfig, wait_s: float | None = None) -> dict[str, float]:
+    """Wait up to ``ray.wait_for_resources_s`` for the cluster to offer the config's peak demand, else
+    raise :class:`ConfigError` naming what is missing and which settings ask for it (rather than
+    waiting silently for placement groups that cannot be placed)."""
+    import ray
+
+    demand = resource_demand(cfg)
+    need = demand["peak"]
+    wait_s = cfg.ray.wait_for_resources_s if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    while True:
+        have = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return have
+        if time.monotonic() >= deadline:
+            groups = ", ".join(f"{g} {demand[g]['GPU']:g} GPU / {demand[g]['CPU']:g} CPU" for g in ("generator", "reward", "trainer"))
+            missing = ", ".join(f"{k}: needs {v:g}, the cluster has {have.get(k, 0.0):g}" for k, v in short.items())
+            raise ConfigError(
+                f"the cluster cannot run this config ({missing}; waited {wait_s:g}s, ray.wait_for_resources_s). "
+                f"At peak with loop.placement = {cfg.loop.placement!r} it asks for {groups}: add nodes, or lower "
+                "generator.replicas / generator.actor, reward.dimensions.<name>.replicas / .actor, gapo.num_workers")
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))

@@ -25,3 +25,20 @@ def test_an_unwritable_output_location_fails_before_ray_starts(tmp_path):
     assert "run.output_dir" in done.stderr and "is not writable" in done.stderr, done.stderr[-2000:]
     assert "Started a local Ray" not in done.stderr + done.stdout  # nothing was started
     assert not os.path.exists(str(blocker) + "/out")
+
+
+def test_a_cluster_without_the_resources_the_config_asks_for_fails_within_the_wait(ray_cluster, make_config):
+    import pytest
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.loop.align import run_alignment
+
+    cfg = make_config("generator.replicas=10", "generator.actor.num_gpus=1", "ray.wait_for_resources_s=3")
+    began = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:  # the mini-cluster has 8 GPUs; 10 replicas + 6 reward actors ask for more
+        run_alignment(cfg, progress=False, root=REPO)
+    seconds = time.perf_counter() - began
+    print(f"\nmissing-resources: lost=0 duplicated=0 retried=0 seconds={seconds:.1f}")
+    message = str(caught.value)
+    assert "GPU: needs 10, the cluster has 8" in message and "generator 10 GPU" in message
+    assert "ray.wait_for_resources_s" in message and seconds < 30
