@@ -62,6 +62,8 @@ def read_manifest(uri: str) -> list[PromptItem]:
                 character_id=None if character is None else str(character),
             )
         )
+    if not items:
+        raise ManifestError(f"manifest {uri!r} has no rows: nothing to generate")
     return items
 
 
@@ -73,7 +75,13 @@ def write_manifest(items: Sequence[PromptItem], uri: str) -> str:
 
 
 def _prompt_rows(prompts_file: str, images: list[str]) -> list[dict[str, str]]:
-    text = fs.read_bytes(prompts_file).decode("utf-8")
+    raw = fs.read_bytes(prompts_file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"prompts file {prompts_file!r} is not UTF-8 text: byte {exc.start} (line {line}) is "
+                            f"{raw[exc.start:exc.start + 1]!r}; re-save it as UTF-8") from None
     suffix = os.path.splitext(prompts_file)[1].lower()
     if suffix == ".jsonl":
         rows = []

@@ -97,6 +97,13 @@ class Generator:
     def device(self) -> str:
         return str(self.pipe.transformer.device)
 
+    def _warn_if_truncated(self, item) -> None:
+        """The text encoder reads ``max_sequence_length`` tokens; say so when a prompt is longer."""
+        tokens = len(self.pipe.tokenizer(item.prompt, add_special_tokens=True).input_ids)
+        if tokens > self.cfg.max_sequence_length:
+            log.warning("prompt %s has %d tokens; the text encoder takes %d (generator.max_sequence_length): "
+                        "the rest is truncated", item.prompt_id, tokens, self.cfg.max_sequence_length)
+
     def render(self, requests: list[GenerationRequest]) -> np.ndarray:
         """Run the pipeline once for all (prompt, seed) pairs: uint8 [N, F, H, W, 3], N = total seeds.
 
@@ -105,7 +112,8 @@ class Generator:
         images, prompts, generators = [], [], []
         device = self.pipe.transformer.device
         for request in requests:
-            image = load_image(request.item.image_uri)
+            image = load_image(request.item.image_uri)  # any size or mode: RGB here, resized by the pipeline
+            self._warn_if_truncated(request.item)
             for seed in request.seeds:
                 images.append(image)
                 prompts.append(request.item.prompt)

@@ -31,6 +31,7 @@ from anisora_ray.models.pipeline import resolve_pretrained
 from anisora_ray.pairs.stage import run_pairs
 from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.actors import RewardActors
+from anisora_ray.reward.base import check_reward_options
 from anisora_ray.runtime import init_ray
 from anisora_ray.tracking import log_metrics, mlflow_run, new_run
 
@@ -124,11 +125,12 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     if fs.exists(state_uri) and not resume:
         raise ConfigError(f"{state_uri} exists: pass --resume to continue that job, or set run.output_dir elsewhere")
     state = AlignState.load(state_uri) if resume and fs.exists(state_uri) else AlignState()
-    fs.check_writable(out)  # before Ray, models or GPUs
-    init_ray(cfg.ray)
-    check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
+    fs.check_writable(out)  # output, manifests and reward options fail here, before Ray, models or GPUs
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
+    check_reward_options(cfg.reward)
+    init_ray(cfg.ray)
+    check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
     workers = Workers(cfg)
     rounds = cfg.loop.rounds
     with mlflow_run(cfg, cfg.run.name, tags={"anisora.stage": "align"}, run_id=state.parent_run_id or None) as parent:

@@ -9,6 +9,7 @@ from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.io import fs
 from anisora_ray.pairs.pipeline import PairsResult, stream_pairs
 from anisora_ray.reward.actors import RewardActors
+from anisora_ray.reward.base import check_reward_options
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     from anisora_ray.runtime import init_ray
 
     out_uri = fs.check_writable(fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs")), "the pairs output")
+    items = read_manifest(resolve_prompts(cfg, prompts))  # bad manifests and options fail here, before Ray or models
+    check_reward_options(cfg.reward)
     init_ray(cfg.ray)
-    items = read_manifest(resolve_prompts(cfg, prompts))
     owned = replicas is None
     own_rewards = reward_actors is None and cfg.pairs.reward_stage == "actors"
     if owned:

@@ -99,6 +99,14 @@ def check_options(dimension: str, backend: str, options: dict[str, Any]) -> None
         )
 
 
+def check_reward_options(reward) -> None:
+    """Every weighted dimension's backend and option keys, checked on the driver (``reward``: RewardConfig)."""
+    dimensions = reward.dimensions.as_dict()
+    for name, dim in dimensions.items():
+        if dim.weight > 0:
+            check_options(name, dim.backend, dim.options)
+
+
 def build_dimension(dimension: str, backend: str, **options: Any) -> RewardDimension:
     """Build one dimension's scorer; an unknown backend or option names what exists."""
     check_options(dimension, backend, options)

@@ -1,0 +1,65 @@
+"""Bad input gets a clear error naming it, before Ray or any model starts; or is converted and said so."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from PIL import Image
+
+
+def test_an_empty_manifest_fails_before_ray_starts(make_config, tmp_path, monkeypatch):
+    from anisora_ray.errors import ManifestError
+    from anisora_ray.io import fs
+    from anisora_ray.loop import align
+    from anisora_ray.types import PromptItem
+
+    empty = str(tmp_path / "empty.parquet")
+    fs.write_table(PromptItem.to_table([]), empty)
+    started = []
+    monkeypatch.setattr(align, "init_ray", lambda *a, **k: started.append(1))  # records a start; never reached
+    with pytest.raises(ManifestError, match="empty.parquet' has no rows"):
+        align.run_alignment(make_config(f"data.prompts={empty}"), progress=False)
+    assert started == []
+
+
+def test_unknown_reward_options_in_pipeline_mode_fail_on_the_driver_before_replicas(make_config, tmp_path, monkeypatch):
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.pairs import stage
+
+    started = []
+    monkeypatch.setattr(stage, "GeneratorReplicas", lambda *a, **k: started.append(2))
+    cfg = make_config("pairs.reward_stage=pipeline", "reward.dimensions.visual_motion.options={windoww: 3}")
+    with pytest.raises(ConfigError, match=r"reward.dimensions.visual_motion.options: unknown option\(s\) \['windoww'\]"):
+        stage.run_pairs(cfg, None, str(tmp_path / "pairs"), progress=False)
+    assert started == []
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
+    from anisora_ray.data.manifest import build_manifest
+    from anisora_ray.errors import ManifestError
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "prompts.txt").write_bytes("a girl in a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"prompts.txt' is not UTF-8 text: byte 15 \(line 1\) is b'\\xe9'"):
+        build_manifest(str(tmp_path / "images"), str(tmp_path / "prompts.txt"), str(tmp_path / "m.parquet"))
+
+
+def test_long_prompts_are_truncated_with_a_warning_and_odd_images_are_converted(make_config, tmp_path, caplog):
+    from anisora_ray.generation.generator import Generator
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.types import GenerationRequest, PromptItem
+
+    cfg = make_config("generator.candidates_per_prompt=1")
+    generator = Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator, cfg.video)
+    Image.new("RGBA", (200, 90), (255, 0, 0, 128)).save(tmp_path / "rgba.png")  # another size and mode
+    Image.new("L", (40, 70), 200).save(tmp_path / "gray.png")
+    items = [PromptItem("long", "a cat " * 200, str(tmp_path / "rgba.png")),
+             PromptItem("gray", "a dog", str(tmp_path / "gray.png"))]
+    with caplog.at_level(logging.WARNING, logger="anisora_ray.generation.generator"):
+        candidates, bad = generator.generate([GenerationRequest(i, (1,)) for i in items], str(tmp_path / "out"))
+    assert bad == [] and sorted(c.prompt_id for c in candidates) == ["gray", "long"]
+    assert all((c.height, c.width) == (cfg.generator.height, cfg.generator.width) for c in candidates)
+    warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warned) == 1 and "prompt long has" in warned[0] and "generator.max_sequence_length" in warned[0]
