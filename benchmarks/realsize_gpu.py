@@ -45,7 +45,12 @@ SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.0
 def build_realsize(folder: str) -> str:
     """Write a random-init CogVideoX-5B I2V pipeline (bf16, safetensors) to ``folder`` (once)."""
     import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):

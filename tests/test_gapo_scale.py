@@ -94,13 +94,12 @@ def _pretrained(cfg) -> str:
 
 
 def test_zero3_lora_exports_whole_adapter_tensors_and_replicas_load_them(gapo_pairs):
-    from anisora_ray.gapo.trainer import train_gapo
-    from anisora_ray.weights.folder import read_manifest, read_safetensors
-
     import pyarrow as pa
 
+    from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.io import fs
     from anisora_ray.types import QuarantineRecord
+    from anisora_ray.weights.folder import read_manifest, read_safetensors
 
     cfg = gapo_pairs["make"](*ZERO3, "gapo.steps=3", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2",
                              "generator.replicas=2", "generator.candidates_per_prompt=1")

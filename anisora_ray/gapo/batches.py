@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
+from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_all_frames

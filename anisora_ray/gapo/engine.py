@@ -27,7 +27,6 @@ from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 
 
-
 def _merge(base: dict, overrides: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in overrides.items():

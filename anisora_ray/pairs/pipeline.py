@@ -12,6 +12,7 @@ candidate is quarantined with its reason) so each prompt still sees its K rows a
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -42,7 +43,7 @@ CANDIDATE_FIELDS = [f.name for f in fields(Candidate)]
 NO_FRAMES = np.zeros((1, 1, 1, 3), np.uint8)  # what an error row carries in place of a clip
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the stage down with it
 class _Counter:
     def __init__(self) -> None:
         self.n = -1
@@ -56,7 +57,10 @@ class GenerateOnReplicas:
     """Ray Data stage: sends its batches of (prompt, seed) rows to one persistent generator replica."""
 
     def __init__(self, replicas: list, counter, out_dir: str, timeout_s: float | None = None, retries: int = 0):
-        self.index = ray.get(counter.next.remote()) % len(replicas)
+        try:
+            self.index = ray.get(counter.next.remote(), timeout=60) % len(replicas)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # only spreads the load: any replica will do
+            self.index = random.randrange(len(replicas))
         self.replica, self.out_dir, self.timeout_s, self.retries = replicas[self.index], out_dir, timeout_s, retries
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -76,8 +76,8 @@ def test_align_driver_killed_during_pairs_refresh_and_eval_resumes_without_loss(
     pairs = read_pairs(pairs1)
     ids = [p.prompt_id for p in pairs] + [q.item_id for q in read_skipped(pairs1)]
     lost, duplicated = 4 - len(set(ids)), len(ids) - len(set(ids))
-    print(f"\ndriver-kills (pairs, {killed_at[0]}, {killed_at[1]}): lost={lost} duplicated={duplicated} retried={len(killed_at) + 1} "
-          f"seconds={seconds:.1f}")
+    print(f"\ndriver-kills (pairs, {killed_at[0]}, {killed_at[1]}): lost={lost} duplicated={duplicated} "
+          f"retried={len(killed_at) + 1} seconds={seconds:.1f}")
     assert lost == 0 and duplicated == 0
     assert all(_shards(pairs1)[name] == mtime for name, mtime in written_before.items())  # finished prompts not redone
     state = _state(state_uri)
