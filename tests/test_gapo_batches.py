@@ -40,21 +40,28 @@ def test_missing_columns_and_too_few_rows_are_named():
         step_rows(pair_rows(_table(1)), 0, 2, seed=0)
 
 
-def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_ones(make_config, tmp_path):
+def _one_pair(make_config, tmp_path):
+    """(config, pretrained path, a pair row): a demo image and two random 9x32x32 clips."""
     from anisora_ray.data.demo import make_demo_set
     from anisora_ray.data.manifest import read_manifest
-    from anisora_ray.gapo.models import Encoders
     from anisora_ray.io.video import write_video
     from anisora_ray.models.pipeline import resolve_pretrained
 
     cfg = make_config()
-    pretrained = resolve_pretrained(cfg.model, cfg.generator)
     item = read_manifest(make_demo_set(str(tmp_path / "demo"), num_prompts=1, image_size=64, seed=0))[0]
     rng = np.random.default_rng(0)
     for name in ("w", "l"):
         write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
-    row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": str(tmp_path / "w.mp4"),
-           "loser_video_uri": str(tmp_path / "l.mp4"), "winner_reward": 0.8, "loser_reward": 0.2}
+    row = {"prompt_id": "good", "prompt": item.prompt, "image_uri": item.image_uri,
+           "winner_video_uri": str(tmp_path / "w.mp4"), "loser_video_uri": str(tmp_path / "l.mp4"),
+           "winner_reward": 0.8, "loser_reward": 0.2}
+    return cfg, resolve_pretrained(cfg.model, cfg.generator), row
+
+
+def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_ones(make_config, tmp_path):
+    from anisora_ray.gapo.models import Encoders
+
+    cfg, pretrained, row = _one_pair(make_config, tmp_path)
 
     def encoder(namespace, cache=None):
         encoders = Encoders(pretrained, cfg, "cpu")
@@ -83,22 +90,10 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
 
 
 def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them(make_config, tmp_path):
-    from anisora_ray.data.demo import make_demo_set
-    from anisora_ray.data.manifest import read_manifest
     from anisora_ray.gapo.models import Encoders
-    from anisora_ray.io.video import write_video
-    from anisora_ray.models.pipeline import resolve_pretrained
 
-    cfg = make_config()
-    pretrained = resolve_pretrained(cfg.model, cfg.generator)
-    item = read_manifest(make_demo_set(str(tmp_path / "demo"), num_prompts=1, image_size=64, seed=0))[0]
-    rng = np.random.default_rng(0)
-    for name in ("w", "l"):
-        write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
+    cfg, pretrained, good = _one_pair(make_config, tmp_path)
     (tmp_path / "garbage.mp4").write_bytes(b"not a video at all" * 50)
-    good = {"prompt_id": "good", "prompt": item.prompt, "image_uri": item.image_uri,
-            "winner_video_uri": str(tmp_path / "w.mp4"), "loser_video_uri": str(tmp_path / "l.mp4"),
-            "winner_reward": 0.8, "loser_reward": 0.2}
     missing = {**good, "prompt_id": "missing", "winner_video_uri": str(tmp_path / "nowhere.mp4")}
     corrupt = {**good, "prompt_id": "corrupt", "loser_video_uri": str(tmp_path / "garbage.mp4")}
     no_image = {**good, "prompt_id": "no-image", "image_uri": str(tmp_path / "nowhere.png")}
