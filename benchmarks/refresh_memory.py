@@ -56,12 +56,12 @@ def write_trained(pretrained: str, uri: str, shard_mb: float) -> dict:
     """A perturbed copy of the pipeline's transformer, written as the GAPO ranks write it."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from anisora_ray.gapo.export import plan
     from anisora_ray.weights.folder import FolderWriter
+    from anisora_ray.weights.state import group_by_size
 
     model = CogVideoXTransformer3DModel.from_pretrained(pretrained, subfolder="transformer")
     items = sorted(model.state_dict().items())
-    chunks = plan(items, int(shard_mb * 2**20))
+    chunks = list(group_by_size(items, int(shard_mb * 2**20)))
     writer = FolderWriter(uri, "full", num_shards=len(chunks))
     for chunk in chunks:
         writer.write_shard([(n, t + 0.001) for n, t in chunk])

@@ -64,10 +64,17 @@ class PairEncoder:
         self.encoders, self.height, self.width, self.text_length = encoders, height, width, text_length
         self.namespace, self.cache_uri, self.device = namespace, cache_uri, torch.device(device)
         self.memory: dict[str, torch.Tensor] = {}  # key -> host tensor
+        self._file_keys: dict[tuple[str, str], str] = {}  # (kind, uri) -> key
         self.hits = self.misses = 0
 
     def _key(self, kind: str, payload: bytes) -> str:
         return hashlib.sha256(f"{self.namespace}|{kind}|".encode() + payload).hexdigest()
+
+    def _file_key(self, kind: str, uri: str) -> str:
+        """The key of a file's content, read once per run (training steps take it from memory)."""
+        if (kind, uri) not in self._file_keys:
+            self._file_keys[kind, uri] = self._key(kind, fs.read_bytes(uri))
+        return self._file_keys[kind, uri]
 
     def _cached(self, key: str, compute) -> torch.Tensor:
         if key in self.memory:
@@ -88,11 +95,11 @@ class PairEncoder:
 
     def video(self, uri: str) -> torch.Tensor:
         """[F', C, h, w] latents of one video (VAE posterior mode)."""
-        key = self._key("video", fs.read_bytes(uri))
+        key = self._file_key("video", uri)
         return self._cached(key, lambda: encode_videos(self.encoders(), read_all_frames(uri)[None])[0])
 
     def image(self, uri: str, latent_frames: int) -> torch.Tensor:
-        key = self._key(f"image{latent_frames}", fs.read_bytes(uri))
+        key = self._file_key(f"image{latent_frames}", uri)
 
         def compute():
             image = np.asarray(load_image(uri).resize((self.width, self.height)))

@@ -88,10 +88,9 @@ class GapoWorker:
                  init_uri: str | None = None, cache_uri: str | None = None):
         import deepspeed
 
-        self.cfg, self.device, self.rank, self.ds_config = cfg, torch.device(device), rank, ds_config
+        self.cfg, self.device, self.rank = cfg, torch.device(device), rank
         g = cfg.gapo
         self.lora = g.lora if g.lora.r > 0 else None
-        began = time.perf_counter()
         self.pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if zero_stage(ds_config) == 3 else device)
         policy = build_policy(self.pipe.transformer, cfg, init_uri)
         self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
@@ -107,7 +106,6 @@ class GapoWorker:
         self.update = 0  # optimizer updates done
         self.resumed_from = 0  # the update this attempt restored (0: started fresh)
         self.rotary = None
-        self.load_seconds = time.perf_counter() - began
 
     @property
     def accumulation(self) -> int:
@@ -178,7 +176,8 @@ class GapoWorker:
         averaged = mean_over_workers({**local, "quarantined_pairs": float(len(self.quarantined))}, self.device)
         averaged["quarantined_pairs"] = round(averaged["quarantined_pairs"] * world)  # a sum over the ranks
         return {**averaged, "lr": float(self.engine.get_lr()[0]), "step": self.update,
-                "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation, "resumed_from_update": self.resumed_from,
+                "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation,
+                "resumed_from_update": self.resumed_from,
                 "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
                 "encoder_loads": self.encoders.loads}
 

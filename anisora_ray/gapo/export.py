@@ -19,13 +19,9 @@ from anisora_ray.config import LoraConfig
 from anisora_ray.io import fs
 from anisora_ray.weights import lora as lora_io
 from anisora_ray.weights.folder import FolderWriter
+from anisora_ray.weights.state import group_by_size
 
 Chunk = list[tuple[str, torch.Tensor]]
-
-
-def _full_bytes(tensor: torch.Tensor) -> int:
-    numel = getattr(tensor, "ds_numel", None)
-    return int(numel if numel is not None else tensor.numel()) * tensor.element_size()
 
 
 def _partitioned(tensor: torch.Tensor) -> bool:
@@ -39,18 +35,10 @@ def entries(module, lora: LoraConfig | None) -> list[tuple[str, torch.Tensor]]:
     return sorted(module.state_dict(keep_vars=True).items())
 
 
-def plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Chunk]:
-    """Consecutive runs of ``items`` of about ``bucket_bytes`` (full, gathered sizes)."""
-    chunks: list[Chunk] = []
-    size = 0
-    for name, tensor in items:
-        nbytes = _full_bytes(tensor)
-        if not chunks or (chunks[-1] and size + nbytes > bucket_bytes):
-            chunks.append([])
-            size = 0
-        chunks[-1].append((name, tensor))
-        size += nbytes
-    return chunks
+def plan(engine, lora: LoraConfig | None, bucket_mb: float) -> list[Chunk]:
+    """The exported tensors in buckets of about ``bucket_mb`` (full, gathered sizes); an adapter is one bucket."""
+    bucket = int(bucket_mb * 2**20) if lora is None else 2**62  # an adapter is small: one gather
+    return list(group_by_size(entries(engine.module, lora), bucket))
 
 
 @contextlib.contextmanager
@@ -66,35 +54,31 @@ def gathered(tensors: list[torch.Tensor]):
         yield
 
 
-def host_chunks(engine, lora: LoraConfig | None, bucket_mb: float) -> Iterator[Chunk | None]:
-    """Host copies of the exported tensors, a bucket at a time, on rank 0 (``None`` on the others).
+def host_chunks(engine, chunks: list[Chunk]) -> Iterator[Chunk | None]:
+    """Host copies of ``chunks`` (a :func:`plan`), a bucket at a time, on rank 0 (``None`` on the others).
 
     Every rank must exhaust this iterator under ZeRO-3 (the gathers are collectives)."""
     zero3 = engine.zero_optimization_stage() == 3
     rank0 = engine.global_rank == 0
     if not zero3 and not rank0:
         return
-    bucket = int(bucket_mb * 2**20) if lora is None else 2**62  # an adapter is small: one gather
-    for chunk in plan(entries(engine.module, lora), bucket):
+    for chunk in chunks:
         with gathered([t for _, t in chunk]):
             yield [(name, t.detach().to("cpu", copy=True)) for name, t in chunk] if rank0 else None
-
-
-def num_chunks(engine, lora: LoraConfig | None, bucket_mb: float) -> int:
-    return len(plan(entries(engine.module, lora), int(bucket_mb * 2**20)))
 
 
 def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None) -> dict | None:
     """Write the trained weights to the folder ``uri`` (any fsspec URL), shard by shard; every rank
     calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks)."""
     rank0 = engine.global_rank == 0
+    chunks = plan(engine, lora, bucket_mb)
     writer = None
     if rank0:
         if lora is not None:
             writer = FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME)
         else:
-            writer = FolderWriter(uri, "full", num_shards=num_chunks(engine, lora, bucket_mb))
-    for chunk in host_chunks(engine, lora, bucket_mb):
+            writer = FolderWriter(uri, "full", num_shards=len(chunks))
+    for chunk in host_chunks(engine, chunks):
         if writer is not None:
             writer.write_shard(chunk)
     if writer is None:
@@ -111,7 +95,7 @@ def publish_live(engine, version: int, lora: LoraConfig | None, bucket_mb: float
     returns the ``WeightsUpdate`` on rank 0 and ``None`` on the others (which take part in the gathers)."""
     from anisora_ray.weights.refresh import publish_tensors  # Ray: only where replicas are refreshed
 
-    chunks = host_chunks(engine, lora, bucket_mb)
+    chunks = host_chunks(engine, plan(engine, lora, bucket_mb))
     if engine.global_rank != 0:
         for _ in chunks:
             pass

@@ -16,7 +16,7 @@ from anisora_ray.generation.generator import Generator
 from anisora_ray.runtime import actor_placement, first_line
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
-from anisora_ray.weights.update import UpdateMeta, folder_update
+from anisora_ray.weights.update import UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,12 @@ class GeneratorReplicas:
         """Every replica loads the trained folder ``uri`` from storage as weights ``version`` (default: the
         next one); the driver reads only the folder's manifest, never the tensors."""
         version = version if version is not None else max(self.weights_versions()) + 1
-        record, reports = refresh_from_storage(self.actors, uri, version, timeout_s)
+        meta, reports = refresh_from_storage(self.actors, uri, version, timeout_s)
         lagging = [i for i, v in enumerate(self.weights_versions()) if v != version]
         if lagging:
             raise WeightsError(f"replica(s) {lagging} did not reach weights version {version}")
-        ray.get(self.ledger.set.remote(UpdateMeta(record, folder_update(uri, version).lora)))
-        return record, reports
+        ray.get(self.ledger.set.remote(meta))  # what a restarted replica loads
+        return meta.version, reports
 
     def generate(
         self,

@@ -23,7 +23,7 @@ import torch
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.io import fs
-from anisora_ray.weights.state import Checksum
+from anisora_ray.weights.state import Checksum, refuse_non_finite
 
 MANIFEST = "weights_manifest.json"
 FULL_NAME = "diffusion_pytorch_model"
@@ -81,11 +81,6 @@ def shard_names(count: int) -> list[str]:
     return [f"{FULL_NAME}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _refuse_non_finite(name: str, tensor: torch.Tensor, uri: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.sum(tensor, dtype=torch.float64).isfinite()):  # NaN/inf propagate
-        raise WeightsError(f"{uri}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
-
-
 class FolderWriter:
     """Writes shards as they come (``write_shard``) and the manifest last (``close``).
 
@@ -114,7 +109,7 @@ class FolderWriter:
                 raise WeightsError(f"{self.uri}: tensor {name!r} out of order (shards must hold sorted names)")
             self._last = name
             full = self.prefix + name
-            _refuse_non_finite(name, tensor, self.uri)
+            refuse_non_finite(name, tensor, self.uri)
             tensor = tensor.detach().contiguous()
             self.checksum.update(name, tensor)  # names as a reader yields them (prefix stripped)
             self.num_bytes += tensor.numel() * tensor.element_size()
@@ -135,12 +130,3 @@ class FolderWriter:
         fs.write_bytes(fs.join(self.uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
-
-def folder_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
-    """Checksum, bytes and count of named tensors in the order given (what a reader computes)."""
-    checksum, nbytes, count = Checksum(), 0, 0
-    for name, tensor in tensors:
-        checksum.update(name, tensor)
-        nbytes += tensor.numel() * tensor.element_size()
-        count += 1
-    return {"checksum": checksum.hexdigest(), "num_bytes": nbytes, "num_tensors": count}

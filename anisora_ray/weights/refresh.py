@@ -20,7 +20,7 @@ import torch
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
-from anisora_ray.weights.state import Checksum, pack_buckets
+from anisora_ray.weights.state import Checksum, pack_buckets, refuse_non_finite
 from anisora_ray.weights.update import UpdateMeta, folder_update, read_folder
 
 
@@ -42,8 +42,7 @@ def publish_tensors(tensors: Iterable[tuple[str, torch.Tensor]], version: int, k
     def counted():
         nonlocal count
         for name, tensor in tensors:
-            if tensor.is_floating_point() and not bool(torch.sum(tensor, dtype=torch.float64).isfinite()):  # NaN/inf propagate
-                raise WeightsError(f"{uri or 'update'}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
+            refuse_non_finite(name, tensor, uri or "update")
             checksum.update(name, tensor)
             count += 1
             yield name, tensor
@@ -88,9 +87,10 @@ def refresh_actors(actors: list, update: WeightsUpdate, timeout_s: float = 1800.
     return _collect(actors, update.version, lambda a: a.load_weights.remote(update.meta, update.buckets), timeout_s)
 
 
-def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float = 1800.0) -> tuple[WeightsVersion, list[dict]]:
+def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float = 1800.0) -> tuple[UpdateMeta, list[dict]]:
     """Every actor streams the trained folder ``uri`` from storage as ``version``; this process reads
-    only the folder's manifest. Without a manifest the replicas' agreement is the only check."""
+    only the folder's manifest. Without a manifest the replicas' agreement is the only check.
+    Returns the update's metadata (with the checksum the replicas measured when the folder had none)."""
     meta = folder_update(uri, version)
     reports = _collect(actors, version, lambda a: a.load_weights_from.remote(meta), timeout_s)
     record = meta.version
@@ -98,5 +98,4 @@ def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float 
         first = reports[0]
         record = WeightsVersion(version=version, kind=record.kind, uri=uri, checksum=first["received"],
                                 num_bytes=first["num_bytes"], num_tensors=first["num_tensors"])
-    return record, reports
-
+    return UpdateMeta(record, meta.lora), reports

@@ -86,30 +86,44 @@ def tensors_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return checksum.hexdigest()
 
 
-def pack_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
-    """Pack tensors, in order, into buckets of about ``bucket_bytes`` (a larger tensor gets its own)."""
+def nbytes_of(tensor: torch.Tensor) -> int:
+    """Bytes of the whole tensor (a ZeRO-3 partition counts at its full, gathered size)."""
+    numel = getattr(tensor, "ds_numel", None)
+    return int(numel if numel is not None else tensor.numel()) * tensor.element_size()
+
+
+def group_by_size(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive runs of ``tensors`` of about ``bucket_bytes`` each (a larger tensor gets its own)."""
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
-
-    def flush() -> Bucket:
-        data = np.empty(size, dtype=np.uint8)
-        entries, offset = [], 0
-        for name, tensor in pending:
-            raw = raw_bytes(tensor)
-            data[offset : offset + raw.nbytes] = raw
-            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, int(raw.nbytes)))
-            offset += raw.nbytes
-        return Bucket(tuple(entries), data)
-
     for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = nbytes_of(tensor)
         if pending and size + nbytes > bucket_bytes:
-            yield flush()
+            yield pending
             pending, size = [], 0
         pending.append((name, tensor))
         size += nbytes
     if pending:
-        yield flush()
+        yield pending
+
+
+def refuse_non_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    """Raise :class:`WeightsError` for a floating tensor holding NaN or inf (they propagate into the sum)."""
+    if tensor.is_floating_point() and not bool(torch.sum(tensor, dtype=torch.float64).isfinite()):
+        raise WeightsError(f"{where}: tensor {name!r} has non-finite values; refusing to publish diverged weights")
+
+
+def pack_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Pack tensors, in order, into buckets of about ``bucket_bytes`` (a larger tensor gets its own)."""
+    for group in group_by_size(tensors, bucket_bytes):
+        data = np.empty(sum(nbytes_of(t) for _, t in group), dtype=np.uint8)
+        entries, offset = [], 0
+        for name, tensor in group:
+            raw = raw_bytes(tensor)
+            data[offset : offset + raw.nbytes] = raw
+            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, int(raw.nbytes)))
+            offset += raw.nbytes
+        yield Bucket(tuple(entries), data)
 
 
 def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
