@@ -52,6 +52,14 @@ def actor_placement() -> dict:
     }
 
 
+def on_this_node():
+    """Scheduling that keeps a small bookkeeping actor on the driver's node: it lives as long as the
+    job's driver does, whichever worker node is lost (an actor placed on a lost node would lose its state)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[-1] if text else "")[:300]

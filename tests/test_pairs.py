@@ -7,6 +7,7 @@ import math
 import pytest
 
 from anisora_ray.config import PairsConfig
+from anisora_ray.errors import ConfigError
 from anisora_ray.pairs import read_pairs, read_skipped, select_pair
 from anisora_ray.types import DIMENSIONS, ScoredCandidate
 
@@ -133,3 +134,40 @@ def test_persistent_reward_actors_give_the_same_pairs(ray_cluster, pairs_cfg, de
     assert in_pipeline.pairs == on_actors.pairs == 3
     assert sorted(map(key, read_pairs(str(tmp_path / "actors")))) == sorted(map(key, read_pairs(str(tmp_path / "pipeline"))))
 
+
+
+def test_z_scored_rewards_do_not_depend_on_the_order_rows_stream_in(ray_cluster, make_config, tmp_path):
+    """The same scored rows, streamed through Ray Data in two orders, give the same rewards and pairs
+    (with a running z-score the first prompts were normalized against themselves)."""
+    import dataclasses
+    import random
+
+    import ray
+
+    from anisora_ray.pairs.pipeline import consume
+    from anisora_ray.pairs.writer import PairWriter
+    from anisora_ray.reward.statistics import RewardStatistics
+    from anisora_ray.types import Candidate
+
+    cfg = make_config("reward.dimensions.character.normalize.kind=zscore")
+    names = [n for n, d in cfg.reward.dimensions.as_dict().items() if d.weight > 0]
+    rng = random.Random(0)
+    rows = []
+    for p in range(6):
+        for k in range(3):
+            c = Candidate(f"p{p}", "a prompt", "img.png", 100 * p + k, k, f"p{p}-{k}.mp4", 0, 9, 32, 32, 8, "sha", "r",
+                          0.1, 0.1, f"char{p % 2}")
+            raw = {f"{n}_raw": rng.uniform(0.9, 1.0) if n == "visual_smoothness" else rng.uniform(0, 0.05 if
+                   n == "visual_motion" else 1.0) for n in names}
+            rows.append({**dataclasses.asdict(c), **raw, "error": "", "retries": 0})
+    with pytest.raises(ConfigError, match="character.*zscore"):
+        consume(cfg, ray.data.from_items(rows), PairWriter(str(tmp_path / "none")), 6, 0, progress=False)
+    stats = RewardStatistics.from_raw([{n: r[f"{n}_raw"] for n in names} for r in rows], ["character"], "calibration")
+    outcomes = []
+    for i, order in enumerate([rows, sorted(rows, key=lambda r: -r["seed"]), rng.sample(rows, len(rows))]):
+        out = str(tmp_path / f"order-{i}")
+        result = consume(cfg, ray.data.from_items(order, override_num_blocks=5), PairWriter(out), 6, 0, progress=False,
+                         statistics=stats)
+        assert result.pairs == 6
+        outcomes.append(sorted(key(p) for p in read_pairs(out)))
+    assert outcomes[0] == outcomes[1] == outcomes[2]

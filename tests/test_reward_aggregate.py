@@ -6,7 +6,8 @@ import pytest
 from anisora_ray.config import DimensionConfig, NormalizeConfig, load_config
 from anisora_ray.errors import ConfigError
 from anisora_ray.types import DIMENSIONS
-from anisora_ray.reward.aggregate import RewardAggregator, RunningMoments, normalize
+from anisora_ray.reward.aggregate import RewardAggregator, normalize
+from anisora_ray.reward.statistics import Moments, RewardStatistics
 from tests.conftest import LOCAL_CONFIG
 
 
@@ -51,14 +52,56 @@ def test_rank_handles_ties_and_single_rows():
     assert list(normalize(np.array([7.0]), cfg)) == [0.5]
 
 
-def test_zscore_uses_running_moments_across_batches():
-    moments = RunningMoments()
-    cfg = NormalizeConfig(kind="zscore")
-    first = normalize(np.array([0.0, 2.0]), cfg, moments)
-    assert first == pytest.approx([1 / (1 + math.e), 1 - 1 / (1 + math.e)])
-    normalize(np.array([10.0, 12.0]), cfg, moments)
-    values = np.array([0.0, 2.0, 10.0, 12.0])
-    assert moments.count == 4 and moments.mean == pytest.approx(values.mean()) and moments.std == pytest.approx(values.std())
+def zscored(**weights):
+    return {name: DimensionConfig(weight=w, normalize=NormalizeConfig(kind="zscore")) for name, w in weights.items()}
+
+
+def test_zscore_uses_frozen_statistics_and_refuses_to_run_without_them(tmp_path):
+    stats = RewardStatistics.from_raw([{"character": 0.0}, {"character": 2.0}, {"character": float("nan")}],
+                                      ["character"], "a test")
+    assert stats.dimensions["character"] == Moments(1.0, 1.0, 2)  # the NaN takes no part
+    agg = RewardAggregator(zscored(character=1.0), stats)
+    out = agg([{"character": 2.0}, {"character": 1.0}])
+    assert out.normalized[0]["character"] == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert out.normalized[1]["character"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match=r"\['character'\] normalize by zscore"):
+        RewardAggregator(zscored(character=1.0))
+    with pytest.raises(ConfigError, match=r"lack \['visual_motion'\]"):
+        RewardAggregator(zscored(character=1.0, visual_motion=1.0), stats)
+    RewardAggregator({**zscored(character=1.0), "visual_motion": DimensionConfig(weight=0.0, normalize=NormalizeConfig(
+        kind="zscore"))}, stats)  # a zero-weight dimension needs none
+    loaded = RewardStatistics.load(stats.save(str(tmp_path / "s.json")))
+    assert loaded == stats
+    (tmp_path / "bad.json").write_text('{"dimensions": {"character": {"mean": NaN, "std": 1, "count": 2}}}')
+    with pytest.raises(ConfigError, match="bad.json: non-finite mean or std for \\['character'\\]"):
+        RewardStatistics.load(str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="need at least 2"):
+        RewardStatistics.from_raw([{"character": 1.0}], ["character"], "one clip")
+
+
+def test_zscore_rewards_do_not_depend_on_arrival_order_and_show_a_better_generator():
+    rng = np.random.default_rng(0)
+    base = [{"character": float(v), "visual_motion": float(m)} for v, m in zip(rng.normal(0.3, 0.05, 40),
+                                                                                 rng.uniform(0, 10, 40), strict=True)]
+    dims = {**zscored(character=1.0), **dims_fixed()}
+    stats = RewardStatistics.from_raw(base, ["character"], "round 0")
+    groups = [base[i : i + 4] for i in range(0, 40, 4)]
+    order = rng.permutation(len(groups))
+    first = [RewardAggregator(dims, stats)(g).rewards for g in groups]  # one aggregator per stream, prompt by prompt
+    agg = RewardAggregator(dims, stats)
+    shuffled = {int(i): agg(groups[i]).rewards for i in order}
+    assert [shuffled[i] for i in range(len(groups))] == first
+    stats_again = RewardStatistics.from_raw([base[i] for i in rng.permutation(40)], ["character"], "round 0")
+    assert stats_again.dimensions["character"].mean == pytest.approx(stats.dimensions["character"].mean, abs=1e-15)
+    better = [{**r, "character": r["character"] + 0.03} for r in base]  # a generator that keeps characters better
+    held_out = lambda rows, s: np.mean([n["character"] for n in RewardAggregator(dims, s)(rows).normalized])  # noqa: E731
+    assert held_out(better, stats) > held_out(base, stats) + 0.1  # frozen at round 0: the gain shows
+    fresh = RewardStatistics.from_raw(better, ["character"], "its own round")
+    assert held_out(better, fresh) == pytest.approx(held_out(base, stats), abs=0.02)  # re-fitted: it could not
+
+
+def dims_fixed():
+    return {"visual_motion": DimensionConfig(weight=1.0, normalize=NormalizeConfig(low=0, high=10))}
 
 
 def test_reward_config_defaults_and_validation():

@@ -19,10 +19,11 @@ RNG = np.random.default_rng(0)
 CLIPS = [RNG.integers(0, 255, (12, 48, 48, 3), dtype=np.uint8) for _ in range(3)]
 
 
-def batch(clips=CLIPS, prompts=None, images=None, references=None) -> ClipBatch:
+def batch(clips=CLIPS, prompts=None, images=None, references=None, character_ids=None) -> ClipBatch:
     n = len(clips)
     return ClipBatch(frames=list(clips), prompts=prompts or [f"prompt {i}" for i in range(n)],
-                     images=images or [c[0] for c in clips], references=references or [None] * n)
+                     images=images or [c[0] for c in clips], references=references or [None] * n,
+                     character_ids=character_ids)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,13 @@ def test_character_scores_against_the_reference_and_a_gallery(cache, tmp_path):
     ids, emb = load_gallery(str(tmp_path / "gallery.safetensors"))
     assert ids == ["alice", "bob"] and emb.shape == (2, 24)
     with_gallery = build_dimension("character", "grounded", gallery=str(tmp_path / "gallery.safetensors"), **options)
-    g = with_gallery.score(batch([still_a], images=[b]))  # the gallery, not the first-frame image, is the reference
-    assert g[0] == pytest.approx(1.0, abs=1e-4)
+    # Each clip against its own character: the same clip of alice, as prompt alice's and as prompt bob's candidate
+    g = with_gallery.score(batch([still_a, still_a], images=[b, a], character_ids=["alice", "bob"]))
+    assert g[0] == pytest.approx(1.0, abs=1e-4)  # the gallery entry of its id, not the first-frame image (b)
+    assert g[1] < g[0] - 1e-3  # bob's entry, though bob's first-frame image would be this clip itself
+    # No entry for the id (or no id): the clip's first-frame image is its reference
+    fallback = with_gallery.score(batch([still_a, still_a], images=[a, b], character_ids=["carol", None]))
+    np.testing.assert_allclose(fallback, s, atol=1e-5)
     with pytest.raises(ValueError, match="no reference images found"):
         build_gallery(character, str(tmp_path / "refs" / "alice"), str(tmp_path / "g2.safetensors"))
 

@@ -123,7 +123,10 @@ class DataConfig(Section):
 class NormalizeConfig(Section):
     """How one dimension's raw score is mapped to [0, 1] before weighting."""
 
-    kind: Literal["fixed", "zscore", "rank"] = "fixed"  # fixed range | running z-score -> sigmoid | rank in round
+    # fixed: the configured range | zscore: sigmoid of (score - mean) / std, with mean and std frozen before
+    # scoring (reward.statistics_uri, or a calibration sample of the untrained generator) | rank: the rank
+    # among the rows scored together: one prompt's candidates when pairing, all candidates in score/evaluate
+    kind: Literal["fixed", "zscore", "rank"] = "fixed"
     low: float = 0.0  # fixed: raw score mapped to 0 ...
     high: float = 1.0  # ... and to 1 (clipped outside)
 
@@ -207,6 +210,10 @@ class RewardConfig(Section):
     max_restarts: int = Field(default=3, ge=-1)  # persistent reward actors: Ray restarts a dead one this often
     batch_timeout_s: float | None = Field(default=600.0, gt=0)  # a batch past this: the actor is killed and restarted
     batch_retries: int = Field(default=3, ge=0)  # a failed or timed-out batch is scored again this often, then the run fails
+    # zscore statistics: a stored file (reward-statistics.json); None: align takes them from its round-0 held-out
+    # evaluation, `pairs` from a calibration sample of `calibration_prompts` prompts, written next to its output
+    statistics_uri: str | None = None
+    calibration_prompts: int = Field(default=8, ge=1)
     training: RewardTrainingConfig = RewardTrainingConfig()
 
 

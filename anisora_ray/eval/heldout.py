@@ -19,6 +19,7 @@ from anisora_ray.io import fs
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.aggregate import active_dimensions
 from anisora_ray.reward.stage import score_candidates, scores_table
+from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.types import PromptItem
 
 EVAL_ROUND = 1_000_000  # seed namespace of the held-out candidates: distinct from training rounds, fixed
@@ -33,6 +34,7 @@ class EvalResult:
     candidates: int
     quarantined: int
     weights_version: int
+    statistics: RewardStatistics | None = None  # what the zscore dimensions were normalized with
 
     def metrics(self, prefix: str = "heldout") -> dict[str, float]:
         return {f"{prefix}_reward": self.mean_reward, **{f"{prefix}_{k}": v for k, v in self.dimensions.items()},
@@ -59,16 +61,18 @@ def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
 
 
 def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorReplicas, reward_actors: RewardActors,
-             out_dir: str, progress: bool = True) -> EvalResult:
+             out_dir: str, progress: bool = True, statistics: RewardStatistics | None = None) -> EvalResult:
     """Generate ``eval.candidates_per_prompt`` videos per held-out prompt with the replicas' current
-    weights, score them, and average per prompt and per dimension."""
+    weights, score them, and average per prompt and per dimension. z-scored dimensions use
+    ``statistics`` (align passes those frozen at round 0, so gains show); without them, this set's own."""
     eval_cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(
         update={"candidates_per_prompt": cfg.eval.candidates_per_prompt})})
     generated = generate_candidates(eval_cfg, items, out_dir, replicas, round_index=EVAL_ROUND, progress=progress)
     versions = {c.weights_version for c in generated.candidates}
     if len(versions) > 1:
         raise RuntimeError(f"held-out candidates came from several weights versions {sorted(versions)}")
-    scored = score_candidates(cfg, generated.candidates, reward_actors, progress=progress).scored
+    scoring = score_candidates(cfg, generated.candidates, reward_actors, progress=progress, statistics=statistics)
+    scored = scoring.scored
     dims = active_dimensions(cfg.reward.dimensions.as_dict())
     scores_uri = fs.join(out_dir, "scores.parquet")
     fs.write_table(scores_table(scored, dims), scores_uri)
@@ -86,4 +90,4 @@ def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorRep
         per_prompt=per_prompt, dimensions={k: sum(v) / len(v) for k, v in per_dim.items()},
         mean_reward=sum(per_prompt.values()) / len(per_prompt), scores_uri=scores_uri,
         candidates=len(scored) + len(generated.quarantined), quarantined=len(scored) - len(valid) + len(generated.quarantined),
-        weights_version=versions.pop() if versions else -1)
+        weights_version=versions.pop() if versions else -1, statistics=scoring.statistics)

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.runtime import actor_placement, first_line
+from anisora_ray.runtime import actor_placement, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
 from anisora_ray.weights.update import UpdateMeta
@@ -86,7 +86,7 @@ class GeneratorReplicas:
                 f"within {ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}"
             ) from None
         remote = ray.remote(GeneratorActor)
-        self.ledger = WeightsLedger.remote()
+        self.ledger = WeightsLedger.options(scheduling_strategy=on_this_node()).remote()
         self.actors = [
             remote.options(
                 num_cpus=g.actor.num_cpus,

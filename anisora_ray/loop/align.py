@@ -32,6 +32,8 @@ from anisora_ray.pairs.stage import run_pairs
 from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
+from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
+from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.runtime import init_ray
 from anisora_ray.tracking import log_metrics, mlflow_run, new_run
 
@@ -138,17 +140,23 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
         state.save(state_uri)
         try:
             workers.start(state.latest_weights())
+            statistics = _frozen_statistics(cfg, state)
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
                 workers.start(None, rewards=True)
-                base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress)
+                base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress,
+                                statistics=statistics)
                 workers.release_rewards()
+                if base.statistics is not None and statistics is None:  # frozen here for every later round
+                    statistics = base.statistics
+                    state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
+                    log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
                 state.baseline = {"per_prompt": base.per_prompt, "row": _eval_row(0, base, None, 0, 0)}
                 log_metrics(state.baseline["row"], step=0)
                 state.save(state_uri)
             for index in range(1, rounds + 1):
                 _run_round(cfg, state, state.round(index), workers, heldout, train_manifest, out, root, progress,
-                           parent.info.run_id, state_uri)
+                           parent.info.run_id, state_uri, statistics)
             rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
                                              if r.index <= rounds)]
             curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
@@ -161,8 +169,19 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     return AlignResult(state_uri, curve, rows, state.parent_run_id)
 
 
+def _frozen_statistics(cfg: AnisoraConfig, state: AlignState) -> RewardStatistics | None:
+    """The zscore statistics every round uses: the configured file, else those frozen at round 0 (None
+    before round 0 has run, or when no dimension is z-scored)."""
+    if cfg.reward.statistics_uri:
+        return RewardStatistics.load(cfg.reward.statistics_uri)
+    if state.statistics_uri:
+        return RewardStatistics.load(state.statistics_uri)
+    return None
+
+
 def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: Workers, heldout, train_manifest: str,
-               out: str, root: str, progress: bool, parent_run_id: str, state_uri: str) -> None:
+               out: str, root: str, progress: bool, parent_run_id: str, state_uri: str,
+               statistics: RewardStatistics | None) -> None:
     import mlflow
 
     rounds = cfg.loop.rounds
@@ -176,7 +195,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                      max(workers.replicas.weights_versions()))
             began = time.perf_counter()
             result = run_pairs(cfg, train_manifest, fs.join(base, "pairs"), workers.replicas, round_index=rs.index,
-                               progress=progress, reward_actors=workers.rewards)
+                               progress=progress, reward_actors=workers.rewards, statistics=statistics)
             seconds = time.perf_counter() - began
             pairs = read_pairs(result.out_uri)
             rs.pairs_uri = result.out_uri
@@ -233,7 +252,8 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
         if not rs.reached("evaluated"):
             log.info("round %d/%d: held-out evaluation", rs.index, rounds)
             workers.start(state.latest_weights(), rewards=True)
-            result = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), progress)
+            result = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), progress,
+                              statistics=statistics)
             workers.release_rewards()
             row = _eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
             rs.metrics.update(row)

@@ -33,6 +33,25 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     return {"generator": generator, "reward": reward, "trainer": trainer, "peak": peak}
 
 
+def single_requests(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
+    """What one actor of each kind asks of a single node (a replica, a reward actor, a training worker)."""
+    def req(actor) -> dict[str, float]:
+        return {k: v for k, v in {"GPU": actor.num_gpus, "CPU": actor.num_cpus, **actor.resources}.items() if v > 0}
+
+    dims = cfg.reward.dimensions.as_dict()
+    out = {"generator.actor": req(cfg.generator.actor)}
+    out |= {f"reward.dimensions.{n}.actor": req(dims[n].actor) for n in active_dimensions(dims)}
+    t = cfg.gapo
+    out["gapo worker"] = {k: v for k, v in {"GPU": 1.0 if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}.items() if v > 0}
+    return out
+
+
+def fit_no_node(requests: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The requests that no single node's total resources can hold (the cluster's sum may still cover them)."""
+    return {what: r for what, r in requests.items()
+            if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in r.items()) for node in nodes)}
+
+
 def check_cluster_fits(cfg: AnisoraConfig, wait_s: float | None = None) -> dict[str, float]:
     """Wait up to ``ray.wait_for_resources_s`` for the cluster to offer the config's peak demand, else
     raise :class:`ConfigError` naming what is missing and which settings ask for it (rather than
@@ -46,8 +65,16 @@ def check_cluster_fits(cfg: AnisoraConfig, wait_s: float | None = None) -> dict[
     while True:
         have = ray.cluster_resources()
         short = {k: v for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
-        if not short:
+        too_big = fit_no_node(single_requests(cfg), [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if not short and not too_big:
             return have
+        if time.monotonic() >= deadline and too_big and not short:
+            largest = {k: max(n["Resources"].get(k, 0.0) for n in ray.nodes() if n.get("Alive"))
+                       for r in too_big.values() for k in r}
+            raise ConfigError(
+                "no node of the cluster can hold " + "; ".join(f"one {w} ({r})" for w, r in too_big.items())
+                + f": the largest node offers {largest} (waited {wait_s:g}s, ray.wait_for_resources_s). Lower those "
+                "settings or add a larger node")
         if time.monotonic() >= deadline:
             groups = ", ".join(f"{g} {demand[g]['GPU']:g} GPU / {demand[g]['CPU']:g} CPU" for g in ("generator", "reward", "trainer"))
             missing = ", ".join(f"{k}: needs {v:g}, the cluster has {have.get(k, 0.0):g}" for k, v in short.items())

@@ -30,6 +30,7 @@ class RoundState:
 class AlignState:
     parent_run_id: str = ""
     baseline: dict = field(default_factory=dict)  # held-out result of the untrained generator (round 0)
+    statistics_uri: str = ""  # zscore statistics frozen at round 0 (every round's pairing and evaluation use them)
     rounds: list[RoundState] = field(default_factory=list)
 
     def round(self, index: int) -> RoundState:
@@ -50,5 +51,5 @@ class AlignState:
     @classmethod
     def load(cls, uri: str) -> AlignState:
         raw = json.loads(fs.read_bytes(uri))
-        return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"],
+        return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"], statistics_uri=raw.get("statistics_uri", ""),
                    rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]])

@@ -30,9 +30,10 @@ from anisora_ray.pairs.select import select_pair
 from anisora_ray.pairs.writer import PairWriter
 from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
+from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.reward.base import ClipBatch
 from anisora_ray.reward.stage import decode_one
-from anisora_ray.runtime import call_with_retries, first_line
+from anisora_ray.runtime import call_with_retries, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
 
 if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
@@ -119,7 +120,13 @@ def failure(error) -> str:
 def _clip_batch(batch: dict[str, np.ndarray], ok: list[int]) -> ClipBatch:
     """The decoded clips of rows ``ok`` of a stage batch."""
     return ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
-                     images=[batch["image"][i][0] for i in ok], references=[None] * len(ok))
+                     images=[batch["image"][i][0] for i in ok], references=[None] * len(ok),
+                     character_ids=[_text_or_none(batch["character_id"][i]) if "character_id" in batch else None
+                                    for i in ok])
+
+
+def _text_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _objects(arrays: list[np.ndarray]) -> np.ndarray:
@@ -193,7 +200,7 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
     ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
-                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.remote(), "out_dir": out_dir,
+                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.options(scheduling_strategy=on_this_node()).remote(), "out_dir": out_dir,
                                                "timeout_s": g.call_timeout_s, "retries": g.call_retries},
                         compute=ray.data.ActorPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0.01)
     return score_stream(cfg, ds, reward_actors)
@@ -272,12 +279,13 @@ def _configure_data_context(cfg: AnisoraConfig, progress: bool) -> None:
 
 def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, total: int, already: int,
             progress: bool = True, expected: dict[str, int] | None = None,
-            on_prompt: Callable[[str], None] | None = None) -> PairsResult:
-    """Group the streamed rows by prompt; each complete prompt is scored, paired and handed to ``writer``."""
+            on_prompt: Callable[[str], None] | None = None, statistics: RewardStatistics | None = None) -> PairsResult:
+    """Group the streamed rows by prompt; each complete prompt is scored, paired and handed to ``writer``.
+    z-scored dimensions need ``statistics`` fixed beforehand, so no reward depends on arrival order."""
     from tqdm.auto import tqdm
 
     k = cfg.generator.candidates_per_prompt
-    aggregator = RewardAggregator(cfg.reward.dimensions.as_dict())
+    aggregator = RewardAggregator(cfg.reward.dimensions.as_dict(), statistics)
     groups: dict[str, list[dict]] = defaultdict(list)
     skipped_reasons: Counter[str] = Counter()
     counts = Counter()
@@ -317,7 +325,7 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,
                  round_index: int = 0, progress: bool = True, on_prompt: Callable[[str], None] | None = None,
-                 reward_actors=None) -> PairsResult:
+                 reward_actors=None, statistics: RewardStatistics | None = None) -> PairsResult:
     """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
@@ -328,11 +336,11 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
     dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors)
-    return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt)
+    return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt, statistics=statistics)
 
 
 def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True,
-                    reward_actors=None) -> PairsResult:
+                    reward_actors=None, statistics: RewardStatistics | None = None) -> PairsResult:
     """Pairs from candidates generated earlier (same scoring stages and rules, no generation)."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
@@ -346,4 +354,4 @@ def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri
     _configure_data_context(cfg, progress)
     expected = Counter(c.prompt_id for c in todo)
     dataset = score_stream(cfg, candidates_dataset(todo), reward_actors)
-    return consume(cfg, dataset, writer, len(prompts), already, progress, expected)
+    return consume(cfg, dataset, writer, len(prompts), already, progress, expected, statistics=statistics)

@@ -1,41 +1,22 @@
 """Per-dimension normalization and weighting into one reward in [0, 1]; pure, no Ray.
 
 A NaN, infinite or missing score never becomes 0: its candidate is quarantined with the
-dimension and the reason, and it takes no part in the statistics of the others.
+dimension and the reason. Normalization never depends on the order rows arrive in: ``fixed`` maps
+a configured range, ``zscore`` uses statistics frozen before scoring (:mod:`.statistics`), ``rank``
+ranks within the rows of one call (one prompt's candidates when pairing).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from anisora_ray.config import DimensionConfig, NormalizeConfig
-
-
-@dataclass
-class RunningMoments:
-    """Running mean and variance (Chan et al. parallel update), for z-score normalization."""
-
-    count: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def update(self, values: np.ndarray) -> None:
-        if values.size == 0:
-            return
-        n, mean, m2 = values.size, float(values.mean()), float(((values - values.mean()) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 0.0
+from anisora_ray.errors import ConfigError
+from anisora_ray.reward.statistics import Moments, RewardStatistics, zscore_dimensions
 
 
 @dataclass(frozen=True)
@@ -63,8 +44,8 @@ def invalid_reason(row: Mapping[str, float], dimensions: Sequence[str]) -> str |
     return "; ".join(problems) or None
 
 
-def normalize(values: np.ndarray, cfg: NormalizeConfig, moments: RunningMoments | None = None) -> np.ndarray:
-    """Map raw scores of one dimension (all finite) to [0, 1]."""
+def normalize(values: np.ndarray, cfg: NormalizeConfig, moments: Moments | None = None) -> np.ndarray:
+    """Map raw scores of one dimension (all finite) to [0, 1]; ``zscore`` needs frozen ``moments``."""
     if values.size == 0:
         return values.astype(float)
     if cfg.kind == "fixed":
@@ -73,8 +54,9 @@ def normalize(values: np.ndarray, cfg: NormalizeConfig, moments: RunningMoments 
         if values.size == 1:
             return np.full(1, 0.5)
         return (_rankdata(values, method="average") - 1.0) / (values.size - 1.0)
-    moments = moments if moments is not None else RunningMoments()
-    moments.update(values)
+    if moments is None:
+        raise ConfigError("zscore normalization needs statistics fixed before scoring (reward.statistics_uri "
+                          "or a calibration sample)")
     z = (values - moments.mean) / max(moments.std, 1e-8)
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -84,7 +66,15 @@ class RewardAggregator:
     """Normalizes each weighted dimension and combines them by their weights."""
 
     dimensions: dict[str, DimensionConfig]
-    moments: dict[str, RunningMoments] = field(default_factory=dict)
+    statistics: RewardStatistics | None = None  # frozen moments for the zscore dimensions
+
+    def __post_init__(self) -> None:
+        needed = zscore_dimensions(self.dimensions)
+        if needed:
+            if self.statistics is None:
+                raise ConfigError(f"dimension(s) {needed} normalize by zscore: their statistics must be fixed before "
+                                  "scoring (reward.statistics_uri, or the calibration sample align and pairs take)")
+            self.statistics.require(needed)
 
     def __call__(self, rows: Sequence[Mapping[str, float]]) -> Aggregated:
         """``rows``: raw scores per candidate, ``{dimension: score}``."""
@@ -94,7 +84,7 @@ class RewardAggregator:
         normalized: list[dict[str, float]] = [{} for _ in rows]
         for name in names:
             values = np.array([float(rows[i][name]) for i in valid], dtype=float)
-            moments = self.moments.setdefault(name, RunningMoments())
+            moments = self.statistics.dimensions.get(name) if self.statistics else None
             for i, value in zip(valid, normalize(values, self.dimensions[name].normalize, moments), strict=True):
                 normalized[i][name] = float(value)
         total = sum(self.dimensions[n].weight for n in names)

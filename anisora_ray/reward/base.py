@@ -20,16 +20,22 @@ class ClipBatch:
 
     ``frames``: B clips of uint8 [N, H, W, 3] (N may differ between clips); ``images``: the B
     first-frame images, uint8 [H', W', 3]; ``references``: per clip a reference image of the
-    character (or None: the first-frame image stands in).
+    character (or None: the first-frame image stands in); ``character_ids``: per clip the id of the
+    prompt's character (the manifest's ``character_id``), which selects its gallery entries.
     """
 
     frames: list[np.ndarray]
     prompts: list[str]
     images: list[np.ndarray]
     references: list[np.ndarray | None]
+    character_ids: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.frames)
+        if self.character_ids is None:
+            object.__setattr__(self, "character_ids", [None] * n)
+        if len(self.character_ids) != n:
+            raise ValueError(f"ClipBatch fields disagree in length: frames {n}, character_ids {len(self.character_ids)}")
         if not (len(self.prompts) == len(self.images) == len(self.references) == n):
             raise ValueError(
                 f"ClipBatch fields disagree in length: frames {n}, prompts {len(self.prompts)}, "

@@ -3,9 +3,10 @@
 As in the released code (GroundingDINO + SAMURAI crops, BLIP retrieval against a gallery), per frame:
 GroundingDINO finds the best box for the text query ``character.``; SAM (optional) segments it and
 the background is blacked out; the crop is embedded with a CLIP-family image encoder; the score is
-the top-1 cosine similarity to the gallery, averaged over ``frames`` frames. The gallery is a
-safetensors file of one embedding per character id (``anisora-ray build-gallery``); without one,
-each clip's reference (or first-frame) image is its one-entry gallery.
+the top-1 cosine similarity to *this prompt's character* — the gallery entries of the clip's
+``character_id`` — averaged over ``frames`` frames. The gallery is a safetensors file of one
+embedding per character id (``anisora-ray build-gallery``); a clip whose character has no entry (or
+no gallery at all) is compared with its reference (or first-frame) image.
 """
 
 from __future__ import annotations
@@ -123,24 +124,36 @@ class GroundedCharacter:
 
     @torch.no_grad()
     def score(self, batch: ClipBatch) -> np.ndarray:
-        """All sampled frames of the batch (and the references) go through detection, SAM and the embedder together."""
+        """Each clip against its own character: the gallery entries of its ``character_id``, or (no
+        gallery, or no entry for that id) its reference or first-frame image. All sampled frames of
+        the batch and the needed references go through detection, SAM and the embedder together."""
         picked = [clip[even_indices(len(clip), min(self.frames, len(clip)))] for clip in batch.frames]
         owners = np.concatenate([np.full(len(p), i) for i, p in enumerate(picked)])
         frames = np.concatenate(picked)
-        if self.gallery is None:  # each clip's reference (or first-frame) image is its gallery
-            refs = [r if r is not None else im for r, im in zip(batch.references, batch.images, strict=True)]
+        own = [self.gallery_rows(cid) for cid in batch.character_ids]
+        by_image = [i for i, rows in enumerate(own) if rows is None]
+        if by_image:  # these clips' reference (or first-frame) image is their gallery
+            refs = [batch.references[i] if batch.references[i] is not None else batch.images[i] for i in by_image]
             refs = [cv2.resize(r, frames.shape[2:0:-1], interpolation=cv2.INTER_AREA) for r in refs]
             frames = np.concatenate([frames, np.stack(refs)])
-            owners = np.concatenate([owners, -1 - np.arange(len(batch))])  # -1 - i: clip i's reference
+            owners = np.concatenate([owners, -1 - np.asarray(by_image)])  # -1 - i: clip i's reference
         embeddings, kept = self.embed_many(frames)
         owners = owners[kept]
         out = np.full(len(batch), np.nan)  # no character in any frame (or reference) → NaN, quarantined
         for i in range(len(batch)):
             query = embeddings[torch.from_numpy(owners == i).to(embeddings.device)]
-            gallery = self.gallery if self.gallery is not None else embeddings[torch.from_numpy(owners == -1 - i).to(embeddings.device)]
+            gallery = self.gallery[own[i]] if own[i] is not None else embeddings[
+                torch.from_numpy(owners == -1 - i).to(embeddings.device)]
             if len(query) and len(gallery):
                 out[i] = float((query @ gallery.T).max(dim=1).values.mean())
         return out
+
+    def gallery_rows(self, character_id: str | None) -> list[int] | None:
+        """Rows of the gallery that show ``character_id``; None when it has none (or there is no gallery)."""
+        if self.gallery is None or character_id is None:
+            return None
+        rows = [j for j, gid in enumerate(self.gallery_ids) if gid == character_id]
+        return rows or None
 
     def embed_many(self, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Embeddings of the images that yield a crop, and the indices of those images."""

@@ -20,6 +20,7 @@ from anisora_ray.io.video import read_clip
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.base import ClipBatch
+from anisora_ray.reward.statistics import RewardStatistics, zscore_dimensions
 from anisora_ray.types import Candidate, QuarantineRecord, ScoredCandidate
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ScoringResult:
     scored: list[ScoredCandidate]  # every candidate; quarantined ones carry a reason and NaN reward
     quarantined: list[QuarantineRecord]
     scores_uri: str | None = None
+    statistics: RewardStatistics | None = None  # what the zscore dimensions were normalized with
 
 
 def decode_one(video: VideoConfig, video_uri: str, image_uri: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,14 +53,19 @@ def decode_batch(cfg: AnisoraConfig, candidates: Sequence[Candidate]) -> tuple[l
         kept.append(c)
         frames.append(clip)
         images.append(image)
-    batch = ClipBatch(frames=frames, prompts=[c.prompt for c in kept], images=images, references=[None] * len(kept))
+    batch = ClipBatch(frames=frames, prompts=[c.prompt for c in kept], images=images, references=[None] * len(kept),
+                      character_ids=[c.character_id for c in kept])
     return kept, batch, failed
 
 
 def score_candidates(
-    cfg: AnisoraConfig, candidates: Sequence[Candidate], actors: RewardActors, progress: bool = True
+    cfg: AnisoraConfig, candidates: Sequence[Candidate], actors: RewardActors, progress: bool = True,
+    statistics: RewardStatistics | None = None,
 ) -> ScoringResult:
-    """Scores on every weighted dimension, normalized and combined; bad clips are quarantined."""
+    """Scores on every weighted dimension, normalized and combined; bad clips are quarantined.
+
+    z-scored dimensions use ``statistics``; without them, the statistics of this whole set (taken
+    at once, so independent of order), returned with the result for later calls to reuse."""
     size = cfg.reward.batch_size
     chunks = deque(candidates[i : i + size] for i in range(0, len(candidates), size))
     raw: dict[str, dict[str, float]] = {}
@@ -80,7 +87,11 @@ def score_candidates(
                 raw[c.video_uri] = {name: float(values[j]) for name, values in results.items()}
             bar.update(len(kept))
     scorable = [c for c in candidates if c.video_uri in raw]
-    aggregated = RewardAggregator(cfg.reward.dimensions.as_dict())([raw[c.video_uri] for c in scorable])
+    dimensions = cfg.reward.dimensions.as_dict()
+    rows = [raw[c.video_uri] for c in scorable]
+    if statistics is None and zscore_dimensions(dimensions):
+        statistics = RewardStatistics.from_raw(rows, zscore_dimensions(dimensions), f"{len(rows)} scored candidates")
+    aggregated = RewardAggregator(dimensions, statistics)(rows)
     for c, reason in zip(scorable, aggregated.reasons, strict=True):
         if reason:
             reasons[c.video_uri] = f"invalid score: {reason}"
@@ -100,7 +111,7 @@ def score_candidates(
         if record.quarantine_reason:
             quarantined.append(QuarantineRecord("reward", f"{c.prompt_id}/{c.seed}", record.quarantine_reason.split(":")[0],
                                                 uri=c.video_uri, detail=record.quarantine_reason))
-    return ScoringResult(scored, quarantined)
+    return ScoringResult(scored, quarantined, statistics=statistics)
 
 
 def scores_table(scored: Sequence[ScoredCandidate], dimensions: Sequence[str]) -> pa.Table:
@@ -119,9 +130,10 @@ def run_scoring(cfg: AnisoraConfig, candidates_uri: str, out_uri: str | None, pr
     candidates = Candidate.from_table(fs.read_table(candidates_uri))
     out_uri = out_uri or fs.join(fs.normalize(cfg.run.output_dir), "score", "scores.parquet")
     init_ray(cfg.ray)
+    statistics = RewardStatistics.load(cfg.reward.statistics_uri) if cfg.reward.statistics_uri else None
     actors = RewardActors(cfg.reward)
     try:
-        result = score_candidates(cfg, candidates, actors, progress=progress)
+        result = score_candidates(cfg, candidates, actors, progress=progress, statistics=statistics)
     finally:
         actors.shutdown()
     fs.write_table(scores_table(result.scored, active_dimensions(cfg.reward.dimensions.as_dict())), out_uri)

@@ -42,3 +42,21 @@ def test_a_cluster_without_the_resources_the_config_asks_for_fails_within_the_wa
     message = str(caught.value)
     assert "GPU: needs 10, the cluster has 8" in message and "generator 10 GPU" in message
     assert "ray.wait_for_resources_s" in message and seconds < 30
+
+
+def test_an_actor_no_single_node_can_hold_fails_within_the_wait_though_the_totals_suffice(ray_cluster, make_config):
+    import pytest
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.loop.align import run_alignment
+
+    # The cluster's totals (8 GPUs) hold one 5-GPU replica, but no node has 5 (4 each): a placement group would wait forever.
+    cfg = make_config("generator.replicas=1", "generator.actor.num_gpus=5", "ray.wait_for_resources_s=3")
+    began = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        run_alignment(cfg, progress=False, root=REPO)
+    seconds = time.perf_counter() - began
+    print(f"\nno-node-fits: lost=0 duplicated=0 retried=0 seconds={seconds:.1f}")
+    message = str(caught.value)
+    assert "no node of the cluster can hold one generator.actor" in message and "'GPU': 5.0" in message, message
+    assert "the largest node offers {'GPU': " in message and seconds < 30
