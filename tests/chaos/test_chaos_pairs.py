@@ -62,25 +62,26 @@ def _videos(out_uri: str) -> int:
     return sum(name.endswith(".mp4") for _, _, names in os.walk(os.path.join(out_uri, "videos")) for name in names)
 
 
-def _kill_when(out_uri: str, pid_of, killed: list, after_videos: int = 4, timeout_s: float = 300) -> None:
+def _kill_when(out_uri: str, pid_of, killed: list, after_videos: int = 4, timeout_s: float = 300,
+               sig: int = signal.SIGKILL) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if _videos(out_uri) >= after_videos:
             pid = pid_of()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
             killed.append(pid)
             return
         time.sleep(0.05)
 
 
-def _run_disturbed(chaos, name: str, pid_of, *overrides, replicas=None, reward_actors=None):
+def _run_disturbed(chaos, name: str, pid_of, *overrides, replicas=None, reward_actors=None, sig=signal.SIGKILL):
     from anisora_ray.pairs.stage import run_pairs
     from anisora_ray.pairs.writer import read_skipped
 
     cfg = chaos["make"](*overrides)
     out = str(chaos["root"] / name)
     killed: list = []
-    killer = threading.Thread(target=_kill_when, args=(out, pid_of, killed), daemon=True)
+    killer = threading.Thread(target=_kill_when, args=(out, pid_of, killed), kwargs={"sig": sig}, daemon=True)
     began = time.perf_counter()
     killer.start()
     result = run_pairs(cfg, chaos["manifest"], out, replicas=replicas, reward_actors=reward_actors, progress=False)
@@ -110,6 +111,27 @@ def test_sigkill_a_generator_replica_mid_round(chaos):
 
         after = ray.get(replicas.actors[0].placement.remote())["pid"]
         assert after != before and replicas.weights_versions() == [0, 0]  # restarted, same weights
+    finally:
+        replicas.shutdown()
+
+
+def test_a_hung_generator_replica_is_killed_after_its_call_timeout_and_replaced(chaos):
+    """SIGSTOP freezes the replica mid-call (as a wedged CUDA kernel or a deadlock would): no error
+    comes back, only the timeout notices. The replica is killed, Ray restarts it, the call is sent again."""
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    timeout = "generator.call_timeout_s=8"  # a tiny call takes ~1 s here; real calls get 30 minutes
+    cfg = chaos["make"](timeout)
+    replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    try:
+        import ray
+
+        before = replicas.placements()[0]["pid"]
+        result = _run_disturbed(chaos, "hung-generator-replica", lambda: before, timeout, replicas=replicas,
+                                sig=signal.SIGSTOP)
+        assert result.retried_candidates > 0
+        assert ray.get(replicas.actors[0].placement.remote())["pid"] != before  # killed and restarted
     finally:
         replicas.shutdown()
 
