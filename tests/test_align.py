@@ -6,10 +6,14 @@ registered model versions behind."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+
+import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import LOCAL_CONFIG, REPO, config_overrides
 
@@ -47,13 +51,15 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.loop.align import run_alignment
     from anisora_ray.pairs.writer import pairs_table, read_pairs
+    from anisora_ray.reward.statistics import RewardStatistics
     from anisora_ray.tracking import tracking_uri
     from anisora_ray.weights.folder import read_safetensors
 
     overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", f"gapo.steps={STEPS}", "gapo.beta=500",
                  "gapo.checkpoint_every=5",
                  "generator.replicas=1", "eval.demo_prompts=3", "eval.candidates_per_prompt=1", "eval.sample_videos=1",
-                 "loop.registered_model=anisora-test", f"ray.address={ray_cluster.address}", "ray.log_to_driver=false"]
+                 "loop.registered_model=anisora-test", f"ray.address={ray_cluster.address}", "ray.log_to_driver=false",
+                 "reward.dimensions.character.normalize.kind=zscore"]
     state_uri = str(tmp_path / "out" / "align" / "state.json")
     argv = [sys.executable, os.path.join(REPO, "jobs", "align.py"), "--quiet", "--config", LOCAL_CONFIG]
     for o in overrides:
@@ -84,6 +90,14 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     with open(result.state_uri) as f:
         state = json.load(f)
     assert [(r["index"], r["phase"], r["weights_version"]) for r in state["rounds"]] == [(1, "evaluated", 1), (2, "evaluated", 2)]
+    # z-scored character: statistics frozen at round 0 (before any pairing), used by every later evaluation
+    stats = RewardStatistics.load(state["statistics_uri"])
+    assert state["statistics_uri"].endswith("align/reward-statistics.json") and stats.dimensions["character"].count > 1
+    m = stats.dimensions["character"]
+    for r in (0, 2):
+        scores = pq.read_table(str(tmp_path / "out" / "align" / f"round-{r}" / "eval" / "scores.parquet")).to_pylist()
+        for row in scores:
+            assert row["character"] == pytest.approx(1 / (1 + math.exp(-(row["character_raw"] - m.mean) / m.std)))
     assert {p.weights_version for p in read_pairs(str(round1))} == {0}
     round2 = read_pairs(str(tmp_path / "out" / "align" / "round-2" / "pairs"))
     assert round2 and {p.weights_version for p in round2} == {1}  # on-policy: round 1's trained weights

@@ -52,6 +52,17 @@ def test_xclip_motion_is_the_probability_of_the_first_prompt(cache):
     assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
     np.testing.assert_allclose(p + q, 1.0, atol=1e-5)  # a two-way softmax, read from either side
     np.testing.assert_allclose(forward.score(batch(CLIPS[:1])), p[:1], atol=1e-5)  # independent of batch mates
+    # through X-CLIP's own forward: the prompts are conditioned on each video by its prompt generator
+    from anisora_ray.reward.encoders import l2, pooled
+    from anisora_ray.reward.learned import even_indices
+
+    m, k = forward.backbone.model, forward.backbone.num_frames
+    with torch.no_grad():
+        pix = torch.stack([forward.backbone.pixels(c[even_indices(len(c), k)]) for c in CLIPS])
+        out = m(pixel_values=pix, **forward.prompt_tokens)
+        np.testing.assert_allclose(p, (100 * out.logits_per_video / m.logit_scale.exp()).softmax(-1)[:, 0], atol=1e-5)
+        plain = l2(pooled(m.get_text_features(**forward.prompt_tokens)))  # unconditioned: what it used to compare with
+        assert not np.allclose(p, (100 * l2(out.video_embeds) @ plain.T).softmax(-1)[:, 0].numpy(), atol=1e-4)
 
 
 def test_consistency_zero_shot_is_cosine_and_prefers_the_matching_image(cache):

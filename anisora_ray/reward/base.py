@@ -86,6 +86,7 @@ def _factory(dimension: str, backend: str) -> Callable[..., RewardDimension]:
     if (dimension, backend) not in _REGISTRY:  # torch + transformers only when a learned backend is asked for
         import anisora_ray.reward.character  # noqa: F401
         import anisora_ray.reward.learned  # noqa: F401
+        import anisora_ray.reward.released  # noqa: F401  (the released AnimeReward scorers)
     try:
         return _REGISTRY[(dimension, backend)]
     except KeyError:

@@ -85,15 +85,18 @@ class XClipMotion(LearnedDimension):
         if len(prompts) < 2:
             raise ValueError(f"visual_motion needs at least two prompts (moving first), got {len(prompts)}")
         self.temperature = float(temperature)
-        with torch.no_grad():
-            self.prompt_features = l2(self.backbone.text_features(list(prompts)))
+        limit = int(self.backbone.model.config.text_config.max_position_embeddings)
+        self.prompt_tokens = self.backbone.tokenizer(list(prompts), padding=True, truncation=True, max_length=limit,
+                                                     return_tensors="pt").to(self.backbone.device)
 
     def zero_shot(self, batch: ClipBatch) -> np.ndarray:
+        """Through X-CLIP's own forward: the prompt embeddings are conditioned on each video by its
+        prompt generator (as the model was trained), then softmax over temperature × cosine."""
         k = self.backbone.num_frames or 8
-        clips = [c[even_indices(len(c), k)] for c in batch.frames]
-        video = l2(self.backbone.video_features(clips))
-        probs = (self.temperature * video @ self.prompt_features.T).softmax(dim=-1)
-        return probs[:, 0].cpu().numpy().astype(float)
+        pix = torch.stack([self.backbone.pixels(c[even_indices(len(c), k)]) for c in batch.frames])
+        out = self.backbone.model(pixel_values=pix, **self.prompt_tokens)
+        cos = torch.einsum("bd,bkd->bk", l2(out.video_embeds.float()), l2(out.text_embeds.float()))
+        return (self.temperature * cos).softmax(dim=-1)[:, 0].cpu().numpy().astype(float)
 
 
 @register("visual_appeal", "siglip")

@@ -1,0 +1,150 @@
+"""The released AnimeReward scorers: synthetic checkpoints in the released key layout and file formats
+(built from the released module definitions at tiny width) convert, load through the scoring path,
+and score as the released math does (a plain-torch re-implementation) to 1e-5; a missing or
+misshapen key fails naming the key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anisora_ray.reward.base import ClipBatch, build_dimension
+from anisora_ray.reward.released import reference as ref
+from anisora_ray.reward.released.common import CheckpointError, released_pixels
+
+VIT = {"image_size": 32, "patch": 16, "dim": 32, "depth": 2, "heads": 2}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "girl", "with", "red", "hair", "runs", "blue", "sky",
+         "the", "cat", "jumps", "over", "##s", "long", "sword"]
+
+
+def clips(n: int = 2, frames: int = 5, size: int = 40, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (frames, size, size + 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def clip_batch(videos, prompts=None, character_ids=None) -> ClipBatch:
+    n = len(videos)
+    return ClipBatch(frames=videos, prompts=prompts or ["a girl with red hair runs"] * n, images=[v[0] for v in videos],
+                     references=[None] * n, character_ids=character_ids)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert-base-uncased")
+    (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    return str(path)
+
+
+def synthetic_consistency(tmp_path, text: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    bert = {"vocab": len(WORDS) + 2, "dim": 32, "depth": 2, "heads": 2, "hidden": 64, "positions": 40, "encoder_width": 32}
+    model = ref.BlipConsistency(VIT, text_width=24, text=bert if text else None).eval()
+    with torch.no_grad():  # the released heads are trained, not zero: make every path matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model, ref.save_released(model, str(tmp_path / ("tvc.pth" if text else "ivc.pth")))
+
+
+def test_image_video_converts_and_scores_as_released(tmp_path):
+    from anisora_ray.reward.released.blip import convert_consistency
+
+    model, path = synthetic_consistency(tmp_path, text=False)
+    out = convert_consistency(path, str(tmp_path / "ivc"), text=False, vision_heads=2)
+    scorer = build_dimension("image_video", "released", checkpoint=out, device="cpu")
+    videos = clips()
+    got = scorer.score(clip_batch(videos))
+    expected = [float(model.score(released_pixels(v, 32, "cpu"), key_image=released_pixels(v[:1], 32, "cpu")))
+                for v in videos]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert ((got > 0) & (got < 1)).all() and abs(got[0] - got[1]) > 1e-4
+
+
+def test_text_video_converts_with_blip_tokenizer_and_scores_as_released(tmp_path, bert_dir):
+    from transformers import BertTokenizer
+
+    from anisora_ray.reward.released.blip import convert_consistency
+
+    model, path = synthetic_consistency(tmp_path, text=True)
+    out = convert_consistency(path, str(tmp_path / "tvc"), text=True, tokenizer=bert_dir, vision_heads=2, text_heads=2)
+    scorer = build_dimension("text_video", "released", checkpoint=out, device="cpu")
+    videos = clips()
+    prompts = ["a girl with red hair runs", "the cat jumps over the long sword " * 6]  # the second is cut at 30 tokens
+    got = scorer.score(clip_batch(videos, prompts))
+    tok = BertTokenizer(f"{bert_dir}/vocab.txt")
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    expected = []
+    for v, p in zip(videos, prompts, strict=True):
+        t = tok(p, padding="max_length", truncation=True, max_length=30, return_tensors="pt")
+        expected.append(float(model.score(released_pixels(v, 32, "cpu"), ids=t["input_ids"], mask=t["attention_mask"])))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    swapped = scorer.score(clip_batch(videos, prompts[::-1]))
+    assert not np.allclose(swapped, got, atol=1e-5)  # the caption matters
+
+
+def test_a_missing_or_misshapen_key_fails_naming_it(tmp_path):
+    from anisora_ray.reward.released.blip import convert_consistency
+
+    model, path = synthetic_consistency(tmp_path, text=False)
+    payload = torch.load(path, weights_only=True)
+    del payload["model"]["visual_encoder.blocks.1.attn.proj.weight"]
+    torch.save(payload, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['vision.encoder.layers.1.self_attn.projection.weight'\]"):
+        convert_consistency(str(tmp_path / "missing.pth"), str(tmp_path / "m"), text=False, vision_heads=2)
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["head_diff.weight"] = torch.zeros(1, 40)
+    torch.save(payload, tmp_path / "misshapen.pth")
+    with pytest.raises(CheckpointError, match=r"misshapen \['head_diff.weight: \(1, 40\) vs \(1, 48\)'\]"):
+        convert_consistency(str(tmp_path / "misshapen.pth"), str(tmp_path / "s"), text=False, vision_heads=2)
+    torch.save({"model": model.state_dict(), "opt": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a module
+    with pytest.raises(CheckpointError, match="pickled.pth cannot be loaded with weights_only=True"):
+        convert_consistency(str(tmp_path / "pickled.pth"), str(tmp_path / "p"), text=False, vision_heads=2)
+    with pytest.raises(CheckpointError, match="not a converted reward folder"):
+        build_dimension("image_video", "released", checkpoint=str(tmp_path / "nowhere"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    """A byte-level CLIP BPE tokenizer with no merges: one token per character, <|endoftext|> the largest id
+    (as in OpenAI's, so the released argmax pooling finds it)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    path = str(tmp_path_factory.mktemp("clip-tokenizer"))
+    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[]).save_pretrained(path)
+    return path
+
+
+def test_motion_converts_from_mmengine_and_scores_as_released(tmp_path, clip_tokenizer):
+    from transformers import AutoTokenizer
+
+    from anisora_ray.reward.released.actionclip import convert_actionclip
+
+    torch.manual_seed(0)
+    clip = {"embed": 48, "image_size": 32, "patch": 16, "vision_width": 64, "vision_layers": 2, "context": 77,
+            "vocab": 514, "text_width": 64, "text_layers": 2}
+    model = ref.ActionClip(clip, segments=8, adapter_layers=2).eval()
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = ref.save_released(model, str(tmp_path / "testvl.pth"), container="mmengine")
+    out = convert_actionclip(path, str(tmp_path / "motion"), tokenizer=clip_tokenizer)
+    prompts = ["running, jumping, dancing", "remain stationary"]  # short: this tokenizer spends a token per character
+    scorer = build_dimension("visual_motion", "released", checkpoint=out, device="cpu", prompts=prompts)
+    videos = clips(3, frames=24) + clips(1, frames=5, seed=1)  # 24 sampled frames, and a short clip (repeats)
+    got = scorer.score(clip_batch(videos))
+    tok = AutoTokenizer.from_pretrained(clip_tokenizer)
+    ids = torch.tensor([tok(p, padding="max_length", max_length=77)["input_ids"] for p in prompts])
+    ids[ids == tok.pad_token_id] = 0  # OpenAI's clip.tokenize pads with 0 after <|endoftext|>
+    ids[torch.arange(2), [len(tok(p)["input_ids"]) - 1 for p in prompts]] = tok.eos_token_id
+    expected = [float(model.score(released_pixels(v, 32, "cpu"), ids)) for v in videos]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert ((got > 0) & (got < 1)).all() and np.ptp(got) > 1e-4
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["adapter.transformer.resblocks.1.attn.in_proj_weight"] = torch.zeros(3 * 48, 40)
+    torch.save(payload, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"adapter.1.self_attn.q_proj.weight: \(48, 40\) vs \(48, 48\)"):
+        convert_actionclip(str(tmp_path / "bad.pth"), str(tmp_path / "bad"), tokenizer=clip_tokenizer)
