@@ -40,15 +40,16 @@ def main() -> None:
     dim = build_dimension("character", "grounded", detector=f"{args.size}:grounding-dino", segmenter=f"{args.size}:sam",
                           embedder=f"{args.size}:clip", cache_dir=args.cache, dtype=args.dtype,
                           box_threshold=0.0, text_threshold=0.0, detector_size=args.detector_size)
+    det = dim.detect
     frames = np.random.default_rng(0).integers(0, 255, (args.clips * args.frames, args.res, args.res, 3), dtype=np.uint8)
-    dim.boxes(frames[: dim.model_batch])  # warm-up
-    inputs = timed("detector preprocess", lambda: dim.det_processor(images=list(frames), text=[dim.query] * len(frames),
-                                                                     return_tensors="pt", **dim.detector_kwargs))
-    boxes = timed("detect (all)", lambda: dim.boxes(frames))
+    det.boxes(frames[: det.model_batch])  # warm-up
+    inputs = timed("detector preprocess", lambda: det.det_processor(images=list(frames), text=[det.query] * len(frames),
+                                                                     return_tensors="pt", **det.detector_kwargs))
+    boxes = timed("detect (all)", lambda: det.boxes(frames))
     found = [b for b in boxes if b is not None]
-    timed("sam preprocess", lambda: dim.seg_processor(images=list(frames[: len(found)]), input_boxes=[[b] for b in found],
+    timed("sam preprocess", lambda: det.seg_processor(images=list(frames[: len(found)]), input_boxes=[[b] for b in found],
                                                        return_tensors="pt"))
-    timed("segment (all)", lambda: dim.masks(frames[: len(found)], found))
+    timed("segment (all)", lambda: det.masks(frames[: len(found)], found))
     crops = timed("crops (detect+segment)", lambda: dim.crops(frames))
     timed("embed crops", lambda: dim.embedder.image_features(np.stack(crops)))
     print(f"{len(frames)} frames of {args.res}^2, {len(found)} with a box; detector input {tuple(inputs['pixel_values'].shape)}")

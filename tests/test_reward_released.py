@@ -5,6 +5,8 @@ misshapen key fails naming the key."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,55 @@ def test_motion_converts_from_mmengine_and_scores_as_released(tmp_path, clip_tok
     torch.save(payload, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"adapter.1.self_attn.q_proj.weight: \(48, 40\) vs \(48, 48\)"):
         convert_actionclip(str(tmp_path / "bad.pth"), str(tmp_path / "bad"), tokenizer=clip_tokenizer)
+
+
+def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_its_own_character(tmp_path):
+    from PIL import Image
+
+    from anisora_ray.reward.released.character import convert_character, square_crop
+
+    torch.manual_seed(0)
+    model = ref.BlipRetrieval(VIT, embed=16).eval()
+    path = ref.save_released(model, str(tmp_path / "animate_recoginzer.pth"))
+    detector = dict(detector="tiny:grounding-dino", segmenter="tiny:sam", box_threshold=0.0, text_threshold=0.0,
+                    cache_dir=str(tmp_path / "backbones"), device="cpu")
+    rng = np.random.default_rng(3)
+    frames = {c: rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for c in ("alice", "bob", "carol")}
+    # The gallery holds masked crops, as the released one does: made here with a throwaway converted folder.
+    Image.fromarray(frames["alice"]).save(tmp_path / "seed.png")
+    entries = [{"image": "seed.png", "caption": "x"}, {"image": "seed.png", "caption": "y"}]
+    (tmp_path / "seed.json").write_text(json.dumps(entries))
+    seed = build_dimension("character", "released", checkpoint=convert_character(
+        path, str(tmp_path / "seed.json"), str(tmp_path), str(tmp_path / "seed"), heads=2), **detector)
+    for c, frame in frames.items():
+        ((box, mask),) = seed.detect.regions(frame[None])
+        Image.fromarray(square_crop(frame, box, mask)).save(tmp_path / f"{c}.png")
+    entries = [{"image": "alice.png", "caption": "Alice"}, {"image": "alice.png", "caption": "alice"},
+               {"image": "bob.png", "caption": "Bob"}, {"image": "carol.png", "caption": "Carol"}]
+    (tmp_path / "gallerys.json").write_text(json.dumps(entries))
+    out = convert_character(path, str(tmp_path / "gallerys.json"), str(tmp_path), str(tmp_path / "character"), heads=2)
+    scorer = build_dimension("character", "released", checkpoint=out, **detector)
+    assert scorer.names == ["alice", "alice", "bob", "carol"]  # lower-cased, as released
+
+    # Parity with the released math on the same crops: top-1 identity probability
+    clip = np.stack([frames["alice"]] * 6)
+    pixels = scorer.crop_pixels(clip, 8)
+    assert pixels.shape == (6, 3, 32, 32)
+    gallery = model.embed(released_pixels([np.asarray(Image.open(tmp_path / e["image"])) for e in entries], 32, "cpu"))
+    expected = model.score(pixels[None], gallery, [e["caption"].lower() for e in entries])
+    probs, names = scorer.probabilities(pixels)
+    assert names == ["alice", "bob", "carol"]
+    np.testing.assert_allclose(float(probs.max()), float(expected[0]), atol=1e-5)
+    top1 = build_dimension("character", "released", checkpoint=out, identity="top1", **detector)
+    np.testing.assert_allclose(top1.score(clip_batch([clip])), [float(expected[0])], atol=1e-5)
+
+    # Each clip against its own character: the same clip of alice, as prompt alice's and as prompt bob's candidate
+    own = scorer.score(clip_batch([clip, clip], character_ids=["Alice", "bob"]))
+    assert own[0] == pytest.approx(float(probs[0]), abs=1e-6) and own[0] > own[1]
+    # A character with no gallery entry: its first-frame image joins as one more identity
+    unknown = scorer.score(ClipBatch(frames=[clip, clip], prompts=["p", "p"], images=[frames["alice"], frames["carol"]],
+                                     references=[None, None], character_ids=["dave", None]))
+    for score, image in zip(unknown, [frames["alice"], frames["carol"]], strict=True):
+        first = scorer.model(scorer.crop_pixels(image[None], 1))[0]
+        assert score == pytest.approx(float(scorer.probabilities(pixels, extra=first)[0][-1]), abs=1e-6)
+    assert unknown[0] != pytest.approx(unknown[1], abs=1e-4)

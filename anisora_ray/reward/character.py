@@ -28,20 +28,14 @@ from anisora_ray.reward.learned import even_indices
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-@register("character", "grounded")
-class GroundedCharacter:
-    name = "character"
+class CharacterDetector:
+    """GroundingDINO boxes for a text query, and (optionally) SAM masks inside them, frame by frame."""
 
-    def __init__(self, detector: str = "IDEA-Research/grounding-dino-tiny", segmenter: str | None = "facebook/sam-vit-base",
-                 embedder: str = "openai/clip-vit-large-patch14", gallery: str | None = None, query: str = "character.",
-                 box_threshold: float = 0.35, text_threshold: float = 0.25, frames: int = 8,
-                 on_no_detection: str = "full_frame", device: str = "auto", dtype: str = "float32",
-                 cache_dir: str = "~/.cache/anisora-ray", max_images: int = 256, model_batch: int = 32,
-                 detector_size: int | None = None):
+    def __init__(self, detector: str, segmenter: str | None, query: str = "character.", box_threshold: float = 0.35,
+                 text_threshold: float = 0.25, device: str = "auto", dtype: str = "float32",
+                 cache_dir: str = "~/.cache/anisora-ray", model_batch: int = 32, detector_size: int | None = None):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
 
-        if on_no_detection not in ("full_frame", "skip"):
-            raise ValueError(f"on_no_detection must be 'full_frame' or 'skip', got {on_no_detection!r}")
         self.device, dtype_ = pick_device(device), DTYPES[dtype]
         det = resolve_backbone(detector, cache_dir)
         self.det_processor = AutoProcessor.from_pretrained(det)
@@ -53,16 +47,12 @@ class GroundedCharacter:
             self.seg_processor = SamProcessor.from_pretrained(seg)
             self.segmenter = SamModel.from_pretrained(seg, dtype=dtype_, use_safetensors=True)
             self.segmenter.eval().requires_grad_(False).to(self.device)
-        self.embedder = Backbone(embedder, device=device, dtype=dtype, cache_dir=cache_dir, max_images=max_images, text=False)
-        self.query, self.frames = query, int(frames)
+        self.query = query
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
-        self.on_no_detection = on_no_detection
         self.model_batch = int(model_batch)  # frames per GroundingDINO / SAM call
         # The detector's input size (shortest edge); None keeps its processor's (800 for GroundingDINO).
-        # Sampled frames are 224 px: detecting at 800 upsamples them ~13x in pixels for no new detail.
         self.detector_kwargs = {} if detector_size is None else {
             "size": {"shortest_edge": int(detector_size), "longest_edge": int(detector_size) * 1333 // 800}}
-        self.gallery_ids, self.gallery = ([], None) if gallery is None else load_gallery(gallery, self.device)
 
     @torch.no_grad()
     def boxes(self, frames: np.ndarray) -> list[list[float] | None]:
@@ -94,25 +84,58 @@ class GroundedCharacter:
             outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
         return [m[0, 0].numpy() for m in masks]
 
-    def crops(self, frames: np.ndarray, return_kept: bool = False):
-        """One square crop per frame with a character (all frames with ``on_no_detection='full_frame'``)."""
+    def regions(self, frames: np.ndarray) -> list[tuple[tuple[int, int, int, int], np.ndarray | None] | None]:
+        """Per frame: the character's integer box (x0, y0, x1, y1) and its mask (None without a segmenter),
+        or None when nothing was detected."""
         boxes = self.boxes(frames)
         found = [i for i, b in enumerate(boxes) if b is not None]
         masks = dict(zip(found, self.masks(frames[found], [boxes[i] for i in found]), strict=True)) if (
             self.segmenter is not None and found) else {}
-        size = self.embedder.image_size
-        out, kept = [], []
+        out = []
         for i, frame in enumerate(frames):
             if boxes[i] is None:
+                out.append(None)
+                continue
+            h, w = frame.shape[:2]
+            x0, y0, x1, y1 = boxes[i]
+            x0, y0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
+            x1, y1 = int(np.clip(np.ceil(x1), x0 + 1, w)), int(np.clip(np.ceil(y1), y0 + 1, h))
+            out.append(((x0, y0, x1, y1), masks.get(i)))
+        return out
+
+
+@register("character", "grounded")
+class GroundedCharacter:
+    name = "character"
+
+    def __init__(self, detector: str = "IDEA-Research/grounding-dino-tiny", segmenter: str | None = "facebook/sam-vit-base",
+                 embedder: str = "openai/clip-vit-large-patch14", gallery: str | None = None, query: str = "character.",
+                 box_threshold: float = 0.35, text_threshold: float = 0.25, frames: int = 8,
+                 on_no_detection: str = "full_frame", device: str = "auto", dtype: str = "float32",
+                 cache_dir: str = "~/.cache/anisora-ray", max_images: int = 256, model_batch: int = 32,
+                 detector_size: int | None = None):
+        if on_no_detection not in ("full_frame", "skip"):
+            raise ValueError(f"on_no_detection must be 'full_frame' or 'skip', got {on_no_detection!r}")
+        self.detect = CharacterDetector(detector, segmenter, query, box_threshold, text_threshold, device, dtype,
+                                        cache_dir, model_batch, detector_size)
+        self.device = self.detect.device
+        self.embedder = Backbone(embedder, device=device, dtype=dtype, cache_dir=cache_dir, max_images=max_images, text=False)
+        self.frames = int(frames)
+        self.on_no_detection = on_no_detection
+        self.gallery_ids, self.gallery = ([], None) if gallery is None else load_gallery(gallery, self.device)
+
+    def crops(self, frames: np.ndarray, return_kept: bool = False):
+        """One square crop per frame with a character (all frames with ``on_no_detection='full_frame'``)."""
+        size = self.embedder.image_size
+        out, kept = [], []
+        for i, (frame, region) in enumerate(zip(frames, self.detect.regions(frames), strict=True)):
+            if region is None:
                 if self.on_no_detection == "skip":
                     continue
                 crop = frame
             else:
-                h, w = frame.shape[:2]
-                x0, y0, x1, y1 = boxes[i]
-                x0, y0 = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
-                x1, y1 = int(np.clip(np.ceil(x1), x0 + 1, w)), int(np.clip(np.ceil(y1), y0 + 1, h))
-                crop = frame * masks[i][..., None] if i in masks else frame
+                (x0, y0, x1, y1), mask = region
+                crop = frame * mask[..., None] if mask is not None else frame
                 crop = np.ascontiguousarray(crop[y0:y1, x0:x1]).astype(np.uint8)
             out.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
             kept.append(i)
