@@ -202,3 +202,70 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
         first = scorer.model(scorer.crop_pixels(image[None], 1))[0]
         assert score == pytest.approx(float(scorer.probabilities(pixels, extra=first)[0][-1]), abs=1e-6)
     assert unknown[0] != pytest.approx(unknown[1], abs=1e-4)
+
+
+def tiny_idefics2(path: str, seed: int = 0) -> str:
+    """A Mantis-style Idefics2 regression folder at tiny width: config, safetensors, processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Idefics2Config, Idefics2ImageProcessor, Idefics2Processor, PreTrainedTokenizerFast
+
+    from anisora_ray.reward.released.idefics2 import REGRESSION_QUERY_PROMPT, _regression_class
+
+    words = sorted(set(REGRESSION_QUERY_PROMPT.replace("{text_prompt}", "").split()) | set(" ".join(WORDS).split()))
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    images = Idefics2ImageProcessor(do_image_splitting=False, size={"shortest_edge": 28, "longest_edge": 56})
+    processor = Idefics2Processor(images, tokenizer, image_seq_len=4)
+    processor.save_pretrained(path)
+    config = Idefics2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, num_key_value_heads=1),
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer), rms_norm_eps=1e-5,
+                         pad_token_id=0),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_labels=1, problem_type="regression")
+    torch.manual_seed(seed)
+    model = _regression_class()(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 20.0)  # logits of tens, like scores out of 100
+    model.save_pretrained(path)
+    return path
+
+
+def test_idefics2_regression_loads_from_a_transformers_folder_and_scores_as_released(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from anisora_ray.reward.released.idefics2 import REGRESSION_QUERY_PROMPT, load_regression
+
+    path = tiny_idefics2(str(tmp_path / "smooth"))
+    videos = clips(2, frames=6, size=28)
+    prompts = ["a girl with red hair runs", "the cat jumps"]
+    scores = {}
+    for name in ("visual_smoothness", "visual_appeal"):
+        scorer = build_dimension(name, "released", checkpoint=path, device="cpu", dtype="float32")
+        scores[name] = scorer.score(clip_batch(videos, prompts))
+    np.testing.assert_array_equal(scores["visual_smoothness"], scores["visual_appeal"])  # same model here, same prompt
+    # The released math, by hand: the quality prompt + "<image> " per frame, last token's logit, round(., 3) / 100
+    model = load_regression(path, torch.float32)
+    processor = AutoProcessor.from_pretrained(path, do_image_splitting=False)
+    for got, frames, caption in zip(scores["visual_smoothness"], videos, prompts, strict=True):
+        text = REGRESSION_QUERY_PROMPT.format(text_prompt=caption) + "<image> " * len(frames)
+        inputs = processor(text=text, images=[Image.fromarray(f) for f in frames], return_tensors="pt")
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4 * len(frames)
+        with torch.no_grad():
+            hidden = model.model(**inputs).last_hidden_state[0, -1]
+            logit = float(model.score(hidden)[0])
+        assert got == pytest.approx(round(logit, 3) / 100, abs=1e-9)
+    assert abs(scores["visual_smoothness"][0] - scores["visual_smoothness"][1]) > 1e-3
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(f"{path}/model.safetensors")
+    del weights["score.bias"]
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing_keys \['score.bias'\]"):
+        load_regression(path)

@@ -153,12 +153,16 @@ class ReleasedMotion:
 
     name = "visual_motion"
 
-    def __init__(self, checkpoint: str, prompts: list[str] | tuple[str, ...] = MOTION_PROMPTS, temperature: float = 100.0,
-                 device: str = "auto", dtype: str = "float32"):
+    def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora",
+                 prompts: list[str] | tuple[str, ...] = MOTION_PROMPTS, temperature: float = 100.0, device: str = "auto",
+                 dtype: str = "float32", cache_dir: str = "~/.cache/anisora-ray",
+                 clip_tokenizer: str = "openai/clip-vit-base-patch16"):
         from transformers import AutoTokenizer
 
         from anisora_ray.models.pipeline import DTYPES, pick_device
+        from anisora_ray.reward.released.convert import resolve_checkpoint
 
+        checkpoint = resolve_checkpoint(self.name, checkpoint, source, cache_dir, clip_tokenizer)
         config, tensors = read_converted(checkpoint, FAMILY)
         self.device, self.dtype = pick_device(device), DTYPES[dtype]
         self.model = load_strict(ActionClipModel(config), tensors, checkpoint).to(self.device, self.dtype).eval()

@@ -140,9 +140,12 @@ def save_blip_tokenizer(source: str | None, out_dir: str, vocab_size: int, where
 class _ReleasedBlip:
     family = ""
 
-    def __init__(self, checkpoint: str, device: str = "auto", dtype: str = "float32", frames: int | None = None):
+    def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora", device: str = "auto",
+                 dtype: str = "float32", frames: int | None = None, cache_dir: str = "~/.cache/anisora-ray"):
         from anisora_ray.models.pipeline import DTYPES, pick_device
+        from anisora_ray.reward.released.convert import resolve_checkpoint
 
+        checkpoint = resolve_checkpoint(self.name, checkpoint, source, cache_dir)
         config, tensors = read_converted(checkpoint, self.family)
         self.device, self.dtype = pick_device(device), DTYPES[dtype]
         self.model = load_strict(BlipConsistencyModel(config), tensors, checkpoint).to(self.device, self.dtype).eval()

@@ -111,7 +111,8 @@ class ReleasedCharacter:
 
     name = "character"
 
-    def __init__(self, checkpoint: str, detector: str = "IDEA-Research/grounding-dino-base",
+    def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora",
+                 detector: str = "IDEA-Research/grounding-dino-base",
                  segmenter: str | None = "facebook/sam-vit-base", query: str = "character.", box_threshold: float = 0.5,
                  text_threshold: float = 0.5, crops: int = 8, identity: str = "own", device: str = "auto",
                  dtype: str = "float32", cache_dir: str = "~/.cache/anisora-ray", model_batch: int = 32,
@@ -120,6 +121,9 @@ class ReleasedCharacter:
 
         if identity not in ("own", "top1"):
             raise ValueError(f"identity must be 'own' (this prompt's character) or 'top1' (as released), got {identity!r}")
+        from anisora_ray.reward.released.convert import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(self.name, checkpoint, source, cache_dir)
         config, tensors = read_converted(checkpoint, FAMILY)
         self.detect = CharacterDetector(detector, segmenter, query, box_threshold, text_threshold, device, dtype,
                                         cache_dir, model_batch, detector_size)
