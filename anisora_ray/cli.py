@@ -178,6 +178,38 @@ def _build_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_reward(args: argparse.Namespace) -> int:
+    """Convert the released AnimeReward files once; with --check, load each scorer and score a clip."""
+    import os
+
+    from anisora_ray.reward.released.convert import RELEASED, convert_all, describe
+
+    dimensions = args.dimensions.split(",") if args.dimensions else None
+    folders = convert_all(args.source, args.out, dimensions, clip_tokenizer=args.clip_tokenizer)
+    for name, folder in folders.items():
+        print(f"{name:18s} {folder}  ({describe(folder)})")
+    if args.check:
+        import numpy as np
+
+        from anisora_ray.reward.base import ClipBatch, build_dimension
+
+        rng = np.random.default_rng(0)
+        clip = rng.integers(0, 256, (24, 240, 360, 3), dtype=np.uint8)
+        batch = ClipBatch(frames=[clip], prompts=["a girl with red hair runs"], images=[clip[0]], references=[None])
+        for name, folder in folders.items():
+            options = {"checkpoint": folder, "device": args.device}
+            if name == "character":
+                detector = os.path.join(args.source, RELEASED["character"]["detector"])
+                options |= {"detector": args.detector or (detector if os.path.isdir(detector) else
+                                                          "IDEA-Research/grounding-dino-base"),
+                            "segmenter": args.segmenter, "cache_dir": args.cache_dir}
+            score = build_dimension(name, "released", **options).score(batch)[0]
+            note = " (NaN: no character detected in it)" if np.isnan(score) else ""
+            print(f"{name:18s} loads and scores a random clip: {score:.4f}{note}")
+    print("set reward.dimensions.<name>.options.checkpoint to these folders (configs/reward/animereward.yaml)")
+    return 0
+
+
 def _tiny_reward(args: argparse.Namespace) -> int:
     from anisora_ray.models.tiny_reward import save_tiny_backbone
 
@@ -258,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", required=True)
     p.add_argument("--out", required=True, help="gallery .safetensors URL")
     p.set_defaults(func=_build_gallery)
+
+    p = sub.add_parser("convert-reward", help="convert the released AnimeReward checkpoints to safetensors folders")
+    p.add_argument("--source", default="IndexTeam/Index-anisora",
+                   help="the released reward/ folder, or a Hugging Face repo id to download it from")
+    p.add_argument("--out", required=True, help="folder for <out>/<dimension>/")
+    p.add_argument("--dimensions", help="comma-separated (default: all six)")
+    p.add_argument("--clip-tokenizer", default="openai/clip-vit-base-patch16", help="tokenizer of the motion scorer")
+    p.add_argument("--check", action="store_true", help="load each converted scorer and score a random clip")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--detector", help="character detector for --check (default: the released grouding-dino-base folder)")
+    p.add_argument("--segmenter", default="facebook/sam-vit-base", help="character segmenter for --check")
+    p.add_argument("--cache-dir", default="~/.cache/anisora-ray", help="where detector / segmenter ids are cached")
+    p.set_defaults(func=_convert_reward)
 
     p = sub.add_parser("tiny-reward", help="save a tiny random-init reward backbone (clip, siglip, xclip, grounding-dino, sam)")
     p.add_argument("--kind", required=True)

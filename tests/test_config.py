@@ -89,3 +89,18 @@ def test_flat_lists_every_leaf():
     assert flat["generator.replicas"] == 1
     assert flat["model.tiny.num_layers"] == 1
     assert "generator.actor" not in flat and "generator.actor.num_gpus" in flat
+
+
+def test_a_config_file_includes_others_and_its_own_keys_win(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "a.yaml").write_text("include: b.yaml\ngenerator: {replicas: 3, fps: 12}\n")
+    (tmp_path / "presets" / "b.yaml").write_text("generator: {replicas: 5, num_frames: 17}\nrun: {seed: 7}\n")
+    (tmp_path / "main.yaml").write_text("include: [presets/a.yaml]\ngenerator: {fps: 6}\n")
+    cfg = load_config(tmp_path / "main.yaml", ["run.seed=9"])
+    assert (cfg.generator.replicas, cfg.generator.fps, cfg.generator.num_frames, cfg.run.seed) == (3, 6, 17, 9)
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "broken.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml' does not exist \\(included by .*broken.yaml"):
+        load_config(tmp_path / "broken.yaml")

@@ -168,13 +168,19 @@ def test_score_stage_runs_all_six_learned_backends_on_actors(ray_cluster, make_c
 
 
 
-def test_the_real_config_names_valid_learned_backends_and_options():
+def test_the_real_config_uses_the_released_reward_and_its_presets_name_valid_backends_and_options():
     from anisora_ray.config import load_config
     from anisora_ray.reward.base import check_options
 
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cogvideox5b_i2v.yaml"))
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    cfg = load_config(os.path.join(configs, "cogvideox5b_i2v.yaml"))
     dims = cfg.reward.dimensions.as_dict()
-    assert {d.backend for d in dims.values()} == {"learned", "xclip", "siglip", "clip", "grounded"}
+    assert {d.backend for d in dims.values()} == {"released"}  # AnimeReward as released, by default
+    assert not any("my-bucket" in str(d.options) for d in dims.values())
     for name, dim in dims.items():
         check_options(name, dim.backend, dim.options)
-        assert dim.actor.num_gpus == 1
+        assert dim.actor.num_gpus == 1 and dim.options["source"] == "IndexTeam/Index-anisora"
+    zero_shot = load_config(os.path.join(configs, "reward", "zero-shot.yaml")).reward.dimensions.as_dict()
+    assert {d.backend for d in zero_shot.values()} == {"classical", "xclip", "clip", "grounded"}
+    for name, dim in zero_shot.items():
+        check_options(name, dim.backend, dim.options)

@@ -13,11 +13,10 @@ import torch
 
 from anisora_ray.reward.base import ClipBatch, build_dimension
 from anisora_ray.reward.released import reference as ref
+from anisora_ray.reward.released import synthetic
 from anisora_ray.reward.released.common import CheckpointError, released_pixels
 
-VIT = {"image_size": 32, "patch": 16, "dim": 32, "depth": 2, "heads": 2}
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "girl", "with", "red", "hair", "runs", "blue", "sky",
-         "the", "cat", "jumps", "over", "##s", "long", "sword"]
+VIT = synthetic.TINY_VIT
 
 
 def clips(n: int = 2, frames: int = 5, size: int = 40, seed: int = 0) -> list[np.ndarray]:
@@ -34,17 +33,12 @@ def clip_batch(videos, prompts=None, character_ids=None) -> ClipBatch:
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert-base-uncased")
-    (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    (path / "vocab.txt").write_text("\n".join(synthetic.BERT_WORDS) + "\n")
     return str(path)
 
 
 def synthetic_consistency(tmp_path, text: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    bert = {"vocab": len(WORDS) + 2, "dim": 32, "depth": 2, "heads": 2, "hidden": 64, "positions": 40, "encoder_width": 32}
-    model = ref.BlipConsistency(VIT, text_width=24, text=bert if text else None).eval()
-    with torch.no_grad():  # the released heads are trained, not zero: make every path matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    model = synthetic.consistency(text, seed)
     return model, ref.save_released(model, str(tmp_path / ("tvc.pth" if text else "ivc.pth")))
 
 
@@ -52,7 +46,7 @@ def test_image_video_converts_and_scores_as_released(tmp_path):
     from anisora_ray.reward.released.blip import convert_consistency
 
     model, path = synthetic_consistency(tmp_path, text=False)
-    out = convert_consistency(path, str(tmp_path / "ivc"), text=False, vision_heads=2)
+    out = convert_consistency(path, str(tmp_path / "ivc"), text=False)
     scorer = build_dimension("image_video", "released", checkpoint=out, device="cpu")
     videos = clips()
     got = scorer.score(clip_batch(videos))
@@ -68,7 +62,7 @@ def test_text_video_converts_with_blip_tokenizer_and_scores_as_released(tmp_path
     from anisora_ray.reward.released.blip import convert_consistency
 
     model, path = synthetic_consistency(tmp_path, text=True)
-    out = convert_consistency(path, str(tmp_path / "tvc"), text=True, tokenizer=bert_dir, vision_heads=2, text_heads=2)
+    out = convert_consistency(path, str(tmp_path / "tvc"), text=True, tokenizer=bert_dir)
     scorer = build_dimension("text_video", "released", checkpoint=out, device="cpu")
     videos = clips()
     prompts = ["a girl with red hair runs", "the cat jumps over the long sword " * 6]  # the second is cut at 30 tokens
@@ -93,31 +87,22 @@ def test_a_missing_or_misshapen_key_fails_naming_it(tmp_path):
     del payload["model"]["visual_encoder.blocks.1.attn.proj.weight"]
     torch.save(payload, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \['vision.encoder.layers.1.self_attn.projection.weight'\]"):
-        convert_consistency(str(tmp_path / "missing.pth"), str(tmp_path / "m"), text=False, vision_heads=2)
+        convert_consistency(str(tmp_path / "missing.pth"), str(tmp_path / "m"), text=False)
     payload = torch.load(path, weights_only=True)
     payload["model"]["head_diff.weight"] = torch.zeros(1, 40)
     torch.save(payload, tmp_path / "misshapen.pth")
     with pytest.raises(CheckpointError, match=r"misshapen \['head_diff.weight: \(1, 40\) vs \(1, 48\)'\]"):
-        convert_consistency(str(tmp_path / "misshapen.pth"), str(tmp_path / "s"), text=False, vision_heads=2)
+        convert_consistency(str(tmp_path / "misshapen.pth"), str(tmp_path / "s"), text=False)
     torch.save({"model": model.state_dict(), "opt": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a module
     with pytest.raises(CheckpointError, match="pickled.pth cannot be loaded with weights_only=True"):
-        convert_consistency(str(tmp_path / "pickled.pth"), str(tmp_path / "p"), text=False, vision_heads=2)
+        convert_consistency(str(tmp_path / "pickled.pth"), str(tmp_path / "p"), text=False)
     with pytest.raises(CheckpointError, match="not a converted reward folder"):
         build_dimension("image_video", "released", checkpoint=str(tmp_path / "nowhere"), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def clip_tokenizer(tmp_path_factory):
-    """A byte-level CLIP BPE tokenizer with no merges: one token per character, <|endoftext|> the largest id
-    (as in OpenAI's, so the released argmax pooling finds it)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    path = str(tmp_path_factory.mktemp("clip-tokenizer"))
-    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[]).save_pretrained(path)
-    return path
+    return synthetic.clip_tokenizer(str(tmp_path_factory.mktemp("clip-tokenizer")))
 
 
 def test_motion_converts_from_mmengine_and_scores_as_released(tmp_path, clip_tokenizer):
@@ -125,13 +110,7 @@ def test_motion_converts_from_mmengine_and_scores_as_released(tmp_path, clip_tok
 
     from anisora_ray.reward.released.actionclip import convert_actionclip
 
-    torch.manual_seed(0)
-    clip = {"embed": 48, "image_size": 32, "patch": 16, "vision_width": 64, "vision_layers": 2, "context": 77,
-            "vocab": 514, "text_width": 64, "text_layers": 2}
-    model = ref.ActionClip(clip, segments=8, adapter_layers=2).eval()
-    with torch.no_grad():
-        for p in model.adapter.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = synthetic.actionclip()
     path = ref.save_released(model, str(tmp_path / "testvl.pth"), container="mmengine")
     out = convert_actionclip(path, str(tmp_path / "motion"), tokenizer=clip_tokenizer)
     prompts = ["running, jumping, dancing", "remain stationary"]  # short: this tokenizer spends a token per character
@@ -157,8 +136,7 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
 
     from anisora_ray.reward.released.character import convert_character, square_crop
 
-    torch.manual_seed(0)
-    model = ref.BlipRetrieval(VIT, embed=16).eval()
+    model = synthetic.retrieval()
     path = ref.save_released(model, str(tmp_path / "animate_recoginzer.pth"))
     detector = dict(detector="tiny:grounding-dino", segmenter="tiny:sam", box_threshold=0.0, text_threshold=0.0,
                     cache_dir=str(tmp_path / "backbones"), device="cpu")
@@ -169,14 +147,14 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
     entries = [{"image": "seed.png", "caption": "x"}, {"image": "seed.png", "caption": "y"}]
     (tmp_path / "seed.json").write_text(json.dumps(entries))
     seed = build_dimension("character", "released", checkpoint=convert_character(
-        path, str(tmp_path / "seed.json"), str(tmp_path), str(tmp_path / "seed"), heads=2), **detector)
+        path, str(tmp_path / "seed.json"), str(tmp_path), str(tmp_path / "seed")), **detector)
     for c, frame in frames.items():
         ((box, mask),) = seed.detect.regions(frame[None])
         Image.fromarray(square_crop(frame, box, mask)).save(tmp_path / f"{c}.png")
     entries = [{"image": "alice.png", "caption": "Alice"}, {"image": "alice.png", "caption": "alice"},
                {"image": "bob.png", "caption": "Bob"}, {"image": "carol.png", "caption": "Carol"}]
     (tmp_path / "gallerys.json").write_text(json.dumps(entries))
-    out = convert_character(path, str(tmp_path / "gallerys.json"), str(tmp_path), str(tmp_path / "character"), heads=2)
+    out = convert_character(path, str(tmp_path / "gallerys.json"), str(tmp_path), str(tmp_path / "character"))
     scorer = build_dimension("character", "released", checkpoint=out, **detector)
     assert scorer.names == ["alice", "alice", "bob", "carol"]  # lower-cased, as released
 
@@ -204,45 +182,13 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
     assert unknown[0] != pytest.approx(unknown[1], abs=1e-4)
 
 
-def tiny_idefics2(path: str, seed: int = 0) -> str:
-    """A Mantis-style Idefics2 regression folder at tiny width: config, safetensors, processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Idefics2Config, Idefics2ImageProcessor, Idefics2Processor, PreTrainedTokenizerFast
-
-    from anisora_ray.reward.released.idefics2 import REGRESSION_QUERY_PROMPT, _regression_class
-
-    words = sorted(set(REGRESSION_QUERY_PROMPT.replace("{text_prompt}", "").split()) | set(" ".join(WORDS).split()))
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    images = Idefics2ImageProcessor(do_image_splitting=False, size={"shortest_edge": 28, "longest_edge": 56})
-    processor = Idefics2Processor(images, tokenizer, image_seq_len=4)
-    processor.save_pretrained(path)
-    config = Idefics2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
-                              resampler_head_dim=8, num_key_value_heads=1),
-        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer), rms_norm_eps=1e-5,
-                         pad_token_id=0),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_labels=1, problem_type="regression")
-    torch.manual_seed(seed)
-    model = _regression_class()(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 20.0)  # logits of tens, like scores out of 100
-    model.save_pretrained(path)
-    return path
-
-
 def test_idefics2_regression_loads_from_a_transformers_folder_and_scores_as_released(tmp_path):
     from PIL import Image
     from transformers import AutoProcessor
 
     from anisora_ray.reward.released.idefics2 import REGRESSION_QUERY_PROMPT, load_regression
 
-    path = tiny_idefics2(str(tmp_path / "smooth"))
+    path = synthetic.idefics2_regression(str(tmp_path / "smooth"))
     videos = clips(2, frames=6, size=28)
     prompts = ["a girl with red hair runs", "the cat jumps"]
     scores = {}
@@ -269,3 +215,41 @@ def test_idefics2_regression_loads_from_a_transformers_folder_and_scores_as_rele
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing_keys \['score.bias'\]"):
         load_regression(path)
+
+
+def test_pairs_stream_through_all_six_released_scorers_converted_on_first_use(ray_cluster, make_config, demo_manifest,
+                                                                             tmp_path):
+    """The released preset's shape on the mini-cluster: each Ray Data reward pool converts its dimension from a
+    released reward/ tree on first use; the z-scored character is calibrated before any pair is made."""
+    from anisora_ray.pairs.stage import run_pairs
+    from anisora_ray.reward.statistics import RewardStatistics
+
+    source = synthetic.write_released_tree(str(tmp_path / "reward"))
+    common = f"source: '{source}', cache_dir: '{tmp_path / 'cache'}', device: cpu"
+    options = {name: common for name in ("image_video", "text_video")}
+    options |= {n: common + ", dtype: float32" for n in ("visual_smoothness", "visual_appeal")}
+    options["visual_motion"] = common + f", clip_tokenizer: '{source}/clip-tokenizer'"
+    options["character"] = common + ", detector: 'tiny:grounding-dino', segmenter: 'tiny:sam', box_threshold: 0.0, " \
+                                    "text_threshold: 0.0"
+    overrides = []
+    for name, opts in options.items():
+        overrides += [f"reward.dimensions.{name}.backend=released", f"reward.dimensions.{name}.options={{{opts}}}",
+                      f"reward.dimensions.{name}.normalize={{kind: fixed, low: -2.0, high: 2.0}}"]
+    cfg = make_config(*overrides, "reward.dimensions.character.normalize={kind: zscore}", "reward.calibration_prompts=2",
+                      "generator.replicas=1", "generator.candidates_per_prompt=2", "pairs.keep_scores=true",
+                      "generator.height=64", "generator.width=64")
+    out = str(tmp_path / "pairs")
+    result = run_pairs(cfg, demo_manifest, out, progress=False)
+    assert result.pairs + sum(result.skipped.values()) == 3 and result.quarantined_candidates == 0
+    stats = RewardStatistics.load(f"{out}/reward-statistics.json")
+    assert list(stats.dimensions) == ["character"] and stats.dimensions["character"].count == 4  # 2 prompts x 2
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from anisora_ray.types import ScoredCandidate
+
+    scored = [s for f in sorted(glob.glob(f"{out}/scores-*.parquet")) for s in ScoredCandidate.from_table(pq.read_table(f))]
+    assert len(scored) == 6 and all(np.isfinite(v) for s in scored for v in s.raw_scores.values())
+    assert {len(s.raw_scores) for s in scored} == {6}
+    assert len(list((tmp_path / "cache" / "animereward").glob("*/*/.converted"))) == 6  # each converted once

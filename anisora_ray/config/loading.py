@@ -87,20 +87,35 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 
+def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; its ``include:`` files (paths relative to it) are laid under it, in order."""
+    source = str(path)
+    if source in chain:
+        raise ConfigError(f"config file {source!r} includes itself ({' -> '.join((*chain, source))})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        where = f" (included by {chain[-1]!r})" if chain else ""
+        raise ConfigError(f"config file {source!r} does not exist{where}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {source!r}: expected a mapping at the top, got {type(loaded).__name__}")
+    raw = loaded or {}
+    includes = raw.pop("include", None) or []
+    base: dict[str, Any] = {}
+    for name in [includes] if isinstance(includes, str) else includes:
+        base = _merge(base, _read_yaml(path.parent / name, (*chain, source)))
+    return _merge(base, raw)
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> AnisoraConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+    A file may ``include:`` others (a path or a list, relative to it); its own keys win."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source!r} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {source!r}: expected a mapping at the top, got {type(loaded).__name__}")
-        raw = loaded or {}
+        raw = _read_yaml(Path(path))
     apply_overrides(raw, list(overrides or []))
     return build_config(raw, source)

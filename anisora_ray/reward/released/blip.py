@@ -33,7 +33,8 @@ CAPTION_TOKENS = 30  # the released tokenizer call: padding="max_length", trunca
 
 
 def vit_config(state: dict, prefix: str, heads: int | None, where: str) -> dict:
-    """The ViT's geometry from its tensors (heads are not visible in a fused qkv: given, else width // 64)."""
+    """The ViT's geometry from its tensors. Heads are not visible in a fused qkv: given, else width // 64
+    (12 for the released ViT-B, 16 for ViT-L, as BLIP builds them)."""
     dim = expect(state, f"{prefix}cls_token", where=where).shape[-1]
     patch = expect(state, f"{prefix}patch_embed.proj.weight", where=where).shape[-1]
     positions = expect(state, f"{prefix}pos_embed", where=where).shape[1]
@@ -93,7 +94,7 @@ class BlipConsistencyModel(nn.Module):
 
 
 def convert_consistency(path: str, out_dir: str, text: bool, tokenizer: str | None = None,
-                        vision_heads: int | None = 12, text_heads: int | None = 12) -> str:
+                        vision_heads: int | None = None, text_heads: int | None = None) -> str:
     """A released IVC (``text=False``) or TVC checkpoint (``checkpoint_0N.pth``) → a converted folder;
     TVC also needs the tokenizer folder (``weights/bert-base-uncased``), saved with BLIP's added tokens."""
     where = f"{'text' if text else 'image'}-video consistency ({path})"
@@ -211,7 +212,7 @@ class BlipRetrievalModel(nn.Module):
         return self.vision_proj(self.vision(pixel_values=pixels).last_hidden_state[:, 0])
 
 
-def convert_retrieval(path: str, heads: int | None = 16) -> tuple[dict, BlipRetrievalModel]:
+def convert_retrieval(path: str, heads: int | None = None) -> tuple[dict, BlipRetrievalModel]:
     """The released ``animate_recoginzer.pth`` → (config, model); text encoder, momentum and queue keys are ignored."""
     where = f"character recognizer ({path})"
     state = load_pickle(path, "model")

@@ -70,7 +70,7 @@ def identity_probabilities(query: torch.Tensor, gallery: torch.Tensor, names: li
     return per_name.softmax(dim=-1).mean(dim=0)
 
 
-def convert_character(recognizer: str, gallery_json: str, gallery_root: str, out_dir: str, heads: int | None = 16,
+def convert_character(recognizer: str, gallery_json: str, gallery_root: str, out_dir: str, heads: int | None = None,
                       batch: int = 64) -> str:
     """The released recognizer and gallery (``gallerys.json`` entries ``{"image", "caption"}`` under
     ``gallery_root``) → a converted folder with the gallery embedded once (names lower-cased)."""
