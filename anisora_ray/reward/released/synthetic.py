@@ -14,6 +14,18 @@ from anisora_ray.reward.released import reference as ref
 from anisora_ray.reward.released.convert import RELEASED
 
 TINY_VIT = {"image_size": 32, "patch": 16, "dim": 32, "depth": 2, "heads": 1}  # heads = max(1, width // 64)
+# The released sizes (random weights): BLIP ViT-B/16 + BERT-base heads, CLIP ViT-B/16 + 6-layer adapter, ViT-L/16.
+SIZES = {
+    "tiny": {"vit": TINY_VIT, "bert": {"dim": 32, "depth": 2, "heads": 1, "hidden": 64, "positions": 40},
+             "text_width": 24, "clip": {"embed": 48, "image_size": 32, "patch": 16, "vision_width": 64,
+                                        "vision_layers": 2, "context": 77, "vocab": 514, "text_width": 64,
+                                        "text_layers": 2}, "adapter_layers": 2, "vit_l": TINY_VIT, "embed": 16},
+    "released": {"vit": {"image_size": 224, "patch": 16, "dim": 768, "depth": 12, "heads": 12},
+                 "bert": {"dim": 768, "depth": 12, "heads": 12, "hidden": 3072, "positions": 512}, "text_width": 768,
+                 "clip": {"embed": 512, "image_size": 224, "patch": 16, "vision_width": 768, "vision_layers": 12,
+                          "context": 77, "vocab": 49408, "text_width": 512, "text_layers": 12}, "adapter_layers": 6,
+                 "vit_l": {"image_size": 224, "patch": 16, "dim": 1024, "depth": 24, "heads": 16}, "embed": 256},
+}
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "girl", "with", "red", "hair", "runs", "blue", "sky",
               "the", "cat", "jumps", "over", "##s", "long", "sword", "character"]
 
@@ -67,30 +79,36 @@ def idefics2_regression(path: str, seed: int = 0, words: list[str] | None = None
     return path
 
 
-def consistency(text: bool, seed: int = 0) -> ref.BlipConsistency:
-    torch.manual_seed(seed)
-    bert = {"vocab": len(BERT_WORDS) + 2, "dim": 32, "depth": 2, "heads": 1, "hidden": 64, "positions": 40,
-            "encoder_width": 32}
-    return _perturb(ref.BlipConsistency(TINY_VIT, text_width=24, text=bert if text else None)).eval()
+def bert_words(size: str) -> list[str]:
+    """The BERT vocabulary: a few words at tiny size; 30522 entries at the released size (bert-base-uncased's count)."""
+    return BERT_WORDS if size == "tiny" else BERT_WORDS + [f"tok{i}" for i in range(30522 - len(BERT_WORDS))]
 
 
-def actionclip(seed: int = 0) -> ref.ActionClip:
+def consistency(text: bool, seed: int = 0, size: str = "tiny") -> ref.BlipConsistency:
     torch.manual_seed(seed)
-    clip = {"embed": 48, "image_size": 32, "patch": 16, "vision_width": 64, "vision_layers": 2, "context": 77,
-            "vocab": 514, "text_width": 64, "text_layers": 2}
-    model = ref.ActionClip(clip, segments=8, adapter_layers=2).eval()
+    s = SIZES[size]
+    bert = {"vocab": len(bert_words(size)) + 2, **s["bert"], "encoder_width": s["vit"]["dim"]}
+    return _perturb(ref.BlipConsistency(s["vit"], text_width=s["text_width"], text=bert if text else None)).eval()
+
+
+def actionclip(seed: int = 0, size: str = "tiny") -> ref.ActionClip:
+    torch.manual_seed(seed)
+    model = ref.ActionClip(SIZES[size]["clip"], segments=8, adapter_layers=SIZES[size]["adapter_layers"]).eval()
     _perturb(model.adapter, 0.05)
     return model
 
 
-def retrieval(seed: int = 0) -> ref.BlipRetrieval:
+def retrieval(seed: int = 0, size: str = "tiny") -> ref.BlipRetrieval:
     torch.manual_seed(seed)
-    return ref.BlipRetrieval(TINY_VIT, embed=16).eval()
+    return ref.BlipRetrieval(SIZES[size]["vit_l"], embed=SIZES[size]["embed"]).eval()
 
 
-def write_released_tree(root: str, characters: dict[str, np.ndarray] | None = None, seed: int = 0) -> str:
+def write_released_tree(root: str, characters: dict[str, np.ndarray] | None = None, seed: int = 0,
+                        size: str = "tiny") -> str:
     """Every released file under ``root`` (the ``reward/`` folder layout); ``characters``: name → an
-    RGB crop for the gallery (random ones by default). Also writes ``root/clip-tokenizer``."""
+    RGB crop for the gallery (random ones by default). Also writes ``root/clip-tokenizer``. ``size``:
+    ``tiny``, or ``released`` for the BLIP / CLIP scorers at their released sizes (the two Idefics2-8B
+    regressors stay tiny: 2 × 8B random weights are a GPU machine's job)."""
     from PIL import Image
 
     def path(dimension: str, key: str) -> str:
@@ -100,12 +118,12 @@ def write_released_tree(root: str, characters: dict[str, np.ndarray] | None = No
 
     idefics2_regression(path("visual_smoothness", "folder"), seed)
     idefics2_regression(path("visual_appeal", "folder"), seed + 1)
-    ref.save_released(consistency(False, seed), path("image_video", "file"))
-    ref.save_released(consistency(True, seed), path("text_video", "file"))
+    ref.save_released(consistency(False, seed, size), path("image_video", "file"))
+    ref.save_released(consistency(True, seed, size), path("text_video", "file"))
     with open(os.path.join(path("text_video", "tokenizer"), "vocab.txt"), "w") as f:
-        f.write("\n".join(BERT_WORDS) + "\n")
-    ref.save_released(actionclip(seed), path("visual_motion", "file"), container="mmengine")
-    ref.save_released(retrieval(seed), path("character", "file"))
+        f.write("\n".join(bert_words(size)) + "\n")
+    ref.save_released(actionclip(seed, size), path("visual_motion", "file"), container="mmengine")
+    ref.save_released(retrieval(seed, size), path("character", "file"))
     rng = np.random.default_rng(seed)
     characters = characters or {n: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for n in ("Alice", "Bob", "Carol")}
     gallery_root, entries = path("character", "gallery_root"), []
