@@ -166,8 +166,8 @@ def _train_reward(args: argparse.Namespace) -> int:
 def _build_gallery(args: argparse.Namespace) -> int:
     from anisora_ray.config import load_config
     from anisora_ray.errors import ConfigError
-    from anisora_ray.reward.character import build_gallery
     from anisora_ray.reward.base import build_dimension
+    from anisora_ray.reward.character import build_gallery
 
     character = load_config(args.config, args.overrides).reward.dimensions.character
     if character.backend != "grounded":

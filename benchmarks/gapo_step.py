@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from anisora_ray.config import load_config
-from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos, gapo_step, rotary_embeddings
+from anisora_ray.gapo.diffusion import (
+    PairLatents,
+    encode_first_frames,
+    encode_prompts,
+    encode_videos,
+    gapo_step,
+    rotary_embeddings,
+)
 from anisora_ray.gapo.trainer import sft_loss
 from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
 

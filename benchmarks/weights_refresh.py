@@ -70,7 +70,7 @@ def cogvideox5b_bytes(rank: int) -> tuple[int, int]:
     """(full transformer bytes in bf16, LoRA adapter bytes in bf16) of CogVideoX-5B I2V."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from anisora_ray.weights.lora import add_adapter, adapter_state
+    from anisora_ray.weights.lora import adapter_state, add_adapter
 
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel(

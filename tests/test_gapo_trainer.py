@@ -69,8 +69,8 @@ def test_resume_from_a_checkpoint_continues_exactly(trained):
 
 def test_lora_trains_only_the_adapter(trained):
     from anisora_ray.gapo.trainer import train_gapo
-    from anisora_ray.weights.lora import CONFIG_NAME, WEIGHTS_NAME
     from anisora_ray.weights.folder import MANIFEST, read_safetensors
+    from anisora_ray.weights.lora import CONFIG_NAME, WEIGHTS_NAME
 
     cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2")
     result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
@@ -86,10 +86,10 @@ def test_lora_trains_only_the_adapter(trained):
 
 
 def test_refresh_reaches_both_replicas_and_changes_their_videos(trained):
+    from anisora_ray.data.manifest import read_manifest
     from anisora_ray.errors import WeightsError
     from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.generation.seeding import build_requests
-    from anisora_ray.data.manifest import read_manifest
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.weights.refresh import publish
 

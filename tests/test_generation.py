@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from anisora_ray.data.manifest import read_manifest
-from anisora_ray.types import GenerationRequest
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import generate_candidates
 from anisora_ray.io import fs
 from anisora_ray.io.video import read_all_frames, read_clip
 from anisora_ray.models.pipeline import resolve_pretrained
-from anisora_ray.types import Candidate, PromptItem, QuarantineRecord
+from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord
 
 
 @pytest.fixture

@@ -112,10 +112,10 @@ def test_a_corrupt_candidate_is_quarantined_and_its_prompt_still_pairs(ray_clust
 
 def test_persistent_reward_actors_give_the_same_pairs(ray_cluster, pairs_cfg, demo_manifest, tmp_path):
     """pairs.reward_stage=actors: the same scores through persistent per-dimension actors, kept after the run."""
-    from anisora_ray.generation.stage import run_generation
-    from anisora_ray.pairs.pipeline import pair_candidates
     import ray
 
+    from anisora_ray.generation.stage import run_generation
+    from anisora_ray.pairs.pipeline import pair_candidates
     from anisora_ray.reward.actors import RewardActors
 
     cfg = pairs_cfg("generator.replicas=1")

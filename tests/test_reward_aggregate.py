@@ -5,9 +5,9 @@ import pytest
 
 from anisora_ray.config import DimensionConfig, NormalizeConfig, load_config
 from anisora_ray.errors import ConfigError
-from anisora_ray.types import DIMENSIONS
 from anisora_ray.reward.aggregate import RewardAggregator, normalize
 from anisora_ray.reward.statistics import Moments, RewardStatistics
+from anisora_ray.types import DIMENSIONS
 from tests.conftest import LOCAL_CONFIG
 
 

@@ -98,9 +98,10 @@ def test_heads_save_load_and_score(cache, tmp_path):
 
 
 def test_character_scores_against_the_reference_and_a_gallery(cache, tmp_path):
+    from PIL import Image
+
     from anisora_ray.io.images import save_image
     from anisora_ray.reward.character import build_gallery, load_gallery
-    from PIL import Image
 
     options = dict(detector="tiny:grounding-dino", segmenter="tiny:sam", embedder="tiny:clip", cache_dir=cache,
                    box_threshold=0.0, text_threshold=0.0, frames=4)

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, TinyModelConfig, VideoConfig
+from anisora_ray.data.manifest import read_manifest
 from anisora_ray.generation.generator import Generator
-from anisora_ray.types import GenerationRequest
 from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
 from anisora_ray.models.tiny import build_tiny_i2v_pipeline, save_tiny_i2v_pipeline
-from anisora_ray.data.manifest import read_manifest
+from anisora_ray.types import GenerationRequest
 
 GEN = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=3)
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from anisora_ray.config.sections import AnisoraConfig
 from anisora_ray.errors import ConfigError
 
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as a YAML scalar or flow collection."""
     key, sep, raw = text.partition("=")

@@ -30,9 +30,9 @@ from anisora_ray.pairs.select import select_pair
 from anisora_ray.pairs.writer import PairWriter
 from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
-from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.reward.base import ClipBatch
 from anisora_ray.reward.stage import decode_one
+from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.runtime import call_with_retries, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
 

@@ -13,7 +13,6 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.types import DIMENSIONS
 
 
-
 @dataclass(frozen=True)
 class ClipBatch:
     """Decoded clips with what they were generated from.
