@@ -273,7 +273,7 @@ class EvalConfig(Section):
     demo_prompts: int = Field(default=8, ge=2)
     seed_offset: int = Field(default=1000, ge=1)
     candidates_per_prompt: int = Field(default=2, ge=1)  # the same seeds every round (paired comparison)
-    bootstrap_samples: int = Field(default=2000, ge=100)  # paired bootstrap over held-out prompts
+    bootstrap_samples: int = Field(default=2000, ge=100)  # BCa bootstrap resamples (and permutations past 16 prompts)
     sample_videos: int = Field(default=2, ge=0)  # side-by-side winner | loser videos logged per round
 
 

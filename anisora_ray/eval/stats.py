@@ -1,4 +1,10 @@
-"""Paired statistics over held-out prompts (no Ray, no torch)."""
+"""Paired statistics over held-out prompts, with scipy (no Ray, no torch).
+
+A round is compared with a baseline prompt by prompt (same prompts, same seeds): the per-prompt
+differences are the sample. The confidence interval of their mean is scipy's BCa bootstrap over
+prompts; the p-value is a paired sign-flip permutation test (``scipy.stats.permutation_test``,
+exact when 2^n flips are few enough), two-sided, H0: the round changed nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+EXACT_LIMIT = 2**16  # up to 16 prompts every sign flip is enumerated
+
 
 @dataclass(frozen=True)
-class PairedBootstrap:
-    """Mean of (after - before) over prompts, its bootstrap CI and one-sided p-value (H0: no gain)."""
+class PairedComparison:
+    """Mean of (after - before) over prompts, its BCa bootstrap CI and the paired permutation p-value."""
 
     mean_diff: float
     ci_low: float
     ci_high: float
-    p_value: float  # share of bootstrap means <= 0
+    p_value: float  # two-sided, sign-flip permutation test of the mean difference
     num_prompts: int
     wins: int  # prompts whose reward rose
 
@@ -24,16 +32,30 @@ class PairedBootstrap:
                 "num_prompts": float(self.num_prompts), "wins": float(self.wins)}
 
 
-def paired_bootstrap(before: Mapping[str, float], after: Mapping[str, float], samples: int = 2000,
-                     seed: int = 0, confidence: float = 0.95) -> PairedBootstrap:
-    """Resample prompts with replacement; the prompts present (and finite) in both rounds count."""
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def paired_comparison(before: Mapping[str, float], after: Mapping[str, float], samples: int = 2000,
+                      seed: int = 0, confidence: float = 0.95) -> PairedComparison:
+    """The prompts present (and finite) in both count; ``samples`` resamples for the bootstrap and, past
+    the exact limit, for the permutation test."""
+    from scipy import stats
+
     common = sorted(k for k in before if k in after and np.isfinite(before[k]) and np.isfinite(after[k]))
     if len(common) < 2:
-        raise ValueError(f"a paired bootstrap needs >= 2 prompts scored in both rounds, got {len(common)}")
-    diff = np.array([after[k] - before[k] for k in common])
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    return PairedBootstrap(
-        mean_diff=float(diff.mean()), ci_low=float(np.quantile(means, tail)), ci_high=float(np.quantile(means, 1 - tail)),
-        p_value=float((means <= 0).mean()), num_prompts=len(common), wins=int((diff > 0).sum()))
+        raise ValueError(f"a paired comparison needs >= 2 prompts scored in both rounds, got {len(common)}")
+    diff = np.array([after[k] - before[k] for k in common], dtype=float)
+    mean = float(diff.mean())
+    if np.ptp(diff) == 0.0:  # every prompt moved by the same amount: no spread to resample
+        low = high = mean
+    else:
+        ci = stats.bootstrap((diff,), _mean, confidence_level=confidence, n_resamples=samples, method="BCa",
+                             random_state=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    flips = 2 ** len(diff)
+    test = stats.permutation_test((diff,), _mean, permutation_type="samples", alternative="two-sided",
+                                  n_resamples=flips if flips <= EXACT_LIMIT else samples,
+                                  random_state=np.random.default_rng(seed), vectorized=True)
+    return PairedComparison(mean_diff=mean, ci_low=low, ci_high=high, p_value=float(test.pvalue),
+                            num_prompts=len(common), wins=int((diff > 0).sum()))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.heldout import EvalResult, evaluate, heldout_items
-from anisora_ray.eval.stats import paired_bootstrap
+from anisora_ray.eval.stats import paired_comparison
 from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
@@ -86,7 +86,7 @@ class Workers:
 def _eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int) -> dict:
     row = {"round": index, **result.metrics(), "weights_version": result.weights_version}
     if baseline is not None:
-        row.update(paired_bootstrap(baseline, result.per_prompt, samples=samples, seed=seed).to_dict())
+        row.update(paired_comparison(baseline, result.per_prompt, samples=samples, seed=seed).to_dict())
     return row
 
 
