@@ -14,7 +14,7 @@ import torch
 from anisora_ray.reward.base import ClipBatch, build_dimension
 from anisora_ray.reward.released import reference as ref
 from anisora_ray.reward.released import synthetic
-from anisora_ray.reward.released.common import CheckpointError, released_pixels
+from anisora_ray.reward.released.common import CheckpointError, released_pixels, safe_globals
 
 VIT = synthetic.TINY_VIT
 
@@ -124,7 +124,8 @@ def test_motion_converts_from_mmengine_and_scores_as_released(tmp_path, clip_tok
     expected = [float(model.score(released_pixels(v, 32, "cpu"), ids)) for v in videos]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert ((got > 0) & (got < 1)).all() and np.ptp(got) > 1e-4
-    payload = torch.load(path, weights_only=True)
+    with torch.serialization.safe_globals(safe_globals()):  # the numpy values in mmengine's meta
+        payload = torch.load(path, weights_only=True)
     payload["state_dict"]["adapter.transformer.resblocks.1.attn.in_proj_weight"] = torch.zeros(3 * 48, 40)
     torch.save(payload, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"adapter.1.self_attn.q_proj.weight: \(48, 40\) vs \(48, 48\)"):

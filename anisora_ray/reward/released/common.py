@@ -30,7 +30,10 @@ class CheckpointError(ConfigError):
 
 def safe_globals() -> list:
     """What the released pickles may hold besides tensors: numpy scalars and arrays (mmengine meta)."""
-    import numpy.core.multiarray as multiarray
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
 
     return [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in
             ("float64", "float32", "int64", "int32", "bool"))]

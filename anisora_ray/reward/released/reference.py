@@ -334,7 +334,10 @@ def save_released(model: nn.Module, path: str, container: str = "blip") -> str:
     if container == "blip":
         payload = {"model": sd, "epoch": 5, "config": {"vit": "base", "image_size": 224, "lr": 1e-5}}
     elif container == "mmengine":
-        payload = {"meta": {"epoch": 20, "iter": 1000, "seed": 0, "mmengine_version": "0.10.4"}, "state_dict": sd}
+        import numpy as np  # mmengine's meta carries numpy values (seeds, scalars logged by hooks)
+
+        payload = {"meta": {"epoch": 20, "iter": 1000, "seed": np.int64(0), "best_score": np.float64(0.69),
+                            "hist": np.zeros(3, np.float32), "mmengine_version": "0.10.4"}, "state_dict": sd}
     else:
         raise ValueError(f"unknown container {container!r}")
     torch.save(payload, path)
