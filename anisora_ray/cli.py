@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from anisora_ray.errors import AnisoraError
@@ -116,6 +117,15 @@ def _align(args: argparse.Namespace) -> int:
     if not args.quiet:
         for name in ("anisora_ray.loop", "anisora_ray.models"):  # one line per phase and round; the warm start
             logging.getLogger(name).setLevel(logging.INFO)
+    if not args.verbose:  # quiet by default: Ray's and its workers' output go to files, named here
+        from anisora_ray.io import fs
+        from anisora_ray.runtime import ray_logs_to_file
+
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"log_to_driver": False})})
+        base = fs.normalize(cfg.run.output_dir)
+        local = base if not fs.is_url(base) else os.path.join(os.getcwd(), "logs")
+        print(f"Ray driver log: {ray_logs_to_file(os.path.join(local, 'align', 'logs', 'ray-driver.log'))} "
+              "(worker logs: the Ray session's logs folder, printed at the end; --verbose shows everything)")
     result = run_alignment(cfg, resume=args.resume, progress=not args.quiet)
     print("round  held-out reward  gain vs round 0 [95% CI]      p      weights")
     for row in result.rows:
@@ -124,6 +134,10 @@ def _align(args: argparse.Namespace) -> int:
         print(f"{row['round']:>5}  {row['heldout_reward']:>15.4f}  {gain}  v{row['weights_version']}")
     print(f"reward curve: {result.curve_uri}\nstate: {result.state_uri}\n"
           f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {result.parent_run_id})")
+    if not args.verbose:
+        from anisora_ray.runtime import ray_session_logs
+
+        print(f"Ray worker logs: {ray_session_logs()}")
     return 0
 
 
@@ -257,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--resume", action="store_true", help="continue the job in run.output_dir from its last finished phase")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and its workers' output here (default: in log files, their paths printed)")
     p.set_defaults(func=_align)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")

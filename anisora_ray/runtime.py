@@ -52,6 +52,34 @@ def actor_placement() -> dict:
     }
 
 
+def ray_logs_to_file(path: str) -> str:
+    """Send the driver-side Ray loggers (``ray``, ``ray.data``, ``ray.train``, ...) to ``path`` instead of
+    the terminal, so a job prints its own progress lines and table; returns ``path``. Worker output
+    stays in Ray's session logs when ``ray.log_to_driver`` is off."""
+    import ray.data  # noqa: F401  (each configures its loggers on import: redirect after that)
+    import ray.train  # noqa: F401
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
+def ray_session_logs() -> str | None:
+    """The folder of this Ray session's worker logs (None when not known)."""
+    try:
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:
+        return None
+
+
 def on_this_node():
     """Scheduling that keeps a small bookkeeping actor on the driver's node: it lives as long as the
     job's driver does, whichever worker node is lost (an actor placed on a lost node would lose its state)."""

@@ -71,6 +71,9 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
         time.sleep(0.1)
     driver.kill()  # the driver dies while round 1 trains, after a checkpoint
     _, err = driver.communicate()
+    lines = err.decode().splitlines()  # quiet by default: Ray's and its workers' output went to log files
+    assert len(lines) < 60 and not any("pid=" in ln or "RayTrainWorker" in ln for ln in lines), "\n".join(lines[-80:])
+    assert os.path.getsize(tmp_path / "out" / "align" / "logs" / "ray-driver.log") > 0
     assert _phase(state_uri, 1) == "paired", err.decode()[-3000:]
     killed_at = _registered_steps(run_dir)
     assert killed_at and max(killed_at) < STEPS, killed_at
