@@ -18,6 +18,10 @@ from anisora_ray.config import AnisoraConfig
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, prompts) unless told it trains models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def tracking_uri(cfg: AnisoraConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
@@ -51,13 +55,15 @@ def _experiment_id(cfg: AnisoraConfig) -> str:
     name = cfg.tracking.experiment
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an older version: mark it too
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:///"):
         db = mlflow.get_tracking_uri().removeprefix("sqlite:///")
         location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created concurrently by another process
         return mlflow.get_experiment_by_name(name).experiment_id
 

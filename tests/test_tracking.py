@@ -19,5 +19,7 @@ def test_each_run_uses_its_own_store_and_exports_nothing(make_config, tmp_path, 
     assert tracking_uri(second).endswith(os.path.join("b", "mlflow.db"))
     assert mlflow.MlflowClient(tracking_uri(second)).get_run(b.info.run_id).info.run_name == "b"
     assert mlflow.MlflowClient(tracking_uri(first)).get_run(a.info.run_id).info.run_name == "a"
+    experiment = mlflow.MlflowClient(tracking_uri(first)).get_experiment(a.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
     assert tracking_uri(second) == f"sqlite:///{tmp_path / 'env.db'}"  # a user's setting still wins
