@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from anisora_ray import cli_eval
 from anisora_ray.errors import AnisoraError
 
 
@@ -123,6 +124,7 @@ def _align(args: argparse.Namespace) -> int:
 
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"log_to_driver": False})})
         base = fs.normalize(cfg.run.output_dir)
+        fs.check_writable(fs.join(base, "align"))  # a clear error naming run.output_dir, before any log file
         local = base if not fs.is_url(base) else os.path.join(os.getcwd(), "logs")
         print(f"Ray driver log: {ray_logs_to_file(os.path.join(local, 'align', 'logs', 'ray-driver.log'))} "
               "(worker logs: the Ray session's logs folder, printed at the end; --verbose shows everything)")
@@ -189,38 +191,6 @@ def _build_gallery(args: argparse.Namespace) -> int:
     options = {k: v for k, v in character.options.items() if k != "gallery"}
     meta = build_gallery(build_dimension("character", "grounded", **options), args.references, args.out)
     print(f"{len(meta['ids'])} characters -> {args.out} (set reward.dimensions.character.options.gallery to use it)")
-    return 0
-
-
-def _convert_reward(args: argparse.Namespace) -> int:
-    """Convert the released AnimeReward files once; with --check, load each scorer and score a clip."""
-    import os
-
-    from anisora_ray.reward.released.convert import RELEASED, convert_all, describe
-
-    dimensions = args.dimensions.split(",") if args.dimensions else None
-    folders = convert_all(args.source, args.out, dimensions, clip_tokenizer=args.clip_tokenizer)
-    for name, folder in folders.items():
-        print(f"{name:18s} {folder}  ({describe(folder)})")
-    if args.check:
-        import numpy as np
-
-        from anisora_ray.reward.base import ClipBatch, build_dimension
-
-        rng = np.random.default_rng(0)
-        clip = rng.integers(0, 256, (24, 240, 360, 3), dtype=np.uint8)
-        batch = ClipBatch(frames=[clip], prompts=["a girl with red hair runs"], images=[clip[0]], references=[None])
-        for name, folder in folders.items():
-            options = {"checkpoint": folder, "device": args.device}
-            if name == "character":
-                detector = os.path.join(args.source, RELEASED["character"]["detector"])
-                options |= {"detector": args.detector or (detector if os.path.isdir(detector) else
-                                                          "IDEA-Research/grounding-dino-base"),
-                            "segmenter": args.segmenter, "cache_dir": args.cache_dir}
-            score = build_dimension(name, "released", **options).score(batch)[0]
-            note = " (NaN: no character detected in it)" if np.isnan(score) else ""
-            print(f"{name:18s} loads and scores a random clip: {score:.4f}{note}")
-    print("set reward.dimensions.<name>.options.checkpoint to these folders (configs/reward/animereward.yaml)")
     return 0
 
 
@@ -318,7 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", help="character detector for --check (default: the released grouding-dino-base folder)")
     p.add_argument("--segmenter", default="facebook/sam-vit-base", help="character segmenter for --check")
     p.add_argument("--cache-dir", default="~/.cache/anisora-ray", help="where detector / segmenter ids are cached")
-    p.set_defaults(func=_convert_reward)
+    p.set_defaults(func=cli_eval.convert_reward)
+
+    p = sub.add_parser("report", help="one self-contained HTML page for an alignment job (tables, curves, videos)")
+    p.add_argument("--run", required=True, help="the job's align/ folder (<run.output_dir>/align)")
+    p.add_argument("--out", help="HTML file (default: <run>/report.html)")
+    p.add_argument("--tracking-uri", help="MLflow store of the job (default: <run.output_dir>/mlflow.db when there)")
+    p.add_argument("--link-videos", action="store_true", help="link the videos instead of embedding them")
+    p.add_argument("--mlflow", action="store_true", help="also log the page to the job's MLflow run")
+    p.set_defaults(func=cli_eval.report)
+
+    p = sub.add_parser("annotate", help="blind human side-by-side evaluation: serve the page, or summarize")
+    p.add_argument("action", choices=["serve", "summarize"])
+    p.add_argument("--eval", required=True, help="the job's align/ folder (held-out videos of each round)")
+    p.add_argument("--db", help="SQLite file of the study (default: <eval>/annotations.sqlite)")
+    p.add_argument("--baseline", type=int, default=0, help="round shown against the trained one")
+    p.add_argument("--trained", type=int, help="round to judge (default: the last evaluated)")
+    p.add_argument("--seed", type=int, default=0, help="draws which side shows which version")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it on purpose)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--judges", type=int, default=3, help="annotators per comparison (a majority wins it)")
+    p.add_argument("--json", help="summarize: also write the summary here")
+    p.set_defaults(func=cli_eval.annotate)
 
     p = sub.add_parser("tiny-reward", help="save a tiny random-init reward backbone (clip, siglip, xclip, grounding-dino, sam)")
     p.add_argument("--kind", required=True)

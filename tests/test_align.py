@@ -129,7 +129,10 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     assert sum(a.endswith("winner-vs-loser.mp4") for a in artifacts) == 1
     assert any(a.startswith("pairs/pairs-") and a.endswith(".parquet") for a in artifacts)
     assert "train_pair_visual_motion" in children["round-1"].data.metrics
-    assert any(a.path == "reward_curve.png" for a in client.list_artifacts(parent.info.run_id))
+    assert {"reward_curve.png", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    page = (tmp_path / "out" / "align" / "report.html").read_text()  # one self-contained page: nothing from a network
+    assert page.count("<tr>") == 4 and page.count("data:video/mp4;base64,") == 6  # 3 rounds; 3 prompts x 2 videos
+    assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]
     assert versions[1].source.endswith("round-2/weights") and versions[1].run_id == children["round-2"].info.run_id

@@ -24,6 +24,7 @@ from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
+from anisora_ray.loop.html_report import build_report
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import plot_reward_curve, register_weights, side_by_side
 from anisora_ray.loop.state import AlignState, RoundState
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AlignResult:
     state_uri: str
-    curve_uri: str
+    curve_uri: str  # the reward curve; report.html (`anisora-ray report`) sits beside it
     rows: list[dict]  # one per round (0 = untrained): held-out metrics and the gain's bootstrap
     parent_run_id: str
 
@@ -162,6 +163,10 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
             if not fs.is_url(curve):
                 mlflow.log_artifact(curve)
+            report = build_report(out, fs.join(out, "report.html"), tracking_uri=mlflow.get_tracking_uri(),
+                                  title=f"{cfg.run.name}: alignment report")
+            if not fs.is_url(report):
+                mlflow.log_artifact(report)
             final = rows[-1]
             log_metrics({f"final_{k}": v for k, v in final.items() if k in ("mean_diff", "p_value", "ci_low", "ci_high")})
         finally:

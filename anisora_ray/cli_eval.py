@@ -1,0 +1,84 @@
+"""The evaluation and reward-conversion commands of ``anisora-ray`` (``convert-reward``, ``report``,
+``annotate``); the parser lives in :mod:`anisora_ray.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def convert_reward(args: argparse.Namespace) -> int:
+    """Convert the released AnimeReward files once; with --check, load each scorer and score a clip."""
+    import os
+
+    from anisora_ray.reward.released.convert import RELEASED, convert_all, describe
+
+    dimensions = args.dimensions.split(",") if args.dimensions else None
+    folders = convert_all(args.source, args.out, dimensions, clip_tokenizer=args.clip_tokenizer)
+    for name, folder in folders.items():
+        print(f"{name:18s} {folder}  ({describe(folder)})")
+    if args.check:
+        import numpy as np
+
+        from anisora_ray.reward.base import ClipBatch, build_dimension
+
+        rng = np.random.default_rng(0)
+        clip = rng.integers(0, 256, (24, 240, 360, 3), dtype=np.uint8)
+        batch = ClipBatch(frames=[clip], prompts=["a girl with red hair runs"], images=[clip[0]], references=[None])
+        for name, folder in folders.items():
+            options = {"checkpoint": folder, "device": args.device}
+            if name == "character":
+                detector = os.path.join(args.source, RELEASED["character"]["detector"])
+                options |= {"detector": args.detector or (detector if os.path.isdir(detector) else
+                                                          "IDEA-Research/grounding-dino-base"),
+                            "segmenter": args.segmenter, "cache_dir": args.cache_dir}
+            score = build_dimension(name, "released", **options).score(batch)[0]
+            note = " (NaN: no character detected in it)" if np.isnan(score) else ""
+            print(f"{name:18s} loads and scores a random clip: {score:.4f}{note}")
+    print("set reward.dimensions.<name>.options.checkpoint to these folders (configs/reward/animereward.yaml)")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from anisora_ray.loop.html_report import build_report, log_report
+
+    embed = False if args.link_videos else None
+    path = build_report(args.run, args.out, tracking_uri=args.tracking_uri or _default_tracking(args.run),
+                        embed_videos=embed)
+    print(f"report: {path}")
+    if args.mlflow:
+        print(f"logged to MLflow run {log_report(args.run, path, args.tracking_uri or _default_tracking(args.run))}")
+    return 0
+
+
+def _default_tracking(align_dir: str) -> str | None:
+    """The sqlite store the embedded default writes next to ``align/`` (``<run.output_dir>/mlflow.db``)."""
+    db = os.path.join(os.path.dirname(os.path.abspath(align_dir.rstrip("/"))), "mlflow.db")
+    return f"sqlite:///{db}" if os.path.isfile(db) else None
+
+
+def annotate(args: argparse.Namespace) -> int:
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.eval.annotate import AnnotationStore, build_study, summarize
+
+    if args.action == "serve":
+        from anisora_ray.eval.annotate_server import serve
+
+        store = build_study(args.eval, args.db, baseline=args.baseline, trained=args.trained, seed=args.seed)
+        serve(store, host=args.host, port=args.port)
+        return 0
+    db = args.db or os.path.join(args.eval, "annotations.sqlite")
+    if not os.path.isfile(db):
+        raise ConfigError(f"{db} does not exist: run `anisora-ray annotate serve --eval {args.eval}` first")
+    s = summarize(AnnotationStore(db), judges=args.judges)
+    low, high = s["win_rate_ci"]
+    print(f"{s['trained']} vs baseline: {s['wins']} won, {s['losses']} lost, {s['undecided']} without a majority "
+          f"of {s['judged']} comparisons judged by >= {args.judges} annotators ({s['comparisons']} in the study)")
+    print(f"win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson); Fleiss' kappa {s['fleiss_kappa']:.3f}")
+    for name, counts in s["annotators"].items():
+        print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(s, f, indent=2)
+    return 0

@@ -1,0 +1,228 @@
+"""Blind human side-by-side evaluation: a SQLite store of comparisons and answers, and their summary.
+
+A comparison shows two videos of the same held-out prompt, first frame and seed, from two weights
+versions (the baseline, round 0, and a trained round). Which side shows which version is drawn at
+random per comparison, stored, and never sent to the page. Each annotator answers left / right /
+tie once per comparison; answering again replaces the earlier answer (one row per annotator and
+comparison). As in the paper, a comparison is won by the version that at least two of three
+annotators prefer; the summary gives that win rate with a Wilson CI, Fleiss' kappa, and
+per-annotator counts. The web page is :mod:`anisora_ray.eval.annotate_server`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from anisora_ray.errors import ConfigError
+
+CHOICES = ("left", "right", "tie")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS comparisons (
+    id INTEGER PRIMARY KEY, prompt_id TEXT NOT NULL, prompt TEXT NOT NULL, seed INTEGER NOT NULL,
+    left_label TEXT NOT NULL, right_label TEXT NOT NULL, left_uri TEXT NOT NULL, right_uri TEXT NOT NULL,
+    UNIQUE (prompt_id, seed, left_label, right_label));
+CREATE TABLE IF NOT EXISTS answers (
+    annotator TEXT NOT NULL, comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
+    choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie')), answered_at REAL NOT NULL,
+    PRIMARY KEY (annotator, comparison_id));
+"""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One video of a version: what a comparison side points at."""
+
+    prompt_id: str
+    prompt: str
+    seed: int
+    video_uri: str
+
+
+class AnnotationStore:
+    """The comparisons and answers of one study, in a SQLite file (each write is one transaction)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # autocommit; explicit transactions below
+        db.execute("PRAGMA journal_mode=WAL")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def add_comparisons(self, baseline: str, trained: str, pairs: Iterable[tuple[Candidate, Candidate]],
+                        seed: int = 0) -> int:
+        """One comparison per (baseline, trained) candidate pair of the same prompt and seed; sides drawn at
+        random (recorded). Already stored pairs are kept as they are; returns how many were added."""
+        rng = random.Random(seed)
+        added = 0
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            for base, new in pairs:
+                if (base.prompt_id, base.seed) != (new.prompt_id, new.seed):
+                    raise ValueError(f"a comparison needs the same prompt and seed: {base.prompt_id}/{base.seed} vs "
+                                     f"{new.prompt_id}/{new.seed}")
+                sides = [(baseline, base.video_uri), (trained, new.video_uri)]
+                rng.shuffle(sides)
+                exists = db.execute("SELECT 1 FROM comparisons WHERE prompt_id=? AND seed=? AND "
+                                    "((left_label=? AND right_label=?) OR (left_label=? AND right_label=?))",
+                                    (base.prompt_id, base.seed, baseline, trained, trained, baseline)).fetchone()
+                if exists:
+                    continue
+                db.execute("INSERT INTO comparisons (prompt_id, prompt, seed, left_label, right_label, left_uri, "
+                           "right_uri) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (base.prompt_id, base.prompt, base.seed, sides[0][0], sides[1][0], sides[0][1], sides[1][1]))
+                added += 1
+            db.execute("COMMIT")
+        return added
+
+    def comparisons(self) -> list[dict]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM comparisons ORDER BY id")]
+
+    def comparison(self, comparison_id: int) -> dict | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM comparisons WHERE id=?", (comparison_id,)).fetchone()
+        return dict(row) if row else None
+
+    def answer(self, annotator: str, comparison_id: int, choice: str) -> None:
+        """Store (or replace) one answer, atomically."""
+        annotator = clean_name(annotator)
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if self.comparison(comparison_id) is None:
+            raise KeyError(f"no comparison {comparison_id}")
+        with self._db() as db:
+            db.execute("INSERT INTO answers (annotator, comparison_id, choice, answered_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (annotator, comparison_id) DO UPDATE SET choice=excluded.choice, "
+                       "answered_at=excluded.answered_at", (annotator, comparison_id, choice, time.time()))
+
+    def answers(self) -> list[dict]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM answers ORDER BY comparison_id, annotator")]
+
+    def next_for(self, annotator: str) -> tuple[dict | None, int, int]:
+        """The annotator's next unanswered comparison (in an order of their own), done count, total."""
+        annotator = clean_name(annotator)
+        with self._db() as db:
+            done = {r[0] for r in db.execute("SELECT comparison_id FROM answers WHERE annotator=?", (annotator,))}
+            ids = [r[0] for r in db.execute("SELECT id FROM comparisons ORDER BY id")]
+        random.Random(annotator).shuffle(ids)  # each annotator their own order, stable across reloads
+        todo = [i for i in ids if i not in done]
+        return (self.comparison(todo[0]) if todo else None), len(ids) - len(todo), len(ids)
+
+
+def clean_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 64 or any(c in name for c in "\n\r\t"):
+        raise ValueError("an annotator name is 1-64 characters on one line")
+    return name
+
+
+def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def fleiss_kappa(counts: list[list[int]]) -> float:
+    """Fleiss' kappa of N items × k categories of rating counts (every item rated by the same number n ≥ 2)."""
+    if not counts:
+        return math.nan
+    n = sum(counts[0])
+    if n < 2 or any(sum(row) != n for row in counts):
+        raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings for every item")
+    items = len(counts)
+    p_j = [sum(row[j] for row in counts) / (items * n) for j in range(len(counts[0]))]
+    p_i = [(sum(c * c for c in row) - n) / (n * (n - 1)) for row in counts]
+    p_bar, p_e = sum(p_i) / items, sum(p * p for p in p_j)
+    return 1.0 if p_e == 1.0 else (p_bar - p_e) / (1.0 - p_e)
+
+
+def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 3) -> dict:
+    """Majority verdicts (at least 2 of ``judges``), the trained version's win rate with a Wilson CI,
+    Fleiss' kappa over the comparisons answered by exactly ``judges`` annotators, counts per annotator."""
+    comparisons = {c["id"]: c for c in store.comparisons()}
+    labels = sorted({c["left_label"] for c in comparisons.values()} | {c["right_label"] for c in comparisons.values()})
+    trained = trained or (labels[-1] if labels else None)
+    votes: dict[int, list[str]] = defaultdict(list)  # comparison -> the label each annotator preferred ("tie")
+    per_annotator: dict[str, Counter] = defaultdict(Counter)
+    for a in store.answers():
+        c = comparisons[a["comparison_id"]]
+        label = c[f"{a['choice']}_label"] if a["choice"] != "tie" else "tie"
+        votes[a["comparison_id"]].append(label)
+        per_annotator[a["annotator"]]["answers"] += 1
+        per_annotator[a["annotator"]]["tie" if label == "tie" else ("trained" if label == trained else "baseline")] += 1
+    judged = {cid: v for cid, v in votes.items() if len(v) >= judges}
+    majority = judges // 2 + 1  # 2 of 3
+    wins = sum(1 for v in judged.values() if v.count(trained) >= majority)
+    losses = sum(1 for v in judged.values() if sum(1 for x in v if x not in (trained, "tie")) >= majority)
+    decided = wins + losses
+    exact = [v for v in votes.values() if len(v) == judges]
+    categories = [trained, "tie", *[x for x in labels if x != trained]]
+    kappa = fleiss_kappa([[v.count(c) for c in categories] for v in exact]) if exact and judges >= 2 else math.nan
+    low, high = wilson(wins, len(judged))
+    return {"trained": trained, "comparisons": len(comparisons), "judged": len(judged), "wins": wins,
+            "losses": losses, "undecided": len(judged) - decided,
+            "win_rate": wins / len(judged) if judged else math.nan, "win_rate_ci": [low, high],
+            "fleiss_kappa": kappa, "annotators": {k: dict(v) for k, v in sorted(per_annotator.items())}}
+
+
+def eval_rounds(align_dir: str) -> list[int]:
+    """The rounds of an alignment job that have a held-out evaluation (``round-<r>/eval/``)."""
+    import os
+    import re
+
+    from anisora_ray.io import fs
+
+    filesystem, root = fs.url_to_fs(align_dir)
+    found = []
+    for entry in filesystem.ls(root, detail=False):
+        m = re.fullmatch(r"round-(\d+)", os.path.basename(entry.rstrip("/")))
+        if m and filesystem.exists(f"{entry.rstrip('/')}/eval/candidates.parquet"):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def eval_candidates(align_dir: str, round_index: int) -> dict[tuple[str, int], Candidate]:
+    """The held-out videos a round generated, by (prompt id, seed)."""
+    import pyarrow.parquet as pq
+
+    from anisora_ray.io import fs
+
+    uri = fs.join(align_dir, f"round-{round_index}", "eval", "candidates.parquet")
+    if not fs.exists(uri):
+        raise ConfigError(f"{uri} does not exist: round {round_index} has no held-out evaluation")
+    rows = pq.read_table(fs.normalize(uri)).to_pylist()
+    return {(r["prompt_id"], int(r["seed"])): Candidate(r["prompt_id"], r["prompt"], int(r["seed"]), r["video_uri"])
+            for r in rows}
+
+
+def build_study(align_dir: str, db_path: str | None = None, baseline: int = 0, trained: int | None = None,
+                seed: int = 0) -> AnnotationStore:
+    """A study comparing round ``trained`` (default: the last evaluated) with round ``baseline`` on every
+    held-out prompt and seed both generated; stored in ``db_path`` (default ``<align_dir>/annotations.sqlite``)."""
+    from anisora_ray.io import fs
+
+    rounds = eval_rounds(align_dir)
+    trained = trained if trained is not None else (rounds[-1] if rounds else None)
+    if trained is None or trained == baseline:
+        raise ConfigError(f"{align_dir}: needs two evaluated rounds to compare (found {rounds})")
+    before, after = eval_candidates(align_dir, baseline), eval_candidates(align_dir, trained)
+    common = sorted(set(before) & set(after))
+    if not common:
+        raise ConfigError(f"rounds {baseline} and {trained} share no held-out prompt and seed")
+    store = AnnotationStore(db_path or fs.join(align_dir, "annotations.sqlite"))
+    store.add_comparisons(f"round-{baseline}", f"round-{trained}", [(before[k], after[k]) for k in common], seed)
+    return store

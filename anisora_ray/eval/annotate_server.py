@@ -1,0 +1,142 @@
+"""The annotation page: blind side-by-side comparisons served from one process (stdlib HTTP server).
+
+Bound to loopback unless told otherwise; the page is inline HTML/CSS/JS (no CDN), the videos are
+read from the study's own files. The page never learns which version is on which side: it gets a
+comparison id, the prompt, and ``/video/<id>/left|right``. Keys: ← or 1 = left, → or 2 = right,
+↓, space or 0 = tie.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from anisora_ray.eval.annotate import AnnotationStore, clean_name
+from anisora_ray.io import fs
+
+log = logging.getLogger(__name__)
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>anisora-ray: which video is better?</title>
+<style>body{font:15px/1.45 system-ui,sans-serif;margin:20px auto;max-width:1100px;color:#222}
+.sides{display:flex;gap:18px}.side{flex:1;text-align:center}video{width:100%;max-height:60vh;background:#000}
+button{font-size:16px;padding:8px 18px;margin:6px}#prompt{font-size:17px;margin:10px 0}.muted{color:#777}
+#progressbar{height:6px;background:#eee}#progressbar div{height:6px;background:#3a7}</style></head><body>
+<div id="login"><h2>Blind video comparison</h2><p>Your name (recorded with your answers):</p>
+<input id="name" autocomplete="off"> <button id="start">Start</button></div>
+<div id="task" hidden><div id="progressbar"><div id="bar" style="width:0"></div></div>
+<p class="muted"><span id="who"></span> · <span id="progress"></span> · keys: ← left, → right, ↓ or space tie</p>
+<div id="prompt"></div><div class="sides">
+<div class="side"><video id="left" autoplay loop muted playsinline></video><br><button id="choose-left">Left is better (←)</button></div>
+<div class="side"><video id="right" autoplay loop muted playsinline></video><br><button id="choose-right">Right is better (→)</button></div>
+</div><p style="text-align:center"><button id="choose-tie">About the same (↓)</button></p></div>
+<div id="done" hidden><h2>Thank you: every comparison is answered.</h2><p id="done-progress"></p></div>
+<script>
+let name = "", current = null, busy = false;
+const $ = (id) => document.getElementById(id);
+async function next() {
+  const r = await fetch("/api/next?annotator=" + encodeURIComponent(name));
+  const d = await r.json();
+  $("progress").textContent = d.done + " / " + d.total + " answered";
+  $("bar").style.width = (d.total ? 100 * d.done / d.total : 100) + "%";
+  if (!d.comparison) { $("task").hidden = true; $("done").hidden = false;
+    $("done-progress").textContent = d.done + " / " + d.total + " answered"; current = null; return; }
+  current = d.comparison.id;
+  $("prompt").textContent = d.comparison.prompt;
+  $("left").src = "/video/" + current + "/left"; $("right").src = "/video/" + current + "/right";
+  busy = false;
+}
+async function answer(choice) {
+  if (current === null || busy) return;
+  busy = true;
+  const r = await fetch("/api/answer", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({annotator: name, comparison: current, choice: choice})});
+  if (!r.ok) { alert(await r.text()); busy = false; return; }
+  await next();
+}
+$("start").onclick = () => { name = $("name").value.trim(); if (!name) return;
+  $("login").hidden = true; $("task").hidden = false; $("who").textContent = name; next(); };
+$("name").addEventListener("keydown", (e) => { if (e.key === "Enter") $("start").click(); });
+$("choose-left").onclick = () => answer("left"); $("choose-right").onclick = () => answer("right");
+$("choose-tie").onclick = () => answer("tie");
+document.addEventListener("keydown", (e) => {
+  if ($("task").hidden) return;
+  if (e.key === "ArrowLeft" || e.key === "1") answer("left");
+  else if (e.key === "ArrowRight" || e.key === "2") answer("right");
+  else if (e.key === "ArrowDown" || e.key === " " || e.key === "0") { e.preventDefault(); answer("tie"); }
+});
+</script></body></html>"""
+
+
+def make_handler(store: AnnotationStore):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "anisora-annotate"
+
+        def log_message(self, fmt, *args):  # quiet: one debug line per request
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, payload, status: int = 200) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+        def _error(self, status: int, text: str) -> None:
+            self._send(status, text.encode(), "text/plain; charset=utf-8")
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            url = urlparse(self.path)
+            if url.path == "/":
+                return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            if url.path == "/api/next":
+                try:
+                    annotator = clean_name(parse_qs(url.query).get("annotator", [""])[0])
+                except ValueError as exc:
+                    return self._error(HTTPStatus.BAD_REQUEST, str(exc))
+                comparison, done, total = store.next_for(annotator)
+                shown = None if comparison is None else {"id": comparison["id"], "prompt": comparison["prompt"]}
+                return self._json({"comparison": shown, "done": done, "total": total})
+            parts = url.path.strip("/").split("/")
+            if len(parts) == 3 and parts[0] == "video" and parts[1].isdigit() and parts[2] in ("left", "right"):
+                comparison = store.comparison(int(parts[1]))
+                if comparison is None:
+                    return self._error(HTTPStatus.NOT_FOUND, "no such comparison")
+                return self._send(200, fs.read_bytes(comparison[f"{parts[2]}_uri"]), "video/mp4")
+            return self._error(HTTPStatus.NOT_FOUND, "not found")
+
+        def do_POST(self):  # noqa: N802
+            if urlparse(self.path).path != "/api/answer":
+                return self._error(HTTPStatus.NOT_FOUND, "not found")
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                store.answer(str(body.get("annotator", "")), int(body["comparison"]), str(body.get("choice")))
+            except (ValueError, KeyError, TypeError) as exc:
+                return self._error(HTTPStatus.BAD_REQUEST, f"answer not stored: {exc}")
+            return self._json({"stored": True})
+
+    return Handler
+
+
+def serve(store: AnnotationStore, host: str = "127.0.0.1", port: int = 8765, background: bool = False):
+    """Serve the page; with ``background`` return the running server (``server.shutdown()`` stops it)."""
+    server = ThreadingHTTPServer((host, port), make_handler(store))
+    if background:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+    print(f"annotation page: http://{host}:{server.server_address[1]}/  ({len(store.comparisons())} comparisons; "
+          f"answers in {store.path}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return server

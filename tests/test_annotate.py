@@ -1,0 +1,145 @@
+"""Human evaluation: the SQLite study, its summary (2-of-3 wins, Fleiss' kappa), and the page driven by
+three annotators in a real headless Chromium (the Debian package) through Selenium."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+
+from anisora_ray.eval.annotate import AnnotationStore, Candidate, build_study, fleiss_kappa, summarize
+from anisora_ray.io.video import write_video
+
+
+def test_fleiss_kappa_matches_the_textbook_example():
+    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    assert fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)  # Fleiss (1971), as on Wikipedia
+    assert fleiss_kappa([[3, 0], [0, 3]]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same number"):
+        fleiss_kappa([[2, 1], [1, 1]])
+
+
+def study(tmp_path, n: int = 4) -> AnnotationStore:
+    store = AnnotationStore(str(tmp_path / "study.sqlite"))
+    pairs = [(Candidate(f"p{i}", f"prompt {i}", 7, f"/b{i}.mp4"), Candidate(f"p{i}", f"prompt {i}", 7, f"/t{i}.mp4"))
+             for i in range(n)]
+    assert store.add_comparisons("round-0", "round-3", pairs, seed=1) == n
+    assert store.add_comparisons("round-0", "round-3", pairs, seed=2) == 0  # kept as stored, sides included
+    return store
+
+
+def pick(store: AnnotationStore, comparison: dict, label: str) -> str:
+    """The side that shows ``label`` (what a test knows and the page never tells)."""
+    return "left" if comparison["left_label"] == label else "right"
+
+
+def test_sides_are_random_and_recorded_answers_replace_and_the_summary_counts_2_of_3(tmp_path):
+    store = study(tmp_path, 8)
+    comparisons = store.comparisons()
+    assert {c["left_label"] for c in comparisons} == {"round-0", "round-3"}  # trained shown on both sides
+    votes = {  # comparison index -> the three annotators' preferred label ("tie")
+        0: ["round-3", "round-3", "round-3"], 1: ["round-3", "round-3", "round-0"], 2: ["round-0", "round-0", "tie"],
+        3: ["round-3", "tie", "round-0"], 4: ["round-3", "round-3", "tie"], 5: ["tie", "tie", "tie"],
+        6: ["round-0", "round-0", "round-0"], 7: ["round-3", "round-3", "round-3"]}
+    for i, labels in votes.items():
+        for name, label in zip(["ann", "bo", "cy"], labels, strict=True):
+            store.answer(name, comparisons[i]["id"], "tie" if label == "tie" else pick(store, comparisons[i], label))
+    store.answer("ann", comparisons[6]["id"], "tie")  # a re-submitted answer replaces the earlier one
+    store.answer("ann", comparisons[6]["id"], pick(store, comparisons[6], "round-0"))
+    assert len(store.answers()) == 24
+    s = summarize(store)
+    assert s["trained"] == "round-3" and s["judged"] == 8
+    assert (s["wins"], s["losses"], s["undecided"]) == (4, 2, 2)  # 0, 1, 4, 7 won; 2, 6 lost; 3, 5 no majority
+    assert s["win_rate"] == 0.5 and s["win_rate_ci"][0] < 0.5 < s["win_rate_ci"][1]
+    assert s["annotators"]["bo"] == {"answers": 8, "trained": 4, "baseline": 2, "tie": 2}
+    assert -1 <= s["fleiss_kappa"] <= 1 and not math.isnan(s["fleiss_kappa"])
+    with pytest.raises(ValueError, match="choice must be one of"):
+        store.answer("ann", comparisons[0]["id"], "both")
+    with pytest.raises(KeyError, match="no comparison 999"):
+        store.answer("ann", 999, "left")
+    with pytest.raises(ValueError, match="1-64 characters"):
+        store.answer("  ", comparisons[0]["id"], "left")
+
+
+def tiny_align_dir(root) -> str:
+    """An align/ folder with held-out candidates of round 0 and round 2 (3 prompts × 1 seed), real mp4s."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    for r in (0, 2):
+        rows = []
+        for i in range(3):
+            video = str(root / f"round-{r}" / "eval" / "videos" / f"p{i}.mp4")
+            write_video(rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), video, fps=8)
+            rows.append({"prompt_id": f"heldout-{i}", "prompt": f"a character number {i} waves", "seed": 100 + i,
+                         "video_uri": video})
+        pq.write_table(pa.Table.from_pylist(rows), str(root / f"round-{r}" / "eval" / "candidates.parquet"))
+    return str(root)
+
+
+def test_three_annotators_answer_every_comparison_in_a_real_browser_and_the_summary_reads_back(tmp_path):
+    """Headless Chromium (Debian's `chromium` + `chromium-driver`) through Selenium: three annotators log in,
+    answer with buttons and keys; the stored answers and the summary match what they chose."""
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("no system Chromium / chromedriver (Debian: apt-get install chromium chromium-driver); "
+                    ".ci/run installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from anisora_ray.eval.annotate_server import serve
+
+    align = tiny_align_dir(tmp_path / "align")
+    store = build_study(align)
+    assert store.path == os.path.join(align, "annotations.sqlite") and len(store.comparisons()) == 3
+    server = serve(store, host="127.0.0.1", port=0, background=True)
+    host, port = server.server_address
+    assert host == "127.0.0.1"  # loopback by default
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--mute-audio"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    wanted = {"ann": "round-2", "bo": "round-2", "cy": "round-0"}  # what each annotator prefers, every time
+    try:
+        for name, preferred in wanted.items():
+            browser.get(f"http://127.0.0.1:{port}/")
+            browser.find_element(By.ID, "name").send_keys(name + Keys.ENTER)
+            wait = WebDriverWait(browser, 20)
+            for k in range(3):
+                wait.until(lambda b, k=k: b.find_element(By.ID, "progress").text.startswith(f"{k} / 3"))
+                wait.until(lambda b: b.execute_script("return document.getElementById('left').readyState") >= 1)
+                src = browser.find_element(By.ID, "left").get_attribute("src")
+                comparison = store.comparison(int(src.split("/")[-2]))
+                assert "round-0" not in browser.page_source and "round-2" not in browser.page_source  # hidden
+                side = pick(store, comparison, preferred)
+                if k == 0:  # a button
+                    browser.find_element(By.ID, f"choose-{side}").click()
+                else:  # a key
+                    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT if side == "left" else
+                                                                       Keys.ARROW_RIGHT)
+            wait.until(ec.visibility_of_element_located((By.ID, "done")))
+            assert browser.find_element(By.ID, "done-progress").text == "3 / 3 answered"
+    finally:
+        browser.quit()
+        server.shutdown()
+    answers = store.answers()
+    assert len(answers) == 9
+    for a in answers:
+        c = store.comparison(a["comparison_id"])
+        assert c[f"{a['choice']}_label"] == wanted[a["annotator"]]
+    s = summarize(store)
+    assert (s["trained"], s["judged"], s["wins"], s["losses"]) == ("round-2", 3, 3, 0)  # 2 of 3 prefer round 2
+    assert s["annotators"]["cy"] == {"answers": 3, "baseline": 3}
+    with sqlite3.connect(store.path) as db:  # a real database: one row per answer, readable by anyone
+        assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 9
