@@ -62,7 +62,7 @@ def ray_logs_to_file(path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow", "alembic"):
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
             if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):

@@ -202,7 +202,7 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
             result = run_pairs(cfg, train_manifest, fs.join(base, "pairs"), workers.replicas, round_index=rs.index,
                                progress=progress, reward_actors=workers.rewards, statistics=statistics)
             seconds = time.perf_counter() - began
-            pairs = read_pairs(result.out_uri)
+            pairs = sorted(read_pairs(result.out_uri), key=lambda p: p.prompt_id)  # sums in a fixed order
             rs.pairs_uri = result.out_uri
             rs.metrics.update({
                 "pairs": float(len(pairs)), "candidates_per_second": result.candidates / max(seconds, 1e-9),

@@ -88,7 +88,7 @@ def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int, rank: int = 0, wor
     mine = [r for rows in shard.iter_batches(batch_format="pyarrow") for r in rows.to_pylist() if r["row"] % world == rank]
     out = []
     for start in range(0, len(mine), batch_size):
-        items = [SimpleNamespace(**r) for r in mine[start : start + batch_size]]
+        items = [SimpleNamespace(**{"character_id": None, **r}) for r in mine[start : start + batch_size]]
         kept, batch, failed = decode_batch(cfg, items)
         for uri, reason in failed.items():
             log.warning("train-reward: skipping %s: %s", uri, reason)
