@@ -1,5 +1,6 @@
-"""The embedded default is reproducible: two fresh runs of a short alignment loop, same config and seeds,
-give the same held-out table and byte-identical trained weights (lossless video at tiny sizes)."""
+"""Runs are reproducible with lossless video: two fresh runs of a short alignment loop, same config and
+seeds, give the same held-out table and byte-identical trained weights (``video.crf=0``; lossy x264 at
+tiny sizes is not bit-stable, see configs/local.yaml)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ KEYS = ("round", "weights_version", "heldout_reward", "mean_diff", "ci_low", "ci
 def _run(root, model_cache) -> tuple[list[dict], str]:
     overrides = [*config_overrides(root, model_cache), "loop.rounds=1", "gapo.steps=4", "generator.replicas=1",
                  "data.demo_prompts=3", "eval.demo_prompts=3", "eval.candidates_per_prompt=1",
-                 "loop.registered_model=null"]
+                 "loop.registered_model=null", "video.crf=0"]
     argv = [sys.executable, "-m", "anisora_ray.cli", "align", "--quiet", "--config", LOCAL_CONFIG]
     for o in overrides:
         argv += ["--set", o]
