@@ -50,11 +50,11 @@ def _pairs(args: argparse.Namespace) -> int:
     if args.candidates:
         from anisora_ray.io import fs
         from anisora_ray.pairs.pipeline import pair_candidates
-        from anisora_ray.reward.statistics import RewardStatistics
+        from anisora_ray.reward.statistics import configured_statistics
         from anisora_ray.runtime import init_ray
         from anisora_ray.types import Candidate
 
-        statistics = RewardStatistics.load(cfg.reward.statistics_uri) if cfg.reward.statistics_uri else None
+        statistics = configured_statistics(cfg.reward)
         init_ray(cfg.ray)
         out = fs.normalize(args.out or fs.join(fs.normalize(cfg.run.output_dir), "pairs"))
         result = pair_candidates(cfg, Candidate.from_table(fs.read_table(args.candidates)), out, progress=not args.quiet,

@@ -34,7 +34,7 @@ from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
-from anisora_ray.reward.statistics import RewardStatistics
+from anisora_ray.reward.statistics import RewardStatistics, configured_statistics
 from anisora_ray.runtime import init_ray
 from anisora_ray.tracking import log_metrics, mlflow_run, new_run
 
@@ -177,8 +177,9 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 def _frozen_statistics(cfg: AnisoraConfig, state: AlignState) -> RewardStatistics | None:
     """The zscore statistics every round uses: the configured file, else those frozen at round 0 (None
     before round 0 has run, or when no dimension is z-scored)."""
-    if cfg.reward.statistics_uri:
-        return RewardStatistics.load(cfg.reward.statistics_uri)
+    configured = configured_statistics(cfg.reward)
+    if configured is not None:
+        return configured
     if state.statistics_uri:
         return RewardStatistics.load(state.statistics_uri)
     return None

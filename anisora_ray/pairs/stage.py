@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.generation.replicas import GeneratorReplicas
@@ -14,7 +15,7 @@ from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.stage import score_candidates
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
-from anisora_ray.reward.statistics import RewardStatistics, zscore_dimensions
+from anisora_ray.reward.statistics import RewardStatistics, configured_statistics, zscore_dimensions
 from anisora_ray.types import PromptItem
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,12 @@ def calibrate(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Generat
     log.info("calibrating z-score statistics on %d prompt(s) before pairing", len(sample))
     generated = generate_candidates(cfg, sample, fs.join(out_uri, "calibration"), replicas, CALIBRATION_ROUND, progress)
     actors = reward_actors or RewardActors(cfg.reward)
-    try:
-        scored = score_candidates(cfg, generated.candidates, actors, progress=progress).scored
+    try:  # without statistics, scoring computes those of the whole sample: the calibration
+        statistics = score_candidates(cfg, generated.candidates, actors, progress=progress).statistics
     finally:
         if reward_actors is None:
             actors.shutdown()
-    names = zscore_dimensions(cfg.reward.dimensions.as_dict())
-    statistics = RewardStatistics.from_raw([s.raw_scores for s in scored], names,
-                                           f"calibration of {len(sample)} prompt(s) at {out_uri}")
+    statistics = replace(statistics, source=f"calibration of {len(sample)} prompt(s) at {out_uri}")
     statistics.save(uri)
     return statistics
 
@@ -64,8 +63,7 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     out_uri = fs.check_writable(fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs")), "the pairs output")
     items = read_manifest(resolve_prompts(cfg, prompts))  # bad manifests and options fail here, before Ray or models
     check_reward_options(cfg.reward)
-    if statistics is None and cfg.reward.statistics_uri:
-        statistics = RewardStatistics.load(cfg.reward.statistics_uri)
+    statistics = statistics or configured_statistics(cfg.reward)
     init_ray(cfg.ray)
     owned = replicas is None
     own_rewards = reward_actors is None and cfg.pairs.reward_stage == "actors"

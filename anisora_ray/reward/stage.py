@@ -20,7 +20,7 @@ from anisora_ray.io.video import read_clip
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.base import ClipBatch
-from anisora_ray.reward.statistics import RewardStatistics, zscore_dimensions
+from anisora_ray.reward.statistics import RewardStatistics, configured_statistics, zscore_dimensions
 from anisora_ray.types import Candidate, QuarantineRecord, ScoredCandidate
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ def run_scoring(cfg: AnisoraConfig, candidates_uri: str, out_uri: str | None, pr
 
     candidates = Candidate.from_table(fs.read_table(candidates_uri))
     out_uri = out_uri or fs.join(fs.normalize(cfg.run.output_dir), "score", "scores.parquet")
+    statistics = configured_statistics(cfg.reward)
     init_ray(cfg.ray)
-    statistics = RewardStatistics.load(cfg.reward.statistics_uri) if cfg.reward.statistics_uri else None
     actors = RewardActors(cfg.reward)
     try:
         result = score_candidates(cfg, candidates, actors, progress=progress, statistics=statistics)

@@ -23,6 +23,11 @@ from anisora_ray.io import fs
 FILENAME = "reward-statistics.json"
 
 
+def configured_statistics(reward) -> RewardStatistics | None:
+    """The statistics file ``reward.statistics_uri`` names (``reward``: RewardConfig), or None."""
+    return RewardStatistics.load(reward.statistics_uri) if reward.statistics_uri else None
+
+
 def zscore_dimensions(dimensions: Mapping[str, DimensionConfig]) -> list[str]:
     """The weighted dimensions whose normalization needs statistics."""
     return [n for n, d in dimensions.items() if d.weight > 0 and d.normalize.kind == "zscore"]
