@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from anisora_ray import cli_eval
@@ -114,20 +113,7 @@ def _align(args: argparse.Namespace) -> int:
     from anisora_ray.loop.align import run_alignment
     from anisora_ray.tracking import tracking_uri
 
-    cfg = load_config(args.config, args.overrides)
-    if not args.quiet:
-        for name in ("anisora_ray.loop", "anisora_ray.models"):  # one line per phase and round; the warm start
-            logging.getLogger(name).setLevel(logging.INFO)
-    if not args.verbose:  # quiet by default: Ray's and its workers' output go to files, named here
-        from anisora_ray.io import fs
-        from anisora_ray.runtime import ray_logs_to_file
-
-        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"log_to_driver": False})})
-        base = fs.normalize(cfg.run.output_dir)
-        fs.check_writable(fs.join(base, "align"))  # a clear error naming run.output_dir, before any log file
-        local = base if not fs.is_url(base) else os.path.join(os.getcwd(), "logs")
-        print(f"Ray driver log: {ray_logs_to_file(os.path.join(local, 'align', 'logs', 'ray-driver.log'))} "
-              "(worker logs: the Ray session's logs folder, printed at the end; --verbose shows everything)")
+    cfg = cli_eval.quiet_ray(load_config(args.config, args.overrides), args, "align")
     result = run_alignment(cfg, resume=args.resume, progress=not args.quiet)
     print("round  held-out reward  gain vs round 0 [95% CI]      p      weights")
     for row in result.rows:
@@ -136,10 +122,7 @@ def _align(args: argparse.Namespace) -> int:
         print(f"{row['round']:>5}  {row['heldout_reward']:>15.4f}  {gain}  v{row['weights_version']}")
     print(f"reward curve: {result.curve_uri}\nstate: {result.state_uri}\n"
           f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {result.parent_run_id})")
-    if not args.verbose:
-        from anisora_ray.runtime import ray_session_logs
-
-        print(f"Ray worker logs: {ray_session_logs()}")
+    cli_eval.print_worker_logs(args)
     return 0
 
 
@@ -295,15 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="HTML file (default: <run>/report.html)")
     p.add_argument("--tracking-uri", help="MLflow store of the job (default: <run.output_dir>/mlflow.db when there)")
     p.add_argument("--link-videos", action="store_true", help="link the videos instead of embedding them")
+    p.add_argument("--eval", help="an `anisora-ray eval` folder whose comparison and human study to include "
+                                  "(default: <run.output_dir>/eval when there)")
     p.add_argument("--mlflow", action="store_true", help="also log the page to the job's MLflow run")
     p.set_defaults(func=cli_eval.report)
 
+    p = sub.add_parser("eval", help="weights versions against a baseline on the held-out prompts and seeds "
+                                    "(AnimeReward per dimension, VBench-style metrics, win rates)")
+    _with_config(p)
+    p.add_argument("--run", help="the align job's folder (<run.output_dir>/align): its rounds and frozen statistics")
+    p.add_argument("--versions", required=True,
+                   help="comma-separated: round numbers of --run (0 = untrained) and/or name=weights_folder, name=base")
+    p.add_argument("--baseline", help="the version the others are compared with (default: the first)")
+    p.add_argument("--out", help="output folder (default: <run.output_dir>/eval)")
+    p.add_argument("--regenerate", action="store_true", help="generate and score again what an earlier run kept")
+    p.set_defaults(func=cli_eval.evaluate)
+
+    p = sub.add_parser("ablate", help="GAPO vs Diffusion-DPO vs SFT (and reward ablations) from the same round-0 "
+                                      "generator, pairs and seeds")
+    _with_config(p)
+    p.add_argument("--variants", default="gapo,dpo,sft",
+                   help="comma-separated: gapo, dpo, sft, no-<dimension> (GAPO with that dimension's weight 0)")
+    p.add_argument("--out", help="output folder (default: <run.output_dir>/ablate)")
+    p.set_defaults(func=cli_eval.ablate)
+
     p = sub.add_parser("annotate", help="blind human side-by-side evaluation: serve the page, or summarize")
     p.add_argument("action", choices=["serve", "summarize"])
-    p.add_argument("--eval", required=True, help="the job's align/ folder (held-out videos of each round)")
+    p.add_argument("--eval", required=True, help="an align/ folder, or an `anisora-ray eval --out` folder")
     p.add_argument("--db", help="SQLite file of the study (default: <eval>/annotations.sqlite)")
-    p.add_argument("--baseline", type=int, default=0, help="round shown against the trained one")
-    p.add_argument("--trained", type=int, help="round to judge (default: the last evaluated)")
+    p.add_argument("--baseline", default="0", help="version shown against the trained one (a round, or an eval label)")
+    p.add_argument("--trained", help="version to judge (default: the last evaluated)")
     p.add_argument("--seed", type=int, default=0, help="draws which side shows which version")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it on purpose)")
     p.add_argument("--port", type=int, default=8765)

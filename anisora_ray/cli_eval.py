@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 
@@ -45,7 +46,7 @@ def report(args: argparse.Namespace) -> int:
 
     embed = False if args.link_videos else None
     path = build_report(args.run, args.out, tracking_uri=args.tracking_uri or _default_tracking(args.run),
-                        embed_videos=embed)
+                        embed_videos=embed, eval_dir=args.eval)
     print(f"report: {path}")
     if args.mlflow:
         print(f"logged to MLflow run {log_report(args.run, path, args.tracking_uri or _default_tracking(args.run))}")
@@ -81,4 +82,67 @@ def annotate(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(s, f, indent=2)
+    return 0
+
+
+def quiet_ray(cfg, args: argparse.Namespace, folder: str):
+    """Progress lines of the job's own loggers; unless --verbose, Ray's and its workers' output go to a log
+    file under ``<run.output_dir>/<folder>/logs`` whose path is printed. Returns the config to run with."""
+    if not getattr(args, "quiet", False):
+        for name in ("anisora_ray.loop", "anisora_ray.models", "anisora_ray.eval"):  # one line per phase
+            logging.getLogger(name).setLevel(logging.INFO)
+    if args.verbose:
+        return cfg
+    from anisora_ray.io import fs
+    from anisora_ray.runtime import ray_logs_to_file
+
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"log_to_driver": False})})
+    base = fs.normalize(cfg.run.output_dir)
+    fs.check_writable(fs.join(base, folder))  # a clear error naming run.output_dir, before any log file
+    local = base if not fs.is_url(base) else os.path.join(os.getcwd(), "logs")
+    print(f"Ray driver log: {ray_logs_to_file(os.path.join(local, folder, 'logs', 'ray-driver.log'))} "
+          "(worker logs: the Ray session's logs folder, printed at the end; --verbose shows everything)")
+    return cfg
+
+
+def print_worker_logs(args: argparse.Namespace) -> None:
+    if not args.verbose:
+        from anisora_ray.runtime import ray_session_logs
+
+        print(f"Ray worker logs: {ray_session_logs()}")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``anisora-ray eval``: versions against a baseline; prints the Markdown table it writes."""
+    from anisora_ray.config import load_config
+    from anisora_ray.eval.compare import markdown_table
+    from anisora_ray.eval.versions import evaluate_versions, resolve_versions
+    from anisora_ray.io import fs
+
+    cfg = quiet_ray(load_config(args.config, args.overrides), args, "eval")
+    versions = resolve_versions([v.strip() for v in args.versions.split(",") if v.strip()], args.run)
+    out = args.out or fs.join(fs.normalize(cfg.run.output_dir), "eval")
+    comparison = evaluate_versions(cfg, versions, out, baseline=args.baseline, run=args.run, regenerate=args.regenerate)
+    print(markdown_table(comparison, comparison["human"]))
+    print("metric forms: " + "; ".join(f"{k}: {v}" for k, v in comparison["forms"].items()))
+    print(f"written: {fs.join(out, 'comparison.md')}, {fs.join(out, 'comparison.json')}; "
+          f"human study: anisora-ray annotate serve --eval {out}")
+    print_worker_logs(args)
+    return 0
+
+
+def ablate(args: argparse.Namespace) -> int:
+    """``anisora-ray ablate``: every variant from the same round-0 generator, pairs and seeds."""
+    from anisora_ray.config import load_config
+    from anisora_ray.eval.compare import markdown_table
+    from anisora_ray.io import fs
+    from anisora_ray.loop.ablate import run_ablation
+
+    cfg = quiet_ray(load_config(args.config, args.overrides), args, "ablate")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    out = args.out or fs.join(fs.normalize(cfg.run.output_dir), "ablate")
+    comparison = run_ablation(cfg, variants, out)
+    print(markdown_table(comparison, comparison["human"]))
+    print(f"written: {fs.join(out, 'ablation.md')}")
+    print_worker_logs(args)
     return 0

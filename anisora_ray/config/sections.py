@@ -266,6 +266,22 @@ class GapoConfig(Section):
     seed: int = 0
 
 
+class VideoMetricsConfig(Section):
+    """VBench-I2V-style metrics of ``anisora-ray eval`` / ``ablate``: learned forms where weights are given,
+    weight-free forms otherwise (docs/evaluation.md says which is which)."""
+
+    enabled: bool = True
+    subject_backbone: str | None = None  # DINO(v2) HF id or folder: i2v subject consistency; None: pixel features
+    aesthetic_backbone: str | None = None  # CLIP ViT-L/14 HF id or folder for the LAION aesthetic head ...
+    aesthetic_head: str | None = None  # ... its linear head (.safetensors, or .pth read with weights_only); None: classical
+    max_frames: int = Field(default=16, ge=2)  # frames per video fed to the learned backbones
+    device: str = "auto"
+    num_gpus: float = Field(default=0.0, ge=0)  # per metrics actor
+    num_cpus: float = Field(default=1.0, gt=0)
+    concurrency: int = Field(default=1, ge=1)  # metrics actors
+    cache_dir: str = "~/.cache/anisora-ray"
+
+
 class EvalConfig(Section):
     """Held-out evaluation of each round's generator: prompts and images never used in training."""
 
@@ -275,6 +291,7 @@ class EvalConfig(Section):
     candidates_per_prompt: int = Field(default=2, ge=1)  # the same seeds every round (paired comparison)
     bootstrap_samples: int = Field(default=2000, ge=100)  # BCa bootstrap resamples (and permutations past 16 prompts)
     sample_videos: int = Field(default=2, ge=0)  # side-by-side winner | loser videos logged per round
+    metrics: VideoMetricsConfig = VideoMetricsConfig()  # anisora-ray eval / ablate
 
 
 class LoopConfig(Section):

@@ -179,50 +179,55 @@ def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 
             "fleiss_kappa": kappa, "annotators": {k: dict(v) for k, v in sorted(per_annotator.items())}}
 
 
-def eval_rounds(align_dir: str) -> list[int]:
-    """The rounds of an alignment job that have a held-out evaluation (``round-<r>/eval/``)."""
+def label_of(version: int | str) -> str:
+    """A round number names ``round-<r>``; any other label (``anisora-ray eval`` versions) stays as it is."""
+    return f"round-{version}" if isinstance(version, int) or str(version).isdigit() else str(version)
+
+
+def eval_labels(eval_dir: str) -> list[str]:
+    """The versions with held-out videos under ``eval_dir`` (``<label>/eval/candidates.parquet``): the rounds
+    of an align job, or the versions of ``anisora-ray eval``; rounds in order, then the other labels."""
     import os
     import re
 
     from anisora_ray.io import fs
 
-    filesystem, root = fs.url_to_fs(align_dir)
-    found = []
-    for entry in filesystem.ls(root, detail=False):
-        m = re.fullmatch(r"round-(\d+)", os.path.basename(entry.rstrip("/")))
-        if m and filesystem.exists(f"{entry.rstrip('/')}/eval/candidates.parquet"):
-            found.append(int(m.group(1)))
-    return sorted(found)
+    filesystem, root = fs.url_to_fs(eval_dir)
+    found = [os.path.basename(e.rstrip("/")) for e in filesystem.ls(root, detail=False)
+             if filesystem.exists(f"{e.rstrip('/')}/eval/candidates.parquet")]
+    rounds = sorted((f for f in found if re.fullmatch(r"round-\d+", f)), key=lambda f: int(f.split("-")[1]))
+    return rounds + sorted(f for f in found if f not in rounds)
 
 
-def eval_candidates(align_dir: str, round_index: int) -> dict[tuple[str, int], Candidate]:
-    """The held-out videos a round generated, by (prompt id, seed)."""
+def eval_candidates(eval_dir: str, version: int | str) -> dict[tuple[str, int], Candidate]:
+    """The held-out videos of a version (a round number or a label), by (prompt id, seed)."""
     import pyarrow.parquet as pq
 
     from anisora_ray.io import fs
 
-    uri = fs.join(align_dir, f"round-{round_index}", "eval", "candidates.parquet")
+    uri = fs.join(eval_dir, label_of(version), "eval", "candidates.parquet")
     if not fs.exists(uri):
-        raise ConfigError(f"{uri} does not exist: round {round_index} has no held-out evaluation")
+        raise ConfigError(f"{uri} does not exist: {label_of(version)} has no held-out evaluation")
     rows = pq.read_table(fs.normalize(uri)).to_pylist()
     return {(r["prompt_id"], int(r["seed"])): Candidate(r["prompt_id"], r["prompt"], int(r["seed"]), r["video_uri"])
             for r in rows}
 
 
-def build_study(align_dir: str, db_path: str | None = None, baseline: int = 0, trained: int | None = None,
+def build_study(eval_dir: str, db_path: str | None = None, baseline: int | str = 0, trained: int | str | None = None,
                 seed: int = 0) -> AnnotationStore:
-    """A study comparing round ``trained`` (default: the last evaluated) with round ``baseline`` on every
-    held-out prompt and seed both generated; stored in ``db_path`` (default ``<align_dir>/annotations.sqlite``)."""
+    """A study comparing version ``trained`` (default: the last round, or the last label) with ``baseline`` on
+    every held-out prompt and seed both generated; stored in ``db_path`` (default ``<eval_dir>/annotations.sqlite``)."""
     from anisora_ray.io import fs
 
-    rounds = eval_rounds(align_dir)
-    trained = trained if trained is not None else (rounds[-1] if rounds else None)
-    if trained is None or trained == baseline:
-        raise ConfigError(f"{align_dir}: needs two evaluated rounds to compare (found {rounds})")
-    before, after = eval_candidates(align_dir, baseline), eval_candidates(align_dir, trained)
+    labels = eval_labels(eval_dir)
+    base = label_of(baseline)
+    new = label_of(trained) if trained is not None else next((x for x in reversed(labels) if x != base), None)
+    if new is None or new == base:
+        raise ConfigError(f"{eval_dir}: needs two evaluated versions to compare (found {labels})")
+    before, after = eval_candidates(eval_dir, base), eval_candidates(eval_dir, new)
     common = sorted(set(before) & set(after))
     if not common:
-        raise ConfigError(f"rounds {baseline} and {trained} share no held-out prompt and seed")
-    store = AnnotationStore(db_path or fs.join(align_dir, "annotations.sqlite"))
-    store.add_comparisons(f"round-{baseline}", f"round-{trained}", [(before[k], after[k]) for k in common], seed)
+        raise ConfigError(f"{base} and {new} share no held-out prompt and seed")
+    store = AnnotationStore(db_path or fs.join(eval_dir, "annotations.sqlite"))
+    store.add_comparisons(base, new, [(before[k], after[k]) for k in common], seed)
     return store

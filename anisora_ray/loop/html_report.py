@@ -164,10 +164,63 @@ def rounds_table(rows: Sequence[dict]) -> str:
     return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
 
 
+def human_section(db_path: str) -> str:
+    """The blind side-by-side study in ``db_path``: 2-of-3 win rate with its Wilson CI, Fleiss' kappa, annotators."""
+    from anisora_ray.eval.annotate import AnnotationStore, summarize
+
+    if not os.path.isfile(db_path):
+        return ""
+    s = summarize(AnnotationStore(db_path))
+    if not s["judged"]:
+        return (f"<h2>Human evaluation</h2><p class='muted'>{s['comparisons']} comparisons in {html.escape(db_path)}, "
+                "none judged by three annotators yet.</p>")
+    low, high = s["win_rate_ci"]
+    people = "".join(f"<tr><td class='l'>{html.escape(name)}</td><td>{c.get('answers', 0)}</td><td>{c.get('trained', 0)}"
+                     f"</td><td>{c.get('baseline', 0)}</td><td>{c.get('tie', 0)}</td></tr>"
+                     for name, c in s["annotators"].items())
+    return (f"<h2>Human evaluation ({html.escape(str(s['trained']))} vs baseline, blind, sides randomized)</h2>"
+            f"<p>Win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson): {s['wins']} won, {s['losses']} "
+            f"lost, {s['undecided']} without a 2-of-3 majority, of {s['judged']} comparisons judged "
+            f"({s['comparisons']} in the study). Fleiss' kappa {s['fleiss_kappa']:.3f}.</p>"
+            "<table><tr><th class='l'>annotator</th><th>answers</th><th>preferred trained</th>"
+            f"<th>preferred baseline</th><th>tie</th></tr>{people}</table>")
+
+
+def comparison_section(comparison_json: str) -> str:
+    """An ``anisora-ray eval`` / ``ablate`` comparison (per-metric gains, win rates) as a table."""
+    import json
+
+    if not fs.exists(comparison_json):
+        return ""
+    c = json.loads(fs.read_bytes(comparison_json))
+    base = c["baseline"]
+    labels = [label for label in c["means"] if label != base]
+    head = "".join(f"<th>{html.escape(x)}</th>" for x in ["metric", base, *(f"{v} (gain, p)" for v in labels)])
+    body = []
+    for m in c["metrics"]:
+        cells = [f"<td class='l'>{html.escape(m)}</td><td>{_cell(c['means'][base][m])}</td>"]
+        for label in labels:
+            d = c["versions"][label]["metrics"][m]
+            cls = "pos" if (d["ci_low"] or 0) > 0 else "neg" if (d["ci_high"] or 0) < 0 else ""
+            cells.append(f"<td class='{cls}'>{_cell(c['means'][label][m])} ({_cell(d['mean_diff'], '{:+.4f}')}, "
+                         f"p {_cell(d['p_value'], '{:.3g}')})</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    wins = "".join(f"<tr><td class='l'>{html.escape(v)}</td><td>{_cell(w['win_rate'], '{:.3f}')}</td>"
+                   f"<td>[{_cell(w['ci_low'], '{:.3f}')}, {_cell(w['ci_high'], '{:.3f}')}]</td><td>{w['n']}</td></tr>"
+                   for v in labels for w in [c["versions"][v]["reward_win_rate"]])
+    forms = "; ".join(f"{k}: {v}" for k, v in c.get("forms", {}).items())
+    return (f"<h2>Evaluation: versions against {html.escape(base)}</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+            f"<p class='muted'>{html.escape(forms)}</p><table><tr><th class='l'>version</th><th>win rate by the reward"
+            f"</th><th>95% CI</th><th>candidates</th></tr>{wins}</table>")
+
+
 def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str | None = None,
-                 embed_videos: bool | None = None, max_prompts: int = 32, title: str | None = None) -> str:
+                 embed_videos: bool | None = None, max_prompts: int = 32, title: str | None = None,
+                 eval_dir: str | None = None) -> str:
     """Write the report of the job in ``align_dir`` (the folder holding ``state.json``); returns its path.
-    ``embed_videos`` None: embed when the videos total under 64 MB, else link them (relative paths)."""
+    ``embed_videos`` None: embed when the videos total under 64 MB, else link them (relative paths).
+    A human study (``annotations.sqlite``) and an ``anisora-ray eval`` comparison (``comparison.json``) are
+    shown from ``eval_dir`` (default: ``<run.output_dir>/eval``) and ``align_dir``, where present."""
     state_uri = fs.join(align_dir, "state.json")
     if not fs.exists(state_uri):
         raise ConfigError(f"{state_uri} does not exist: --run takes an alignment job's align/ folder "
@@ -205,9 +258,21 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "in MLflow (pass the tracking store)</p>",
         f"<h2>Round 0 | round {last}, per held-out prompt</h2>" if cells else "",
         "<div class='grid'>" + "".join(cells) + "</div>" if cells else "",
+        *extra_sections(align_dir, eval_dir),
         "</body></html>"]
     fs.write_bytes(out_html, "\n".join(parts).encode())
     return out_html
+
+
+def extra_sections(align_dir: str, eval_dir: str | None) -> list[str]:
+    if fs.is_url(align_dir):
+        return []
+    folders = [align_dir, eval_dir or os.path.join(os.path.dirname(os.path.abspath(align_dir.rstrip("/"))), "eval")]
+    found = []
+    for folder in dict.fromkeys(folders):
+        found += [comparison_section(os.path.join(folder, "comparison.json")),
+                  human_section(os.path.join(folder, "annotations.sqlite"))]
+    return [x for x in found if x]
 
 
 def log_report(align_dir: str, html_path: str, tracking_uri: str | None) -> str:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 
-TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam")
+TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam", "dinov2")
 TINY_IMAGE_SIZE = 32
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -129,6 +129,21 @@ def _sam(base: bool):
     return SamModel(config), [processor]
 
 
+def _dinov2(base: bool):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    if base:  # ViT-B/14 at 224, the architecture of facebook/dinov2-base
+        return Dinov2Model(Dinov2Config(image_size=224)), [BitImageProcessor(
+            size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_convert_rgb=True,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])]
+    config = Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=TINY_IMAGE_SIZE, patch_size=8)
+    size = {"shortest_edge": TINY_IMAGE_SIZE}
+    crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    return Dinov2Model(config), [BitImageProcessor(size=size, crop_size=crop, image_mean=[0.485, 0.456, 0.406],
+                                                   image_std=[0.229, 0.224, 0.225])]
+
+
 def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) -> str:
     """Build the tiny ``kind`` model with ``seed`` and save it (atomically) to ``path``; returns ``path``.
 
@@ -150,7 +165,8 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) 
             if kind == "grounding-dino":
                 model, extras = _grounding_dino(base, tmp)
             else:
-                model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam}[kind](base)
+                model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam,
+                                  "dinov2": _dinov2}[kind](base)
         model.eval().save_pretrained(tmp, safe_serialization=True)
         if not os.path.isfile(os.path.join(tmp, "config.json")):  # transformers saves on torch.distributed rank 0 only
             raise RuntimeError(f"tiny {kind} was not written to {path!r}: build it outside torch.distributed "

@@ -1,0 +1,106 @@
+"""Version against baseline on the same held-out prompts and seeds: per-metric paired statistics and win rates.
+
+The rows of a version are its held-out candidates (one per prompt and seed) with AnimeReward
+(``reward`` and one column per dimension) and the VBench-style metrics. A metric's comparison is
+paired over prompts (the mean over a prompt's seeds, as in ``align``); the reward win rate pairs
+candidates of the same prompt and seed: the share whose reward rose, with a Wilson CI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from anisora_ray.eval.annotate import wilson
+from anisora_ray.eval.stats import paired_comparison
+
+
+def per_prompt_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
+    """The mean of ``metric`` over each prompt's candidates with a finite value."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        v = r.get(metric)
+        if v is not None and math.isfinite(float(v)) and not r.get("quarantine_reason"):
+            values[r["prompt_id"]].append(float(v))
+    return {k: sum(v) / len(v) for k, v in values.items() if v}
+
+
+def reward_win_rate(before: Iterable[Mapping], after: Iterable[Mapping], metric: str = "reward") -> dict:
+    """Candidates of the same prompt and seed: how often ``after`` scored higher (ties count as not won)."""
+    base = {(r["prompt_id"], int(r["seed"])): float(r[metric]) for r in before
+            if r.get(metric) is not None and math.isfinite(float(r[metric])) and not r.get("quarantine_reason")}
+    wins = losses = ties = 0
+    for r in after:
+        key = (r["prompt_id"], int(r["seed"]))
+        value = r.get(metric)
+        if key not in base or value is None or not math.isfinite(float(value)) or r.get("quarantine_reason"):
+            continue
+        wins, losses, ties = wins + (value > base[key]), losses + (value < base[key]), ties + (value == base[key])
+    n = wins + losses + ties
+    low, high = wilson(wins, n)
+    return {"wins": wins, "losses": losses, "ties": ties, "n": n, "win_rate": wins / n if n else math.nan,
+            "ci_low": low, "ci_high": high}
+
+
+def compare_versions(tables: Mapping[str, list[Mapping]], baseline: str, metrics: list[str], samples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Every version of ``tables`` against ``baseline``: per metric the two means (over prompts), the
+    paired difference with its BCa CI and permutation p-value; and the reward win rate."""
+    if baseline not in tables:
+        raise KeyError(f"baseline {baseline!r} is not among the versions {sorted(tables)}")
+    base_rows = tables[baseline]
+    out: dict = {"baseline": baseline, "metrics": list(metrics), "means": {}, "versions": {}}
+    for label, rows in tables.items():
+        out["means"][label] = {m: _mean(per_prompt_means(rows, m)) for m in metrics}
+        if label == baseline:
+            continue
+        per_metric = {}
+        for m in metrics:
+            before, after = per_prompt_means(base_rows, m), per_prompt_means(rows, m)
+            try:
+                per_metric[m] = paired_comparison(before, after, samples=samples, seed=seed).to_dict()
+            except ValueError:  # fewer than two prompts scored in both
+                per_metric[m] = {"mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
+                                 "num_prompts": 0.0, "wins": 0.0}
+        out["versions"][label] = {"metrics": per_metric, "reward_win_rate": reward_win_rate(base_rows, rows)}
+    return out
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else math.nan
+
+
+def _fmt(x: float, signed: bool = False) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else (f"{x:+.4f}" if signed else f"{x:.4f}")
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if p is None or not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def markdown_table(comparison: Mapping, human: Mapping[str, Mapping] | None = None) -> str:
+    """The comparison as Markdown: one row per metric, per version its mean and its gain [95% CI] (p);
+    then the win rates over the baseline, by the reward and (where a study was answered) by humans."""
+    base = comparison["baseline"]
+    labels = [label for label in comparison["means"] if label != base]
+    head = f"| metric | {base} | " + " | ".join(f"{label} | gain vs {base} [95% CI], p" for label in labels) + " |"
+    lines = [head, "| --- " * (2 + 2 * len(labels)) + "|"]
+    for m in comparison["metrics"]:
+        cells = [m, _fmt(comparison["means"][base][m])]
+        for label in labels:
+            c = comparison["versions"][label]["metrics"][m]
+            cells += [_fmt(comparison["means"][label][m]),
+                      f"{_fmt(c['mean_diff'], True)} [{_fmt(c['ci_low'], True)}, {_fmt(c['ci_high'], True)}], "
+                      f"p {_fmt_p(c['p_value'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"| version | win rate over {base} by the reward [95% CI] | by humans (2 of 3) [95% CI] |",
+              "| --- | --- | --- |"]
+    for label in labels:
+        w = comparison["versions"][label]["reward_win_rate"]
+        h = (human or {}).get(label)
+        by_humans = (f"{h['win_rate']:.3f} [{h['win_rate_ci'][0]:.3f}, {h['win_rate_ci'][1]:.3f}] "
+                     f"({h['wins']} of {h['judged']}; kappa {h['fleiss_kappa']:.2f})" if h and h.get("judged") else "no study")
+        lines.append(f"| {label} | {_fmt(w['win_rate'])} [{_fmt(w['ci_low'])}, {_fmt(w['ci_high'])}] "
+                     f"({w['wins']} of {w['n']}) | {by_humans} |")
+    return "\n".join(lines) + "\n"
