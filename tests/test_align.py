@@ -136,3 +136,21 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]
     assert versions[1].source.endswith("round-2/weights") and versions[1].run_id == children["round-2"].info.run_id
+
+    # `anisora-ray eval` over the job: rounds it evaluated are read back (same numbers as align printed), and a
+    # weights folder given by path is generated again on fresh replicas, with the job's frozen statistics
+    from anisora_ray.eval.versions import evaluate_versions, resolve_versions
+
+    align_dir = str(tmp_path / "out" / "align")
+    versions = resolve_versions(["0", "2", f"r1={tmp_path / 'out' / 'align' / 'round-1' / 'weights'}"], align_dir)
+    assert [v.label for v in versions] == ["round-0", "round-2", "r1"] and versions[2].align_eval is None
+    comparison = evaluate_versions(cfg, versions, str(tmp_path / "eval"), run=align_dir, progress=False)
+    assert comparison["means"]["round-2"]["reward"] == pytest.approx(result.rows[2]["heldout_reward"])
+    gain = comparison["versions"]["round-2"]["metrics"]["reward"]
+    assert gain["mean_diff"] == pytest.approx(result.rows[2]["mean_diff"])
+    assert (gain["ci_low"], gain["p_value"]) == pytest.approx((result.rows[2]["ci_low"], result.rows[2]["p_value"]))
+    r1 = pq.read_table(str(tmp_path / "eval" / "r1" / "eval" / "scores.parquet")).to_pylist()
+    assert len(r1) == 3 and {r["weights_version"] for r in r1} == {1}
+    for row in r1:  # the frozen round-0 statistics, not this set's own
+        assert row["character"] == pytest.approx(1 / (1 + math.exp(-(row["character_raw"] - m.mean) / m.std)))
+    assert all(0 <= comparison["means"][v]["subject_consistency"] <= 1 for v in ("round-0", "round-2", "r1"))

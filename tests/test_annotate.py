@@ -143,3 +143,21 @@ def test_three_annotators_answer_every_comparison_in_a_real_browser_and_the_summ
     assert s["annotators"]["cy"] == {"answers": 3, "baseline": 3}
     with sqlite3.connect(store.path) as db:  # a real database: one row per answer, readable by anyone
         assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 9
+
+
+def test_report_shows_the_human_study_summary(tmp_path):
+    """The HTML report reads an answered study beside the job and shows its win rate, CI, kappa and annotators."""
+    from anisora_ray.loop.html_report import human_section
+
+    store = AnnotationStore(str(tmp_path / "annotations.sqlite"))
+    pairs = [(Candidate(f"p{i}", "a girl", 0, f"b{i}.mp4"), Candidate(f"p{i}", "a girl", 0, f"t{i}.mp4")) for i in range(4)]
+    store.add_comparisons("round-0", "round-3", pairs, seed=1)
+    for c in store.comparisons():
+        trained_side = "left" if c["left_label"] == "round-3" else "right"
+        for name in ("ann", "bo", "cy"):  # trained wins p0-p2 by all three; p3 is a tie for everyone
+            store.answer(name, c["id"], "tie" if c["prompt_id"] == "p3" else trained_side)
+    s = summarize(store)
+    page = human_section(str(tmp_path / "annotations.sqlite"))
+    assert f"Win rate {s['win_rate']:.3f}" in page and s["wins"] == 3 and s["judged"] == 4
+    assert "Fleiss' kappa 1.000" in page and page.count("<tr>") == 4  # header + three annotators
+    assert human_section(str(tmp_path / "missing.sqlite")) == ""
