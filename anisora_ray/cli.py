@@ -120,6 +120,13 @@ def _align(args: argparse.Namespace) -> int:
         gain = (f"{row['mean_diff']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]  {row['p_value']:.3f}"
                 if "mean_diff" in row else f"{'':>34}")
         print(f"{row['round']:>5}  {row['heldout_reward']:>15.4f}  {gain}  v{row['weights_version']}")
+    if result.guard:
+        fell = ", ".join(f"{f['measure']} {f['before']:.4f} -> {f['after']:.4f} (p={f['p_value']:.3f})"
+                         for f in result.guard["findings"] if f["fell"])
+        back = f"; replicas back to round {result.guard['best_round']}" if "best_round" in result.guard else ""
+        print(f"guard: fired at round {result.guard['round']} ({fell}): {result.guard['action']}{back}")
+    elif "guard_frame_difference" in result.rows[-1]:
+        print("guard: passed every round (no guard measure fell beyond the margin while the reward rose)")
     print(f"reward curve: {result.curve_uri}\nstate: {result.state_uri}\n"
           f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {result.parent_run_id})")
     cli_eval.print_worker_logs(args)

@@ -56,7 +56,8 @@ def ray_logs_to_file(path: str) -> str:
     """Send the driver-side Ray loggers (``ray``, ``ray.data``, ``ray.train``, ...) to ``path`` instead of
     the terminal, so a job prints its own progress lines and table; returns ``path``. Worker output
     stays in Ray's session logs when ``ray.log_to_driver`` is off."""
-    import ray.data  # noqa: F401  (each configures its loggers on import: redirect after that)
+    import mlflow  # noqa: F401  (each configures its loggers on import: redirect after that)
+    import ray.data  # noqa: F401
     import ray.train  # noqa: F401
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

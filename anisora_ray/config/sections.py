@@ -294,12 +294,31 @@ class EvalConfig(Section):
     metrics: VideoMetricsConfig = VideoMetricsConfig()  # anisora-ray eval / ablate
 
 
+GUARD_MEASURE = Literal["frame_difference", "first_frame_psnr", "named_hue_share", "subject_consistency",
+                        "motion_smoothness", "aesthetic_quality"]
+GUARD_MEASURES = ("frame_difference", "first_frame_psnr", "named_hue_share", "subject_consistency",
+                  "motion_smoothness", "aesthetic_quality")
+
+
+class GuardConfig(Section):
+    """``loop.guard``: stop or roll back when the held-out reward rises while a guard measure (eval/guard.py),
+    one the training reward does not contain, falls over round 0 by more than ``margin`` × its round-0
+    mean with a paired permutation p below ``alpha``."""
+
+    enabled: bool = True
+    measures: list[GUARD_MEASURE] = Field(default_factory=lambda: list(GUARD_MEASURES))
+    action: Literal["warn", "stop", "rollback"] = "rollback"  # rollback: replicas back to the best round, loop stops
+    margin: float = Field(default=0.10, ge=0)  # relative to the round-0 mean (docs/evaluation.md: how it was set)
+    alpha: float = Field(default=0.05, gt=0, le=1)
+
+
 class LoopConfig(Section):
     """``anisora-ray align``: rounds of generate → score → pair → train → refresh → evaluate."""
 
     rounds: int = Field(default=3, ge=1)
     placement: Literal["separate", "shared"] = "separate"  # shared: stop generator + reward actors while training
     registered_model: str | None = "anisora-generator"  # MLflow model name of each round's weights (None: skip)
+    guard: GuardConfig = GuardConfig()
 
 
 class TrackingConfig(Section):

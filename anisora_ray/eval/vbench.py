@@ -27,8 +27,10 @@ import numpy as np
 
 from anisora_ray.config.sections import VideoMetricsConfig
 from anisora_ray.errors import ConfigError
+from anisora_ray.eval.guard import OWN_MEASURES, own_measures
 
 METRICS = ("subject_consistency", "dynamic_degree", "motion_smoothness", "aesthetic_quality")
+MEASURES = (*METRICS, *OWN_MEASURES)  # with the guard's own measures (eval/guard.py): what score_videos adds
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -104,7 +106,7 @@ def load_linear_head(path: str):
 
 
 class VideoMetrics:
-    """Scores videos on :data:`METRICS`; learned models are loaded once, where the config names them."""
+    """Scores videos on :data:`MEASURES`; learned models are loaded once, where the config names them."""
 
     def __init__(self, cfg: VideoMetricsConfig):
         import torch
@@ -149,8 +151,9 @@ class VideoMetrics:
             out = self.subject(pixel_values=(x - self._subject_mean) / self._subject_std)
         return out.pooler_output.float().cpu().numpy()
 
-    def score(self, frames: np.ndarray, image: np.ndarray, fps: float) -> dict[str, float]:
-        """``frames``: uint8 [T, H, W, 3]; ``image``: the uint8 [H, W, 3] first-frame condition."""
+    def score(self, frames: np.ndarray, image: np.ndarray, fps: float, prompt: str = "") -> dict[str, float]:
+        """``frames``: uint8 [T, H, W, 3]; ``image``: the uint8 [H, W, 3] first-frame condition. Returns
+        :data:`MEASURES` (the guard's own measures too)."""
         import torch
 
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 3:
@@ -161,7 +164,7 @@ class VideoMetrics:
         else:
             image = cv2.resize(image, (frames.shape[2], frames.shape[1]), interpolation=cv2.INTER_AREA)
             feats = thumbnail_features(np.concatenate([image[None], frames]))
-        out = {"subject_consistency": subject_consistency(feats[0], feats[1:]),
+        out = {**own_measures(frames, image, prompt), "subject_consistency": subject_consistency(feats[0], feats[1:]),
                "dynamic_degree": dynamic_degree(frames, fps), "motion_smoothness": motion_smoothness(frames)}
         if self.clip is not None:
             with torch.no_grad():
@@ -183,13 +186,14 @@ class VideoMetricsUDF:
         from anisora_ray.io.video import read_all_frames
 
         n = len(batch["video_uri"])
-        out = {name: np.full(n, np.nan) for name in METRICS}
+        out = {name: np.full(n, np.nan) for name in MEASURES}
         reasons = [""] * n
         for i in range(n):
             try:
                 frames = read_all_frames(str(batch["video_uri"][i]))
                 image = np.asarray(load_image(str(batch["image_uri"][i])).convert("RGB"))
-                for name, value in self.metrics.score(frames, image, float(batch["fps"][i])).items():
+                prompt = str(batch["prompt"][i]) if "prompt" in batch else ""
+                for name, value in self.metrics.score(frames, image, float(batch["fps"][i]), prompt).items():
                     out[name][i] = value
             except Exception as exc:  # one unreadable video is quarantined, the rest go on
                 reasons[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -197,19 +201,19 @@ class VideoMetricsUDF:
 
 
 def score_videos(rows: list[dict], cfg: VideoMetricsConfig) -> list[dict]:
-    """Each row (``video_uri``, ``image_uri``, ``fps``, any other keys kept) with :data:`METRICS` added,
+    """Each row (``video_uri``, ``image_uri``, ``fps``, ``prompt``; other keys kept) with :data:`MEASURES` added,
     computed by ``cfg.concurrency`` Ray Data actors; a row whose video cannot be read keeps NaNs and a
     ``metrics_error``."""
     import ray
 
     if not rows:
         return []
-    keep = [{k: r[k] for k in ("prompt_id", "seed", "video_uri", "image_uri", "fps")} for r in rows]
+    keep = [{k: r.get(k, "") for k in ("prompt_id", "seed", "video_uri", "image_uri", "fps", "prompt")} for r in rows]
     resources = {"num_cpus": cfg.num_cpus, **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {})}
     ds = ray.data.from_items(keep).map_batches(VideoMetricsUDF, fn_constructor_args=(cfg,), batch_size=8,
                                                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), **resources)
     scored = {(r["prompt_id"], int(r["seed"])): r for r in ds.take_all()}
-    return [{**r, **{k: float(scored[(r["prompt_id"], int(r["seed"]))][k]) for k in METRICS},
+    return [{**r, **{k: float(scored[(r["prompt_id"], int(r["seed"]))][k]) for k in MEASURES},
              "metrics_error": str(scored[(r["prompt_id"], int(r["seed"]))]["metrics_error"] or "")} for r in rows]
 
 
@@ -218,4 +222,7 @@ def metric_forms(cfg: VideoMetricsConfig) -> dict[str, str]:
     return {"subject_consistency": f"DINO features ({cfg.subject_backbone})" if cfg.subject_backbone else "pixel thumbnails",
             "dynamic_degree": "Farneback flow (VBench: RAFT)",
             "motion_smoothness": "linear interpolation (VBench: AMT)",
-            "aesthetic_quality": f"LAION head on {cfg.aesthetic_backbone}" if cfg.aesthetic_head else "classical appeal"}
+            "aesthetic_quality": f"LAION head on {cfg.aesthetic_backbone}" if cfg.aesthetic_head else "classical appeal",
+            "frame_difference": "guard: mean abs consecutive-frame difference",
+            "first_frame_psnr": "guard: first frame vs input image, dB",
+            "named_hue_share": "guard: HSV hue share of the named colour"}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.compare import compare_versions, markdown_table
-from anisora_ray.eval.vbench import METRICS, metric_forms, score_videos
+from anisora_ray.eval.vbench import MEASURES, metric_forms, score_videos
 from anisora_ray.io import fs
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import RewardStatistics, zscore_dimensions
@@ -116,8 +116,9 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
     if regenerate or not fs.exists(scores_uri):
         if version.align_eval and not regenerate:
             fs.makedirs(out_dir)
-            for name in ("candidates.parquet", "scores.parquet"):
-                fs.write_bytes(fs.join(out_dir, name), fs.read_bytes(fs.join(version.align_eval, name)))
+            for name in ("candidates.parquet", "scores.parquet", "video-metrics.parquet"):  # the last: if align's guard made it
+                if fs.exists(fs.join(version.align_eval, name)):
+                    fs.write_bytes(fs.join(out_dir, name), fs.read_bytes(fs.join(version.align_eval, name)))
             log.info("%s: held-out candidates of %s reused", version.label, version.align_eval)
         else:
             log.info("%s: generating and scoring the held-out candidates", version.label)
@@ -130,12 +131,12 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
 
             valid = [r for r in rows if not r.get("quarantine_reason")]
             scored = score_videos(valid, cfg.eval.metrics)
-            fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *METRICS)}
+            fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
                                                  for r in scored]), metrics_uri)
         extra = {(r["prompt_id"], int(r["seed"])): r for r in fs.read_table(metrics_uri).to_pylist()}
         for r in rows:
             found = extra.get((r["prompt_id"], int(r["seed"])), {})
-            r.update({k: found.get(k, math.nan) for k in METRICS})
+            r.update({k: found.get(k, math.nan) for k in MEASURES})
     return rows
 
 
@@ -182,7 +183,7 @@ def evaluate_versions(cfg: AnisoraConfig, versions: list[Version], out: str, bas
             statistics = RewardStatistics.load(kept)
     tables = {v.label: tables[v.label] for v in versions}
     dims = list(active_dimensions(cfg.reward.dimensions.as_dict()))
-    metrics = ["reward", *dims, *(METRICS if cfg.eval.metrics.enabled else ())]
+    metrics = ["reward", *dims, *(MEASURES if cfg.eval.metrics.enabled else ())]
     comparison = compare_versions(tables, baseline, metrics, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
     comparison["forms"] = metric_forms(cfg.eval.metrics)
     comparison["weights"] = {v.label: v.weights_uri for v in versions}

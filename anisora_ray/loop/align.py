@@ -24,6 +24,7 @@ from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
+from anisora_ray.loop import guard
 from anisora_ray.loop.html_report import build_report
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import plot_reward_curve, register_weights, side_by_side
@@ -47,6 +48,7 @@ class AlignResult:
     curve_uri: str  # the reward curve; report.html (`anisora-ray report`) sits beside it
     rows: list[dict]  # one per round (0 = untrained): held-out metrics and the gain's bootstrap
     parent_run_id: str
+    guard: dict | None = None  # the guard's verdict when it stopped the loop
 
 
 class Workers:
@@ -142,6 +144,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
         try:
             workers.start(state.latest_weights())
             statistics = _frozen_statistics(cfg, state)
+            fresh_baseline = not state.baseline or (cfg.loop.guard.enabled and "guard" not in state.baseline)
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
                 workers.start(None, rewards=True)
@@ -153,13 +156,22 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
                     log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
                 state.baseline = {"per_prompt": base.per_prompt, "row": _eval_row(0, base, None, 0, 0)}
-                log_metrics(state.baseline["row"], step=0)
                 state.save(state_uri)
+            if cfg.loop.guard.enabled and "guard" not in state.baseline:  # the guard measures of round 0
+                state.baseline["guard"] = guard.measure_round(cfg, fs.join(out, "round-0", "eval"))
+                state.baseline["row"].update(guard.means(state.baseline["guard"]))
+                state.save(state_uri)
+            if fresh_baseline:
+                log_metrics(state.baseline["row"], step=0)
             for index in range(1, rounds + 1):
+                if state.guard:  # the guard stopped the loop (a resumed job does not go past it)
+                    break
                 _run_round(cfg, state, state.round(index), workers, heldout, train_manifest, out, root, progress,
                            parent.info.run_id, state_uri, statistics)
+                if state.guard.get("action") == "rollback" and "best_round" not in state.guard:
+                    _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
             rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
-                                             if r.index <= rounds)]
+                                             if r.index <= rounds and r.reached("evaluated"))]
             curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
             if not fs.is_url(curve):
                 mlflow.log_artifact(curve)
@@ -171,7 +183,30 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             log_metrics({f"final_{k}": v for k, v in final.items() if k in ("mean_diff", "p_value", "ci_low", "ci_high")})
         finally:
             workers.stop()
-    return AlignResult(state_uri, curve, rows, state.parent_run_id)
+    return AlignResult(state_uri, curve, rows, state.parent_run_id, state.guard or None)
+
+
+def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:
+    """The replicas back to the best round the guard passed; its registered version gets the ``best`` alias."""
+    rows = [state.baseline["row"], *(r.metrics for r in state.rounds if r.reached("evaluated"))]
+    flagged = {int(r["round"]) for r in rows if r.get("guard_fired")}
+    best = guard.best_round(rows, flagged)
+    state.guard["best_round"] = best
+    target = state.latest_weights()
+    if target is None:  # round 0: a fresh replica group on the untrained weights
+        workers.stop()
+        workers.start(None)
+    else:
+        workers.replicas.refresh_from(target.weights_uri)
+    if cfg.loop.registered_model:
+        version = (str(int(target.metrics["model_version"])) if target is not None else
+                   register_weights(cfg.loop.registered_model, resolve_pretrained(cfg.model, cfg.generator),
+                                    parent_run_id, 0, 0))
+        guard.set_best_alias(cfg.loop.registered_model, version)
+        state.guard["best_model_version"] = version
+    log.warning("guard: replicas rolled back to round %d's weights", best)
+    guard.record(out, state.guard)
+    state.save(state_uri)
 
 
 def _frozen_statistics(cfg: AnisoraConfig, state: AlignState) -> RewardStatistics | None:
@@ -262,6 +297,14 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                               statistics=statistics)
             workers.release_rewards()
             row = _eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
+            if cfg.loop.guard.enabled:
+                current = guard.measure_round(cfg, fs.join(base, "eval"))
+                row.update(guard.means(current))
+                verdict = guard.decide(cfg, state.baseline["guard"], current, row, rs.index)
+                row["guard_fired"] = float(verdict["fired"])
+                if verdict["fired"] and cfg.loop.guard.action != "warn":
+                    state.guard = verdict
+                    guard.record(out, verdict)
             rs.metrics.update(row)
             log_metrics(rs.metrics, step=rs.index)
             mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)}, step=rs.index,

@@ -164,6 +164,23 @@ def rounds_table(rows: Sequence[dict]) -> str:
     return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
 
 
+def guard_table(rows: Sequence[dict], verdict: dict) -> str:
+    """Each round's guard measures (held-out, outside the training reward) and whether the guard fired."""
+    measures = [k for k in rows[0] if k.startswith("guard_") and k != "guard_fired"]
+    if not measures:
+        return ""
+    head = "".join(f"<th>{html.escape(m.removeprefix('guard_'))}</th>" for m in measures)
+    body = "".join("<tr><td>" + str(r["round"]) + "</td>" + "".join(f"<td>{_cell(r.get(m))}</td>" for m in measures)
+                   + f"<td class='{'neg' if r.get('guard_fired') else ''}'>{'fired' if r.get('guard_fired') else ''}</td></tr>"
+                   for r in rows)
+    note = (f"Fired at round {verdict['round']}: {verdict['action']}"
+            + (f", replicas back to round {verdict['best_round']}." if "best_round" in verdict else ".")) if verdict else \
+        "The guard passed every round."
+    return (f"<h2>Reward-hacking guard</h2><p>{html.escape(note)}</p><table><tr><th>round</th>{head}<th></th></tr>"
+            f"{body}</table><p class='muted'>Measures the training reward does not contain (eval/guard.py); the guard "
+            "fires when the held-out reward rises over round 0 while one falls beyond loop.guard.margin (paired test).</p>")
+
+
 def human_section(db_path: str) -> str:
     """The blind side-by-side study in ``db_path``: 2-of-3 win rate with its Wilson CI, Fleiss' kappa, annotators."""
     from anisora_ray.eval.annotate import AnnotationStore, summarize
@@ -253,6 +270,7 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "<p class='muted'>Gain: mean over held-out prompts of (reward − round 0 reward), same prompts and seeds; "
         "CI: BCa bootstrap over prompts; p: two-sided paired sign-flip permutation test.</p>",
         "<h2>Held-out score per dimension</h2>", f"<img src='{dimension_plot(rows)}' alt='per-dimension curves'>",
+        guard_table(rows, state.guard),
         "<h2>Training</h2>",
         f"<img src='{training}' alt='training curves'>" if training else "<p class='muted'>no training runs found "
         "in MLflow (pass the tracking store)</p>",

@@ -32,6 +32,7 @@ class AlignState:
     baseline: dict = field(default_factory=dict)  # held-out result of the untrained generator (round 0)
     statistics_uri: str = ""  # zscore statistics frozen at round 0 (every round's pairing and evaluation use them)
     rounds: list[RoundState] = field(default_factory=list)
+    guard: dict = field(default_factory=dict)  # the reward-hacking guard's verdict when it stopped the loop
 
     def round(self, index: int) -> RoundState:
         for r in self.rounds:
@@ -41,7 +42,10 @@ class AlignState:
         return self.rounds[-1]
 
     def latest_weights(self) -> RoundState | None:
-        """The last round whose weights reached the replicas (what a resumed job must load)."""
+        """The last round whose weights reached the replicas (what a resumed job must load); after a guard
+        rollback, the round rolled back to (None: the untrained generator)."""
+        if "best_round" in self.guard:
+            return next((r for r in self.rounds if r.index == self.guard["best_round"]), None)
         done = [r for r in self.rounds if r.reached("refreshed")]
         return max(done, key=lambda r: r.index) if done else None
 
@@ -52,4 +56,4 @@ class AlignState:
     def load(cls, uri: str) -> AlignState:
         raw = json.loads(fs.read_bytes(uri))
         return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"], statistics_uri=raw.get("statistics_uri", ""),
-                   rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]])
+                   rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]], guard=raw.get("guard", {}))

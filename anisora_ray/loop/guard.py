@@ -1,0 +1,88 @@
+"""The reward-hacking guard inside ``align``: measure every held-out evaluation, decide, roll back.
+
+After each round's held-out evaluation the guard measures (``loop.guard.measures``, see
+:mod:`anisora_ray.eval.guard`) are computed on the same held-out videos and logged beside the
+reward (``guard_<measure>``). When the round's held-out reward rose over round 0 while a measure
+fell beyond the margin (paired test over prompts), ``loop.guard.action`` decides: ``warn`` logs it;
+``stop`` ends the loop after this round; ``rollback`` also returns the replicas to the best round's
+weights (the highest held-out reward among rounds the guard passed, round 0 = the untrained
+generator) and points the registered model's ``best`` alias at them. The decision and its evidence
+go to ``state.json``, ``align/guard.json`` and the parent MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.guard import check_guard
+from anisora_ray.eval.vbench import MEASURES, score_videos
+from anisora_ray.io import fs
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "video-metrics.parquet"  # the same file `anisora-ray eval` reads back
+
+
+def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, float]]:
+    """measure → prompt id → mean over the prompt's held-out candidates (computed once per eval folder)."""
+    import pyarrow as pa
+
+    uri = fs.join(eval_dir, METRICS_FILE)
+    if not fs.exists(uri):
+        rows = [r for r in fs.read_table(fs.join(eval_dir, "scores.parquet")).to_pylist() if not r.get("quarantine_reason")]
+        scored = score_videos(rows, cfg.eval.metrics)
+        fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
+                                             for r in scored]), uri)
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in fs.read_table(uri).to_pylist():
+        for m in cfg.loop.guard.measures:
+            if r.get(m) is not None and math.isfinite(r[m]):
+                values[m][r["prompt_id"]].append(float(r[m]))
+    return {m: {p: sum(v) / len(v) for p, v in by_prompt.items()} for m, by_prompt in values.items()}
+
+
+def means(measures: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"guard_{m}": sum(v.values()) / len(v) for m, v in measures.items() if v}
+
+
+def decide(cfg: AnisoraConfig, baseline: dict, current: dict, row: dict, index: int) -> dict:
+    """The guard's verdict for round ``index``: ``fired`` and the per-measure evidence."""
+    g = cfg.loop.guard
+    fired, findings = check_guard(baseline, current, reward_gain=row.get("mean_diff", 0.0), margin=g.margin,
+                                  alpha=g.alpha, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
+    verdict = {"round": index, "fired": fired, "action": g.action if fired else "none",
+               "reward_gain": row.get("mean_diff", math.nan), "findings": [f.to_dict() for f in findings]}
+    if fired:
+        fell = [f for f in findings if f.fell]
+        log.warning("round %d: guard fired: held-out reward %+.4f over round 0 while %s (action: %s)", index,
+                    verdict["reward_gain"], ", ".join(f"{f.measure} {f.before:.4f} -> {f.after:.4f} (p={f.p_value:.3f}, "
+                                                      f"beside {f.guards})" for f in fell), g.action)
+    return verdict
+
+
+def best_round(rows: list[dict], flagged: set[int]) -> int:
+    """The round with the highest held-out reward among those the guard passed (0: the untrained generator)."""
+    passed = [r for r in rows if r["round"] not in flagged]
+    return max(passed, key=lambda r: (r["heldout_reward"], -r["round"]))["round"]
+
+
+def set_best_alias(name: str, version: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, "best", version)
+
+
+def record(out: str, verdict: dict) -> str:
+    """Write the verdict (``guard.json``) and log it to the active MLflow run; returns the file."""
+    import mlflow
+
+    uri = fs.join(out, "guard.json")
+    fs.write_bytes(uri, json.dumps(verdict, indent=2, default=float).encode())
+    mlflow.set_tag("anisora.guard", f"fired at round {verdict['round']}: {verdict['action']}"
+                   + (f", back to round {verdict['best_round']}" if "best_round" in verdict else ""))
+    if not fs.is_url(uri):
+        mlflow.log_artifact(uri)
+    return uri

@@ -1,0 +1,66 @@
+"""The reward-hacking guard: its own measures, the decision rule, and the best round to roll back to."""
+
+import math
+
+import numpy as np
+import pytest
+
+from anisora_ray.eval.guard import (
+    check_guard,
+    first_frame_psnr,
+    frame_difference,
+    named_hue_share,
+)
+from anisora_ray.loop.guard import best_round
+
+
+def _solid(rgb, frames=6, size=16) -> np.ndarray:
+    return np.tile(np.asarray(rgb, np.uint8), (frames, size, size, 1))
+
+
+def test_own_measures_see_motion_fidelity_and_the_named_colour():
+    still = _solid((200, 40, 40))
+    assert frame_difference(still) == 0.0
+    flicker = still.copy()
+    flicker[1::2] = 0
+    assert frame_difference(flicker) == pytest.approx(np.abs(np.diff(flicker.astype(float), axis=0)).mean() / 255)
+    assert first_frame_psnr(still, still[0]) == 60.0  # identical: capped
+    assert first_frame_psnr(flicker[1:], still[0]) < 10
+    red, blue = _solid((220, 30, 30)), _solid((40, 80, 230))
+    assert named_hue_share(red, "a red fox runs") == 1.0 and named_hue_share(blue, "a red fox runs") == 0.0
+    assert named_hue_share(blue, "a blue cat") == 1.0
+    assert named_hue_share(_solid((128, 128, 128)), "a red fox") == 0.0  # grey is not red, whatever its RGB distance
+    assert math.isnan(named_hue_share(red, "a white rabbit"))  # no chromatic colour named: left out
+
+
+def _by_prompt(values) -> dict[str, float]:
+    return {f"p{i}": float(v) for i, v in enumerate(values)}
+
+
+def test_guard_fires_only_when_the_reward_rises_while_a_measure_falls_beyond_the_margin():
+    rng = np.random.default_rng(0)
+    base = {"first_frame_psnr": _by_prompt(rng.uniform(14, 16, 16)), "frame_difference": _by_prompt(rng.uniform(0.02, 0.03, 16))}
+    hacked = {"first_frame_psnr": {k: v * 0.7 + rng.normal(0, 0.1) for k, v in base["first_frame_psnr"].items()},
+              "frame_difference": {k: v * 1.5 for k, v in base["frame_difference"].items()}}
+    fired, findings = check_guard(base, hacked, reward_gain=0.05, margin=0.10, alpha=0.05, samples=500)
+    assert fired
+    fell = {f.measure: f for f in findings if f.fell}
+    assert set(fell) == {"first_frame_psnr"} and fell["first_frame_psnr"].guards == "image_video"
+    assert fell["first_frame_psnr"].mean_diff < -1.0 and fell["first_frame_psnr"].p_value < 0.001
+    # the same fall with a reward that did not rise: not hacking, the round was just worse
+    assert not check_guard(base, hacked, reward_gain=-0.01, margin=0.10, alpha=0.05, samples=500)[0]
+    # a significant fall smaller than the margin (5% against a 10% margin) does not fire
+    small = {"first_frame_psnr": {k: v * 0.95 for k, v in base["first_frame_psnr"].items()}}
+    assert not check_guard(base, small, reward_gain=0.05, margin=0.10, alpha=0.05, samples=500)[0]
+    assert check_guard(base, small, reward_gain=0.05, margin=0.02, alpha=0.05, samples=500)[0]
+    # noise around no change does not fire
+    noise = {"first_frame_psnr": {k: v + rng.normal(0, 0.3) for k, v in base["first_frame_psnr"].items()}}
+    assert not check_guard(base, noise, reward_gain=0.05, margin=0.0, alpha=0.01, samples=500)[0]
+
+
+def test_best_round_skips_the_rounds_the_guard_flagged():
+    rows = [{"round": 0, "heldout_reward": 0.40}, {"round": 1, "heldout_reward": 0.43},
+            {"round": 2, "heldout_reward": 0.50}, {"round": 3, "heldout_reward": 0.47}]
+    assert best_round(rows, set()) == 2
+    assert best_round(rows, {2}) == 3
+    assert best_round(rows, {1, 2, 3}) == 0
