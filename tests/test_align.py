@@ -118,7 +118,8 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"round-1", "round-2"}
     for name, child in children.items():
-        assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion"} <= set(child.data.metrics)
+        assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion", "guard_first_frame_psnr",
+                "guard_fired"} <= set(child.data.metrics)
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         assert [r.info.status for r in gapo] == ["FINISHED"], name  # round 1's killed training went on in its run
         losses = client.get_metric_history(gapo[0].info.run_id, "loss")
@@ -131,7 +132,7 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     assert "train_pair_visual_motion" in children["round-1"].data.metrics
     assert {"reward_curve.png", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     page = (tmp_path / "out" / "align" / "report.html").read_text()  # one self-contained page: nothing from a network
-    assert page.count("<tr>") == 4 and page.count("data:video/mp4;base64,") == 6  # 3 rounds; 3 prompts x 2 videos
+    assert page.count("<tr>") == 8 and page.count("data:video/mp4;base64,") == 6  # rounds + guard tables; 3 prompts x 2
     assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]
