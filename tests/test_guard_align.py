@@ -44,7 +44,7 @@ def test_a_motion_only_reward_drives_the_first_frame_away_and_the_guard_rolls_ba
     use_tracking_uri(tracking_uri(cfg))
     client = MlflowClient()
     alias = client.get_model_version_by_alias("anisora-guard-test", "best")
-    assert alias.version == verdict["best_model_version"] and alias.tags["round"] == str(best)
+    assert str(alias.version) == verdict["best_model_version"] and alias.tags["round"] == str(best)
     assert client.get_run(result.parent_run_id).data.tags["anisora.guard"].startswith("fired at round")
 
     # a resumed job with more rounds does not train past the guard

@@ -27,7 +27,7 @@ from anisora_ray.io import fs
 from anisora_ray.loop import guard
 from anisora_ray.loop.html_report import build_report
 from anisora_ray.loop.placement import check_cluster_fits
-from anisora_ray.loop.report import plot_reward_curve, register_weights, side_by_side
+from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights, side_by_side
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.models.pipeline import resolve_pretrained
 from anisora_ray.pairs.stage import run_pairs
@@ -173,8 +173,10 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
                                              if r.index <= rounds and r.reached("evaluated"))]
             curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
-            if not fs.is_url(curve):
-                mlflow.log_artifact(curve)
+            sheet = contact_sheet(out, rows[-1]["round"], fs.join(out, "heldout_frames.png")) if len(rows) > 1 else None
+            for artifact in (curve, sheet):
+                if artifact and not fs.is_url(artifact):
+                    mlflow.log_artifact(artifact)
             report = build_report(out, fs.join(out, "report.html"), tracking_uri=mlflow.get_tracking_uri(),
                                   title=f"{cfg.run.name}: alignment report")
             if not fs.is_url(report):

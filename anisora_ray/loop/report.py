@@ -77,3 +77,41 @@ def register_weights(name: str, weights_uri: str, run_id: str, round_index: int,
     version = client.create_model_version(name, source=fs.normalize(weights_uri), run_id=run_id,
                                           tags={"round": str(round_index), "weights_version": str(weights_version)})
     return version.version
+
+
+def contact_sheet(align_dir: str, last: int, png_uri: str, prompts: int = 6, frames: int = 4, cell: int = 96) -> str:
+    """A PNG people can look at: per held-out prompt (first seed), the input image, then ``frames`` frames of
+    round 0, then the same frames of round ``last`` (same prompt, same seed), upscaled to ``cell`` pixels."""
+    from PIL import Image, ImageDraw
+
+    from anisora_ray.io.images import load_image
+
+    def rows_of(index: int) -> dict:
+        table = fs.read_table(fs.join(align_dir, f"round-{index}", "eval", "scores.parquet")).to_pylist()
+        return {(r["prompt_id"], r["seed"]): r for r in table if r["candidate_index"] == 0 and not r.get("quarantine_reason")}
+
+    before, after = rows_of(0), rows_of(last)
+    keys = sorted(k for k in before if k in after)[:prompts]
+    if not keys:
+        raise ValueError(f"rounds 0 and {last} share no scored held-out candidate")
+    gap, label = 6, 18
+    width = cell * (1 + 2 * frames) + gap * 3
+    sheet = Image.new("RGB", (width, label + len(keys) * (cell + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, text in ((0, "input image"), (cell + gap, "round 0"), (cell * (1 + frames) + 2 * gap, f"round {last}")):
+        draw.text((x + 2, 3), text, fill="black")
+    for row, key in enumerate(keys):
+        y = label + row * (cell + gap)
+        sheet.paste(load_image(before[key]["image_uri"]).resize((cell, cell), Image.Resampling.LANCZOS), (0, y))
+        for block, source in enumerate((before[key], after[key])):
+            clip = read_all_frames(source["video_uri"])
+            picks = np.linspace(0, len(clip) - 1, frames).round().astype(int)
+            x0 = cell + gap + block * (cell * frames + gap)
+            for j, k in enumerate(picks):
+                sheet.paste(Image.fromarray(clip[k]).resize((cell, cell), Image.Resampling.NEAREST), (x0 + j * cell, y))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "sheet.png")
+        sheet.save(local)
+        with open(local, "rb") as f:
+            fs.write_bytes(png_uri, f.read())
+    return png_uri
