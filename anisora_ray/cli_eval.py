@@ -11,8 +11,6 @@ import os
 
 def convert_reward(args: argparse.Namespace) -> int:
     """Convert the released AnimeReward files once; with --check, load each scorer and score a clip."""
-    import os
-
     from anisora_ray.reward.released.convert import RELEASED, convert_all, describe
 
     dimensions = args.dimensions.split(",") if args.dimensions else None

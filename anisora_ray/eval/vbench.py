@@ -78,13 +78,6 @@ def motion_smoothness(frames: np.ndarray) -> float:
     return float(1.0 - np.abs(predicted - odd).mean() / 255.0)
 
 
-def classical_aesthetic(frames: np.ndarray, keyframes: int = 4) -> float:
-    from anisora_ray.reward.classical import ColourContrastSharpness
-
-    picks = np.linspace(0, len(frames) - 1, min(keyframes, len(frames))).round().astype(int)
-    return float(np.mean([ColourContrastSharpness.frame_appeal(frames[k]) for k in picks]))
-
-
 def load_linear_head(path: str):
     """The LAION predictor's ``nn.Linear(D, 1)`` (``weight``/``bias``) from safetensors, or a .pth with weights_only."""
     import torch
@@ -171,7 +164,9 @@ class VideoMetrics:
                 embeds = torch.nn.functional.normalize(self.clip.image_features(picked), dim=-1)
                 out["aesthetic_quality"] = float(self.head(embeds.to(self.head.weight.dtype)).mean()) / 10.0
         else:
-            out["aesthetic_quality"] = classical_aesthetic(frames)
+            from anisora_ray.reward.classical import ColourContrastSharpness
+
+            out["aesthetic_quality"] = ColourContrastSharpness().clip_appeal(frames)  # the classical visual_appeal
         return out
 
 
@@ -215,6 +210,24 @@ def score_videos(rows: list[dict], cfg: VideoMetricsConfig) -> list[dict]:
     scored = {(r["prompt_id"], int(r["seed"])): r for r in ds.take_all()}
     return [{**r, **{k: float(scored[(r["prompt_id"], int(r["seed"]))][k]) for k in MEASURES},
              "metrics_error": str(scored[(r["prompt_id"], int(r["seed"]))]["metrics_error"] or "")} for r in rows]
+
+
+METRICS_FILE = "video-metrics.parquet"  # beside an eval folder's scores.parquet
+
+
+def ensure_video_metrics(eval_dir: str, cfg: VideoMetricsConfig, regenerate: bool = False) -> str:
+    """``<eval_dir>/video-metrics.parquet``: :data:`MEASURES` of every scored (not quarantined) candidate of
+    ``scores.parquet``, computed once (again with ``regenerate``); returns its URI."""
+    import pyarrow as pa
+
+    from anisora_ray.io import fs
+
+    uri = fs.join(eval_dir, METRICS_FILE)
+    if regenerate or not fs.exists(uri):
+        rows = [r for r in fs.read_table(fs.join(eval_dir, "scores.parquet")).to_pylist() if not r.get("quarantine_reason")]
+        fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
+                                             for r in score_videos(rows, cfg)]), uri)
+    return uri
 
 
 def metric_forms(cfg: VideoMetricsConfig) -> dict[str, str]:

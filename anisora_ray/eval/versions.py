@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.compare import compare_versions, markdown_table
-from anisora_ray.eval.vbench import MEASURES, metric_forms, score_videos
+from anisora_ray.eval.vbench import MEASURES, METRICS_FILE, ensure_video_metrics, metric_forms
 from anisora_ray.io import fs
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
-from anisora_ray.reward.statistics import RewardStatistics, zscore_dimensions
+from anisora_ray.reward.statistics import RewardStatistics, frozen_statistics, zscore_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,9 @@ def resolve_versions(specs: list[str], run: str | None) -> list[Version]:
     return versions
 
 
-def frozen_statistics(cfg: AnisoraConfig, run: str | None):
+def job_statistics(cfg: AnisoraConfig, run: str | None):
     """The z-score statistics of the job (``reward.statistics_uri``, else those ``align`` froze at round 0)."""
-    from anisora_ray.reward.statistics import configured_statistics
-
-    configured = configured_statistics(cfg.reward)
-    if configured is not None or not run:
-        return configured
-    uri = _align_state(run).get("statistics_uri")
-    return RewardStatistics.load(uri) if uri else None
+    return frozen_statistics(cfg.reward, _align_state(run).get("statistics_uri") if run else None)
 
 
 def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: str, statistics, progress: bool) -> None:
@@ -116,7 +110,7 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
     if regenerate or not fs.exists(scores_uri):
         if version.align_eval and not regenerate:
             fs.makedirs(out_dir)
-            for name in ("candidates.parquet", "scores.parquet", "video-metrics.parquet"):  # the last: if align's guard made it
+            for name in ("candidates.parquet", "scores.parquet", METRICS_FILE):  # the last: if align's guard made it
                 if fs.exists(fs.join(version.align_eval, name)):
                     fs.write_bytes(fs.join(out_dir, name), fs.read_bytes(fs.join(version.align_eval, name)))
             log.info("%s: held-out candidates of %s reused", version.label, version.align_eval)
@@ -124,15 +118,8 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
             log.info("%s: generating and scoring the held-out candidates", version.label)
             _generate_and_score(cfg, version, heldout, out_dir, statistics, progress)
     rows = fs.read_table(scores_uri).to_pylist()
-    metrics_uri = fs.join(out_dir, "video-metrics.parquet")
     if cfg.eval.metrics.enabled:
-        if regenerate or not fs.exists(metrics_uri):
-            import pyarrow as pa
-
-            valid = [r for r in rows if not r.get("quarantine_reason")]
-            scored = score_videos(valid, cfg.eval.metrics)
-            fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
-                                                 for r in scored]), metrics_uri)
+        metrics_uri = ensure_video_metrics(out_dir, cfg.eval.metrics, regenerate)
         extra = {(r["prompt_id"], int(r["seed"])): r for r in fs.read_table(metrics_uri).to_pylist()}
         for r in rows:
             found = extra.get((r["prompt_id"], int(r["seed"])), {})
@@ -172,7 +159,7 @@ def evaluate_versions(cfg: AnisoraConfig, versions: list[Version], out: str, bas
     out = fs.check_writable(fs.normalize(out), "--out")
     heldout = heldout_items(cfg, resolve_prompts(cfg))
     check_reward_options(cfg.reward)
-    statistics = statistics or frozen_statistics(cfg, run)
+    statistics = statistics or job_statistics(cfg, run)
     init_ray(cfg.ray)
     ordered = sorted(versions, key=lambda v: v.label != baseline)  # the baseline first: it may fix the statistics
     tables = {}

@@ -24,7 +24,8 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.versions import Version, evaluate_versions, version_rows
 from anisora_ray.io import fs
-from anisora_ray.reward.statistics import RewardStatistics, configured_statistics, zscore_dimensions
+from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
+from anisora_ray.reward.statistics import RewardStatistics, frozen_statistics, zscore_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,10 @@ def variant_config(cfg: AnisoraConfig, variant: str) -> tuple[AnisoraConfig, str
 
 
 def _statistics(cfg: AnisoraConfig, out: str) -> RewardStatistics | None:
-    configured = configured_statistics(cfg.reward)
-    if configured is not None or not zscore_dimensions(cfg.reward.dimensions.as_dict()):
-        return configured
-    uri = fs.join(out, BASELINE, "eval", "reward-statistics.json")
-    return RewardStatistics.load(uri) if fs.exists(uri) else None
+    """The configured statistics, else (when z-scoring) those the round-0 evaluation kept."""
+    kept = fs.join(out, BASELINE, "eval", STATISTICS_FILE)
+    zscored = zscore_dimensions(cfg.reward.dimensions.as_dict())
+    return frozen_statistics(cfg.reward, kept if zscored and fs.exists(kept) else None)
 
 
 def _pairs(cfg: AnisoraConfig, manifest: str, out_uri: str, statistics, progress: bool) -> str:

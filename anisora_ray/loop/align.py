@@ -25,7 +25,7 @@ from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
 from anisora_ray.loop import guard
-from anisora_ray.loop.html_report import build_report
+from anisora_ray.loop.html_report import build_report, rows_of
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights, side_by_side
 from anisora_ray.loop.state import AlignState, RoundState
@@ -35,7 +35,7 @@ from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
-from anisora_ray.reward.statistics import RewardStatistics, configured_statistics
+from anisora_ray.reward.statistics import RewardStatistics, frozen_statistics
 from anisora_ray.runtime import init_ray
 from anisora_ray.tracking import log_metrics, mlflow_run, new_run
 
@@ -143,7 +143,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
         state.save(state_uri)
         try:
             workers.start(state.latest_weights())
-            statistics = _frozen_statistics(cfg, state)
+            # the configured file, else those frozen at round 0 (None before round 0 has run, or with no z-scoring)
+            statistics = frozen_statistics(cfg.reward, state.statistics_uri)
             fresh_baseline = not state.baseline or (cfg.loop.guard.enabled and "guard" not in state.baseline)
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
@@ -190,7 +191,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:
     """The replicas back to the best round the guard passed; its registered version gets the ``best`` alias."""
-    rows = [state.baseline["row"], *(r.metrics for r in state.rounds if r.reached("evaluated"))]
+    rows = rows_of(state)
     flagged = {int(r["round"]) for r in rows if r.get("guard_fired")}
     best = guard.best_round(rows, flagged)
     state.guard["best_round"] = best
@@ -209,17 +210,6 @@ def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str
     log.warning("guard: replicas rolled back to round %d's weights", best)
     guard.record(out, state.guard)
     state.save(state_uri)
-
-
-def _frozen_statistics(cfg: AnisoraConfig, state: AlignState) -> RewardStatistics | None:
-    """The zscore statistics every round uses: the configured file, else those frozen at round 0 (None
-    before round 0 has run, or when no dimension is z-scored)."""
-    configured = configured_statistics(cfg.reward)
-    if configured is not None:
-        return configured
-    if state.statistics_uri:
-        return RewardStatistics.load(state.statistics_uri)
-    return None
 
 
 def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: Workers, heldout, train_manifest: str,

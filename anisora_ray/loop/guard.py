@@ -15,33 +15,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import defaultdict
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.compare import per_prompt_means
 from anisora_ray.eval.guard import check_guard
-from anisora_ray.eval.vbench import MEASURES, score_videos
+from anisora_ray.eval.vbench import ensure_video_metrics
 from anisora_ray.io import fs
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "video-metrics.parquet"  # the same file `anisora-ray eval` reads back
 
 
 def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, float]]:
     """measure → prompt id → mean over the prompt's held-out candidates (computed once per eval folder)."""
-    import pyarrow as pa
-
-    uri = fs.join(eval_dir, METRICS_FILE)
-    if not fs.exists(uri):
-        rows = [r for r in fs.read_table(fs.join(eval_dir, "scores.parquet")).to_pylist() if not r.get("quarantine_reason")]
-        scored = score_videos(rows, cfg.eval.metrics)
-        fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
-                                             for r in scored]), uri)
-    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in fs.read_table(uri).to_pylist():
-        for m in cfg.loop.guard.measures:
-            if r.get(m) is not None and math.isfinite(r[m]):
-                values[m][r["prompt_id"]].append(float(r[m]))
-    return {m: {p: sum(v) / len(v) for p, v in by_prompt.items()} for m, by_prompt in values.items()}
+    rows = fs.read_table(ensure_video_metrics(eval_dir, cfg.eval.metrics)).to_pylist()
+    measured = {m: per_prompt_means(rows, m) for m in cfg.loop.guard.measures}
+    return {m: by_prompt for m, by_prompt in measured.items() if by_prompt}
 
 
 def means(measures: dict[str, dict[str, float]]) -> dict[str, float]:

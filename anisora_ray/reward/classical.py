@@ -103,10 +103,12 @@ class ColourContrastSharpness(_PerClip):
         sharpness = float(cv2.Laplacian(gray, cv2.CV_64F).var())
         return (_squash(colourfulness, 50.0) + _squash(contrast, 40.0) + _squash(sharpness, 300.0)) / 3.0
 
-    def score_clip(self, batch: ClipBatch, i: int) -> float:
-        clip = batch.frames[i]
+    def clip_appeal(self, clip: np.ndarray) -> float:
         picks = np.linspace(0, len(clip) - 1, min(self.keyframes, len(clip))).round().astype(int)
         return float(np.mean([self.frame_appeal(clip[k]) for k in picks]))
+
+    def score_clip(self, batch: ClipBatch, i: int) -> float:
+        return self.clip_appeal(batch.frames[i])
 
 
 @register("image_video", "classical")

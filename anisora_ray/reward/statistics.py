@@ -28,6 +28,14 @@ def configured_statistics(reward) -> RewardStatistics | None:
     return RewardStatistics.load(reward.statistics_uri) if reward.statistics_uri else None
 
 
+def frozen_statistics(reward, uri: str | None) -> RewardStatistics | None:
+    """``reward.statistics_uri`` when configured, else the statistics saved at ``uri`` (None when neither)."""
+    configured = configured_statistics(reward)
+    if configured is not None or not uri:
+        return configured
+    return RewardStatistics.load(uri)
+
+
 def zscore_dimensions(dimensions: Mapping[str, DimensionConfig]) -> list[str]:
     """The weighted dimensions whose normalization needs statistics."""
     return [n for n, d in dimensions.items() if d.weight > 0 and d.normalize.kind == "zscore"]
