@@ -103,6 +103,14 @@ def new_run(cfg: AnisoraConfig, run_name: str, *, parent_run_id: str | None = No
         return run.info.run_id
 
 
+def log_startup(metrics: Mapping[str, float]) -> None:
+    """Log start-up metrics (load and compile seconds) to the active run, if one is active."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        log_metrics(metrics)
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log the finite numeric entries of ``metrics`` to the active run."""
     import mlflow

@@ -86,6 +86,13 @@ class GeneratorConfig(Section):
     torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
     vae_slicing: bool = False
     vae_tiling: bool = False
+    # Speed (docs/performance.md, "Generation speed"). Regional torch.compile of the transformer blocks, once
+    # per replica at start-up (a warm-up call at the configured geometry; its seconds go to the log and MLflow).
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
+    # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
+    scheduler: Literal["pretrained", "dpm"] = "pretrained"
     # Infrastructure failures (a replica process or node dies, a call hangs) are retried, not quarantined:
     max_restarts: int = Field(default=3, ge=-1)  # Ray restarts a dead replica this often (-1: always)
     call_timeout_s: float | None = Field(default=1800.0, gt=0)  # a call past this: the replica is killed and restarted

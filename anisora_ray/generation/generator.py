@@ -13,12 +13,14 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
 from anisora_ray.errors import AnisoraError, WeightsError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
+from anisora_ray.models.compile import compile_blocks, compiled_graphs
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
 from anisora_ray.weights.state import Bucket, bucket_tensors
@@ -53,13 +55,44 @@ class Generator:
         self.cfg = generator
         self.video = video
         self.replica_id = uuid.uuid4().hex[:12]
+        start = time.perf_counter()
         self.pipe = load_i2v_pipeline(pretrained, model.dtype, generator.device, model.revision)
         if generator.vae_slicing:
             self.pipe.vae.enable_slicing()
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
+        if generator.scheduler == "dpm":
+            from diffusers import CogVideoXDPMScheduler
+
+            self.pipe.scheduler = CogVideoXDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.startup = {"load_seconds": time.perf_counter() - start}
+        if generator.compile:
+            self.startup.update(self.compile_transformer())
         self._weights_version = weights_version
         self._weights_checksum = ""
+
+    def compile_transformer(self, batch: int | None = None) -> dict:
+        """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
+        geometry and ``batch`` videos (default: a full call's), so the first round does not pay the compilation."""
+        before = compiled_graphs()
+        blocks = compile_blocks(self.pipe.transformer, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        c = self.cfg
+        n = batch or c.candidates_per_prompt * c.prompts_per_call
+        device = self.pipe.transformer.device
+        start = time.perf_counter()
+        self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * n, [""] * n,
+                  [torch.Generator(device=device).manual_seed(i) for i in range(n)], steps=1)
+        seconds = time.perf_counter() - start
+        log.info("replica %s compiled %d transformer blocks (%d graph(s)) in %.1fs (warm-up call, batch %d)",
+                 self.replica_id, blocks, compiled_graphs() - before, seconds, n)
+        return {"compile_seconds": seconds, "compiled_blocks": blocks}
+
+    def compiled_graphs(self) -> int:
+        """Graphs compiled in this process so far: a refresh or prompt that recompiles raises it."""
+        return compiled_graphs()
+
+    def startup_report(self) -> dict:
+        return {"replica_id": self.replica_id, **self.startup}
 
     @property
     def weights_version(self) -> int:
@@ -118,6 +151,9 @@ class Generator:
                 images.append(image)
                 prompts.append(request.item.prompt)
                 generators.append(torch.Generator(device=device).manual_seed(int(seed)))
+        return self._run(images, prompts, generators)
+
+    def _run(self, images: list, prompts: list[str], generators: list[torch.Generator], steps: int | None = None) -> np.ndarray:
         c = self.cfg
         with torch.inference_mode():
             out = self.pipe(
@@ -126,7 +162,7 @@ class Generator:
                 height=c.height,
                 width=c.width,
                 num_frames=c.num_frames,
-                num_inference_steps=c.num_inference_steps,
+                num_inference_steps=steps or c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
                 generator=generators,
                 output_type="np",

@@ -54,6 +54,7 @@ class GeneratorActor(Generator):
             "replica_id": self.replica_id,
             "device": self.device(),
             "weights_version": self.weights_version,
+            "startup": self.startup,
         }
 
     def load_weights(self, meta: UpdateMeta, bucket_refs: list) -> dict:
@@ -101,6 +102,16 @@ class GeneratorReplicas:
 
     def placements(self) -> list[dict]:
         return list(self._placements)
+
+    def startup_metrics(self) -> dict[str, float]:
+        """The slowest replica's start-up: ``generator_load_seconds`` and, with ``generator.compile``,
+        ``generator_compile_seconds`` (the compiling warm-up call)."""
+        out: dict[str, float] = {}
+        for p in self._placements:
+            for key, value in p.get("startup", {}).items():
+                if key.endswith("_seconds"):
+                    out[f"generator_{key}"] = max(out.get(f"generator_{key}", 0.0), float(value))
+        return out
 
     def weights_versions(self) -> list[int]:
         return ray.get([a.get_weights_version.remote() for a in self.actors])

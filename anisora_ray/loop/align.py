@@ -37,7 +37,7 @@ from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import RewardStatistics, frozen_statistics
 from anisora_ray.runtime import init_ray
-from anisora_ray.tracking import log_metrics, mlflow_run, new_run
+from anisora_ray.tracking import log_metrics, log_startup, mlflow_run, new_run
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Workers:
         (with ``pipeline`` the pairs phase brings its own reward pools: holding both would double the ask)."""
         if self.replicas is None:
             self.replicas = GeneratorReplicas(self.cfg, resolve_pretrained(self.cfg.model, self.cfg.generator))
+            log_startup(self.replicas.startup_metrics())
             if weights is not None:  # a restarted group must generate with the latest weights, never the base
                 self.replicas.refresh_from(weights.weights_uri, weights.weights_version)
         if self.rewards is None and (rewards or self.persistent_rewards):

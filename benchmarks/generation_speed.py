@@ -1,0 +1,213 @@
+"""Generation speed: seconds per video for eager vs compiled vs batched, through the project's ``Generator``.
+
+    python benchmarks/generation_speed.py --tiny                       # CPU, the embedded default's model
+    python benchmarks/generation_speed.py --model DIR --json out.json  # GPU, e.g. CogVideoX-5B I2V
+    python benchmarks/generation_speed.py --build-realsize DIR         # build random-init 5B I2V there first
+
+One ``Generator`` is loaded once; each variant renders one call of B videos (B = candidates x prompts per
+call; CFG doubles the transformer's batch) at ``--measure-steps`` denoising steps. A forward hook times every
+transformer call (one per step), so a variant reports the median step, the rest of the call (text encoding,
+VAE decode, scheduler) and the seconds per video extrapolated to ``--steps`` steps:
+``(rest + steps x step) / B``. Compiled variants use ``Generator.compile_transformer`` (regional
+``torch.compile``, the code path of ``generator.compile: true``); its compile seconds are reported, and so are
+two numerics checks: a seed rendered twice gives identical frames, and how far compiled frames are from eager
+ones (uint8 levels). No Ray is imported: a bare GPU machine with torch, diffusers and transformers runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+class StepTimer:
+    """Times each forward of a module (synchronizing CUDA), as a forward pre/post hook pair."""
+
+    def __init__(self, module):
+        import torch
+
+        self.cuda = torch.cuda.is_available() and next(module.parameters()).is_cuda
+        self.times: list[float] = []
+        self._start = 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _pre(self, *_):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def generator_config(args, measuring: bool = True):
+    from anisora_ray.config import load_config
+
+    real = os.path.join(REPO, "configs", "local.yaml" if args.tiny else "cogvideox5b_i2v.yaml")
+    overrides = ["ray.address=null"] + ([f"generator.num_inference_steps={args.measure_steps}"] if measuring else [])
+    if args.tiny:
+        overrides += [f"generator.torch_threads={os.cpu_count() or 1}"]
+    else:
+        overrides += [f"model.pretrained={args.model}", "generator.device=cuda"]
+    return load_config(real, overrides + list(args.set))
+
+
+def measure(generator, timer, request_of, batch: int, args) -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer.times.clear()
+    began = time.perf_counter()
+    frames = generator.render([request_of(batch)])
+    total = time.perf_counter() - began
+    step = statistics.median(timer.times)
+    rest = total - sum(timer.times)
+    return {"videos_per_call": batch, "measured_steps": len(timer.times), "call_s": total, "step_s": step,
+            "rest_s": rest, "seconds_per_video": (rest + args.steps * step) / batch,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "frames": frames}
+
+
+def run(args) -> dict:
+    import numpy as np
+    import torch
+
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.generator import Generator
+    from anisora_ray.models.pipeline import resolve_pretrained
+    from anisora_ray.types import GenerationRequest
+
+    cfg = generator_config(args)
+    g = cfg.generator
+    pretrained = resolve_pretrained(cfg.model, g)
+    item = read_manifest(make_demo_set(os.path.join(args.out, "demo"), num_prompts=1,
+                                       image_size=max(g.height, g.width), seed=0))[0]
+
+    def request_of(batch: int):
+        return GenerationRequest(item, tuple(range(1, batch + 1)))
+
+    began = time.perf_counter()
+    generator = Generator(pretrained, cfg.model, g, cfg.video)
+    load_s = time.perf_counter() - began
+    timer = StepTimer(generator.pipe.transformer)
+    device = torch.cuda.get_device_name() if generator.device().startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    print(f"{device}: {g.num_frames}x{g.height}x{g.width}, CFG {g.guidance_scale}, loaded in {load_s:.0f}s", flush=True)
+    deadline = time.monotonic() + args.budget_s
+    rows: list[dict] = []
+
+    def record(mode: str, batch: int, extra: dict | None = None) -> dict | None:
+        if time.monotonic() > deadline:
+            print(f"  {mode} B={batch}: skipped (--budget-s spent)", flush=True)
+            return None
+        try:
+            row = {"mode": mode, **measure(generator, timer, request_of, batch, args), **(extra or {})}
+        except torch.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            row = {"mode": mode, "videos_per_call": batch, "error": f"out of memory: {str(exc)[:200]}"}
+        frames = row.pop("frames", None)
+        rows.append(row)
+        if "error" in row:
+            print(f"  {mode:8s} B={batch}: {row['error']}", flush=True)
+        else:
+            peak = f", peak {row['peak_gpu_gb']:.1f} GB" if row["peak_gpu_gb"] is not None else ""
+            print(f"  {mode:8s} B={batch}: step {row['step_s']:.3f}s, rest {row['rest_s']:.2f}s -> "
+                  f"{row['seconds_per_video']:.2f} s/video at {args.steps} steps{peak}", flush=True)
+        return {"row": row, "frames": frames}
+
+    generator.render([request_of(1)])  # warm-up: allocator, kernels, libraries
+    eager = {b: record("eager", b) for b in args.batches}
+    result: dict = {"device": device, "load_s": load_s, "steps": args.steps, "geometry": [g.num_frames, g.height, g.width]}
+    if args.compile_batches:
+        first = args.compile_batches[0]
+        report = generator.compile_transformer(batch=first)
+        result["compile_s"] = report["compile_seconds"]
+        print(f"  compiled {report['compiled_blocks']} blocks: warm-up call {report['compile_seconds']:.1f}s", flush=True)
+        compiled = {}
+        for b in args.compile_batches:
+            if b != first:  # a new batch size compiles once more: warm it up outside the timing
+                began = time.perf_counter()
+                generator.render([request_of(b)])
+                print(f"  compiled warm-up at B={b}: {time.perf_counter() - began:.1f}s", flush=True)
+            compiled[b] = record("compiled", b)
+        again = record("compiled", first)
+        if again and compiled.get(first):
+            result["compiled_repeatable"] = bool(np.array_equal(again["frames"], compiled[first]["frames"]))
+            if eager.get(first):
+                diff = np.abs(compiled[first]["frames"].astype(int) - eager[first]["frames"].astype(int))
+                result["compiled_vs_eager_max_levels"] = int(diff.max())
+                result["compiled_vs_eager_mean_levels"] = float(diff.mean())
+            rows.pop()  # the repeat is a check, not a variant
+    result["rows"] = rows
+    ok = [r for r in rows if "error" not in r]
+    base = next((r for r in ok if r["mode"] == "eager" and r["videos_per_call"] == 1), None)
+    if base:
+        for r in ok:
+            r["speedup_vs_eager_b1"] = base["seconds_per_video"] / r["seconds_per_video"]
+    return result
+
+
+def build_realsize(folder: str) -> str:
+    from benchmarks.realsize_gpu import build_realsize as build
+
+    began = time.perf_counter()
+    build(folder)
+    print(f"random-init CogVideoX-5B I2V written to {folder} in {time.perf_counter() - began:.0f}s", flush=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="configs/local.yaml's tiny model on the CPU")
+    parser.add_argument("--model", help="pipeline folder or HF id (GPU, configs/cogvideox5b_i2v.yaml's geometry)")
+    parser.add_argument("--build-realsize", metavar="DIR", help="build random-init CogVideoX-5B I2V in DIR, use it")
+    parser.add_argument("--steps", type=int, default=None, help="steps a video is extrapolated to (default: the config's)")
+    parser.add_argument("--measure-steps", type=int, default=3, help="denoising steps actually run per call")
+    parser.add_argument("--batches", default="1,2,4", help="videos per call, eager")
+    parser.add_argument("--compile-batches", default="1,4", help="videos per call, compiled ('' to skip)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
+    parser.add_argument("--set", action="append", default=[], help="config override (dotted), repeatable")
+    parser.add_argument("--out", default="/tmp/anisora-generation-speed")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.build_realsize:
+        args.model = build_realsize(args.build_realsize)
+    if not args.tiny and not args.model:
+        parser.error("give --tiny, --model or --build-realsize")
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.compile_batches = [int(b) for b in args.compile_batches.split(",") if b]
+    if args.steps is None:
+        args.steps = generator_config(args, measuring=False).generator.num_inference_steps
+    os.makedirs(args.out, exist_ok=True)
+    result = run(args)
+    print("\nseconds per video (extrapolated to", args.steps, "steps):")
+    for r in result["rows"]:
+        if "error" not in r:
+            print(f"  {r['mode']:8s} B={r['videos_per_call']}: {r['seconds_per_video']:.2f}  "
+                  f"(x{r.get('speedup_vs_eager_b1', float('nan')):.2f} vs eager B=1)")
+    for key in ("compile_s", "compiled_repeatable", "compiled_vs_eager_max_levels"):
+        if key in result:
+            print(f"  {key}: {result[key]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
