@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent session, in priority order, each under its own time limit; results go to $OUT
-# (or ./gpu-results). Carried wheels in .whl/ (diffusers, deepspeed, pydantic, av, ...) are installed first:
-# see docs/performance.md, "Measuring on a GPU". No Ray is needed.
+# The GPU checks a lent session should run, in priority order, each under its own time limit; results go
+# to $OUT (or ./gpu-results). No Ray. Prepare here, then carry `.whl` and `gpu-pair` (docs/performance.md,
+# "Measuring on a GPU"):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl diffusers hjson pydantic \
+#     pydantic_core annotated_types typing_inspection importlib_metadata decord   (versions as in the venv)
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed
+#   python benchmarks/realsize_gpu.py --write-pair gpu-pair
+# (av is 36 MB: beyond the 64 MiB a call carries with the rest, hence the pair made here.)
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -10,11 +15,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-MODEL=/tmp/anisora-realsize/model
-# 1. Generation speed at 5B: eager vs compiled vs batched (issue 16).
-timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize "$MODEL" --measure-steps 2 \
-  --batches 1,2,4,8 --compile-batches 1,4 --budget-s "${GEN_BUDGET:-230}" --json "$OUT/generation_speed.json" \
-  2>&1 | grep -v -i "warn" | tee "$OUT/generation_speed.log"
-# 2. One LoRA GAPO pair update under ZeRO-2 bf16 (the generate phase only makes the pair: 4 steps).
-timeout "${GAPO_LIMIT:-200}" python3 benchmarks/realsize_gpu.py --out /tmp/anisora-realsize --phases generate,lora \
-  --steps 4 --gapo-steps 2 --json "$OUT/realsize.json" 2>&1 | grep -v -i "warn" | tail -40 | tee "$OUT/realsize.log"
+RS=/tmp/anisora-realsize
+# 1. GAPO at 5B: LoRA eager vs gapo.compile, then ZeRO-3 full fine-tuning with the gathered export.
+timeout "${LORA_LIMIT:-240}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
+  --gapo-compile "" --json "$OUT/realsize_lora.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_lora.log"
+timeout "${COMPILE_LIMIT:-200}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
+  --gapo-compile lora --json "$OUT/realsize_lora_compiled.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_lora_compiled.log"
+timeout "${ZERO3_LIMIT:-300}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases zero3 \
+  --json "$OUT/realsize_zero3.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_zero3.log"
+# 2. Generation speed at 5B, a second fresh run for the spread (the first: docs/measurements/).
+timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/model --measure-steps 2 \
+  --batches 1,4 --compile-batches 1,4 --budget-s 200 --json "$OUT/generation_speed.json" 2>&1 | grep -v -i warn \
+  | tee "$OUT/generation_speed.log"

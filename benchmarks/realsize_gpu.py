@@ -129,6 +129,33 @@ def phase_generate(args) -> dict:
             "peak_gpu_gb": _peak_gb()}
 
 
+def write_pair(folder: str, frames: int = 49, height: int = 480, width: int = 720) -> str:
+    """A winner/loser pair of smooth synthetic clips and its image, for ``--pair`` (GAPO compute does not
+    depend on content): lets a GPU session time the GAPO phases without carrying a video encoder."""
+    import numpy as np
+    from PIL import Image
+
+    from anisora_ray.io.video import write_video
+
+    os.makedirs(folder, exist_ok=True)
+    y, x = np.mgrid[0:height, 0:width]
+
+    def clip(sign: int):
+        return np.stack([np.stack([(127 + 100 * np.sin((x + sign * 8 * t) / 60.0)).astype(np.uint8),
+                                   (127 + 100 * np.cos((y + sign * 5 * t) / 50.0)).astype(np.uint8),
+                                   np.full((height, width), 90, np.uint8)], -1) for t in range(frames)])
+
+    write_video(clip(1), os.path.join(folder, "winner.mp4"), fps=8, crf=28)
+    write_video(clip(-1), os.path.join(folder, "loser.mp4"), fps=8, crf=28)
+    Image.fromarray(clip(1)[0]).save(os.path.join(folder, "image.png"))
+    row = {"prompt": "a girl with red hair waves", "image_uri": os.path.join(folder, "image.png"),
+           "winner_video_uri": os.path.join(folder, "winner.mp4"), "loser_video_uri": os.path.join(folder, "loser.mp4"),
+           "winner_reward": 0.8, "loser_reward": 0.3}
+    with open(os.path.join(folder, "pair.json"), "w") as f:
+        json.dump(row, f)
+    return os.path.join(folder, "pair.json")
+
+
 def _init_distributed(tiny: bool) -> None:
     import deepspeed
 
@@ -146,7 +173,8 @@ def phase_gapo(args, mode: str) -> dict:
     with open(os.path.join(args.out, "pair.json")) as f:
         row = json.load(f)
     overrides = {"gradient_accumulation_steps": 1}
-    common = {"gradient_checkpointing": "true", "steps": args.gapo_steps + 1, "cache_latents": "false"}
+    common = {"gradient_checkpointing": "true", "steps": args.gapo_steps + 1, "cache_latents": "false",
+              "compile": str(mode in args.gapo_compile.split(",")).lower()}
     if mode == "lora":
         cfg = config(args, args.model, deepspeed_config="configs/deepspeed/zero2_bf16.json",
                      **{"lora.r": 4 if args.tiny else 64, "lora.alpha": 4 if args.tiny else 64}, **common)
@@ -180,7 +208,7 @@ def phase_gapo(args, mode: str) -> dict:
     return {"phase": mode, "zero_stage": worker.engine.zero_optimization_stage(), "load_s": load, "encode_s": encode,
             "encoder_loads": worker.encoders.loads, "seconds_per_update": sorted(times)[len(times) // 2],
             "loss": metrics["loss"], "peak_gpu_gb": peak, "export_s": export, "export_gb": manifest["num_bytes"] / 1e9,
-            "export_files": len(manifest["files"]), "reference": "adapter off" if mode == "lora" else
+            "export_files": len(manifest["files"]), "compiled": cfg.gapo.compile, "reference": "adapter off" if mode == "lora" else
             ("ZeRO-3 partitioned engine" if partitioned else "frozen copy")}
 
 
@@ -191,7 +219,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the generated video")
     parser.add_argument("--gapo-steps", type=int, default=2, help="timed GAPO updates after one warm-up")
     parser.add_argument("--phases", default="generate,lora,zero3")
+    parser.add_argument("--gapo-compile", default="", help="GAPO phases run with gapo.compile (e.g. lora)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--pair", help="pair.json for the GAPO phases instead of the generate phase's")
+    parser.add_argument("--write-pair", metavar="DIR", help="write a synthetic 49x480x720 pair to DIR and exit")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +230,14 @@ def main() -> None:
         result = phase_generate(args) if args.phase == "generate" else phase_gapo(args, args.phase)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if args.write_pair:
+        print(write_pair(args.write_pair))
+        return
     os.makedirs(args.out, exist_ok=True)
+    if args.pair:
+        import shutil
+
+        shutil.copyfile(args.pair, os.path.join(args.out, "pair.json"))
     began = time.perf_counter()
     model = os.path.join(args.out, "model")
     model = build_tiny(model) if args.tiny else build_realsize(model)
@@ -207,7 +245,8 @@ def main() -> None:
     rows = []
     for phase in args.phases.split(","):
         argv = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--model", model, "--out", args.out,
-                "--steps", str(args.steps), "--gapo-steps", str(args.gapo_steps)] + (["--tiny"] if args.tiny else [])
+                "--steps", str(args.steps), "--gapo-steps", str(args.gapo_steps),
+                "--gapo-compile", args.gapo_compile] + (["--tiny"] if args.tiny else [])
         done = subprocess.run(argv, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode != 0 or not lines:

@@ -148,3 +148,13 @@ def test_a_missing_deepspeed_config_is_named(make_config):
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["torch_adam"] is True  # no op compile
     assert ds["optimizer"]["params"]["lr"] == 0.5 and ds["scheduler"]["params"]["warmup_max_lr"] == 0.5
+
+
+def test_gapo_compile_is_refused_under_zero3_naming_the_json(make_config):
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.gapo.trainer import deepspeed_config
+
+    assert deepspeed_config(make_config("gapo.compile=true"), REPO)["zero_optimization"]["stage"] == 2
+    cfg = make_config("gapo.compile=true", "gapo.deepspeed_config=configs/deepspeed/zero3_offload.json")
+    with pytest.raises(ConfigError, match="gapo.compile needs ZeRO-1/2, .*zero3_offload.json is ZeRO-3"):
+        deepspeed_config(cfg, REPO)

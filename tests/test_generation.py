@@ -38,6 +38,8 @@ def test_k_candidates_per_prompt_distinct_and_reproducible(replicas, demo_manife
         assert len(cands) == k and len({c.seed for c in cands}) == k
         assert len({c.frames_sha256 for c in cands}) == k  # distinct seeds -> different videos
     assert {c.weights_version for c in result.candidates} == {0}
+    startup = group.startup_metrics()  # what align logs to MLflow when the replicas start
+    assert startup["generator_load_seconds"] > 0 and "generator_compile_seconds" not in startup  # compile is off
     assert len({c.replica_id for c in result.candidates}) == 2
 
     # the bad prompt is quarantined with its reason, nothing else is lost

@@ -257,6 +257,9 @@ class GapoConfig(Section):
     steps: int = Field(default=10, ge=1)  # optimizer updates per training run (each: the JSON's gradient_accumulation_steps micro-batches)
     pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
     gradient_checkpointing: bool = False
+    # Regional torch.compile of the policy's transformer blocks (and of a `copy` reference); ZeRO-1/2 only:
+    # ZeRO-3 gathers parameters in module hooks, which the compiled blocks cannot hold (docs/performance.md).
+    compile: bool = False
     learning_rate: float | None = Field(default=None, gt=0)  # overrides the DeepSpeed JSON's optimizer/scheduler lr
     lora: LoraConfig = LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # r > 0: train an adapter
     # Full fine-tuning's frozen reference: "partitioned" = a ZeRO-3 inference engine whose parameters are

@@ -25,6 +25,7 @@ from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors
 from anisora_ray.gapo.export import export_weights, publish_live
 from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
+from anisora_ray.models.compile import compile_blocks
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -47,6 +48,9 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"gapo.deepspeed_config = {cfg.gapo.deepspeed_config!r}: cannot read a JSON file at {path} ({exc})") from None
     ds = _merge(ds, cfg.gapo.deepspeed_overrides)
+    if cfg.gapo.compile and zero_stage(ds) == 3:
+        raise ConfigError(f"gapo.compile needs ZeRO-1/2, {path} is ZeRO-3: it gathers parameters in module hooks that "
+                          "the compiled blocks cannot hold; set gapo.compile=false or use a zero2 JSON")
     ds["train_micro_batch_size_per_gpu"] = cfg.gapo.pairs_per_step
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch × accumulation × world
     if cfg.gapo.learning_rate is not None:
@@ -93,10 +97,14 @@ class GapoWorker:
         self.lora = g.lora if g.lora.r > 0 else None
         self.pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if zero_stage(ds_config) == 3 else device)
         policy = build_policy(self.pipe.transformer, cfg, init_uri)
+        if g.compile:
+            compile_blocks(policy, eager_rounding=True)
         self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
                                                model_parameters=[p for p in policy.parameters() if p.requires_grad])
         weights_only_checkpoint_engine(self.engine)
         self.reference = build_reference(self.engine, pretrained, cfg, ds_config, init_uri, self.device)
+        if g.compile and self.lora is None and g.reference == "copy":
+            compile_blocks(self.reference.module, eager_rounding=True)
         self.encoders = Encoders(pretrained, cfg, self.device)
         self.encoder = PairEncoder(self.encoders, f"{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
                                    cfg.generator.height, cfg.generator.width,

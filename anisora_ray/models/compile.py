@@ -21,8 +21,17 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_blocks(model: torch.nn.Module, *, fullgraph: bool = True, mode: str | None = None,
-                   dynamic: bool | None = False) -> int:
-    """Compile every repeated block of ``model`` in place (lazily: the first forward compiles); returns how many."""
+                   dynamic: bool | None = False, eager_rounding: bool = False) -> int:
+    """Compile every repeated block of ``model`` in place (lazily: the first forward compiles); returns how many.
+
+    ``eager_rounding`` makes Inductor round low-precision intermediates as eager does (process-wide:
+    ``emulate_precision_casts``). GAPO needs it: its loss is β (5000) times a difference of two forwards, a
+    training graph (policy) and an inference graph (reference), which Inductor otherwise fuses differently;
+    measured in bf16 on the tiny model, that alone moved the error difference by 2e-4, a margin of ~1.2."""
+    if eager_rounding:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.emulate_precision_casts = True
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks to compile (no _repeated_blocks, "

@@ -1,0 +1,106 @@
+"""generator.compile on the tiny model: compiled once at start-up, reused across prompts and weight refreshes
+(a full refresh and the second LoRA refresh compile nothing), repeatable frames; and the generation-speed
+benchmark runs at tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from anisora_ray.config import GeneratorConfig, LoraConfig, ModelConfig, TinyModelConfig, VideoConfig
+from anisora_ray.data.manifest import read_manifest
+from anisora_ray.generation.generator import Generator
+from anisora_ray.models.pipeline import load_i2v_pipeline
+from anisora_ray.models.tiny import save_tiny_i2v_pipeline
+from anisora_ray.types import GenerationRequest, WeightsVersion
+from anisora_ray.weights import lora as lora_io
+from anisora_ray.weights.state import pack_buckets, tensors_checksum
+from anisora_ray.weights.update import UpdateMeta, base_targets
+from tests.conftest import REPO
+
+LORA = LoraConfig(r=2, alpha=4, target_modules=["to_q", "to_v"])
+
+
+def _update(version: int, tensors: list, kind: str, lora: LoraConfig | None = None):
+    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
+                            num_bytes=0, num_tensors=len(tensors))
+    return UpdateMeta(record, lora.model_dump() if lora else None), list(pack_buckets(tensors, 1 << 20))
+
+
+def _lora_tensors(path: str, seed: int) -> list:
+    transformer = load_i2v_pipeline(path).transformer
+    lora_io.add_adapter(transformer, LORA)
+    g = torch.Generator().manual_seed(seed)
+    return sorted((k, torch.randn(v.shape, generator=g) * 0.5) for k, v in lora_io.adapter_state(transformer).items())
+
+
+def test_compiled_generator_compiles_once_across_prompts_and_refreshes(tmp_path, demo_manifest):
+    items = read_manifest(demo_manifest)
+    path = save_tiny_i2v_pipeline(TinyModelConfig(warm_start_steps=0), 32, 32, 9, str(tmp_path / "tiny"))
+    cfg = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=2, candidates_per_prompt=2, compile=True)
+    gen = Generator(path, ModelConfig(), cfg, VideoConfig())
+    assert gen.startup["compiled_blocks"] == len(gen.pipe.transformer.transformer_blocks)
+    assert gen.startup["compile_seconds"] > 0 and gen.startup_report()["replica_id"] == gen.replica_id
+    graphs = gen.compiled_graphs()
+    assert graphs >= 1  # the warm-up call compiled
+
+    def render(i: int) -> np.ndarray:
+        return gen.render([GenerationRequest(items[i], (1, 2))])
+
+    first = render(0)
+    render(1)
+    assert gen.compiled_graphs() == graphs  # another prompt, same geometry: no recompilation
+    assert np.array_equal(render(0), first)  # a seed gives the same frames within one configuration
+
+    full = sorted((k, v + 0.05 * torch.randn_like(v)) for k, v in base_targets(gen.pipe.transformer).items())
+    gen.load_weights(*_update(1, full, "full"))
+    after_full = render(0)
+    assert gen.compiled_graphs() == graphs  # copied into the same parameters
+    assert not np.array_equal(after_full, first)
+
+    gen.load_weights(*_update(2, _lora_tensors(path, 0), "lora", LORA))  # adds the adapter: may compile once
+    v2 = render(0)
+    with_adapter = gen.compiled_graphs()
+    gen.load_weights(*_update(3, _lora_tensors(path, 1), "lora", LORA))
+    v3 = render(0)
+    assert gen.compiled_graphs() == with_adapter  # the second LoRA refresh recompiles nothing
+    assert gen.weights_version == 3 and not np.array_equal(v2, v3)
+
+
+def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "speed.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "generation_speed.py"), "--tiny",
+                           "--batches", "1,2", "--compile-batches", "2", "--measure-steps", "2",
+                           "--set", f"model.cache_dir={tmp_path / 'cache'}", "--set", "model.tiny.warm_start_steps=0",
+                           "--out", str(tmp_path / "run"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(out.read_text())
+    rows = {(r["mode"], r["videos_per_call"]): r for r in result["rows"]}
+    assert set(rows) == {("eager", 1), ("eager", 2), ("compiled", 2)}
+    for r in rows.values():
+        assert r["measured_steps"] == 2 and r["step_s"] > 0 and r["seconds_per_video"] > 0
+    assert rows[("eager", 1)]["speedup_vs_eager_b1"] == 1.0
+    assert result["compile_s"] > 0 and result["compiled_repeatable"] is True
+    assert "seconds per video" in done.stdout
+
+
+def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    item = read_manifest(demo_manifest)[0]
+    path = save_tiny_i2v_pipeline(TinyModelConfig(warm_start_steps=0), 32, 32, 9, str(tmp_path / "tiny"))
+    videos = {}
+    for name, cls in (("pretrained", CogVideoXDDIMScheduler), ("dpm", CogVideoXDPMScheduler)):
+        cfg = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=4, scheduler=name)
+        gen = Generator(path, ModelConfig(), cfg, VideoConfig())
+        assert type(gen.pipe.scheduler) is cls
+        videos[name] = gen.render([GenerationRequest(item, (1, 2))])
+        assert np.array_equal(videos[name], gen.render([GenerationRequest(item, (1, 2))]))  # repeatable
+    assert videos["dpm"].shape == videos["pretrained"].shape == (2, 9, 32, 32, 3)
+    assert not np.array_equal(videos["dpm"], videos["pretrained"])  # another sampler, other samples
