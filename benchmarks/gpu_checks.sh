@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks a lent session should run, in priority order, each under its own time limit; results go
-# to $OUT (or ./gpu-results). No Ray. Prepare here, then carry `.whl` and `gpu-pair` (docs/performance.md,
-# "Measuring on a GPU"):
+# to $OUT (or ./gpu-results). No Ray. Prepare here, then carry `.whl` and `gpu-pair` (results go to
+# docs/performance.md and docs/measurements/):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl diffusers hjson pydantic \
 #     pydantic_core annotated_types typing_inspection importlib_metadata decord   (versions as in the venv)
 #   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed
