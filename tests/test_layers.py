@@ -9,14 +9,14 @@ LAYERS = {
     "errors": 0,
     "types": 1,
     "config": 2,
-    "io": 3, "models": 3, "runtime": 3, "tracking": 3,
+    "io": 3, "models": 3, "drawing": 3, "runtime": 3, "tracking": 3,
     "data": 4, "weights": 4,
     "generation": 5, "reward": 5, "gapo": 5,
     "pairs": 6, "eval": 6,
     "loop": 7,
     "cli": 8, "cli_eval": 8,
 }
-RAY_FREE = {"types", "config", "errors", "io", "models", "data"}
+RAY_FREE = {"types", "config", "errors", "io", "models", "data", "drawing"}
 
 
 def unit_of(path: pathlib.Path) -> str:

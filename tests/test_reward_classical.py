@@ -87,6 +87,16 @@ def test_text_video_stand_in_follows_colour_words():
     assert list(neutral) == [0.5, 0.5]
 
 
+def test_text_video_stand_in_counts_what_a_person_would_call_the_colour_and_does_not_saturate():
+    salmon = clip_of([(20, 20)] * 12, [(245, 160, 110)] * 12)  # within 60 of pink's anchor, but nearest orange
+    half = clip_of([(20, 20)] * 12, [PINK] * 6 + [BLUE] * 6)  # the pink fades out half-way
+    painted = np.stack([np.full_like(STATIC[0], PINK)] * 12)  # the whole frame pink: more than the image shows
+    faithful, off_shade, fading, more = scores("text_video", [STATIC, salmon, half, painted])
+    assert faithful == pytest.approx(1.0) and off_shade < 0.05  # the off shade is orange, not pink
+    assert 0.4 < fading < 0.6  # graded by how much of the image's pink the clip keeps, not capped at 5%
+    assert more == faithful  # painting more of the named colour earns nothing
+
+
 def test_too_short_clip_is_nan_not_zero():
     out = scores("visual_smoothness", [PAN[:2], PAN])
     assert np.isnan(out[0]) and np.isfinite(out[1])

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, TinyModelConfig, VideoConfig
@@ -74,3 +75,24 @@ def test_generator_writes_candidates_and_quarantines_missing_image(tmp_path, dem
     assert len(quarantined) == 1
     q = quarantined[0]
     assert (q.stage, q.item_id, q.reason) == ("generation", "ghost", "ImageLoadError") and "missing.png" in q.detail
+
+
+@pytest.mark.parametrize(("blocks", "spatial", "temporal"), [(2, 2, 2), (3, 4, 4), (4, 8, 4)])
+def test_vae_blocks_set_the_latent_geometry_the_pipeline_and_trainer_follow(tmp_path, demo_manifest, blocks, spatial,
+                                                                           temporal):
+    from anisora_ray.config import load_config
+    from anisora_ray.gapo.models import load_transformer_pipeline
+    from tests.conftest import LOCAL_CONFIG
+
+    tiny = TinyModelConfig(vae_blocks=blocks, vae_channels=8, latent_channels=4)
+    path = save_tiny_i2v_pipeline(tiny, 32, 32, 9, str(tmp_path / "tiny"))
+    pipe = load_i2v_pipeline(path, device="cpu")
+    assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (spatial, temporal)
+    assert pipe.transformer.config.sample_height == 32 // spatial
+    gen = Generator.__new__(Generator)
+    gen.cfg, gen.pipe = GEN, pipe
+    video = gen.render([GenerationRequest(read_manifest(demo_manifest)[0], (1,))])
+    assert video.shape == (1, 9, 32, 32, 3)
+    cfg = load_config(LOCAL_CONFIG, ["generator.height=32", "generator.width=32", "generator.num_frames=9"])
+    trainer = load_transformer_pipeline(path, cfg, "cpu")  # the GAPO worker reads the factors from the VAE config
+    assert (trainer.vae_scale_factor_spatial, trainer.vae_scale_factor_temporal) == (spatial, temporal)

@@ -4,16 +4,23 @@ import numpy as np
 
 from anisora_ray.config import TinyModelConfig
 from anisora_ray.models.tiny import build_tiny_i2v_pipeline
-from anisora_ray.models.tiny_warmstart import PALETTE, draw_clips, warm_start
+from anisora_ray.drawing import COLOURS, SPECIES
+from anisora_ray.models.tiny_warmstart import MOTIONS, draw_clips, warm_start
 
 
-def test_drawn_clips_are_deterministic_move_and_name_their_colour():
-    clips, prompts = draw_clips(np.random.default_rng(3), 6, 9, 32, 32)
-    again, _ = draw_clips(np.random.default_rng(3), 6, 9, 32, 32)
-    assert clips.shape == (6, 9, 32, 32, 3) and clips.dtype == np.uint8 and np.array_equal(clips, again)
-    assert all(any(f" {name} " in p for name in PALETTE) for p in prompts)
-    moving = [i for i, p in enumerate(prompts) if "runs" in p]
-    assert moving and all(np.abs(clips[i, -1].astype(int) - clips[i, 0]).sum() > 0 for i in moving)
+def test_drawn_clips_are_the_demo_characters_deterministic_and_moving_as_their_prompt_says():
+    clips, prompts = draw_clips(np.random.default_rng(3), 12, 9, 32, 32)
+    again, _ = draw_clips(np.random.default_rng(3), 12, 9, 32, 32)
+    assert clips.shape == (12, 9, 32, 32, 3) and clips.dtype == np.uint8 and np.array_equal(clips, again)
+    for prompt in prompts:  # worded as the demo's prompts: colour, species, action
+        assert prompt.startswith("An anime-style ") and any(f" {c} " in prompt for c in COLOURS)
+        assert any(f" {s} " in prompt for s in SPECIES) and any(a in prompt for a in MOTIONS)
+    motion = [np.abs(np.diff(c.astype(int), axis=0)).mean() for c in clips]
+    assert all(m > 0 for m in motion)  # every action moves the character
+    runs = [m for m, p in zip(motion, prompts, strict=True) if "runs to the left" in p]
+    nods = [m for m, p in zip(motion, prompts, strict=True) if "nods" in p]
+    if runs and nods:
+        assert min(runs) > max(nods)  # the action sets how far it moves
 
 
 def test_warm_start_fits_the_vae_and_the_denoiser():

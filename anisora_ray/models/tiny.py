@@ -35,10 +35,19 @@ I2V_SCHEDULER = dict(
 )
 
 
+WARM_START_VERSION = 2  # bump when the warm start's data or recipe changes: cached tiny models are rebuilt
+
+
+def vae_temporal_factor(blocks: int) -> int:
+    """CogVideoX's VAE halves time in each of its first two downsampling blocks (all but the last block)."""
+    return 2 ** min(2, blocks - 1)
+
+
 def tiny_fingerprint(tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> str:
     import diffusers
 
-    spec = {"tiny": tiny.model_dump(), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__}
+    spec = {"tiny": tiny.model_dump(), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__,
+            "warm_start": WARM_START_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -66,11 +75,15 @@ def build_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_
                 relative_attention_num_buckets=8,
             )
         )
+        blocks = tiny.vae_blocks
         vae = AutoencoderKLCogVideoX(
-            block_out_channels=(tiny.vae_channels,) * 4,
+            down_block_types=("CogVideoXDownBlock3D",) * blocks,
+            up_block_types=("CogVideoXUpBlock3D",) * blocks,
+            block_out_channels=(tiny.vae_channels,) * blocks,
             latent_channels=tiny.latent_channels,
             layers_per_block=1,
             norm_num_groups=min(4, tiny.vae_channels),
+            temporal_compression_ratio=vae_temporal_factor(blocks),
             sample_height=height,
             sample_width=width,
         )
@@ -82,9 +95,10 @@ def build_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_
             time_embed_dim=tiny.time_embed_dim,
             text_embed_dim=tiny.text_d_model,
             num_layers=tiny.num_layers,
-            sample_height=height // 8,
-            sample_width=width // 8,
+            sample_height=height // 2 ** (blocks - 1),
+            sample_width=width // 2 ** (blocks - 1),
             sample_frames=num_frames,
+            temporal_compression_ratio=vae_temporal_factor(blocks),
             max_text_seq_length=tiny.max_text_seq_length,
             use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=True,

@@ -2,12 +2,13 @@
 
 A random-init VAE decodes any latent to coloured noise patches, and a random transformer ignores
 its conditioning: preference alignment of such a generator has nothing to act on. Here, on
-procedurally drawn clips (a coloured character on a two-colour gradient, drifting at a random
-speed, its colour named in the prompt), the VAE is fitted as an autoencoder and then the
-transformer as an image-to-video denoiser (v-prediction at the scheduler's timesteps, the first
-frame's latents as condition, 10% empty prompts for classifier-free guidance). A few hundred steps
-on CPU give blurry characters whose motion and colour vary with the seed: something for AnimeReward
-to rank and GAPO to move. Deterministic for a given ``TinyModelConfig``.
+procedurally drawn clips of the demo's own characters (``anisora_ray.drawing``: species, colour and scene,
+moving as the prompt's action says with an amplitude drawn per clip), the VAE is fitted as an
+autoencoder and then the transformer as an image-to-video denoiser (v-prediction at the scheduler's
+timesteps, the first frame's latents as condition, 10% empty prompts for classifier-free guidance).
+Held-out characters are never drawn here: the training draws come from their own generator. A few
+hundred steps on CPU give characters that keep their input image and move differently per seed:
+something for AnimeReward to rank and GAPO to move. Deterministic for a given ``TinyModelConfig``.
 """
 
 from __future__ import annotations
@@ -23,40 +24,39 @@ from anisora_ray.models.pipeline import scale_latents
 
 log = logging.getLogger(__name__)
 
-PALETTE = {"red": (220, 40, 40), "green": (60, 190, 70), "blue": (50, 90, 220), "yellow": (235, 210, 50),
-           "purple": (150, 70, 200), "orange": (240, 140, 30), "pink": (240, 130, 180), "white": (240, 240, 240)}
-SPECIES = ("cat", "fox", "bunny", "girl", "robot", "bear")
+DRAW_SIZE = 128  # clips are drawn at this size, then area-resized, as the demo's images reach the pipeline
+MOTIONS = {  # the demo's actions -> (sway x, bob y, drift x) in character-widths over the clip
+    "waves hello": (0.0, 0.08, 0.0), "jumps with joy": (0.0, 0.35, 0.0), "turns around slowly": (0.12, 0.0, 0.0),
+    "runs to the left": (0.0, 0.05, -0.6), "spins in a circle": (0.2, 0.2, 0.0), "nods and smiles": (0.0, 0.06, 0.0),
+    "dances happily": (0.3, 0.1, 0.0), "looks up at the sky": (0.0, 0.12, 0.0),
+}
 
 
 def draw_clips(rng: np.random.Generator, batch: int, frames: int, height: int, width: int) -> tuple[np.ndarray, list[str]]:
-    """uint8 [B, F, H, W, 3] clips of a character drifting over a gradient, and their prompts."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    clips = np.empty((batch, frames, height, width, 3), np.float32)
+    """uint8 [B, F, H, W, 3] clips of the demo's characters (``drawing.draw_frame``: species, colour, scene)
+    moving as their prompt's action says, with an amplitude drawn per clip; their first frames are drawn
+    like the demo's images. Returns the clips and the prompts, worded as the demo's."""
+    import cv2
+
+    from anisora_ray.drawing import COLOURS, SCENES, SPECIES, draw_frame
+
+    clips = np.empty((batch, frames, height, width, 3), np.uint8)
     prompts = []
-    names = list(PALETTE)
+    size, s = DRAW_SIZE, DRAW_SIZE / 256
     for b in range(batch):
-        top, bottom = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
-        background = top + (bottom - top) * (yy / max(1, height - 1))[..., None]
-        name = names[rng.integers(len(names))]
-        colour = np.asarray(PALETTE[name], np.float32)
-        radius = rng.uniform(0.18, 0.3) * min(height, width)
-        cx, cy = rng.uniform(0.35, 0.65) * width, rng.uniform(0.4, 0.65) * height
-        speed = rng.uniform(0.0, 0.25) * radius
-        angle = rng.uniform(0, 2 * np.pi)
-        vx, vy = speed * np.cos(angle), speed * np.sin(angle)
+        species, colour = SPECIES[rng.integers(len(SPECIES))], list(COLOURS)[rng.integers(len(COLOURS))]
+        scene, action = int(rng.integers(len(SCENES))), list(MOTIONS)[rng.integers(len(MOTIONS))]
+        cx, cy = size / 2 + rng.uniform(-30, 30) * s, size * 0.55 + rng.uniform(-10, 10) * s
+        sway, bob, drift = (m * rng.uniform(0.3, 1.5) * 100 * s for m in MOTIONS[action])
+        phase = rng.uniform(0, 2 * np.pi)
         for f in range(frames):
-            x, y = cx + vx * f, cy + vy * f
-            body = ((xx - x) / radius) ** 2 + ((yy - y) / (1.15 * radius)) ** 2 <= 1.0
-            eyes = np.zeros_like(body)
-            for side in (-0.35, 0.35):
-                eyes |= (xx - (x + side * radius)) ** 2 + (yy - (y - 0.2 * radius)) ** 2 <= (0.12 * radius) ** 2
-            frame = background.copy()
-            frame[body] = colour
-            frame[eyes] = (20, 20, 30)
-            clips[b, f] = frame
-        moving = "runs across the scene" if speed > 0.1 * radius else "stands still and breathes"
-        prompts.append(f"An anime-style {name} {SPECIES[rng.integers(len(SPECIES))]} {moving}, vivid colours")
-    return clips.round().astype(np.uint8), prompts
+            t = f / max(1, frames - 1)
+            x = cx + sway * (np.sin(phase + 2 * np.pi * t) - np.sin(phase)) + drift * t
+            y = cy - bob * abs(np.sin(np.pi * 2 * t))
+            frame = np.asarray(draw_frame(species, COLOURS[colour], scene, size, x, y))
+            clips[b, f] = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+        prompts.append(f"An anime-style {colour} {species} {action} {SCENES[scene][0]}, vivid colours, smooth motion")
+    return clips, prompts
 
 
 def _to_video_tensor(clips: np.ndarray) -> torch.Tensor:
@@ -75,6 +75,7 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
         torch.manual_seed(tiny.init_seed)
         vae.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=tiny.warm_start_lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         initial: dict[str, float] = {}
         for _ in range(steps):
             x = _to_video_tensor(draw_clips(rng, batch, num_frames, height, width)[0])
@@ -85,18 +86,21 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
             optimizer.zero_grad(set_to_none=True)
             vae_loss.backward()
             optimizer.step()
+            schedule.step()
         vae.eval().requires_grad_(False)
 
         transformer.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(transformer.parameters(), lr=tiny.warm_start_lr)
-        rotary = pipe._prepare_rotary_positional_embeddings(height, width, (num_frames - 1) // 4 + 1, "cpu") \
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        rotary = pipe._prepare_rotary_positional_embeddings(height, width, (num_frames - 1) // vae.config.temporal_compression_ratio + 1, "cpu") \
             if transformer.config.use_rotary_positional_embeddings else None
         for _ in range(steps):
             clips, prompts = draw_clips(rng, batch, num_frames, height, width)
             prompts = ["" if rng.random() < 0.1 else p for p in prompts]
             with torch.no_grad():
                 latents = scale_latents(vae, vae.encode(_to_video_tensor(clips)).latent_dist.mode()).permute(0, 2, 1, 3, 4)
-                first = scale_latents(vae, vae.encode(_to_video_tensor(clips[:, :1])).latent_dist.mode()).permute(0, 2, 1, 3, 4)
+                # the image condition is a posterior sample, as the pipeline draws it
+                first = scale_latents(vae, vae.encode(_to_video_tensor(clips[:, :1])).latent_dist.sample()).permute(0, 2, 1, 3, 4)
                 image = torch.cat([first, first.new_zeros((batch, latents.shape[1] - 1, *first.shape[2:]))], dim=1)
                 embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                                max_sequence_length=transformer.config.max_text_seq_length, device="cpu")
@@ -106,11 +110,14 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
             target = scheduler.get_velocity(latents, noise, t)
             prediction = transformer(hidden_states=torch.cat([noisy, image], dim=2), encoder_hidden_states=embeds,
                                      timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
-            denoise_loss = torch.nn.functional.mse_loss(prediction, target)
+            weight = torch.ones(latents.shape[1])
+            weight[0] = tiny.warm_start_first_frame_weight  # an image-to-video model's first frame is its image
+            denoise_loss = ((prediction - target) ** 2).mean(dim=(0, 2, 3, 4)).mul(weight).sum() / weight.sum()
             initial.setdefault("denoise_loss_first", float(denoise_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             denoise_loss.backward()
             optimizer.step()
+            schedule.step()
         transformer.eval().requires_grad_(False)
     seconds = time.perf_counter() - began
     log.info("tiny warm start: %d + %d steps in %.0fs (vae mse %.4f, denoise mse %.4f)", steps, steps, seconds,
