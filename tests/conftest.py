@@ -49,7 +49,9 @@ def config_overrides(root, model_cache: str) -> list[str]:
         "data.demo_prompts=3",
         "data.demo_image_size=64",
         "video.sample_size=32",
-        "model.tiny.warm_start_steps=0",  # tests check mechanics on the cold tiny model (built in ~1 s)
+        "model.tiny.warm_start_steps=0",  # tests check mechanics on the cold tiny model (built in ~1 s) ...
+        "model.tiny.vae_blocks=4", "model.tiny.vae_channels=8", "model.tiny.latent_channels=4",
+        "model.tiny.attention_head_dim=16",  # ... at the smallest size (the demo's own size: test_guard_align)
         "gapo.steps=10",
         "loop.guard.action=warn",  # the cold tiny model moves at random: the guard measures and logs, never stops
     ]

@@ -43,7 +43,9 @@ def pair_latents(pipe, rewards=((0.9, 0.2),)) -> PairLatents:
 
 def test_latent_shapes_and_shared_noise(pipe):
     batch = pair_latents(pipe)
-    assert batch.winner.shape == batch.loser.shape == batch.image.shape == (1, 3, 4, 4, 4)  # 9 frames → 3 latent
+    t, hw = pipe.vae_scale_factor_temporal, 32 // pipe.vae_scale_factor_spatial  # the demo's VAE: 2x time, 2x space
+    expected = (1, (9 - 1) // t + 1, pipe.vae.config.latent_channels, hw, hw)
+    assert batch.winner.shape == batch.loser.shape == batch.image.shape == expected == (1, 5, 8, 16, 16)
     assert torch.count_nonzero(batch.image[:, 1:]) == 0  # only the first latent frame carries the image
     same = PairLatents(batch.winner, batch.winner, batch.image, batch.prompt_embeds, batch.reward_w, batch.reward_l)
     noise = torch.randn(batch.winner.shape, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Imports point one way: errors <- types <- config <- io/models <- data <- stages <- pairs <- loop <- cli."""
+"""Imports point one way: errors <- types <- config/drawing <- io/models <- data <- stages <- pairs <- loop <- cli."""
 
 import ast
 import pathlib
@@ -8,8 +8,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "anisora_ray"
 LAYERS = {
     "errors": 0,
     "types": 1,
-    "config": 2,
-    "io": 3, "models": 3, "drawing": 3, "runtime": 3, "tracking": 3,
+    "config": 2, "drawing": 2,
+    "io": 3, "models": 3, "runtime": 3, "tracking": 3,
     "data": 4, "weights": 4,
     "generation": 5, "reward": 5, "gapo": 5,
     "pairs": 6, "eval": 6,

@@ -76,7 +76,7 @@ def register_weights(name: str, weights_uri: str, run_id: str, round_index: int,
         pass  # exists
     version = client.create_model_version(name, source=fs.normalize(weights_uri), run_id=run_id,
                                           tags={"round": str(round_index), "weights_version": str(weights_version)})
-    return version.version
+    return str(version.version)  # the registry may answer an int; state and guard.json keep strings
 
 
 def contact_sheet(align_dir: str, last: int, png_uri: str, prompts: int = 6, frames: int = 4, cell: int = 96) -> str:
