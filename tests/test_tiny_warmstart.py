@@ -3,8 +3,8 @@
 import numpy as np
 
 from anisora_ray.config import TinyModelConfig
-from anisora_ray.models.tiny import build_tiny_i2v_pipeline
 from anisora_ray.drawing import COLOURS, SPECIES
+from anisora_ray.models.tiny import build_tiny_i2v_pipeline
 from anisora_ray.models.tiny_warmstart import MOTIONS, draw_clips, warm_start
 
 
