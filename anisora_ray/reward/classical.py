@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from anisora_ray.drawing import COLOURS
 from anisora_ray.reward.base import ClipBatch, register
 
 
@@ -156,15 +157,10 @@ class ForegroundHistogramIdentity(_PerClip):
 
 
 # Colour words and their RGB anchors for the text-video stand-in.
-COLOUR_WORDS = {
+COLOUR_WORDS = {  # RGB anchors: the demo's own colours (drawing.COLOURS) and four more names
+    **COLOURS,
     "red": (220, 40, 40),
-    "orange": (245, 164, 66),
     "yellow": (240, 220, 60),
-    "green": (120, 200, 120),
-    "blue": (104, 160, 237),
-    "purple": (170, 120, 220),
-    "pink": (246, 143, 181),
-    "white": (240, 240, 245),
     "black": (20, 20, 20),
     "brown": (140, 90, 50),
 }
