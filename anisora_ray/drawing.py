@@ -4,6 +4,7 @@ learns on what it is evaluated on. Pillow only; below ``data`` and ``models`` in
 
 from __future__ import annotations
 
+import functools
 import random
 
 from PIL import Image, ImageDraw
@@ -36,6 +37,7 @@ SCENES = (
 )
 
 
+@functools.lru_cache(maxsize=64)  # 5 scenes x a few sizes; callers copy before drawing on it
 def _gradient(size: int, top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Image.Image:
     image = Image.new("RGB", (size, size))
     draw = ImageDraw.Draw(image)
@@ -60,7 +62,7 @@ def draw_character(species: str, colour: tuple[int, int, int], scene: int, size:
 def draw_frame(species: str, colour: tuple[int, int, int], scene: int, size: int, cx: float, cy: float) -> Image.Image:
     """The background of ``scene`` with the character centred at (``cx``, ``cy``) pixels."""
     _, top, bottom = SCENES[scene]
-    image = _gradient(size, top, bottom)
+    image = _gradient(size, top, bottom).copy()
     _draw_figure(ImageDraw.Draw(image), species, colour, cx, cy, size / 256)
     return image
 

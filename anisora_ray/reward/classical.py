@@ -167,16 +167,22 @@ COLOUR_WORDS = {  # RGB anchors: the demo's own colours (drawing.COLOURS) and fo
 
 
 NEUTRAL_ANCHORS = {"grey": (128, 128, 128)}  # greys are nearest to this, not to white or black
+_NAMES = [*COLOUR_WORDS, *NEUTRAL_ANCHORS]
+_ANCHORS = np.asarray([*COLOUR_WORDS.values(), *NEUTRAL_ANCHORS.values()], np.float32)
 
 
-def named_colour_share(pixels: np.ndarray, word: str, tolerance: float) -> float:
-    """Share of ``pixels`` (uint8 [N, 3]) a person would call ``word``: nearest to its anchor among all named
-    colours (so a pinkish orange counts as orange, not pink) and within ``tolerance`` of it (RGB distance)."""
-    names = [*COLOUR_WORDS, *NEUTRAL_ANCHORS]
-    anchors = np.asarray([*COLOUR_WORDS.values(), *NEUTRAL_ANCHORS.values()], np.float32)
-    distance = np.linalg.norm(pixels.astype(np.float32)[:, None, :] - anchors[None], axis=-1)
-    index = names.index(word)
-    return float(((distance.argmin(axis=1) == index) & (distance[:, index] < tolerance)).mean())
+def colour_names(pixels: np.ndarray, tolerance: float) -> np.ndarray:
+    """Per pixel of ``pixels`` (uint8 [N, 3]) the index in ``_NAMES`` of the colour a person would call it:
+    the nearest anchor among all named colours (so a pinkish orange is orange, not pink), or -1 when even
+    that one is ``tolerance`` or farther away (RGB distance)."""
+    distance = np.linalg.norm(pixels.astype(np.float32)[:, None, :] - _ANCHORS[None], axis=-1)
+    nearest = distance.argmin(axis=1)
+    return np.where(distance[np.arange(len(nearest)), nearest] < tolerance, nearest, -1)
+
+
+def named_colour_share(names: np.ndarray, word: str) -> float:
+    """Share of pixels :func:`colour_names` called ``word``."""
+    return float((names == _NAMES.index(word)).mean())
 
 
 @register("text_video", "classical")
@@ -204,11 +210,12 @@ class ColourWordAgreement(_PerClip):
             return 0.5
         frames = batch.frames[i]
         image = cv2.resize(batch.images[i], (frames.shape[2], frames.shape[1]), interpolation=cv2.INTER_AREA)
-        pixels, image_pixels = frames.reshape(-1, 3), image.reshape(-1, 3)
+        names = colour_names(frames.reshape(-1, 3), self.tolerance)  # once per clip, whatever the words
+        image_names = colour_names(image.reshape(-1, 3), self.tolerance)
         scores = []
         for word in dict.fromkeys(words):
-            share = named_colour_share(pixels, word, self.tolerance)
-            reference = named_colour_share(image_pixels, word, self.tolerance)
+            share = named_colour_share(names, word)
+            reference = named_colour_share(image_names, word)
             if reference >= self.min_image_share:
                 scores.append(min(1.0, share / reference))
             else:
