@@ -194,3 +194,81 @@ def test_a_folder_without_manifest_is_checked_by_agreement_only(tmp_path):
     model = torch.nn.Linear(4, 3)
     report = load_update(model, meta, read_folder(str(tmp_path))[2], current_version=0)
     assert report["version"] == 1 and torch.all(model.weight == 1)
+
+
+def _receiver_class():
+    import ray
+
+    from anisora_ray.weights.receiver import WeightsReceiver
+
+    @ray.remote(num_cpus=0)
+    class Receiver(WeightsReceiver):
+        def __init__(self, shapes: dict):
+            self.module = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.zeros(s)) for k, s in shapes.items()})
+
+        def receiving_module(self):
+            return self.module
+
+        def state(self) -> dict:
+            return {k: v.detach().clone() for k, v in self.module.items()}
+
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        def run(self) -> str:  # what a replica does before generating
+            self.check_complete()
+            return "ok"
+
+    return Receiver
+
+
+def test_stream_update_reaches_same_node_and_remote_replicas_verified(ray_cluster):
+    """Live tensors → a replica on this node (shared-memory slots) and one on the other node (object store),
+    bucket by bucket; both verify against the sender's checksum; slots are reused from refresh to refresh."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from anisora_ray.weights.refresh import stream_update
+    from anisora_ray.weights.shared import sender_slots
+    from anisora_ray.weights.state import group_by_size
+
+    shapes = {f"w{i}": (64, 65) for i in range(7)} | {"bias": (3,)}
+    here = ray.get_runtime_context().get_node_id()
+    other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
+    receiver = _receiver_class()
+    actors = [receiver.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(shapes)
+              for node in (here, other)]
+    nodes = ray.get([a.node.remote() for a in actors])
+    assert nodes == [here, other]
+    g = torch.Generator().manual_seed(0)
+    live = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    meta, reports = stream_update(actors, group_by_size(sorted(live.items()), 40_000), 1, "full", nodes=nodes, window=1)
+    assert meta.version.num_tensors == 8 and meta.version.checksum == tensors_checksum(sorted(live.items()))
+    assert {r["received"] for r in reports} == {r["loaded"] for r in reports} == {meta.version.checksum}
+    for state in ray.get([a.state.remote() for a in actors]):
+        assert all(torch.equal(state[k], live[k]) for k in live)
+    names = [s.name for s in sender_slots(2).segments if s is not None]
+    assert len(names) == 2  # window 1: two slots, reused below
+    for tensor in live.values():
+        tensor.mul_(2)
+    meta, _ = stream_update(actors, group_by_size(sorted(live.items()), 40_000), 2, "full", nodes=nodes, window=1)
+    assert [s.name for s in sender_slots(2).segments if s is not None] == names
+    assert ray.get([a.get_weights_version.remote() for a in actors]) == [2, 2]
+    assert all(torch.equal(ray.get(actors[1].state.remote())[k], live[k]) for k in live)
+
+    # a bucket with NaN after earlier buckets loaded: refused, nobody claims version 3, both refuse to run
+    live["w5"][0, 0] = float("nan")
+    with pytest.raises(WeightsError, match="'w5' has non-finite values"):
+        stream_update(actors, group_by_size(sorted(live.items()), 40_000), 3, "full", nodes=nodes)
+    assert ray.get([a.get_weights_version.remote() for a in actors]) == [2, 2]
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayTaskError, match="holds part of weights version 3"):
+            ray.get(actor.run.remote())
+    # a whole update repairs them; a stale or mixed-up stream is refused by name
+    live["w5"][0, 0] = 0.0
+    stream_update(actors, group_by_size(sorted(live.items()), 40_000), 4, "full", nodes=nodes)
+    assert ray.get([a.run.remote() for a in actors]) == ["ok", "ok"]
+    with pytest.raises(WeightsError, match="failed on 2 of 2 replica.*not newer than the loaded version 4"):
+        stream_update(actors, group_by_size(sorted(live.items()), 40_000), 4, "full", nodes=nodes)
+    with pytest.raises(ray.exceptions.RayTaskError, match="a part of weights version 9 arrived, but the update in progress is None"):
+        ray.get(actors[0].load_part.remote(9, next(iter(pack_buckets(sorted(live.items()), 1 << 20)))))

@@ -9,22 +9,20 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
-from anisora_ray.errors import AnisoraError, WeightsError
+from anisora_ray.errors import AnisoraError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.compile import compile_blocks, compiled_graphs
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
-from anisora_ray.weights.state import Bucket, bucket_tensors
-from anisora_ray.weights.update import UpdateMeta, load_update, read_folder
+from anisora_ray.weights.receiver import WeightsReceiver
 
 log = logging.getLogger(__name__)
 CONTENT_ERRORS = (AnisoraError, ValueError)  # failures of the item itself; everything else is infrastructure
@@ -39,7 +37,7 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-class Generator:
+class Generator(WeightsReceiver):
     """Hosts the pipeline, keeps its weights version, writes each candidate's mp4."""
 
     def __init__(
@@ -69,7 +67,6 @@ class Generator:
         if generator.compile:
             self.startup.update(self.compile_transformer())
         self._weights_version = weights_version
-        self._weights_checksum = ""
 
     def compile_transformer(self, batch: int | None = None) -> dict:
         """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
@@ -94,38 +91,8 @@ class Generator:
     def startup_report(self) -> dict:
         return {"replica_id": self.replica_id, **self.startup}
 
-    @property
-    def weights_version(self) -> int:
-        return self._weights_version
-
-    def get_weights_version(self) -> int:
-        return self._weights_version
-
-    def weights_state(self) -> dict:
-        return {"replica_id": self.replica_id, "version": self._weights_version, "checksum": self._weights_checksum}
-
-    def load_weights(self, meta: UpdateMeta, buckets: Iterable[Bucket]) -> dict:
-        """Load a published weights version (full transformer or LoRA adapter), verified by checksum.
-
-        The version is bumped only after the checksums agree; a failed load raises and leaves the
-        version where it was (the weights may be partly written: the caller must not generate).
-        """
-        return self._load(meta, bucket_tensors(buckets), "object store")
-
-    def load_weights_from(self, meta: UpdateMeta) -> dict:
-        """Load the weights folder ``meta.version.uri`` straight from storage (one shard at a time)."""
-        kind, _, tensors = read_folder(meta.version.uri)
-        if kind != meta.version.kind:
-            raise WeightsError(f"{meta.version.uri} holds {kind} weights, the update says {meta.version.kind}")
-        return self._load(meta, tensors, "storage")
-
-    def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:
-        report = load_update(self.pipe.transformer, meta, tensors, self._weights_version)
-        self._weights_version = meta.version.version
-        self._weights_checksum = report["loaded"]
-        log.info("replica %s loaded weights version %d (%s, %.1f MB from %s in %.2fs)", self.replica_id,
-                 self._weights_version, meta.version.kind, report["num_bytes"] / 1e6, source, report["seconds"])
-        return {**report, "replica_id": self.replica_id}
+    def receiving_module(self):
+        return self.pipe.transformer
 
     def device(self) -> str:
         return str(self.pipe.transformer.device)
@@ -174,6 +141,7 @@ class Generator:
         """Candidates for every request; a request whose input is bad (``CONTENT_ERRORS``: a missing or
         unreadable image, a bad value) is quarantined and the others go on. Anything else (CUDA or host
         out of memory, a broken device, a full disk) is raised: the caller retries it elsewhere or later."""
+        self.check_complete()  # mixed weights: raised, not a verdict on the prompts
         try:
             return self._generate(requests, out_dir), []
         except CONTENT_ERRORS as exc:

@@ -18,7 +18,7 @@ from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
 from anisora_ray.weights import lora as lora_io
 from anisora_ray.weights.folder import read_manifest, read_safetensors
-from anisora_ray.weights.state import copy_into
+from anisora_ray.weights.state import TensorCopier
 
 
 @dataclass(frozen=True)
@@ -34,34 +34,60 @@ def base_targets(transformer) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k}
 
 
-def copy_weights(transformer, kind: str, lora: LoraConfig | None, tensors) -> dict:
-    """Copy a whole transformer's (``full``) or a LoRA adapter's tensors into ``transformer``: the
-    adapter is added and enabled for ``lora``, and switched off after ``full`` weights (they replace base + adapter)."""
+def copier_for(transformer, kind: str, lora: LoraConfig | None) -> TensorCopier:
+    """A copier into a whole transformer (``full``) or into a LoRA adapter, added and enabled for ``lora``."""
     if kind == "lora":
         lora_io.add_adapter(transformer, lora)
         transformer.enable_adapters()
-        return copy_into(lora_io.adapter_targets(transformer), tensors, require_all=True)
-    report = copy_into(base_targets(transformer), tensors, require_all=True)
-    if lora_io.has_adapter(transformer):
+        return TensorCopier(lora_io.adapter_targets(transformer))
+    return TensorCopier(base_targets(transformer))
+
+
+def settle(transformer, kind: str) -> None:
+    """After ``full`` weights the adapter (if any) is switched off: they replace base + adapter."""
+    if kind == "full" and lora_io.has_adapter(transformer):
         transformer.disable_adapters()
-    return report
+
+
+class UpdateLoader:
+    """Replica side of one update, loaded part by part: ``add`` tensors as buckets arrive, ``finish``
+    with the version record once the sender knows the checksum. Until then the transformer may hold a
+    mix of old and new weights (:attr:`partial`): the replica must not generate with it."""
+
+    def __init__(self, transformer, version: int, kind: str, lora: dict | None, current_version: int):
+        if version <= current_version:
+            raise WeightsError(f"weights version {version} is not newer than the loaded version {current_version}")
+        self.version, self.kind, self.start = version, kind, time.perf_counter()
+        self.transformer = transformer
+        self.copier = copier_for(transformer, kind, LoraConfig.model_validate(lora) if kind == "lora" else None)
+        self.partial = False
+
+    def add(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.partial = True
+        self.copier.add(tensors)
+
+    def finish(self, record: WeightsVersion) -> dict:
+        """Verify the whole update against ``record`` (version, kind, checksum); returns the load report.
+        A record without a checksum (a folder written by another tool) is checked only by the caller's
+        comparison of the replicas' reports."""
+        if (record.version, record.kind) != (self.version, self.kind):
+            raise WeightsError(f"update finished as version {record.version} ({record.kind}) but began as "
+                               f"{self.version} ({self.kind})")
+        report = self.copier.report(require_all=True)
+        if record.checksum and report["received"] != record.checksum:
+            raise WeightsError(f"weights version {record.version}: received checksum {report['received'][:12]} != "
+                               f"published {record.checksum[:12]} (transfer corrupted or wrong update)")
+        settle(self.transformer, self.kind)
+        self.partial = False
+        return {**report, "version": record.version, "kind": record.kind, "seconds": time.perf_counter() - self.start}
 
 
 def load_update(transformer, meta: UpdateMeta, tensors: Iterable[tuple[str, torch.Tensor]], current_version: int) -> dict:
-    """Replica side: copy the update's tensors into ``transformer`` and verify; returns the load report.
-
-    A record without a checksum (a folder written by another tool) is checked only by the
-    caller's comparison of the replicas' reports."""
+    """Replica side: copy the update's tensors into ``transformer`` and verify; returns the load report."""
     record = meta.version
-    if record.version <= current_version:
-        raise WeightsError(f"weights version {record.version} is not newer than the loaded version {current_version}")
-    start = time.perf_counter()
-    lora = LoraConfig.model_validate(meta.lora) if record.kind == "lora" else None
-    report = copy_weights(transformer, record.kind, lora, tensors)
-    if record.checksum and report["received"] != record.checksum:
-        raise WeightsError(f"weights version {record.version}: received checksum {report['received'][:12]} != "
-                           f"published {record.checksum[:12]} (transfer corrupted or wrong update)")
-    return {**report, "version": record.version, "kind": record.kind, "seconds": time.perf_counter() - start}
+    loader = UpdateLoader(transformer, record.version, record.kind, meta.lora, current_version)
+    loader.add(tensors)
+    return loader.finish(record)
 
 
 def read_folder(uri: str) -> tuple[str, LoraConfig | None, Iterator[tuple[str, torch.Tensor]]]:
@@ -83,4 +109,9 @@ def folder_update(uri: str, version: int) -> UpdateMeta:
 
 def load_folder(transformer, uri: str) -> dict:
     """Load a trained folder (full transformer or LoRA adapter, as ``publish`` reads) into ``transformer``."""
-    return copy_weights(transformer, *read_folder(uri))
+    kind, lora, tensors = read_folder(uri)
+    copier = copier_for(transformer, kind, lora)
+    copier.add(tensors)
+    report = copier.report(require_all=True)
+    settle(transformer, kind)
+    return report

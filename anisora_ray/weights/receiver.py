@@ -1,0 +1,100 @@
+"""The replica side of every refresh path, as a mixin (no Ray): whole updates, streamed updates, folders.
+
+A class that holds a model to refresh (the generator, a benchmark's stand-in) mixes this in and
+implements :meth:`WeightsReceiver.receiving_module`. It gets the methods a sender calls:
+``load_weights`` (a whole update), ``begin_update`` / ``load_part`` / ``commit_update`` (streamed
+bucket by bucket from the object store or a same-node shared-memory slot), ``load_weights_from``
+(a folder in storage), and ``check_complete``, which a user of the model calls before running it.
+The version moves only once every checksum agrees.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from anisora_ray.errors import WeightsError
+from anisora_ray.types import WeightsVersion
+from anisora_ray.weights.shared import SharedBucket, bucket_items, release_unused
+from anisora_ray.weights.state import Bucket, bucket_tensors
+from anisora_ray.weights.update import UpdateLoader, UpdateMeta, read_folder
+
+log = logging.getLogger(__name__)
+
+
+class WeightsReceiver:
+    """Versioned, verified weight loading for a model that replicas serve."""
+
+    replica_id: str = ""
+    _weights_version: int = 0
+    _weights_checksum: str = ""
+    _incoming: UpdateLoader | None = None
+
+    def receiving_module(self):
+        """The module the weights go into (the transformer)."""
+        raise NotImplementedError
+
+    @property
+    def weights_version(self) -> int:
+        return self._weights_version
+
+    def get_weights_version(self) -> int:
+        return self._weights_version
+
+    def weights_state(self) -> dict:
+        return {"replica_id": self.replica_id, "version": self._weights_version, "checksum": self._weights_checksum}
+
+    def check_complete(self) -> None:
+        """Raise :class:`WeightsError` while the module holds part of an update (a mix of versions)."""
+        if self._incoming is not None and self._incoming.partial:
+            raise WeightsError(f"replica {self.replica_id} holds part of weights version {self._incoming.version}; "
+                               f"it runs again once that update is committed or replaced")
+
+    def load_weights(self, meta: UpdateMeta, buckets: Iterable[Bucket]) -> dict:
+        """Load a whole published update (full transformer or LoRA adapter), verified by checksum."""
+        return self._load(meta, bucket_tensors(buckets), "the object store")
+
+    def load_weights_from(self, meta: UpdateMeta) -> dict:
+        """Load the weights folder ``meta.version.uri`` straight from storage (one shard at a time)."""
+        kind, _, tensors = read_folder(meta.version.uri)
+        if kind != meta.version.kind:
+            raise WeightsError(f"{meta.version.uri} holds {kind} weights, the update says {meta.version.kind}")
+        return self._load(meta, tensors, "storage")
+
+    def begin_update(self, version: int, kind: str, lora: dict | None = None) -> None:
+        """Start loading ``version`` part by part (:meth:`load_part`, then :meth:`commit_update`)."""
+        self._incoming = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version)
+
+    def load_part(self, version: int, bucket: Bucket | SharedBucket) -> int:
+        """Copy one bucket of the update begun as ``version`` into the module; returns its bytes."""
+        if self._incoming is None or self._incoming.version != version:
+            begun = self._incoming.version if self._incoming else None
+            raise WeightsError(f"replica {self.replica_id}: a part of weights version {version} arrived, "
+                               f"but the update in progress is {begun}")
+        self._incoming.add(bucket_items(bucket))
+        return bucket.nbytes
+
+    def commit_update(self, record: WeightsVersion) -> dict:
+        """Verify the streamed update against ``record`` and make it the weights version."""
+        if self._incoming is None:
+            raise WeightsError(f"replica {self.replica_id}: commit of weights version {record.version} without an update")
+        report = self._incoming.finish(record)
+        self._incoming = None
+        release_unused()
+        return self._loaded(record, report, "a live trainer")
+
+    def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:
+        record = meta.version  # a whole update replaces one left half-way; a failed one blocks the model too
+        self._incoming = UpdateLoader(self.receiving_module(), record.version, record.kind, meta.lora,
+                                      self._weights_version)
+        self._incoming.add(tensors)
+        report = self._incoming.finish(record)
+        self._incoming = None
+        return self._loaded(record, report, source)
+
+    def _loaded(self, record: WeightsVersion, report: dict, source: str) -> dict:
+        self._weights_version = record.version
+        self._weights_checksum = report["loaded"]
+        log.info("replica %s loaded weights version %d (%s, %.1f MB from %s in %.2fs)", self.replica_id,
+                 self._weights_version, record.kind, report["num_bytes"] / 1e6, source, report["seconds"])
+        return {**report, "replica_id": self.replica_id}

@@ -1,0 +1,152 @@
+"""Same-node weight transfer through shared memory (no Ray): the colocated path of a refresh.
+
+The sender owns a few reusable shared-memory slots (``SharedSlots``). Each bucket of a refresh is
+copied once into a slot (from host memory, or straight from the GPU), checked for non-finite values
+and checksummed there while the bytes are still in cache, and announced as a ``SharedBucket``: the
+slot's name and where each tensor lies. A replica on the same node maps the slot once
+(``shared_tensors``) and copies the tensors into its transformer, verifying as it does for the
+object store. Slots are reused from refresh to refresh, so their pages stay mapped on both sides:
+a refresh costs the copies, not page faults. Replicas on other nodes take the object-store path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import torch
+
+from anisora_ray.errors import WeightsError
+from anisora_ray.weights.state import Bucket, Checksum, TensorEntry, dtype_name, nbytes_of, refuse_non_finite, unpack_bucket
+
+ALIGN = 64  # tensor offsets in a slot: cache-line aligned
+
+
+@dataclass(frozen=True)
+class SharedBucket:
+    """A bucket staged in a shared-memory slot of the sender's node."""
+
+    entries: tuple[TensorEntry, ...]
+    segment: str  # the slot's shared-memory name
+    offsets: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+def _close(segment: shared_memory.SharedMemory) -> None:
+    try:
+        segment.close()
+    except BufferError:  # a view is still alive somewhere: the mapping goes when it does
+        pass
+
+
+def _as_bytes(segment: shared_memory.SharedMemory) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(segment.buf, dtype=torch.uint8)
+
+
+class SharedSlots:
+    """The sender's reusable slots; a slot grows when a bucket does not fit. Unlinked at exit or :meth:`close`."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.segments: list[shared_memory.SharedMemory | None] = [None] * count
+        atexit.register(self.close)
+
+    def _slot(self, index: int, nbytes: int) -> shared_memory.SharedMemory:
+        segment = self.segments[index]
+        if segment is None or segment.size < nbytes:
+            if segment is not None:
+                _close(segment)
+                segment.unlink()
+            segment = shared_memory.SharedMemory(name=f"anisora-{uuid.uuid4().hex[:16]}", create=True, size=max(nbytes, 1))
+            self.segments[index] = segment
+        return segment
+
+    def stage(self, index: int, chunk: list[tuple[str, torch.Tensor]], checksum: Checksum,
+              where: str) -> tuple[SharedBucket, list[tuple[str, torch.Tensor]]]:
+        """Copy ``chunk`` into slot ``index``, refuse non-finite values and add each staged tensor to ``checksum``;
+        returns the bucket and the staged tensors (views of the slot, valid until the slot is staged again)."""
+        offsets, total = [], 0
+        for _, tensor in chunk:
+            offsets.append(total)
+            total += -(-nbytes_of(tensor) // ALIGN) * ALIGN
+        segment = self._slot(index % self.count, total)
+        memory = _as_bytes(segment)
+        entries, views = [], []
+        for (name, tensor), offset in zip(chunk, offsets, strict=True):
+            nbytes = tensor.numel() * tensor.element_size()
+            staged = memory[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            staged.copy_(tensor.detach())  # the one host copy (from the GPU: the device-to-host copy itself)
+            refuse_non_finite(name, staged, where)  # checked and hashed while the bytes are still in cache
+            checksum.update(name, staged)
+            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), nbytes))
+            views.append((name, staged))
+        return SharedBucket(tuple(entries), segment.name, tuple(offsets)), views
+
+    def close(self) -> None:
+        for i, segment in enumerate(self.segments):
+            if segment is not None:
+                _close(segment)
+                try:
+                    segment.unlink()
+                except FileNotFoundError:
+                    pass
+                self.segments[i] = None
+
+
+_SENDER: dict[int, SharedSlots] = {}
+
+
+def sender_slots(count: int) -> SharedSlots:
+    """This process's slots (kept for its next refresh, so their pages stay mapped)."""
+    slots = _SENDER.get(count)
+    if slots is None:
+        slots = _SENDER[count] = SharedSlots(count)
+    return slots
+
+
+_ATTACHED: dict[str, shared_memory.SharedMemory] = {}
+_USED: set[str] = set()  # slots read since the last release
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    segment = _ATTACHED.get(name)
+    if segment is None:
+        try:
+            segment = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise WeightsError(f"shared-memory slot {name} is gone (the sender exited or is on another node)") from None
+        try:  # the sender owns the slot: this process must not unlink it when it exits (Python < 3.13)
+            resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - not registered on Python versions that do not track attachments
+            pass
+        _ATTACHED[name] = segment
+    return segment
+
+
+def shared_tensors(bucket: SharedBucket) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a staged bucket, as views of the sender's slot (mapped once per slot and process)."""
+    memory = _as_bytes(_attach(bucket.segment))
+    _USED.add(bucket.segment)
+    for e, offset in zip(bucket.entries, bucket.offsets, strict=True):
+        yield e.name, memory[offset: offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
+
+
+def bucket_items(bucket: SharedBucket | Bucket) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a bucket from either transport."""
+    return shared_tensors(bucket) if isinstance(bucket, SharedBucket) else unpack_bucket(bucket)
+
+
+def release_unused() -> None:
+    """After an update: unmap the slots it did not read (an earlier sender's, which has moved on or exited)."""
+    for name in [n for n in _ATTACHED if n not in _USED]:
+        _close(_ATTACHED.pop(name))
+    _USED.clear()
