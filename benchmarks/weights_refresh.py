@@ -29,8 +29,8 @@ import ray
 import torch
 
 from anisora_ray.config import LoraConfig
-from anisora_ray.weights.refresh import publish, publish_tensors, refresh_actors, stream_update
 from anisora_ray.weights.receiver import WeightsReceiver
+from anisora_ray.weights.refresh import publish, publish_tensors, refresh_actors, stream_update
 from anisora_ray.weights.state import group_by_size, unpack_bucket
 
 

@@ -21,7 +21,15 @@ from multiprocessing import resource_tracker, shared_memory
 import torch
 
 from anisora_ray.errors import WeightsError
-from anisora_ray.weights.state import Bucket, Checksum, TensorEntry, dtype_name, nbytes_of, refuse_non_finite, unpack_bucket
+from anisora_ray.weights.state import (
+    Bucket,
+    Checksum,
+    TensorEntry,
+    dtype_name,
+    nbytes_of,
+    refuse_non_finite,
+    unpack_bucket,
+)
 
 ALIGN = 64  # tensor offsets in a slot: cache-line aligned
 
