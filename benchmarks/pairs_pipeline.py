@@ -114,25 +114,24 @@ def run(mode: str, args, tmp: str) -> None:
             ScoreDimension, batch_format="numpy", batch_size=cfg.reward.batch_size,
             compute=ray.data.ActorPoolStrategy(size=d.replicas),
             fn_constructor_kwargs={"name": name, "dimension": d.model_dump()}, num_cpus=d.actor.num_cpus).materialize())
-    done: list[float] = []
-    start = time.perf_counter()
-    t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs", progress=False,
-                                                  on_prompt=lambda _: done.append(time.perf_counter() - start),
-                                                  reward_actors=reward_actors))
-    # Steady state: the rate between the first and the last pair, over the whole round (start-up excluded).
-    steady = (done[-1] - done[0]) * len(done) / max(1, len(done) - 1)
     total, slowest = sum(stages.values()), max(stages, key=stages.get)
     print(f"\n[{mode}, rewards in {args.reward_stage}] {args.prompts} prompts x {args.k} candidates, "
-          f"{args.replicas} replicas, batch {args.batch}; "
-          f"{result.pairs} pairs")
+          f"{args.replicas} replicas, batch {args.batch}; {args.rounds} round(s) on the same workers")
     for name, seconds in stages.items():
         print(f"  {name:18s} alone {seconds:7.2f} s")
     print(f"  sum of stages      {total:7.2f} s")
-    print(f"  streaming          {t_stream:7.2f} s (first pair after {done[0]:.2f} s; "
-          f"at the steady rate a round takes {steady:.2f} s)")
-    print(f"  streaming / slowest stage ({slowest}) = {t_stream / stages[slowest]:.2f}x   "
-          f"streaming / sum of stages = {t_stream / total:.2f}x   "
-          f"steady streaming / slowest stage = {steady / stages[slowest]:.2f}x")
+    for round_index in range(1, args.rounds + 1):  # a new dataset per round, as align runs them
+        done: list[float] = []
+        start = time.perf_counter()
+        t_stream, result = timed(lambda: stream_pairs(cfg, items, replicas, f"{tmp}/{mode}/pairs-{round_index}",  # noqa: B023
+                                                      round_index=round_index, progress=False,
+                                                      on_prompt=lambda _: done.append(time.perf_counter() - start),  # noqa: B023
+                                                      reward_actors=reward_actors))
+        # Steady state: the rate between the first and the last pair, over the whole round (start-up excluded).
+        steady = (done[-1] - done[0]) * len(done) / max(1, len(done) - 1)
+        print(f"  round {round_index}: {result.pairs} pairs; streaming {t_stream:6.2f} s (first pair after {done[0]:.2f} s; "
+              f"steady {steady:.2f} s); streaming / slowest stage ({slowest}) = {t_stream / stages[slowest]:.2f}x   "
+              f"streaming / sum = {t_stream / total:.2f}x   steady / slowest = {steady / stages[slowest]:.2f}x")
     real.shutdown()
     if reward_actors is not None:
         reward_actors.shutdown()
@@ -145,6 +144,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds streamed one after another on the same workers")
     parser.add_argument("--reward-stage", default="pipeline", choices=["pipeline", "actors"],
                         help="reward dimensions as Ray Data pools per run, or persistent actors started beforehand")
     parser.add_argument("--gen-seconds", type=float, default=0.4, help="fixed mode: per generation call (one prompt)")

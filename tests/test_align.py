@@ -120,6 +120,7 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     for name, child in children.items():
         assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion", "guard_first_frame_psnr",
                 "guard_fired"} <= set(child.data.metrics)
+        assert child.data.metrics["refresh_live"] == 1.0, name  # streamed from the trainer's memory, then adopted
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         assert [r.info.status for r in gapo] == ["FINISHED"], name  # round 1's killed training went on in its run
         losses = client.get_metric_history(gapo[0].info.run_id, "loss")

@@ -335,6 +335,10 @@ class LoopConfig(Section):
     placement: Literal["separate", "shared"] = "separate"  # shared: stop generator + reward actors while training
     registered_model: str | None = "anisora-generator"  # MLflow model name of each round's weights (None: skip)
     guard: GuardConfig = GuardConfig()
+    # How a round's trained weights reach the replicas: "live" = the trainer's rank 0 streams them from memory
+    # right after writing them (same-node replicas through shared memory, others through the object store;
+    # separate placement only); "storage" = every replica streams the written folder. Both verify checksums.
+    refresh: Literal["live", "storage"] = "live"
 
 
 class TrackingConfig(Section):

@@ -22,7 +22,7 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.gapo.batches import PairEncoder, step_rows
 from anisora_ray.gapo.checkpoint import load_training_state, save_training_state, weights_only_checkpoint_engine
 from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors, rotary_embeddings
-from anisora_ray.gapo.export import export_weights, publish_live
+from anisora_ray.gapo.export import export_weights, stream_live
 from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 from anisora_ray.models.compile import compile_blocks
@@ -193,6 +193,7 @@ class GapoWorker:
         """Write the publishable weights to ``uri`` (every rank calls; rank 0 writes, returns the manifest)."""
         return export_weights(self.engine, uri, self.lora, bucket_mb, extra)
 
-    def publish(self, version: int, bucket_mb: float):
-        """Put the live weights into the object store (every rank calls; rank 0 gets the update)."""
-        return publish_live(self.engine, version, self.lora, bucket_mb)
+    def stream(self, actors: list, nodes: list[str] | None, version: int, bucket_mb: float, uri: str = ""):
+        """Stream the live weights to replica ``actors`` as ``version`` (every rank calls; rank 0 gets
+        ``(UpdateMeta, reports)``)."""
+        return stream_live(self.engine, actors, nodes, version, self.lora, bucket_mb, uri)

@@ -54,8 +54,10 @@ def gathered(tensors: list[torch.Tensor]):
         yield
 
 
-def host_chunks(engine, chunks: list[Chunk]) -> Iterator[Chunk | None]:
-    """Host copies of ``chunks`` (a :func:`plan`), a bucket at a time, on rank 0 (``None`` on the others).
+def host_chunks(engine, chunks: list[Chunk], host: bool = True) -> Iterator[Chunk | None]:
+    """``chunks`` (a :func:`plan`) with their full values, a bucket at a time, on rank 0 (``None`` on the
+    others): on the host (``host``; copied from a device, views of host parameters otherwise) or where
+    they live. A chunk is valid until the next one is requested (a ZeRO-3 gather is freed then).
 
     Every rank must exhaust this iterator under ZeRO-3 (the gathers are collectives)."""
     zero3 = engine.zero_optimization_stage() == 3
@@ -64,7 +66,7 @@ def host_chunks(engine, chunks: list[Chunk]) -> Iterator[Chunk | None]:
         return
     for chunk in chunks:
         with gathered([t for _, t in chunk]):
-            yield [(name, t.detach().to("cpu", copy=True)) for name, t in chunk] if rank0 else None
+            yield [(name, t.detach().to("cpu") if host else t.detach()) for name, t in chunk] if rank0 else None
 
 
 def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None) -> dict | None:
@@ -90,16 +92,21 @@ def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float =
     return writer.close(extra)
 
 
-def publish_live(engine, version: int, lora: LoraConfig | None, bucket_mb: float):
-    """Rank 0 puts the live weights into the object store bucket by bucket (no file, no driver);
-    returns the ``WeightsUpdate`` on rank 0 and ``None`` on the others (which take part in the gathers)."""
-    from anisora_ray.weights.refresh import publish_tensors  # Ray: only where replicas are refreshed
+def stream_live(engine, actors: list, nodes: list[str] | None, version: int, lora: LoraConfig | None, bucket_mb: float,
+                uri: str = ""):
+    """Rank 0 streams the live weights to the replica ``actors`` as ``version`` (``weights.refresh.stream_update``:
+    same-node replicas through shared memory, straight from the device; others through the object store);
+    returns ``(UpdateMeta, reports)`` on rank 0 and ``None`` on the others (which take part in the gathers)."""
+    from anisora_ray.weights.refresh import stream_update  # Ray: only where replicas are refreshed
 
-    chunks = host_chunks(engine, plan(engine, lora, bucket_mb))
+    chunks = host_chunks(engine, plan(engine, lora, bucket_mb), host=False)
     if engine.global_rank != 0:
         for _ in chunks:
             pass
         return None
-    tensors = (item for chunk in chunks for item in chunk)
-    return publish_tensors(tensors, version, "lora" if lora else "full",
-                           lora=lora.model_dump() if lora else None, bucket_mb=bucket_mb)
+    try:
+        return stream_update(actors, chunks, version, "lora" if lora else "full", uri=uri,
+                             lora=lora.model_dump() if lora else None, nodes=nodes)
+    finally:  # also after a failure: the other ranks wait in the remaining gathers
+        for _ in chunks:
+            pass

@@ -61,17 +61,17 @@ def _report(worker: GapoWorker, metrics: dict, with_checkpoint: bool = True) -> 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int) -> None:
-    """Mid-training refresh (``gapo.refresh_every``): the live weights go from rank 0 to the replicas."""
-    from anisora_ray.weights.refresh import refresh_actors
-
-    update = worker.publish(version, refresh["bucket_mb"])  # a collective under ZeRO-3: every rank takes part
-    if update is not None:
-        try:
-            reports = refresh_actors(refresh["actors"], update)
-        finally:
-            del update.buckets[:]
-        log.info("update %d: %d replica(s) at weights version %d", worker.update, len(reports), version)
+def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int, uri: str = ""):
+    """The live weights from rank 0 to the replicas, streamed (a collective under ZeRO-3: every rank takes
+    part); returns the update's metadata on rank 0."""
+    start = time.perf_counter()
+    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"], uri)
+    if streamed is None:
+        return None
+    meta, reports = streamed
+    log.info("update %d: %d replica(s) at weights version %d (%.1f MB streamed in %.2fs)", worker.update,
+             len(reports), version, meta.version.num_bytes / 1e6, time.perf_counter() - start)
+    return meta
 
 
 def _load_rows(rank: int, world: int) -> list[dict]:
@@ -129,13 +129,28 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, config["out_uri"],
                  manifest["kind"], manifest["num_tensors"])
+    if refresh and refresh.get("final"):  # the written weights also go live to the replicas, from memory
+        version = refresh["base_version"] + (g.steps - 1) // g.refresh_every + 1 if g.refresh_every else refresh["base_version"] + 1
+        start = time.perf_counter()
+        try:
+            meta = _refresh_replicas(worker, refresh, version, config["out_uri"])
+        except Exception as exc:  # noqa: BLE001 - the weights are written: the caller refreshes from storage
+            log.warning("live refresh to version %d failed (%s); the replicas will load %s instead", version,
+                        str(exc).splitlines()[0][:300], config["out_uri"])
+            meta = None
+        if meta is not None:
+            if meta.version.checksum != manifest["checksum"]:
+                raise RuntimeError(f"weights streamed to the replicas (checksum {meta.version.checksum[:12]}) differ from "
+                                   f"those written to {config['out_uri']} ({manifest['checksum'][:12]})")
+            metrics.update(live_weights_version=version, live_refresh_seconds=time.perf_counter() - start)
     _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
 
 
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
                init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
                storage_name: str | None = None, mlflow_run_id: str | None = None, parent_run_id: str | None = None,
-               replicas: list | None = None, replicas_version: int = 0) -> dict:
+               replicas: list | None = None, replicas_version: int = 0, replica_nodes: list[str] | None = None,
+               final_refresh: bool = False) -> dict:
     """Fit the generator on ``table`` (PreferencePair rows, e.g. ``pairs.writer.pairs_table``).
 
     ``init_uri``: a trained folder to start from (the previous round's transformer or adapter);
@@ -143,8 +158,9 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     ``storage_name``: the Ray Train run's folder under ``<output_dir>/ray-train`` (default: a new
     one); a run started again under the same name continues from that run's last checkpoint;
     ``mlflow_run_id``: continue that MLflow run (its logged updates are not logged again);
-    ``replicas``: generator actors to refresh every ``gapo.refresh_every`` updates (versions
-    ``replicas_version + k``; the caller refreshes the final weights). Returns the last update's
+    ``replicas``: generator actors (on nodes ``replica_nodes``) to refresh every ``gapo.refresh_every`` updates
+    (versions ``replicas_version + k``) and, with ``final_refresh``, with the written weights at the end (their
+    version is ``live_weights_version`` in the result; else the caller refreshes them). Returns the last update's
     metrics, ``weights_uri`` (the folder the ranks wrote), ``weights_checksum``, ``checkpoint_uri``,
     ``checkpoints`` ({update: uri}) and ``mlflow_run_id``.
     """
@@ -176,8 +192,9 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
             train_loop_config={"cfg": cfg.model_dump(), "pretrained": resolve_pretrained(cfg.model, cfg.generator),
                                "deepspeed": ds_config, "init_uri": init_uri, "resume_from": resume_from,
                                "out_uri": out_uri, "quarantine_uri": quarantine_uri,
-                               "refresh": {"actors": list(replicas), "base_version": replicas_version,
-                                           "bucket_mb": g.refresh_bucket_mb} if replicas and g.refresh_every else None,
+                               "refresh": {"actors": list(replicas), "nodes": replica_nodes, "base_version": replicas_version,
+                                           "bucket_mb": g.refresh_bucket_mb, "final": final_refresh}
+                               if replicas and (g.refresh_every or final_refresh) else None,
                                "cache_uri": fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
             scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu,

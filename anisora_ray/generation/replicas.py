@@ -16,7 +16,7 @@ from anisora_ray.generation.generator import Generator
 from anisora_ray.runtime import actor_placement, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
-from anisora_ray.weights.update import UpdateMeta
+from anisora_ray.weights.update import UpdateMeta, folder_update
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,18 @@ class GeneratorReplicas:
         if lagging:
             raise WeightsError(f"replica(s) {lagging} did not reach weights version {update.version}")
         return reports
+
+    def adopt(self, uri: str, version: int) -> WeightsVersion | None:
+        """Record a refresh a live trainer streamed (it checked its stream against the folder ``uri`` it
+        wrote; every replica checked what it received): the version of every replica must be ``version``,
+        and what they loaded must agree. Returns the version record, or None when any replica does not hold
+        it (e.g. restarted since): the caller then refreshes from storage."""
+        states = self.weights_states()
+        if {s["version"] for s in states} != {version} or len({s["checksum"] for s in states}) != 1:
+            return None
+        meta = folder_update(uri, version)
+        ray.get(self.ledger.set.remote(meta))  # what a restarted replica loads
+        return meta.version
 
     def refresh_from(self, uri: str, version: int | None = None, timeout_s: float = 1800.0) -> tuple[WeightsVersion, list[dict]]:
         """Every replica loads the trained folder ``uri`` from storage as weights ``version`` (default: the

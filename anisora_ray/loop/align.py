@@ -261,8 +261,12 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                            init_uri=previous.weights_uri if previous else None, run_name=name, storage_name=name,
                            mlflow_run_id=rs.train_run_id, parent_run_id=run.info.run_id,
                            replicas=live.actors if live else None,
-                           replicas_version=max(live.weights_versions()) if live else 0)
+                           replicas_version=max(live.weights_versions()) if live else 0,
+                           replica_nodes=[p["node_id"] for p in live.placements()] if live else None,
+                           final_refresh=cfg.loop.refresh == "live")
             rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
+            if m.get("live_weights_version"):  # already on the replicas, streamed from the trainer's memory
+                rs.metrics.update(live_version=float(m["live_weights_version"]), refresh_seconds=m["live_refresh_seconds"])
             rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
             log_metrics(rs.metrics, step=rs.index)
             rs.phase = "trained"
@@ -273,10 +277,15 @@ def _run_round(cfg: AnisoraConfig, state: AlignState, rs: RoundState, workers: W
                 workers.start(None)
                 version, reports = workers.replicas.refresh_from(rs.weights_uri,
                                                                  (previous.weights_version if previous else 0) + 1)
-            else:  # the next version, streamed from storage by every replica
-                version, reports = workers.replicas.refresh_from(rs.weights_uri)
+            else:  # streamed by the trainer (each replica verified it), else from storage by every replica
+                live = rs.metrics.pop("live_version", None)
+                version, reports = (workers.replicas.adopt(rs.weights_uri, int(live)) if live else None), []
+                if version is None:
+                    version, reports = workers.replicas.refresh_from(rs.weights_uri)
             rs.weights_version = version.version
-            rs.metrics.update({"refresh_seconds": max(r["seconds"] for r in reports), "refresh_mb": version.num_bytes / 1e6})
+            if reports:
+                rs.metrics["refresh_seconds"] = max(r["seconds"] for r in reports)
+            rs.metrics.update(refresh_mb=version.num_bytes / 1e6, refresh_live=float(not reports))
             if cfg.loop.registered_model:
                 rs.metrics["model_version"] = float(register_weights(cfg.loop.registered_model, rs.weights_uri,
                                                                      run.info.run_id, rs.index, version.version))

@@ -131,6 +131,7 @@ def stream_update(actors: list, chunks: Iterable[list[tuple[str, torch.Tensor]]]
             shared, chunk = slots.stage(index, chunk, checksum, where)
             calls.update({i: actors[i].load_part.remote(version, shared) for i in active if i in local})
         else:
+            chunk = [(name, tensor.detach().cpu()) for name, tensor in chunk]  # one host copy from a device
             for name, tensor in chunk:
                 refuse_non_finite(name, tensor, where)
                 checksum.update(name, tensor)
