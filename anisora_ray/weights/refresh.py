@@ -109,6 +109,15 @@ def stream_update(actors: list, chunks: Iterable[list[tuple[str, torch.Tensor]]]
     partial update and refuse to generate until a whole update is loaded."""
     here = ray.get_runtime_context().get_node_id()
     local = {i for i, node in enumerate(nodes or []) if node == here}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the copies and checks are memory-bound: spare cores go to the replicas' copies
+    try:
+        return _stream(actors, chunks, version, kind, uri, lora, local, window, timeout_s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream(actors, chunks, version, kind, uri, lora, local, window, timeout_s) -> tuple[UpdateMeta, list[dict]]:
     failures: dict[int, str] = {}
     where = uri or f"weights version {version}"
 
