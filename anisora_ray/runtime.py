@@ -41,6 +41,23 @@ def init_ray(cfg: RayConfig) -> None:
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the router down with it
+class LeastLoaded:
+    """Leases the least-loaded of ``count`` workers (e.g. generator replicas) to callers from many processes;
+    lives as long as the worker group, so streaming stages that come and go share one view of the load."""
+
+    def __init__(self, count: int) -> None:
+        self.load = [0] * count
+
+    def lease(self) -> int:
+        index = min(range(len(self.load)), key=self.load.__getitem__)
+        self.load[index] += 1
+        return index
+
+    def release(self, index: int) -> None:
+        self.load[index] = max(0, self.load[index] - 1)
+
+
 def actor_placement() -> dict:
     """Where the calling actor runs: actor id, node id, the GPU ids Ray gave it, pid."""
     ctx = ray.get_runtime_context()

@@ -1,8 +1,9 @@
 """The streaming pairs pipeline against its stages run one after another, and against its slowest stage.
 
-    python benchmarks/pairs_pipeline.py [--mode real|fixed|both] [--prompts 32] [--k 4]
+    python benchmarks/pairs_pipeline.py [--mode real|fixed|both] [--prompts 64] [--k 4] [--rounds 3] [--reward-stage actors|pipeline]
 
-Same run, same machine. Stages: generation on the persistent replicas, decode, and one stage per
+Same run, same machine. Each round is a new dataset on the same persistent workers (as ``align`` runs
+rounds): the ratio of rounds 2+ is the one without start-up. Stages: generation on the persistent replicas, decode, and one stage per
 reward dimension; each "alone" time is that stage over the whole round with its inputs ready
 (generation writes the videos; decode runs over the candidates; each dimension over clips decoded
 and materialized beforehand). Streaming = prompts → pairs written, generation included.
@@ -37,7 +38,7 @@ from anisora_ray.pairs.pipeline import ScoreDimension, candidates_dataset, decod
 from anisora_ray.reward.actors import RewardActors  # noqa: E402
 from anisora_ray.reward.aggregate import active_dimensions  # noqa: E402
 from anisora_ray.reward.base import ClipBatch  # noqa: E402
-from anisora_ray.runtime import init_ray  # noqa: E402
+from anisora_ray.runtime import LeastLoaded, init_ray  # noqa: E402
 from anisora_ray.types import DIMENSIONS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,18 +49,18 @@ class FixedTimeReplica:
     """Stands in for a GPU generator replica: waits a fixed time per call, hands back pre-made videos."""
 
     def __init__(self, made: dict, seconds_per_call: float):
-        self.made, self.seconds = made, seconds_per_call
+        self.made, self.seconds = made, seconds_per_call  # (prompt id, candidate index) -> candidate
 
     def generate(self, requests, out_dir):
         time.sleep(self.seconds)
         out = []
         for r in requests:
-            for seed in r.seeds:
-                c = self.made[(r.item.prompt_id, seed)]
+            for index, seed in enumerate(r.seeds):  # any round's seeds: the pre-made video of that candidate index
+                c = self.made[(r.item.prompt_id, index)]
                 uri = os.path.join(out_dir, "videos", c.prompt_id, f"{seed}.mp4")
                 os.makedirs(os.path.dirname(uri), exist_ok=True)
                 shutil.copyfile(c.video_uri, uri)
-                out.append(replace(c, video_uri=uri))
+                out.append(replace(c, video_uri=uri, seed=seed))
         return out, []
 
 
@@ -70,11 +71,10 @@ def timed(fn):
 
 
 def run(mode: str, args, tmp: str) -> None:
-    overrides = [f"run.output_dir={tmp}/{mode}", f"model.cache_dir={tmp}/cache", f"generator.candidates_per_prompt={args.k}",
+    overrides = [f"run.output_dir={tmp}/{mode}", f"generator.candidates_per_prompt={args.k}",
                  f"generator.replicas={args.replicas}", "pairs.flush_every=8", f"reward.batch_size={args.batch}",
-                 f"pairs.decode_batch_size={args.batch}", "generator.max_calls_in_flight=1"]
-    if args.reward_stage == "actors":
-        overrides.append("pairs.reward_stage=actors")
+                 f"pairs.decode_batch_size={args.batch}"]
+    overrides.append(f"pairs.reward_stage={args.reward_stage}")
     if mode == "fixed":
         for name in DIMENSIONS:
             overrides += [f"reward.dimensions.{name}.backend=sleep",
@@ -89,8 +89,9 @@ def run(mode: str, args, tmp: str) -> None:
     t_gen, (candidates, _) = timed(lambda: real.generate(requests, f"{tmp}/{mode}/alone"))
     replicas = real
     if mode == "fixed":
-        made = {(c.prompt_id, c.seed): c for c in candidates}
-        replicas = SimpleNamespace(actors=[FixedTimeReplica.remote(made, args.gen_seconds) for _ in range(args.replicas)])
+        made = {(c.prompt_id, c.candidate_index): c for c in candidates}
+        replicas = SimpleNamespace(actors=[FixedTimeReplica.remote(made, args.gen_seconds) for _ in range(args.replicas)],
+                                   router=LeastLoaded.remote(args.replicas))
         calls = -(-len(requests) // cfg.generator.prompts_per_call)
         t_gen = calls * args.gen_seconds / args.replicas  # what the stand-ins take alone, by construction
     stages = {"generate": t_gen}
@@ -140,12 +141,12 @@ def run(mode: str, args, tmp: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", default="both", choices=["real", "fixed", "both"])
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="rounds streamed one after another on the same workers")
-    parser.add_argument("--reward-stage", default="pipeline", choices=["pipeline", "actors"],
+    parser.add_argument("--reward-stage", default="actors", choices=["pipeline", "actors"],
                         help="reward dimensions as Ray Data pools per run, or persistent actors started beforehand")
     parser.add_argument("--gen-seconds", type=float, default=0.4, help="fixed mode: per generation call (one prompt)")
     parser.add_argument("--dim-seconds", type=float, default=0.3, help="fixed mode: per reward batch")

@@ -242,10 +242,11 @@ class PairsConfig(Section):
     decode_cpus: float = Field(default=1.0, gt=0)
     decode_concurrency: int = Field(default=2, ge=1)
     object_store_memory_mb: int | None = Field(default=None, ge=64)  # Ray Data backpressure budget (None: Ray's)
-    # Where the reward dimensions run: "pipeline" = one Ray Data actor pool per dimension, created per
-    # run; "actors" = the persistent per-dimension reward actors (kept across rounds, like the generator
-    # replicas) reached through thin Ray Data forwarding stages: no model loads, fewer workers per round.
-    reward_stage: Literal["pipeline", "actors"] = "pipeline"
+    # Where the reward dimensions run: "actors" = the persistent per-dimension reward actors (kept across
+    # rounds, like the generator replicas) reached through a thin Ray Data forwarding task: no model loads
+    # and no worker start-up per round; "pipeline" = one Ray Data actor pool per dimension, created per run
+    # (frees the reward resources between runs, pays their start-up every round).
+    reward_stage: Literal["pipeline", "actors"] = "actors"
     reward_forwarders: int = Field(default=2, ge=1)  # "actors": concurrent forwarding workers
 
 
@@ -339,6 +340,17 @@ class LoopConfig(Section):
     # right after writing them (same-node replicas through shared memory, others through the object store;
     # separate placement only); "storage" = every replica streams the written folder. Both verify checksums.
     refresh: Literal["live", "storage"] = "live"
+    # "none": on-policy rounds (generate with version r-1, train, refresh, evaluate). "one_round_off_policy":
+    # round r+1 is generated and scored while round r trains (with version r-1, then r once it is written:
+    # the replicas move between two generation calls); pairs record their version, rounds log staleness.
+    overlap: Literal["none", "one_round_off_policy"] = "none"
+
+    @model_validator(mode="after")
+    def _overlap_needs_separate_placement(self) -> LoopConfig:
+        if self.overlap != "none" and self.placement == "shared":
+            raise ValueError("loop.overlap = one_round_off_policy generates while the trainer runs: it needs "
+                             "loop.placement = separate (shared stops the replicas while training)")
+        return self
 
 
 class TrackingConfig(Section):

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.runtime import actor_placement, first_line, on_this_node
+from anisora_ray.runtime import LeastLoaded, actor_placement, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
 from anisora_ray.weights.update import UpdateMeta, folder_update
@@ -99,6 +99,8 @@ class GeneratorReplicas:
             for i in range(g.replicas)
         ]
         self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
+        # spreads the streaming pipeline's calls over the replicas, round after round
+        self.router = LeastLoaded.options(scheduling_strategy=on_this_node()).remote(len(self.actors))
 
     def placements(self) -> list[dict]:
         return list(self._placements)
@@ -198,7 +200,7 @@ class GeneratorReplicas:
         return candidates, quarantined
 
     def shutdown(self) -> None:
-        for actor in [*self.actors, self.ledger]:
+        for actor in [*self.actors, self.ledger, self.router]:
             ray.kill(actor)
         remove_placement_group(self.pg)
         self.actors = []

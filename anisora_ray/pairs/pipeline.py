@@ -12,7 +12,6 @@ candidate is quarantined with its reason) so each prompt still sees its K rows a
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -26,69 +25,21 @@ from anisora_ray.config import AnisoraConfig, DimensionConfig, VideoConfig
 from anisora_ray.errors import ImageLoadError, InfrastructureError, VideoDecodeError
 from anisora_ray.generation.seeding import build_requests
 from anisora_ray.io import fs
+from anisora_ray.pairs.forward import NO_FRAMES, clip_batch, failure, generate_on_replicas, objects, score_on_actors
 from anisora_ray.pairs.select import select_pair
 from anisora_ray.pairs.writer import PairWriter
 from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
-from anisora_ray.reward.base import ClipBatch
 from anisora_ray.reward.stage import decode_one
 from anisora_ray.reward.statistics import RewardStatistics
-from anisora_ray.runtime import call_with_retries, first_line, on_this_node
-from anisora_ray.types import Candidate, GenerationRequest, PromptItem, QuarantineRecord, ScoredCandidate
+from anisora_ray.runtime import LeastLoaded, first_line, on_this_node
+from anisora_ray.types import Candidate, PromptItem, QuarantineRecord, ScoredCandidate
 
 if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
     from anisora_ray.generation.replicas import GeneratorReplicas
 
 log = logging.getLogger(__name__)
 CANDIDATE_FIELDS = [f.name for f in fields(Candidate)]
-NO_FRAMES = np.zeros((1, 1, 1, 3), np.uint8)  # what an error row carries in place of a clip
-
-
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the stage down with it
-class _Counter:
-    def __init__(self) -> None:
-        self.n = -1
-
-    def next(self) -> int:
-        self.n += 1
-        return self.n
-
-
-class GenerateOnReplicas:
-    """Ray Data stage: sends its batches of (prompt, seed) rows to one persistent generator replica."""
-
-    def __init__(self, replicas: list, counter, out_dir: str, timeout_s: float | None = None, retries: int = 0):
-        try:
-            self.index = ray.get(counter.next.remote(), timeout=60) % len(replicas)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # only spreads the load: any replica will do
-            self.index = random.randrange(len(replicas))
-        self.replica, self.out_dir, self.timeout_s, self.retries = replicas[self.index], out_dir, timeout_s, retries
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        seeds: dict[str, list[int]] = defaultdict(list)
-        items: dict[str, PromptItem] = {}
-        for r in rows:
-            items[r["prompt_id"]] = PromptItem(r["prompt_id"], r["prompt"], r["image_uri"], r.get("character_id"))
-            seeds[r["prompt_id"]].append(int(r["seed"]))
-        requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
-        (candidates, quarantined), retried = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-            lambda: self.replica.generate.remote(requests, self.out_dir), what=f"generator replica {self.index}",
-            retries=self.retries, timeout_s=self.timeout_s, on_timeout=lambda: ray.kill(self.replica, no_restart=False))
-        made = {(c.prompt_id, c.seed): c for c in candidates}
-        failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
-        out, errors = [], []
-        for r in rows:
-            c = made.get((r["prompt_id"], int(r["seed"])))
-            if c is None:
-                c = Candidate(r["prompt_id"], r["prompt"], r["image_uri"], int(r["seed"]), int(r["candidate_index"]),
-                              video_uri="", weights_version=-1, num_frames=0, height=0, width=0, fps=0,
-                              frames_sha256="", replica_id="", generate_seconds=0.0, encode_seconds=0.0,
-                              character_id=r.get("character_id"))
-            out.append(c)
-            errors.append("" if (c.prompt_id, c.seed) in made else failed.get(c.prompt_id, "generation failed"))
-        return (Candidate.to_table(out).append_column("error", pa.array(errors, pa.string()))
-                .append_column("retries", pa.array([retried] * len(out), pa.int64())))
 
 
 def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndarray]:
@@ -107,32 +58,9 @@ def decode_clips(batch: dict[str, np.ndarray], video: dict) -> dict[str, np.ndar
         images.append(image)
     out = dict(batch)
     out["error"] = np.array(errors, dtype=object)
-    out["frames"] = _objects(frames)
-    out["image"] = _objects(images)
+    out["frames"] = objects(frames)
+    out["image"] = objects(images)
     return out
-
-
-def failure(error) -> str:
-    """A row's error as a string, "" when there is none (whatever Arrow/numpy made of an empty value)."""
-    return error if isinstance(error, str) else ""
-
-
-def _clip_batch(batch: dict[str, np.ndarray], ok: list[int]) -> ClipBatch:
-    """The decoded clips of rows ``ok`` of a stage batch."""
-    return ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
-                     images=[batch["image"][i][0] for i in ok], references=[None] * len(ok),
-                     character_ids=[_text_or_none(batch["character_id"][i]) if "character_id" in batch else None
-                                    for i in ok])
-
-
-def _text_or_none(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _objects(arrays: list[np.ndarray]) -> np.ndarray:
-    holder = np.empty(len(arrays), dtype=object)
-    holder[:] = arrays
-    return holder
 
 
 class ScoreDimension:
@@ -147,7 +75,7 @@ class ScoreDimension:
         scores = np.full(len(batch["error"]), np.nan)
         for attempt in range(self.retries + 1) if ok else ():
             try:  # a non-finite score is content (quarantined downstream); an exception is infrastructure
-                scores[ok] = self.scorer.score(_clip_batch(batch, ok))
+                scores[ok] = self.scorer.score(clip_batch(batch, ok))
                 break
             except Exception as exc:  # noqa: BLE001 - retried, then the run fails naming the dimension
                 if attempt == self.retries:
@@ -156,36 +84,6 @@ class ScoreDimension:
                 log.warning("%s failed on a batch of %d clips (%s); scoring it again", self.name, len(ok), exc)
         out = {k: v for k, v in batch.items() if not (self.last and k in ("frames", "image"))}
         out[f"{self.name}_raw"] = scores
-        return out
-
-
-class ScoreOnActors:
-    """Ray Data stage ("actors" mode): a batch goes to the object store once and to every dimension's
-    persistent actor pool in parallel; the scores come back as ``<dim>_raw`` columns."""
-
-    def __init__(self, pools: dict[str, list], timeout_s: float | None = None, retries: int = 0):
-        self.pools, self.timeout_s, self.retries = pools, timeout_s, retries
-        self.calls = 0
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
-        out = {k: v for k, v in batch.items() if k not in ("frames", "image")}
-        scores = {name: np.full(n, np.nan) for name in self.pools}
-        retried = 0
-        if ok:
-            clips = ray.put(_clip_batch(batch, ok))
-            actors = {name: pool[self.calls % len(pool)] for name, pool in self.pools.items()}
-            refs = {name: actor.score.remote(clips) for name, actor in actors.items()}  # all dimensions in parallel
-            self.calls += 1
-            for name, actor in actors.items():  # a dead or hung actor is restarted (max_restarts), the batch sent again
-                scores[name][ok], tries = call_with_retries(
-                    lambda a=actor: a.score.remote(clips), first=refs[name], what=f"reward actor {name}",
-                    retries=self.retries, timeout_s=self.timeout_s, on_timeout=lambda a=actor: ray.kill(a, no_restart=False))
-                retried += tries
-        for name, values in scores.items():
-            out[f"{name}_raw"] = values
-        out["retries"] = np.asarray(batch["retries"]) + retried if "retries" in batch else np.full(n, retried)
         return out
 
 
@@ -199,10 +97,12 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
             for r in build_requests(items, cfg, round_index) for i, s in enumerate(r.seeds)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
-    ds = ds.map_batches(GenerateOnReplicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
-                        fn_constructor_kwargs={"replicas": replicas.actors, "counter": _Counter.options(scheduling_strategy=on_this_node()).remote(), "out_dir": out_dir,
-                                               "timeout_s": g.call_timeout_s, "retries": g.call_retries},
-                        compute=ray.data.ActorPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0.01)
+    router = getattr(replicas, "router", None) or LeastLoaded.options(scheduling_strategy=on_this_node()).remote(
+        len(replicas.actors))  # persistent replica groups bring theirs: it lives as long as they do
+    ds = ds.map_batches(generate_on_replicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
+                        fn_kwargs={"replicas": replicas.actors, "router": router, "out_dir": out_dir,
+                                   "timeout_s": g.call_timeout_s, "retries": g.call_retries},
+                        compute=ray.data.TaskPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0)
     return score_stream(cfg, ds, reward_actors)
 
 
@@ -214,10 +114,10 @@ def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset, reward_actors=None) -
                         fn_kwargs={"video": cfg.video.model_dump()}, num_cpus=p.decode_cpus,
                         compute=ray.data.TaskPoolStrategy(size=p.decode_concurrency))
     if reward_actors is not None:
-        ds = ds.map_batches(ScoreOnActors, batch_format="numpy", batch_size=cfg.reward.batch_size, num_cpus=0.01,
-                            fn_constructor_kwargs={"pools": reward_actors.pools, "timeout_s": cfg.reward.batch_timeout_s,
-                                                   "retries": cfg.reward.batch_retries},
-                            compute=ray.data.ActorPoolStrategy(size=p.reward_forwarders))
+        ds = ds.map_batches(score_on_actors, batch_format="numpy", batch_size=cfg.reward.batch_size, num_cpus=0,
+                            fn_kwargs={"pools": reward_actors.pools, "timeout_s": cfg.reward.batch_timeout_s,
+                                       "retries": cfg.reward.batch_retries},
+                            compute=ray.data.TaskPoolStrategy(size=p.reward_forwarders))
         return ds
     dims = cfg.reward.dimensions.as_dict()
     names = active_dimensions(dims)

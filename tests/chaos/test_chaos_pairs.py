@@ -156,8 +156,13 @@ def test_sigkill_a_persistent_reward_actor_mid_round(chaos):
 def test_sigkill_a_ray_data_reward_worker_mid_round(chaos):
     from ray._private.state import actors  # the GCS actor table (the state API needs a dashboard)
 
-    def scorer_pid() -> int:
-        alive = [a for a in actors().values() if "ScoreDimension" in a["ActorClassName"] and a["State"] == "ALIVE"]
-        return alive[0]["Pid"]
+    def scorer_pid() -> int:  # the pool may still be starting when the first videos are written
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            alive = [a for a in actors().values() if "ScoreDimension" in a["ActorClassName"] and a["State"] == "ALIVE"]
+            if alive and alive[0]["Pid"]:
+                return alive[0]["Pid"]
+            time.sleep(0.05)
+        raise TimeoutError("no ScoreDimension actor came up")
 
     _run_disturbed(chaos, "ray-data-reward-worker", scorer_pid, "pairs.reward_stage=pipeline")

@@ -1,0 +1,235 @@
+"""One alignment round as four phases (pairs, train, refresh, eval), and the two ways to schedule them.
+
+``run_round`` runs them one after another (on-policy: round *r* generates with the weights of round
+*r − 1* and trains from them). ``run_round_overlapped`` (``loop.overlap: one_round_off_policy``)
+generates and scores round *r + 1* on the replicas while round *r* trains, with the weights they hold
+(version *r − 1*), and refreshes them to version *r* between two generation calls as soon as it is
+written: every pair records the version that generated it, and each round logs how stale its pairs
+were relative to the weights it trains from. Each phase records its result in the state and saves it,
+so ``--resume`` redoes no finished phase whichever schedule ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.heldout import evaluate
+from anisora_ray.gapo.trainer import train_gapo
+from anisora_ray.io import fs
+from anisora_ray.loop import guard
+from anisora_ray.loop.report import register_weights
+from anisora_ray.loop.samples import close_orphans, eval_row, log_samples
+from anisora_ray.loop.state import AlignState, RoundState
+from anisora_ray.pairs.stage import run_pairs
+from anisora_ray.pairs.writer import pairs_table, read_pairs
+from anisora_ray.reward.statistics import RewardStatistics
+from anisora_ray.tracking import log_metrics, mlflow_run, new_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundContext:
+    """What every phase needs: the job's config, state and worker groups."""
+
+    cfg: AnisoraConfig
+    state: AlignState
+    workers: object  # loop.align.Workers
+    heldout: list
+    train_manifest: str
+    out: str
+    root: str
+    progress: bool
+    parent_run_id: str
+    state_uri: str
+    statistics: RewardStatistics | None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the overlapped schedule saves from two threads
+
+    def save(self) -> None:
+        with self.lock:
+            self.state.save(self.state_uri)
+
+    def run(self, rs: RoundState):
+        """The round's MLflow run (created by its first phase, continued by the others)."""
+        return mlflow_run(self.cfg, f"round-{rs.index}", parent_run_id=self.parent_run_id,
+                          tags={"anisora.stage": "round"}, run_id=rs.mlflow_run_id or None)
+
+
+def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
+    """Generate, score and pair the training prompts with the weights the replicas hold now."""
+    if rs.reached("paired"):
+        return
+    cfg, workers = ctx.cfg, ctx.workers
+    with ctx.run(rs) as run:
+        rs.mlflow_run_id = run.info.run_id
+        workers.start(ctx.state.latest_weights())
+        log.info("round %d/%d: generate, score and pair (weights version %d)", rs.index, cfg.loop.rounds,
+                 max(workers.replicas.weights_versions()))
+        began = time.perf_counter()
+        result = run_pairs(cfg, ctx.train_manifest, fs.join(ctx.out, f"round-{rs.index}", "pairs"), workers.replicas,
+                           round_index=rs.index, progress=ctx.progress, reward_actors=workers.rewards,
+                           statistics=ctx.statistics)
+        seconds = time.perf_counter() - began
+        pairs = sorted(read_pairs(result.out_uri), key=lambda p: p.prompt_id)  # sums in a fixed order
+        rs.pairs_uri = result.out_uri
+        rs.metrics.update({
+            "pairs": float(len(pairs)), "candidates_per_second": result.candidates / max(seconds, 1e-9),
+            "pairs_seconds": seconds,
+            "train_winner_reward": sum(p.winner_reward for p in pairs) / max(1, len(pairs)),
+            "train_loser_reward": sum(p.loser_reward for p in pairs) / max(1, len(pairs)),
+            "train_reward_gap": sum(p.reward_gap for p in pairs) / max(1, len(pairs)),
+            **{f"train_pair_{d}": sum(p.winner_scores[d] + p.loser_scores[d] for p in pairs) / (2 * len(pairs))
+               for d in (pairs[0].winner_scores if pairs else {})}})
+        log_metrics(rs.metrics, step=rs.index)
+        log_samples(cfg, rs.pairs_uri, fs.join(ctx.out, f"round-{rs.index}", "samples"))
+        rs.phase = "paired"
+        ctx.save()
+
+
+def staleness(pairs, trained_from: int) -> dict[str, float]:
+    """How many versions behind the weights a round trains from its pairs were generated (0 = on-policy)."""
+    counts = Counter(trained_from - p.weights_version for p in pairs)
+    total = max(1, sum(counts.values()))
+    out = {f"pairs_staleness_{lag}_fraction": n / total for lag, n in sorted(counts.items())}
+    out["pairs_staleness_mean"] = sum(lag * n for lag, n in counts.items()) / total
+    out["pairs_staleness_max"] = float(max(counts, default=0))
+    return out
+
+
+def train_phase(ctx: RoundContext, rs: RoundState, live: bool) -> None:
+    """GAPO from the previous round's weights on this round's pairs; with ``live`` the trainer also streams
+    the written weights to the running replicas (``loop.refresh: live``)."""
+    if rs.reached("trained"):
+        return
+    cfg, workers = ctx.cfg, ctx.workers
+    previous = ctx.state.latest_weights()
+    with ctx.run(rs) as run:
+        name = f"gapo-round-{rs.index}"
+        rs.metrics.update(staleness(read_pairs(rs.pairs_uri), previous.weights_version if previous else 0))
+        if rs.train_run_id:  # a driver died during this training: the same Ray Train run and MLflow run go on
+            log.info("round %d/%d: GAPO training resumes from its last checkpoint", rs.index, cfg.loop.rounds)
+        else:
+            log.info("round %d/%d: GAPO training (%d updates)", rs.index, cfg.loop.rounds, cfg.gapo.steps)
+            rs.train_run_id = new_run(cfg, name, parent_run_id=run.info.run_id, tags={"anisora.stage": "gapo"})
+            ctx.save()
+        if cfg.loop.placement == "shared":
+            workers.stop()  # the trainer takes the GPUs
+        close_orphans(run.info.run_id, keep=rs.train_run_id)
+        replicas = workers.replicas if live else None  # None: no refresh from inside the trainer
+        m = train_gapo(cfg, pairs_table(rs.pairs_uri), fs.join(ctx.out, f"round-{rs.index}", "weights"), root=ctx.root,
+                       init_uri=previous.weights_uri if previous else None, run_name=name, storage_name=name,
+                       mlflow_run_id=rs.train_run_id, parent_run_id=run.info.run_id,
+                       replicas=replicas.actors if replicas else None,
+                       replicas_version=max(replicas.weights_versions()) if replicas else 0,
+                       replica_nodes=[p["node_id"] for p in replicas.placements()] if replicas else None,
+                       final_refresh=cfg.loop.refresh == "live")
+        rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
+        rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
+        if m.get("live_weights_version"):  # already on the replicas, streamed from the trainer's memory
+            rs.metrics.update(live_version=float(m["live_weights_version"]), refresh_seconds=m["live_refresh_seconds"])
+        log_metrics(rs.metrics, step=rs.index)
+        rs.phase = "trained"
+        ctx.save()
+
+
+def refresh_phase(ctx: RoundContext, rs: RoundState) -> None:
+    """The round's weights on every replica (adopted after a live stream, else from storage) and registered."""
+    if rs.reached("refreshed"):
+        return
+    cfg, workers = ctx.cfg, ctx.workers
+    with ctx.run(rs) as run:
+        if workers.replicas is None:  # shared placement: start the replicas straight at the new weights
+            previous = ctx.state.latest_weights()
+            workers.start(None)
+            version, reports = workers.replicas.refresh_from(rs.weights_uri, (previous.weights_version if previous else 0) + 1)
+        else:  # streamed by the trainer (each replica verified it), else from storage by every replica
+            live = rs.metrics.pop("live_version", None)
+            version, reports = (workers.replicas.adopt(rs.weights_uri, int(live)) if live else None), []
+            if version is None:
+                version, reports = workers.replicas.refresh_from(rs.weights_uri)
+        rs.weights_version = version.version
+        if reports:
+            rs.metrics["refresh_seconds"] = max(r["seconds"] for r in reports)
+        rs.metrics.update(refresh_mb=version.num_bytes / 1e6, refresh_live=float(not reports))
+        if cfg.loop.registered_model:
+            rs.metrics["model_version"] = float(register_weights(cfg.loop.registered_model, rs.weights_uri,
+                                                                 run.info.run_id, rs.index, version.version))
+        log.info("round %d/%d: %d replica(s) at weights version %d", rs.index, cfg.loop.rounds,
+                 len(workers.replicas.actors), version.version)
+        rs.phase = "refreshed"
+        ctx.save()
+
+
+def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
+    """Held-out evaluation of the round's weights, and the reward-hacking guard's verdict."""
+    import mlflow
+
+    if rs.reached("evaluated"):
+        return
+    cfg, workers, state = ctx.cfg, ctx.workers, ctx.state
+    base = fs.join(ctx.out, f"round-{rs.index}")
+    with ctx.run(rs):
+        log.info("round %d/%d: held-out evaluation", rs.index, cfg.loop.rounds)
+        workers.start(state.latest_weights(), rewards=True)
+        result = evaluate(cfg, ctx.heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), ctx.progress,
+                          statistics=ctx.statistics)
+        workers.release_rewards()
+        row = eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
+        if cfg.loop.guard.enabled:
+            current = guard.measure_round(cfg, fs.join(base, "eval"))
+            row.update(guard.means(current))
+            verdict = guard.decide(cfg, state.baseline["guard"], current, row, rs.index)
+            row["guard_fired"] = float(verdict["fired"])
+            if verdict["fired"] and cfg.loop.guard.action != "warn":
+                state.guard = verdict
+                guard.record(ctx.out, verdict)
+        rs.metrics.update(row)
+        log_metrics(rs.metrics, step=rs.index)
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)}, step=rs.index,
+                           run_id=ctx.parent_run_id)
+        log.info("round %d/%d: held-out reward %.4f (round 0: %.4f; gain %+.4f, 95%% CI [%+.4f, %+.4f], p=%.3f)",
+                 rs.index, cfg.loop.rounds, row["heldout_reward"], state.baseline["row"]["heldout_reward"],
+                 row["mean_diff"], row["ci_low"], row["ci_high"], row["p_value"])
+        rs.phase = "evaluated"
+        ctx.save()
+
+
+def run_round(ctx: RoundContext, rs: RoundState) -> None:
+    """On-policy: pairs with version r − 1, train from it, refresh to version r, evaluate."""
+    pairs_phase(ctx, rs)
+    train_phase(ctx, rs, live=True)
+    refresh_phase(ctx, rs)
+    eval_phase(ctx, rs)
+
+
+def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundState | None) -> None:
+    """One round off-policy: round ``following``'s pairs are made while ``rs`` trains; the replicas move to
+    ``rs``'s weights between two generation calls (each loads the written folder in one call, so no
+    generation ever sees a partial update), then ``rs`` is evaluated once ``following``'s pairs are done."""
+    pairs_phase(ctx, rs)  # round 1, or a round a resumed job had not paired yet
+    background: dict[str, BaseException] = {}
+
+    def make_pairs() -> None:
+        try:
+            pairs_phase(ctx, following)
+        except BaseException as exc:  # noqa: BLE001 - raised in the controller's thread below
+            background["error"] = exc
+
+    worker = None
+    if following is not None and not following.reached("paired") and not ctx.state.guard:
+        worker = threading.Thread(target=make_pairs, name=f"pairs-round-{following.index}", daemon=True)
+        worker.start()
+    try:
+        train_phase(ctx, rs, live=False)
+        refresh_phase(ctx, rs)
+    finally:
+        if worker is not None:
+            worker.join()
+    if "error" in background:
+        raise background["error"]
+    eval_phase(ctx, rs)

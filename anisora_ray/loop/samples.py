@@ -1,0 +1,47 @@
+"""What a round leaves behind besides its state: sample videos and tables in MLflow, its held-out row,
+and runs a killed driver left open."""
+
+from __future__ import annotations
+
+import os
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.heldout import EvalResult
+from anisora_ray.eval.stats import paired_comparison
+from anisora_ray.io import fs
+from anisora_ray.loop.report import side_by_side
+from anisora_ray.pairs.writer import read_pairs
+
+
+def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int) -> dict:
+    row = {"round": index, **result.metrics(), "weights_version": result.weights_version}
+    if baseline is not None:
+        row.update(paired_comparison(baseline, result.per_prompt, samples=samples, seed=seed).to_dict())
+    return row
+
+
+def log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
+    """The round's pair tables and side-by-side winner | loser videos, as artifacts of the round's run."""
+    import mlflow
+
+    if not fs.is_url(pairs_uri):
+        for name in sorted(os.listdir(pairs_uri)):
+            if name.endswith(".parquet"):
+                mlflow.log_artifact(os.path.join(pairs_uri, name), artifact_path="pairs")
+    for pair in read_pairs(pairs_uri)[: cfg.eval.sample_videos]:
+        uri = side_by_side(pair, fs.join(out, f"{pair.prompt_id}-winner-vs-loser.mp4"), cfg.generator.fps)
+        if not fs.is_url(uri):
+            mlflow.log_artifact(uri, artifact_path="pairs")
+
+
+def close_orphans(parent_run_id: str, keep: str) -> None:
+    """Mark runs a killed driver left RUNNING under ``parent_run_id`` as KILLED, except ``keep`` (the
+    training run a resumed round continues)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    for orphan in client.search_runs([parent.info.experiment_id],
+                                     f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        if orphan.info.run_id != keep:
+            client.set_terminated(orphan.info.run_id, status="KILLED")

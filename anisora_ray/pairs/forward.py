@@ -1,0 +1,116 @@
+"""The pipeline's forwarding stages, as Ray Data *tasks* that send work to actors living for the whole job.
+
+A round is one Ray Data dataset; an actor-pool stage would start its own worker processes for every
+dataset (a fixed start-up per round: seconds before the first pair on a small machine). These stages
+are plain functions instead: Ray runs them on its pooled workers, which stay warm from round to
+round. State that must outlive a round lives in persistent actors: the generator replicas, a
+``runtime.LeastLoaded`` router that leases the least-loaded replica for each call, and the reward actors.
+Modules that Ray Data workers unpickle keep torch, diffusers and scipy out of their imports.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from anisora_ray.reward.base import ClipBatch
+from anisora_ray.runtime import call_with_retries
+from anisora_ray.types import Candidate, GenerationRequest, PromptItem
+
+NO_FRAMES = np.zeros((1, 1, 1, 3), np.uint8)  # what an error row carries in place of a clip
+
+
+def failure(error) -> str:
+    """A row's error as a string, "" when there is none (whatever Arrow/numpy made of an empty value)."""
+    return error if isinstance(error, str) else ""
+
+
+def clip_batch(batch: dict[str, np.ndarray], ok: list[int]) -> ClipBatch:
+    """The decoded clips of rows ``ok`` of a stage batch."""
+    return ClipBatch(frames=[batch["frames"][i] for i in ok], prompts=[str(batch["prompt"][i]) for i in ok],
+                     images=[batch["image"][i][0] for i in ok], references=[None] * len(ok),
+                     character_ids=[text_or_none(batch["character_id"][i]) if "character_id" in batch else None
+                                    for i in ok])
+
+
+def text_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def objects(arrays: list[np.ndarray]) -> np.ndarray:
+    holder = np.empty(len(arrays), dtype=object)
+    holder[:] = arrays
+    return holder
+
+
+def _lease(router, count: int) -> int:
+    try:
+        return ray.get(router.lease.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # only spreads the load: any replica will do
+        return random.randrange(count)
+
+
+def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, timeout_s: float | None = None,
+                         retries: int = 0) -> pa.Table:
+    """Ray Data stage: one call of a batch of (prompt, seed) rows to the least-loaded persistent replica.
+
+    Rows of candidates that failed carry ``error`` (quarantined downstream) so every prompt sees its K rows."""
+    rows = batch.to_pylist()
+    seeds: dict[str, list[int]] = defaultdict(list)
+    items: dict[str, PromptItem] = {}
+    for r in rows:
+        items[r["prompt_id"]] = PromptItem(r["prompt_id"], r["prompt"], r["image_uri"], r.get("character_id"))
+        seeds[r["prompt_id"]].append(int(r["seed"]))
+    requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
+    index = _lease(router, len(replicas))
+    replica = replicas[index]
+    try:
+        (candidates, quarantined), retried = call_with_retries(  # a dead or hung replica is restarted, the call sent again
+            lambda: replica.generate.remote(requests, out_dir), what=f"generator replica {index}",
+            retries=retries, timeout_s=timeout_s, on_timeout=lambda: ray.kill(replica, no_restart=False))
+    finally:
+        router.release.remote(index)
+    made = {(c.prompt_id, c.seed): c for c in candidates}
+    failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
+    out, errors = [], []
+    for r in rows:
+        c = made.get((r["prompt_id"], int(r["seed"])))
+        if c is None:
+            c = Candidate(r["prompt_id"], r["prompt"], r["image_uri"], int(r["seed"]), int(r["candidate_index"]),
+                          video_uri="", weights_version=-1, num_frames=0, height=0, width=0, fps=0,
+                          frames_sha256="", replica_id="", generate_seconds=0.0, encode_seconds=0.0,
+                          character_id=r.get("character_id"))
+        out.append(c)
+        errors.append("" if (c.prompt_id, c.seed) in made else failed.get(c.prompt_id, "generation failed"))
+    return (Candidate.to_table(out).append_column("error", pa.array(errors, pa.string()))
+            .append_column("retries", pa.array([retried] * len(out), pa.int64())))
+
+
+def score_on_actors(batch: dict[str, np.ndarray], pools: dict[str, list], timeout_s: float | None = None,
+                    retries: int = 0) -> dict[str, np.ndarray]:
+    """Ray Data stage ("actors" mode): a batch goes to the object store once and to every dimension's
+    persistent actor pool in parallel; the scores come back as ``<dim>_raw`` columns."""
+    n = len(batch["error"])
+    ok = [i for i, e in enumerate(batch["error"]) if not failure(e)]
+    out = {k: v for k, v in batch.items() if k not in ("frames", "image")}
+    scores = {name: np.full(n, np.nan) for name in pools}
+    retried = 0
+    if ok:
+        clips = ray.put(clip_batch(batch, ok))
+        turn = zlib.crc32(str(batch["video_uri"][ok[0]]).encode())  # spreads batches over each pool's actors
+        actors = {name: pool[turn % len(pool)] for name, pool in pools.items()}
+        refs = {name: actor.score.remote(clips) for name, actor in actors.items()}  # all dimensions in parallel
+        for name, actor in actors.items():  # a dead or hung actor is restarted (max_restarts), the batch sent again
+            scores[name][ok], tries = call_with_retries(
+                lambda a=actor: a.score.remote(clips), first=refs[name], what=f"reward actor {name}",
+                retries=retries, timeout_s=timeout_s, on_timeout=lambda a=actor: ray.kill(a, no_restart=False))
+            retried += tries
+    for name, values in scores.items():
+        out[f"{name}_raw"] = values
+    out["retries"] = np.asarray(batch["retries"]) + retried if "retries" in batch else np.full(n, retried)
+    return out
