@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/anisora-ray align --config configs/local.yaml --resume   # continues (or reprints) a previous run
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation_throughput.py

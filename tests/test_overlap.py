@@ -1,5 +1,7 @@
 """``loop.overlap: one_round_off_policy``: round r + 1 is generated while round r trains; the replicas move to
-round r's weights between two generation calls; pairs record their version and rounds log their staleness."""
+round r's weights between two generation calls; pairs record their version and rounds log their staleness.
+(That held-out reward still rises with overlapped rounds is measured on the embedded default in
+docs/alignment.md: a 3-round run is minutes, not a unit test.)"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     from anisora_ray.pairs.writer import read_pairs
     from anisora_ray.tracking import tracking_uri
 
-    overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=3", "gapo.steps=4", "gapo.beta=500",
+    overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", "gapo.steps=4", "gapo.beta=500",
                  "generator.replicas=1", "eval.demo_prompts=2", "eval.candidates_per_prompt=1", "eval.sample_videos=0",
                  "loop.registered_model=null", "loop.guard.enabled=false", f"ray.address={ray_cluster.address}",
                  "loop.overlap=one_round_off_policy"]
@@ -28,12 +30,12 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     with open(result.state_uri) as f:
         state = json.load(f)
     assert [(r["index"], r["phase"], r["weights_version"]) for r in state["rounds"]] == [
-        (1, "evaluated", 1), (2, "evaluated", 2), (3, "evaluated", 3)]
-    assert [row["weights_version"] for row in result.rows] == [0, 1, 2, 3]  # each round evaluated on its own weights
-    versions = {i: [p.weights_version for p in read_pairs(str(align / f"round-{i}" / "pairs"))] for i in (1, 2, 3)}
+        (1, "evaluated", 1), (2, "evaluated", 2)]
+    assert [row["weights_version"] for row in result.rows] == [0, 1, 2]  # each round evaluated on its own weights
+    versions = {i: [p.weights_version for p in read_pairs(str(align / f"round-{i}" / "pairs"))] for i in (1, 2)}
     assert set(versions[1]) == {0} and len(versions[1]) == 3
-    for i in (2, 3):  # made while round i - 1 trained: its weights (i - 2), or round i - 1's once written
-        assert versions[i] and set(versions[i]) <= {i - 2, i - 1}, versions
+    # round 2 was made while round 1 trained: with version 0, or round 1's once written
+    assert versions[2] and set(versions[2]) <= {0, 1}, versions
     # round 2 was generated while round 1 trained: its pairs were written before round 1's weights
     first_pairs = min(os.path.getmtime(align / "round-2" / "pairs" / n) for n in os.listdir(align / "round-2" / "pairs")
                       if n.startswith("pairs-"))
@@ -42,7 +44,7 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     client = mlflow.MlflowClient(tracking_uri(cfg))
     runs = {r.info.run_name: r for r in client.search_runs([client.get_run(result.parent_run_id).info.experiment_id])
             if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
-    for i in (1, 2, 3):  # staleness relative to the weights the round trains from (round i - 1's)
+    for i in (1, 2):  # staleness relative to the weights the round trains from (round i - 1's)
         m = runs[f"round-{i}"].data.metrics
         lags = [(i - 1) - v for v in versions[i]]
         assert m["pairs_staleness_mean"] == sum(lags) / len(lags) and m["pairs_staleness_max"] == max(lags)

@@ -242,10 +242,8 @@ class PairsConfig(Section):
     decode_cpus: float = Field(default=1.0, gt=0)
     decode_concurrency: int = Field(default=2, ge=1)
     object_store_memory_mb: int | None = Field(default=None, ge=64)  # Ray Data backpressure budget (None: Ray's)
-    # Where the reward dimensions run: "actors" = the persistent per-dimension reward actors (kept across
-    # rounds, like the generator replicas) reached through a thin Ray Data forwarding task: no model loads
-    # and no worker start-up per round; "pipeline" = one Ray Data actor pool per dimension, created per run
-    # (frees the reward resources between runs, pays their start-up every round).
+    # "actors": persistent per-dimension reward actors (kept across rounds) behind one Ray Data forwarding
+    # task: no model loads, no worker start-up per round; "pipeline": a Ray Data actor pool per dimension per run.
     reward_stage: Literal["pipeline", "actors"] = "actors"
     reward_forwarders: int = Field(default=2, ge=1)  # "actors": concurrent forwarding workers
 
@@ -336,13 +334,11 @@ class LoopConfig(Section):
     placement: Literal["separate", "shared"] = "separate"  # shared: stop generator + reward actors while training
     registered_model: str | None = "anisora-generator"  # MLflow model name of each round's weights (None: skip)
     guard: GuardConfig = GuardConfig()
-    # How a round's trained weights reach the replicas: "live" = the trainer's rank 0 streams them from memory
-    # right after writing them (same-node replicas through shared memory, others through the object store;
-    # separate placement only); "storage" = every replica streams the written folder. Both verify checksums.
+    # "live": rank 0 streams the written weights from memory to the replicas (separate placement); "storage":
+    # every replica streams the written folder. Both verify checksums.
     refresh: Literal["live", "storage"] = "live"
-    # "none": on-policy rounds (generate with version r-1, train, refresh, evaluate). "one_round_off_policy":
-    # round r+1 is generated and scored while round r trains (with version r-1, then r once it is written:
-    # the replicas move between two generation calls); pairs record their version, rounds log staleness.
+    # "one_round_off_policy": round r+1 is generated while round r trains (version r-1, then r once written,
+    # loaded between two generation calls); pairs record their version, rounds log staleness. "none": on-policy.
     overlap: Literal["none", "one_round_off_policy"] = "none"
 
     @model_validator(mode="after")
