@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 COSTS = RoundCosts(prompts=8, candidates=4, video_seconds=10.0, videos_per_call=4, reward_batch=4,
                    reward_clips_per_second={"character": 0.5, "visual_motion": 100.0}, pair_step_seconds=6.0,
-                   refresh_seconds=2.0, startup_seconds=30.0)
+                   refresh_seconds=2.0, startup_seconds=30.0, stream_start_seconds=1.0)
 
 
 def test_stages_and_schedules_by_hand():
@@ -23,7 +23,7 @@ def test_stages_and_schedules_by_hand():
     assert p.pure_generation == 4 * 4 * 10.0  # 8 calls of 4 videos over 2 replicas
     assert p.stages["reward"] == 4 * 4 / 0.5  # 8 batches of 4 clips over 2 character actors
     first = 4 * 10.0 + 4 / 0.5  # the first call's videos, then one character batch
-    assert p.stages["pairs"] == 160.0 + first and p.stages["train"] == 8 * 6.0
+    assert p.stages["pairs"] == 160.0 + first + 1.0 and p.stages["train"] == 8 * 6.0
     assert p.wall == p.stages["pairs"] + 48.0 + 2.0
     overlapped = predict(COSTS, ClusterShape(2, {"character": 2, "visual_motion": 0.5}, 1, overlap=True))
     assert overlapped.wall == max(p.stages["pairs"], 48.0 + 2.0)

@@ -39,6 +39,9 @@ class RoundCosts:
     refresh_seconds: float = 2.0  # weights to every replica (LoRA: 0.13 GB)
     eval_prompts: int = 0  # held-out prompts generated and scored every round
     eval_candidates: int = 1
+    # a fixed cost per round, not per item: starting the round's streaming dataset (measured on 2 cores: the
+    # first pair after ~1.9 s where its own work is ~0.7 s; benchmarks/pairs_pipeline.py, rounds 2+)
+    stream_start_seconds: float = 1.2
     startup_seconds: float = 60.0  # shared placement: replicas load again every round (5B load ~18-40 s + compile 21 s)
 
 
@@ -101,7 +104,7 @@ def predict(c: RoundCosts, shape: ClusterShape) -> RoundPrediction:
     rewards = reward_seconds(videos, shape.reward, c)
     reward = max(rewards.values())
     first = c.videos_per_call * c.video_seconds + max(c.reward_batch / r for r in c.reward_clips_per_second.values())
-    pairs = max(gen, reward) + min(first, gen)  # streamed: the slower side, plus filling the pipeline once
+    pairs = max(gen, reward) + min(first, gen) + c.stream_start_seconds  # the slower side, plus filling the pipeline
     trainers = shape.total if shape.placement == "shared" else shape.training
     train = math.ceil(c.prompts / (trainers * c.pairs_per_step)) * c.pair_step_seconds
     eval_videos = c.eval_prompts * c.eval_candidates
