@@ -32,7 +32,7 @@ from anisora_ray.reward.actors import DimensionScorer
 from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
 from anisora_ray.reward.stage import decode_one
 from anisora_ray.reward.statistics import RewardStatistics
-from anisora_ray.runtime import LeastLoaded, first_line, on_this_node
+from anisora_ray.runtime import first_line
 from anisora_ray.types import Candidate, PromptItem, QuarantineRecord, ScoredCandidate
 
 if TYPE_CHECKING:  # the stages below run in Ray Data workers: keep torch/diffusers out of their imports
@@ -89,7 +89,8 @@ class ScoreDimension:
 
 def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_dir: str,
                   round_index: int = 0, reward_actors=None) -> ray.data.Dataset:
-    """The lazy streaming dataset; nothing runs until it is iterated."""
+    """The lazy streaming dataset; nothing runs until it is iterated. ``replicas`` brings its actors and the
+    persistent router that leases them (``GeneratorReplicas.router``), which outlives the round."""
     # One row per (prompt, seed), one block per prompt: expanded here rather than in a Ray Data stage,
     # which would be one more kind of worker to start per round.
     rows = [{"prompt_id": r.item.prompt_id, "prompt": r.item.prompt, "image_uri": r.item.image_uri,
@@ -97,10 +98,8 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
             for r in build_requests(items, cfg, round_index) for i, s in enumerate(r.seeds)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
-    router = getattr(replicas, "router", None) or LeastLoaded.options(scheduling_strategy=on_this_node()).remote(
-        len(replicas.actors))  # persistent replica groups bring theirs: it lives as long as they do
     ds = ds.map_batches(generate_on_replicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
-                        fn_kwargs={"replicas": replicas.actors, "router": router, "out_dir": out_dir,
+                        fn_kwargs={"replicas": replicas.actors, "router": replicas.router, "out_dir": out_dir,
                                    "timeout_s": g.call_timeout_s, "retries": g.call_retries},
                         compute=ray.data.TaskPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0)
     return score_stream(cfg, ds, reward_actors)
