@@ -7,23 +7,29 @@
 #   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed
 #   python benchmarks/realsize_gpu.py --write-pair gpu-pair
 # (av is 36 MB: beyond the 64 MiB a call carries with the rest, hence the pair made here.)
+# CHECKS picks a subset, e.g. CHECKS="refresh zero3" (default: all, in this order).
 set -u
+CHECKS=${CHECKS:-"refresh lora compile zero3 generation"}
+want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 RS=/tmp/anisora-realsize
+# 0. Weight refresh through CUDA IPC (9.5 GB of bf16 to 2 replica processes on the GPU) vs a D2D memcpy.
+want refresh && timeout "${REFRESH_LIMIT:-150}" python3 benchmarks/refresh_gpu.py --json "$OUT/refresh_gpu.json" 2>&1 \
+  | tee "$OUT/refresh_gpu.log" | grep -v -i -E "warn|resource_tracker|KeyError|cache\[rtype\]"
 # 1. GAPO at 5B: LoRA eager vs gapo.compile, then ZeRO-3 full fine-tuning with the gathered export.
-timeout "${LORA_LIMIT:-240}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
+want lora && timeout "${LORA_LIMIT:-240}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
   --gapo-compile "" --json "$OUT/realsize_lora.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_lora.log"
-timeout "${COMPILE_LIMIT:-200}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
+want compile && timeout "${COMPILE_LIMIT:-200}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \
   --gapo-compile lora --json "$OUT/realsize_lora_compiled.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_lora_compiled.log"
-timeout "${ZERO3_LIMIT:-300}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases zero3 \
-  --json "$OUT/realsize_zero3.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/realsize_zero3.log"
+want zero3 && timeout "${ZERO3_LIMIT:-300}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases zero3 \
+  --json "$OUT/realsize_zero3.json" 2>&1 | tee "$OUT/realsize_zero3.log" | grep -v -i warn | tail -25
 # 2. Generation speed at 5B, a second fresh run for the spread (the first: docs/measurements/).
-timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/model --measure-steps 2 \
+want generation && timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/model --measure-steps 2 \
   --batches 1,4 --compile-batches 1,4 --budget-s 200 --json "$OUT/generation_speed.json" 2>&1 | grep -v -i warn \
   | tee "$OUT/generation_speed.log"

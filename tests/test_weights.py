@@ -219,6 +219,17 @@ def _receiver_class():
             self.check_complete()
             return "ok"
 
+        def fail_at_part(self, n: int) -> None:  # a fault: the n-th part from now raises
+            self.parts_left = n
+
+        def load_part(self, version, bucket):
+            self.parts_left = getattr(self, "parts_left", 0) - 1
+            if self.parts_left == 0:
+                if hasattr(bucket, "group"):  # a group member takes its part of the broadcast, then fails
+                    list(self._weights_group.receive(bucket))
+                raise RuntimeError("part 2 refused")
+            return super().load_part(version, bucket)
+
     return Receiver
 
 
@@ -272,3 +283,77 @@ def test_stream_update_reaches_same_node_and_remote_replicas_verified(ray_cluste
         stream_update(actors, group_by_size(sorted(live.items()), 40_000), 4, "full", nodes=nodes)
     with pytest.raises(ray.exceptions.RayTaskError, match="a part of weights version 9 arrived, but the update in progress is None"):
         ray.get(actors[0].load_part.remote(9, next(iter(pack_buckets(sorted(live.items()), 1 << 20)))))
+
+
+def test_stream_update_over_a_broadcast_group_and_a_failed_member(ray_cluster):
+    """transport collective: the sender and both replicas (one per node) form a gloo group of their own;
+    every bucket is one broadcast, verified as by the other routes; a new group per update. A replica that
+    fails mid-update breaks the group: the update fails for every member, by name, without hanging."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from anisora_ray.weights.refresh import stream_update
+    from anisora_ray.weights.state import group_by_size
+
+    shapes = {f"w{i}": (64, 65) for i in range(5)} | {"bias": (3,)}
+    here = ray.get_runtime_context().get_node_id()
+    other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
+    receiver = _receiver_class()
+    actors = [receiver.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(shapes)
+              for node in (here, other)]
+    nodes = ray.get([a.node.remote() for a in actors])
+    g = torch.Generator().manual_seed(1)
+    live = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    for version in (1, 2):
+        meta, reports = stream_update(actors, group_by_size(sorted(live.items()), 40_000), version, "full", nodes=nodes,
+                                      transport="collective", window=1, timeout_s=30)
+        assert meta.version.checksum == tensors_checksum(sorted(live.items()))  # gloo stages on the host: xxh3
+        assert {r["received"] for r in reports} == {r["loaded"] for r in reports} == {meta.version.checksum}
+        for state in ray.get([a.state.remote() for a in actors]):
+            assert all(torch.equal(state[k], live[k]) for k in live)
+        live = {k: v * 3 for k, v in live.items()}
+
+    # replica 1 fails on its second part (it takes no part in that broadcast): the whole group fails
+    ray.get(actors[1].fail_at_part.remote(2))
+    with pytest.raises(WeightsError, match=r"failed on 2 of 2 replica.*replica 0: gloo group broken by a failed replica; replica 1: .*part 2 refused"):
+        stream_update(actors, group_by_size(sorted(live.items()), 40_000), 3, "full", nodes=nodes,
+                      transport="collective", timeout_s=20)
+    assert ray.get([a.get_weights_version.remote() for a in actors]) == [2, 2]
+    stream_update(actors, group_by_size(sorted(live.items()), 40_000), 4, "full", nodes=nodes, transport="collective",
+                  timeout_s=30)  # a fresh group repairs both
+    assert ray.get([a.run.remote() for a in actors]) == ["ok", "ok"]
+
+
+def test_fp_checksum_is_exact_on_any_layout_and_catches_swaps_and_flips():
+    """Scheme fp (the GPU routes'): integer row and column sums of the bytes, hashed with name, dtype, shape."""
+    from anisora_ray.weights.state import Checksum, TensorCopier, digests, fingerprint_vector, scheme_of
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=g).to(torch.bfloat16)  # 2 full rows of 1024 words and a tail
+    assert fingerprint_vector(x).shape == (2 + 1024 + 952,)
+    base = digests([("x", x)], "fp")[0]
+    assert digests([("x", x.clone())], "fp")[0] == base and digests([("y", x)], "fp")[0] != base
+    assert digests([("x", x.view(30, 100))], "fp")[0] != base  # shape is covered
+    swapped = x.clone()
+    swapped[[5, 700]] = x[[700, 5]]  # same row: only a column sum changes
+    flipped = x.view(torch.int16).clone()
+    flipped[2500] ^= 1  # one bit in the tail
+    across = x.clone()
+    across[[5, 1029]] = x[[1029, 5]]  # same column, other row
+    assert len({base, *digests([("x", swapped), ("x", flipped.view(torch.bfloat16)), ("x", across)], "fp")}) == 4
+    checksum = Checksum("fp")
+    checksum.update_many([("x", x)])
+    assert scheme_of(checksum.hexdigest()) == "fp" and scheme_of(Checksum().hexdigest()) == "xxh3"
+
+    # a copier with scheme fp: one digest of the target serves as received and loaded; a cast is checked too
+    targets = {"x": torch.zeros(3000, dtype=torch.bfloat16), "y": torch.zeros(7, dtype=torch.bfloat16)}
+    copier = TensorCopier(targets, "fp")
+    y32 = torch.randn(7, generator=g)
+    copier.add([("x", x), ("y", y32)])
+    report = copier.report(require_all=True)
+    assert torch.equal(targets["x"], x) and torch.equal(targets["y"], y32.to(torch.bfloat16))
+    sent = Checksum("fp")
+    sent.update_many([("x", x), ("y", y32)])
+    assert report["received"] == sent.hexdigest() and report["received"] != report["loaded"]
+    with pytest.raises(WeightsError, match="update shape"):
+        TensorCopier(targets, "fp").add([("x", x[:10])])

@@ -3,7 +3,8 @@
 A class that holds a model to refresh (the generator, a benchmark's stand-in) mixes this in and
 implements :meth:`WeightsReceiver.receiving_module`. It gets the methods a sender calls:
 ``load_weights`` (a whole update), ``begin_update`` / ``load_part`` / ``commit_update`` (streamed
-bucket by bucket from the object store or a same-node shared-memory slot), ``load_weights_from``
+bucket by bucket from the object store, a same-node shared-memory slot, a GPU slot opened through
+CUDA IPC, or a broadcast group joined with ``join_weights_group``), ``load_weights_from``
 (a folder in storage), and ``check_complete``, which a user of the model calls before running it.
 The version moves only once every checksum agrees.
 """
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
+from anisora_ray.weights import cuda_ipc
+from anisora_ray.weights.collective import CollectiveBucket, GroupSpec, WeightsGroup
 from anisora_ray.weights.shared import SharedBucket, bucket_items, release_unused
 from anisora_ray.weights.state import Bucket, bucket_tensors
 from anisora_ray.weights.update import UpdateLoader, UpdateMeta, read_folder
@@ -29,6 +32,7 @@ class WeightsReceiver:
     _weights_version: int = 0
     _weights_checksum: str = ""
     _incoming: UpdateLoader | None = None
+    _weights_group: WeightsGroup | None = None
 
     def receiving_module(self):
         """The module the weights go into (the transformer)."""
@@ -61,17 +65,41 @@ class WeightsReceiver:
             raise WeightsError(f"{meta.version.uri} holds {kind} weights, the update says {meta.version.kind}")
         return self._load(meta, tensors, "storage")
 
-    def begin_update(self, version: int, kind: str, lora: dict | None = None) -> None:
-        """Start loading ``version`` part by part (:meth:`load_part`, then :meth:`commit_update`)."""
-        self._incoming = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version)
+    def weights_gpus(self) -> list[str]:
+        """UUIDs of the GPUs this replica sees (a sender on one of them reaches it through CUDA IPC)."""
+        return cuda_ipc.visible_gpu_uuids()
 
-    def load_part(self, version: int, bucket: Bucket | SharedBucket) -> int:
-        """Copy one bucket of the update begun as ``version`` into the module; returns its bytes."""
+    def join_weights_group(self, spec: GroupSpec, rank: int) -> None:
+        """Join a sender's broadcast group (leaving the previous one); returns once the whole group has joined."""
+        if self._weights_group is not None:
+            self._weights_group.close()
+            self._weights_group = None
+        device = next(self.receiving_module().parameters()).device
+        self._weights_group = WeightsGroup(spec, rank, device)
+
+    def begin_update(self, version: int, kind: str, lora: dict | None = None, scheme: str = "xxh3") -> None:
+        """Start loading ``version`` part by part (:meth:`load_part`, then :meth:`commit_update`), verified with
+        checksum ``scheme`` (``fp`` when the sender stages on a GPU)."""
+        self._incoming = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
+
+    def _parts(self, bucket):
+        if isinstance(bucket, CollectiveBucket):
+            if self._weights_group is None:
+                raise WeightsError(f"replica {self.replica_id}: a group bucket arrived before joining a weights group")
+            return list(self._weights_group.receive(bucket))  # taken out of the group first, whatever follows
+        if isinstance(bucket, cuda_ipc.DeviceBucket):
+            return cuda_ipc.device_tensors(bucket)
+        return bucket_items(bucket)
+
+    def load_part(self, version: int, bucket: Bucket | SharedBucket | CollectiveBucket | cuda_ipc.DeviceBucket) -> int:
+        """Copy one bucket of the update begun as ``version`` into the module; returns its bytes. A group's
+        bucket is received before anything is checked: every member takes part in every broadcast."""
+        parts = self._parts(bucket)
         if self._incoming is None or self._incoming.version != version:
             begun = self._incoming.version if self._incoming else None
             raise WeightsError(f"replica {self.replica_id}: a part of weights version {version} arrived, "
                                f"but the update in progress is {begun}")
-        self._incoming.add(bucket_items(bucket))
+        self._incoming.add(parts)
         return bucket.nbytes
 
     def commit_update(self, record: WeightsVersion) -> dict:
@@ -81,6 +109,7 @@ class WeightsReceiver:
         report = self._incoming.finish(record)
         self._incoming = None
         release_unused()
+        cuda_ipc.release_unused()
         return self._loaded(record, report, "a live trainer")
 
     def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:

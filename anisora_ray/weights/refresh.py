@@ -1,9 +1,9 @@
 """Weight refresh: get trained weights to every replica and verify that each one loaded them.
 
-Two transports, one check. ``stream_update`` sends a trainer's live tensors, bucket by bucket,
-through the object store: each bucket is written there once (the only host copy) and every
-replica copies it in while the next bucket is being put, with at most ``window`` buckets in
-flight; the replicas commit once the sender's checksum is known. ``refresh_from_storage`` sends
+Two ways, one check. ``stream_update`` sends a trainer's live tensors, bucket by bucket, over the
+routes its transport picks (shared memory or the object store from the host; CUDA IPC or an NCCL
+group from a GPU; :mod:`.stream` runs them): every replica copies bucket i in while bucket i+1 is
+staged, and commits once the sender's checksum is known. ``refresh_from_storage`` sends
 only the metadata of a trained folder and each replica streams the folder from storage itself.
 Either way the process that calls it never holds more than a bucket, and every replica must
 report the new version and the same checksum of what it loaded: any replica that fails, lags or
@@ -13,8 +13,9 @@ put a whole update first and load it after: small models and tests.)
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable
+import itertools
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,14 @@ import torch
 
 from anisora_ray.errors import WeightsError
 from anisora_ray.types import WeightsVersion
+from anisora_ray.weights.collective import GroupSlots, WeightsGroup
+from anisora_ray.weights.cuda_ipc import device_slots, gpu_uuid
 from anisora_ray.weights.shared import sender_slots
 from anisora_ray.weights.state import Checksum, pack_buckets, refuse_non_finite
+from anisora_ray.weights.stream import Chunk, Route, collect, stream_parts
 from anisora_ray.weights.update import UpdateMeta, folder_update, read_folder
+
+TRANSPORTS = ("auto", "host", "collective", "cuda_ipc")
 
 
 @dataclass
@@ -67,100 +73,105 @@ def publish(uri: str, version: int, bucket_mb: float = 256.0) -> WeightsUpdate:
                            bucket_mb=bucket_mb)
 
 
-def _failure(index: int, exc: Exception) -> str:
-    return f"replica {index}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+class RayReplicas:
+    """:class:`~anisora_ray.weights.stream.Replicas` for Ray actors."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def call(self, index: int, method: str, *args):
+        return getattr(self.actors[index], method).remote(*args)
+
+    def wait(self, handle, timeout_s: float):
+        return ray.get(handle, timeout=timeout_s)
 
 
-def _collect(actors: list, version: int, call: Callable[[Any], Any], timeout_s: float,
-             failures: dict[int, str] | None = None) -> list[dict]:
-    """Call every actor not in ``failures`` (index -> what went wrong earlier) and check the reports agree."""
-    failures = dict(failures or {})
-    calls = {i: call(actor) for i, actor in enumerate(actors) if i not in failures}
-    reports = []
-    for index, pending in calls.items():
-        try:
-            reports.append(ray.get(pending, timeout=timeout_s))
-        except Exception as exc:  # noqa: BLE001 - every replica is checked before raising
-            failures[index] = _failure(index, exc)
-    if failures:
-        failures = [failures[i] for i in sorted(failures)]
-        raise WeightsError(f"weights refresh to version {version} failed on {len(failures)} of "
-                           f"{len(actors)} replica(s): " + "; ".join(failures))
-    versions = {r["version"] for r in reports}
-    loaded = {r["loaded"] for r in reports}
-    if versions != {version} or len(loaded) != 1:
-        raise WeightsError(f"replicas disagree after the refresh to version {version}: versions {versions}, "
-                           f"{len(loaded)} distinct checksums")
-    return reports
+def _first(chunks: Iterable[Chunk]) -> tuple[torch.device, Iterable[Chunk]]:
+    """The device of the first chunk's tensors, and the chunks with that one put back in front."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        return torch.device("cpu"), iter(())
+    return (first[0][1].device if first else torch.device("cpu")), itertools.chain([first], chunks)
 
 
-def stream_update(actors: list, chunks: Iterable[list[tuple[str, torch.Tensor]]], version: int, kind: str, *,
-                  uri: str = "", lora: dict | None = None, nodes: list[str] | None = None, window: int = 2,
-                  timeout_s: float = 1800.0) -> tuple[UpdateMeta, list[dict]]:
+def _group_route(replicas: RayReplicas, indices: list[int], device: torch.device, window: int,
+                 timeout_s: float) -> Route:
+    """A broadcast group of this process (rank 0) and replicas ``indices``, joined before it returns."""
+    group = WeightsGroup.host(f"weights-{uuid.uuid4().hex[:8]}", ray.util.get_node_ip_address(), len(indices) + 1,
+                              device, timeout_s)
+    joins = [replicas.call(i, "join_weights_group", group.spec, rank) for rank, i in enumerate(indices, start=1)]
+    group.connect()  # returns once every replica has joined
+    ray.get(joins, timeout=timeout_s)
+    return Route(f"{group.spec.backend} group", indices, GroupSlots(window + 1, device, group), close=group.close)
+
+
+def plan_routes(replicas: RayReplicas, nodes: list[str] | None, device: torch.device, transport: str, window: int,
+                timeout_s: float) -> tuple[list[Route], str]:
+    """The routes of a refresh from tensors on ``device`` and its checksum scheme (see :func:`stream_update`)."""
+    if transport not in TRANSPORTS:
+        raise WeightsError(f"refresh transport {transport!r}: expected one of {TRANSPORTS}")
+    count = len(replicas.actors)
+    here = ray.get_runtime_context().get_node_id()
+    local = [i for i, node in enumerate(nodes or []) if node == here]
+    if transport == "collective":
+        return [_group_route(replicas, list(range(count)), device, window, timeout_s)], "fp" if device.type == "cuda" else "xxh3"
+    ipc, grouped, host = [], [], list(range(count))
+    if device.type == "cuda" and transport in ("auto", "cuda_ipc"):
+        sender = gpu_uuid(device)
+        seen = ray.get([replicas.call(i, "weights_gpus") for i in range(count)], timeout=timeout_s)
+        ipc = [i for i in range(count) if sender in seen[i]]
+        grouped = [i for i in range(count) if seen[i] and i not in ipc]
+        host = [i for i in range(count) if not seen[i]]
+        if transport == "cuda_ipc" and len(ipc) < count:
+            raise WeightsError(f"refresh transport cuda_ipc: replica(s) {sorted(set(range(count)) - set(ipc))} do not "
+                               f"see the trainer's GPU {sender}; use auto or collective")
+    elif transport == "cuda_ipc":
+        raise WeightsError(f"refresh transport cuda_ipc needs the trainer's weights on a GPU (they are on {device})")
+    routes = []
+    if ipc:
+        routes.append(Route("cuda ipc", ipc, device_slots(window + 1, device)))
+    if grouped:
+        routes.append(_group_route(replicas, grouped, device, window, timeout_s))
+    scheme = "fp" if routes else "xxh3"
+    if [i for i in host if i in local]:
+        routes.append(Route("shared memory", [i for i in host if i in local], sender_slots(window + 1)))
+    if [i for i in host if i not in local]:
+        routes.append(Route("object store", [i for i in host if i not in local], put=ray.put))
+    return routes, scheme
+
+
+def stream_update(actors: list, chunks: Iterable[Chunk], version: int, kind: str, *, uri: str = "",
+                  lora: dict | None = None, nodes: list[str] | None = None, window: int = 2,
+                  transport: str = "auto", timeout_s: float = 1800.0) -> tuple[UpdateMeta, list[dict]]:
     """Send named tensors (``chunks``: one bucket each, e.g. a trainer's gathered buckets) to every actor as
     weights ``version`` and verify; returns the update's metadata and the replicas' load reports.
 
-    Replicas whose node id (``nodes``) is this process's node read each bucket from a shared-memory slot
-    (:mod:`.shared`); the others from the object store (one ``ray.put`` per bucket, whatever their number).
-    Every bucket is checked for non-finite values and checksummed once; the replicas copy it in
-    (``load_part``) while the sender works on the next, and the sender waits while ``window`` buckets are
-    still being loaded. A chunk's tensors may change once the next chunk is requested.
-    If a bucket is refused (non-finite values) after replicas loaded earlier ones, those replicas hold a
-    partial update and refuse to generate until a whole update is loaded."""
-    here = ray.get_runtime_context().get_node_id()
-    local = {i for i, node in enumerate(nodes or []) if node == here}
+    ``transport``: ``host`` - replicas whose node id (``nodes``) is this process's node read each bucket from
+    a shared-memory slot (:mod:`.shared`), the others from the object store (one ``ray.put`` per bucket,
+    whatever their number); ``collective`` - one broadcast group of this process and every replica (NCCL
+    when the weights are on a GPU, else gloo); ``cuda_ipc`` - every replica opens GPU slots of the trainer
+    (:mod:`.cuda_ipc`; they must see its GPU); ``auto`` - weights on a GPU go through CUDA IPC to the
+    replicas that see that GPU, an NCCL group to the other GPU replicas and the host routes to CPU
+    replicas; weights on the host take the host routes. Every bucket is checked for non-finite values
+    and checksummed once (on the GPU, scheme ``fp``, when a GPU route comes first); see
+    :func:`.stream.stream_parts` for the pipelining and what a failure leaves behind."""
+    device, chunks = _first(chunks)
+    replicas = RayReplicas(actors)
+    routes, scheme = plan_routes(replicas, nodes, device, transport, window, timeout_s)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the copies and checks are memory-bound: spare cores go to the replicas' copies
     try:
-        return _stream(actors, chunks, version, kind, uri, lora, local, window, timeout_s)
+        return stream_parts(replicas, len(actors), routes, chunks, version, kind, scheme=scheme, uri=uri, lora=lora,
+                            window=window, timeout_s=timeout_s)
     finally:
         torch.set_num_threads(threads)
 
 
-def _stream(actors, chunks, version, kind, uri, lora, local, window, timeout_s) -> tuple[UpdateMeta, list[dict]]:
-    failures: dict[int, str] = {}
-    where = uri or f"weights version {version}"
-
-    def settle(refs: dict[int, Any]) -> None:
-        for index, ref in refs.items():
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except Exception as exc:  # noqa: BLE001 - this replica gets no more parts; the others go on
-                failures.setdefault(index, _failure(index, exc))
-
-    settle({i: a.begin_update.remote(version, kind, lora) for i, a in enumerate(actors)})
-    slots = sender_slots(window + 1) if local else None
-    checksum, count, nbytes, in_flight = Checksum(), 0, 0, deque()
-    for index, chunk in enumerate(chunks):
-        while len(in_flight) > window:  # the slot about to be staged again has been read by everyone
-            settle(in_flight.popleft())
-        active = [i for i in range(len(actors)) if i not in failures]
-        calls: dict[int, Any] = {}
-        if slots is not None:
-            shared, chunk = slots.stage(index, chunk, checksum, where)
-            calls.update({i: actors[i].load_part.remote(version, shared) for i in active if i in local})
-        else:
-            chunk = [(name, tensor.detach().cpu()) for name, tensor in chunk]  # one host copy from a device
-            for name, tensor in chunk:
-                refuse_non_finite(name, tensor, where)
-                checksum.update(name, tensor)
-        if any(i not in local for i in active):
-            ref = ray.put(next(pack_buckets(chunk, 2**62)))
-            calls.update({i: actors[i].load_part.remote(version, ref) for i in active if i not in local})
-            del ref  # the calls hold it until every replica has copied it
-        count += len(chunk)
-        nbytes += sum(t.numel() * t.element_size() for _, t in chunk)
-        in_flight.append(calls)
-    while in_flight:
-        settle(in_flight.popleft())
-    record = WeightsVersion(version=version, kind=kind, uri=uri, checksum=checksum.hexdigest(), num_bytes=nbytes,
-                            num_tensors=count)
-    return UpdateMeta(record, lora), _collect(actors, version, lambda a: a.commit_update.remote(record), timeout_s, failures)
-
-
 def refresh_actors(actors: list, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
     """Load an object-store ``update`` on every actor (in parallel) and verify versions and checksums agree."""
-    return _collect(actors, update.version, lambda a: a.load_weights.remote(update.meta, update.buckets), timeout_s)
+    return collect(RayReplicas(actors), len(actors), update.version, "load_weights", (update.meta, update.buckets),
+                   timeout_s)
 
 
 def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float = 1800.0) -> tuple[UpdateMeta, list[dict]]:
@@ -168,7 +179,7 @@ def refresh_from_storage(actors: list, uri: str, version: int, timeout_s: float 
     only the folder's manifest. Without a manifest the replicas' agreement is the only check.
     Returns the update's metadata (with the checksum the replicas measured when the folder had none)."""
     meta = folder_update(uri, version)
-    reports = _collect(actors, version, lambda a: a.load_weights_from.remote(meta), timeout_s)
+    reports = collect(RayReplicas(actors), len(actors), version, "load_weights_from", (meta,), timeout_s)
     record = meta.version
     if not record.checksum:  # a folder written by another tool: take what the replicas measured
         first = reports[0]

@@ -28,6 +28,7 @@ from anisora_ray.weights.state import (
     dtype_name,
     nbytes_of,
     refuse_non_finite,
+    refuse_non_finite_many,
     unpack_bucket,
 )
 
@@ -60,11 +61,53 @@ def _as_bytes(segment: shared_memory.SharedMemory) -> torch.Tensor:
         return torch.frombuffer(segment.buf, dtype=torch.uint8)
 
 
-class SharedSlots:
-    """The sender's reusable slots; a slot grows when a bucket does not fit. Unlinked at exit or :meth:`close`."""
+class Slots:
+    """A sender's reusable staging buffers, one per bucket in flight; subclasses say where a buffer lives
+    (:meth:`buffer`) and what a replica is told about a staged bucket (:meth:`announce`)."""
 
     def __init__(self, count: int):
         self.count = count
+
+    def buffer(self, index: int, nbytes: int) -> torch.Tensor:
+        """Slot ``index`` as at least ``nbytes`` of ``uint8`` (grown when a bucket does not fit)."""
+        raise NotImplementedError
+
+    def announce(self, index: int, entries: tuple[TensorEntry, ...], offsets: tuple[int, ...]):
+        raise NotImplementedError
+
+    def stage(self, index: int, chunk: list[tuple[str, torch.Tensor]], checksum: Checksum | None,
+              where: str) -> tuple[object, list[tuple[str, torch.Tensor]]]:
+        """Copy ``chunk`` into slot ``index % count``; unless ``checksum`` is None (another route checked the
+        bucket), refuse non-finite values and add each staged tensor to it. Returns the announcement and the
+        staged tensors (views of the slot, valid until the slot is staged again)."""
+        offsets, total = [], 0
+        for _, tensor in chunk:
+            offsets.append(total)
+            total += -(-nbytes_of(tensor) // ALIGN) * ALIGN
+        slot = index % self.count
+        memory = self.buffer(slot, total)
+        entries, views = [], []
+        per_tensor = checksum is not None and checksum.scheme == "xxh3"
+        for (name, tensor), offset in zip(chunk, offsets, strict=True):
+            nbytes = tensor.numel() * tensor.element_size()
+            staged = memory[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            staged.copy_(tensor.detach())  # the one copy (from the GPU to the host: the device-to-host copy itself)
+            if per_tensor:  # checked and hashed while the bytes are still in cache
+                refuse_non_finite(name, staged, where)
+                checksum.update(name, staged)
+            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), nbytes))
+            views.append((name, staged))
+        if checksum is not None and not per_tensor:  # on a device: one synchronisation for the bucket
+            refuse_non_finite_many(views, where)
+            checksum.update_many(views)
+        return self.announce(slot, tuple(entries), tuple(offsets)), views
+
+
+class SharedSlots(Slots):
+    """Slots in host shared memory (stdlib ``SharedMemory``), unlinked at exit or :meth:`close`."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
         self.segments: list[shared_memory.SharedMemory | None] = [None] * count
         atexit.register(self.close)
 
@@ -78,26 +121,11 @@ class SharedSlots:
             self.segments[index] = segment
         return segment
 
-    def stage(self, index: int, chunk: list[tuple[str, torch.Tensor]], checksum: Checksum,
-              where: str) -> tuple[SharedBucket, list[tuple[str, torch.Tensor]]]:
-        """Copy ``chunk`` into slot ``index``, refuse non-finite values and add each staged tensor to ``checksum``;
-        returns the bucket and the staged tensors (views of the slot, valid until the slot is staged again)."""
-        offsets, total = [], 0
-        for _, tensor in chunk:
-            offsets.append(total)
-            total += -(-nbytes_of(tensor) // ALIGN) * ALIGN
-        segment = self._slot(index % self.count, total)
-        memory = _as_bytes(segment)
-        entries, views = [], []
-        for (name, tensor), offset in zip(chunk, offsets, strict=True):
-            nbytes = tensor.numel() * tensor.element_size()
-            staged = memory[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            staged.copy_(tensor.detach())  # the one host copy (from the GPU: the device-to-host copy itself)
-            refuse_non_finite(name, staged, where)  # checked and hashed while the bytes are still in cache
-            checksum.update(name, staged)
-            entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), nbytes))
-            views.append((name, staged))
-        return SharedBucket(tuple(entries), segment.name, tuple(offsets)), views
+    def buffer(self, index: int, nbytes: int) -> torch.Tensor:
+        return _as_bytes(self._slot(index, nbytes))
+
+    def announce(self, index: int, entries: tuple[TensorEntry, ...], offsets: tuple[int, ...]) -> SharedBucket:
+        return SharedBucket(entries, self.segments[index].name, offsets)
 
     def close(self) -> None:
         for i, segment in enumerate(self.segments):

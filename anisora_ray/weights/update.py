@@ -34,13 +34,13 @@ def base_targets(transformer) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k}
 
 
-def copier_for(transformer, kind: str, lora: LoraConfig | None) -> TensorCopier:
+def copier_for(transformer, kind: str, lora: LoraConfig | None, scheme: str = "xxh3") -> TensorCopier:
     """A copier into a whole transformer (``full``) or into a LoRA adapter, added and enabled for ``lora``."""
     if kind == "lora":
         lora_io.add_adapter(transformer, lora)
         transformer.enable_adapters()
-        return TensorCopier(lora_io.adapter_targets(transformer))
-    return TensorCopier(base_targets(transformer))
+        return TensorCopier(lora_io.adapter_targets(transformer), scheme)
+    return TensorCopier(base_targets(transformer), scheme)
 
 
 def settle(transformer, kind: str) -> None:
@@ -54,12 +54,13 @@ class UpdateLoader:
     with the version record once the sender knows the checksum. Until then the transformer may hold a
     mix of old and new weights (:attr:`partial`): the replica must not generate with it."""
 
-    def __init__(self, transformer, version: int, kind: str, lora: dict | None, current_version: int):
+    def __init__(self, transformer, version: int, kind: str, lora: dict | None, current_version: int,
+                 scheme: str = "xxh3"):
         if version <= current_version:
             raise WeightsError(f"weights version {version} is not newer than the loaded version {current_version}")
         self.version, self.kind, self.start = version, kind, time.perf_counter()
         self.transformer = transformer
-        self.copier = copier_for(transformer, kind, LoraConfig.model_validate(lora) if kind == "lora" else None)
+        self.copier = copier_for(transformer, kind, LoraConfig.model_validate(lora) if kind == "lora" else None, scheme)
         self.partial = False
 
     def add(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
