@@ -195,7 +195,7 @@ def main() -> None:
     bad = dict(live)
     name = sorted(bad)[len(bad) // 2]
     bad[name] = bad[name].clone()
-    bad[name][0, 0] = float("nan")
+    bad[name].view(-1)[0] = float("nan")
     try:
         stream_parts(replicas, args.replicas, [primary(args.replicas, args.window)],
                      group_by_size(sorted(bad.items()), bucket), version, "full", scheme="fp", window=args.window)
