@@ -29,7 +29,8 @@ from anisora_ray.errors import WeightsError
 from anisora_ray.weights.cuda_ipc import device_slots
 from anisora_ray.weights.receiver import WeightsReceiver
 from anisora_ray.weights.shared import sender_slots
-from anisora_ray.weights.state import digests, group_by_size
+from anisora_ray.weights import state
+from anisora_ray.weights.state import digests, group_by_size, refuse_non_finite_many
 from anisora_ray.weights.stream import Route, stream_parts
 
 WIDTH = 3072
@@ -57,7 +58,8 @@ class Replica(WeightsReceiver):
         return self.module
 
 
-def serve(conn, shapes_: dict, index: int) -> None:
+def serve(conn, shapes_: dict, index: int, acc: str = "int64") -> None:
+    state.FP_ACCUMULATE = getattr(torch, acc)
     replica = Replica(shapes_, index)
     conn.send(("ready", None))
     while True:
@@ -134,8 +136,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--json", default="")
+    parser.add_argument("--host-runs", type=int, default=2, help="refreshes over the host route, for comparison")
+    parser.add_argument("--fp-acc", default="int64", help="integer type of the fp fingerprint's sums")
     args = parser.parse_args()
 
+    state.FP_ACCUMULATE = getattr(torch, args.fp_acc)
     sizes = shapes(args.blocks)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     live = {k.replace(".", "_"): (torch.randn(s, generator=g, device=DEVICE) * 0.02).to(torch.bfloat16)
@@ -143,7 +148,7 @@ def main() -> None:
     nbytes = sum(v.numel() * v.element_size() for v in live.values())
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(args.replicas)]
-    procs = [ctx.Process(target=serve, args=(child, sizes, i), daemon=True) for i, (_, child) in enumerate(pipes)]
+    procs = [ctx.Process(target=serve, args=(child, sizes, i, args.fp_acc), daemon=True) for i, (_, child) in enumerate(pipes)]
     for p in procs:
         p.start()
     conns = [parent for parent, _ in pipes]
@@ -155,8 +160,24 @@ def main() -> None:
     print(f"{name}: {len(live)} bf16 tensors, {nbytes / 1e9:.2f} GB, {args.replicas} replicas "
           f"on the same GPU, buckets {args.bucket_mb:.0f} MB, window {args.window}; memcpy D2D (1 process) {copy:.0f} GB/s")
     bucket = int(args.bucket_mb * 2**20)
+    phases = {}
+    first = next(iter(group_by_size(sorted(live.items()), bucket)))
+    for label, fn in (("copy", lambda: [torch.empty_like(t).copy_(t) for _, t in first]),
+                      ("non-finite check", lambda: refuse_non_finite_many(first, "x")),
+                      ("fp int64", lambda: (setattr(state, "FP_ACCUMULATE", torch.int64), digests(first, "fp"))),
+                      ("fp int32", lambda: (setattr(state, "FP_ACCUMULATE", torch.int32), digests(first, "fp")))):
+        times = []
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        phases[label] = statistics.median(times[1:]) * 1e3
+    state.FP_ACCUMULATE = getattr(torch, args.fp_acc)
+    print("one bucket, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     result = {"device": name, "gb": nbytes / 1e9, "replicas": args.replicas,
-              "memcpy_d2d_gbps": copy, "ipc_seconds": [], "host_seconds": []}
+              "memcpy_d2d_gbps": copy, "fp_acc": args.fp_acc, "bucket_phases_ms": phases, "ipc_seconds": [], "host_seconds": []}
     expect = None
     version = 0
     for r in range(args.repeats):
@@ -181,7 +202,7 @@ def main() -> None:
           f"{statistics.median(fractions):.1%}), {nbytes * args.replicas / statistics.median(steady) / 1e9:.0f} GB/s")
 
     # the host route from the same GPU tensors (what a GPU trainer would do without IPC)
-    for r in range(2):
+    for r in range(args.host_runs):
         version += 1
         sync()
         start = time.perf_counter()

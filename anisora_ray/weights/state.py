@@ -54,6 +54,7 @@ def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
 ROW_WORDS = 1024
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SCHEMES = ("xxh3", "fp")
+FP_ACCUMULATE = torch.int64  # row and column sums; any integer type gives an exact, order-free (wrapping) sum
 
 
 def fingerprint_vector(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ def fingerprint_vector(tensor: torch.Tensor) -> torch.Tensor:
     parts = []
     if full:
         rows = words[:full].view(-1, ROW_WORDS)
-        parts += [rows.sum(1, dtype=torch.int64), rows.sum(0, dtype=torch.int64)]
+        parts += [rows.sum(1, dtype=FP_ACCUMULATE).long(), rows.sum(0, dtype=FP_ACCUMULATE).long()]
     parts.append(words[full:].to(torch.int64))
     return torch.cat(parts)
 
