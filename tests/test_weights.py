@@ -329,24 +329,24 @@ def test_fp_checksum_is_exact_on_any_layout_and_catches_swaps_and_flips():
     from anisora_ray.weights.state import Checksum, TensorCopier, digests, fingerprint_vector, scheme_of
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3000, generator=g).to(torch.bfloat16)  # 2 full rows of 1024 words and a tail
-    assert fingerprint_vector(x).shape == (2 + 1024 + 952,)
+    x = torch.randn(20000, generator=g).to(torch.bfloat16)  # 5000 int64 words: 4 rows of 1024 and a tail of 904
+    assert fingerprint_vector(x).shape == (4 + 1024 + 904,)
     base = digests([("x", x)], "fp")[0]
     assert digests([("x", x.clone())], "fp")[0] == base and digests([("y", x)], "fp")[0] != base
-    assert digests([("x", x.view(30, 100))], "fp")[0] != base  # shape is covered
+    assert digests([("x", x.view(200, 100))], "fp")[0] != base  # shape is covered
     swapped = x.clone()
     swapped[[5, 700]] = x[[700, 5]]  # same row: only a column sum changes
     flipped = x.view(torch.int16).clone()
-    flipped[2500] ^= 1  # one bit in the tail
+    flipped[19000] ^= 1  # one bit in the tail
     across = x.clone()
-    across[[5, 1029]] = x[[1029, 5]]  # same column, other row
+    across[[5, 4101]] = x[[4101, 5]]  # same column (word 1 and word 1025), other row
     assert len({base, *digests([("x", swapped), ("x", flipped.view(torch.bfloat16)), ("x", across)], "fp")}) == 4
     checksum = Checksum("fp")
     checksum.update_many([("x", x)])
     assert scheme_of(checksum.hexdigest()) == "fp" and scheme_of(Checksum().hexdigest()) == "xxh3"
 
     # a copier with scheme fp: one digest of the target serves as received and loaded; a cast is checked too
-    targets = {"x": torch.zeros(3000, dtype=torch.bfloat16), "y": torch.zeros(7, dtype=torch.bfloat16)}
+    targets = {"x": torch.zeros(20000, dtype=torch.bfloat16), "y": torch.zeros(7, dtype=torch.bfloat16)}
     copier = TensorCopier(targets, "fp")
     y32 = torch.randn(7, generator=g)
     copier.add([("x", x), ("y", y32)])

@@ -60,13 +60,15 @@ FP_ACCUMULATE = torch.int64  # row and column sums; any integer type gives an ex
 def fingerprint_vector(tensor: torch.Tensor) -> torch.Tensor:
     """An exact integer fingerprint of a tensor's bytes, computed where it lives (int64, same values on any device).
 
-    The bytes, read as words of the element's size, are laid out in rows of 1024: the fingerprint is every
-    row's sum, every column's sum and the words left over, summed in int64 (wrap-around is exact and
-    order-free). Any changed word changes its row's sum; two words swapped change a row's or a column's sum
-    unless they are equal. Two reductions over the tensor: GPU transports verify at memory speed without
-    copying the bytes to the host (scheme ``fp``)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    words = flat.view(_WORDS[flat.element_size()]) if flat.element_size() in _WORDS else flat.view(torch.uint8)
+    The bytes, read as the widest integer words that tile them (8 bytes where they can: a reduction's
+    cost is per word), are laid out in rows of 1024: the fingerprint is every row's sum, every column's
+    sum and the words left over, summed in int64 (wrap-around is exact and order-free). Any changed word
+    changes its row's sum; two words swapped change a row's or a column's sum unless they are equal. Two
+    reductions over the tensor: GPU transports verify at memory speed without copying the bytes to the
+    host (scheme ``fp``)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    size = next(size for size in (8, 4, 2, 1) if flat.numel() % size == 0)
+    words = flat.view(_WORDS[size])
     full = words.numel() - words.numel() % ROW_WORDS
     parts = []
     if full:
