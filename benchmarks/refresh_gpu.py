@@ -26,10 +26,10 @@ import time
 import torch
 
 from anisora_ray.errors import WeightsError
+from anisora_ray.weights import state
 from anisora_ray.weights.cuda_ipc import device_slots
 from anisora_ray.weights.receiver import WeightsReceiver
 from anisora_ray.weights.shared import sender_slots
-from anisora_ray.weights import state
 from anisora_ray.weights.state import digests, group_by_size, refuse_non_finite_many
 from anisora_ray.weights.stream import Route, stream_parts
 

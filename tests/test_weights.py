@@ -357,3 +357,19 @@ def test_fp_checksum_is_exact_on_any_layout_and_catches_swaps_and_flips():
     assert report["received"] == sent.hexdigest() and report["received"] != report["loaded"]
     with pytest.raises(WeightsError, match="update shape"):
         TensorCopier(targets, "fp").add([("x", x[:10])])
+
+
+def test_folder_writer_records_the_fp_checksum_that_gpu_routes_verify_with(tmp_path):
+    from anisora_ray.weights.folder import FolderWriter
+    from anisora_ray.weights.state import Checksum
+
+    tensors = [("a", torch.arange(5000, dtype=torch.float32)), ("b", torch.ones(3, 7, dtype=torch.bfloat16))]
+    writer = FolderWriter(str(tmp_path / "w"), "full", fingerprint=True)
+    writer.write_shard(tensors)
+    manifest = writer.close()
+    expected = Checksum("fp")
+    expected.update_many(tensors)
+    assert manifest["checksum_fp"] == expected.hexdigest() and manifest["checksum"] == tensors_checksum(tensors)
+    plain = FolderWriter(str(tmp_path / "v"), "full")
+    plain.write_shard(tensors)
+    assert "checksum_fp" not in plain.close()

@@ -44,8 +44,7 @@ class TinyModelConfig(Section):
     text_d_model: int = Field(default=32, ge=8)
     text_layers: int = Field(default=1, ge=1)
     vae_channels: int = Field(default=8, ge=4)
-    # VAE blocks: spatial compression 2^(n-1) (4 blocks: CogVideoX's 8x); time is compressed 4x, or 2x with 2
-    # blocks (one downsampling block). Fewer blocks keep more detail: 2 blocks reproduce the demo's images.
+    # VAE blocks: spatial compression 2^(n-1) (4: CogVideoX's 8x); time 4x, or 2x with 2 blocks (more detail).
     vae_blocks: int = Field(default=4, ge=2, le=4)
     latent_channels: int = Field(default=4, ge=1)
     max_text_seq_length: int = Field(default=128, ge=4)
@@ -334,11 +333,12 @@ class LoopConfig(Section):
     placement: Literal["separate", "shared"] = "separate"  # shared: stop generator + reward actors while training
     registered_model: str | None = "anisora-generator"  # MLflow model name of each round's weights (None: skip)
     guard: GuardConfig = GuardConfig()
-    # "live": rank 0 streams the written weights from memory to the replicas (separate placement); "storage":
-    # every replica streams the written folder. Both verify checksums.
+    # "live": rank 0 streams the written weights from memory to the replicas (routes: weights.refresh.stream_update);
+    # "storage": every replica streams the written folder. Both verify checksums.
     refresh: Literal["live", "storage"] = "live"
-    # "one_round_off_policy": round r+1 is generated while round r trains (version r-1, then r once written,
-    # loaded between two generation calls); pairs record their version, rounds log staleness. "none": on-policy.
+    refresh_transport: Literal["auto", "host", "collective", "cuda_ipc"] = "auto"
+    # "one_round_off_policy": round r+1 is generated while round r trains (version r-1, then r once written, loaded
+    # between two generation calls); pairs record their version, rounds log staleness. "none": on-policy.
     overlap: Literal["none", "one_round_off_policy"] = "none"
 
     @model_validator(mode="after")

@@ -189,11 +189,13 @@ class GapoWorker:
                 "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
                 "encoder_loads": self.encoders.loads}
 
-    def export(self, uri: str, bucket_mb: float, extra: dict | None = None) -> dict | None:
-        """Write the publishable weights to ``uri`` (every rank calls; rank 0 writes, returns the manifest)."""
-        return export_weights(self.engine, uri, self.lora, bucket_mb, extra)
+    def export(self, uri: str, bucket_mb: float, extra: dict | None = None, fingerprint: bool = False) -> dict | None:
+        """Write the publishable weights to ``uri`` (every rank calls; rank 0 writes, returns the manifest;
+        ``fingerprint``: also the ``fp`` checksum that GPU routes verify with)."""
+        return export_weights(self.engine, uri, self.lora, bucket_mb, extra, fingerprint)
 
-    def stream(self, actors: list, nodes: list[str] | None, version: int, bucket_mb: float, uri: str = ""):
-        """Stream the live weights to replica ``actors`` as ``version`` (every rank calls; rank 0 gets
-        ``(UpdateMeta, reports)``)."""
-        return stream_live(self.engine, actors, nodes, version, self.lora, bucket_mb, uri)
+    def stream(self, actors: list, nodes: list[str] | None, version: int, bucket_mb: float, uri: str = "",
+               transport: str = "auto"):
+        """Stream the live weights to replica ``actors`` as ``version`` over ``transport`` (every rank calls;
+        rank 0 gets ``(UpdateMeta, reports)``)."""
+        return stream_live(self.engine, actors, nodes, version, self.lora, bucket_mb, uri, transport)

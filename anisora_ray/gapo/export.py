@@ -69,17 +69,20 @@ def host_chunks(engine, chunks: list[Chunk], host: bool = True) -> Iterator[Chun
             yield [(name, t.detach().to("cpu") if host else t.detach()) for name, t in chunk] if rank0 else None
 
 
-def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None) -> dict | None:
+def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None,
+                   fingerprint: bool = False) -> dict | None:
     """Write the trained weights to the folder ``uri`` (any fsspec URL), shard by shard; every rank
-    calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks)."""
+    calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks). With
+    ``fingerprint`` the manifest also holds ``checksum_fp`` (scheme ``fp``, what GPU routes verify)."""
     rank0 = engine.global_rank == 0
     chunks = plan(engine, lora, bucket_mb)
     writer = None
     if rank0:
         if lora is not None:
-            writer = FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME)
+            writer = FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME,
+                                  fingerprint=fingerprint)
         else:
-            writer = FolderWriter(uri, "full", num_shards=len(chunks))
+            writer = FolderWriter(uri, "full", num_shards=len(chunks), fingerprint=fingerprint)
     for chunk in host_chunks(engine, chunks):
         if writer is not None:
             writer.write_shard(chunk)
@@ -93,9 +96,9 @@ def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float =
 
 
 def stream_live(engine, actors: list, nodes: list[str] | None, version: int, lora: LoraConfig | None, bucket_mb: float,
-                uri: str = ""):
-    """Rank 0 streams the live weights to the replica ``actors`` as ``version`` (``weights.refresh.stream_update``:
-    same-node replicas through shared memory, straight from the device; others through the object store);
+                uri: str = "", transport: str = "auto"):
+    """Rank 0 streams the live weights to the replica ``actors`` as ``version`` (``weights.refresh.stream_update``
+    over ``transport``: from a GPU through CUDA IPC or NCCL, from the host through shared memory or the object store);
     returns ``(UpdateMeta, reports)`` on rank 0 and ``None`` on the others (which take part in the gathers)."""
     from anisora_ray.weights.refresh import stream_update  # Ray: only where replicas are refreshed
 
@@ -106,7 +109,7 @@ def stream_live(engine, actors: list, nodes: list[str] | None, version: int, lor
         return None
     try:
         return stream_update(actors, chunks, version, "lora" if lora else "full", uri=uri,
-                             lora=lora.model_dump() if lora else None, nodes=nodes)
+                             lora=lora.model_dump() if lora else None, nodes=nodes, transport=transport)
     finally:  # also after a failure: the other ranks wait in the remaining gathers
         for _ in chunks:
             pass

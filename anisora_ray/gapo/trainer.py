@@ -24,6 +24,7 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.gapo.batches import pair_rows, worker_rows
 from anisora_ray.gapo.checkpoint import read_training_state
 from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
+from anisora_ray.weights.state import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int, uri: str 
     """The live weights from rank 0 to the replicas, streamed (a collective under ZeRO-3: every rank takes
     part); returns the update's metadata on rank 0."""
     start = time.perf_counter()
-    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"], uri)
+    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"], uri,
+                             refresh.get("transport", "auto"))
     if streamed is None:
         return None
     meta, reports = streamed
@@ -125,7 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
             logger.log(metrics, step)
         if step < g.steps and g.checkpoint_every and step % g.checkpoint_every == 0:
             _report(worker, metrics)
-    manifest = worker.export(config["out_uri"], g.refresh_bucket_mb, {"step": worker.update})
+    gpu_route = bool(refresh and refresh.get("final") and refresh.get("transport", "auto") != "host"
+                     and worker.device.type == "cuda")  # the live stream will verify with scheme fp
+    manifest = worker.export(config["out_uri"], g.refresh_bucket_mb, {"step": worker.update}, fingerprint=gpu_route)
     if rank == 0:
         log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, config["out_uri"],
                  manifest["kind"], manifest["num_tensors"])
@@ -139,9 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
                         str(exc).splitlines()[0][:300], config["out_uri"])
             meta = None
         if meta is not None:
-            if meta.version.checksum != manifest["checksum"]:
-                raise RuntimeError(f"weights streamed to the replicas (checksum {meta.version.checksum[:12]}) differ from "
-                                   f"those written to {config['out_uri']} ({manifest['checksum'][:12]})")
+            written = manifest.get("checksum_fp" if scheme_of(meta.version.checksum) == "fp" else "checksum", "")
+            if meta.version.checksum != written:
+                raise RuntimeError(f"weights streamed to the replicas (checksum {meta.version.checksum[:15]}) differ from "
+                                   f"those written to {config['out_uri']} ({written[:15] or 'no checksum of that scheme'})")
             metrics.update(live_weights_version=version, live_refresh_seconds=time.perf_counter() - start)
     _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
 
@@ -193,7 +198,8 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                "deepspeed": ds_config, "init_uri": init_uri, "resume_from": resume_from,
                                "out_uri": out_uri, "quarantine_uri": quarantine_uri,
                                "refresh": {"actors": list(replicas), "nodes": replica_nodes, "base_version": replicas_version,
-                                           "bucket_mb": g.refresh_bucket_mb, "final": final_refresh}
+                                           "bucket_mb": g.refresh_bucket_mb, "final": final_refresh,
+                                           "transport": cfg.loop.refresh_transport}
                                if replicas and (g.refresh_every or final_refresh) else None,
                                "cache_uri": fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},

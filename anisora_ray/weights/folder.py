@@ -88,12 +88,14 @@ class FolderWriter:
     put before every name as diffusers' LoRA format wants).
     """
 
-    def __init__(self, uri: str, kind: str, num_shards: int = 1, prefix: str = "", file_name: str | None = None):
+    def __init__(self, uri: str, kind: str, num_shards: int = 1, prefix: str = "", file_name: str | None = None,
+                 fingerprint: bool = False):
         if kind not in ("full", "lora"):
             raise ValueError(f"kind {kind!r}: expected 'full' or 'lora'")
         self.uri, self.kind, self.prefix = uri, kind, prefix
         self.names = [file_name] if file_name else shard_names(num_shards)
         self.checksum, self.num_bytes, self.num_tensors, self.weight_map = Checksum(), 0, 0, {}
+        self.checksum_fp = Checksum("fp") if fingerprint else None  # what GPU routes verify with
         self._written = 0
         self._last = ""
 
@@ -112,6 +114,8 @@ class FolderWriter:
             refuse_non_finite(name, tensor, self.uri)
             tensor = tensor.detach().contiguous()
             self.checksum.update(name, tensor)  # names as a reader yields them (prefix stripped)
+            if self.checksum_fp is not None:
+                self.checksum_fp.update(name, tensor)
             self.num_bytes += tensor.numel() * tensor.element_size()
             self.num_tensors += 1
             self.weight_map[full] = file
@@ -127,6 +131,8 @@ class FolderWriter:
             fs.write_bytes(fs.join(self.uri, f"{FULL_NAME}.safetensors.index.json"), json.dumps(index, indent=1).encode())
         manifest = {"kind": self.kind, "checksum": self.checksum.hexdigest(), "num_bytes": self.num_bytes,
                     "num_tensors": self.num_tensors, "files": self.names, **(extra or {})}
+        if self.checksum_fp is not None:
+            manifest["checksum_fp"] = self.checksum_fp.hexdigest()
         fs.write_bytes(fs.join(self.uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
