@@ -233,17 +233,11 @@ def _receiver_class():
     return Receiver
 
 
-def test_stream_update_reaches_same_node_and_remote_replicas_verified(ray_cluster):
-    """Live tensors → a replica on this node (shared-memory slots) and one on the other node (object store),
-    bucket by bucket; both verify against the sender's checksum; slots are reused from refresh to refresh."""
+def _receivers_here_and_elsewhere(shapes: dict) -> tuple[list, list[str]]:
+    """A receiver on this process's node and one on another node, and their node ids."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from anisora_ray.weights.refresh import stream_update
-    from anisora_ray.weights.shared import sender_slots
-    from anisora_ray.weights.state import group_by_size
-
-    shapes = {f"w{i}": (64, 65) for i in range(7)} | {"bias": (3,)}
     here = ray.get_runtime_context().get_node_id()
     other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
     receiver = _receiver_class()
@@ -251,6 +245,20 @@ def test_stream_update_reaches_same_node_and_remote_replicas_verified(ray_cluste
               for node in (here, other)]
     nodes = ray.get([a.node.remote() for a in actors])
     assert nodes == [here, other]
+    return actors, nodes
+
+
+def test_stream_update_reaches_same_node_and_remote_replicas_verified(ray_cluster):
+    """Live tensors → a replica on this node (shared-memory slots) and one on the other node (object store),
+    bucket by bucket; both verify against the sender's checksum; slots are reused from refresh to refresh."""
+    import ray
+
+    from anisora_ray.weights.refresh import stream_update
+    from anisora_ray.weights.shared import sender_slots
+    from anisora_ray.weights.state import group_by_size
+
+    shapes = {f"w{i}": (64, 65) for i in range(7)} | {"bias": (3,)}
+    actors, nodes = _receivers_here_and_elsewhere(shapes)
     g = torch.Generator().manual_seed(0)
     live = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     meta, reports = stream_update(actors, group_by_size(sorted(live.items()), 40_000), 1, "full", nodes=nodes, window=1)
@@ -290,18 +298,12 @@ def test_stream_update_over_a_broadcast_group_and_a_failed_member(ray_cluster):
     every bucket is one broadcast, verified as by the other routes; a new group per update. A replica that
     fails mid-update breaks the group: the update fails for every member, by name, without hanging."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from anisora_ray.weights.refresh import stream_update
     from anisora_ray.weights.state import group_by_size
 
     shapes = {f"w{i}": (64, 65) for i in range(5)} | {"bias": (3,)}
-    here = ray.get_runtime_context().get_node_id()
-    other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
-    receiver = _receiver_class()
-    actors = [receiver.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(shapes)
-              for node in (here, other)]
-    nodes = ray.get([a.node.remote() for a in actors])
+    actors, nodes = _receivers_here_and_elsewhere(shapes)
     g = torch.Generator().manual_seed(1)
     live = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     for version in (1, 2):
