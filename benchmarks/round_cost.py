@@ -151,7 +151,8 @@ def simulate(args) -> dict:
 
     total = args.nodes * args.gpus_per_node
     real = RoundCosts(prompts=args.sim_prompts, eval_prompts=0, refresh_seconds=0.0)
-    shape, _ = best_split(total, real, "separate", False)
+    shape, _ = best_split(total, real, "separate", args.split == "overlap")
+    shape = replace(shape, overlap=False)  # the sequential schedule's prediction; the overlapped one sets it below
     pure = predict(real, shape).pure_generation
     factor = pure / args.target_s  # every per-item cost divided by it
     costs = replace(real, video_seconds=real.video_seconds / factor, pair_step_seconds=real.pair_step_seconds / factor,
@@ -159,13 +160,14 @@ def simulate(args) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": args.gpus_per_node,
                                                             "include_dashboard": False})
     for _ in range(args.nodes - 1):
-        cluster.add_node(num_cpus=8, num_gpus=args.gpus_per_node)
+        cluster.add_node(num_cpus=args.cpus_per_node, num_gpus=args.gpus_per_node)  # idle workers kept <= CPUs
     cluster.wait_for_nodes()
     tmp = tempfile.mkdtemp(prefix="anisora-round-sim-")
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         overrides = [f"run.output_dir={tmp}/out", f"ray.address={cluster.address}", "generator.candidates_per_prompt=4",
-                     "generator.prompts_per_call=1", f"generator.max_calls_in_flight={args.calls_in_flight}", f"reward.batch_size={costs.reward_batch}",
+                     "generator.prompts_per_call=1", f"generator.max_calls_in_flight={args.calls_in_flight}",
+                     f"generator.calls_per_task={args.calls_per_task}", f"reward.batch_size={costs.reward_batch}",
                      f"pairs.decode_batch_size={costs.reward_batch}", "pairs.decode_concurrency=4", "pairs.decode_cpus=0.5",
                      "pairs.reward_forwarders=16", "video.sample_size=32", "video.sample_frames=9", "pairs.flush_every=64",
                      "pairs.reward_stage=actors"]
@@ -229,7 +231,8 @@ def simulate(args) -> dict:
         worker.join()
         overlapped = time.perf_counter() - began
         versions = sorted({p.weights_version for p in read_pairs(f"{tmp}/round-4/pairs")})
-        result = {"nodes": args.nodes, "gpus": total, "factor": factor, "prompts": args.sim_prompts,
+        result = {"nodes": args.nodes, "gpus": total, "factor": factor, "prompts": args.sim_prompts, "split": args.split,
+                  "calls_per_task": args.calls_per_task, "target_s": args.target_s,
                   "shape": {"generation": shape.generation, "reward": shape.reward, "training": shape.training},
                   "predicted_pure": predict(costs, shape).pure_generation, "measured_pure": measured_pure,
                   "sequential": {"predicted": predict(costs, shape).wall, "measured": sequential,
@@ -263,6 +266,11 @@ def main() -> None:
     parser.add_argument("--target-s", type=float, default=20.0, help="the simulated round's pure generation time")
     parser.add_argument("--calls-in-flight", type=int, default=1,
                         help="generator.max_calls_in_flight: each in-flight call holds one pooled worker on the head")
+    parser.add_argument("--cpus-per-node", type=int, default=8, help="logical CPUs of each simulated non-head node")
+    parser.add_argument("--calls-per-task", type=int, default=1,
+                        help="generation calls one forwarding task keeps in flight (generator.calls_per_task)")
+    parser.add_argument("--split", choices=("sequential", "overlap"), default="sequential",
+                        help="simulate the best split for sequential rounds or for overlapped ones")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     out: dict = {"model": model_table(args)}

@@ -61,7 +61,9 @@ def test_pairs_stream_one_per_prompt_and_resume_exactly_once(ray_cluster, pairs_
         # An interrupted run (stopped after one prompt), then resumed, in another folder.
         first = run_pairs(pairs_cfg(*size, "pairs.max_prompts=1"), demo_manifest, str(tmp_path / "resumed"), replicas=replicas,
                           progress=False)
-        rest = run_pairs(cfg, demo_manifest, str(tmp_path / "resumed"), replicas=replicas, progress=False)
+        # resumed with one forwarding task keeping 2 calls in flight (generator.calls_per_task): the same pairs
+        rest = run_pairs(pairs_cfg(*size, "generator.calls_per_task=2"), demo_manifest, str(tmp_path / "resumed"),
+                         replicas=replicas, progress=False)
         again = run_pairs(cfg, demo_manifest, str(tmp_path / "resumed"), replicas=replicas, progress=False)
         # The same persistent actors, not reloaded, still at their weights version.
         assert [(p["actor_id"], p["replica_id"]) for p in replicas.placements()] == before

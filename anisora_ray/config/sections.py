@@ -44,7 +44,7 @@ class TinyModelConfig(Section):
     text_d_model: int = Field(default=32, ge=8)
     text_layers: int = Field(default=1, ge=1)
     vae_channels: int = Field(default=8, ge=4)
-    # VAE blocks: spatial compression 2^(n-1) (4: CogVideoX's 8x); time 4x, or 2x with 2 blocks (more detail).
+    # VAE blocks: spatial compression 2^(n-1) (4: CogVideoX's 8x); time 4x, or 2x with 2 (more detail).
     vae_blocks: int = Field(default=4, ge=2, le=4)
     latent_channels: int = Field(default=4, ge=1)
     max_text_seq_length: int = Field(default=128, ge=4)
@@ -80,6 +80,7 @@ class GeneratorConfig(Section):
     candidates_per_prompt: int = Field(default=4, ge=1)
     prompts_per_call: int = Field(default=1, ge=1)
     max_calls_in_flight: int = Field(default=2, ge=1)  # per replica
+    calls_per_task: int = Field(default=1, ge=1)  # calls one forwarding task keeps in flight (fewer processes at scale)
     num_frames: int = Field(default=9, ge=1)
     height: int = Field(default=64, ge=16)
     width: int = Field(default=64, ge=16)
@@ -91,8 +92,7 @@ class GeneratorConfig(Section):
     torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
     vae_slicing: bool = False
     vae_tiling: bool = False
-    # Speed (docs/performance.md, "Generation speed"). Regional torch.compile of the transformer blocks, once
-    # per replica at start-up (a warm-up call at the configured geometry; its seconds go to the log and MLflow).
+    # Speed (docs/performance.md): regional torch.compile of the transformer blocks, once per replica at start-up.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'

@@ -56,8 +56,10 @@ def _lease(router, count: int) -> int:
 
 
 def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, timeout_s: float | None = None,
-                         retries: int = 0) -> pa.Table:
-    """Ray Data stage: one call of a batch of (prompt, seed) rows to the least-loaded persistent replica.
+                         retries: int = 0, prompts_per_call: int = 0) -> pa.Table:
+    """Ray Data stage: the batch's (prompt, seed) rows as calls of ``prompts_per_call`` prompts (0: one call),
+    each to the least-loaded persistent replica, all in flight at once (one worker process waits for
+    several calls: fewer processes on the driver's node at scale).
 
     Rows of candidates that failed carry ``error`` (quarantined downstream) so every prompt sees its K rows."""
     rows = batch.to_pylist()
@@ -67,14 +69,23 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
         items[r["prompt_id"]] = PromptItem(r["prompt_id"], r["prompt"], r["image_uri"], r.get("character_id"))
         seeds[r["prompt_id"]].append(int(r["seed"]))
     requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
-    index = _lease(router, len(replicas))
-    replica = replicas[index]
+    size = prompts_per_call or len(requests)
+    groups = [requests[i: i + size] for i in range(0, len(requests), size)]
+    leased = [_lease(router, len(replicas)) for _ in groups]
+    candidates, quarantined, retried = [], [], 0
     try:
-        (candidates, quarantined), retried = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-            lambda: replica.generate.remote(requests, out_dir), what=f"generator replica {index}",
-            retries=retries, timeout_s=timeout_s, on_timeout=lambda: ray.kill(replica, no_restart=False))
+        refs = [replicas[index].generate.remote(group, out_dir) for index, group in zip(leased, groups, strict=True)]
+        for index, group, ref in zip(leased, groups, refs, strict=True):
+            replica = replicas[index]
+            (made, failed), tries = call_with_retries(  # a dead or hung replica is restarted, the call sent again
+                lambda r=replica, g=group: r.generate.remote(g, out_dir), first=ref, what=f"generator replica {index}",
+                retries=retries, timeout_s=timeout_s, on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
+            candidates += made
+            quarantined += failed
+            retried += tries
     finally:
-        router.release.remote(index)
+        for index in leased:
+            router.release.remote(index)
     made = {(c.prompt_id, c.seed): c for c in candidates}
     failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
     out, errors = [], []

@@ -98,10 +98,13 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
             for r in build_requests(items, cfg, round_index) for i, s in enumerate(r.seeds)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(items)))
     g = cfg.generator
-    ds = ds.map_batches(generate_on_replicas, batch_format="pyarrow", batch_size=g.prompts_per_call * g.candidates_per_prompt,
+    tasks = max(1, -(-len(replicas.actors) * g.max_calls_in_flight // g.calls_per_task))
+    ds = ds.map_batches(generate_on_replicas, batch_format="pyarrow",
+                        batch_size=g.calls_per_task * g.prompts_per_call * g.candidates_per_prompt,
                         fn_kwargs={"replicas": replicas.actors, "router": replicas.router, "out_dir": out_dir,
-                                   "timeout_s": g.call_timeout_s, "retries": g.call_retries},
-                        compute=ray.data.TaskPoolStrategy(size=len(replicas.actors) * g.max_calls_in_flight), num_cpus=0)
+                                   "timeout_s": g.call_timeout_s, "retries": g.call_retries,
+                                   "prompts_per_call": g.prompts_per_call},
+                        compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=0)
     return score_stream(cfg, ds, reward_actors)
 
 
