@@ -375,3 +375,44 @@ def test_folder_writer_records_the_fp_checksum_that_gpu_routes_verify_with(tmp_p
     plain = FolderWriter(str(tmp_path / "v"), "full")
     plain.write_shard(tensors)
     assert "checksum_fp" not in plain.close()
+
+
+def test_write_through_writes_every_shard_whatever_the_stream_does(tmp_path):
+    """The trainer's one walk (gapo.export.write_through): each bucket is written, then streamed; a stream
+    that breaks off leaves the folder whole and is returned as the error; a refused write raises, and the
+    source is exhausted either way (under ZeRO-3 its gathers are collectives)."""
+    from anisora_ray.gapo.export import write_through
+    from anisora_ray.weights.folder import FolderWriter, read_manifest, read_safetensors
+
+    chunks = [[(f"w{i}", torch.full((4, 4), float(i)))] for i in range(4)]
+    pulled = []
+
+    def source():
+        for chunk in chunks:
+            pulled.append(chunk[0][0])
+            yield chunk
+
+    def broken(tee):  # a stream that takes two buckets, then fails
+        next(tee)
+        next(tee)
+        raise WeightsError("replica 1 died")
+
+    writer = FolderWriter(str(tmp_path / "a"), "full", num_shards=4)
+    result, error = write_through(source(), writer.write_shard, broken)
+    manifest = writer.close()
+    assert result is None and "replica 1 died" in str(error) and pulled == ["w0", "w1", "w2", "w3"]
+    assert read_manifest(str(tmp_path / "a"))["checksum"] == manifest["checksum"] == tensors_checksum(
+        [c[0] for c in chunks])
+    assert [name for name, _ in read_safetensors(str(tmp_path / "a"))] == ["w0", "w1", "w2", "w3"]
+
+    streamed = []
+    writer = FolderWriter(str(tmp_path / "b"), "full", num_shards=4)
+    result, error = write_through(iter(chunks), writer.write_shard, lambda tee: [streamed.append(c[0][0]) for c in tee])
+    assert error is None and len(result) == 4 and streamed == ["w0", "w1", "w2", "w3"]
+
+    pulled.clear()
+    chunks[1] = [("w1", torch.tensor([float("nan")]))]
+    writer = FolderWriter(str(tmp_path / "c"), "full", num_shards=4)
+    with pytest.raises(WeightsError, match="'w1' has non-finite values"):
+        write_through(source(), writer.write_shard, lambda tee: list(tee))
+    assert pulled == ["w0", "w1", "w2", "w3"]

@@ -22,7 +22,7 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.gapo.batches import PairEncoder, step_rows
 from anisora_ray.gapo.checkpoint import load_training_state, save_training_state, weights_only_checkpoint_engine
 from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors, rotary_embeddings
-from anisora_ray.gapo.export import export_weights, stream_live
+from anisora_ray.gapo.export import export_and_stream, export_weights, stream_live
 from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 from anisora_ray.models.compile import compile_blocks
@@ -193,6 +193,12 @@ class GapoWorker:
         """Write the publishable weights to ``uri`` (every rank calls; rank 0 writes, returns the manifest;
         ``fingerprint``: also the ``fp`` checksum that GPU routes verify with)."""
         return export_weights(self.engine, uri, self.lora, bucket_mb, extra, fingerprint)
+
+    def export_and_stream(self, uri: str, bucket_mb: float, extra: dict | None, actors: list, nodes: list[str] | None,
+                          version: int, transport: str = "auto", fingerprint: bool = False):
+        """:meth:`export` and :meth:`stream` in one walk over the weights (see ``gapo.export.export_and_stream``)."""
+        return export_and_stream(self.engine, uri, self.lora, bucket_mb, extra, actors, nodes, version, transport,
+                                 fingerprint)
 
     def stream(self, actors: list, nodes: list[str] | None, version: int, bucket_mb: float, uri: str = "",
                transport: str = "auto"):

@@ -69,30 +69,85 @@ def host_chunks(engine, chunks: list[Chunk], host: bool = True) -> Iterator[Chun
             yield [(name, t.detach().to("cpu") if host else t.detach()) for name, t in chunk] if rank0 else None
 
 
-def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None,
-                   fingerprint: bool = False) -> dict | None:
-    """Write the trained weights to the folder ``uri`` (any fsspec URL), shard by shard; every rank
-    calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks). With
-    ``fingerprint`` the manifest also holds ``checksum_fp`` (scheme ``fp``, what GPU routes verify)."""
-    rank0 = engine.global_rank == 0
-    chunks = plan(engine, lora, bucket_mb)
-    writer = None
-    if rank0:
-        if lora is not None:
-            writer = FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME,
-                                  fingerprint=fingerprint)
-        else:
-            writer = FolderWriter(uri, "full", num_shards=len(chunks), fingerprint=fingerprint)
-    for chunk in host_chunks(engine, chunks):
-        if writer is not None:
-            writer.write_shard(chunk)
-    if writer is None:
-        return None
+def _writer(engine, uri: str, lora: LoraConfig | None, shards: int, fingerprint: bool) -> FolderWriter:
+    if lora is not None:
+        return FolderWriter(uri, "lora", prefix=lora_io.PREFIX, file_name=lora_io.WEIGHTS_NAME, fingerprint=fingerprint)
+    return FolderWriter(uri, "full", num_shards=shards, fingerprint=fingerprint)
+
+
+def _close(writer: FolderWriter, engine, uri: str, lora: LoraConfig | None, extra: dict | None) -> dict:
     if lora is not None:
         lora_io.write_lora_config(lora, uri)
     else:
         fs.write_bytes(fs.join(uri, "config.json"), engine.module.to_json_string().encode())
     return writer.close(extra)
+
+
+def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float = 512.0, extra: dict | None = None,
+                   fingerprint: bool = False) -> dict | None:
+    """Write the trained weights to the folder ``uri`` (any fsspec URL), shard by shard; every rank
+    calls it, rank 0 writes and returns the folder's manifest (``None`` on the other ranks). With
+    ``fingerprint`` the manifest also holds ``checksum_fp`` (scheme ``fp``, what GPU routes verify)."""
+    chunks = plan(engine, lora, bucket_mb)
+    writer = _writer(engine, uri, lora, len(chunks), fingerprint) if engine.global_rank == 0 else None
+    for chunk in host_chunks(engine, chunks):
+        if writer is not None:
+            writer.write_shard(chunk)
+    return None if writer is None else _close(writer, engine, uri, lora, extra)
+
+
+def write_through(source: Iterator[Chunk], write, stream):
+    """Feed ``stream`` the chunks of ``source``, each one ``write``-n first; returns ``(stream's result or None,
+    its error or None)``. Whatever the stream does, every chunk is written and ``source`` is exhausted (its
+    gathers are collectives); a failed write is raised once ``source`` is exhausted."""
+    failed_write: list[BaseException] = []
+
+    def tee():
+        for chunk in source:
+            try:
+                write(chunk)
+            except BaseException as exc:
+                failed_write.append(exc)
+                raise
+            yield chunk
+
+    chunks = tee()
+    result = error = None
+    try:
+        result = stream(chunks)
+    except Exception as exc:  # noqa: BLE001 - the stream broke off: the rest is still written below
+        error = exc
+    finally:
+        if not failed_write:
+            for _ in chunks:  # the chunks the stream did not ask for
+                pass
+        for _ in source:  # after a failed write: the other ranks wait in the remaining gathers
+            pass
+    if failed_write:
+        raise failed_write[0]
+    return result, error
+
+
+def export_and_stream(engine, uri: str, lora: LoraConfig | None, bucket_mb: float, extra: dict | None, actors: list,
+                      nodes: list[str] | None, version: int, transport: str = "auto", fingerprint: bool = False):
+    """:func:`export_weights` and :func:`stream_live` in one walk over the weights (one set of ZeRO-3 gathers):
+    rank 0 writes each gathered bucket as a shard, then streams it to the replicas. Returns
+    ``(manifest, (UpdateMeta, reports) or None, stream error or None)`` on rank 0, ``None`` on the others.
+    A failed stream leaves the folder whole (the caller refreshes from storage); a failed write raises."""
+    from anisora_ray.weights.refresh import stream_update  # Ray: only where replicas are refreshed
+
+    chunks = plan(engine, lora, bucket_mb)
+    source = host_chunks(engine, chunks, host=False)
+    if engine.global_rank != 0:
+        for _ in source:
+            pass
+        return None
+    writer = _writer(engine, uri, lora, len(chunks), fingerprint)
+    streamed, error = write_through(
+        source, lambda chunk: writer.write_shard([(name, t.detach().cpu()) for name, t in chunk]),
+        lambda tee: stream_update(actors, tee, version, "lora" if lora else "full", uri=uri,
+                                  lora=lora.model_dump() if lora else None, nodes=nodes, transport=transport))
+    return _close(writer, engine, uri, lora, extra), streamed, error
 
 
 def stream_live(engine, actors: list, nodes: list[str] | None, version: int, lora: LoraConfig | None, bucket_mb: float,

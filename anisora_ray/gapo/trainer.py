@@ -127,27 +127,29 @@ def train_loop_per_worker(config: dict) -> None:
             logger.log(metrics, step)
         if step < g.steps and g.checkpoint_every and step % g.checkpoint_every == 0:
             _report(worker, metrics)
-    gpu_route = bool(refresh and refresh.get("final") and refresh.get("transport", "auto") != "host"
-                     and worker.device.type == "cuda")  # the live stream will verify with scheme fp
-    manifest = worker.export(config["out_uri"], g.refresh_bucket_mb, {"step": worker.update}, fingerprint=gpu_route)
-    if rank == 0:
-        log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, config["out_uri"],
-                 manifest["kind"], manifest["num_tensors"])
-    if refresh and refresh.get("final"):  # the written weights also go live to the replicas, from memory
+    out_uri, extra = config["out_uri"], {"step": worker.update}
+    if refresh and refresh.get("final"):  # written and streamed live to the replicas in one walk over the weights
         version = refresh["base_version"] + (g.steps - 1) // g.refresh_every + 1 if g.refresh_every else refresh["base_version"] + 1
         start = time.perf_counter()
-        try:
-            meta = _refresh_replicas(worker, refresh, version, config["out_uri"])
-        except Exception as exc:  # noqa: BLE001 - the weights are written: the caller refreshes from storage
+        gpu_route = refresh.get("transport", "auto") != "host" and worker.device.type == "cuda"  # verified with fp
+        done = worker.export_and_stream(out_uri, g.refresh_bucket_mb, extra, refresh["actors"], refresh.get("nodes"),
+                                        version, refresh.get("transport", "auto"), fingerprint=gpu_route)
+        manifest, streamed, error = done if done is not None else (None, None, None)
+        if error is not None:  # the weights are written: the caller refreshes from storage
             log.warning("live refresh to version %d failed (%s); the replicas will load %s instead", version,
-                        str(exc).splitlines()[0][:300], config["out_uri"])
-            meta = None
-        if meta is not None:
+                        str(error).splitlines()[0][:300], out_uri)
+        if streamed is not None:
+            meta = streamed[0]
             written = manifest.get("checksum_fp" if scheme_of(meta.version.checksum) == "fp" else "checksum", "")
             if meta.version.checksum != written:
                 raise RuntimeError(f"weights streamed to the replicas (checksum {meta.version.checksum[:15]}) differ from "
-                                   f"those written to {config['out_uri']} ({written[:15] or 'no checksum of that scheme'})")
+                                   f"those written to {out_uri} ({written[:15] or 'no checksum of that scheme'})")
             metrics.update(live_weights_version=version, live_refresh_seconds=time.perf_counter() - start)
+    else:
+        manifest = worker.export(out_uri, g.refresh_bucket_mb, extra)
+    if rank == 0:
+        log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, out_uri,
+                 manifest["kind"], manifest["num_tensors"])
     _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
 
 
