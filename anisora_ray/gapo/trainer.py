@@ -62,12 +62,12 @@ def _report(worker: GapoWorker, metrics: dict, with_checkpoint: bool = True) -> 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int, uri: str = ""):
+def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int):
     """The live weights from rank 0 to the replicas, streamed (a collective under ZeRO-3: every rank takes
     part); returns the update's metadata on rank 0."""
     start = time.perf_counter()
-    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"], uri,
-                             refresh.get("transport", "auto"))
+    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"],
+                             transport=refresh.get("transport", "auto"))
     if streamed is None:
         return None
     meta, reports = streamed

@@ -72,22 +72,14 @@ class WeightsGroup:
             raise WeightsError(f"weights group backend {spec.backend!r}: expected 'nccl' or 'gloo'")
         self._buffer: torch.Tensor | None = None
 
-    @classmethod
-    def host(cls, name: str, address: str, world_size: int, device: torch.device, timeout_s: float) -> WeightsGroup:
-        """The sender's side: start the group's store on a free port of ``address`` (rank 0). Joining blocks
-        until every member has joined, so the caller asks the replicas to join first (:meth:`spec` is the
-        same before and after)."""
-        timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(address, 0, world_size, True, timeout=timeout, wait_for_workers=False)
-        spec = GroupSpec(name, address, store.port, world_size, backend_for(device), timeout_s)
-        self = cls.__new__(cls)
-        self.spec, self.rank, self.device, self.store, self.group, self._buffer = spec, 0, device, store, None, None
-        return self
-
-    def connect(self) -> None:
-        """Rank 0, after :meth:`host`: make the process group (returns once every member has joined)."""
-        joined = WeightsGroup(self.spec, 0, self.device, store=self.store)
-        self.group = joined.group
+    @staticmethod
+    def open_store(name: str, address: str, world_size: int, device: torch.device,
+                   timeout_s: float) -> tuple[GroupSpec, dist.TCPStore]:
+        """The sender's side, first: the group's store on a free port of ``address`` and the spec the others
+        join with. Rank 0 then joins as ``WeightsGroup(spec, 0, device, store)``, which blocks until every
+        member has joined, so the caller asks the replicas to join first."""
+        store = dist.TCPStore(address, 0, world_size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return GroupSpec(name, address, store.port, world_size, backend_for(device), timeout_s), store
 
     def broadcast(self, tensor: torch.Tensor):
         """Broadcast ``tensor`` from rank 0 (in place on the others); returns the work to ``wait`` on."""

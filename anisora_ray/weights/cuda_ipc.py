@@ -79,10 +79,6 @@ class DeviceSlots(Slots):
         return DeviceBucket(entries, f"{os.getpid()}:{index}:{self.generations[index]}", self.gpu,
                             self.handles[index], offsets)
 
-    def close(self) -> None:
-        self.tensors = [None] * self.count
-        self.handles = [None] * self.count
-
 
 _SENDER: dict[tuple[int, str], DeviceSlots] = {}
 

@@ -98,10 +98,10 @@ def _first(chunks: Iterable[Chunk]) -> tuple[torch.device, Iterable[Chunk]]:
 def _group_route(replicas: RayReplicas, indices: list[int], device: torch.device, window: int,
                  timeout_s: float) -> Route:
     """A broadcast group of this process (rank 0) and replicas ``indices``, joined before it returns."""
-    group = WeightsGroup.host(f"weights-{uuid.uuid4().hex[:8]}", ray.util.get_node_ip_address(), len(indices) + 1,
-                              device, timeout_s)
-    joins = [replicas.call(i, "join_weights_group", group.spec, rank) for rank, i in enumerate(indices, start=1)]
-    group.connect()  # returns once every replica has joined
+    spec, store = WeightsGroup.open_store(f"weights-{uuid.uuid4().hex[:8]}", ray.util.get_node_ip_address(),
+                                          len(indices) + 1, device, timeout_s)
+    joins = [replicas.call(i, "join_weights_group", spec, rank) for rank, i in enumerate(indices, start=1)]
+    group = WeightsGroup(spec, 0, device, store)  # returns once every replica has joined
     ray.get(joins, timeout=timeout_s)
     return Route(f"{group.spec.backend} group", indices, GroupSlots(window + 1, device, group), close=group.close)
 

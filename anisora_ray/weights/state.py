@@ -270,9 +270,11 @@ class TensorCopier:
         landed, cast_from = [], {}
         for name, tensor in tensors:
             target = self._target(name, tensor)
+            source = tensor
             if target.dtype != tensor.dtype:
-                cast_from[len(landed)] = (name, tensor, tensor.to(target.dtype))
-            target.copy_(tensor, non_blocking=True)
+                source = tensor.to(target.dtype)
+                cast_from[len(landed)] = (name, tensor, source)
+            target.copy_(source, non_blocking=True)
             landed.append((name, target))
             self.order.append(name)
             self.nbytes += tensor.numel() * tensor.element_size()
