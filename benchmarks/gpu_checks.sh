@@ -7,7 +7,8 @@
 #   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed
 #   python benchmarks/realsize_gpu.py --write-pair gpu-pair
 # (av is 36 MB: beyond the 64 MiB a call carries with the rest, hence the pair made here.)
-# CHECKS picks a subset, e.g. CHECKS="refresh zero3" (default: all, in this order).
+# CHECKS picks a subset, e.g. CHECKS="refresh zero3" (default: all, in this order); REFRESH_ARGS adds arguments
+# to refresh_gpu.py (e.g. "--host-runs 0 --sweep 1024:2,2048:2").
 set -u
 CHECKS=${CHECKS:-"refresh lora compile zero3 generation"}
 want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
@@ -20,7 +21,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 RS=/tmp/anisora-realsize
 # 0. Weight refresh through CUDA IPC (9.5 GB of bf16 to 2 replica processes on the GPU) vs a D2D memcpy.
-want refresh && timeout "${REFRESH_LIMIT:-150}" python3 benchmarks/refresh_gpu.py --json "$OUT/refresh_gpu.json" 2>&1 \
+want refresh && timeout "${REFRESH_LIMIT:-150}" python3 benchmarks/refresh_gpu.py ${REFRESH_ARGS:-} --json "$OUT/refresh_gpu.json" 2>&1 \
   | tee "$OUT/refresh_gpu.log" | grep -v -i -E "warn|resource_tracker|KeyError|cache\[rtype\]"
 # 1. GAPO at 5B: LoRA eager vs gapo.compile, then ZeRO-3 full fine-tuning with the gathered export.
 want lora && timeout "${LORA_LIMIT:-240}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases lora \

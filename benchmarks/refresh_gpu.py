@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--host-runs", type=int, default=2, help="refreshes over the host route, for comparison")
     parser.add_argument("--fp-acc", default="int64", help="integer type of the fp fingerprint's sums")
+    parser.add_argument("--sweep", default="", help="more CUDA IPC configs after the main one, as MB:window,... "
+                        "(e.g. 1024:2,2048:2,1024:4): the chain of per-bucket latencies vs bucket size and depth")
     args = parser.parse_args()
 
     state.FP_ACCUMULATE = getattr(torch, args.fp_acc)
@@ -200,6 +202,27 @@ def main() -> None:
     result["ipc_fraction_of_memcpy"] = [min(fractions), statistics.median(fractions), max(fractions)]
     print(f"END TO END, cuda ipc: {min(fractions):.1%}-{max(fractions):.1%} of memcpy (median "
           f"{statistics.median(fractions):.1%}), {nbytes * args.replicas / statistics.median(steady) / 1e9:.0f} GB/s")
+
+    result["sweep"] = []
+    for config in filter(None, args.sweep.split(",")):
+        mb, window = (float(x) for x in config.split(":"))
+        times = []
+        for _ in range(args.repeats):
+            version += 1
+            sync()
+            start = time.perf_counter()
+            meta, reports = stream_parts(replicas, args.replicas, [primary(args.replicas, int(window))],
+                                         group_by_size(sorted(live.items()), int(mb * 2**20)), version, "full",
+                                         scheme="fp", window=int(window), timeout_s=300)
+            times.append(time.perf_counter() - start)
+            assert {x["loaded"] for x in reports} == {meta.version.checksum}
+        steady = times[1:] or times
+        fractions = sorted(nbytes * args.replicas / t / 1e9 / copy for t in steady)
+        result["sweep"].append({"bucket_mb": mb, "window": int(window), "seconds": times,
+                                "fraction_of_memcpy": [fractions[0], statistics.median(fractions), fractions[-1]]})
+        print(f"  sweep: buckets {mb:.0f} MB, window {int(window)}: {min(steady) * 1e3:.0f}-{max(steady) * 1e3:.0f} ms, "
+              f"{fractions[0]:.1%}-{fractions[-1]:.1%} of memcpy (median {statistics.median(fractions):.1%}; first, "
+              f"slots grown: {times[0] * 1e3:.0f} ms)")
 
     # the host route from the same GPU tensors (what a GPU trainer would do without IPC)
     for r in range(args.host_runs):

@@ -12,7 +12,7 @@ but the announcement.
 
 from __future__ import annotations
 
-import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,7 +41,7 @@ class DeviceBucket:
     """A bucket staged in a GPU slot of the sender."""
 
     entries: tuple[TensorEntry, ...]
-    slot: str  # the slot's identity: "<sender pid>:<slot>:<generation>"
+    slot: str  # the slot's identity, "<slot set>:<slot>:<generation>": what a replica keys its opened slots by
     gpu: str  # UUID of the GPU that holds it
     handle: tuple  # reduce_tensor's (rebuild function, arguments), made once per slot
     offsets: tuple[int, ...]
@@ -62,6 +62,7 @@ class DeviceSlots(Slots):
         self._reduce = reduce_tensor
         self.tensors: list[torch.Tensor | None] = [None] * count
         self.handles: list[tuple | None] = [None] * count
+        self.token = uuid.uuid4().hex  # unique to this set of slots: another set (or sender) never collides
         self.generation = 0
         self.generations = [0] * count
 
@@ -76,7 +77,7 @@ class DeviceSlots(Slots):
 
     def announce(self, index: int, entries: tuple[TensorEntry, ...], offsets: tuple[int, ...]) -> DeviceBucket:
         torch.cuda.synchronize(self.device)  # the staged bytes are in the slot before any replica reads them
-        return DeviceBucket(entries, f"{os.getpid()}:{index}:{self.generations[index]}", self.gpu,
+        return DeviceBucket(entries, f"{self.token}:{index}:{self.generations[index]}", self.gpu,
                             self.handles[index], offsets)
 
 
