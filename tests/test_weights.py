@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -219,12 +222,14 @@ def _receiver_class():
             self.check_complete()
             return "ok"
 
-        def fail_at_part(self, n: int) -> None:  # a fault: the n-th part from now raises
-            self.parts_left = n
+        def fail_at_part(self, n: int, die: bool = False) -> None:  # a fault: the n-th part from now raises
+            self.parts_left, self.die = n, die  # ... or the process dies there, before taking its part
 
         def load_part(self, version, bucket):
             self.parts_left = getattr(self, "parts_left", 0) - 1
             if self.parts_left == 0:
+                if getattr(self, "die", False):
+                    os._exit(1)
                 if hasattr(bucket, "group"):  # a group member takes its part of the broadcast, then fails
                     list(self._weights_group.receive(bucket))
                 raise RuntimeError("part 2 refused")
@@ -324,6 +329,34 @@ def test_stream_update_over_a_broadcast_group_and_a_failed_member(ray_cluster):
     stream_update(actors, group_by_size(sorted(live.items()), 40_000), 4, "full", nodes=nodes, transport="collective",
                   timeout_s=30)  # a fresh group repairs both
     assert ray.get([a.run.remote() for a in actors]) == ["ok", "ok"]
+
+
+def test_a_group_member_that_dies_mid_broadcast_fails_the_update_by_name_and_fast(ray_cluster):
+    """A replica process that dies before its part of a gloo broadcast (its socket closes under the sender):
+    the update fails well inside the group's timeout, naming the dead replica, and no survivor moves to
+    that version; a new group without the dead replica updates the survivor."""
+    import ray
+
+    from anisora_ray.weights.refresh import stream_update
+    from anisora_ray.weights.state import group_by_size
+
+    shapes = {f"w{i}": (64, 65) for i in range(5)}
+    actors, nodes = _receivers_here_and_elsewhere(shapes)
+    live = {k: torch.full(s, 1.0) for k, s in shapes.items()}
+    stream_update(actors, group_by_size(sorted(live.items()), 40_000), 1, "full", nodes=nodes, transport="collective",
+                  window=1, timeout_s=60)
+    ray.get(actors[1].fail_at_part.remote(2, True))
+    began = time.monotonic()
+    with pytest.raises(WeightsError, match=r"weights refresh to version 2 failed on 2 of 2 replica.*replica 1: [A-Za-z]*(Died|Unavailable)"):
+        stream_update(actors, group_by_size(sorted({k: v * 2 for k, v in live.items()}.items()), 40_000), 2, "full",
+                      nodes=nodes, transport="collective", window=1, timeout_s=60)
+    assert time.monotonic() - began < 45  # the closed connection ends it, not the 60 s group timeout
+    assert ray.get(actors[0].get_weights_version.remote(), timeout=60) == 1
+    with pytest.raises(ray.exceptions.RayTaskError, match="holds part of weights version 2"):
+        ray.get(actors[0].run.remote(), timeout=60)
+    meta, _ = stream_update(actors[:1], group_by_size(sorted(live.items()), 40_000), 3, "full", nodes=nodes[:1],
+                            transport="collective", window=1, timeout_s=60)
+    assert ray.get(actors[0].run.remote()) == "ok" and ray.get(actors[0].get_weights_version.remote()) == 3
 
 
 def test_fp_checksum_is_exact_on_any_layout_and_catches_swaps_and_flips():
