@@ -18,6 +18,7 @@ driven over pipes (``Replicas`` protocol) instead of Ray actors: the GPU machine
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import statistics
@@ -180,23 +181,26 @@ def main() -> None:
     print("one bucket, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     result = {"device": name, "gb": nbytes / 1e9, "replicas": args.replicas,
               "memcpy_d2d_gbps": copy, "fp_acc": args.fp_acc, "bucket_phases_ms": phases, "ipc_seconds": [], "host_seconds": []}
-    expect = None
-    version = 0
-    for r in range(args.repeats):
-        version += 1
+    counter = itertools.count(1)  # weights versions
+
+    def ipc_refresh(bucket_bytes: int, window: int) -> tuple[float, str]:
+        """One refresh through CUDA IPC after a training step changed the weights: (seconds, checksum)."""
         for v in live.values():
             v.add_(0.001)
         sync()
         start = time.perf_counter()
-        routes = [primary(args.replicas, args.window)]
-        meta, reports = stream_parts(replicas, args.replicas, routes, group_by_size(sorted(live.items()), bucket),
-                                     version, "full", scheme="fp", window=args.window, timeout_s=300)
+        meta, reports = stream_parts(replicas, args.replicas, [primary(args.replicas, window)],
+                                     group_by_size(sorted(live.items()), bucket_bytes), next(counter), "full",
+                                     scheme="fp", window=window, timeout_s=300)
         seconds = time.perf_counter() - start
-        result["ipc_seconds"].append(seconds)
         assert {x["loaded"] for x in reports} == {meta.version.checksum} and meta.version.checksum.startswith("fp:")
+        return seconds, meta.version.checksum
+
+    for r in range(args.repeats):
+        seconds, expect = ipc_refresh(bucket, args.window)
+        result["ipc_seconds"].append(seconds)
         print(f"  cuda ipc, refresh {r + 1}: {seconds * 1e3:.0f} ms, {nbytes * args.replicas / seconds / 1e9:.1f} GB/s, "
               f"{nbytes * args.replicas / seconds / 1e9 / copy:.1%} of memcpy{' (first: slots mapped)' if r == 0 else ''}")
-        expect = meta.version.checksum
     steady = result["ipc_seconds"][1:] or result["ipc_seconds"]
     fractions = [nbytes * args.replicas / t / 1e9 / copy for t in steady]
     result["ipc_fraction_of_memcpy"] = [min(fractions), statistics.median(fractions), max(fractions)]
@@ -205,28 +209,19 @@ def main() -> None:
 
     result["sweep"] = []
     for config in filter(None, args.sweep.split(",")):
-        mb, window = (float(x) for x in config.split(":"))
-        times = []
-        for _ in range(args.repeats):
-            version += 1
-            sync()
-            start = time.perf_counter()
-            meta, reports = stream_parts(replicas, args.replicas, [primary(args.replicas, int(window))],
-                                         group_by_size(sorted(live.items()), int(mb * 2**20)), version, "full",
-                                         scheme="fp", window=int(window), timeout_s=300)
-            times.append(time.perf_counter() - start)
-            assert {x["loaded"] for x in reports} == {meta.version.checksum}
+        mb, window = float(config.split(":")[0]), int(config.split(":")[1])
+        times = [ipc_refresh(int(mb * 2**20), window)[0] for _ in range(args.repeats)]
         steady = times[1:] or times
         fractions = sorted(nbytes * args.replicas / t / 1e9 / copy for t in steady)
-        result["sweep"].append({"bucket_mb": mb, "window": int(window), "seconds": times,
+        result["sweep"].append({"bucket_mb": mb, "window": window, "seconds": times,
                                 "fraction_of_memcpy": [fractions[0], statistics.median(fractions), fractions[-1]]})
-        print(f"  sweep: buckets {mb:.0f} MB, window {int(window)}: {min(steady) * 1e3:.0f}-{max(steady) * 1e3:.0f} ms, "
+        print(f"  sweep: buckets {mb:.0f} MB, window {window}: {min(steady) * 1e3:.0f}-{max(steady) * 1e3:.0f} ms, "
               f"{fractions[0]:.1%}-{fractions[-1]:.1%} of memcpy (median {statistics.median(fractions):.1%}; first, "
               f"slots grown: {times[0] * 1e3:.0f} ms)")
 
     # the host route from the same GPU tensors (what a GPU trainer would do without IPC)
     for r in range(args.host_runs):
-        version += 1
+        version = next(counter)
         sync()
         start = time.perf_counter()
         routes = [Route("shared memory", list(range(args.replicas)), sender_slots(args.window + 1))]
@@ -235,7 +230,7 @@ def main() -> None:
         result["host_seconds"].append(time.perf_counter() - start)
         print(f"  host route (D2H into shared memory, xxh3), refresh {r + 1}: {result['host_seconds'][-1]:.2f} s")
     # a NaN bucket is refused and nobody moves to that version
-    version += 1
+    version = next(counter)
     bad = dict(live)
     name = sorted(bad)[len(bad) // 2]
     bad[name] = bad[name].clone()

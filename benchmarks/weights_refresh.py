@@ -18,6 +18,7 @@ load). LoRA vs full: CogVideoX-5B's transformer built on the meta device, with a
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -126,41 +127,41 @@ def main() -> None:
     bucket = int(args.bucket_mb * 2**20)
     rows: dict[str, list[float]] = {k: [] for k in ("shared", "store", "send", "load", "transport", "file")}
     nodes = ray.get([a.node.remote() for a in actors])
-    version = [0]
-    cpu: dict[str, float] = {}
+    versions = itertools.count(1)
 
     def step() -> int:  # a training step changed the weights; the next version
         for tensor in live.values():
             tensor.add_(1e-3)
-        version[0] += 1
         settle()
-        return version[0]
+        return next(versions)
 
-    def streamed(where, version_: int) -> float:
+    def streamed(where, version: int) -> tuple[float, float]:
+        """One end-to-end refresh: (wall seconds, CPU seconds of this process, Ray's threads included)."""
         start, cpu_start = time.perf_counter(), time.process_time()
-        meta, reports = stream_update(actors, group_by_size(sorted(live.items()), bucket), version_, "full",
+        meta, reports = stream_update(actors, group_by_size(sorted(live.items()), bucket), version, "full",
                                       nodes=where, window=args.window)
-        seconds = time.perf_counter() - start
-        cpu["sender_total"] = cpu.get("sender_total", 0.0) + time.process_time() - cpu_start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         assert {r["loaded"] for r in reports} == {meta.version.checksum}
-        return seconds
+        return seconds, cpu_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         save_file(live, os.path.join(tmp, "model.safetensors"))
         # each phase's refreshes one after another on a quiet machine (the object store's phases after the rest)
-        rows["shared"].append(streamed(nodes, step()))  # same node: shared memory (the first maps the slots)
-        replica_cpu, cpu["sender_total"] = ray.get([a.cpu.remote() for a in actors]), 0.0
+        rows["shared"].append(streamed(nodes, step())[0])  # same node: shared memory (the first maps the slots)
+        replica_cpu, sender_cpu = ray.get([a.cpu.remote() for a in actors]), []
         for _ in range(args.repeats - 1):
-            rows["shared"].append(streamed(nodes, step()))
-        cpu["sender"] = cpu["sender_total"] / (args.repeats - 1)  # this process while it streams, Ray's threads included
-        cpu["replicas"] = sum(b - a for a, b in zip(replica_cpu, ray.get([a.cpu.remote() for a in actors]),
-                                                    strict=True)) / (args.repeats - 1)
+            seconds, cpu_seconds = streamed(nodes, step())
+            rows["shared"].append(seconds)
+            sender_cpu.append(cpu_seconds)
+        cpu = {"sender": statistics.mean(sender_cpu),
+               "replicas": sum(b - a for a, b in zip(replica_cpu, ray.get([a.cpu.remote() for a in actors]),
+                                                     strict=True)) / (args.repeats - 1)}
         for _ in range(args.repeats):
-            rows["store"].append(streamed(None, step()))  # other nodes: the object store
+            rows["store"].append(streamed(None, step())[0])  # other nodes: the object store
         for _ in range(args.repeats):
-            version_ = step()
+            version = step()
             start = time.perf_counter()
-            update = publish_tensors(sorted(live.items()), version_, "full", bucket_mb=args.bucket_mb)
+            update = publish_tensors(sorted(live.items()), version, "full", bucket_mb=args.bucket_mb)
             rows["send"].append(time.perf_counter() - start)
             start = time.perf_counter()
             refresh_actors(actors, update)
@@ -170,9 +171,9 @@ def main() -> None:
             rows["transport"].append(time.perf_counter() - start)
             del update
         for _ in range(args.repeats):
-            version_ = step()
+            version = step()
             start = time.perf_counter()
-            refresh_actors(actors, publish(tmp, version_, args.bucket_mb))
+            refresh_actors(actors, publish(tmp, version, args.bucket_mb))
             rows["file"].append(time.perf_counter() - start)
     ray.shutdown()
     copy = memcpy_gbps(nbytes)
@@ -195,7 +196,8 @@ def main() -> None:
           f"{statistics.median([delivered / t / copy for t in rows['shared'][1:]]):.0%} of memcpy (goal >= 50%); "
           f"first refresh (slots not yet mapped) {rows['shared'][0] * 1e3:.0f} ms")
     floor = (cpu["sender"] + cpu["replicas"]) / (os.cpu_count() or 1)
-    print(f"CPU per same-node refresh (process time, Ray's threads included): sender {cpu['sender'] * 1e3:.1f} ms, replicas {cpu['replicas'] * 1e3:.1f} ms in all; "
+    print(f"CPU per same-node refresh (process time, Ray's threads included): sender {cpu['sender'] * 1e3:.1f} ms, "
+          f"replicas {cpu['replicas'] * 1e3:.1f} ms in all; "
           f"spread perfectly over {os.cpu_count()} cores that is {floor * 1e3:.1f} ms = {delivered / floor / copy:.0%} of "
           f"memcpy, the most this machine allows (measured: median {statistics.median(rows['shared'][1:]) / floor:.2f}x that)")
     full, lora = cogvideox5b_bytes(args.lora_rank)

@@ -354,8 +354,8 @@ def test_a_group_member_that_dies_mid_broadcast_fails_the_update_by_name_and_fas
     assert ray.get(actors[0].get_weights_version.remote(), timeout=60) == 1
     with pytest.raises(ray.exceptions.RayTaskError, match="holds part of weights version 2"):
         ray.get(actors[0].run.remote(), timeout=60)
-    meta, _ = stream_update(actors[:1], group_by_size(sorted(live.items()), 40_000), 3, "full", nodes=nodes[:1],
-                            transport="collective", window=1, timeout_s=60)
+    stream_update(actors[:1], group_by_size(sorted(live.items()), 40_000), 3, "full", nodes=nodes[:1],
+                  transport="collective", window=1, timeout_s=60)
     assert ray.get(actors[0].run.remote()) == "ok" and ray.get(actors[0].get_weights_version.remote()) == 3
 
 
