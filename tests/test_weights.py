@@ -449,3 +449,39 @@ def test_write_through_writes_every_shard_whatever_the_stream_does(tmp_path):
     with pytest.raises(WeightsError, match="'w1' has non-finite values"):
         write_through(source(), writer.write_shard, lambda tee: list(tee))
     assert pulled == ["w0", "w1", "w2", "w3"]
+
+
+SLOT_SENDER = """
+import sys, time, torch
+from anisora_ray.weights.shared import SharedSlots
+bucket, _ = SharedSlots(1).stage(0, [("w", torch.ones(8))], None, "test")
+print(bucket.segment, flush=True)
+time.sleep(600)
+"""
+
+
+def test_slots_of_a_killed_sender_are_swept_and_a_live_senders_are_kept():
+    """A sender killed with its process group (as Ray kills a worker) leaves its slot in /dev/shm; the next
+    sender on the node unlinks it, and never a slot whose sender is alive."""
+    import signal
+    import subprocess
+    import sys
+
+    from anisora_ray.weights.shared import SHM_DIR, SharedSlots, sweep_orphaned_slots
+
+    if not os.path.isdir(SHM_DIR):
+        pytest.skip(f"no {SHM_DIR} here")
+    sender = subprocess.Popen([sys.executable, "-c", SLOT_SENDER], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    orphan = sender.stdout.readline().strip()
+    os.killpg(sender.pid, signal.SIGKILL)  # its resource tracker too: nothing is left to unlink the slot
+    sender.wait()
+    assert orphan.startswith("anisora-") and os.path.exists(os.path.join(SHM_DIR, orphan))
+    live = SharedSlots(1)
+    try:
+        mine, _ = live.stage(0, [("w", torch.zeros(8))], None, "test")
+        assert not os.path.exists(os.path.join(SHM_DIR, orphan))  # creating slots swept it
+        assert sweep_orphaned_slots() == [] and os.path.exists(os.path.join(SHM_DIR, mine.segment))
+    finally:
+        live.close()
+    assert not os.path.exists(os.path.join(SHM_DIR, mine.segment))

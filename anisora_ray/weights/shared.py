@@ -7,11 +7,15 @@ slot's name and where each tensor lies. A replica on the same node maps the slot
 (``shared_tensors``) and copies the tensors into its transformer, verifying as it does for the
 object store. Slots are reused from refresh to refresh, so their pages stay mapped on both sides:
 a refresh costs the copies, not page faults. Replicas on other nodes take the object-store path.
+A slot's name carries its sender's pid (and pid namespace): a sender killed with its whole process
+group (as Ray kills workers) cannot unlink its slots, so the next sender on the node does
+(:func:`sweep_orphaned_slots`) instead of leaving them in ``/dev/shm`` until the node reboots.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -33,6 +37,51 @@ from anisora_ray.weights.state import (
 )
 
 ALIGN = 64  # tensor offsets in a slot: cache-line aligned
+PREFIX = "anisora"
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
+def slot_name() -> str:
+    """A new slot's name: ``anisora-<pid namespace>-<pid>-<random>``."""
+    return f"{PREFIX}-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    return True
+
+
+def sweep_orphaned_slots(directory: str = SHM_DIR) -> list[str]:
+    """Unlink the slots whose sender (a process of this pid namespace) is gone; returns their names.
+    A replica that still maps one keeps its mapping: only the name goes."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    namespace, removed = _pid_namespace(), []
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 4 or parts[0] != PREFIX or parts[1] != namespace or not parts[2].isdigit():
+            continue
+        if not _alive(int(parts[2])):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:  # another sender swept it first
+                pass
+    return removed
 
 
 @dataclass(frozen=True)
@@ -110,6 +159,7 @@ class SharedSlots(Slots):
         super().__init__(count)
         self.segments: list[shared_memory.SharedMemory | None] = [None] * count
         atexit.register(self.close)
+        sweep_orphaned_slots()
 
     def _slot(self, index: int, nbytes: int) -> shared_memory.SharedMemory:
         segment = self.segments[index]
@@ -117,7 +167,7 @@ class SharedSlots(Slots):
             if segment is not None:
                 _close(segment)
                 segment.unlink()
-            segment = shared_memory.SharedMemory(name=f"anisora-{uuid.uuid4().hex[:16]}", create=True, size=max(nbytes, 1))
+            segment = shared_memory.SharedMemory(name=slot_name(), create=True, size=max(nbytes, 1))
             self.segments[index] = segment
         return segment
 
