@@ -1,6 +1,6 @@
 """Runs are reproducible with lossless video: two fresh runs of a short alignment loop, same config and
-seeds, give the same held-out table and byte-identical trained weights (``video.crf=0``; lossy x264 at
-tiny sizes is not bit-stable, see configs/local.yaml)."""
+seeds, run at the same time, give the same held-out table and byte-identical trained weights
+(``video.crf=0``; lossy x264 at tiny sizes is not bit-stable, see configs/local.yaml)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ KEYS = ("round", "weights_version", "heldout_reward", "mean_diff", "ci_low", "ci
         "train_loss", "heldout_visual_motion", "heldout_character")
 
 
-def _run(root, model_cache) -> tuple[list[dict], str]:
+def _start(root, model_cache) -> subprocess.Popen:
     overrides = [*config_overrides(root, model_cache), "loop.rounds=1", "gapo.steps=4", "generator.replicas=1",
                  "data.demo_prompts=3", "eval.demo_prompts=3", "eval.candidates_per_prompt=1",
                  "loop.registered_model=null", "video.crf=0"]
@@ -25,8 +25,15 @@ def _run(root, model_cache) -> tuple[list[dict], str]:
     for o in overrides:
         argv += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, as `make demo` starts
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "output.txt"), "w") as output:  # files, not pipes: neither run waits on a reader
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _result(run: subprocess.Popen, root) -> tuple[list[dict], str]:
+    run.wait(timeout=900)
+    with open(os.path.join(root, "output.txt")) as f:
+        assert run.returncode == 0, f.read()[-6000:]
     with open(os.path.join(root, "out", "align", "state.json")) as f:
         state = json.load(f)
     rows = [state["baseline"]["row"], *(r["metrics"] for r in state["rounds"])]
@@ -39,7 +46,9 @@ def _run(root, model_cache) -> tuple[list[dict], str]:
 
 
 def test_two_fresh_runs_of_the_same_config_give_the_same_table_and_weights(tmp_path, model_cache):
-    first, second = _run(tmp_path / "a", model_cache), _run(tmp_path / "b", model_cache)
+    # both at once, each on its own fresh local Ray: the results may not depend on timing or load either
+    runs = {name: _start(tmp_path / name, model_cache) for name in ("a", "b")}
+    first, second = (_result(run, tmp_path / name) for name, run in runs.items())
     assert first[0] == second[0]  # every number of the table, exactly
     assert first[1] == second[1]  # the trained weights, byte for byte
     assert first[0][1]["pairs"] == 3 and first[0][1]["weights_version"] == 1
