@@ -2,16 +2,18 @@
 
     python benchmarks/weights_refresh.py [--mb 256] [--replicas 2] [--bucket-mb 128] [--window 2] [--lora-rank 64]
 
-The end-to-end figure: tensors of ``--mb`` MB (fp32 layers) held in this process, as rank 0 of a
-trainer holds its weights, go to ``--replicas`` actors through ``weights.refresh.stream_update``
-(per bucket: one copy into a shared-memory slot, non-finite check and checksum of the staged bytes;
-the replicas, on this node, copy each bucket into their parameters while the next one is staged,
-and verify) until every replica has committed the version with the same checksum; the same through
-the object store (one ``ray.put`` per bucket), the path to replicas on other nodes. Bandwidth = bytes x replicas / time; the reference is ``np.copyto`` of the
-same bytes into a warm buffer in one process. Beside it, the phases: the sender alone (checks +
-put), the replicas alone (load + verify of buckets already in the object store), the transport
-alone (fetch + copy, no checks), and the previous path (publish from a safetensors file, then
-load). LoRA vs full: CogVideoX-5B's transformer built on the meta device, with and without a rank
+The end-to-end figure: tensors of ``--mb`` MB (fp32 layers) held in this process, as rank 0 of a trainer
+holds its weights, go to ``--replicas`` actors through ``weights.refresh.stream_update`` (per bucket:
+one copy into a shared-memory slot, non-finite check and checksum of the staged bytes; the replicas, on
+this node, copy each bucket into their parameters while the next one is staged, and verify) until every
+replica has committed the version with the same checksum; the same through the object store (one
+``ray.put`` per bucket), the path to replicas on other nodes. Bandwidth = bytes x replicas / time; the
+reference is ``np.copyto`` of the same bytes into a warm buffer in one process. Beside it, the phases:
+the sender alone (checks + put), the replicas alone (load + verify of buckets already in the object
+store), the transport alone (fetch + copy, no checks), and the previous path (publish from a safetensors
+file, then load); and what bounds it here: the CPU a refresh uses, its fixed cost (16 bytes through the
+same calls), and how far two processes copying at once add up on this machine's memory bus.
+LoRA vs full: CogVideoX-5B's transformer built on the meta device, with and without a rank
 ``--lora-rank`` adapter on to_q/to_k/to_v/to_out.0.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import platform
 import statistics
@@ -66,16 +69,44 @@ class Holder(WeightsReceiver):
         return time.process_time()
 
 
-def memcpy_gbps(nbytes: int) -> float:
+def _buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
     dst.fill(1)  # fault the pages in: measure the copy, not the allocator
+    return src, dst
+
+
+def _best_copy(src: np.ndarray, dst: np.ndarray, barrier=None, repeats: int = 3) -> float:
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
+        if barrier is not None:
+            barrier.wait()
         start = time.perf_counter()
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return best
+
+
+def memcpy_gbps(nbytes: int) -> float:
+    return nbytes / _best_copy(*_buffers(nbytes)) / 1e9
+
+
+def _copier(nbytes: int, barrier, results) -> None:
+    results.put(_best_copy(*_buffers(nbytes), barrier, repeats=5))
+
+
+def concurrent_copy_gbps(nbytes: int, processes: int) -> float:
+    """Bytes a second that ``processes`` processes copy together, each its own buffers, started together:
+    against :func:`memcpy_gbps`, how far the memory bus lets copies on several cores add up."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [ctx.Process(target=_copier, args=(nbytes, barrier, results)) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    slowest = max(results.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join()
+    return processes * nbytes / slowest / 1e9
 
 
 def cogvideox5b_bytes(rank: int) -> tuple[int, int]:
@@ -125,7 +156,7 @@ def main() -> None:
     nbytes = count * layer * 4
     live = {k: torch.randn(s) for k, s in shapes.items()}  # the trainer's weights, in memory
     bucket = int(args.bucket_mb * 2**20)
-    rows: dict[str, list[float]] = {k: [] for k in ("shared", "store", "send", "load", "transport", "file")}
+    rows: dict[str, list[float]] = {k: [] for k in ("shared", "store", "send", "load", "transport", "file", "fixed")}
     nodes = ray.get([a.node.remote() for a in actors])
     versions = itertools.count(1)
 
@@ -175,8 +206,18 @@ def main() -> None:
             start = time.perf_counter()
             refresh_actors(actors, publish(tmp, version, args.bucket_mb))
             rows["file"].append(time.perf_counter() - start)
+    # a refresh's fixed cost: the same calls (begin, one part, commit) for 16 bytes to as many replicas
+    tiny = [Holder.options(num_cpus=0).remote({"w": (4,)}) for _ in range(args.replicas)]
+    tiny_nodes, small = ray.get([a.node.remote() for a in tiny]), {"w": torch.zeros(4)}
+    for version in range(1, args.repeats + 2):
+        small["w"].add_(1)
+        start = time.perf_counter()
+        stream_update(tiny, group_by_size(list(small.items()), bucket), version, "full", nodes=tiny_nodes,
+                      window=args.window)
+        rows["fixed"].append(time.perf_counter() - start)
     ray.shutdown()
     copy = memcpy_gbps(nbytes)
+    together = concurrent_copy_gbps(nbytes, 2)
     delivered = nbytes * args.replicas / 1e9
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
     print(f"{nbytes / 1e6:.0f} MB to {args.replicas} replica(s), buckets of {args.bucket_mb:.0f} MB, window "
@@ -200,6 +241,10 @@ def main() -> None:
           f"replicas {cpu['replicas'] * 1e3:.1f} ms in all; "
           f"spread perfectly over {os.cpu_count()} cores that is {floor * 1e3:.1f} ms = {delivered / floor / copy:.0%} of "
           f"memcpy, the most this machine allows (measured: median {statistics.median(rows['shared'][1:]) / floor:.2f}x that)")
+    fixed = statistics.median(rows["fixed"][1:])
+    print(f"fixed cost of a refresh (16 bytes to {args.replicas} replicas: begin, one part, commit): median "
+          f"{fixed * 1e3:.1f} ms; memory bus: 2 processes copying at once move {together:.2f} GB/s together = "
+          f"{together / copy:.2f}x one process")
     full, lora = cogvideox5b_bytes(args.lora_rank)
     print(f"CogVideoX-5B I2V transformer (bf16): full refresh {full / 1e9:.2f} GB, LoRA r={args.lora_rank} adapter "
           f"{lora / 1e6:.1f} MB ({full / lora:.0f}x fewer bytes)")

@@ -485,3 +485,16 @@ def test_slots_of_a_killed_sender_are_swept_and_a_live_senders_are_kept():
     finally:
         live.close()
     assert not os.path.exists(os.path.join(SHM_DIR, mine.segment))
+
+
+def test_refresh_floor_benchmark_delivers_verified_weights_by_both_designs():
+    """benchmarks/refresh_floor.py (no Ray): every replica's checksum equals the sender's, or it fails."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "refresh_floor.py"), "--mb", "8",
+                           "--bucket-mb", "2", "--repeats", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pipes (the project's data path)" in done.stdout and "direct (one copy fewer)" in done.stdout
