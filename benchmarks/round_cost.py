@@ -232,7 +232,7 @@ def simulate(args) -> dict:
         overlapped = time.perf_counter() - began
         versions = sorted({p.weights_version for p in read_pairs(f"{tmp}/round-4/pairs")})
         result = {"nodes": args.nodes, "gpus": total, "factor": factor, "prompts": args.sim_prompts, "split": args.split,
-                  "calls_per_task": args.calls_per_task, "target_s": args.target_s,
+                  "calls_per_task": args.calls_per_task, "calls_in_flight": args.calls_in_flight, "target_s": args.target_s,
                   "shape": {"generation": shape.generation, "reward": shape.reward, "training": shape.training},
                   "predicted_pure": predict(costs, shape).pure_generation, "measured_pure": measured_pure,
                   "sequential": {"predicted": predict(costs, shape).wall, "measured": sequential,
