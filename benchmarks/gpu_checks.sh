@@ -10,7 +10,7 @@
 # CHECKS picks a subset, e.g. CHECKS="refresh zero3" (default: all, in this order); REFRESH_ARGS adds arguments
 # to refresh_gpu.py (e.g. "--host-runs 0 --sweep 1024:2,2048:2").
 set -u
-CHECKS=${CHECKS:-"refresh lora compile zero3 generation"}
+CHECKS=${CHECKS:-"floor refresh lora compile zero3 generation"}
 want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -20,6 +20,9 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 RS=/tmp/anisora-realsize
+# 0. The host refresh's data path on this machine's cores (no GPU, no Ray): 2 cores here put it at ~50% of memcpy.
+want floor && timeout "${FLOOR_LIMIT:-120}" python3 benchmarks/refresh_floor.py 2>&1 | grep -v -i -E "warn|resource_tracker" \
+  | tee "$OUT/refresh_floor.log"
 # 0. Weight refresh through CUDA IPC (9.5 GB of bf16 to 2 replica processes on the GPU) vs a D2D memcpy.
 want refresh && timeout "${REFRESH_LIMIT:-150}" python3 benchmarks/refresh_gpu.py ${REFRESH_ARGS:-} --json "$OUT/refresh_gpu.json" 2>&1 \
   | tee "$OUT/refresh_gpu.log" | grep -v -i -E "warn|resource_tracker|KeyError|cache\[rtype\]"
