@@ -1,16 +1,17 @@
-"""The same-node refresh's data path without Ray: how close to memcpy its copies and checks alone get here.
+"""The same-node refresh without Ray: how close to memcpy its copies and checks alone get here.
 
     python benchmarks/refresh_floor.py [--mb 256] [--replicas 2] [--bucket-mb 128] [--window 2] [--repeats 20]
 
-The work of ``weights_refresh.py``'s end-to-end figure, done by the project's own pieces: the sender
-stages each bucket with ``SharedSlots.stage`` (one copy into a shared-memory slot, non-finite check,
-checksum) while the replica processes copy the previous ones into their tensors with ``TensorCopier``
-(copy, digest of what landed), at most ``--window`` buckets behind; every replica's checksum must equal
-the sender's. Only the calls differ: a pipe per replica instead of Ray actor calls. Beside it, a design
-the project does not use, one copy fewer ("direct"): the replicas' tensors live in shared memory and
-the sender copies each bucket straight into them (checks and checksum on the first copy); each replica
-then digests what it holds. Bandwidth = bytes x replicas / time, against ``np.copyto`` in one process
-(as ``weights_refresh.py``). No Ray: it also runs where Ray is not installed.
+The refresh of ``weights_refresh.py``'s end-to-end figure, run by the project's own code: the sender's
+``weights.stream.stream_parts`` over a shared-memory route (each bucket staged once into a slot,
+non-finite check, checksum) to replica processes that mix in the replicas' ``WeightsReceiver`` (each
+copies a bucket into its tensors while the next is staged, digests what landed, and commits against the
+sender's checksum). Only the calls differ: replicas are driven over pipes (``refresh_gpu.PipeReplicas``)
+instead of Ray actors. Beside it, a design the project does not use, one copy fewer ("direct"): the
+replicas' tensors live in shared memory and the sender copies each bucket straight into them (checks and
+checksum on the first copy); each replica then only digests what it holds. Bandwidth = bytes x replicas
+/ time, against ``np.copyto`` in one process (as ``weights_refresh.py``). No Ray: it also runs where Ray
+is not installed.
 """
 
 from __future__ import annotations
@@ -21,28 +22,58 @@ import os
 import platform
 import statistics
 import time
-from collections import deque
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
 import torch
+from refresh_gpu import PipeReplicas, serve_replica
 
-from anisora_ray.weights.shared import ALIGN, SharedSlots, shared_tensors
-from anisora_ray.weights.state import Checksum, TensorCopier, group_by_size, refuse_non_finite
+from anisora_ray.weights.receiver import WeightsReceiver
+from anisora_ray.weights.shared import ALIGN, Slots, sender_slots
+from anisora_ray.weights.state import Checksum, TensorEntry, dtype_name, group_by_size, refuse_non_finite
+from anisora_ray.weights.stream import Route, stream_parts
+
+
+def _buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    dst.fill(1)  # fault the pages in: measure the copy, not the allocator
+    return src, dst
+
+
+def _best_copy(src: np.ndarray, dst: np.ndarray, barrier=None, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        if barrier is not None:
+            barrier.wait()
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def memcpy_gbps(nbytes: int) -> float:
-    """``np.copyto`` into a warm buffer in one process, best of 3 (``weights_refresh.py``'s reference)."""
-    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    dst = np.ones_like(src)
-    best = min(_timed(np.copyto, dst, src) for _ in range(3))
-    return nbytes / best / 1e9
+    """``np.copyto`` of ``nbytes`` into a warm buffer in one process, best of 3: the refresh benchmarks' reference."""
+    return nbytes / _best_copy(*_buffers(nbytes)) / 1e9
 
 
-def _timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+def _copier(nbytes: int, barrier, results) -> None:
+    results.put(_best_copy(*_buffers(nbytes), barrier, repeats=5))
+
+
+def concurrent_copy_gbps(nbytes: int, processes: int) -> float:
+    """Bytes a second that ``processes`` processes copy together, each its own buffers, started together:
+    against :func:`memcpy_gbps`, how far the memory bus lets copies on several cores add up."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [ctx.Process(target=_copier, args=(nbytes, barrier, results)) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    slowest = max(results.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join()
+    return processes * nbytes / slowest / 1e9
 
 
 def arena(shapes: dict[str, tuple[int, ...]]) -> tuple[shared_memory.SharedMemory, dict[str, torch.Tensor]]:
@@ -60,96 +91,107 @@ def arena(shapes: dict[str, tuple[int, ...]]) -> tuple[shared_memory.SharedMemor
     return segment, views
 
 
-def replica(conn, shapes: dict, held: dict[str, torch.Tensor] | None) -> None:
-    """A replica's loop: ``begin``, then buckets (loaded, or for ``held`` digested in place), then ``commit``."""
+@dataclass(frozen=True)
+class Written:
+    """A bucket the sender wrote straight into every replica's tensors ("direct"): only names travel."""
+
+    entries: tuple[TensorEntry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+class ArenaSlots(Slots):
+    """The "direct" sender: each bucket is copied into every replica's shared tensors, checked and
+    checksummed on the first copy."""
+
+    def __init__(self, held: list[dict[str, torch.Tensor]]):
+        super().__init__(1)
+        self.held = held
+
+    def stage(self, index, chunk, checksum: Checksum | None, where: str):
+        for k, tensors in enumerate(self.held):
+            for name, tensor in chunk:
+                tensors[name].copy_(tensor)
+                if k == 0 and checksum is not None:  # while the first copy is in cache
+                    refuse_non_finite(name, tensors[name], where)
+                    checksum.update(name, tensors[name])
+        entries = tuple(TensorEntry(n, dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size()) for n, t in chunk)
+        return Written(entries), [(n, self.held[0][n]) for n, _ in chunk]
+
+
+class HostReplica(WeightsReceiver):
+    """A replica process's module: float32 tensors (for "direct", views of its shared-memory arena)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], index: int):
+        self.replica_id = f"host-replica-{index}"
+        self.module = torch.nn.ParameterDict({k: torch.nn.Parameter(t, requires_grad=False) for k, t in tensors.items()})
+
+    def receiving_module(self):
+        return self.module
+
+    def _parts(self, bucket):
+        if isinstance(bucket, Written):  # already in place: copying a tensor onto itself is free, the digest is not
+            params = dict(self.module.items())
+            return [(e.name, params[e.name]) for e in bucket.entries]
+        return super()._parts(bucket)
+
+    def cpu(self) -> float:
+        return time.process_time()
+
+
+def run_replica(conn, shapes: dict, held: dict[str, torch.Tensor] | None, index: int) -> None:
     torch.set_num_threads(1)
-    targets = held if held is not None else {k: torch.zeros(s) for k, s in shapes.items()}
-    cpu = 0.0
-    while (message := conn.recv()) is not None:
-        start = time.thread_time()
-        if message == "begin":
-            copier, digest = TensorCopier(targets), Checksum()
-        elif message == "commit":
-            reply = digest.hexdigest() if held is not None else copier.report(require_all=True)["loaded"]
-        elif held is not None:  # the sender wrote the tensors: digest what this replica holds
-            for name in message:
-                digest.update(name, targets[name])
-        else:
-            copier.add(shared_tensors(message))
-        cpu += time.thread_time() - start
-        conn.send(reply if message == "commit" else cpu)
-
-
-def refresh(conns, live: dict[str, torch.Tensor], slots: SharedSlots, held: list[dict] | None, bucket: int,
-            window: int) -> None:
-    for conn in conns:
-        conn.send("begin")
-    for conn in conns:
-        conn.recv()
-    checksum, in_flight = Checksum(), deque()
-    for index, chunk in enumerate(group_by_size(sorted(live.items()), bucket)):
-        while len(in_flight) > window:
-            for conn in conns:
-                conn.recv()
-            in_flight.popleft()
-        if held is None:
-            message, _ = slots.stage(index, chunk, checksum, "refresh floor")
-        else:
-            for k, tensors in enumerate(held):
-                for name, tensor in chunk:
-                    tensors[name].copy_(tensor)
-                    if k == 0:  # checked and checksummed while the first copy is in cache
-                        refuse_non_finite(name, tensors[name], "refresh floor")
-                        checksum.update(name, tensors[name])
-            message = [name for name, _ in chunk]
-        for conn in conns:
-            conn.send(message)
-        in_flight.append(index)
-    while in_flight:
-        for conn in conns:
-            conn.recv()
-        in_flight.popleft()
-    for conn in conns:
-        conn.send("commit")
-    loaded = {conn.recv() for conn in conns}
-    assert loaded == {checksum.hexdigest()}, "a replica's checksum differs from the sender's"
+    serve_replica(conn, HostReplica(held if held is not None else {k: torch.zeros(s) for k, s in shapes.items()}, index))
 
 
 def measure(direct: bool, shapes: dict, args) -> tuple[list[float], float, float]:
-    """(refresh seconds, sender CPU seconds per refresh, replicas' CPU seconds per refresh in all)."""
+    """(refresh seconds, sender CPU seconds per refresh, replicas' CPU seconds per refresh in all), the first
+    refresh (slots mapped) left out."""
     live = {k: torch.randn(s) for k, s in shapes.items()}
     arenas = [arena(shapes) for _ in range(args.replicas)] if direct else []
-    held = [views for _, views in arenas] if direct else None
-    ctx = multiprocessing.get_context("fork")
-    conns, workers = [], []
-    for k in range(args.replicas):
-        mine, theirs = ctx.Pipe()
-        workers.append(ctx.Process(target=replica, args=(theirs, shapes, held[k] if direct else None)))
-        workers[-1].start()
-        conns.append(mine)
-    slots, times, sender_cpu = SharedSlots(args.window + 1), [], []
+    held = [views for _, views in arenas]
+    ctx = multiprocessing.get_context("fork")  # "direct" replicas inherit their arena's mapping
+    pipes = [ctx.Pipe() for _ in range(args.replicas)]
+    workers = [ctx.Process(target=run_replica, args=(child, shapes, held[k] if direct else None, k), daemon=True)
+               for k, (_, child) in enumerate(pipes)]
+    for worker in workers:
+        worker.start()
+    conns = [parent for parent, _ in pipes]
+    for conn in conns:
+        assert conn.recv()[0] == "ready"
+    replicas, indices = PipeReplicas(conns), list(range(args.replicas))
+    route = Route("direct", indices, ArenaSlots(held)) if direct else Route("shared memory", indices,
+                                                                           sender_slots(args.window + 1))
+
+    def replicas_cpu() -> float:
+        return sum(replicas.wait(replicas.call(i, "cpu"), 60) for i in indices)
+
+    times, sender_cpu = [], []
     try:
-        for _ in range(args.repeats + 1):
+        for version in range(1, args.repeats + 2):
+            if version == 2:
+                replicas_start = replicas_cpu()
             for tensor in live.values():
                 tensor.add_(1e-3)  # a training step
             time.sleep(0.05)
             start, cpu_start = time.perf_counter(), time.process_time()
-            refresh(conns, live, slots, held, int(args.bucket_mb * 2**20), args.window)
+            meta, reports = stream_parts(replicas, args.replicas, [route], group_by_size(sorted(live.items()),
+                                         int(args.bucket_mb * 2**20)), version, "full", window=args.window)
             times.append(time.perf_counter() - start)
             sender_cpu.append(time.process_time() - cpu_start)
-        for conn in conns:
-            conn.send("begin")
-        replicas_cpu = sum(conn.recv() for conn in conns)
+            assert {r["loaded"] for r in reports} == {meta.version.checksum}
+        replicas_used = replicas_cpu() - replicas_start
     finally:
         for conn in conns:
-            conn.send(None)
+            conn.send(("stop", ()))
         for worker in workers:
             worker.join()
-        slots.close()
         for segment, _ in arenas:
             segment.close()
             segment.unlink()
-    return times[1:], statistics.mean(sender_cpu[1:]), replicas_cpu / (args.repeats + 1)
+    return times[1:], statistics.mean(sender_cpu[1:]), replicas_used / args.repeats
 
 
 def main() -> None:

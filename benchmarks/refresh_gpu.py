@@ -61,7 +61,11 @@ class Replica(WeightsReceiver):
 
 def serve(conn, shapes_: dict, index: int, acc: str = "int64") -> None:
     state.FP_ACCUMULATE = getattr(torch, acc)
-    replica = Replica(shapes_, index)
+    serve_replica(conn, Replica(shapes_, index))
+
+
+def serve_replica(conn, replica) -> None:
+    """Answer a :class:`PipeReplicas` sender's calls on ``replica``, in order, until ``stop``."""
     conn.send(("ready", None))
     while True:
         method, args = conn.recv()

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing
 import os
 import platform
 import statistics
 import tempfile
 import time
 
-import numpy as np
 import ray
 import torch
+from refresh_floor import concurrent_copy_gbps, memcpy_gbps
 
 from anisora_ray.config import LoraConfig
 from anisora_ray.weights.receiver import WeightsReceiver
@@ -67,46 +66,6 @@ class Holder(WeightsReceiver):
 
     def cpu(self) -> float:
         return time.process_time()
-
-
-def _buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
-    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    dst.fill(1)  # fault the pages in: measure the copy, not the allocator
-    return src, dst
-
-
-def _best_copy(src: np.ndarray, dst: np.ndarray, barrier=None, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if barrier is not None:
-            barrier.wait()
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def memcpy_gbps(nbytes: int) -> float:
-    return nbytes / _best_copy(*_buffers(nbytes)) / 1e9
-
-
-def _copier(nbytes: int, barrier, results) -> None:
-    results.put(_best_copy(*_buffers(nbytes), barrier, repeats=5))
-
-
-def concurrent_copy_gbps(nbytes: int, processes: int) -> float:
-    """Bytes a second that ``processes`` processes copy together, each its own buffers, started together:
-    against :func:`memcpy_gbps`, how far the memory bus lets copies on several cores add up."""
-    ctx = multiprocessing.get_context("fork")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_copier, args=(nbytes, barrier, results)) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    slowest = max(results.get(timeout=120) for _ in workers)
-    for w in workers:
-        w.join()
-    return processes * nbytes / slowest / 1e9
 
 
 def cogvideox5b_bytes(rank: int) -> tuple[int, int]:
