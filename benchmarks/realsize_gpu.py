@@ -121,7 +121,7 @@ def phase_generate(args) -> dict:
     loser = os.path.join(args.out, "gen", "reversed.mp4")
     write_video(np.ascontiguousarray(read_all_frames(winner)[::-1]), loser, fps=cfg.generator.fps)
     row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": winner, "loser_video_uri": loser,
-           "winner_reward": 0.8, "loser_reward": 0.3}
+           "winner_reward": 0.8, "loser_reward": 0.3, "winner_seed": 1, "loser_seed": 2}
     with open(os.path.join(args.out, "pair.json"), "w") as f:
         json.dump(row, f)
     return {"phase": "generate", "load_s": load, "seconds_per_video": seconds, "steps": cfg.generator.num_inference_steps,
@@ -150,7 +150,7 @@ def write_pair(folder: str, frames: int = 49, height: int = 480, width: int = 72
     Image.fromarray(clip(1)[0]).save(os.path.join(folder, "image.png"))
     row = {"prompt": "a girl with red hair waves", "image_uri": os.path.join(folder, "image.png"),
            "winner_video_uri": os.path.join(folder, "winner.mp4"), "loser_video_uri": os.path.join(folder, "loser.mp4"),
-           "winner_reward": 0.8, "loser_reward": 0.3}
+           "winner_reward": 0.8, "loser_reward": 0.3, "winner_seed": 1, "loser_seed": 2}
     with open(os.path.join(folder, "pair.json"), "w") as f:
         json.dump(row, f)
     return os.path.join(folder, "pair.json")

@@ -15,6 +15,7 @@ def _table(n: int) -> pa.Table:
         "prompt_id": [f"p{i:02d}" for i in range(n)][::-1], "prompt": ["a girl waves"] * n,
         "image_uri": [f"i{i}" for i in range(n)], "winner_video_uri": [f"w{i}" for i in range(n)],
         "loser_video_uri": [f"l{i}" for i in range(n)], "winner_reward": [0.9] * n, "loser_reward": [0.1] * n,
+        "winner_seed": list(range(n)), "loser_seed": list(range(n, 2 * n)),
     })
 
 
@@ -54,7 +55,7 @@ def _one_pair(make_config, tmp_path):
         write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
     row = {"prompt_id": "good", "prompt": item.prompt, "image_uri": item.image_uri,
            "winner_video_uri": str(tmp_path / "w.mp4"), "loser_video_uri": str(tmp_path / "l.mp4"),
-           "winner_reward": 0.8, "loser_reward": 0.2}
+           "winner_reward": 0.8, "loser_reward": 0.2, "winner_seed": 11, "loser_seed": 12}
     return cfg, resolve_pretrained(cfg.model, cfg.generator), row
 
 
@@ -71,17 +72,17 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
     fresh = fresh.batch([row])
     loaders, cached = encoder(pretrained, str(tmp_path / "cache"))
     cached.prefetch([row])
-    assert (cached.misses, cached.hits, loaders.loads) == (4, 0, 1)  # two videos, an image and a prompt
+    assert (cached.misses, cached.hits, loaders.loads) == (5, 0, 1)  # two videos, two image draws and a prompt
     loaders.release()
     first = cached.batch([row])  # from memory: the released encoders are not needed again
     assert not loaders.loaded and loaders.loads == 1
     again_loaders, again = encoder(pretrained, str(tmp_path / "cache"))
     second = again.batch([row])
-    assert (again.misses, again.hits, again_loaders.loads) == (0, 4, 0)  # a warm cache never loads the encoders
+    assert (again.misses, again.hits, again_loaders.loads) == (0, 5, 0)  # a warm cache never loads the encoders
     for a, b, c in zip(
-        (fresh.winner, fresh.loser, fresh.image, fresh.prompt_embeds),
-        (first.winner, first.loser, first.image, first.prompt_embeds),
-        (second.winner, second.loser, second.image, second.prompt_embeds), strict=True):
+        (fresh.winner, fresh.loser, fresh.image, fresh.loser_image, fresh.prompt_embeds),
+        (first.winner, first.loser, first.image, first.loser_image, first.prompt_embeds),
+        (second.winner, second.loser, second.image, second.loser_image, second.prompt_embeds), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(fresh.winner, fresh.loser)
     _, other = encoder("another-model", str(tmp_path / "cache"))
@@ -105,3 +106,31 @@ def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them
     assert named["corrupt"].reason == "VideoDecodeError" and named["no-image"].uri.endswith("nowhere.png")
     assert all(r.stage == "gapo" and r.detail for r in named.values())
     assert encoder.batch([good]).winner.shape[0] == 1  # the good pair is encoded and kept
+
+
+def test_training_conditions_on_the_image_latents_the_rollout_used(make_config, tmp_path):
+    """The image latents the GAPO worker builds for a pair's video equal those the I2V pipeline fed its
+    transformer when it rendered that video (its video_processor, the VAE sample drawn with the seed)."""
+    from anisora_ray.gapo.models import Encoders
+    from anisora_ray.generation.generator import Generator
+    from anisora_ray.types import GenerationRequest, PromptItem
+
+    cfg, pretrained, row = _one_pair(make_config, tmp_path)
+    g = cfg.generator
+    rollout = Generator(pretrained, cfg.model, g, cfg.video)
+    seen = []
+    channels = rollout.pipe.transformer.config.in_channels // 2
+    rollout.pipe.transformer.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["hidden_states"][:, :, channels:].clone()), with_kwargs=True)
+    item = PromptItem("p", row["prompt"], row["image_uri"])
+    rollout.render([GenerationRequest(item, (11,))])
+    from_rollout = seen[0][:1]  # the conditional half of the first step (classifier-free guidance doubles it)
+
+    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), pretrained, g.height, g.width, 128)
+    latent_frames = from_rollout.shape[1]
+    trained = encoder.image(row["image_uri"], latent_frames, 11)
+    assert torch.equal(trained, from_rollout[0])
+    assert torch.count_nonzero(trained[1:]) == 0
+    assert not torch.equal(encoder.image(row["image_uri"], latent_frames, 12), trained)  # the draw follows the seed
+    batch = encoder.batch([row])  # winner_seed 11, loser_seed 12: each side keeps its own conditioning
+    assert torch.equal(batch.image[0], trained) and not torch.equal(batch.loser_image[0], trained)

@@ -30,7 +30,8 @@ CHILD = textwrap.dedent("""
         write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), f"{out}/{name}.mp4", fps=8)
     item = read_manifest(make_demo_set(f"{out}/demo", num_prompts=1, image_size=64, seed=0))[0]
     row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": f"{out}/w.mp4",
-           "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1}
+           "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1,
+           "winner_seed": 1, "loser_seed": 2}
     result = {}
     for kind in ("partitioned", "copy"):
         cfg = load_config(config, overrides + [f"gapo.reference={kind}", "gapo.steps=1"])
@@ -68,3 +69,33 @@ def test_a_partitioned_reference_equals_a_frozen_copy_and_holds_no_whole_paramet
     assert part["full_params"] == full["full_params"] == full["whole_params"] > 0
     assert part["whole_params"] == 0  # every reference parameter is a ZeRO-3 partition outside the forward
     assert part["errors"] == full["errors"]  # gathered on demand, it computes what the copy computes
+
+
+def test_full_fine_tuning_compares_against_the_base_or_the_previous_round_as_configured(make_config, tmp_path):
+    """``gapo.reference_weights``: ``base`` (the paper) keeps the pretrained weights in the reference every
+    round; ``previous_round`` loads the folder the round starts from. LoRA with previous_round is refused."""
+    import pytest
+    import torch
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.gapo.models import build_reference, load_transformer_pipeline
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = make_config("gapo.reference=copy")
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    previous = load_transformer_pipeline(pretrained, cfg, "cpu").transformer
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(0.01)
+    previous.save_pretrained(str(tmp_path / "round1"))
+    base = load_transformer_pipeline(pretrained, cfg, "cpu").transformer.state_dict()
+
+    def reference(kind: str) -> dict:
+        c = make_config("gapo.reference=copy", f"gapo.reference_weights={kind}")
+        return build_reference(None, pretrained, c, {}, str(tmp_path / "round1"), "cpu").module.state_dict()
+
+    name = next(k for k, v in base.items() if v.is_floating_point() and v.numel() > 1)
+    assert torch.equal(reference("base")[name], base[name])
+    assert torch.equal(reference("previous_round")[name], previous.state_dict()[name])
+    with pytest.raises(ConfigError, match="previous_round needs full fine-tuning"):
+        make_config("gapo.lora.r=4", "gapo.reference_weights=previous_round")

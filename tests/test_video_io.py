@@ -15,9 +15,21 @@ def moving_square(num_frames=9, size=32):
     return frames
 
 
-def test_sample_indices_even_and_windowed():
-    assert sample_indices(300, 24, 144)[0] == 0 and sample_indices(300, 24, 144)[-1] == 143
-    assert sample_indices(9, 3, 144) == [0, 4, 8]
+def _released_indices(n: int) -> list[int]:
+    """bilibili/Index-anisora reward/reward_infer.py: 24 of the first 144 frames, or all of a short video."""
+    if n > 24:
+        window = min(n, 144)
+        return np.arange(0, window, window / 24).astype(int).tolist()
+    return list(range(n))
+
+
+def test_sample_indices_are_the_released_ones():
+    for n in range(1, 400):
+        assert sample_indices(n, 24, 144) == _released_indices(n), n
+    # a 49-frame CogVideoX clip: every other frame from 0 to 46 (linspace would end on 48)
+    assert sample_indices(49, 24, 144) == list(range(0, 47, 2))
+    assert sample_indices(300, 24, 144)[-1] == 138
+    assert sample_indices(9, 3, 144) == [0, 3, 6]
     assert sample_indices(9, 24, 144) == list(range(9))  # a short video is taken whole, no repeats
     assert sample_indices(300, 24, 20) == list(range(20))
     with pytest.raises(ValueError):

@@ -19,13 +19,14 @@ import pyarrow as pa
 import torch
 
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
-from anisora_ray.gapo.diffusion import PairLatents, encode_first_frames, encode_prompts, encode_videos
+from anisora_ray.gapo.diffusion import PairLatents, encode_image_latents, encode_prompts, encode_videos
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_all_frames
 from anisora_ray.types import QuarantineRecord
 
-REQUIRED = ("prompt", "image_uri", "winner_video_uri", "loser_video_uri", "winner_reward", "loser_reward")
+REQUIRED = ("prompt", "image_uri", "winner_video_uri", "loser_video_uri", "winner_reward", "loser_reward",
+            "winner_seed", "loser_seed")
 
 
 def pair_rows(table: pa.Table) -> list[dict]:
@@ -60,21 +61,23 @@ class PairEncoder:
     """
 
     def __init__(self, encoders, namespace: str, height: int, width: int, text_length: int,
-                 cache_uri: str | None = None, device: torch.device | str = "cpu"):
+                 cache_uri: str | None = None, device: torch.device | str = "cpu", patch_size_t: int | None = None):
         self.encoders, self.height, self.width, self.text_length = encoders, height, width, text_length
+        self.patch_size_t = patch_size_t
         self.namespace, self.cache_uri, self.device = namespace, cache_uri, torch.device(device)
         self.memory: dict[str, torch.Tensor] = {}  # key -> host tensor
-        self._file_keys: dict[tuple[str, str], str] = {}  # (kind, uri) -> key
+        self._digests: dict[str, str] = {}  # uri -> sha256 of its content
         self.hits = self.misses = 0
 
     def _key(self, kind: str, payload: bytes) -> str:
         return hashlib.sha256(f"{self.namespace}|{kind}|".encode() + payload).hexdigest()
 
     def _file_key(self, kind: str, uri: str) -> str:
-        """The key of a file's content, read once per run (training steps take it from memory)."""
-        if (kind, uri) not in self._file_keys:
-            self._file_keys[kind, uri] = self._key(kind, fs.read_bytes(uri))
-        return self._file_keys[kind, uri]
+        """The key of (``kind``, the file's content); each file is read and hashed once per run (training
+        steps take it from memory)."""
+        if uri not in self._digests:
+            self._digests[uri] = hashlib.sha256(fs.read_bytes(uri)).hexdigest()
+        return self._key(kind, self._digests[uri].encode())
 
     def _cached(self, key: str, compute) -> torch.Tensor:
         if key in self.memory:
@@ -98,12 +101,14 @@ class PairEncoder:
         key = self._file_key("video", uri)
         return self._cached(key, lambda: encode_videos(self.encoders(), read_all_frames(uri)[None])[0])
 
-    def image(self, uri: str, latent_frames: int) -> torch.Tensor:
-        key = self._file_key(f"image{latent_frames}", uri)
+    def image(self, uri: str, latent_frames: int, seed: int) -> torch.Tensor:
+        """The image latents the rollout of ``seed`` was conditioned on (see ``encode_image_latents``); the
+        draw depends on the device's random stream, so the device type is part of the key."""
+        key = self._file_key(f"image{latent_frames}|seed{int(seed)}|{self.device.type}", uri)
 
         def compute():
-            image = np.asarray(load_image(uri).resize((self.width, self.height)))
-            return encode_first_frames(self.encoders(), image[None], latent_frames)[0]
+            return encode_image_latents(self.encoders(), [load_image(uri)], [seed], self.height, self.width,
+                                        latent_frames, self.patch_size_t)[0]
 
         return self._cached(key, compute)
 
@@ -136,7 +141,8 @@ class PairEncoder:
         device = winners.device
         return PairLatents(
             winner=winners, loser=losers,
-            image=torch.stack([self.image(r["image_uri"], winners.shape[1]) for r in rows]),
+            image=torch.stack([self.image(r["image_uri"], winners.shape[1], r["winner_seed"]) for r in rows]),
+            loser_image=torch.stack([self.image(r["image_uri"], winners.shape[1], r["loser_seed"]) for r in rows]),
             prompt_embeds=torch.stack([self.prompt(r["prompt"]) for r in rows]),
             reward_w=torch.tensor([float(r["winner_reward"]) for r in rows], device=device),
             reward_l=torch.tensor([float(r["loser_reward"]) for r in rows], device=device),

@@ -1,7 +1,8 @@
 """The diffusion side of GAPO for CogVideoX image-to-video: latents in, per-sample prediction errors out.
 
 Winner and loser of a pair are noised with the **same noise and timestep**, conditioned on the
-same first-frame image latents and prompt, and passed through the transformer in one batched call
+prompt and on the image latents each was generated from (the pipeline samples them with the video's
+seed: :func:`encode_image_latents`), and passed through the transformer in one batched call
 (``[winners; losers]``); the error is the MSE against the scheduler's prediction target
 (v for v-prediction, as CogVideoX; ε for epsilon models). The reference model runs the same
 inputs under no_grad.
@@ -22,10 +23,11 @@ from anisora_ray.models.pipeline import scale_latents
 class PairLatents:
     winner: torch.Tensor  # [B, F, C, h, w] scaled video latents
     loser: torch.Tensor  # [B, F, C, h, w]
-    image: torch.Tensor  # [B, F, C, h, w] first-frame latents, zero-padded over the other frames
+    image: torch.Tensor  # [B, F, C, h, w] the winner's image latents (first frame; zeros over the other frames)
     prompt_embeds: torch.Tensor  # [B, L, D]
     reward_w: torch.Tensor  # [B] normalized rewards
     reward_l: torch.Tensor  # [B]
+    loser_image: torch.Tensor | None = None  # the loser's, drawn with its own seed (None: ``image``)
 
 
 @torch.no_grad()
@@ -39,10 +41,31 @@ def encode_videos(pipe, frames: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_first_frames(pipe, images: np.ndarray, latent_frames: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] → first-frame latents zero-padded to ``latent_frames``, as the I2V pipeline conditions."""
+    """uint8 [B, H, W, 3] → first-frame latents (posterior mode) zero-padded to ``latent_frames``."""
     first = encode_videos(pipe, images[:, None])  # [B, 1, C, h, w]
     padding = first.new_zeros((first.shape[0], latent_frames - 1, *first.shape[2:]))
     return torch.cat([first, padding], dim=1)
+
+
+@torch.no_grad()
+def encode_image_latents(pipe, images: list, seeds: list[int], height: int, width: int, latent_frames: int,
+                         patch_size_t: int | None = None) -> torch.Tensor:
+    """The image latents [B, F, C, h, w] the I2V pipeline conditions a rollout on, computed as
+    ``CogVideoXImageToVideoPipeline`` does: its ``video_processor`` resizes and normalizes each PIL image,
+    the VAE posterior is *sampled* with a ``torch.Generator`` seeded by the video's seed (the generator's
+    first draw, before the noise), scaled by ``vae_scaling_factor_image`` and zero-padded over time."""
+    vae = pipe.vae
+    device, dtype = vae.device, vae.dtype
+    pixels = pipe.video_processor.preprocess(images, height=height, width=width).to(device, dtype=dtype).unsqueeze(2)
+    drawn = [vae.encode(pixels[i : i + 1]).latent_dist.sample(torch.Generator(device=device).manual_seed(int(seed)))
+             for i, seed in enumerate(seeds)]
+    latents = torch.cat(drawn).to(dtype).permute(0, 2, 1, 3, 4)  # [B, 1, C, h, w]
+    factor = pipe.vae_scaling_factor_image
+    latents = latents / factor if vae.config.get("invert_scale_latents", False) else latents * factor
+    latents = torch.cat([latents, latents.new_zeros((latents.shape[0], latent_frames - 1, *latents.shape[2:]))], dim=1)
+    if patch_size_t is not None:  # CogVideoX 1.5: the first frame is repeated to fill a temporal patch
+        latents = torch.cat([latents[:, : latents.shape[1] % patch_size_t], latents], dim=1)
+    return latents
 
 
 @torch.no_grad()
@@ -74,7 +97,8 @@ def prediction_errors(transformer, scheduler, batch: PairLatents, noise: torch.T
         target = noise2
     else:
         raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-    hidden = torch.cat([noisy, torch.cat([batch.image, batch.image])], dim=2).to(transformer.dtype)
+    loser_image = batch.image if batch.loser_image is None else batch.loser_image
+    hidden = torch.cat([noisy, torch.cat([batch.image, loser_image])], dim=2).to(transformer.dtype)
     text = torch.cat([batch.prompt_embeds] * 2).to(transformer.dtype)
     prediction = transformer(hidden_states=hidden, encoder_hidden_states=text,
                              timestep=t2, image_rotary_emb=rotary, return_dict=False)[0]

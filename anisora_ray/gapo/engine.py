@@ -108,7 +108,8 @@ class GapoWorker:
         self.encoders = Encoders(pretrained, cfg, self.device)
         self.encoder = PairEncoder(self.encoders, f"{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
                                    cfg.generator.height, cfg.generator.width,
-                                   self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device)
+                                   self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device,
+                                   self.pipe.transformer.config.patch_size_t)
         self.rows: list[dict] = []
         self.quarantined: list = []  # QuarantineRecords of pairs dropped for bad content
         self.update = 0  # optimizer updates done

@@ -4,7 +4,8 @@
   :class:`Encoders` loads them the first time a latent is missing from the cache and releases them
   once the worker's pairs are encoded; with a warm cache they are never loaded.
 - Full fine-tuning compares against a frozen reference loaded from storage (never a deep copy of
-  the policy): by default a ZeRO-3 DeepSpeed inference engine whose parameters are sliced across the
+  the policy): the pretrained weights every round (``gapo.reference_weights: base``, as the paper) or
+  the round's starting weights (``previous_round``); by default a ZeRO-3 DeepSpeed inference engine whose parameters are sliced across the
   workers whatever the training stage (1/N of the model per GPU; on the host with
   ``gapo.reference_offload`` or the JSON's ``offload_param``), or with ``gapo.reference: copy`` a
   frozen copy on every worker in the training precision (fastest, most memory). LoRA compares
@@ -149,7 +150,7 @@ def build_reference(engine, pretrained: str, cfg: AnisoraConfig, ds_config: dict
     partitioned = cfg.gapo.reference == "partitioned"
     transformer = load_transformer_pipeline(pretrained, cfg, "cpu" if partitioned else device).transformer
     transformer.requires_grad_(False)
-    if init_uri:
+    if init_uri and cfg.gapo.reference_weights == "previous_round":
         load_folder(transformer, init_uri)
     if not partitioned:
         return FrozenReference(transformer.to(device=device, dtype=dtype), dtype)

@@ -55,17 +55,17 @@ def write_video(frames: np.ndarray, uri: str, fps: int, codec: str = "libx264", 
 
 
 def sample_indices(total: int, num_frames: int, max_frames: int) -> list[int]:
-    """At most ``num_frames`` indices spread evenly over the first ``max_frames`` of ``total`` frames.
-
-    As the released AnimeReward code does (24 of the first 144): a shorter window is taken whole,
-    never with repeated frames, since repeats would read as stutter to the motion measures.
+    """At most ``num_frames`` indices over the first ``max_frames`` of ``total`` frames, as the released
+    AnimeReward code samples them (24 of the first 144): ``np.arange(0, L, L / num_frames).astype(int)``
+    with ``L = min(total, max_frames)`` (floor, first frame included, last one usually not). A window of
+    ``num_frames`` or fewer is taken whole, never with repeated frames (repeats read as stutter).
     """
     if total <= 0:
         raise ValueError("a video with no frames cannot be sampled")
     window = min(total, max_frames)
     if window <= num_frames:
         return list(range(window))
-    return np.linspace(0, window - 1, num_frames).round().astype(int).tolist()
+    return np.arange(0, window, window / num_frames).astype(int)[:num_frames].tolist()
 
 
 def _reader(uri: str):
