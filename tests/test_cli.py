@@ -46,6 +46,50 @@ def test_make_demo_then_build_manifest(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_build_manifest_from_a_folder_of_clips_takes_first_frames_and_sets_bad_clips_aside(tmp_path, capsys):
+    import numpy as np
+
+    from anisora_ray.io.images import load_image
+    from anisora_ray.io.video import write_video
+    from anisora_ray.types import QuarantineRecord
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    firsts = {}
+    y, x = np.mgrid[0:32, 0:32]
+    for k, name in enumerate(("b_walk", "a_wave")):
+        first = np.stack([x * 8, y * 8, np.full_like(x, 60 + 100 * k)], -1).astype(np.uint8)  # smooth: x264-friendly
+        frames = np.stack([first] + [255 - first] * 4)  # later frames differ: the image must be frame 0
+        write_video(frames, str(clips / f"{name}.mp4"), fps=8, crf=0)
+        firsts[name] = first
+    (clips / "c_broken.mp4").write_bytes(b"\x00\x00\x00 ftypisom truncated")
+    (tmp_path / "captions.txt").write_text("a girl waves\na boy walks\nnever decoded\n")  # sorted: a_, b_, c_
+    out = tmp_path / "data" / "train.parquet"
+    assert main(["build-manifest", "--videos", str(clips), "--captions", str(tmp_path / "captions.txt"),
+                 "--out", str(out)]) == 0
+    assert "2 prompts" in capsys.readouterr().out
+    items = read_manifest(str(out))
+    assert [(i.prompt_id, i.prompt) for i in items] == [("a_wave", "a girl waves"), ("b_walk", "a boy walks")]
+    for item in items:
+        image = np.asarray(load_image(item.image_uri))
+        assert item.image_uri.startswith(str(tmp_path / "data" / "first-frames"))
+        assert np.abs(image.astype(int) - firsts[item.prompt_id]).mean() < 8  # frame 0 (lossless x264, yuv420)
+    bad = QuarantineRecord.from_table(fs.read_table(str(tmp_path / "data" / "train.quarantine.parquet")))
+    assert [(q.item_id, q.reason) for q in bad] == [("c_broken", "VideoDecodeError")]
+    assert main(["build-manifest", "--videos", str(clips), "--out", str(out)]) == 2
+    assert "--captions" in capsys.readouterr().err
+
+
+def test_align_on_the_real_config_without_data_fails_at_once_naming_the_key(capsys):
+    from tests.conftest import REPO
+
+    assert main(["align", "--config", f"{REPO}/configs/cogvideox5b_i2v.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "data.prompts is not set" in err and "build-manifest --videos" in err and "docs/data.md" in err
+    assert main(["align", "--config", f"{REPO}/configs/cogvideox5b_i2v.yaml", "--set", "data.prompts=m.parquet"]) == 2
+    assert "eval.prompts is not set" in capsys.readouterr().err
+
+
 def test_build_gallery_from_the_command_line(tmp_path, capsys):
     from PIL import Image
 

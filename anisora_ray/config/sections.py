@@ -117,7 +117,7 @@ class VideoConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str = "demo"  # manifest URL, or "demo" for the procedurally drawn demo set
+    prompts: str | None = "demo"  # manifest URL, or "demo" (the drawn demo set); None: required (real configs)
     demo_prompts: int = Field(default=16, ge=1)
     demo_image_size: int = Field(default=256, ge=16)
 
@@ -224,7 +224,7 @@ class VideoMetricsConfig(Section):
 class EvalConfig(Section):
     """Held-out evaluation of each round's generator: prompts and images never used in training."""
 
-    prompts: str = "demo"  # manifest URL; "demo": a demo set drawn with seed run.seed + seed_offset
+    prompts: str | None = "demo"  # manifest URL; "demo": drawn with seed run.seed + seed_offset; None: required
     demo_prompts: int = Field(default=8, ge=2)
     seed_offset: int = Field(default=1000, ge=1)
     candidates_per_prompt: int = Field(default=2, ge=1)  # the same seeds every round (paired comparison)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from anisora_ray.errors import ManifestError
+from anisora_ray.errors import ConfigError, ManifestError
 from anisora_ray.io import fs
 from anisora_ray.types import PromptItem
 
@@ -74,7 +74,8 @@ def write_manifest(items: Sequence[PromptItem], uri: str) -> str:
     return uri
 
 
-def _prompt_rows(prompts_file: str, images: list[str]) -> list[dict[str, str]]:
+def prompt_rows(prompts_file: str, names: list[str], key: str = "image") -> list[dict[str, str]]:
+    """The rows of a prompts file: .jsonl / .csv as written, or plain text paired with ``names`` (sorted) under ``key``."""
     raw = fs.read_bytes(prompts_file)
     try:
         text = raw.decode("utf-8")
@@ -95,13 +96,13 @@ def _prompt_rows(prompts_file: str, images: list[str]) -> list[dict[str, str]]:
     if suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text)))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) != len(images):
+    if len(lines) != len(names):
         raise ManifestError(
-            f"{prompts_file!r} has {len(lines)} prompt lines for {len(images)} images; a plain text file "
-            "pairs prompts with images in sorted order, so the counts must match (or use .csv/.jsonl "
-            "with an 'image' column)"
+            f"{prompts_file!r} has {len(lines)} prompt lines for {len(names)} {key}s; a plain text file "
+            f"pairs prompts with {key}s in sorted order, so the counts must match (or use .csv/.jsonl "
+            f"with a {key!r} column)"
         )
-    return [{"image": image, "prompt": line} for image, line in zip(images, lines, strict=True)]
+    return [{key: name, "prompt": line} for name, line in zip(names, lines, strict=True)]
 
 
 def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[PromptItem]:
@@ -118,7 +119,7 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
         posixpath.basename(p) for p in folder_fs.ls(folder, detail=False) if p.lower().endswith(IMAGE_SUFFIXES)
     )
     items = []
-    for n, row in enumerate(_prompt_rows(prompts_file, images)):
+    for n, row in enumerate(prompt_rows(prompts_file, images)):
         if not row.get("image") or not row.get("prompt"):
             raise ManifestError(f"{prompts_file!r} entry {n}: needs 'image' and 'prompt', got {row!r}")
         if row["image"] not in images:
@@ -131,9 +132,30 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
                 character_id=row.get("character_id") or None,
             )
         )
+    check_unique_ids(items, prompts_file)
+    write_manifest(items, out_uri)
+    return items
+
+
+def check_unique_ids(items: Sequence[PromptItem], source: str) -> None:
     ids = [item.prompt_id for item in items]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ManifestError(f"{prompts_file!r}: duplicate prompt_id(s) {duplicates}")
-    write_manifest(items, out_uri)
-    return items
+        raise ManifestError(f"{source!r}: duplicate prompt_id(s) {duplicates}")
+
+
+MISSING_PROMPTS = (
+    "{key} is not set: this config trains and evaluates on your own data. Make a manifest from a folder of "
+    "clips (the first frame of each becomes its image): `anisora-ray build-manifest --videos CLIPS_DIR "
+    "--captions captions.csv --out MANIFEST.parquet` (or `--images DIR --prompts FILE`), then pass "
+    "`--set {key}=MANIFEST.parquet` (docs/data.md walks through it); `{key}=demo` uses the drawn demo set."
+)
+
+
+def require_prompts(data_prompts: str | None, eval_prompts: str | None | bool = False) -> None:
+    """A clear error when a real config names no manifest (``None``); ``eval_prompts=False``: not needed."""
+    if data_prompts is None:
+        raise ConfigError(MISSING_PROMPTS.format(key="data.prompts"))
+    if eval_prompts is None:
+        raise ConfigError(MISSING_PROMPTS.format(key="eval.prompts") + " Held-out prompts and images must not "
+                          "appear in data.prompts.")

@@ -45,8 +45,11 @@ def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
     """The held-out prompts; an error if any image or prompt id also appears in the training manifest."""
     from anisora_ray.data.demo import ensure_demo_set
 
+    from anisora_ray.data.manifest import require_prompts
+
     e = cfg.eval
     uri = e.prompts
+    require_prompts(train_manifest, uri)
     if uri == "demo":
         out = fs.join(fs.normalize(cfg.run.output_dir), "heldout")
         uri = ensure_demo_set(out, e.demo_prompts, cfg.data.demo_image_size, cfg.run.seed + e.seed_offset, prefix="heldout")

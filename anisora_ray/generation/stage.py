@@ -51,8 +51,10 @@ def generate_candidates(
 def resolve_prompts(cfg: AnisoraConfig, prompts: str | None = None) -> str:
     """The manifest URL to use: ``prompts``, else ``data.prompts``; "demo" draws the demo set."""
     from anisora_ray.data.demo import ensure_demo_set
+    from anisora_ray.data.manifest import require_prompts
 
     uri = prompts or cfg.data.prompts
+    require_prompts(uri)
     if uri == "demo":
         return ensure_demo_set(
             fs.join(fs.normalize(cfg.run.output_dir), "demo"),
