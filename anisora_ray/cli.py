@@ -8,7 +8,7 @@ import logging
 import sys
 
 from anisora_ray import cli_eval
-from anisora_ray.errors import AnisoraError
+from anisora_ray.errors import AnisoraError, ConfigError
 
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +51,13 @@ def _pairs(args: argparse.Namespace) -> int:
         from anisora_ray.pairs.pipeline import pair_candidates
         from anisora_ray.reward.statistics import configured_statistics
         from anisora_ray.runtime import init_ray
+        from anisora_ray.storage_check import check_storage
         from anisora_ray.types import Candidate
 
         statistics = configured_statistics(cfg.reward)
         init_ray(cfg.ray)
         out = fs.normalize(args.out or fs.join(fs.normalize(cfg.run.output_dir), "pairs"))
+        check_storage(out, "the pairs output", progress=not args.quiet)
         result = pair_candidates(cfg, Candidate.from_table(fs.read_table(args.candidates)), out, progress=not args.quiet,
                                  statistics=statistics)
     else:
@@ -70,8 +72,10 @@ def _start_replicas(cfg):
     from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray
+    from anisora_ray.storage_check import check_storage
 
     init_ray(cfg.ray)
+    check_storage(cfg.run.output_dir)  # before the replicas load the model
     return GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
 
 
@@ -141,10 +145,24 @@ def _make_demo(args: argparse.Namespace) -> int:
 
 
 def _build_manifest(args: argparse.Namespace) -> int:
-    from anisora_ray.data.manifest import build_manifest
+    if bool(args.images) == bool(args.videos):
+        raise ConfigError("build-manifest: give --images DIR --prompts FILE, or --videos DIR --captions FILE")
+    if args.images:
+        from anisora_ray.data.manifest import build_manifest
 
-    items = build_manifest(args.images, args.prompts, args.out)
-    print(f"{len(items)} prompts -> {args.out}")
+        if not args.prompts:
+            raise ConfigError("build-manifest --images needs --prompts FILE")
+        items = build_manifest(args.images, args.prompts, args.out)
+        print(f"{len(items)} prompts -> {args.out}")
+        return 0
+    from anisora_ray.data.clips import build_manifest_from_videos, quarantine_uri
+
+    if not args.captions:
+        raise ConfigError("build-manifest --videos needs --captions FILE (.csv/.jsonl with video, caption; or .txt)")
+    items, bad = build_manifest_from_videos(
+        args.videos, args.captions, args.out, args.images_out,
+        on_progress=lambda done, total: print(f"\rfirst frames: {done}/{total}", end="", flush=True))
+    print(f"\n{len(items)} prompts -> {args.out}" + (f"; {len(bad)} clip(s) set aside: {quarantine_uri(args.out)}" if bad else ""))
     return 0
 
 
@@ -243,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="demo")
     p.set_defaults(func=_make_demo)
 
-    p = sub.add_parser("build-manifest", help="manifest from a folder of images and a prompts file")
-    p.add_argument("--images", required=True, help="folder of first-frame images")
-    p.add_argument("--prompts", required=True, help=".csv/.jsonl (image, prompt[, prompt_id, character_id]) or .txt")
+    p = sub.add_parser("build-manifest", help="manifest from a folder of clips (first frames) or of images, and captions")
+    p.add_argument("--videos", help="folder of clips: the first frame of each is its image (docs/data.md)")
+    p.add_argument("--captions", help="with --videos: .csv/.jsonl (video, caption[, prompt_id, character_id]) or .txt")
+    p.add_argument("--images-out", help="with --videos: where the first frames go (default: first-frames/ beside --out)")
+    p.add_argument("--images", help="folder of first-frame images")
+    p.add_argument("--prompts", help="with --images: .csv/.jsonl (image, prompt[, prompt_id, character_id]) or .txt")
     p.add_argument("--out", required=True, help="manifest parquet URL")
     p.set_defaults(func=_build_manifest)
 
@@ -269,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-reward", help="convert the released AnimeReward checkpoints to safetensors folders")
     p.add_argument("--source", default="IndexTeam/Index-anisora",
-                   help="the released reward/ folder, or a Hugging Face repo id to download it from")
+                   help="a Hugging Face repo id (IndexTeam/Index-anisora), a local snapshot of it, or the code's reward/ "
+                        "folder with the weights placed as its READMEs say")
+    p.add_argument("--code", help="a clone of bilibili/Index-anisora (or its reward/character/BLIP/data/gallerys.json): "
+                                  "the character gallery's names, not on the Hub")
     p.add_argument("--out", required=True, help="folder for <out>/<dimension>/")
     p.add_argument("--dimensions", help="comma-separated (default: all six)")
     p.add_argument("--clip-tokenizer", default="openai/clip-vit-base-patch16", help="tokenizer of the motion scorer")

@@ -11,6 +11,10 @@ class ConfigError(AnisoraError, ValueError):
     """A config file or override is invalid; the message names key, value and expectation."""
 
 
+class StorageError(ConfigError):
+    """Some nodes of the cluster do not see the output folder the driver sees."""
+
+
 class ManifestError(AnisoraError, ValueError):
     """A prompt manifest is missing columns, has bad rows or cannot be read."""
 

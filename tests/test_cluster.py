@@ -90,3 +90,62 @@ def test_cluster_files_turn_on_token_auth_keep_the_jobs_api_inside_and_resume_a_
             assert command.startswith("RAY_AUTH_MODE=token "), command
     assert "~/.ray/auth_token" in launcher["file_mounts"]
     assert "-e RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+
+
+def _covers(folder: str, path: str) -> bool:
+    return folder != "/" and (path == folder or path.startswith(folder.rstrip("/") + "/"))
+
+
+def _commands(lines: list[str]):
+    """Each simple command of shell lines, as argv without a leading sudo (split at &&, || and ;)."""
+    for line in lines:
+        argv: list[str] = []
+        for token in shlex.split(line) + [";"]:
+            if token in ("&&", "||", ";"):
+                if argv:
+                    yield argv[1:] if argv[0] == "sudo" else argv
+                argv = []
+            else:
+                argv.append(token)
+
+
+def _docker_volumes(options: list[str]) -> dict[str, str]:
+    """{container path: host path} of the -v / --volume options of `docker run`."""
+    volumes, argv = {}, [t for option in options for t in shlex.split(option)]
+    for flag, value in zip(argv, argv[1:] + [""]):
+        if flag in ("-v", "--volume"):
+            host, container = value.split(":")[:2]
+            volumes[container] = host
+        elif flag.startswith("--volume="):
+            host, container = flag.removeprefix("--volume=").split(":")[:2]
+            volumes[container] = host
+    return volumes
+
+
+def test_every_node_mounts_the_real_configs_output_folder():
+    output = load_config(REAL).run.output_dir
+    assert output.startswith("/"), output  # a local path: it must be shared storage on every node
+    launcher = _load("aws-gpu.yaml")
+    for name, node_type in launcher["available_node_types"].items():
+        docker = {**launcher.get("docker", {}), **node_type.get("docker", {})}
+        init = node_type.get("initialization_commands", launcher.get("initialization_commands", []))
+        mounted = [argv[-1] for argv in _commands(init) if argv[0] == "mount"]  # on the host, before docker
+        shared = {c: h for c, h in _docker_volumes(docker["run_options"]).items()
+                  if _covers(c, output) and any(_covers(m, h) for m in mounted)}
+        assert shared, f"node type {name!r}: no shared mount covers run.output_dir {output!r} ({mounted})"
+
+    with open(os.path.join(REPO, "cluster", "kuberay", "storage.yaml")) as f:
+        claims = {d["metadata"]["name"]: d for d in yaml.safe_load_all(f) if d["kind"] == "PersistentVolumeClaim"}
+    cluster = _load("kuberay", "raycluster.yaml")
+    pods = {"head": cluster["spec"]["headGroupSpec"]["template"]}
+    pods |= {g["groupName"]: g["template"] for g in cluster["spec"]["workerGroupSpecs"]}
+    for name, pod in pods.items():  # the RayJob's submitter pod runs no Ray node: it only calls the Jobs API
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for container in pod["spec"]["containers"]:
+            found = []
+            for m in container.get("volumeMounts", []):
+                claim = volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName")
+                if _covers(m["mountPath"], output) and claim in claims:
+                    found.append(claim)
+            assert found, f"pod {name!r}, container {container['name']!r} mounts no shared claim over {output!r}"
+            assert all("ReadWriteMany" in claims[c]["spec"]["accessModes"] for c in found), found

@@ -104,3 +104,14 @@ def test_a_config_file_includes_others_and_its_own_keys_win(tmp_path):
     (tmp_path / "broken.yaml").write_text("include: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml' does not exist \\(included by .*broken.yaml"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_the_one_gpu_config_fits_one_gpu_with_everything_resident():
+    from anisora_ray.loop.placement import resource_demand
+
+    one = load_config(f"{REPO}/configs/cogvideox5b_i2v_1gpu.yaml")
+    demand = resource_demand(one)
+    assert one.loop.placement == "separate" and one.ray.address is None and one.gapo.lora.r > 0
+    assert abs(demand["peak"]["GPU"] - 1.0) < 1e-9  # replica + six scorers + trainer, fractions summing to one GPU
+    assert all(0 < demand[k]["GPU"] < 1 for k in ("generator", "reward", "trainer"))
+    assert one.loop.refresh_transport == "cuda_ipc" and one.model.pretrained == "THUDM/CogVideoX-5b-I2V"

@@ -10,7 +10,7 @@ LAYERS = {
     "types": 1,
     "config": 2, "drawing": 2,
     "io": 3, "models": 3, "runtime": 3, "tracking": 3,
-    "data": 4, "weights": 4,
+    "data": 4, "weights": 4, "storage_check": 4,
     "generation": 5, "reward": 5, "gapo": 5,
     "pairs": 6, "eval": 6,
     "loop": 7,

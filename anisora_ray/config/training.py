@@ -46,6 +46,8 @@ class GapoConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, gt=0)  # with use_gpu; a fraction shares a GPU (configs/*_1gpu.yaml)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # torch.distributed; auto: NCCL with use_gpu, else gloo
     steps: int = Field(default=10, ge=1)  # optimizer updates per training run (each: the JSON's gradient_accumulation_steps micro-batches)
     pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
     gradient_checkpointing: bool = False

@@ -173,11 +173,12 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     """
     import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from anisora_ray.io import fs
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray
+    from anisora_ray.storage_check import check_storage
     from anisora_ray.tracking import log_metrics, mlflow_run, tracking_uri
     from anisora_ray.weights.folder import read_manifest
 
@@ -190,6 +191,8 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     output = fs.check_writable(fs.normalize(cfg.run.output_dir))
     out_uri = fs.check_writable(out_uri or fs.join(output, "gapo", "weights"), "the GAPO weights folder")
     init_ray(cfg.ray)
+    check_storage(output)  # every worker reads and writes the same folder, before any model loads
+    check_storage(out_uri, "the GAPO weights folder")  # at once when under run.output_dir
     name = storage_name or f"{run_name}-{os.getpid()}-{int(time.time())}"
     quarantine_uri = fs.join(output, "gapo-quarantine", name)  # pairs a worker could not read, per rank
     with mlflow_run(cfg, run_name, parent_run_id=parent_run_id, tags={"anisora.stage": "gapo"},
@@ -205,8 +208,9 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                if replicas and (g.refresh_every or final_refresh) else None,
                                "cache_uri": fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
-            scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu,
-                                                   resources_per_worker={"CPU": g.cpus_per_worker}),
+            scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu, resources_per_worker={
+                "CPU": g.cpus_per_worker, **({"GPU": g.gpus_per_worker} if g.use_gpu else {})}),
+            torch_config=TorchConfig(backend=None if g.backend == "auto" else g.backend),
             datasets={"pairs": ray.data.from_arrow(table)},
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             run_config=ray.train.RunConfig(name=name,

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.data.manifest import require_prompts
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.heldout import evaluate, heldout_items
 from anisora_ray.generation.replicas import GeneratorReplicas
@@ -35,6 +37,7 @@ from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import frozen_statistics
 from anisora_ray.runtime import init_ray
+from anisora_ray.storage_check import check_storage
 from anisora_ray.tracking import log_metrics, log_startup, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     import mlflow
 
     root = root or os.getcwd()
+    require_prompts(cfg.data.prompts, cfg.eval.prompts)  # a real config names its data: said before anything starts
     out = fs.join(fs.normalize(cfg.run.output_dir), "align")
     state_uri = fs.join(out, "state.json")
     if fs.exists(state_uri) and not resume:
@@ -101,6 +105,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     check_reward_options(cfg.reward)
     init_ray(cfg.ray)
     check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
+    check_storage(out, progress=progress)  # every node reads and writes the same folder
     workers = Workers(cfg)
     rounds = cfg.loop.rounds
     with mlflow_run(cfg, cfg.run.name, tags={"anisora.stage": "align"}, run_id=state.parent_run_id or None) as parent:
@@ -113,6 +118,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             fresh_baseline = not state.baseline or (cfg.loop.guard.enabled and "guard" not in state.baseline)
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
+                began = time.perf_counter()
                 workers.start(None, rewards=True)
                 base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress,
                                 statistics=statistics)
@@ -121,7 +127,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     statistics = base.statistics
                     state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
                     log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
-                state.baseline = {"per_prompt": base.per_prompt, "row": eval_row(0, base, None, 0, 0)}
+                state.baseline = {"per_prompt": base.per_prompt, "row": eval_row(0, base, None, 0, 0),
+                                  "eval_wall_seconds": time.perf_counter() - began}
                 state.save(state_uri)
             if cfg.loop.guard.enabled and "guard" not in state.baseline:  # the guard measures of round 0
                 state.baseline["guard"] = guard.measure_round(cfg, fs.join(out, "round-0", "eval"))

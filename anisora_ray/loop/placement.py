@@ -24,7 +24,7 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
         reward["GPU"] += d.replicas * d.actor.num_gpus
         reward["CPU"] += d.replicas * d.actor.num_cpus
     t = cfg.gapo
-    trainer = {"GPU": float(t.num_workers if t.use_gpu else 0), "CPU": t.num_workers * t.cpus_per_worker}
+    trainer = {"GPU": t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.num_workers * t.cpus_per_worker}
     sampling = {k: generator[k] + reward[k] for k in ("GPU", "CPU")}
     if cfg.loop.placement == "separate":
         peak = {k: sampling[k] + trainer[k] for k in ("GPU", "CPU")}
@@ -42,7 +42,8 @@ def single_requests(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     out = {"generator.actor": req(cfg.generator.actor)}
     out |= {f"reward.dimensions.{n}.actor": req(dims[n].actor) for n in active_dimensions(dims)}
     t = cfg.gapo
-    out["gapo worker"] = {k: v for k, v in {"GPU": 1.0 if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}.items() if v > 0}
+    out["gapo worker"] = {k: v for k, v in {"GPU": t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}.items()
+                          if v > 0}
     return out
 
 

@@ -199,12 +199,21 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
         ctx.save()
 
 
+def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:
+    """Run a phase; when it ran (not skipped on resume), record its wall time as ``<name>_wall_seconds``."""
+    before, began = rs.phase, time.perf_counter()
+    phase(ctx, rs, *args)
+    if rs.phase != before:
+        rs.metrics[f"{name}_wall_seconds"] = time.perf_counter() - began
+        ctx.save()
+
+
 def run_round(ctx: RoundContext, rs: RoundState) -> None:
     """On-policy: pairs with version r − 1, train from it, refresh to version r, evaluate."""
-    pairs_phase(ctx, rs)
-    train_phase(ctx, rs, live=True)
-    refresh_phase(ctx, rs)
-    eval_phase(ctx, rs)
+    timed(ctx, rs, "pairs", pairs_phase)
+    timed(ctx, rs, "train", train_phase, True)
+    timed(ctx, rs, "refresh", refresh_phase)
+    timed(ctx, rs, "eval", eval_phase)
 
 
 def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundState | None) -> None:

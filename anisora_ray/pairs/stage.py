@@ -59,12 +59,14 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     from anisora_ray.generation.stage import resolve_prompts
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray
+    from anisora_ray.storage_check import check_storage
 
     out_uri = fs.check_writable(fs.normalize(out_uri or fs.join(fs.normalize(cfg.run.output_dir), "pairs")), "the pairs output")
     items = read_manifest(resolve_prompts(cfg, prompts))  # bad manifests and options fail here, before Ray or models
     check_reward_options(cfg.reward)
     statistics = statistics or configured_statistics(cfg.reward)
     init_ray(cfg.ray)
+    check_storage(out_uri, "the pairs output", progress=progress)  # before any model loads
     owned = replicas is None
     own_rewards = reward_actors is None and cfg.pairs.reward_stage == "actors"
     if owned:
