@@ -11,10 +11,12 @@ import os
 
 def convert_reward(args: argparse.Namespace) -> int:
     """Convert the released AnimeReward files once; with --check, load each scorer and score a clip."""
-    from anisora_ray.reward.released.convert import RELEASED, convert_all, describe
+    from anisora_ray.reward.released.convert import convert_all, describe, released_tree
 
     dimensions = args.dimensions.split(",") if args.dimensions else None
-    folders = convert_all(args.source, args.out, dimensions, clip_tokenizer=args.clip_tokenizer)
+    tree = released_tree(args.source, args.code, dimensions, detector=args.check and not args.detector)
+    print(f"released files: {tree.root} ({tree.layout} layout)")
+    folders = convert_all(tree, args.out, dimensions, clip_tokenizer=args.clip_tokenizer)
     for name, folder in folders.items():
         print(f"{name:18s} {folder}  ({describe(folder)})")
     if args.check:
@@ -28,10 +30,8 @@ def convert_reward(args: argparse.Namespace) -> int:
         for name, folder in folders.items():
             options = {"checkpoint": folder, "device": args.device}
             if name == "character":
-                detector = os.path.join(args.source, RELEASED["character"]["detector"])
-                options |= {"detector": args.detector or (detector if os.path.isdir(detector) else
-                                                          "IDEA-Research/grounding-dino-base"),
-                            "segmenter": args.segmenter, "cache_dir": args.cache_dir}
+                detector = args.detector or tree.find("character", "detector") or "IDEA-Research/grounding-dino-base"
+                options |= {"detector": detector, "segmenter": args.segmenter, "cache_dir": args.cache_dir}
             score = build_dimension(name, "released", **options).score(batch)[0]
             note = " (NaN: no character detected in it)" if np.isnan(score) else ""
             print(f"{name:18s} loads and scores a random clip: {score:.4f}{note}")

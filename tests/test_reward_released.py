@@ -156,7 +156,7 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
                {"image": "bob.png", "caption": "Bob"}, {"image": "carol.png", "caption": "Carol"}]
     (tmp_path / "gallerys.json").write_text(json.dumps(entries))
     out = convert_character(path, str(tmp_path / "gallerys.json"), str(tmp_path), str(tmp_path / "character"))
-    scorer = build_dimension("character", "released", checkpoint=out, **detector)
+    scorer = build_dimension("character", "released", checkpoint=out, identity="own", **detector)
     assert scorer.names == ["alice", "alice", "bob", "carol"]  # lower-cased, as released
 
     # Parity with the released math on the same crops: top-1 identity probability
@@ -168,7 +168,7 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
     probs, names = scorer.probabilities(pixels)
     assert names == ["alice", "bob", "carol"]
     np.testing.assert_allclose(float(probs.max()), float(expected[0]), atol=1e-5)
-    top1 = build_dimension("character", "released", checkpoint=out, identity="top1", **detector)
+    top1 = build_dimension("character", "released", checkpoint=out, **detector)  # the default, as released
     np.testing.assert_allclose(top1.score(clip_batch([clip])), [float(expected[0])], atol=1e-5)
 
     # Each clip against its own character: the same clip of alice, as prompt alice's and as prompt bob's candidate
@@ -181,6 +181,74 @@ def test_character_recognizer_and_gallery_convert_and_score_each_clip_against_it
         first = scorer.model(scorer.crop_pixels(image[None], 1))[0]
         assert score == pytest.approx(float(scorer.probabilities(pixels, extra=first)[0][-1]), abs=1e-6)
     assert unknown[0] != pytest.approx(unknown[1], abs=1e-4)
+
+
+def test_character_detects_and_segments_only_the_frames_it_crops(tmp_path):
+    """As released, crops come from ``frames[::len // 8][:8]``: those frames, and only those, meet the
+    detector and the segmenter (not all 24 sampled frames)."""
+    from PIL import Image
+
+    from anisora_ray.reward.released.character import convert_character
+
+    path = ref.save_released(synthetic.retrieval(), str(tmp_path / "animate_recoginzer.pth"))
+    rng = np.random.default_rng(5)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "gallerys.json").write_text(json.dumps([{"image": "a.png", "caption": "A"}, {"image": "b.png", "caption": "B"}]))
+    out = convert_character(path, str(tmp_path / "gallerys.json"), str(tmp_path), str(tmp_path / "character"))
+    scorer = build_dimension("character", "released", checkpoint=out, detector="tiny:grounding-dino", segmenter="tiny:sam",
+                             box_threshold=0.0, text_threshold=0.0, cache_dir=str(tmp_path / "backbones"), device="cpu")
+    seen = {"boxes": [], "masks": []}
+
+    def recording(stage):  # our own detector's method, wrapped to record the frames it is given
+        real = getattr(scorer.detect, stage)
+
+        def record(frames, *args):
+            seen[stage].append(np.array(frames))
+            return real(frames, *args)
+
+        return record
+
+    for stage in seen:
+        setattr(scorer.detect, stage, recording(stage))
+    clip = rng.integers(0, 256, (24, 40, 48, 3), dtype=np.uint8)
+    pixels = scorer.crop_pixels(clip, 8)
+    assert len(pixels) == 8 and len(seen["boxes"]) == len(seen["masks"]) == 1
+    np.testing.assert_array_equal(seen["boxes"][0], clip[::3][:8])  # frames 0, 3, ..., 21
+    np.testing.assert_array_equal(seen["masks"][0], clip[::3][:8])
+    short = clip[:5]
+    assert len(scorer.crop_pixels(short, 8)) == 5
+    np.testing.assert_array_equal(seen["boxes"][-1], short)  # fewer frames than crops: every frame
+    scorer.detect.box_threshold = 1.1  # nothing detected: no crop (and NaN), not a crash
+    assert len(scorer.crop_pixels(clip, 8)) == 0 and np.isnan(scorer.score(clip_batch([clip]))[0])
+
+
+def test_idefics2_image_processor_is_the_pil_one_as_trained(tmp_path):
+    """transformers 4.45's slow processor, as the released scorers were trained: PIL bilinear to the configured
+    shortest/longest edge, rescale 1/255, mean = std = 0.5 (a frame of odd size, by hand)."""
+    from PIL import Image
+    from transformers.image_processing_backends import PilBackend
+
+    path = synthetic.idefics2_regression(str(tmp_path / "smooth"))  # shortest_edge 28, longest_edge 56
+    scorer = build_dimension("visual_smoothness", "released", checkpoint=path, device="cpu", dtype="float32")
+    assert isinstance(scorer.processor.image_processor, PilBackend)
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 256, (2, 37, 61, 3), dtype=np.uint8)
+    tall, small = rng.integers(0, 256, (61, 37, 3), dtype=np.uint8), rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+
+    def by_hand(frame, h, w):
+        x = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR), np.float32) / 255.0
+        return torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1)
+
+    got = scorer.inputs(wide, "a girl")["pixel_values"][0]  # the scorer's own path: [frames, 3, H, W]
+    assert got.shape == (2, 3, 33, 56)  # 61 -> 56, 37 -> int(56 / (61 / 37)) = 33
+    for i in range(2):
+        torch.testing.assert_close(got[i], by_hand(wide[i], 33, 56), atol=1e-6, rtol=0)
+    images = [Image.fromarray(f) for f in (tall, small)]
+    out = scorer.processor.image_processor(images=[images], return_tensors="pt")
+    for i, (frame, (h, w)) in enumerate(zip((tall, small), ((56, 33), (28, 28)), strict=True)):  # small: up to 28
+        torch.testing.assert_close(out["pixel_values"][0, i, :, :h, :w], by_hand(frame, h, w), atol=1e-6, rtol=0)
+        assert int(out["pixel_attention_mask"][0, i].sum()) == h * w
 
 
 def test_idefics2_regression_loads_from_a_transformers_folder_and_scores_as_released(tmp_path):

@@ -3,40 +3,33 @@ BLIP ViT-L recognizer (``animate_recoginzer.pth``), and compare with a gallery o
 
 Released math (``infer_retrieval_pretrain_v2.py``): raw (un-normalised) ``vision_proj`` embeddings;
 the dot products of each of 8 crops with every gallery image are averaged per (lower-cased) name, a
-softmax runs over names, the probabilities are averaged over the crops. The released score is the
-top-1 probability (``identity: top1``): "does the clip look like *some* known character". By
-default (``identity: own``) the score is the probability of *this prompt's* character
-(``character_id``); a character with no gallery entry is represented by its first-frame image,
-added as one more identity, so the clip is scored against itself at frame 0.
+softmax runs over names, the probabilities are averaged over the crops. The score (``identity``):
+``top1``, the default and the released score, is the top-1 probability ("does the clip look like
+*some* known character"); ``own`` is the probability of *this prompt's* character
+(``character_id``), where a character with no gallery entry is represented by its first-frame
+image, added as one more identity, so the clip is scored against itself at frame 0.
 
 Crops as in ``load_rgb_frames``: the mask's bounding box, background blacked out, zero-padded to a
 square (centred), bilinear to the recognizer's size, CLIP statistics. Differences, said plainly: the
-released code tracks up to 5 objects with SAMURAI (SAM 2.1) from boxes on frame 0 and needs 8
-tracked frames per object; here the best GroundingDINO box per frame is segmented with SAM and the
-crops come from up to 8 of the frames with a detection (the fewer there are, the fewer crops).
+released code tracks up to 5 objects with SAMURAI (SAM 2.1) from boxes on frame 0 and crops 8 of
+each object's tracked frames (``frames[::len // 8][:8]``); here that rule picks up to 8 of the
+sampled frames first, and only those are detected (the best GroundingDINO box) and segmented (SAM):
+a frame without a detection gives no crop. The gallery is embedded once by the scorer, on its
+device, and cached beside the weights (:mod:`.gallery`).
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import numpy as np
 import torch
 
 from anisora_ray.reward.base import ClipBatch, register
 from anisora_ray.reward.character import CharacterDetector
+from anisora_ray.reward.released import gallery
 from anisora_ray.reward.released.blip import BlipRetrievalModel, convert_retrieval
-from anisora_ray.reward.released.common import (
-    CheckpointError,
-    load_strict,
-    read_converted,
-    released_pixels,
-    write_converted,
-)
+from anisora_ray.reward.released.common import load_strict, read_converted, released_pixels, write_converted
 
 FAMILY = "blip_retrieval"
-GALLERY = "gallery.safetensors"
 
 
 def square_crop(frame: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray | None) -> np.ndarray:
@@ -70,60 +63,38 @@ def identity_probabilities(query: torch.Tensor, gallery: torch.Tensor, names: li
     return per_name.softmax(dim=-1).mean(dim=0)
 
 
-def convert_character(recognizer: str, gallery_json: str, gallery_root: str, out_dir: str, heads: int | None = None,
-                      batch: int = 64) -> str:
-    """The released recognizer and gallery (``gallerys.json`` entries ``{"image", "caption"}`` under
-    ``gallery_root``) → a converted folder with the gallery embedded once (names lower-cased)."""
-    from PIL import Image
-    from safetensors.torch import save_file
-
+def convert_character(recognizer: str, gallery_json: str, gallery_source: str, out_dir: str,
+                      heads: int | None = None) -> str:
+    """The released recognizer and gallery (``gallerys.json`` entries ``{"image", "caption"}``, the crops in
+    ``gallery_source``: the code's ``character/videos/`` or the Hub's ``videos.tar.gz``) → a converted
+    folder with the crops copied into ``gallery/`` (names lower-cased); the scorer embeds them."""
     config, model = convert_retrieval(recognizer, heads)
-    try:
-        with open(gallery_json) as f:
-            entries = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"character gallery {gallery_json} cannot be read: {exc}") from exc
-    names, embeddings = [], []
-    size = config["vision"]["image_size"]
-    for i in range(0, len(entries), batch):
-        chunk = entries[i : i + batch]
-        images = []
-        for e in chunk:
-            path = os.path.join(gallery_root, e["image"])
-            try:
-                images.append(np.asarray(Image.open(path).convert("RGB")))
-            except OSError as exc:
-                raise CheckpointError(f"character gallery image {path} ({e.get('caption')!r}) cannot be read: {exc}") from exc
-            names.append(str(e["caption"]).lower())
-        with torch.no_grad():
-            embeddings.append(model(released_pixels(images, size, "cpu")))
-    if len(set(names)) < 2:
-        raise CheckpointError(f"character gallery {gallery_json}: {len(set(names))} name(s); the softmax needs at least 2")
-    config["gallery_names"] = names
+    entries = gallery.collect(gallery_json, gallery_source, out_dir)
+    config["gallery_images"] = [e["image"] for e in entries]
+    config["gallery_names"] = [e["name"] for e in entries]
     write_converted(out_dir, config, model.state_dict())
-    save_file({"embeddings": torch.cat(embeddings).contiguous()}, os.path.join(out_dir, GALLERY))
     return out_dir
 
 
 @register("character", "released")
 class ReleasedCharacter:
-    """Released character consistency (``checkpoint``: a folder written by ``anisora-ray convert-reward``)."""
+    """Released character consistency (``checkpoint``: a folder written by ``anisora-ray convert-reward``;
+    else converted from ``source`` on first use, ``code`` naming a clone of bilibili/Index-anisora or its
+    ``gallerys.json`` when ``source`` is the Hub). ``identity``: ``top1`` (as released) or ``own``."""
 
     name = "character"
 
-    def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora",
+    def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora", code: str | None = None,
                  detector: str = "IDEA-Research/grounding-dino-base",
                  segmenter: str | None = "facebook/sam-vit-base", query: str = "character.", box_threshold: float = 0.5,
-                 text_threshold: float = 0.5, crops: int = 8, identity: str = "own", device: str = "auto",
+                 text_threshold: float = 0.5, crops: int = 8, identity: str = "top1", device: str = "auto",
                  dtype: str = "float32", cache_dir: str = "~/.cache/anisora-ray", model_batch: int = 32,
-                 detector_size: int | None = None):
-        from safetensors.torch import load_file
-
+                 detector_size: int | None = None, gallery_batch: int = 64):
         if identity not in ("own", "top1"):
-            raise ValueError(f"identity must be 'own' (this prompt's character) or 'top1' (as released), got {identity!r}")
+            raise ValueError(f"identity must be 'top1' (as released) or 'own' (this prompt's character), got {identity!r}")
         from anisora_ray.reward.released.convert import resolve_checkpoint
 
-        checkpoint = resolve_checkpoint(self.name, checkpoint, source, cache_dir)
+        checkpoint = resolve_checkpoint(self.name, checkpoint, source, cache_dir, code=code)
         config, tensors = read_converted(checkpoint, FAMILY)
         self.detect = CharacterDetector(detector, segmenter, query, box_threshold, text_threshold, device, dtype,
                                         cache_dir, model_batch, detector_size)
@@ -131,14 +102,15 @@ class ReleasedCharacter:
         self.model = load_strict(BlipRetrievalModel(config), tensors, checkpoint).to(self.device).eval()
         self.size, self.crops, self.identity = config["vision"]["image_size"], int(crops), identity
         self.names = list(config["gallery_names"])
-        self.gallery = load_file(os.path.join(checkpoint, GALLERY))["embeddings"].to(self.device)
+        self.gallery, self.gallery_embedded = gallery.gallery_embeddings(self.model, checkpoint, config, self.device,
+                                                                         cache_dir, gallery_batch)
 
     def crop_pixels(self, frames: np.ndarray, limit: int | None) -> torch.Tensor:
-        """Crops of up to ``limit`` frames with a detection, spread as ``frames[::len // limit][:limit]``."""
-        found = [(f, r) for f, r in zip(frames, self.detect.regions(frames), strict=True) if r is not None]
+        """Crops of up to ``limit`` frames spread as ``frames[::len // limit][:limit]``: only those are
+        detected and segmented; a frame without a detection gives no crop."""
         if limit:
-            found = found[:: max(1, len(found) // limit)][:limit]
-        crops = [square_crop(f, *r) for f, r in found]
+            frames = frames[:: max(1, len(frames) // limit)][:limit]
+        crops = [square_crop(f, *r) for f, r in zip(frames, self.detect.regions(frames), strict=True) if r is not None]
         if not crops:
             return torch.zeros(0, 3, self.size, self.size, device=self.device)
         return released_pixels(crops, self.size, self.device, resample="bilinear")

@@ -8,7 +8,10 @@ class, so :class:`Idefics2ForRegression` is that thin subclass (identical keys, 
 the text model's (Mantis used ``text_config.rms_norm_eps`` everywhere), and all frames of a clip have
 one size, so the patch masks agree. Scoring as ``reward_infer.py``: both models get the same
 *quality* prompt with the caption and one ``<image>`` per sampled frame, the logit at the last
-token (before the first pad), ``round(logit, 3) / 100``, unclamped.
+token (before the first pad), ``round(logit, 3) / 100``, unclamped. The image processor is the PIL
+one (``backend="pil"``), as the models were trained with (transformers 4.45's slow processor: PIL
+bilinear resize to the configured shortest/longest edge, rescale, mean = std = 0.5); transformers 5
+would otherwise pick the torchvision one where torchvision is installed.
 """
 
 from __future__ import annotations
@@ -83,8 +86,19 @@ def convert_regression(path: str, out_dir: str) -> str:
     if info.get("missing_keys") or info.get("mismatched_keys"):
         raise CheckpointError(f"{path}: missing {sorted(info['missing_keys'])[:5]}, mismatched {info['mismatched_keys'][:5]}")
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoProcessor.from_pretrained(path).save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(path, backend="pil").save_pretrained(out_dir)
     return out_dir
+
+
+def load_processor(path: str):
+    """The folder's ``Idefics2Processor`` with the PIL image processor, without image splitting (as trained)."""
+    from transformers import AutoProcessor
+    from transformers.image_processing_backends import PilBackend
+
+    processor = AutoProcessor.from_pretrained(path, do_image_splitting=False, backend="pil")
+    if not isinstance(processor.image_processor, PilBackend):
+        raise CheckpointError(f"{path}: got {type(processor.image_processor).__name__}, not the PIL Idefics2 processor")
+    return processor
 
 
 class _ReleasedIdefics2:
@@ -93,8 +107,6 @@ class _ReleasedIdefics2:
     def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora", device: str = "auto",
                  dtype: str = "bfloat16", frames: int | None = None, decimals: int | None = 3,
                  cache_dir: str = "~/.cache/anisora-ray"):
-        from transformers import AutoProcessor
-
         from anisora_ray.models.pipeline import DTYPES, pick_device
         from anisora_ray.reward.released.convert import resolve_checkpoint
 
@@ -102,7 +114,7 @@ class _ReleasedIdefics2:
 
         self.device = pick_device(device)
         self.model = load_regression(checkpoint, DTYPES[dtype]).to(self.device)
-        self.processor = AutoProcessor.from_pretrained(checkpoint, do_image_splitting=False)
+        self.processor = load_processor(checkpoint)
         self.frames, self.decimals = frames, decimals  # None: every sampled frame (24 in the released setup)
 
     def inputs(self, frames: np.ndarray, caption: str) -> dict:

@@ -1,6 +1,7 @@
-"""A synthetic released ``reward/`` tree: every file the released code loads, in its format and key
-layout, with random weights at tiny width. Tests convert and score it; it also shows, file by file,
-what ``anisora-ray convert-reward --source`` expects. (No real weights can be downloaded here.)"""
+"""A synthetic release: every file the released code loads, in its format and key layout, with
+random weights at tiny width, in the code's ``reward/`` layout or the Hub's. Tests convert and score
+it; it also shows, file by file, what ``anisora-ray convert-reward --source`` expects. (No real
+weights can be downloaded here.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from anisora_ray.reward.released import reference as ref
-from anisora_ray.reward.released.convert import RELEASED
+from anisora_ray.reward.released.convert import RELEASED, relative
 
 TINY_VIT = {"image_size": 32, "patch": 16, "dim": 32, "depth": 2, "heads": 1}  # heads = max(1, width // 64)
 # The released sizes (random weights): BLIP ViT-B/16 + BERT-base heads, CLIP ViT-B/16 + 6-layer adapter, ViT-L/16.
@@ -104,16 +105,31 @@ def retrieval(seed: int = 0, size: str = "tiny") -> ref.BlipRetrieval:
 
 
 def write_released_tree(root: str, characters: dict[str, np.ndarray] | None = None, seed: int = 0,
-                        size: str = "tiny") -> str:
-    """Every released file under ``root`` (the ``reward/`` folder layout); ``characters``: name → an
-    RGB crop for the gallery (random ones by default). Also writes ``root/clip-tokenizer``. ``size``:
-    ``tiny``, or ``released`` for the BLIP / CLIP scorers at their released sizes (the two Idefics2-8B
-    regressors stay tiny: 2 × 8B random weights are a GPU machine's job)."""
+                        size: str = "tiny", layout: str = "code", code: str | None = None) -> str:
+    """Every released file under ``root``, in ``layout``: ``code``, the code's ``reward/`` folder (root
+    is that folder); ``hub``, a snapshot of the Hub repo (``root/reward/weights``, ``root/reward/
+    IP_checkpoints``, ``root/reward/videos.tar.gz`` with a top-level ``videos/``), ``gallerys.json``
+    going to a separate clone of the code, ``code`` (default ``<root>-code``), at its
+    ``reward/character/BLIP/data/gallerys.json``. ``characters``: name → an RGB crop for the gallery
+    (random ones by default). Also writes ``root/clip-tokenizer``. ``size``: ``tiny``, or ``released``
+    for the BLIP / CLIP scorers at their released sizes (the two Idefics2-8B regressors stay tiny:
+    2 × 8B random weights are a GPU machine's job)."""
+    import tarfile
+    import tempfile
+
     from PIL import Image
 
+    if layout not in ("code", "hub"):
+        raise ValueError(f"layout must be 'code' or 'hub', got {layout!r}")
+    tree = os.path.join(root, "reward") if layout == "hub" else root
+    code = (code or root.rstrip("/") + "-code") if layout == "hub" else None
+
     def path(dimension: str, key: str) -> str:
-        p = os.path.join(root, RELEASED[dimension][key])
-        os.makedirs(p if key in ("folder", "tokenizer", "gallery_root") else os.path.dirname(p), exist_ok=True)
+        if key == "gallery" and code:
+            p = os.path.join(code, "reward", RELEASED[dimension][key])
+        else:
+            p = os.path.join(tree, relative(layout, dimension, key))
+        os.makedirs(p if key in ("folder", "tokenizer") or p.endswith("videos") else os.path.dirname(p), exist_ok=True)
         return p
 
     idefics2_regression(path("visual_smoothness", "folder"), seed)
@@ -126,12 +142,18 @@ def write_released_tree(root: str, characters: dict[str, np.ndarray] | None = No
     ref.save_released(retrieval(seed, size), path("character", "file"))
     rng = np.random.default_rng(seed)
     characters = characters or {n: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for n in ("Alice", "Bob", "Carol")}
-    gallery_root, entries = path("character", "gallery_root"), []
-    for i, (name, crop) in enumerate(characters.items()):
-        rel = f"clip{i}/mask_crop/object1_img0.png"
-        os.makedirs(os.path.dirname(os.path.join(gallery_root, rel)), exist_ok=True)
-        Image.fromarray(crop).save(os.path.join(gallery_root, rel))
-        entries.append({"image": rel, "caption": name})
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = path("character", "gallery_root") if layout == "code" else os.path.join(tmp, "videos")
+        entries = []
+        for i, (name, crop) in enumerate(characters.items()):
+            rel = f"clip{i}/mask_crop/object1_img0.png"
+            os.makedirs(os.path.dirname(os.path.join(videos, rel)), exist_ok=True)
+            Image.fromarray(crop).save(os.path.join(videos, rel))
+            entries.append({"image": rel, "caption": name})
+        if layout == "hub":  # the clips' frames and masks are in the tarball too: only the crops are used
+            Image.fromarray(characters[next(iter(characters))]).save(os.path.join(videos, "clip0", "00000.jpg"))
+            with tarfile.open(path("character", "gallery_root"), "w:gz") as tar:
+                tar.add(videos, arcname="videos")
     with open(path("character", "gallery"), "w") as f:
         json.dump(entries, f)
     clip_tokenizer(os.path.join(root, "clip-tokenizer"))
