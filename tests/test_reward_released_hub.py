@@ -201,3 +201,19 @@ def test_convert_reward_cli_converts_and_checks_both_layouts(hub, backbones, tmp
     assert main(["convert-reward", "--source", tree, "--out", str(tmp_path / "code"), *dims, *check]) == 0
     printed = capsys.readouterr().out
     assert "(code layout)" in printed and sum("loads and scores" in line for line in printed.splitlines()) == 2
+
+
+def test_a_hub_sourced_character_without_code_fails_on_the_driver_naming_the_option(tmp_path):
+    """The preset's own shape (source: the Hub id, code: null) is refused before any actor starts."""
+    from anisora_ray.config import load_config
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.reward.base import check_reward_options
+    from tests.conftest import REPO
+
+    cfg = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml")
+    with pytest.raises(ConfigError, match=r"options.code is not set .* gallerys.json"):
+        check_reward_options(cfg.reward)
+    clone = tmp_path / "Index-anisora"
+    clone.mkdir()
+    fixed = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml", [f"reward.dimensions.character.options.code={clone}"])
+    check_reward_options(fixed.reward)

@@ -106,11 +106,15 @@ def check_options(dimension: str, backend: str, options: dict[str, Any]) -> None
 
 
 def check_reward_options(reward) -> None:
-    """Every weighted dimension's backend and option keys, checked on the driver (``reward``: RewardConfig)."""
+    """Every weighted dimension's backend and option keys, checked on the driver (``reward``: RewardConfig);
+    a backend with a ``check_options(options)`` static method also checks their values there."""
     dimensions = reward.dimensions.as_dict()
     for name, dim in dimensions.items():
         if dim.weight > 0:
             check_options(name, dim.backend, dim.options)
+            precheck = getattr(_factory(name, dim.backend), "check_options", None)
+            if precheck is not None:
+                precheck(dim.options)
 
 
 def build_dimension(dimension: str, backend: str, **options: Any) -> RewardDimension:

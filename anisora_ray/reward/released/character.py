@@ -20,9 +20,12 @@ device, and cached beside the weights (:mod:`.gallery`).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
+from anisora_ray.errors import ConfigError
 from anisora_ray.reward.base import ClipBatch, register
 from anisora_ray.reward.character import CharacterDetector
 from anisora_ray.reward.released import gallery
@@ -83,6 +86,18 @@ class ReleasedCharacter:
     ``gallerys.json`` when ``source`` is the Hub). ``identity``: ``top1`` (as released) or ``own``."""
 
     name = "character"
+
+    @staticmethod
+    def check_options(options: dict) -> None:
+        """On the driver, before any actor starts: the Hub has no ``gallerys.json``, so a Hub source needs ``code``."""
+        source = options.get("source", "IndexTeam/Index-anisora")
+        if not options.get("checkpoint") and not options.get("code") and not os.path.exists(os.path.expanduser(source)):
+            raise ConfigError(
+                f"reward.dimensions.character.options.code is not set while source = {source!r} is the Hugging Face "
+                "Hub, which lacks the gallery's names (gallerys.json is only in github.com/bilibili/Index-anisora, at "
+                "reward/character/BLIP/data/gallerys.json): clone that repository where every node sees it and set "
+                "options.code to the clone (or to gallerys.json), or convert once with `anisora-ray convert-reward "
+                "--source ... --code ... --out DIR` and set options.checkpoint = DIR/character")
 
     def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora", code: str | None = None,
                  detector: str = "IDEA-Research/grounding-dino-base",
