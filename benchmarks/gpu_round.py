@@ -80,7 +80,8 @@ def round_overrides(args) -> list[str]:
               f"generator.candidates_per_prompt={args.candidates}", f"generator.num_inference_steps={args.steps}",
               f"gapo.steps={args.gapo_steps}", "gapo.checkpoint_every=0", "eval.bootstrap_samples=200",
               "loop.guard.enabled=false", "loop.registered_model=null", "reward.calibration_prompts=2",
-              f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "pairs.flush_every=1"]
+              f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "pairs.flush_every=1",
+              "eval.metrics.aesthetic_backbone=null", "eval.metrics.aesthetic_head=null"]  # no LAION head file there
     if args.tiny:
         from round_models import TINY_GEOMETRY
 
@@ -88,10 +89,12 @@ def round_overrides(args) -> list[str]:
                                          "ray.num_cpus=8", "gapo.use_gpu=false", "generator.compile=false",
                                          "gapo.deepspeed_config=configs/deepspeed/zero2.json", "gapo.lora.r=4",
                                          "generator.actor.num_cpus=1", "gapo.cpus_per_worker=1",
-                                         "loop.refresh_transport=auto"]
+                                         "loop.refresh_transport=auto", "eval.metrics.subject_backbone=tiny:dinov2",
+                                         "eval.metrics.num_gpus=0"]
     from realsize_gpu import build_realsize
 
-    return common + [f"model.pretrained={build_realsize(os.path.join(args.out, 'models', 'cogvideox5b-i2v'))}"]
+    return common + [f"model.pretrained={build_realsize(os.path.join(args.out, 'models', 'cogvideox5b-i2v'))}",
+                     "eval.metrics.subject_backbone=random-base:dinov2"]
 
 
 class GpuSampler:

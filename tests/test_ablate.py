@@ -74,3 +74,25 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     assert len(store.comparisons()) == 6
     assert {c["left_label"] for c in store.comparisons()} | {c["right_label"] for c in store.comparisons()} == {
         "round-0", "no-visual_motion"}
+
+
+def test_a_reward_variant_lays_a_preset_over_the_configs_reward(tmp_path):
+    from anisora_ray.config import load_config
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.loop.ablate import variant_config
+
+    cfg = load_config(LOCAL_CONFIG, ["gapo.loss=dpo"])
+    preset = tmp_path / "motion-only.yaml"
+    preset.write_text("reward:\n  dimensions:\n    visual_appeal: {weight: 0}\n    visual_motion: {weight: 3.0}\n")
+    vcfg, key = variant_config(cfg, f"reward={preset}")
+    dims = vcfg.reward.dimensions
+    assert key == f"reward={preset}" and vcfg.gapo.loss == "gapo"  # GAPO, ranked by the other reward
+    assert (dims.visual_appeal.weight, dims.visual_motion.weight) == (0.0, 3.0)
+    assert dims.character == cfg.reward.dimensions.character  # what the preset does not name is kept
+    assert cfg.reward.dimensions.visual_motion.weight == 1.0  # the config itself is untouched
+    with pytest.raises(ConfigError, match="no reward preset"):
+        variant_config(cfg, "reward=nonesuch", root=REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reward:\n  dimensions:\n    visual_motion: {wieght: 1}\n")
+    with pytest.raises(ConfigError, match="wieght"):
+        variant_config(cfg, f"reward={bad}")

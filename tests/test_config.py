@@ -112,6 +112,7 @@ def test_the_one_gpu_config_fits_one_gpu_with_everything_resident():
     one = load_config(f"{REPO}/configs/cogvideox5b_i2v_1gpu.yaml")
     demand = resource_demand(one)
     assert one.loop.placement == "separate" and one.ray.address is None and one.gapo.lora.r > 0
-    assert abs(demand["peak"]["GPU"] - 1.0) < 1e-9  # replica + six scorers + trainer, fractions summing to one GPU
+    # replica + six scorers + trainer + the held-out metrics actor: fractions summing to one GPU
+    assert abs(demand["peak"]["GPU"] + one.eval.metrics.num_gpus - 1.0) < 1e-9
     assert all(0 < demand[k]["GPU"] < 1 for k in ("generator", "reward", "trainer"))
     assert one.loop.refresh_transport == "cuda_ipc" and one.model.pretrained == "THUDM/CogVideoX-5b-I2V"

@@ -64,3 +64,24 @@ def test_best_round_skips_the_rounds_the_guard_flagged():
     assert best_round(rows, set()) == 2
     assert best_round(rows, {2}) == 3
     assert best_round(rows, {1, 2, 3}) == 0
+
+
+def test_evidence_from_weight_free_stand_ins_alone_warns_instead_of_rolling_back():
+    from anisora_ray.config import load_config
+    from anisora_ray.loop.guard import decide
+    from tests.conftest import LOCAL_CONFIG
+
+    rng = np.random.default_rng(1)
+    base = {m: _by_prompt(rng.uniform(0.6, 0.8, 12)) for m in ("subject_consistency", "first_frame_psnr")}
+    fell = {m: {k: v * 0.6 for k, v in base[m].items()} for m in base}
+    only_subject = {"subject_consistency": fell["subject_consistency"], "first_frame_psnr": base["first_frame_psnr"]}
+    row = {"mean_diff": 0.05}
+    weight_free = load_config(LOCAL_CONFIG, ["loop.guard.action=rollback", "eval.bootstrap_samples=200"])
+    verdict = decide(weight_free, base, only_subject, row, 2)
+    assert verdict["fired"] and verdict["action"] == "warn"
+    assert "pixel thumbnails stand in for DINO" in verdict["downgraded"]
+    learned = load_config(LOCAL_CONFIG, ["loop.guard.action=rollback", "eval.bootstrap_samples=200",
+                                         "eval.metrics.subject_backbone=facebook/dinov2-base"])
+    assert decide(learned, base, only_subject, row, 2)["action"] == "rollback"  # a learned measure fell
+    both = decide(weight_free, base, fell, row, 2)  # the guard's own measure fell too: acted on
+    assert both["action"] == "rollback" and "downgraded" not in both

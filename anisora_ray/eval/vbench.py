@@ -78,6 +78,18 @@ def motion_smoothness(frames: np.ndarray) -> float:
     return float(1.0 - np.abs(predicted - odd).mean() / 255.0)
 
 
+def check_metrics_config(cfg: VideoMetricsConfig) -> None:
+    """What can be checked without loading a model: the two aesthetic keys together, a local head file present."""
+    if bool(cfg.aesthetic_backbone) != bool(cfg.aesthetic_head):
+        raise ConfigError("eval.metrics: aesthetic_backbone and aesthetic_head go together (the LAION predictor is "
+                          "a linear head on CLIP ViT-L/14 features); set both or neither")
+    if cfg.aesthetic_head and not os.path.isfile(os.path.expanduser(cfg.aesthetic_head)):
+        raise ConfigError(f"eval.metrics.aesthetic_head {cfg.aesthetic_head!r} does not exist: the LAION aesthetic "
+                          "predictor's linear head (sa_0_4_vit_l_14_linear.pth of github.com/LAION-AI/aesthetic-"
+                          "predictor, as VBench loads it) on storage every node sees; or unset aesthetic_backbone and "
+                          "aesthetic_head for the weight-free form (the guard then only warns on it)")
+
+
 def load_linear_head(path: str):
     """The LAION predictor's ``nn.Linear(D, 1)`` (``weight``/``bias``) from safetensors, or a .pth with weights_only."""
     import torch
@@ -121,9 +133,7 @@ class VideoMetrics:
             self._subject_mean = torch.tensor(processor.image_mean, device=self.device).view(1, 3, 1, 1)
             self._subject_std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
         self.clip = self.head = None
-        if bool(cfg.aesthetic_backbone) != bool(cfg.aesthetic_head):
-            raise ConfigError("eval.metrics: aesthetic_backbone and aesthetic_head go together (the LAION predictor is "
-                              "a linear head on CLIP ViT-L/14 features); set both or neither")
+        check_metrics_config(cfg)
         if cfg.aesthetic_backbone:
             from anisora_ray.reward.encoders import Backbone
 

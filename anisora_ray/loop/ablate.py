@@ -7,7 +7,9 @@ Every variant trains once from the same round-0 generator on pairs made from the
 - ``dpo``: the same pairs without the gain (Diffusion-DPO);
 - ``sft``: fit the winners only (supervised fine-tuning on the best candidates);
 - ``no-<dimension>``: GAPO on pairs ranked with that dimension's weight set to 0 (a reward ablation:
-  the candidates are generated again with the same seeds and ranked without it).
+  the candidates are generated again with the same seeds and ranked without it);
+- ``reward=<preset>``: GAPO on pairs ranked by another reward, ``configs/reward/<preset>.yaml`` (or a YAML
+  path) laid over the config's ``reward`` section, e.g. ``reward=videoscore`` (the paper's Table 4).
 
 Evaluation always uses the full reward. The table (held-out reward per dimension per variant, gain
 over the untrained generator with its CI, win rate over it) is ``<out>/ablation.md``;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
@@ -33,8 +36,26 @@ LOSSES = ("gapo", "dpo", "sft")
 BASELINE = "round-0"
 
 
-def variant_config(cfg: AnisoraConfig, variant: str) -> tuple[AnisoraConfig, str]:
-    """The config a variant trains with, and the key of the pairs it trains on ("full" or "no-<dimension>")."""
+def reward_preset(name: str, root: str | None = None) -> str:
+    """``configs/reward/<name>.yaml`` under ``root`` (default: the working directory), or ``name`` when it is a path."""
+    import os
+
+    path = name if name.endswith((".yaml", ".yml")) else os.path.join(root or os.getcwd(), "configs", "reward", f"{name}.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"variant reward={name}: no reward preset {path!r} (configs/reward/<name>.yaml or a YAML path)")
+    return path
+
+
+def variant_config(cfg: AnisoraConfig, variant: str, root: str | None = None) -> tuple[AnisoraConfig, str]:
+    """The config a variant trains with, and the key of the pairs it trains on ("full", "no-<dimension>" or
+    "reward=<preset>")."""
+    if variant.startswith("reward="):
+        from anisora_ray.config.loading import _merge, _read_yaml, build_config
+
+        preset = _read_yaml(Path(reward_preset(variant.removeprefix("reward="), root))).get("reward") or {}
+        merged = build_config({**cfg.model_dump(), "reward": _merge(cfg.reward.model_dump(), preset)}, variant)
+        gapo = cfg.gapo.model_copy(update={"loss": "gapo"})
+        return cfg.model_copy(update={"reward": merged.reward, "gapo": gapo}), variant
     if variant in LOSSES:
         return cfg.model_copy(update={"gapo": cfg.gapo.model_copy(update={"loss": variant})}), "full"
     if variant.startswith("no-"):
@@ -49,7 +70,7 @@ def variant_config(cfg: AnisoraConfig, variant: str) -> tuple[AnisoraConfig, str
         reward = cfg.reward.model_copy(update={"dimensions": dimensions})
         gapo = cfg.gapo.model_copy(update={"loss": "gapo"})
         return cfg.model_copy(update={"reward": reward, "gapo": gapo}), variant
-    raise ConfigError(f"unknown variant {variant!r}: expected gapo, dpo, sft or no-<dimension>")
+    raise ConfigError(f"unknown variant {variant!r}: expected gapo, dpo, sft, no-<dimension> or reward=<preset>")
 
 
 def _statistics(cfg: AnisoraConfig, out: str) -> RewardStatistics | None:
@@ -98,7 +119,7 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
 
     if not variants or len(set(variants)) != len(variants):
         raise ConfigError(f"--variants {variants}: name each variant once")
-    configs = {v: variant_config(cfg, v) for v in variants}  # unknown variants fail here, before Ray
+    configs = {v: variant_config(cfg, v, root) for v in variants}  # unknown variants fail here, before Ray
     out = fs.check_writable(fs.normalize(out or fs.join(fs.normalize(cfg.run.output_dir), "ablate")), "--out")
     manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, manifest)

@@ -21,6 +21,7 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.data.manifest import require_prompts
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.heldout import evaluate, heldout_items
+from anisora_ray.eval.vbench import check_metrics_config
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
@@ -94,6 +95,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
     root = root or os.getcwd()
     require_prompts(cfg.data.prompts, cfg.eval.prompts)  # a real config names its data: said before anything starts
+    if cfg.loop.guard.enabled or cfg.eval.metrics.enabled:
+        check_metrics_config(cfg.eval.metrics)
     out = fs.join(fs.normalize(cfg.run.output_dir), "align")
     state_uri = fs.join(out, "state.json")
     if fs.exists(state_uri) and not resume:

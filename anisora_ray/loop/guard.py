@@ -36,8 +36,22 @@ def means(measures: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"guard_{m}": sum(v.values()) / len(v) for m, v in measures.items() if v}
 
 
+def stand_ins(cfg: AnisoraConfig) -> dict[str, str]:
+    """Guard measures computed by a weight-free stand-in for a learned VBench metric (no backbone configured):
+    measure → why. Evidence from them alone makes the guard warn, not stop or roll back."""
+    m = cfg.eval.metrics
+    out = {}
+    if not m.subject_backbone:
+        out["subject_consistency"] = "pixel thumbnails stand in for DINO features (eval.metrics.subject_backbone unset)"
+    if not m.aesthetic_head:
+        out["aesthetic_quality"] = "classical appeal stands in for the LAION predictor (eval.metrics.aesthetic_head unset)"
+    return out
+
+
 def decide(cfg: AnisoraConfig, baseline: dict, current: dict, row: dict, index: int) -> dict:
-    """The guard's verdict for round ``index``: ``fired`` and the per-measure evidence."""
+    """The guard's verdict for round ``index``: ``fired``, the action taken and the per-measure evidence. When
+    every measure that fell is a weight-free stand-in (:func:`stand_ins`), ``stop``/``rollback`` become ``warn``,
+    and the verdict says why."""
     g = cfg.loop.guard
     fired, findings = check_guard(baseline, current, reward_gain=row.get("mean_diff", 0.0), margin=g.margin,
                                   alpha=g.alpha, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
@@ -45,9 +59,15 @@ def decide(cfg: AnisoraConfig, baseline: dict, current: dict, row: dict, index: 
                "reward_gain": row.get("mean_diff", math.nan), "findings": [f.to_dict() for f in findings]}
     if fired:
         fell = [f for f in findings if f.fell]
-        log.warning("round %d: guard fired: held-out reward %+.4f over round 0 while %s (action: %s)", index,
+        weak = stand_ins(cfg)
+        if g.action != "warn" and all(f.measure in weak for f in fell):
+            verdict["action"] = "warn"
+            verdict["downgraded"] = (f"{g.action} downgraded to warn: only weight-free stand-ins fell ("
+                                     + "; ".join(weak[f.measure] for f in fell) + ")")
+        log.warning("round %d: guard fired: held-out reward %+.4f over round 0 while %s (action: %s)%s", index,
                     verdict["reward_gain"], ", ".join(f"{f.measure} {f.before:.4f} -> {f.after:.4f} (p={f.p_value:.3f}, "
-                                                      f"beside {f.guards})" for f in fell), g.action)
+                                                      f"beside {f.guards})" for f in fell), verdict["action"],
+                    f"; {verdict['downgraded']}" if "downgraded" in verdict else "")
     return verdict
 
 

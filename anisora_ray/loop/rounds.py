@@ -185,7 +185,7 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
             row.update(guard.means(current))
             verdict = guard.decide(cfg, state.baseline["guard"], current, row, rs.index)
             row["guard_fired"] = float(verdict["fired"])
-            if verdict["fired"] and cfg.loop.guard.action != "warn":
+            if verdict["fired"] and verdict["action"] != "warn":
                 state.guard = verdict
                 guard.record(ctx.out, verdict)
         rs.metrics.update(row)
