@@ -146,23 +146,32 @@ def _make_demo(args: argparse.Namespace) -> int:
 
 def _build_manifest(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.videos):
-        raise ConfigError("build-manifest: give --images DIR --prompts FILE, or --videos DIR --captions FILE")
-    if args.images:
+        raise ConfigError("build-manifest: give --videos DIR [--captions FILE] or --images DIR [--prompts FILE]")
+    if args.images and args.prompts:
         from anisora_ray.data.manifest import build_manifest
 
-        if not args.prompts:
-            raise ConfigError("build-manifest --images needs --prompts FILE")
         items = build_manifest(args.images, args.prompts, args.out)
         print(f"{len(items)} prompts -> {args.out}")
         return 0
-    from anisora_ray.data.clips import build_manifest_from_videos, quarantine_uri
+    from anisora_ray.data import clips
 
-    if not args.captions:
-        raise ConfigError("build-manifest --videos needs --captions FILE (.csv/.jsonl with video, caption; or .txt)")
-    items, bad = build_manifest_from_videos(
-        args.videos, args.captions, args.out, args.images_out,
-        on_progress=lambda done, total: print(f"\rfirst frames: {done}/{total}", end="", flush=True))
-    print(f"\n{len(items)} prompts -> {args.out}" + (f"; {len(bad)} clip(s) set aside: {quarantine_uri(args.out)}" if bad else ""))
+    captioner = None
+    if not args.captions or args.images:  # no captions given: a vision-language model writes them
+        from anisora_ray.config import load_config
+        from anisora_ray.generation.captioning import start_captioner
+
+        captioner = start_captioner(load_config(args.config, args.overrides), args.captioner, progress=not args.quiet)
+    if args.images:
+        items, bad = clips.build_manifest_from_images(args.images, args.out, captioner)
+    else:
+        def progress(done: int, total: int) -> None:
+            print(f"\rfirst frames: {done}/{total}", end="", flush=True)
+
+        items, bad = clips.build_manifest_from_videos(args.videos, args.captions, args.out, args.images_out,
+                                                      on_progress=None if args.quiet else progress, captioner=captioner)
+    aside = f"; {len(bad)} set aside: {clips.quarantine_uri(args.out)}" if bad else ""
+    review = f"; captions by {captioner.model} for review: {clips.captions_uri(args.out)}" if captioner else ""
+    print(f"\n{len(items)} prompts -> {args.out}{aside}{review}")
     return 0
 
 
@@ -261,12 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="demo")
     p.set_defaults(func=_make_demo)
 
-    p = sub.add_parser("build-manifest", help="manifest from a folder of clips (first frames) or of images, and captions")
+    p = sub.add_parser("build-manifest", help="manifest from a folder of clips (first frames) or of images, and "
+                                              "captions (given, or written by a vision-language model)")
+    _with_config(p)  # data.captioner, ray: used only when captions are generated
     p.add_argument("--videos", help="folder of clips: the first frame of each is its image (docs/data.md)")
-    p.add_argument("--captions", help="with --videos: .csv/.jsonl (video, caption[, prompt_id, character_id]) or .txt")
+    p.add_argument("--captions", help="with --videos: .csv/.jsonl (video, caption[, prompt_id, character_id]) or .txt; "
+                                      "without it the captioner writes them")
     p.add_argument("--images-out", help="with --videos: where the first frames go (default: first-frames/ beside --out)")
     p.add_argument("--images", help="folder of first-frame images")
-    p.add_argument("--prompts", help="with --images: .csv/.jsonl (image, prompt[, prompt_id, character_id]) or .txt")
+    p.add_argument("--prompts", help="with --images: .csv/.jsonl (image, prompt[, prompt_id, character_id]) or .txt; "
+                                     "without it the captioner writes them")
+    p.add_argument("--captioner", help="vision-language model that writes missing captions: Hugging Face id, folder "
+                                       "or tiny:qwen2-vl (default: data.captioner.model, Qwen/Qwen2-VL-7B-Instruct)")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.add_argument("--out", required=True, help="manifest parquet URL")
     p.set_defaults(func=_build_manifest)
 

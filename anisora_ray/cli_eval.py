@@ -113,7 +113,7 @@ def print_worker_logs(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     """``anisora-ray eval``: versions against a baseline; prints the Markdown table it writes."""
     from anisora_ray.config import load_config
-    from anisora_ray.eval.compare import markdown_table
+    from anisora_ray.eval.compare import markdown_table, paper_table
     from anisora_ray.eval.versions import evaluate_versions, resolve_versions
     from anisora_ray.io import fs
 
@@ -121,6 +121,7 @@ def evaluate(args: argparse.Namespace) -> int:
     versions = resolve_versions([v.strip() for v in args.versions.split(",") if v.strip()], args.run)
     out = args.out or fs.join(fs.normalize(cfg.run.output_dir), "eval")
     comparison = evaluate_versions(cfg, versions, out, baseline=args.baseline, run=args.run, regenerate=args.regenerate)
+    print(paper_table(comparison))
     print(markdown_table(comparison, comparison["human"]))
     print("metric forms: " + "; ".join(f"{k}: {v}" for k, v in comparison["forms"].items()))
     print(f"written: {fs.join(out, 'comparison.md')}, {fs.join(out, 'comparison.json')}; "
@@ -132,7 +133,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def ablate(args: argparse.Namespace) -> int:
     """``anisora-ray ablate``: every variant from the same round-0 generator, pairs and seeds."""
     from anisora_ray.config import load_config
-    from anisora_ray.eval.compare import markdown_table
+    from anisora_ray.eval.compare import markdown_table, paper_table
     from anisora_ray.io import fs
     from anisora_ray.loop.ablate import run_ablation
 
@@ -140,6 +141,7 @@ def ablate(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     out = args.out or fs.join(fs.normalize(cfg.run.output_dir), "ablate")
     comparison = run_ablation(cfg, variants, out)
+    print(paper_table(comparison))
     print(markdown_table(comparison, comparison["human"]))
     print(f"written: {fs.join(out, 'ablation.md')}")
     print_worker_logs(args)

@@ -1,6 +1,7 @@
 """`anisora-ray ablate` and `anisora-ray eval` end to end on the mini-cluster (tiny models, real Ray Train)."""
 
 import json
+import math
 import os
 
 import pyarrow.parquet as pq
@@ -25,7 +26,7 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     out = str(tmp_path / "ablate")
     with pytest.raises(ConfigError, match="no reward dimension 'motion'"):
         run_ablation(cfg, ["gapo", "no-motion"], out)
-    variants = ["gapo", "no-visual_motion"]
+    variants = ["gapo", "no-visual_motion", "reward=videoscore"]
     comparison = run_ablation(cfg, variants, out, root=REPO, progress=False)
 
     # one start: the same round-0 evaluation; pairs from the same seeds, ranked with and without the dimension
@@ -38,6 +39,11 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     trained = {v: json.loads((tmp_path / "ablate" / v / "trained.json").read_text()) for v in variants}
     assert trained["gapo"]["pairs_uri"].endswith("pairs/full") and trained["gapo"]["loss"] == "gapo"
     assert trained["no-visual_motion"]["pairs_uri"].endswith("pairs/no-visual_motion")
+    # the paper's Table 4: GAPO on pairs ranked by VideoScore (its five aspects; no character dimension)
+    by_videoscore = read_pairs(os.path.join(out, "pairs", "reward=videoscore"))
+    assert trained["reward=videoscore"]["pairs_uri"].endswith("pairs/reward=videoscore") and len(by_videoscore) == 3
+    assert set(by_videoscore[0].winner_scores) == {"visual_smoothness", "visual_motion", "visual_appeal", "text_video",
+                                                   "image_video"}
 
     # the table: every variant evaluated with the full reward on the same held-out prompts and seeds
     assert comparison["baseline"] == "round-0" and set(comparison["versions"]) == set(variants)
@@ -54,6 +60,18 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
         assert len(metrics) == 6 and all(0 <= r["motion_smoothness"] <= 1 for r in metrics)
     table = (tmp_path / "ablate" / "ablation.md").read_text()
     assert "| visual_motion |" in table and "no-visual_motion" in table and "win rate over round-0" in table
+    # VideoScore as an evaluation suite: five aspects and their mean for every held-out video, compared like the rest
+    assert [m for m in comparison["metrics"] if m.startswith("videoscore_")] == [
+        "videoscore_visual_quality", "videoscore_temporal_consistency", "videoscore_dynamic_degree",
+        "videoscore_text_to_video_alignment", "videoscore_factual_consistency", "videoscore_mean"]
+    scored = pq.read_table(os.path.join(out, "gapo", "eval", "videoscore.parquet")).to_pylist()
+    assert len(scored) == 6 and all(math.isfinite(r["videoscore_mean"]) for r in scored)
+    assert all(abs(r["videoscore_mean"] - sum(r[f"videoscore_{a}"] for a in (
+        "visual_quality", "temporal_consistency", "dynamic_degree", "text_to_video_alignment",
+        "factual_consistency")) / 5) < 1e-9 for r in scored)
+    header = table.splitlines()[0]
+    assert header.startswith("| version | VBench-I2V: subject_consistency") and "VideoScore: mean" in header
+    assert "AnimeReward: reward" in header and "| reward=videoscore |" in table
 
     # a second call redoes nothing: same weights, same table
     mtimes = {v: os.path.getmtime(tmp_path / "ablate" / v / "trained.json") for v in variants}
@@ -69,7 +87,7 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     assert main(argv) == 0
     evaluated = json.loads((tmp_path / "ablate" / "comparison.json").read_text())
     assert evaluated["versions"]["gapo"]["metrics"]["reward"] == comparison["versions"]["gapo"]["metrics"]["reward"]
-    assert eval_labels(out) == ["round-0", "gapo", "no-visual_motion"]
+    assert eval_labels(out) == ["round-0", "gapo", "no-visual_motion", "reward=videoscore"]
     store = build_study(out, trained="no-visual_motion")
     assert len(store.comparisons()) == 6
     assert {c["left_label"] for c in store.comparisons()} | {c["right_label"] for c in store.comparisons()} == {

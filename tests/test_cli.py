@@ -76,7 +76,8 @@ def test_build_manifest_from_a_folder_of_clips_takes_first_frames_and_sets_bad_c
         assert np.abs(image.astype(int) - firsts[item.prompt_id]).mean() < 8  # frame 0 (lossless x264, yuv420)
     bad = QuarantineRecord.from_table(fs.read_table(str(tmp_path / "data" / "train.quarantine.parquet")))
     assert [(q.item_id, q.reason) for q in bad] == [("c_broken", "VideoDecodeError")]
-    assert main(["build-manifest", "--videos", str(clips), "--out", str(out)]) == 2
+    missing = str(tmp_path / "no-such-captioner")  # no captions and no captioner model: said before Ray starts
+    assert main(["build-manifest", "--videos", str(clips), "--out", str(out), "--captioner", missing]) == 2
     assert "--captions" in capsys.readouterr().err
 
 

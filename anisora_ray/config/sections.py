@@ -116,10 +116,25 @@ class VideoConfig(Section):
     sample_size: int | None = Field(default=224, ge=8)  # square resize for scoring; None keeps size
 
 
+class CaptionerConfig(Section):
+    """``build-manifest`` without captions: a vision-language model writes each prompt (generation/captioning.py)."""
+
+    model: str = "Qwen/Qwen2-VL-7B-Instruct"  # Hugging Face id, folder, or tiny:qwen2-vl (random-init, tests)
+    prompt: str | None = None  # the instruction ({media}: what it is shown); None: CAPTION_TEMPLATE (the paper's)
+    max_new_tokens: int = Field(default=256, ge=1)
+    num_frames: int = Field(default=8, ge=1)  # frames sampled evenly over a clip, given as images in order
+    frame_size: int = Field(default=448, ge=28)  # longer side of each frame / image before the processor
+    batch_size: int = Field(default=4, ge=1)  # clips per generate call
+    concurrency: int = Field(default=1, ge=1)  # captioning actors
+    num_gpus: float | None = Field(default=None, ge=0)  # per actor; None: 1 when the cluster has GPUs, else 0
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
 class DataConfig(Section):
     prompts: str | None = "demo"  # manifest URL, or "demo" (the drawn demo set); None: required (real configs)
     demo_prompts: int = Field(default=16, ge=1)
     demo_image_size: int = Field(default=256, ge=16)
+    captioner: CaptionerConfig = CaptionerConfig()  # build-manifest without --captions / --prompts
 
 
 class NormalizeConfig(Section):
@@ -221,6 +236,20 @@ class VideoMetricsConfig(Section):
     cache_dir: str = "~/.cache/anisora-ray"
 
 
+class VideoScoreEvalConfig(Section):
+    """VideoScore (TIGER-Lab) rows of ``anisora-ray eval`` / ``ablate``: five aspects and their mean per video, and
+    the weights ``ablate``'s ``reward=videoscore`` variant ranks with (docs/evaluation.md)."""
+
+    checkpoint: str | None = None  # Hub id (TIGER-Lab/VideoScore-v1.1), folder, or tiny:videoscore; None: no VideoScore
+    num_frames: int | None = Field(default=None, ge=1)  # None: as released
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "auto"
+    num_gpus: float = Field(default=0.0, ge=0)  # per VideoScore actor
+    num_cpus: float = Field(default=1.0, gt=0)
+    concurrency: int = Field(default=1, ge=1)
+    cache_dir: str = "~/.cache/anisora-ray"
+
+
 class EvalConfig(Section):
     """Held-out evaluation of each round's generator: prompts and images never used in training."""
 
@@ -231,6 +260,7 @@ class EvalConfig(Section):
     bootstrap_samples: int = Field(default=2000, ge=100)  # BCa bootstrap resamples (and permutations past 16 prompts)
     sample_videos: int = Field(default=2, ge=0)  # side-by-side winner | loser videos logged per round
     metrics: VideoMetricsConfig = VideoMetricsConfig()  # anisora-ray eval / ablate
+    videoscore: VideoScoreEvalConfig = VideoScoreEvalConfig()  # anisora-ray eval / ablate
 
 
 GUARD_MEASURE = Literal["frame_difference", "first_frame_psnr", "named_hue_share", "subject_consistency",

@@ -104,3 +104,34 @@ def markdown_table(comparison: Mapping, human: Mapping[str, Mapping] | None = No
         lines.append(f"| {label} | {_fmt(w['win_rate'])} [{_fmt(w['ci_low'])}, {_fmt(w['ci_high'])}] "
                      f"({w['wins']} of {w['n']}) | {by_humans} |")
     return "\n".join(lines) + "\n"
+
+
+VBENCH_COLUMNS = ("subject_consistency", "dynamic_degree", "motion_smoothness", "aesthetic_quality")
+
+
+def paper_table(comparison: Mapping) -> str:
+    """The paper's layout (its Tables 3-4): a row per version, the baseline first; columns grouped as VBench-I2V,
+    VideoScore and AnimeReward, each cell the mean over prompts, marked ↑ / ↓ where the paired gain over the
+    baseline is significant (p < 0.05). Metrics the comparison lacks are left out."""
+    from anisora_ray.types import DIMENSIONS
+
+    metrics = comparison["metrics"]
+    groups = [("VBench-I2V", [m for m in VBENCH_COLUMNS if m in metrics]),
+              ("VideoScore", [m for m in metrics if m.startswith("videoscore_")]),
+              ("AnimeReward", [m for m in (*DIMENSIONS, "reward") if m in metrics])]
+    columns = [(g, m) for g, ms in groups for m in ms]
+    short = {m: m.removeprefix("videoscore_") for _, m in columns}
+    lines = ["| version | " + " | ".join(f"{g}: {short[m]}" for g, m in columns) + " |",
+             "| --- " * (1 + len(columns)) + "|"]
+    base = comparison["baseline"]
+    for label, means in comparison["means"].items():
+        cells = []
+        for _, m in columns:
+            mark = ""
+            if label != base:
+                c = comparison["versions"][label]["metrics"][m]
+                if math.isfinite(c["p_value"]) and c["p_value"] < 0.05:
+                    mark = " ↑" if c["mean_diff"] > 0 else " ↓"
+            cells.append(_fmt(means[m]) + mark)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n↑ / ↓: paired gain over {base} significant at p < 0.05 (per-metric details below).\n"

@@ -44,7 +44,6 @@ class EvalResult:
 def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
     """The held-out prompts; an error if any image or prompt id also appears in the training manifest."""
     from anisora_ray.data.demo import ensure_demo_set
-
     from anisora_ray.data.manifest import require_prompts
 
     e = cfg.eval

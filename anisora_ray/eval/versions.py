@@ -4,7 +4,8 @@ A version is a round of an ``align`` job (``3``; ``0`` = the untrained generator
 (``name=path``; ``name=base`` = the untrained generator). Each version's held-out candidates are
 generated with the same prompts and seeds as ``align``'s evaluation (a round ``align`` already
 evaluated is reused, not generated again), scored by AnimeReward (z-scored dimensions with the job's
-frozen round-0 statistics) and by the VBench-style metrics, and compared with the baseline:
+frozen round-0 statistics), by the VBench-style metrics and by VideoScore (``eval.videoscore``), and compared
+with the baseline:
 :mod:`anisora_ray.eval.compare`. Output, under ``--out``: ``<label>/eval/`` per version (candidates,
 scores, ``video-metrics.parquet``), ``comparison.json``, ``comparison.md``; an answered human study
 (``annotations.sqlite``, ``anisora-ray annotate serve --eval <out>``) adds the human win rate.
@@ -22,6 +23,8 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.compare import compare_versions, markdown_table
 from anisora_ray.eval.vbench import MEASURES, METRICS_FILE, ensure_video_metrics, metric_forms
+from anisora_ray.eval.videoscore_eval import COLUMNS as VIDEOSCORE_COLUMNS
+from anisora_ray.eval.videoscore_eval import ensure_videoscore, merge_videoscore
 from anisora_ray.io import fs
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import RewardStatistics, frozen_statistics, zscore_dimensions
@@ -118,6 +121,9 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
             log.info("%s: generating and scoring the held-out candidates", version.label)
             _generate_and_score(cfg, version, heldout, out_dir, statistics, progress)
     rows = fs.read_table(scores_uri).to_pylist()
+    videoscore = ensure_videoscore(out_dir, cfg.eval.videoscore, regenerate)
+    if videoscore:
+        merge_videoscore(rows, videoscore)
     if cfg.eval.metrics.enabled:
         metrics_uri = ensure_video_metrics(out_dir, cfg.eval.metrics, regenerate)
         extra = {(r["prompt_id"], int(r["seed"])): r for r in fs.read_table(metrics_uri).to_pylist()}
@@ -170,9 +176,12 @@ def evaluate_versions(cfg: AnisoraConfig, versions: list[Version], out: str, bas
             statistics = RewardStatistics.load(kept)
     tables = {v.label: tables[v.label] for v in versions}
     dims = list(active_dimensions(cfg.reward.dimensions.as_dict()))
-    metrics = ["reward", *dims, *(MEASURES if cfg.eval.metrics.enabled else ())]
+    metrics = ["reward", *dims, *(MEASURES if cfg.eval.metrics.enabled else ()),
+               *(VIDEOSCORE_COLUMNS if cfg.eval.videoscore.checkpoint else ())]
     comparison = compare_versions(tables, baseline, metrics, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
     comparison["forms"] = metric_forms(cfg.eval.metrics)
+    if cfg.eval.videoscore.checkpoint:
+        comparison["forms"]["videoscore"] = f"VideoScore ({cfg.eval.videoscore.checkpoint}), five aspects on ~1-4"
     comparison["weights"] = {v.label: v.weights_uri for v in versions}
     comparison["human"] = human_results(out, baseline)
     fs.write_bytes(fs.join(out, "comparison.json"), json.dumps(comparison, indent=2, default=float).encode())

@@ -9,10 +9,12 @@ Every variant trains once from the same round-0 generator on pairs made from the
 - ``no-<dimension>``: GAPO on pairs ranked with that dimension's weight set to 0 (a reward ablation:
   the candidates are generated again with the same seeds and ranked without it);
 - ``reward=<preset>``: GAPO on pairs ranked by another reward, ``configs/reward/<preset>.yaml`` (or a YAML
-  path) laid over the config's ``reward`` section, e.g. ``reward=videoscore`` (the paper's Table 4).
+  path) laid over the config's ``reward`` (and ``video``) sections, e.g. ``reward=videoscore`` (the paper's
+  Table 4; its VideoScore weights are the run's ``eval.videoscore`` ones when set).
 
-Evaluation always uses the full reward. The table (held-out reward per dimension per variant, gain
-over the untrained generator with its CI, win rate over it) is ``<out>/ablation.md``;
+Evaluation always uses the configured reward, the VBench-I2V-style metrics and VideoScore (``eval.videoscore``).
+The tables (the paper's layout: a row per variant; then per metric, the gain over the untrained generator
+with its CI, and the win rates over it) are ``<out>/ablation.md``;
 ``<out>`` is also an ``anisora-ray eval`` folder (``annotate serve --eval <out>`` works on it).
 A second call with the same ``--out`` redoes nothing that finished.
 """
@@ -52,10 +54,17 @@ def variant_config(cfg: AnisoraConfig, variant: str, root: str | None = None) ->
     if variant.startswith("reward="):
         from anisora_ray.config.loading import _merge, _read_yaml, build_config
 
-        preset = _read_yaml(Path(reward_preset(variant.removeprefix("reward="), root))).get("reward") or {}
-        merged = build_config({**cfg.model_dump(), "reward": _merge(cfg.reward.model_dump(), preset)}, variant)
+        raw = _read_yaml(Path(reward_preset(variant.removeprefix("reward="), root)))
+        reward = _merge(cfg.reward.model_dump(), raw.get("reward") or {})
+        vs = cfg.eval.videoscore
+        for dim in reward["dimensions"].values():  # the run's VideoScore (eval.videoscore) ranks too, e.g. tiny on CPU
+            if dim.get("backend") == "videoscore" and vs.checkpoint:
+                dim["options"] = {**dim.get("options", {}), "checkpoint": vs.checkpoint, "dtype": vs.dtype,
+                                  "device": vs.device}
+        merged = build_config({**cfg.model_dump(), "reward": reward,
+                               "video": _merge(cfg.video.model_dump(), raw.get("video") or {})}, variant)
         gapo = cfg.gapo.model_copy(update={"loss": "gapo"})
-        return cfg.model_copy(update={"reward": merged.reward, "gapo": gapo}), variant
+        return cfg.model_copy(update={"reward": merged.reward, "video": merged.video, "gapo": gapo}), variant
     if variant in LOSSES:
         return cfg.model_copy(update={"gapo": cfg.gapo.model_copy(update={"loss": variant})}), "full"
     if variant.startswith("no-"):
@@ -109,7 +118,7 @@ def _train(cfg: AnisoraConfig, variant: str, pairs_uri: str, out: str, root: str
 def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None, root: str | None = None,
                  progress: bool = True) -> dict:
     """Train and evaluate every variant; returns the comparison (also ``<out>/ablation.{md,json}``)."""
-    from anisora_ray.eval.compare import markdown_table
+    from anisora_ray.eval.compare import markdown_table, paper_table
     from anisora_ray.eval.heldout import heldout_items
     from anisora_ray.generation.stage import resolve_prompts
     from anisora_ray.loop.placement import check_cluster_fits
@@ -141,7 +150,9 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
         versions = [Version(BASELINE, None), *(Version(v, weights[v]) for v in variants)]
         comparison = evaluate_versions(cfg, versions, out, baseline=BASELINE, progress=progress, statistics=statistics)
         comparison["variants"] = {v: json.loads(fs.read_bytes(fs.join(out, v, "trained.json"))) for v in variants}
-        table = markdown_table(comparison, comparison["human"])
+        table = paper_table(comparison) + "\n" + markdown_table(comparison, comparison["human"])
+        table += (f"\nHuman study (2 of 3 annotators per comparison): `anisora-ray annotate serve --eval {out}`, then "
+                  f"`anisora-ray annotate summarize --eval {out}`.\n")
         fs.write_bytes(fs.join(out, "ablation.md"), table.encode())
         fs.write_bytes(fs.join(out, "ablation.json"), json.dumps(comparison, indent=2, default=float).encode())
         for v in variants:

@@ -3,18 +3,20 @@
 Each is saved as a normal transformers folder (weights as safetensors, tokenizer, image processor)
 so the reward backends load it with the same ``from_pretrained`` calls as the real checkpoints
 (``openai/clip-vit-large-patch14``, ``google/siglip-so400m-patch14-384``, ``microsoft/xclip-base-patch32``,
-``IDEA-Research/grounding-dino-tiny``, ``facebook/sam-vit-base``). A backbone spec ``tiny:<kind>``
-in a reward option resolves to such a folder, built once and cached.
+``IDEA-Research/grounding-dino-tiny``, ``facebook/sam-vit-base``; ``videoscore``: ``TIGER-Lab/VideoScore-v1.1``'s
+layout). A backbone spec ``tiny:<kind>`` in a reward option resolves to such a folder, built once and cached.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import types
 
-TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam", "dinov2")
+TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam", "dinov2", "videoscore", "qwen2-vl")
 TINY_IMAGE_SIZE = 32
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -144,6 +146,116 @@ def _dinov2(base: bool):
                                                    image_std=[0.229, 0.224, 0.225])]
 
 
+def _videoscore(base: bool):
+    """VideoScore's layout (Mantis' ``Idefics2ForSequenceClassification``: ``model.`` = ``Idefics2Model``, ``score``
+    → 5 regression outputs; the Idefics2 processor without image splitting) at tiny width, with a byte-level
+    tokenizer (``<s>`` first, as Idefics2's) so any prompt tokenizes."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (
+        Idefics2Config,
+        Idefics2ImageProcessor,
+        Idefics2Model,
+        Idefics2Processor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PreTrainedModel
+
+    if base:
+        raise ValueError("random-base:videoscore is not built (8B random weights): use TIGER-Lab/VideoScore-v1.1")
+
+    class Idefics2ForSequenceClassification(Idefics2PreTrainedModel):  # the released key layout; scored by reward/
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = Idefics2Model(config)
+            self.score = torch.nn.Linear(config.text_config.hidden_size, config.num_labels, bias=True)
+            self.post_init()
+
+    vocab = ["<unk>", "<s>", "</s>", *bytes_to_unicode().values()]
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, [], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<unk>")
+    images = Idefics2ImageProcessor(do_image_splitting=False, size={"shortest_edge": 28, "longest_edge": 56})
+    processor = Idefics2Processor(images, tokenizer, image_seq_len=4)  # adds <fake_token_around_image>, <image>
+    config = Idefics2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, num_key_value_heads=1),
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer), rms_norm_eps=1e-5,
+                         pad_token_id=0),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_labels=5, problem_type="regression")
+    model = Idefics2ForSequenceClassification(config)
+    with torch.no_grad():  # scores around the released 1-4 scale
+        model.score.weight.normal_(0, 0.1)
+        model.score.bias.fill_(2.5)
+
+    def processor_config(path: str) -> None:  # as released: the image processor in preprocessor_config.json
+        with open(os.path.join(path, "processor_config.json"), "w") as f:
+            json.dump({"image_seq_len": processor.image_seq_len, "processor_class": "Idefics2Processor"}, f, indent=2)
+
+    return model, [images, processor.tokenizer, types.SimpleNamespace(save_pretrained=processor_config)]
+
+
+# Qwen/Qwen2-VL-7B-Instruct's special tokens and chat template (frames and images as <|image_pad|> runs).
+_QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+_QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+_CAPTION_WORDS = ("a the girl boy character with long short silver black hair red blue coat dress smiles turns "
+                  "waves walks runs jumps toward left right slowly quickly camera pans zooms tilts in out").split()
+
+
+def _qwen2_vl(base: bool):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``) at tiny width: a word-level tokenizer with Qwen's special
+    tokens and chat template, the PIL image processor at 28-56 px. The LM head never picks a special token,
+    so a random model writes words (at most ``max_new_tokens``)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    if base:
+        raise ValueError("random-base:qwen2-vl is not built (7B random weights): use Qwen/Qwen2-VL-7B-Instruct")
+    vocab = ["<unk>", *_QWEN_SPECIAL, *_CAPTION_WORDS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=_QWEN_SPECIAL[1:])
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2,
+                                                                mlp_ratio=2),
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight[: 1 + len(_QWEN_SPECIAL)] = 0.0  # <unk>, special tokens: logit 0, below the best word
+    return model, [tokenizer, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)]
+
+
 def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) -> str:
     """Build the tiny ``kind`` model with ``seed`` and save it (atomically) to ``path``; returns ``path``.
 
@@ -166,7 +278,7 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) 
                 model, extras = _grounding_dino(base, tmp)
             else:
                 model, extras = {"clip": _clip, "siglip": _siglip, "xclip": _xclip, "sam": _sam,
-                                  "dinov2": _dinov2}[kind](base)
+                                  "dinov2": _dinov2, "videoscore": _videoscore, "qwen2-vl": _qwen2_vl}[kind](base)
         model.eval().save_pretrained(tmp, safe_serialization=True)
         if not os.path.isfile(os.path.join(tmp, "config.json")):  # transformers saves on torch.distributed rank 0 only
             raise RuntimeError(f"tiny {kind} was not written to {path!r}: build it outside torch.distributed "
