@@ -90,7 +90,10 @@ def round_overrides(args) -> list[str]:
                                          "gapo.deepspeed_config=configs/deepspeed/zero2.json", "gapo.lora.r=4",
                                          "generator.actor.num_cpus=1", "gapo.cpus_per_worker=1",
                                          "loop.refresh_transport=auto", "eval.metrics.subject_backbone=tiny:dinov2",
-                                         "eval.metrics.num_gpus=0"]
+                                         "eval.metrics.num_gpus=0",
+                                         # two candidates ranked on six dimensions tie 3 to 3 as often as not: keep
+                                         # them (a zero-gain pair), so every prompt pairs whatever the random scorers say
+                                         "pairs.ties=keep"]
     from realsize_gpu import build_realsize
 
     return common + [f"model.pretrained={build_realsize(os.path.join(args.out, 'models', 'cogvideox5b-i2v'))}",

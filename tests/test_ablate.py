@@ -26,6 +26,10 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     out = str(tmp_path / "ablate")
     with pytest.raises(ConfigError, match="no reward dimension 'motion'"):
         run_ablation(cfg, ["gapo", "no-motion"], out)
+    # a variant asking for more than the cluster has fails at once, naming what it lacks (not at placement, minutes later)
+    greedy = load_config(LOCAL_CONFIG, [*overrides, "eval.videoscore.num_gpus=100", "ray.wait_for_resources_s=0"])
+    with pytest.raises(ConfigError, match="cannot run this config"):
+        run_ablation(greedy, ["gapo", "reward=videoscore"], str(tmp_path / "greedy"), root=REPO, progress=False)
     variants = ["gapo", "no-visual_motion", "reward=videoscore"]
     comparison = run_ablation(cfg, variants, out, root=REPO, progress=False)
 
@@ -73,6 +77,13 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     assert header.startswith("| version | VBench-I2V: subject_consistency") and "VideoScore: mean" in header
     assert "AnimeReward: reward" in header and "| reward=videoscore |" in table
 
+    from mlflow.tracking import MlflowClient
+
+    from anisora_ray.tracking import tracking_uri
+
+    logged = MlflowClient(tracking_uri(cfg)).get_run(comparison["mlflow_run_id"]).data.metrics
+    assert {"gapo_reward_win_rate", "reward_videoscore_reward_win_rate"} <= set(logged)  # "=" is not a metric name
+
     # a second call redoes nothing: same weights, same table
     mtimes = {v: os.path.getmtime(tmp_path / "ablate" / v / "trained.json") for v in variants}
     again = run_ablation(cfg, variants, out, root=REPO, progress=False)
@@ -108,6 +119,12 @@ def test_a_reward_variant_lays_a_preset_over_the_configs_reward(tmp_path):
     assert (dims.visual_appeal.weight, dims.visual_motion.weight) == (0.0, 3.0)
     assert dims.character == cfg.reward.dimensions.character  # what the preset does not name is kept
     assert cfg.reward.dimensions.visual_motion.weight == 1.0  # the config itself is untouched
+    # VideoScore ranks with the run's eval.videoscore weights, where they run (local: tiny, on one CPU each)
+    vs, key = variant_config(cfg, "reward=videoscore", root=REPO)
+    appeal, evs = vs.reward.dimensions.visual_appeal, cfg.eval.videoscore
+    assert appeal.backend == "videoscore" and appeal.options["checkpoint"] == evs.checkpoint == "tiny:videoscore"
+    assert (appeal.actor.num_cpus, appeal.actor.num_gpus) == (evs.num_cpus, evs.num_gpus) == (1.0, 0.0)
+    assert vs.reward.dimensions.character.weight == 0.0 and vs.video.sample_frames == 48
     with pytest.raises(ConfigError, match="no reward preset"):
         variant_config(cfg, "reward=nonesuch", root=REPO)
     bad = tmp_path / "bad.yaml"

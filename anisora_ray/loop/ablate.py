@@ -10,7 +10,7 @@ Every variant trains once from the same round-0 generator on pairs made from the
   the candidates are generated again with the same seeds and ranked without it);
 - ``reward=<preset>``: GAPO on pairs ranked by another reward, ``configs/reward/<preset>.yaml`` (or a YAML
   path) laid over the config's ``reward`` (and ``video``) sections, e.g. ``reward=videoscore`` (the paper's
-  Table 4; its VideoScore weights are the run's ``eval.videoscore`` ones when set).
+  Table 4; its VideoScore weights, dtype, device and actor resources are the run's ``eval.videoscore`` ones when set).
 
 Evaluation always uses the configured reward, the VBench-I2V-style metrics and VideoScore (``eval.videoscore``).
 The tables (the paper's layout: a row per variant; then per metric, the gain over the untrained generator
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from anisora_ray.config import AnisoraConfig
@@ -57,10 +58,11 @@ def variant_config(cfg: AnisoraConfig, variant: str, root: str | None = None) ->
         raw = _read_yaml(Path(reward_preset(variant.removeprefix("reward="), root)))
         reward = _merge(cfg.reward.model_dump(), raw.get("reward") or {})
         vs = cfg.eval.videoscore
-        for dim in reward["dimensions"].values():  # the run's VideoScore (eval.videoscore) ranks too, e.g. tiny on CPU
+        for dim in reward["dimensions"].values():  # the run's VideoScore (eval.videoscore) ranks too, where it runs
             if dim.get("backend") == "videoscore" and vs.checkpoint:
                 dim["options"] = {**dim.get("options", {}), "checkpoint": vs.checkpoint, "dtype": vs.dtype,
                                   "device": vs.device}
+                dim["actor"] = {**dim.get("actor", {}), "num_cpus": vs.num_cpus, "num_gpus": vs.num_gpus}
         merged = build_config({**cfg.model_dump(), "reward": reward,
                                "video": _merge(cfg.video.model_dump(), raw.get("video") or {})}, variant)
         gapo = cfg.gapo.model_copy(update={"loss": "gapo"})
@@ -135,7 +137,8 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
     for vcfg, _ in configs.values():
         check_reward_options(vcfg.reward)
     init_ray(cfg.ray)
-    check_cluster_fits(cfg)
+    for vcfg, _ in [(cfg, None), *configs.values()]:  # a variant's reward may ask for more than the config's
+        check_cluster_fits(vcfg)
     with mlflow_run(cfg, "ablate", tags={"anisora.stage": "ablate"}) as run:
         statistics = _statistics(cfg, out)
         log.info("round 0: held-out evaluation of the untrained generator")
@@ -156,9 +159,9 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
         fs.write_bytes(fs.join(out, "ablation.md"), table.encode())
         fs.write_bytes(fs.join(out, "ablation.json"), json.dumps(comparison, indent=2, default=float).encode())
         for v in variants:
-            c = comparison["versions"][v]
-            log_metrics({f"{v}_{m}_gain": s["mean_diff"] for m, s in c["metrics"].items()}
-                        | {f"{v}_reward_win_rate": c["reward_win_rate"]["win_rate"]})
+            c, key = comparison["versions"][v], re.sub(r"[^\w\-. /]", "_", v)  # MLflow's metric names: no "="
+            log_metrics({f"{key}_{m}_gain": s["mean_diff"] for m, s in c["metrics"].items()}
+                        | {f"{key}_reward_win_rate": c["reward_win_rate"]["win_rate"]})
         if not fs.is_url(out):
             import mlflow
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import types
 
+REVISIONS = {"videoscore": 2}  # kinds whose builder changed since their first cached folders
 TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam", "dinov2", "videoscore", "qwen2-vl")
 TINY_IMAGE_SIZE = 32
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -194,6 +195,11 @@ def _videoscore(base: bool):
     with torch.no_grad():  # scores around the released 1-4 scale
         model.score.weight.normal_(0, 0.1)
         model.score.bias.fill_(2.5)
+        # at the 0.02 init the last token barely sees the frames (clips differ by ~1e-5, under the released
+        # 3-decimal rounding: every candidate would tie); scaled up, clips differ by ~1e-3 to 1e-2
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and ("vision_model" in name or "connector" in name or "self_attn" in name):
+                p.mul_(20.0)
 
     def processor_config(path: str) -> None:  # as released: the image processor in preprocessor_config.json
         with open(os.path.join(path, "processor_config.json"), "w") as f:
@@ -303,7 +309,8 @@ def resolve_backbone(spec: str, cache_dir: str = "~/.cache/anisora-ray") -> str:
         return spec
     import transformers
 
-    key = hashlib.sha256(f"{kind}|{transformers.__version__}".encode()).hexdigest()[:12]
+    revision = f"|r{REVISIONS[kind]}" if kind in REVISIONS else ""  # a changed builder gets a new folder
+    key = hashlib.sha256(f"{kind}{revision}|{transformers.__version__}".encode()).hexdigest()[:12]
     path = os.path.join(os.path.expanduser(cache_dir), f"{size}-{kind}-{key}")
     return save_tiny_backbone(kind, path, base=size == "random-base")
 
