@@ -23,6 +23,23 @@ def test_six_dimensions_land_on_six_distinct_gpus(ray_cluster, make_config):
         actors.shutdown()
 
 
+def test_pools_that_cannot_all_be_placed_are_all_removed(ray_cluster, make_config):
+    import time
+
+    import ray
+
+    # one dimension asks for a resource no node has: the others, already placed, do not stay behind holding CPUs
+    free = ray.available_resources().get("CPU", 0.0)
+    cfg = make_config("reward.dimensions.character.actor.resources={nonesuch: 1}",
+                      *[f"reward.dimensions.{d}.actor.num_cpus=2" for d in DIMENSIONS])
+    with pytest.raises(ray.exceptions.GetTimeoutError) as failed:  # its traceback (kept, as pytest keeps a failure's)
+        RewardActors(cfg.reward, timeout_s=3)                        # holds the half-built pools' handles
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == free, failed.traceback[-1]
+
+
 @pytest.mark.parametrize("broken", ["truncated"])
 def test_score_command_scores_all_and_quarantines_a_corrupt_clip(ray_cluster, tmp_path, model_cache, broken):
     common = ["--config", LOCAL_CONFIG, "--quiet", "--set", f"run.output_dir={tmp_path}",

@@ -98,7 +98,13 @@ class GeneratorReplicas:
             ).remote(pretrained, cfg.model, g, cfg.video, self.ledger)
             for i in range(g.replicas)
         ]
-        self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
+        try:
+            self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
+        except BaseException:  # a replica that cannot load: none is left holding the placement group
+            for actor in [*self.actors, self.ledger]:
+                ray.kill(actor)
+            remove_placement_group(self.pg)
+            raise
         # spreads the streaming pipeline's calls over the replicas, round after round
         self.router = LeastLoaded.options(scheduling_strategy=on_this_node()).remote(len(self.actors))
 

@@ -58,7 +58,11 @@ class RewardActors:
             ]
         self._next = {name: itertools.cycle(pool) for name, pool in self.pools.items()}
         refs = [a.placement.remote() for pool in self.pools.values() for a in pool]
-        self._placements = ray.get(refs, timeout=timeout_s)
+        try:
+            self._placements = ray.get(refs, timeout=timeout_s)
+        except BaseException:  # unplaced or failed: none of the pools is left holding (or waiting for) resources
+            self.shutdown()
+            raise
 
     def placements(self) -> list[dict]:
         return list(self._placements)
