@@ -29,15 +29,18 @@ def test_pools_that_cannot_all_be_placed_are_all_removed(ray_cluster, make_confi
     import ray
 
     # one dimension asks for a resource no node has: the others, already placed, do not stay behind holding CPUs
-    free = ray.available_resources().get("CPU", 0.0)
+    def settled(deadline_s: float) -> float:  # the CPUs free once what earlier tests ended has been released
+        total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + deadline_s
+        while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return ray.available_resources().get("CPU", 0.0)
+
+    free = settled(30)
     cfg = make_config("reward.dimensions.character.actor.resources={nonesuch: 1}",
                       *[f"reward.dimensions.{d}.actor.num_cpus=2" for d in DIMENSIONS])
     with pytest.raises(ray.exceptions.GetTimeoutError) as failed:  # its traceback (kept, as pytest keeps a failure's)
         RewardActors(cfg.reward, timeout_s=3)                        # holds the half-built pools' handles
-    deadline = time.monotonic() + 20
-    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("CPU", 0.0) == free, failed.traceback[-1]
+    assert settled(20) == free, failed.traceback[-1]
 
 
 @pytest.mark.parametrize("broken", ["truncated"])
