@@ -40,7 +40,7 @@ def test_pools_that_cannot_all_be_placed_are_all_removed(ray_cluster, make_confi
                       *[f"reward.dimensions.{d}.actor.num_cpus=2" for d in DIMENSIONS])
     with pytest.raises(ray.exceptions.GetTimeoutError) as failed:  # its traceback (kept, as pytest keeps a failure's)
         RewardActors(cfg.reward, timeout_s=3)                        # holds the half-built pools' handles
-    assert settled(20) == free, failed.traceback[-1]
+    assert settled(20) >= free, failed.traceback[-1]  # ours released (others may have, too)
 
 
 @pytest.mark.parametrize("broken", ["truncated"])
