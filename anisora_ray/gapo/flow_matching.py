@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from anisora_ray.gapo.loss import GapoLoss, gapo_loss
+from anisora_ray.gapo.loss import GapoLoss, gapo_loss, prediction_error
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents [B,C,F,h,w], timesteps [B]) → v
 
@@ -48,11 +48,11 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch
 def masked_error(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean squared error in float32 over the positions where ``mask`` is 1 ([B|1, 1, F, h, w],
     broadcast over channels): [B, C, F, h, w] → [B]. No mask: every position."""
+    if mask is None:
+        return prediction_error(prediction, target)
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     squared = (prediction.float() - target.float()).pow(2)
-    if mask is None:
-        return squared.flatten(1).mean(1)
     weight = mask.float().expand_as(squared)
     counted = weight.flatten(1).sum(1)
     if (counted == 0).any():

@@ -101,9 +101,7 @@ class GeneratorReplicas:
         try:
             self._placements = ray.get([a.placement.remote() for a in self.actors], timeout=ready_timeout_s)
         except BaseException:  # a replica that cannot load: none is left holding the placement group
-            for actor in [*self.actors, self.ledger]:
-                ray.kill(actor)
-            remove_placement_group(self.pg)
+            self.shutdown()
             raise
         # spreads the streaming pipeline's calls over the replicas, round after round
         self.router = LeastLoaded.options(scheduling_strategy=on_this_node()).remote(len(self.actors))
@@ -206,8 +204,9 @@ class GeneratorReplicas:
         return candidates, quarantined
 
     def shutdown(self) -> None:
-        for actor in [*self.actors, self.ledger, self.router]:
-            ray.kill(actor)
+        for actor in [*self.actors, self.ledger, getattr(self, "router", None)]:  # no router yet: start-up failed
+            if actor is not None:
+                ray.kill(actor)
         remove_placement_group(self.pg)
         self.actors = []
 
