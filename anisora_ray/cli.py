@@ -177,11 +177,10 @@ def _build_manifest(args: argparse.Namespace) -> int:
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from anisora_ray.config import load_config
-    from anisora_ray.models.tiny import save_tiny_i2v_pipeline
+    from anisora_ray.models.families import family_of
 
     cfg = load_config(args.config, args.overrides)
-    g = cfg.generator
-    print(save_tiny_i2v_pipeline(cfg.model.tiny, g.height, g.width, g.num_frames, args.out))
+    print(family_of(cfg.model).save_tiny(cfg.model, cfg.generator, args.out))
     return 0
 
 

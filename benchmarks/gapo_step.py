@@ -20,18 +20,12 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from anisora_ray.config import load_config
-from anisora_ray.gapo.diffusion import (
-    PairLatents,
-    encode_first_frames,
-    encode_prompts,
-    encode_videos,
-    gapo_step,
-    rotary_embeddings,
-)
-from anisora_ray.gapo.trainer import sft_loss
-from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
+from anisora_ray.gapo.diffusion import PairLatents, gapo_step, sft_step
+from anisora_ray.models.families import get_family
+from anisora_ray.models.pipeline import resolve_pretrained
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "local.yaml")
 
@@ -46,18 +40,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(CONFIG, [f"model.cache_dir={tmp}", *args.overrides])
         g = cfg.generator
-        pipe = load_i2v_pipeline(resolve_pretrained(cfg.model, g), cfg.model.dtype, args.device)
+        family = get_family(cfg.model.family)
+        pipe = family.load(resolve_pretrained(cfg.model, g), cfg.model.dtype, args.device, None)
         rng = np.random.default_rng(0)
         videos = rng.integers(0, 255, (2 * args.pairs, g.num_frames, g.height, g.width, 3), dtype=np.uint8)
-        latents = encode_videos(pipe, videos)
+        latents = torch.stack([family.encode_video(pipe, v) for v in videos])
+        conditions = [family.encode_condition(pipe, Image.fromarray(v[0]), i, g.height, g.width, g.num_frames)
+                      for i, v in enumerate(videos[: args.pairs])]
+        embeds = family.encode_prompt(pipe, "a girl waves", family.text_length(pipe, g))
         batch = PairLatents(
             winner=latents[: args.pairs], loser=latents[args.pairs :],
-            image=encode_first_frames(pipe, videos[: args.pairs, 0], latents.shape[1]),
-            prompt_embeds=encode_prompts(pipe, ["a girl waves"] * args.pairs),
+            condition={k: torch.stack([c[k] for c in conditions]) for k in conditions[0]},
+            prompt_embeds=torch.stack([embeds] * args.pairs),
             reward_w=torch.full((args.pairs,), 0.8, device=args.device),
             reward_l=torch.full((args.pairs,), 0.3, device=args.device))
-        rotary = rotary_embeddings(pipe, g.height, g.width, latents.shape[1])
-        reference = pipe.transformer.eval().requires_grad_(False)
+        reference = family.trained_module(pipe).eval().requires_grad_(False)
         times: dict[str, list[float]] = {"gapo": [], "dpo": [], "sft": []}
         models = {}
         for name in times:
@@ -70,10 +67,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 if name == "sft":
-                    out = sft_loss(model, pipe.scheduler, batch, generator, rotary)
+                    out = sft_step(family, pipe, model, batch, generator)
                 else:
-                    out = gapo_step(model, reference, pipe.scheduler, batch, generator, beta=cfg.gapo.beta,
-                                    alpha=cfg.gapo.alpha, use_gain=name == "gapo", rotary=rotary)
+                    out = gapo_step(family, pipe, model, reference, batch, generator, beta=cfg.gapo.beta,
+                                    alpha=cfg.gapo.alpha, use_gain=name == "gapo")
                 out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from anisora_ray.gapo.batches import PairEncoder, pair_rows, step_rows, worker_rows
+from anisora_ray.models.families import get_family
+
+FAMILY = get_family("cogvideox_i2v")
 
 
 def _table(n: int) -> pa.Table:
@@ -66,7 +69,7 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
 
     def encoder(namespace, cache=None):
         encoders = Encoders(pretrained, cfg, "cpu")
-        return encoders, PairEncoder(encoders, namespace, 32, 32, 128, cache)
+        return encoders, PairEncoder(encoders, FAMILY, namespace, 32, 32, 9, 128, cache)
 
     _, fresh = encoder(pretrained)
     fresh = fresh.batch([row])
@@ -80,9 +83,10 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
     second = again.batch([row])
     assert (again.misses, again.hits, again_loaders.loads) == (0, 5, 0)  # a warm cache never loads the encoders
     for a, b, c in zip(
-        (fresh.winner, fresh.loser, fresh.image, fresh.loser_image, fresh.prompt_embeds),
-        (first.winner, first.loser, first.image, first.loser_image, first.prompt_embeds),
-        (second.winner, second.loser, second.image, second.loser_image, second.prompt_embeds), strict=True):
+        (fresh.winner, fresh.loser, fresh.condition["image"], fresh.loser_condition["image"], fresh.prompt_embeds),
+        (first.winner, first.loser, first.condition["image"], first.loser_condition["image"], first.prompt_embeds),
+        (second.winner, second.loser, second.condition["image"], second.loser_condition["image"], second.prompt_embeds),
+        strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(fresh.winner, fresh.loser)
     _, other = encoder("another-model", str(tmp_path / "cache"))
@@ -98,7 +102,7 @@ def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them
     missing = {**good, "prompt_id": "missing", "winner_video_uri": str(tmp_path / "nowhere.mp4")}
     corrupt = {**good, "prompt_id": "corrupt", "loser_video_uri": str(tmp_path / "garbage.mp4")}
     no_image = {**good, "prompt_id": "no-image", "image_uri": str(tmp_path / "nowhere.png")}
-    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), pretrained, 32, 32, 128)
+    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 9, 128)
     bad = encoder.prefetch([good, missing, corrupt, no_image])
     named = {row["prompt_id"]: record for row, record in bad}
     assert set(named) == {"missing", "corrupt", "no-image"}
@@ -126,11 +130,11 @@ def test_training_conditions_on_the_image_latents_the_rollout_used(make_config, 
     rollout.render([GenerationRequest(item, (11,))])
     from_rollout = seen[0][:1]  # the conditional half of the first step (classifier-free guidance doubles it)
 
-    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), pretrained, g.height, g.width, 128)
-    latent_frames = from_rollout.shape[1]
-    trained = encoder.image(row["image_uri"], latent_frames, 11)
+    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, g.height, g.width, g.num_frames, 128)
+    trained = encoder.condition(row["image_uri"], 11)["image"]
     assert torch.equal(trained, from_rollout[0])
     assert torch.count_nonzero(trained[1:]) == 0
-    assert not torch.equal(encoder.image(row["image_uri"], latent_frames, 12), trained)  # the draw follows the seed
+    assert not torch.equal(encoder.condition(row["image_uri"], 12)["image"], trained)  # the draw follows the seed
     batch = encoder.batch([row])  # winner_seed 11, loser_seed 12: each side keeps its own conditioning
-    assert torch.equal(batch.image[0], trained) and not torch.equal(batch.loser_image[0], trained)
+    assert torch.equal(batch.condition["image"][0], trained)
+    assert not torch.equal(batch.loser_condition["image"][0], trained)

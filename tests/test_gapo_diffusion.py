@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from anisora_ray.gapo.diffusion import (
-    PairLatents,
-    encode_first_frames,
-    encode_prompts,
-    encode_videos,
-    gapo_step,
-    prediction_errors,
-    rotary_embeddings,
-)
+from anisora_ray.gapo.diffusion import PairLatents, gapo_step, pair_errors
+from anisora_ray.models.families import NoiseDraw, get_family
+from anisora_ray.models.families.cogvideox_i2v import encode_videos
+
+FAMILY = get_family("cogvideox_i2v")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +32,11 @@ def pair_latents(pipe, rewards=((0.9, 0.2),)) -> PairLatents:
     winners = rng.integers(0, 255, (b, 9, 32, 32, 3), dtype=np.uint8)
     losers = rng.integers(0, 255, (b, 9, 32, 32, 3), dtype=np.uint8)
     w = encode_videos(pipe, winners)
-    return PairLatents(winner=w, loser=encode_videos(pipe, losers), image=encode_first_frames(pipe, winners[:, 0], w.shape[1]),
-                       prompt_embeds=encode_prompts(pipe, ["a girl waves"] * b),
+    first = encode_videos(pipe, winners[:, :1])  # the first frames' latents (posterior mode), zero-padded over time
+    image = torch.cat([first, first.new_zeros((b, w.shape[1] - 1, *first.shape[2:]))], dim=1)
+    embeds = FAMILY.encode_prompt(pipe, "a girl waves", FAMILY.text_length(pipe, None))
+    return PairLatents(winner=w, loser=encode_videos(pipe, losers), condition={"image": image},
+                       prompt_embeds=torch.stack([embeds] * b),
                        reward_w=torch.tensor([r[0] for r in rewards]), reward_l=torch.tensor([r[1] for r in rewards]))
 
 
@@ -45,13 +44,13 @@ def test_latent_shapes_and_shared_noise(pipe):
     batch = pair_latents(pipe)
     t, hw = pipe.vae_scale_factor_temporal, 32 // pipe.vae_scale_factor_spatial  # the demo's VAE: 2x time, 2x space
     expected = (1, (9 - 1) // t + 1, pipe.vae.config.latent_channels, hw, hw)
-    assert batch.winner.shape == batch.loser.shape == batch.image.shape == expected == (1, 5, 8, 16, 16)
-    assert torch.count_nonzero(batch.image[:, 1:]) == 0  # only the first latent frame carries the image
-    same = PairLatents(batch.winner, batch.winner, batch.image, batch.prompt_embeds, batch.reward_w, batch.reward_l)
+    image = batch.condition["image"]
+    assert batch.winner.shape == batch.loser.shape == image.shape == expected == (1, 5, 8, 16, 16)
+    assert torch.count_nonzero(image[:, 1:]) == 0  # only the first latent frame carries the image
+    same = PairLatents(batch.winner, batch.winner, batch.condition, batch.prompt_embeds, batch.reward_w, batch.reward_l)
     noise = torch.randn(batch.winner.shape, generator=torch.Generator().manual_seed(0))
-    rotary = rotary_embeddings(pipe, 32, 32, batch.winner.shape[1])
     with torch.no_grad():
-        err_w, err_l = prediction_errors(pipe.transformer, pipe.scheduler, same, noise, torch.tensor([500]), rotary)
+        err_w, err_l = pair_errors(FAMILY, pipe, pipe.transformer, same, NoiseDraw(noise, torch.tensor([500])))
     torch.testing.assert_close(err_w, err_l)  # identical videos + shared noise and t → identical errors
 
 
@@ -59,11 +58,10 @@ def test_gapo_steps_on_the_tiny_transformer_raise_the_margin(pipe):
     batch = pair_latents(pipe)
     model = copy.deepcopy(pipe.transformer).train()
     reference = pipe.transformer.eval().requires_grad_(False)
-    rotary = rotary_embeddings(pipe, 32, 32, batch.winner.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     margins = []
     for _ in range(4):
-        out = gapo_step(model, reference, pipe.scheduler, batch, torch.Generator().manual_seed(7), beta=500.0, rotary=rotary)
+        out = gapo_step(FAMILY, pipe, model, reference, batch, torch.Generator().manual_seed(7), beta=500.0)
         margins.append(float(out.margin.detach()))
         opt.zero_grad()
         out.loss.backward()

@@ -6,12 +6,13 @@ import copy
 import pytest
 import torch
 
-from anisora_ray.gapo.flow_matching import (
+from anisora_ray.gapo.loss import gapo_loss
+from anisora_ray.models.objectives import (
     draw_sigmas,
+    expert_grid,
     expert_index,
     first_frame_mask,
     flow_errors,
-    flow_gapo_step,
     masked_error,
     scheduler_shift,
 )
@@ -80,6 +81,11 @@ def test_each_timestep_goes_to_the_expert_the_pipeline_uses_at_it():
     assert expert_index(scheduler.timesteps.float(), boundary_ratio).tolist() == pipeline_rule
     assert 0 < sum(pipeline_rule) < len(pipeline_rule)  # both experts are used
     assert expert_index(scheduler.timesteps.float(), None).tolist() == [0] * 40  # one transformer
+    # a training draw restricted to one expert's share of the grid lands only where the pipeline uses that expert
+    grid = expert_grid(12.0, boundary_ratio)
+    for expert in (0, 1):
+        _, t = draw_sigmas(500, torch.Generator().manual_seed(expert), 12.0, allowed=grid == expert)
+        assert set(expert_index(t, boundary_ratio).tolist()) == {expert}
 
 
 def test_a_few_gapo_updates_lower_the_flow_loss_on_a_fixed_pair():
@@ -102,8 +108,14 @@ def test_a_few_gapo_updates_lower_the_flow_loss_on_a_fixed_pair():
     rewards = torch.tensor([0.9, 0.7]), torch.tensor([0.1, 0.4])
     losses = []
     for _ in range(8):
-        out = flow_gapo_step(policy, reference, winner, loser, *rewards, torch.Generator().manual_seed(5), shift=3.0,
-                             mask=first_frame_mask(shape), beta=50.0)
+        g = torch.Generator().manual_seed(5)
+        noise = torch.randn(shape, generator=g)
+        sigmas, timesteps = draw_sigmas(2, g, shift=3.0)
+        mask = first_frame_mask(shape)
+        model_w, model_l = flow_errors(policy, winner, loser, noise, sigmas, timesteps, mask)
+        with torch.no_grad():
+            ref_w, ref_l = flow_errors(reference, winner, loser, noise, sigmas, timesteps, mask)
+        out = gapo_loss(model_w, model_l, ref_w, ref_l, *rewards, beta=50.0)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

@@ -18,7 +18,8 @@ CHILD = textwrap.dedent("""
     import deepspeed
     deepspeed.init_distributed("gloo")
     from anisora_ray.config import load_config
-    from anisora_ray.gapo.diffusion import prediction_errors
+    from anisora_ray.gapo.diffusion import pair_errors
+    from anisora_ray.models.families import NoiseDraw
     from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
     from anisora_ray.io.video import write_video
     from anisora_ray.models.pipeline import resolve_pretrained
@@ -39,10 +40,8 @@ CHILD = textwrap.dedent("""
         worker.prepare([row])
         batch = worker.encoder.batch([row])
         noise = torch.randn(batch.winner.shape, generator=torch.Generator().manual_seed(1))
-        t = torch.tensor([500])
-        rotary = None
         with torch.no_grad():
-            ew, el = prediction_errors(worker.reference, worker.pipe.scheduler, batch, noise, t, rotary)
+            ew, el = pair_errors(worker.family, worker.pipe, worker.reference, batch, NoiseDraw(noise, torch.tensor([500])))
         module = getattr(worker.reference.module, "module", worker.reference.module)
         params = list(module.parameters())
         result[kind] = {"errors": [float(ew[0]), float(el[0])],

@@ -9,6 +9,7 @@ import torch
 from anisora_ray.config import GeneratorConfig, ModelConfig, TinyModelConfig, VideoConfig
 from anisora_ray.data.manifest import read_manifest
 from anisora_ray.generation.generator import Generator
+from anisora_ray.models.families import get_family
 from anisora_ray.models.pipeline import load_i2v_pipeline, resolve_pretrained
 from anisora_ray.models.tiny import build_tiny_i2v_pipeline, save_tiny_i2v_pipeline
 from anisora_ray.types import GenerationRequest
@@ -37,7 +38,7 @@ def test_round_trip_gives_identical_videos(tmp_path, demo_manifest):
     assert not loaded.transformer.training
 
     gen = Generator.__new__(Generator)  # render() with either pipeline, same code
-    gen.cfg = GEN
+    gen.cfg, gen.family = GEN, get_family("cogvideox_i2v")
     request = GenerationRequest(item, (11, 12))
     gen.pipe = in_memory
     expected = gen.render([request])
@@ -90,7 +91,7 @@ def test_vae_blocks_set_the_latent_geometry_the_pipeline_and_trainer_follow(tmp_
     assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (spatial, temporal)
     assert pipe.transformer.config.sample_height == 32 // spatial
     gen = Generator.__new__(Generator)
-    gen.cfg, gen.pipe = GEN, pipe
+    gen.cfg, gen.pipe, gen.family = GEN, pipe, get_family("cogvideox_i2v")
     video = gen.render([GenerationRequest(read_manifest(demo_manifest)[0], (1,))])
     assert video.shape == (1, 9, 32, 32, 3)
     cfg = load_config(LOCAL_CONFIG, ["generator.height=32", "generator.width=32", "generator.num_frames=9"])

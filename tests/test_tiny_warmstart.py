@@ -4,6 +4,7 @@ import numpy as np
 
 from anisora_ray.config import TinyModelConfig
 from anisora_ray.drawing import COLOURS, SPECIES
+from anisora_ray.models.families import get_family
 from anisora_ray.models.tiny import build_tiny_i2v_pipeline
 from anisora_ray.models.tiny_warmstart import MOTIONS, draw_clips, warm_start
 
@@ -27,7 +28,7 @@ def test_warm_start_fits_the_vae_and_the_denoiser():
     tiny = TinyModelConfig(warm_start_steps=25, warm_start_lr=4e-3)
     pipe = build_tiny_i2v_pipeline(tiny, 32, 32, 9)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    losses = warm_start(pipe, tiny, 32, 32, 9)
+    losses = warm_start(pipe, tiny, 32, 32, 9, get_family("cogvideox_i2v"))
     assert losses["vae_loss"] < 0.7 * losses["vae_loss_first"]
     assert losses["denoise_loss"] < losses["denoise_loss_first"]
     assert any(not v.equal(before[k]) for k, v in pipe.transformer.state_dict().items())

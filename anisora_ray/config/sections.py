@@ -33,7 +33,7 @@ class RayConfig(Section):
 
 
 class TinyModelConfig(Section):
-    """Sizes of the random-init CogVideoX image-to-video pipeline used on CPU and in tests."""
+    """Sizes of the random-init image-to-video pipeline (of ``model.family``) used on CPU and in tests."""
 
     num_layers: int = Field(default=1, ge=1)
     num_attention_heads: int = Field(default=2, ge=1)
@@ -53,9 +53,17 @@ class TinyModelConfig(Section):
     # the denoiser's loss on the first latent frame counts this many times a later frame's: an image-to-video
     # model's first frame is its image (16 took first-frame PSNR from 21.4 to 24.3 dB on the demo, 1 block)
     warm_start_first_frame_weight: float = Field(default=16.0, gt=0)
+    # wan_i2v only (models/tiny_wan.py): which released structure the tiny Wan mirrors, its sampler's shift,
+    # and (wan22_i2v_a14b) the timestep ratio where the low-noise expert takes over
+    wan_variant: Literal["wan21_i2v", "wan22_ti2v", "wan22_i2v_a14b"] = "wan21_i2v"
+    flow_shift: float = Field(default=3.0, gt=0)
+    boundary_ratio: float = Field(default=0.9, gt=0, lt=1)
 
 
 class ModelConfig(Section):
+    # the generator family (anisora_ray/models/families): cogvideox_i2v (AniSora V1, the paper) or wan_i2v
+    # (Wan2.1-I2V, Wan2.2-TI2V-5B, Wan2.2-I2V-A14B: AniSora V2/V3; which one the checkpoint's config says)
+    family: Literal["cogvideox_i2v", "wan_i2v"] = "cogvideox_i2v"
     pretrained: str = "tiny"  # Hugging Face id, local path, or "tiny" (built from `tiny` and cached)
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -5,7 +5,7 @@ resumed at step ``s`` sees exactly the data an uninterrupted run would (the data
 step). Each worker keeps rows ``i % world == r`` of the pairs sorted by prompt and videos, and
 reshuffles them every epoch with ``seed + epoch``.
 
-Encodings (VAE latents of videos and first frames, prompt embeddings) are deterministic for a
+Encodings (VAE latents of videos, the image conditions, prompt embeddings) are deterministic for a
 frozen encoder, so with a cache folder they are computed once and read back as safetensors,
 keyed by the sha256 of the encoder's identity and the input's bytes.
 """
@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from anisora_ray.errors import ImageLoadError, VideoDecodeError
-from anisora_ray.gapo.diffusion import PairLatents, encode_image_latents, encode_prompts, encode_videos
+from anisora_ray.gapo.diffusion import PairLatents
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_all_frames
@@ -60,10 +60,10 @@ class PairEncoder:
     :meth:`prefetch` encodes a worker's rows up front so the encoders can be released before training.
     """
 
-    def __init__(self, encoders, namespace: str, height: int, width: int, text_length: int,
-                 cache_uri: str | None = None, device: torch.device | str = "cpu", patch_size_t: int | None = None):
-        self.encoders, self.height, self.width, self.text_length = encoders, height, width, text_length
-        self.patch_size_t = patch_size_t
+    def __init__(self, encoders, family, namespace: str, height: int, width: int, num_frames: int, text_length: int,
+                 cache_uri: str | None = None, device: torch.device | str = "cpu"):
+        self.encoders, self.family = encoders, family
+        self.height, self.width, self.num_frames, self.text_length = height, width, num_frames, text_length
         self.namespace, self.cache_uri, self.device = namespace, cache_uri, torch.device(device)
         self.memory: dict[str, torch.Tensor] = {}  # key -> host tensor
         self._digests: dict[str, str] = {}  # uri -> sha256 of its content
@@ -79,42 +79,39 @@ class PairEncoder:
             self._digests[uri] = hashlib.sha256(fs.read_bytes(uri)).hexdigest()
         return self._key(kind, self._digests[uri].encode())
 
-    def _cached(self, key: str, compute) -> torch.Tensor:
-        if key in self.memory:
-            return self.memory[key].to(self.device)
-        from safetensors.torch import load, save
+    def _cached(self, key: str, compute) -> dict[str, torch.Tensor]:
+        """Named tensors of ``key``: from memory, else the cache folder, else ``compute()`` (then stored)."""
+        if key not in self.memory:
+            from safetensors.torch import load, save
 
-        uri = fs.join(self.cache_uri, key[:2], f"{key}.safetensors") if self.cache_uri else None
-        if uri and fs.exists(uri):
-            self.hits += 1
-            value = load(fs.read_bytes(uri))["t"]
-        else:
-            self.misses += 1
-            value = compute().detach().cpu().contiguous()
-            if uri:
-                fs.write_bytes(uri, save({"t": value}))
-        self.memory[key] = value
-        return value.to(self.device)
+            uri = fs.join(self.cache_uri, key[:2], f"{key}.safetensors") if self.cache_uri else None
+            if uri and fs.exists(uri):
+                self.hits += 1
+                value = load(fs.read_bytes(uri))
+            else:
+                self.misses += 1
+                value = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+                if uri:
+                    fs.write_bytes(uri, save(value))
+            self.memory[key] = value
+        return {k: v.to(self.device) for k, v in self.memory[key].items()}
 
     def video(self, uri: str) -> torch.Tensor:
-        """[F', C, h, w] latents of one video (VAE posterior mode)."""
+        """Latents of one video in the family's layout (VAE posterior mode)."""
         key = self._file_key("video", uri)
-        return self._cached(key, lambda: encode_videos(self.encoders(), read_all_frames(uri)[None])[0])
+        return self._cached(key, lambda: {"t": self.family.encode_video(self.encoders(), read_all_frames(uri))})["t"]
 
-    def image(self, uri: str, latent_frames: int, seed: int) -> torch.Tensor:
-        """The image latents the rollout of ``seed`` was conditioned on (see ``encode_image_latents``); the
-        draw depends on the device's random stream, so the device type is part of the key."""
-        key = self._file_key(f"image{latent_frames}|seed{int(seed)}|{self.device.type}", uri)
-
-        def compute():
-            return encode_image_latents(self.encoders(), [load_image(uri)], [seed], self.height, self.width,
-                                        latent_frames, self.patch_size_t)[0]
-
-        return self._cached(key, compute)
+    def condition(self, uri: str, seed: int) -> dict[str, torch.Tensor]:
+        """What the rollout of ``seed`` was conditioned on, computed as the family's pipeline does; when the
+        family samples it with the seed, the draw depends on the device's random stream (part of the key)."""
+        seeded = f"seed{int(seed)}|{self.device.type}" if self.family.condition_uses_seed() else "any-seed"
+        key = self._file_key(f"condition{self.num_frames}|{seeded}", uri)
+        return self._cached(key, lambda: self.family.encode_condition(
+            self.encoders(), load_image(uri), seed, self.height, self.width, self.num_frames))
 
     def prompt(self, text: str) -> torch.Tensor:
         return self._cached(self._key(f"prompt{self.text_length}", text.encode()),
-                            lambda: encode_prompts(self.encoders(), [text], self.text_length)[0])
+                            lambda: {"t": self.family.encode_prompt(self.encoders(), text, self.text_length)})["t"]
 
     def prefetch(self, rows: list[dict], on_progress=None) -> list[tuple[dict, QuarantineRecord]]:
         """Encode every row once (memory, cache or encoders), so training needs no encoder. Each pair
@@ -139,10 +136,14 @@ class PairEncoder:
         if winners.shape != losers.shape:
             raise ValueError(f"winner latents {tuple(winners.shape)} != loser latents {tuple(losers.shape)}")
         device = winners.device
+
+        def stacked(seed_column: str) -> dict[str, torch.Tensor]:
+            parts = [self.condition(r["image_uri"], r[seed_column]) for r in rows]
+            return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+
         return PairLatents(
-            winner=winners, loser=losers,
-            image=torch.stack([self.image(r["image_uri"], winners.shape[1], r["winner_seed"]) for r in rows]),
-            loser_image=torch.stack([self.image(r["image_uri"], winners.shape[1], r["loser_seed"]) for r in rows]),
+            winner=winners, loser=losers, condition=stacked("winner_seed"),
+            loser_condition=stacked("loser_seed") if self.family.condition_uses_seed() else None,
             prompt_embeds=torch.stack([self.prompt(r["prompt"]) for r in rows]),
             reward_w=torch.tensor([float(r["winner_reward"]) for r in rows], device=device),
             reward_l=torch.tensor([float(r["loser_reward"]) for r in rows], device=device),

@@ -21,11 +21,12 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.gapo.batches import PairEncoder, step_rows
 from anisora_ray.gapo.checkpoint import load_training_state, save_training_state, weights_only_checkpoint_engine
-from anisora_ray.gapo.diffusion import PairLatents, gapo_step, prediction_errors, rotary_embeddings
+from anisora_ray.gapo.diffusion import gapo_step, sft_step
 from anisora_ray.gapo.export import export_and_stream, export_weights, stream_live
 from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 from anisora_ray.models.compile import compile_blocks
+from anisora_ray.models.families import get_family
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -60,16 +61,6 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
     return ds
 
 
-def sft_loss(model, scheduler, batch: PairLatents, generator: torch.Generator, rotary) -> GapoLoss:
-    """The paper's SFT baseline: the diffusion loss on the winners alone."""
-    noise = torch.randn(batch.winner.shape, generator=generator, device=batch.winner.device, dtype=batch.winner.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.winner.shape[0],), generator=generator,
-                      device=batch.winner.device)
-    err_w, _ = prediction_errors(model, scheduler, batch, noise, t, rotary)
-    zero = torch.zeros_like(err_w)
-    return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero)
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
@@ -95,8 +86,9 @@ class GapoWorker:
         self.cfg, self.device, self.rank = cfg, torch.device(device), rank
         g = cfg.gapo
         self.lora = g.lora if g.lora.r > 0 else None
+        self.family = get_family(cfg.model.family)
         self.pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if zero_stage(ds_config) == 3 else device)
-        policy = build_policy(self.pipe.transformer, cfg, init_uri)
+        policy = build_policy(self.family.trained_module(self.pipe), cfg, init_uri)
         if g.compile:
             compile_blocks(policy, eager_rounding=True)
         self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
@@ -106,15 +98,14 @@ class GapoWorker:
         if g.compile and self.lora is None and g.reference == "copy":
             compile_blocks(self.reference.module, eager_rounding=True)
         self.encoders = Encoders(pretrained, cfg, self.device)
-        self.encoder = PairEncoder(self.encoders, f"{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
-                                   cfg.generator.height, cfg.generator.width,
-                                   self.pipe.transformer.config.max_text_seq_length, cache_uri, self.device,
-                                   self.pipe.transformer.config.patch_size_t)
+        self.encoder = PairEncoder(self.encoders, self.family,
+                                   f"{cfg.model.family}|{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
+                                   cfg.generator.height, cfg.generator.width, cfg.generator.num_frames,
+                                   self.family.text_length(self.pipe, cfg.generator), cache_uri, self.device)
         self.rows: list[dict] = []
         self.quarantined: list = []  # QuarantineRecords of pairs dropped for bad content
         self.update = 0  # optimizer updates done
         self.resumed_from = 0  # the update this attempt restored (0: started fresh)
-        self.rotary = None
 
     @property
     def accumulation(self) -> int:
@@ -151,15 +142,13 @@ class GapoWorker:
     def _micro_step(self, index: int) -> GapoLoss:
         g = self.cfg.gapo
         batch = self.encoder.batch(self.batch_rows(index))
-        if self.rotary is None:
-            self.rotary = rotary_embeddings(self.pipe, self.cfg.generator.height, self.cfg.generator.width,
-                                            batch.winner.shape[1], self.device)
         generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, self.rank, index))
+        shared = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, 0, index))  # alike on all ranks
         if g.loss == "sft":
-            out = sft_loss(self.engine, self.pipe.scheduler, batch, generator, self.rotary)
+            out = sft_step(self.family, self.pipe, self.engine, batch, generator, shared)
         else:
-            out = gapo_step(self.engine, self.reference, self.pipe.scheduler, batch, generator, beta=g.beta,
-                            alpha=g.alpha, use_gain=g.loss == "gapo", rotary=self.rotary)
+            out = gapo_step(self.family, self.pipe, self.engine, self.reference, batch, generator, shared=shared,
+                            beta=g.beta, alpha=g.alpha, use_gain=g.loss == "gapo")
         self.engine.backward(out.loss)
         self.engine.step()
         return out

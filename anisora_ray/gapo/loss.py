@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from anisora_ray.models.objectives import prediction_error  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class GapoLoss:
@@ -35,13 +37,6 @@ class GapoLoss:
             "margin": float(self.margin.detach().mean()),
             "implicit_accuracy": float((self.margin.detach() > 0).float().mean()),
         }
-
-
-def prediction_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over every non-batch dimension, in float32: [B, ...] → [B]."""
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def gapo_loss(

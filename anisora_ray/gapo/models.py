@@ -20,29 +20,13 @@ import gc
 import torch
 
 from anisora_ray.config import AnisoraConfig
-from anisora_ray.models.pipeline import DTYPES
+from anisora_ray.models.families import DTYPES, get_family
 from anisora_ray.weights import lora as lora_io
 from anisora_ray.weights.update import load_folder
 
-ENCODERS = ("vae", "text_encoder", "tokenizer")
-
-
 def load_transformer_pipeline(pretrained: str, cfg: AnisoraConfig, device: torch.device | str):
-    """The I2V pipeline with transformer and scheduler only (VAE and text encoder left unloaded);
-    the VAE's compression factors are read from its config, which rotary embeddings need."""
-    import diffusers
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline
-
-    diffusers.utils.logging.disable_progress_bar()
-    pipe = CogVideoXImageToVideoPipeline.from_pretrained(
-        pretrained, dtype=DTYPES[cfg.model.dtype], revision=cfg.model.revision, use_safetensors=True,
-        **{name: None for name in ENCODERS})
-    vae = AutoencoderKLCogVideoX.load_config(pretrained, subfolder="vae", revision=cfg.model.revision)
-    pipe.vae_scale_factor_spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-    pipe.vae_scale_factor_temporal = vae["temporal_compression_ratio"]
-    pipe.transformer.to(device).eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The family's pipeline with its trained modules and scheduler only (encoders left unloaded)."""
+    return get_family(cfg.model.family).load(pretrained, cfg.model.dtype, str(device), cfg.model.revision, "trainer")
 
 
 class Encoders:
@@ -58,15 +42,11 @@ class Encoders:
         return self._pipe is not None
 
     def __call__(self):
-        """A pipeline holding the VAE (tiling / slicing as the generator's), tokenizer and text encoder."""
+        """A pipeline holding the encoders (the VAE with tiling / slicing as the generator's, text and image
+        encoders), without the trained modules."""
         if self._pipe is None:
-            from diffusers import CogVideoXImageToVideoPipeline
-
-            pipe = CogVideoXImageToVideoPipeline.from_pretrained(
-                self.pretrained, dtype=DTYPES[self.cfg.model.dtype], revision=self.cfg.model.revision,
-                use_safetensors=True, transformer=None)
-            pipe.vae.to(self.device).eval()
-            pipe.text_encoder.to(self.device).eval()
+            m = self.cfg.model
+            pipe = get_family(m.family).load(self.pretrained, m.dtype, str(self.device), m.revision, "encoders")
             if self.cfg.generator.vae_slicing:
                 pipe.vae.enable_slicing()
             if self.cfg.generator.vae_tiling:
@@ -148,7 +128,8 @@ def build_reference(engine, pretrained: str, cfg: AnisoraConfig, ds_config: dict
     if cfg.gapo.lora.r > 0:
         return FrozenReference(engine.module, dtype, adapter_off=True)
     partitioned = cfg.gapo.reference == "partitioned"
-    transformer = load_transformer_pipeline(pretrained, cfg, "cpu" if partitioned else device).transformer
+    pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if partitioned else device)
+    transformer = get_family(cfg.model.family).trained_module(pipe)
     transformer.requires_grad_(False)
     if init_uri and cfg.gapo.reference_weights == "previous_round":
         load_folder(transformer, init_uri)

@@ -20,7 +20,7 @@ from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.compile import compile_blocks, compiled_graphs
-from anisora_ray.models.pipeline import load_i2v_pipeline
+from anisora_ray.models.families import get_family
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
 from anisora_ray.weights.receiver import WeightsReceiver
 
@@ -54,15 +54,13 @@ class Generator(WeightsReceiver):
         self.video = video
         self.replica_id = uuid.uuid4().hex[:12]
         start = time.perf_counter()
-        self.pipe = load_i2v_pipeline(pretrained, model.dtype, generator.device, model.revision)
+        self.family = get_family(model.family)
+        self.pipe = self.family.load(pretrained, model.dtype, generator.device, model.revision)
         if generator.vae_slicing:
             self.pipe.vae.enable_slicing()
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
-        if generator.scheduler == "dpm":
-            from diffusers import CogVideoXDPMScheduler
-
-            self.pipe.scheduler = CogVideoXDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.family.use_sampler(self.pipe, generator.scheduler)
         self.startup = {"load_seconds": time.perf_counter() - start}
         if generator.compile:
             self.startup.update(self.compile_transformer())
@@ -72,10 +70,10 @@ class Generator(WeightsReceiver):
         """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
         geometry and ``batch`` videos (default: a full call's), so the first round does not pay the compilation."""
         before = compiled_graphs()
-        blocks = compile_blocks(self.pipe.transformer, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        blocks = compile_blocks(self.receiving_module(), mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
         c = self.cfg
         n = batch or c.candidates_per_prompt * c.prompts_per_call
-        device = self.pipe.transformer.device
+        device = self.receiving_module().device
         start = time.perf_counter()
         self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * n, [""] * n,
                   [torch.Generator(device=device).manual_seed(i) for i in range(n)], steps=1)
@@ -92,14 +90,14 @@ class Generator(WeightsReceiver):
         return {"replica_id": self.replica_id, **self.startup}
 
     def receiving_module(self):
-        return self.pipe.transformer
+        return self.family.trained_module(self.pipe)
 
     def device(self) -> str:
-        return str(self.pipe.transformer.device)
+        return str(self.receiving_module().device)
 
     def _warn_if_truncated(self, item) -> None:
         """The text encoder reads ``max_sequence_length`` tokens; say so when a prompt is longer."""
-        tokens = len(self.pipe.tokenizer(item.prompt, add_special_tokens=True).input_ids)
+        tokens = self.family.prompt_tokens(self.pipe, item.prompt)
         if tokens > self.cfg.max_sequence_length:
             log.warning("prompt %s has %d tokens; the text encoder takes %d (generator.max_sequence_length): "
                         "the rest is truncated", item.prompt_id, tokens, self.cfg.max_sequence_length)
@@ -110,7 +108,7 @@ class Generator(WeightsReceiver):
         Every video gets its own torch.Generator, so each depends on its own seed only.
         """
         images, prompts, generators = [], [], []
-        device = self.pipe.transformer.device
+        device = self.receiving_module().device
         for request in requests:
             image = load_image(request.item.image_uri)  # any size or mode: RGB here, resized by the pipeline
             self._warn_if_truncated(request.item)
@@ -121,21 +119,8 @@ class Generator(WeightsReceiver):
         return self._run(images, prompts, generators)
 
     def _run(self, images: list, prompts: list[str], generators: list[torch.Generator], steps: int | None = None) -> np.ndarray:
-        c = self.cfg
         with torch.inference_mode():
-            out = self.pipe(
-                image=images,
-                prompt=prompts,
-                height=c.height,
-                width=c.width,
-                num_frames=c.num_frames,
-                num_inference_steps=steps or c.num_inference_steps,
-                guidance_scale=c.guidance_scale,
-                generator=generators,
-                output_type="np",
-                max_sequence_length=c.max_sequence_length,
-            )
-        return to_uint8(np.asarray(out.frames))
+            return to_uint8(self.family.render(self.pipe, images, prompts, generators, self.cfg, steps))
 
     def generate(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """Candidates for every request; a request whose input is bad (``CONTENT_ERRORS``: a missing or

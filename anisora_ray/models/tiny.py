@@ -2,7 +2,7 @@
 
 Its structure mirrors ``THUDM/CogVideoX-5b-I2V`` (image latents concatenated to the noise, rotary
 and learned positional embeddings, v-prediction DDIM with zero-SNR betas); only the sizes differ.
-The result is a normal diffusers folder that :func:`anisora_ray.models.pipeline.load_i2v_pipeline`
+The result is a normal diffusers folder that the ``cogvideox_i2v`` family (``models/families``)
 loads with ``from_pretrained`` exactly as it loads the real checkpoint.
 """
 
@@ -35,6 +35,7 @@ I2V_SCHEDULER = dict(
 )
 
 
+WAN_ONLY = {"wan_variant", "flow_shift", "boundary_ratio"}  # fields the tiny CogVideoX ignores (not in its cache key)
 WARM_START_VERSION = 2  # bump when the warm start's data or recipe changes: cached tiny models are rebuilt
 
 
@@ -46,7 +47,7 @@ def vae_temporal_factor(blocks: int) -> int:
 def tiny_fingerprint(tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> str:
     import diffusers
 
-    spec = {"tiny": tiny.model_dump(), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__,
+    spec = {"tiny": tiny.model_dump(exclude=WAN_ONLY), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__,
             "warm_start": WARM_START_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -114,8 +115,9 @@ def build_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_
     )
 
 
-def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_frames: int, out_dir: str) -> str:
-    """Build and ``save_pretrained`` (safetensors) to ``out_dir``; atomic, so replicas never see half a model."""
+def save_pipeline_atomically(build, out_dir: str) -> str:
+    """``build()`` a pipeline and ``save_pretrained`` it (safetensors) to ``out_dir`` unless it is there; atomic,
+    so replicas never see half a model, and a second process that finishes first wins."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(os.path.join(out_dir, "model_index.json")):
         return out_dir
@@ -123,12 +125,7 @@ def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_f
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        pipe = build_tiny_i2v_pipeline(tiny, height, width, num_frames)
-        if tiny.warm_start_steps:
-            from anisora_ray.models.tiny_warmstart import warm_start
-
-            warm_start(pipe, tiny, height, width, num_frames)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first
@@ -137,3 +134,18 @@ def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_f
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def save_tiny_i2v_pipeline(tiny: TinyModelConfig, height: int, width: int, num_frames: int, out_dir: str) -> str:
+    """Build, warm-start when configured, and save the tiny CogVideoX pipeline to ``out_dir``."""
+
+    def build():
+        pipe = build_tiny_i2v_pipeline(tiny, height, width, num_frames)
+        if tiny.warm_start_steps:
+            from anisora_ray.models.families import get_family
+            from anisora_ray.models.tiny_warmstart import warm_start
+
+            warm_start(pipe, tiny, height, width, num_frames, get_family("cogvideox_i2v"))
+        return pipe
+
+    return save_pipeline_atomically(build, out_dir)

@@ -4,8 +4,9 @@ A random-init VAE decodes any latent to coloured noise patches, and a random tra
 its conditioning: preference alignment of such a generator has nothing to act on. Here, on
 procedurally drawn clips of the demo's own characters (``anisora_ray.drawing``: species, colour and scene,
 moving as the prompt's action says with an amplitude drawn per clip), the VAE is fitted as an
-autoencoder and then the transformer as an image-to-video denoiser (v-prediction at the scheduler's
-timesteps, the first frame's latents as condition, 10% empty prompts for classifier-free guidance).
+autoencoder and then the transformer as an image-to-video denoiser with the family's own training target
+(CogVideoX: v-prediction at the scheduler's timesteps; Wan: flow matching on its shifted grid), conditioned as
+its pipeline conditions, 10% empty prompts for classifier-free guidance.
 Held-out characters are never drawn here: the training draws come from their own generator. A few
 hundred steps on CPU give characters that keep their input image and move differently per seed:
 something for AnimeReward to rank and GAPO to move. Deterministic for a given ``TinyModelConfig``.
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 
 from anisora_ray.config import TinyModelConfig
-from anisora_ray.models.pipeline import scale_latents
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,16 @@ def draw_clips(rng: np.random.Generator, batch: int, frames: int, height: int, w
     return clips, prompts
 
 
-def _to_video_tensor(clips: np.ndarray) -> torch.Tensor:
+def to_video_tensor(clips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [B, 3, F, H, W]
 
 
-def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> dict[str, float]:
-    """Fit the VAE, then the transformer, ``tiny.warm_start_steps`` steps each; returns first and last losses."""
+def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames: int, family) -> dict[str, float]:
+    """Fit the VAE, then the denoiser (``family.warm_start_loss``: the family's own training target),
+    ``tiny.warm_start_steps`` steps each; returns first and last losses."""
     steps, batch = tiny.warm_start_steps, tiny.warm_start_batch
     rng = np.random.default_rng(tiny.init_seed)
-    vae, transformer, scheduler = pipe.vae, pipe.transformer, pipe.scheduler
+    vae = pipe.vae
     log.info("warm-starting the tiny generator: %d VAE + %d denoiser steps at %dx%d (once; cached)",
              steps, steps, width, height)
     began = time.perf_counter()
@@ -78,7 +79,7 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         initial: dict[str, float] = {}
         for _ in range(steps):
-            x = _to_video_tensor(draw_clips(rng, batch, num_frames, height, width)[0])
+            x = to_video_tensor(draw_clips(rng, batch, num_frames, height, width)[0])
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
             vae_loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -89,36 +90,21 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
             schedule.step()
         vae.eval().requires_grad_(False)
 
-        transformer.train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(transformer.parameters(), lr=tiny.warm_start_lr)
+        trained = family.trained_module(pipe)
+        trained.train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=tiny.warm_start_lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        rotary = pipe._prepare_rotary_positional_embeddings(height, width, (num_frames - 1) // vae.config.temporal_compression_ratio + 1, "cpu") \
-            if transformer.config.use_rotary_positional_embeddings else None
         for _ in range(steps):
             clips, prompts = draw_clips(rng, batch, num_frames, height, width)
             prompts = ["" if rng.random() < 0.1 else p for p in prompts]
-            with torch.no_grad():
-                latents = scale_latents(vae, vae.encode(_to_video_tensor(clips)).latent_dist.mode()).permute(0, 2, 1, 3, 4)
-                # the image condition is a posterior sample, as the pipeline draws it
-                first = scale_latents(vae, vae.encode(_to_video_tensor(clips[:, :1])).latent_dist.sample()).permute(0, 2, 1, 3, 4)
-                image = torch.cat([first, first.new_zeros((batch, latents.shape[1] - 1, *first.shape[2:]))], dim=1)
-                embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                               max_sequence_length=transformer.config.max_text_seq_length, device="cpu")
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-            noisy = scheduler.add_noise(latents, noise, t)
-            target = scheduler.get_velocity(latents, noise, t)
-            prediction = transformer(hidden_states=torch.cat([noisy, image], dim=2), encoder_hidden_states=embeds,
-                                     timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
-            weight = torch.ones(latents.shape[1])
-            weight[0] = tiny.warm_start_first_frame_weight  # an image-to-video model's first frame is its image
-            denoise_loss = ((prediction - target) ** 2).mean(dim=(0, 2, 3, 4)).mul(weight).sum() / weight.sum()
+            denoise_loss = family.warm_start_loss(pipe, clips, prompts, tiny.warm_start_first_frame_weight,
+                                                  tiny.max_text_seq_length)
             initial.setdefault("denoise_loss_first", float(denoise_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             denoise_loss.backward()
             optimizer.step()
             schedule.step()
-        transformer.eval().requires_grad_(False)
+        trained.eval().requires_grad_(False)
     seconds = time.perf_counter() - began
     log.info("tiny warm start: %d + %d steps in %.0fs (vae mse %.4f, denoise mse %.4f)", steps, steps, seconds,
              float(vae_loss.detach()), float(denoise_loss.detach()))

@@ -1,0 +1,217 @@
+"""The Wan family (``model.family: wan_i2v``) at tiny size, through the real ``WanImageToVideoPipeline``: the three
+released structures build, load and render per seed; training conditions exactly as the pipeline conditioned the
+rollout; the flow-matching error equals a hand computation with TI2V's given first frame masked out; two experts
+train the expert the pipeline uses at each σ; GAPO updates lower the loss."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from anisora_ray.data.manifest import read_manifest
+from anisora_ray.gapo.diffusion import PairLatents, gapo_step
+from anisora_ray.models.families import NoiseDraw, get_family
+from anisora_ray.models.objectives import expert_index
+from anisora_ray.models.pipeline import resolve_pretrained
+from anisora_ray.types import GenerationRequest
+
+WAN = get_family("wan_i2v")
+VARIANTS = ("wan21_i2v", "wan22_ti2v", "wan22_i2v_a14b")
+
+
+def wan_config(make_config, variant: str, *more: str):
+    return make_config("model.family=wan_i2v", f"model.tiny.wan_variant={variant}", *more)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_released_structure_builds_loads_and_renders_per_seed(make_config, demo_manifest, variant):
+    from anisora_ray.generation.generator import Generator
+
+    cfg = wan_config(make_config, variant)
+    path = resolve_pretrained(cfg.model, cfg.generator)
+    assert os.path.basename(path).startswith("tiny-wan-i2v-")
+    files = {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)  # safetensors only
+    gen = Generator(path, cfg.model, cfg.generator, cfg.video)
+    pipe = gen.pipe
+    assert type(pipe).__name__ == "WanImageToVideoPipeline"
+    assert (pipe.image_encoder is not None) == (variant == "wan21_i2v")
+    assert pipe.config.expand_timesteps == (variant == "wan22_ti2v")
+    assert (pipe.transformer_2 is not None) == (pipe.config.boundary_ratio is not None) == (variant == "wan22_i2v_a14b")
+    items = read_manifest(demo_manifest)
+    both = gen.render([GenerationRequest(items[0], (1, 2)), GenerationRequest(items[1], (1,))])
+    assert both.shape == (3, 9, 32, 32, 3) and both.dtype == np.uint8
+    np.testing.assert_array_equal(gen.render([GenerationRequest(items[1], (1,))])[0], both[2])  # its own seed only
+    np.testing.assert_array_equal(gen.render([GenerationRequest(items[0], (1, 2))]), both[:2])
+    assert not np.array_equal(both[0], both[1])  # distinct seeds, distinct videos
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_conditions_exactly_as_the_pipeline_conditioned_the_rollout(make_config, demo_manifest, variant):
+    """What the GAPO worker feeds the transformer besides the noisy latents (condition channels or the given first
+    frame, CLIP image tokens, prompt embeddings) equals what the pipeline fed it when it rendered the video."""
+    from anisora_ray.gapo.batches import PairEncoder
+    from anisora_ray.gapo.models import Encoders
+    from anisora_ray.generation.generator import Generator
+
+    cfg = wan_config(make_config, variant)
+    g, path = cfg.generator, resolve_pretrained(cfg.model, cfg.generator)
+    rollout = Generator(path, cfg.model, g, cfg.video)
+    seen = []
+    rollout.pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw), with_kwargs=True)
+    item = read_manifest(demo_manifest)[0]
+    rollout.render([GenerationRequest(item, (11,))])
+    fed = seen[0]  # the conditional call of the first step
+
+    encoder = PairEncoder(Encoders(path, cfg, "cpu"), WAN, path, g.height, g.width, g.num_frames,
+                          WAN.text_length(rollout.pipe, g))
+    condition = encoder.condition(item.image_uri, 11)
+    assert encoder.condition(item.image_uri, 12).keys() == condition.keys()  # argmax posterior: the seed is irrelevant
+    torch.testing.assert_close(encoder.prompt(item.prompt), fed["encoder_hidden_states"][0], rtol=0, atol=0)
+    z = rollout.pipe.vae.config.z_dim
+    if variant == "wan22_ti2v":  # the first latent frame is the image's latents, its tokens at timestep 0
+        torch.testing.assert_close(fed["hidden_states"][0, :, :1], condition["condition"], rtol=0, atol=0)
+        tokens_per_frame = fed["timestep"].shape[1] // fed["hidden_states"].shape[2]
+        assert torch.all(fed["timestep"][0, :tokens_per_frame] == 0) and torch.all(fed["timestep"][0, tokens_per_frame:] > 0)
+    else:  # mask and image latents concatenated on channels
+        torch.testing.assert_close(fed["hidden_states"][0, z:], condition["condition"], rtol=0, atol=0)
+    if variant == "wan21_i2v":
+        torch.testing.assert_close(fed["encoder_hidden_states_image"][0], condition["image_embeds"], rtol=0, atol=0)
+    else:
+        assert "image_embeds" not in condition and fed.get("encoder_hidden_states_image") is None
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' that returns a given prediction and records its inputs."""
+
+    dtype = torch.float32
+
+    def __init__(self, prediction):
+        super().__init__()
+        self.prediction, self.seen = prediction, {}
+
+    def forward(self, **kwargs):
+        self.seen = kwargs
+        return (self.prediction,)
+
+
+@pytest.mark.parametrize("variant", ["wan22_ti2v", "wan21_i2v"])
+def test_the_flow_error_equals_a_hand_computation_and_leaves_out_the_given_first_frame(make_config, variant):
+    cfg = wan_config(make_config, variant)
+    pipe = WAN.load(resolve_pretrained(cfg.model, cfg.generator), "float32", "cpu", None, "trainer")
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 4, 3, 4, 4)  # [B, C, F', h, w]: the test size's latents
+    x0, noise, prediction = (torch.randn(shape, generator=g) for _ in range(3))
+    sigmas = torch.tensor([0.3, 0.9])
+    draw = NoiseDraw(noise, sigmas * 1000, sigmas)
+    if variant == "wan22_ti2v":
+        condition = {"condition": torch.randn((2, 4, 1, 4, 4), generator=g)}
+    else:
+        condition = {"condition": torch.randn((2, 4 + 4, 3, 4, 4), generator=g)}  # mask (4: the VAE's time factor) + latents
+    model = Fixed(prediction)
+    got = WAN.errors(pipe, model, x0, condition, torch.zeros(2, 5, 32), draw)
+    s = sigmas.view(2, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    squared = (prediction - (noise - x0)) ** 2
+    fed = model.seen["hidden_states"]
+    if variant == "wan22_ti2v":
+        expected = squared[:, :, 1:].flatten(1).mean(1)  # frames 1.. only: frame 0 is the image, given
+        torch.testing.assert_close(fed[:, :, :1], condition["condition"])
+        torch.testing.assert_close(fed[:, :, 1:], x_t[:, :, 1:])
+        per_frame = model.seen["timestep"].view(2, 3, -1)  # per token: 0 on the given frame, σ·N elsewhere
+        assert torch.all(per_frame[:, 0] == 0) and torch.allclose(per_frame[:, 1:], (sigmas * 1000).view(2, 1, 1).expand(2, 2, 4))
+        moved = prediction.clone()
+        moved[:, :, 0] += 100.0  # what the model says about the given frame does not count
+        torch.testing.assert_close(WAN.errors(pipe, Fixed(moved), x0, condition, torch.zeros(2, 5, 32), draw), got)
+    else:
+        expected = squared.flatten(1).mean(1)  # Wan2.1 / A14B generate every frame, the first included
+        torch.testing.assert_close(fed, torch.cat([x_t, condition["condition"]], dim=1))
+        torch.testing.assert_close(model.seen["timestep"], sigmas * 1000)
+    torch.testing.assert_close(got, expected)
+
+
+def test_two_experts_train_the_expert_the_pipeline_uses_at_each_sigma(make_config, demo_manifest):
+    from anisora_ray.generation.generator import Generator
+
+    cfg = wan_config(make_config, "wan22_i2v_a14b", "generator.num_inference_steps=12")
+    path = resolve_pretrained(cfg.model, cfg.generator)
+    rollout = Generator(path, cfg.model, cfg.generator, cfg.video)
+    pipe, boundary = rollout.pipe, rollout.pipe.config.boundary_ratio
+    used = []  # (expert, timestep) of every transformer call the pipeline makes
+    for expert, module in enumerate((pipe.transformer, pipe.transformer_2)):
+        module.register_forward_pre_hook(lambda _m, _a, kw, e=expert: used.append((e, float(kw["timestep"][0]))),
+                                         with_kwargs=True)
+    rollout.render([GenerationRequest(read_manifest(demo_manifest)[0], (3,))])
+    assert {e for e, _ in used} == {0, 1}  # both experts generate
+    assert [e for e, _ in used] == expert_index(torch.tensor([t for _, t in used]), boundary).tolist()
+
+    trainer = WAN.load(path, "float32", "cpu", None, "trainer")
+    experts = []
+    for i in range(400):
+        draw = WAN.draw(trainer, (2, 4, 3, 4, 4), torch.Generator().manual_seed(i), torch.Generator().manual_seed(10**6 + i))
+        assert expert_index(draw.timesteps, boundary).tolist() == [draw.expert] * 2  # routed as the pipeline would
+        experts.append(draw.expert)
+    shift = trainer.scheduler.config.flow_shift
+    s = boundary / (shift - (shift - 1) * boundary)  # grid fraction below the boundary: σ' = shift·s/(1+(shift−1)s)
+    assert abs(np.mean(experts) - s) < 0.07  # each expert trains as often as its share of the training grid
+
+    module = WAN.trained_module(trainer)
+    assert WAN.trained_module(trainer) is module and sorted(n.split(".")[0] for n, _ in module.named_children()) == [
+        "transformer", "transformer_2"]
+    calls = []
+    for expert, part in enumerate((module.transformer, module.transformer_2)):
+        part.register_forward_pre_hook(lambda *_a, e=expert: calls.append(e))
+    condition = {"condition": torch.zeros((1, 8, 3, 4, 4))}  # mask (4: the VAE's time factor) + z
+    for expert in (0, 1):
+        WAN.errors(trainer, module, torch.zeros(1, 4, 3, 4, 4), condition, torch.zeros(1, 8, 32),
+                   NoiseDraw(torch.zeros(1, 4, 3, 4, 4), torch.tensor([500.0]), torch.tensor([0.5]), expert))
+    assert calls == [0, 1]
+
+
+def test_gapo_updates_on_a_tiny_wan_with_lora_on_both_experts_lower_the_loss(make_config):
+    from anisora_ray.config import LoraConfig
+    from anisora_ray.gapo.models import FrozenReference
+    from anisora_ray.weights import lora as lora_io
+
+    cfg = wan_config(make_config, "wan22_i2v_a14b")
+    path = resolve_pretrained(cfg.model, cfg.generator)
+    pipe = WAN.load(path, "float32", "cpu", None, "all")
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    from PIL import Image
+
+    latents = [WAN.encode_video(pipe, v) for v in videos]
+    condition = WAN.encode_condition(pipe, Image.fromarray(videos[0, 0]), 0, 32, 32, 9)
+    batch = PairLatents(latents[0][None], latents[1][None], {k: v[None] for k, v in condition.items()},
+                        WAN.encode_prompt(pipe, "a girl waves", 128)[None], torch.tensor([0.9]), torch.tensor([0.2]))
+    policy = WAN.trained_module(pipe)
+    lora_io.add_adapter(policy, LoraConfig(r=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    names = list(lora_io.adapter_state(policy))
+    assert any(n.startswith("transformer.") for n in names) and any(n.startswith("transformer_2.") for n in names)
+    trained = [p for n, p in policy.named_parameters() if f".{lora_io.ADAPTER}." in n]
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    reference = FrozenReference(policy, torch.float32, adapter_off=True)
+    optimizer = torch.optim.Adam(trained, lr=1e-2)
+    shared_seed = {}  # a shared seed that trains each expert
+    for seed in range(100):
+        shared_seed.setdefault(WAN.draw(pipe, (1, 4, 3, 4, 4), torch.Generator(), torch.Generator().manual_seed(seed)).expert, seed)
+    losses = {0: [], 1: []}
+    for step in range(12):
+        expert = step % 2  # alternate the experts: both learn
+        out = gapo_step(WAN, pipe, policy, reference, batch, torch.Generator().manual_seed(5),
+                        shared=torch.Generator().manual_seed(shared_seed[expert]), beta=50.0)
+        losses[expert].append(float(out.loss.detach()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    start = (2**0.9 - 2**0.2) * math.log(2)  # policy == reference: margin 0, DPO term log 2
+    for expert, seq in losses.items():
+        assert seq[0] == pytest.approx(start, rel=1e-5) and seq[-1] < seq[0] * 0.95, (expert, seq)
