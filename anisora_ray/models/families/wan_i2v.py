@@ -18,6 +18,8 @@ A LoRA adapter goes on both experts, and a refresh publishes both.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 
@@ -38,7 +40,7 @@ class Experts(torch.nn.Module):
     """Wan2.2-A14B's two experts as one module: ``transformer`` (t ≥ boundary) and ``transformer_2`` (below);
     ``forward(expert=i, **kwargs)`` runs expert i. Parameter names carry the expert's name."""
 
-    _repeated_blocks = ["WanTransformerBlock"]
+    _repeated_blocks: ClassVar[list[str]] = ["WanTransformerBlock"]  # what regional compile compiles
 
     def __init__(self, transformer, transformer_2):
         super().__init__()
@@ -214,8 +216,8 @@ class WanI2V(GeneratorFamily):
         if frame_weights is not None:
             frames = frame_weights.view(1, 1, -1, 1, 1).to(x0.device)
             weight = frames if weight is None else weight * frames
-        kwargs = dict(hidden_states=hidden.to(model.dtype), timestep=timestep,
-                      encoder_hidden_states=prompt_embeds.to(model.dtype), return_dict=False)
+        kwargs = {"hidden_states": hidden.to(model.dtype), "timestep": timestep,
+                  "encoder_hidden_states": prompt_embeds.to(model.dtype), "return_dict": False}
         if "image_embeds" in condition:
             kwargs["encoder_hidden_states_image"] = condition["image_embeds"].to(model.dtype)
         if self.two_experts(pipe):
