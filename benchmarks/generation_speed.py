@@ -54,10 +54,13 @@ class StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
+CONFIGS = {"cogvideox_i2v": ("local.yaml", "cogvideox5b_i2v.yaml"), "wan_i2v": ("local_wan.yaml", "wan22_ti2v5b.yaml")}
+
+
 def generator_config(args, measuring: bool = True):
     from anisora_ray.config import load_config
 
-    real = os.path.join(REPO, "configs", "local.yaml" if args.tiny else "cogvideox5b_i2v.yaml")
+    real = os.path.join(REPO, "configs", CONFIGS[args.family][0 if args.tiny else 1])
     # eager rows run eager: the real config compiles at start-up, this benchmark compiles for its compiled rows
     overrides = ["ray.address=null", "generator.compile=false"] + (
         [f"generator.num_inference_steps={args.measure_steps}"] if measuring else [])
@@ -78,9 +81,12 @@ def measure(generator, timer, request_of, batch: int, args) -> dict:
     began = time.perf_counter()
     frames = generator.render([request_of(batch)])
     total = time.perf_counter() - began
-    step = statistics.median(timer.times)
+    # a step is one transformer call (CogVideoX batches CFG's two halves) or two (Wan calls cond and uncond apart)
+    calls = max(1, len(timer.times) // args.measure_steps)
+    step = statistics.median(sum(timer.times[i:i + calls]) for i in range(0, calls * args.measure_steps, calls))
     rest = total - sum(timer.times)
-    return {"videos_per_call": batch, "measured_steps": len(timer.times), "call_s": total, "step_s": step,
+    return {"videos_per_call": batch, "measured_steps": len(timer.times) // calls, "calls_per_step": calls,
+            "call_s": total, "step_s": step,
             "rest_s": rest, "seconds_per_video": (rest + args.steps * step) / batch,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "frames": frames}
@@ -108,7 +114,7 @@ def run(args) -> dict:
     began = time.perf_counter()
     generator = Generator(pretrained, cfg.model, g, cfg.video)
     load_s = time.perf_counter() - began
-    timer = StepTimer(generator.pipe.transformer)
+    timer = StepTimer(generator.pipe.transformer)  # Wan2.2-A14B: the high-noise expert (the first steps)
     device = torch.cuda.get_device_name() if generator.device().startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     print(f"{device}: {g.num_frames}x{g.height}x{g.width}, CFG {g.guidance_scale}, loaded in {load_s:.0f}s", flush=True)
     deadline = time.monotonic() + args.budget_s
@@ -165,18 +171,20 @@ def run(args) -> dict:
     return result
 
 
-def build_realsize(folder: str) -> str:
+def build_realsize(folder: str, family: str) -> str:
     from benchmarks.realsize_gpu import build_realsize as build
 
     began = time.perf_counter()
-    build(folder)
-    print(f"random-init CogVideoX-5B I2V written to {folder} in {time.perf_counter() - began:.0f}s", flush=True)
+    build(folder, family)
+    print(f"random-init {family} (5B) written to {folder} in {time.perf_counter() - began:.0f}s", flush=True)
     return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="configs/local.yaml's tiny model on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="the embedded default's tiny model on the CPU")
+    parser.add_argument("--family", default="cogvideox_i2v", choices=sorted(CONFIGS),
+                        help="cogvideox_i2v (CogVideoX-5B I2V) or wan_i2v (Wan2.2-TI2V-5B); picks the configs")
     parser.add_argument("--model", help="pipeline folder or HF id (GPU, configs/cogvideox5b_i2v.yaml's geometry)")
     parser.add_argument("--build-realsize", metavar="DIR", help="build random-init CogVideoX-5B I2V in DIR, use it")
     parser.add_argument("--steps", type=int, default=None, help="steps a video is extrapolated to (default: the config's)")
@@ -189,7 +197,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.build_realsize:
-        args.model = build_realsize(args.build_realsize)
+        args.model = build_realsize(args.build_realsize, args.family)
     if not args.tiny and not args.model:
         parser.error("give --tiny, --model or --build-realsize")
     args.batches = [int(b) for b in args.batches.split(",") if b]

@@ -1,10 +1,11 @@
-"""Real-size GPU check: CogVideoX-5B I2V and its T5-XXL text encoder, built from their configs with random
+"""Real-size GPU check: CogVideoX-5B I2V and its T5-XXL text encoder (``--family cogvideox_i2v``, the default) or
+Wan2.2-TI2V-5B and its UMT5-XXL encoder (``--family wan_i2v``), built from their published configs with random
 weights (nothing downloaded), run through the project's own generator and GAPO/DeepSpeed code.
 
 Phases, each in its own process (so one phase's GPU memory cannot leak into the next):
 
-- ``generate``: ``anisora_ray.generation.Generator`` renders one 49x480x720 video with CFG
-  (seconds per video, peak GPU memory);
+- ``generate``: ``anisora_ray.generation.Generator`` renders one video with CFG at the real config's geometry
+  (49x480x720 CogVideoX, 121x704x1280 Wan2.2-TI2V-5B; seconds per video, peak GPU memory);
 - ``lora``: ``anisora_ray.gapo.engine.GapoWorker`` with ``configs/deepspeed/zero2_bf16.json``, LoRA
   r=64 on to_q/to_k/to_v/to_out.0, gradient checkpointing (seconds per pair update, peak memory);
 - ``zero3``: the same worker, full fine-tuning under ``configs/deepspeed/zero3_offload.json``
@@ -40,10 +41,47 @@ T5_XXL_ENCODER = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layer
 VAE_5B_I2V = dict(scaling_factor=0.7)  # the rest: AutoencoderKLCogVideoX's defaults are CogVideoX's VAE
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
                  rescale_betas_zero_snr=True, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers, from its published configs: a 5B transformer (dim 3072 = 24 x 128, 30 layers),
+# the Wan2.2 VAE (z 48, 16x space via a 2x2 patchify, 4x time), UMT5-XXL, UniPC with flow shift 5.
+WAN22_TI2V_5B = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                     out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                 latents_std=[1.0] * 48)
+UMT5_XXL_ENCODER = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=256384,
+                        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+REAL_CONFIGS = {"cogvideox_i2v": "cogvideox5b_i2v.yaml", "wan_i2v": "wan22_ti2v5b.yaml"}
+GEOMETRY = {"cogvideox_i2v": (49, 480, 720), "wan_i2v": (121, 704, 1280)}  # frames, height, width of the real configs
 
 
-def build_realsize(folder: str) -> str:
-    """Write a random-init CogVideoX-5B I2V pipeline (bf16, safetensors) to ``folder`` (once)."""
+def build_realsize_wan(folder: str) -> str:
+    """Write a random-init Wan2.2-TI2V-5B pipeline (bf16, safetensors) to ``folder`` (once)."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = WanTransformer3DModel(**WAN22_TI2V_5B).to(torch.bfloat16)
+        text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_ENCODER)).to(torch.bfloat16)
+        vae = AutoencoderKLWan(**WAN22_VAE).to(torch.float32)  # Wan runs its VAE in float32
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipe = WanImageToVideoPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   transformer=transformer, expand_timesteps=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_realsize(folder: str, family: str = "cogvideox_i2v") -> str:
+    """Write a random-init CogVideoX-5B I2V (or, ``wan_i2v``, Wan2.2-TI2V-5B) pipeline (bf16, safetensors) to
+    ``folder`` (once)."""
+    if family == "wan_i2v":
+        return build_realsize_wan(folder)
     import torch
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -67,11 +105,12 @@ def build_realsize(folder: str) -> str:
     return folder
 
 
-def build_tiny(folder: str) -> str:
-    from anisora_ray.config import TinyModelConfig
-    from anisora_ray.models.tiny import save_tiny_i2v_pipeline
+def build_tiny(folder: str, family: str = "cogvideox_i2v") -> str:
+    from anisora_ray.config import GeneratorConfig, ModelConfig, TinyModelConfig
+    from anisora_ray.models.families import get_family
 
-    return save_tiny_i2v_pipeline(TinyModelConfig(warm_start_steps=0), 32, 32, 9, folder)
+    model = ModelConfig(family=family, tiny=TinyModelConfig(warm_start_steps=0, wan_variant="wan22_ti2v"))
+    return get_family(family).save_tiny(model, GeneratorConfig(height=32, width=32, num_frames=9), folder)
 
 
 def config(args, folder: str, **gapo):
@@ -81,7 +120,7 @@ def config(args, folder: str, **gapo):
              "model.dtype=float32", "generator.max_sequence_length=128", "generator.device=cpu",
              "generator.vae_tiling=false", "generator.vae_slicing=false"] if args.tiny else
             [f"generator.num_inference_steps={args.steps}", "generator.device=cuda"])
-    real = os.path.join(REPO, "configs", "cogvideox5b_i2v.yaml")
+    real = os.path.join(REPO, "configs", REAL_CONFIGS[args.family])
     overrides = [f"model.pretrained={folder}", "run.output_dir=" + os.path.join(args.out, "run"),
                  "ray.address=null", "generator.candidates_per_prompt=1", *size]
     overrides += [f"gapo.{k}={v}" for k, v in gapo.items()]
@@ -219,10 +258,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the generated video")
     parser.add_argument("--gapo-steps", type=int, default=2, help="timed GAPO updates after one warm-up")
     parser.add_argument("--phases", default="generate,lora,zero3")
+    parser.add_argument("--family", default="cogvideox_i2v", choices=sorted(REAL_CONFIGS),
+                        help="cogvideox_i2v: CogVideoX-5B I2V; wan_i2v: Wan2.2-TI2V-5B")
     parser.add_argument("--gapo-compile", default="", help="GAPO phases run with gapo.compile (e.g. lora)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--pair", help="pair.json for the GAPO phases instead of the generate phase's")
-    parser.add_argument("--write-pair", metavar="DIR", help="write a synthetic 49x480x720 pair to DIR and exit")
+    parser.add_argument("--write-pair", metavar="DIR", help="write a synthetic pair at the family's real geometry to DIR and exit")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,7 +272,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.write_pair:
-        print(write_pair(args.write_pair))
+        print(write_pair(args.write_pair, *GEOMETRY[args.family]))
         return
     os.makedirs(args.out, exist_ok=True)
     if args.pair:
@@ -240,12 +281,12 @@ def main() -> None:
         shutil.copyfile(args.pair, os.path.join(args.out, "pair.json"))
     began = time.perf_counter()
     model = os.path.join(args.out, "model")
-    model = build_tiny(model) if args.tiny else build_realsize(model)
+    model = build_tiny(model, args.family) if args.tiny else build_realsize(model, args.family)
     print(f"model built in {time.perf_counter() - began:.0f}s: {model}", flush=True)
     rows = []
     for phase in args.phases.split(","):
         argv = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--model", model, "--out", args.out,
-                "--steps", str(args.steps), "--gapo-steps", str(args.gapo_steps),
+                "--steps", str(args.steps), "--gapo-steps", str(args.gapo_steps), "--family", args.family,
                 "--gapo-compile", args.gapo_compile] + (["--tiny"] if args.tiny else [])
         done = subprocess.run(argv, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -257,7 +298,8 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
-    print(f"\nreal-size check on {device} ({'tiny' if args.tiny else 'CogVideoX-5B I2V + T5-XXL, random init'}), "
+    name = {"cogvideox_i2v": "CogVideoX-5B I2V + T5-XXL", "wan_i2v": "Wan2.2-TI2V-5B + UMT5-XXL"}[args.family]
+    print(f"\nreal-size check on {device} ({'tiny ' + args.family if args.tiny else name + ', random init'}), "
           f"{time.perf_counter() - began:.0f}s in all")
     for r in rows:
         if r["phase"] == "generate":
@@ -269,7 +311,7 @@ def main() -> None:
                   f"{r['export_files']} file(s), {r['export_s']:.1f}s; encoders loaded {r['encoder_loads']}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "rows": rows}, f, indent=2)
+            json.dump({"device": device, "family": args.family, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

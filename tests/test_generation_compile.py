@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from anisora_ray.config import GeneratorConfig, LoraConfig, ModelConfig, TinyModelConfig, VideoConfig
@@ -72,10 +73,11 @@ def test_compiled_generator_compiles_once_across_prompts_and_refreshes(tmp_path,
     assert gen.weights_version == 3 and not np.array_equal(v2, v3)
 
 
-def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("family", ["cogvideox_i2v", "wan_i2v"])
+def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     out = tmp_path / "speed.json"
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "generation_speed.py"), "--tiny",
-                           "--batches", "1,2", "--compile-batches", "2", "--measure-steps", "2",
+                           "--family", family, "--batches", "1,2", "--compile-batches", "2", "--measure-steps", "2",
                            "--set", f"model.cache_dir={tmp_path / 'cache'}", "--set", "model.tiny.warm_start_steps=0",
                            "--out", str(tmp_path / "run"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -85,6 +87,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path):
     assert set(rows) == {("eager", 1), ("eager", 2), ("compiled", 2)}
     for r in rows.values():
         assert r["measured_steps"] == 2 and r["step_s"] > 0 and r["seconds_per_video"] > 0
+        assert r["calls_per_step"] == (1 if family == "cogvideox_i2v" else 2)  # Wan calls cond and uncond apart
     assert rows[("eager", 1)]["speedup_vs_eager_b1"] == 1.0
     assert result["compile_s"] > 0 and result["compiled_repeatable"] is True
     assert "seconds per video" in done.stdout

@@ -37,3 +37,23 @@ def test_realsize_check_runs_without_ray_at_tiny_size(tmp_path):
         assert rows[phase]["encoder_loads"] == 1  # the encoders ran once, for the missing latents
         assert rows[phase]["seconds_per_update"] > 0 and rows[phase]["loss"] == rows[phase]["loss"]  # finite
     assert "real-size check on cpu" in done.stdout
+
+
+def test_realsize_check_runs_the_wan_family_without_ray_at_tiny_size(tmp_path):
+    """``--family wan_i2v`` (Wan2.2-TI2V-5B at real size): the same generate and LoRA phases, Ray unimportable."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), REPO])}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "realsize_gpu.py"), "--tiny", "--family",
+                           "wan_i2v", "--phases", "generate,lora", "--out", str(tmp_path / "run"), "--gapo-steps", "1",
+                           "--json", str(tmp_path / "result.json")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    rows = {r["phase"]: r for r in result["rows"]}
+    assert result["family"] == "wan_i2v" and set(rows) == {"generate", "lora"}
+    assert rows["generate"]["frames"] == 9 and rows["lora"]["zero_stage"] == 2
+    assert abs(rows["lora"]["loss"] - math.log(2) * (2**0.8 - 2**0.3)) < 1e-3  # warm-up lr 0: policy = reference
+    assert "real-size check on cpu (tiny wan_i2v)" in done.stdout
+
