@@ -49,13 +49,18 @@ class GeneratorFamily(abc.ABC):
 
     # ---- models -------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def tiny_key(self, model, generator) -> str:
-        """A hash of everything the tiny model depends on (its config, the geometry, the builder's version)."""
+    def tiny_builders(self):
+        """``(fingerprint, save)`` of the family's tiny model, both called with ``(tiny, height, width, num_frames)``
+        (``save`` also with ``out_dir``): a hash of everything the tiny model depends on, and the build (warm-started
+        when configured) saved as safetensors, atomically, keeping an existing folder."""
 
-    @abc.abstractmethod
+    def tiny_key(self, model, generator) -> str:
+        fingerprint, _ = self.tiny_builders()
+        return fingerprint(model.tiny, generator.height, generator.width, generator.num_frames)
+
     def save_tiny(self, model, generator, out_dir: str) -> str:
-        """Build the tiny random-init pipeline of ``model.tiny`` (warm-started when configured) and save it
-        to ``out_dir`` (safetensors, atomically); an existing folder is kept."""
+        _, save = self.tiny_builders()
+        return save(model.tiny, generator.height, generator.width, generator.num_frames, out_dir)
 
     def tiny_folder(self, model, generator) -> str:
         """The tiny pipeline's folder under ``model.cache_dir``, built on first use."""

@@ -36,15 +36,10 @@ class CogVideoXI2V(GeneratorFamily):
     name = "cogvideox_i2v"
     description = "CogVideoX image-to-video through diffusers' CogVideoXImageToVideoPipeline (AniSora V1)"
 
-    def tiny_key(self, model, generator) -> str:
-        from anisora_ray.models.tiny import tiny_fingerprint
+    def tiny_builders(self):
+        from anisora_ray.models.tiny import save_tiny_i2v_pipeline, tiny_fingerprint
 
-        return tiny_fingerprint(model.tiny, generator.height, generator.width, generator.num_frames)
-
-    def save_tiny(self, model, generator, out_dir: str) -> str:
-        from anisora_ray.models.tiny import save_tiny_i2v_pipeline
-
-        return save_tiny_i2v_pipeline(model.tiny, generator.height, generator.width, generator.num_frames, out_dir)
+        return tiny_fingerprint, save_tiny_i2v_pipeline
 
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline

@@ -90,15 +90,10 @@ class WanI2V(GeneratorFamily):
     name = "wan_i2v"
     description = "Wan2.1 / Wan2.2 image-to-video through diffusers' WanImageToVideoPipeline (AniSora V2/V3)"
 
-    def tiny_key(self, model, generator) -> str:
-        from anisora_ray.models.tiny_wan import tiny_wan_fingerprint
+    def tiny_builders(self):
+        from anisora_ray.models.tiny_wan import save_tiny_wan_pipeline, tiny_wan_fingerprint
 
-        return tiny_wan_fingerprint(model.tiny, generator.height, generator.width, generator.num_frames)
-
-    def save_tiny(self, model, generator, out_dir: str) -> str:
-        from anisora_ray.models.tiny_wan import save_tiny_wan_pipeline
-
-        return save_tiny_wan_pipeline(model.tiny, generator.height, generator.width, generator.num_frames, out_dir)
+        return tiny_wan_fingerprint, save_tiny_wan_pipeline
 
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):
         import diffusers
