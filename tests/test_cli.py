@@ -142,3 +142,19 @@ def test_pairs_command_writes_and_resumes(ray_cluster, tmp_path, model_cache, ca
     gapo = [r for r in runs if r.data.tags.get("anisora.stage") == "gapo"]
     assert len(gapo) == 1 and len(client.get_metric_history(gapo[0].info.run_id, "loss")) == 2
     assert [(m.step, m.value) for m in client.get_metric_history(gapo[0].info.run_id, "weights_version")] == [(1, 1.0)]
+
+
+def test_tiny_model_command_writes_the_family_of_the_config(tmp_path, capsys):
+    """``tiny-model`` builds the tiny pipeline of ``model.family``: the Wan default's is a Wan2.2-TI2V-structured
+    ``WanImageToVideoPipeline`` folder of safetensors."""
+    import os
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "tiny-wan"
+    assert main(["tiny-model", "--config", os.path.join(REPO, "configs", "local_wan.yaml"), "--set",
+                 "model.tiny.warm_start_steps=0", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline" and index["expand_timesteps"] is True
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
