@@ -12,6 +12,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_CONFIG = os.path.join(REPO, "configs", "local.yaml")
 
+GAPO_CHILD_PRELUDE = """
+import json, os, sys, numpy as np, torch
+os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "@PORT@", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+import deepspeed
+deepspeed.init_distributed("gloo")
+from anisora_ray.config import load_config
+from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
+from anisora_ray.io.video import write_video
+from anisora_ray.models.pipeline import resolve_pretrained
+from anisora_ray.data.demo import make_demo_set
+from anisora_ray.data.manifest import read_manifest
+out, config, root, arg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+rng = np.random.default_rng(0)
+for name in ("w", "l"):
+    write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), f"{out}/{name}.mp4", fps=8)
+item = read_manifest(make_demo_set(f"{out}/demo", num_prompts=1, image_size=64, seed=0))[0]
+row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": f"{out}/w.mp4",
+       "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1, "winner_seed": 1, "loser_seed": 2}
+"""
+
+
+def gapo_child_script(port: int, body: str) -> str:
+    """A ``python -c`` script running GapoWorkers in a world of one (gloo on ``port``), with argv (out dir, config,
+    repo root, a JSON argument ``arg``): it writes a random 9x32x32 winner/loser pair and a demo image as ``row``,
+    then runs ``body`` (dedented)."""
+    import textwrap
+
+    return GAPO_CHILD_PRELUDE.replace("@PORT@", str(port)) + textwrap.dedent(body)
+
+
 # The mini-cluster: two nodes, fake GPUs and logical CPUs (a scheduling budget, not cores).
 NODES = [{"num_cpus": 8, "num_gpus": 4}, {"num_cpus": 8, "num_gpus": 4}]
 

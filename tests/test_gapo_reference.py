@@ -8,31 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
-from tests.conftest import LOCAL_CONFIG, REPO
+from tests.conftest import LOCAL_CONFIG, REPO, gapo_child_script
 
-CHILD = textwrap.dedent("""
-    import json, os, sys, numpy as np, torch
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29587", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    import deepspeed
-    deepspeed.init_distributed("gloo")
-    from anisora_ray.config import load_config
+CHILD = gapo_child_script(29587, """
     from anisora_ray.gapo.diffusion import pair_errors
     from anisora_ray.models.families import NoiseDraw
-    from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
-    from anisora_ray.io.video import write_video
-    from anisora_ray.models.pipeline import resolve_pretrained
-    from anisora_ray.data.demo import make_demo_set
-    from anisora_ray.data.manifest import read_manifest
-    out, config, root, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    rng = np.random.default_rng(0)
-    for name in ("w", "l"):
-        write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), f"{out}/{name}.mp4", fps=8)
-    item = read_manifest(make_demo_set(f"{out}/demo", num_prompts=1, image_size=64, seed=0))[0]
-    row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": f"{out}/w.mp4",
-           "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1,
-           "winner_seed": 1, "loser_seed": 2}
+    overrides = arg
     result = {}
     for kind in ("partitioned", "copy"):
         cfg = load_config(config, overrides + [f"gapo.reference={kind}", "gapo.steps=1"])

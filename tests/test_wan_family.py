@@ -18,6 +18,7 @@ from anisora_ray.models.families import NoiseDraw, get_family
 from anisora_ray.models.objectives import expert_index
 from anisora_ray.models.pipeline import resolve_pretrained
 from anisora_ray.types import GenerationRequest
+from tests.conftest import gapo_child_script
 
 WAN = get_family("wan_i2v")
 VARIANTS = ("wan21_i2v", "wan22_ti2v", "wan22_i2v_a14b")
@@ -217,24 +218,8 @@ def test_gapo_updates_on_a_tiny_wan_with_lora_on_both_experts_lower_the_loss(mak
         assert seq[0] == pytest.approx(start, rel=1e-5) and seq[-1] < seq[0] * 0.95, (expert, seq)
 
 
-CHILD = """
-import json, os, sys, numpy as np, torch
-os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29591", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-import deepspeed
-deepspeed.init_distributed("gloo")
-from anisora_ray.config import load_config
-from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
-from anisora_ray.io.video import write_video
-from anisora_ray.models.pipeline import resolve_pretrained
-from anisora_ray.data.demo import make_demo_set
-from anisora_ray.data.manifest import read_manifest
-out, config, root, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-rng = np.random.default_rng(0)
-for name in ("w", "l"):
-    write_video(rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), f"{out}/{name}.mp4", fps=8)
-item = read_manifest(make_demo_set(f"{out}/demo", num_prompts=1, image_size=64, seed=0))[0]
-row = {"prompt": item.prompt, "image_uri": item.image_uri, "winner_video_uri": f"{out}/w.mp4",
-       "loser_video_uri": f"{out}/l.mp4", "winner_reward": 0.9, "loser_reward": 0.1, "winner_seed": 1, "loser_seed": 2}
+CHILD = gapo_child_script(29591, """
+cases = arg
 result = {}
 for name, overrides in cases.items():
     cfg = load_config(config, overrides)
@@ -245,7 +230,7 @@ for name, overrides in cases.items():
     result[name] = {"uri": f"{out}/{name}", "loss": [m["loss"] for m in metrics], "kind": manifest["kind"],
                     "num_tensors": manifest["num_tensors"]}
 print("RESULT " + json.dumps(result))
-"""
+""")
 
 
 def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit_for_bit(tmp_path, model_cache,

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anisora_ray.models.objectives import prediction_error  # noqa: F401  (re-exported)
-
 
 @dataclass(frozen=True)
 class GapoLoss:

@@ -24,6 +24,7 @@ from anisora_ray.models.families import DTYPES, get_family
 from anisora_ray.weights import lora as lora_io
 from anisora_ray.weights.update import load_folder
 
+
 def load_transformer_pipeline(pretrained: str, cfg: AnisoraConfig, device: torch.device | str):
     """The family's pipeline with its trained modules and scheduler only (encoders left unloaded)."""
     return get_family(cfg.model.family).load(pretrained, cfg.model.dtype, str(device), cfg.model.revision, "trainer")

@@ -25,6 +25,24 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def load_pipeline(pipeline_class, pretrained: str, dtype: str, device: str, revision: str | None, skip: dict):
+    """``pipeline_class.from_pretrained`` (safetensors only, progress bars off) without the components named in
+    ``skip``; every loaded torch module moved to ``device`` in eval mode."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipe = pipeline_class.from_pretrained(pretrained, dtype=DTYPES[dtype], revision=revision, use_safetensors=True,
+                                          **skip)
+    target = pick_device(device)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(target).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @dataclass(frozen=True)
 class NoiseDraw:
     """What winner, loser and reference share in one GAPO evaluation."""

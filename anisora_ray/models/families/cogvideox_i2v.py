@@ -12,24 +12,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from anisora_ray.models.families import DTYPES, GeneratorFamily, NoiseDraw, pick_device
+from anisora_ray.models.families import GeneratorFamily, NoiseDraw, load_pipeline
 from anisora_ray.models.objectives import ddpm_target, masked_error
 
 ENCODERS = ("vae", "text_encoder", "tokenizer")
 
 
-def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE posterior latents → the transformer's latent space (CogVideoX scales; some VAEs invert the factor)."""
-    factor = vae.config.scaling_factor
+def scale_latents(vae, latents: torch.Tensor, factor: float | None = None) -> torch.Tensor:
+    """VAE posterior latents → the transformer's latent space (CogVideoX scales by the VAE's factor, or by the
+    pipeline's image factor for the condition; some VAEs invert the factor)."""
+    factor = vae.config.scaling_factor if factor is None else factor
     return latents / factor if vae.config.get("invert_scale_latents", False) else latents * factor
-
-
-def quiet() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 class CogVideoXI2V(GeneratorFamily):
@@ -44,11 +37,8 @@ class CogVideoXI2V(GeneratorFamily):
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline
 
-        quiet()
         skip = {"all": {}, "trainer": {n: None for n in ENCODERS}, "encoders": {"transformer": None}}[parts]
-        pipe = CogVideoXImageToVideoPipeline.from_pretrained(pretrained, dtype=DTYPES[dtype], revision=revision,
-                                                             use_safetensors=True, **skip)
-        target = pick_device(device)
+        pipe = load_pipeline(CogVideoXImageToVideoPipeline, pretrained, dtype, device, revision, skip)
         if parts == "encoders":  # the image latents follow the transformer's temporal patch (CogVideoX 1.5)
             from diffusers import CogVideoXTransformer3DModel
 
@@ -58,11 +48,6 @@ class CogVideoXI2V(GeneratorFamily):
             vae = AutoencoderKLCogVideoX.load_config(pretrained, subfolder="vae", revision=revision)
             pipe.vae_scale_factor_spatial = 2 ** (len(vae["block_out_channels"]) - 1)
             pipe.vae_scale_factor_temporal = vae["temporal_compression_ratio"]
-        for name in ("transformer", "vae", "text_encoder"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.to(target).eval()
-        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def trained_module(self, pipe) -> torch.nn.Module:
@@ -187,9 +172,7 @@ def encode_image_latents(pipe, images: list, seeds: list[int], height: int, widt
     pixels = pipe.video_processor.preprocess(images, height=height, width=width).to(device, dtype=dtype).unsqueeze(2)
     drawn = [vae.encode(pixels[i : i + 1]).latent_dist.sample(torch.Generator(device=device).manual_seed(int(seed)))
              for i, seed in enumerate(seeds)]
-    latents = torch.cat(drawn).to(dtype).permute(0, 2, 1, 3, 4)  # [B, 1, C, h, w]
-    factor = pipe.vae_scaling_factor_image
-    latents = latents / factor if vae.config.get("invert_scale_latents", False) else latents * factor
+    latents = scale_latents(vae, torch.cat(drawn).to(dtype).permute(0, 2, 1, 3, 4), pipe.vae_scaling_factor_image)
     latents = torch.cat([latents, latents.new_zeros((latents.shape[0], latent_frames - 1, *latents.shape[2:]))], dim=1)
     if patch_size_t is not None:  # CogVideoX 1.5: the first frame is repeated to fill a temporal patch
         latents = torch.cat([latents[:, : latents.shape[1] % patch_size_t], latents], dim=1)

@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from anisora_ray.models.families import DTYPES, GeneratorFamily, NoiseDraw, pick_device
+from anisora_ray.models.families import GeneratorFamily, NoiseDraw, load_pipeline
 from anisora_ray.models.objectives import (
     draw_sigmas,
     expert_grid,
@@ -96,23 +96,11 @@ class WanI2V(GeneratorFamily):
         return tiny_wan_fingerprint, save_tiny_wan_pipeline
 
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):
-        import diffusers
-        import transformers
         from diffusers import WanImageToVideoPipeline
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
         skip = {"all": {}, "trainer": {n: None for n in ENCODERS},
                 "encoders": {"transformer": None, "transformer_2": None}}[parts]
-        pipe = WanImageToVideoPipeline.from_pretrained(pretrained, dtype=DTYPES[dtype], revision=revision,
-                                                       use_safetensors=True, **skip)
-        target = pick_device(device)
-        for name in ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.to(target).eval()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_pipeline(WanImageToVideoPipeline, pretrained, dtype, device, revision, skip)
 
     def trained_module(self, pipe) -> torch.nn.Module:
         if getattr(pipe, "transformer_2", None) is None:
