@@ -59,7 +59,7 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
                  "gapo.checkpoint_every=5",
                  "generator.replicas=1", "eval.demo_prompts=3", "eval.candidates_per_prompt=1", "eval.sample_videos=1",
                  "loop.registered_model=anisora-test", f"ray.address={ray_cluster.address}", "ray.log_to_driver=false",
-                 "reward.dimensions.character.normalize.kind=zscore"]
+                 "reward.dimensions.character.normalize.kind=zscore", "run.keep.candidate_videos=2"]
     state_uri = str(tmp_path / "out" / "align" / "state.json")
     argv = [sys.executable, os.path.join(REPO, "jobs", "align.py"), "--quiet", "--config", LOCAL_CONFIG]
     for o in overrides:
@@ -85,6 +85,11 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     result = run_alignment(cfg, resume=True, progress=False, root=REPO)
 
     assert _mtimes(round1) == before  # round 1's candidates and pairs were not redone
+    # run.keep: a finished round's Ray Train checkpoints are deleted (default 0), its videos and per-round latent cache
+    # kept (2 rounds here), all recorded; the round-1 training above still resumed from its checkpoint
+    assert [sorted(r["pruned"]) for r in json.loads(open(result.state_uri).read())["rounds"]] == [["checkpoints"], ["checkpoints"]]
+    assert not (tmp_path / "out" / "ray-train" / "gapo-round-1").exists() and not (tmp_path / "out" / "latent-cache").exists()
+    assert os.listdir(tmp_path / "out" / "align" / "round-2" / "latent-cache")
     uninterrupted = train_gapo(cfg, pairs_table(str(round1)), str(tmp_path / "uninterrupted"), root=REPO,
                                run_name="uninterrupted")
     resumed = dict(read_safetensors(str(tmp_path / "out" / "align" / "round-1" / "weights")))

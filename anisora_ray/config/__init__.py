@@ -20,6 +20,7 @@ from anisora_ray.config.sections import (
     EvalConfig,
     GapoConfig,
     GeneratorConfig,
+    KeepConfig,
     LoopConfig,
     LoraConfig,
     ModelConfig,
@@ -36,4 +37,4 @@ from anisora_ray.config.sections import (
     VideoConfig,
 )
 
-__all__ = ['ActorResources', 'AnisoraConfig', 'DataConfig', 'DimensionConfig', 'EvalConfig', 'GapoConfig', 'GeneratorConfig', 'LoopConfig', 'LoraConfig', 'ModelConfig', 'NormalizeConfig', 'PairsConfig', 'RayConfig', 'RewardConfig', 'RewardDimensionsConfig', 'RewardTrainingConfig', 'RunConfig', 'Section', 'TinyModelConfig', 'TrackingConfig', 'VideoConfig', 'apply_overrides', 'build_config', 'load_config', 'parse_override']
+__all__ = ['ActorResources', 'AnisoraConfig', 'DataConfig', 'DimensionConfig', 'EvalConfig', 'GapoConfig', 'GeneratorConfig', 'KeepConfig', 'LoopConfig', 'LoraConfig', 'ModelConfig', 'NormalizeConfig', 'PairsConfig', 'RayConfig', 'RewardConfig', 'RewardDimensionsConfig', 'RewardTrainingConfig', 'RunConfig', 'Section', 'TinyModelConfig', 'TrackingConfig', 'VideoConfig', 'apply_overrides', 'build_config', 'load_config', 'parse_override']

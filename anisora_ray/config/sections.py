@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,10 +13,26 @@ from anisora_ray.types import DIMENSIONS
 __all__ = ["ActorResources", "GapoConfig", "LoraConfig", "RewardTrainingConfig", "Section"]  # re-exported
 
 
+Kept = Annotated[int, Field(ge=0)] | Literal["all"]  # the last N finished rounds (0: none), or every round
+
+
+class KeepConfig(Section):
+    """What ``align`` keeps of each finished (evaluated) round (loop/retention.py). What a resume, the report
+    and a guard rollback need is kept whatever the setting: the round in progress, the replicas' weights, the
+    guard's rollback target, round 0's and the last round's held-out videos. The defaults bound a multi-day
+    run's disk: per round only the kept tables (pairs, scores, metrics) and the last N rounds' files remain."""
+
+    candidate_videos: Kept = 1  # round-r/pairs/videos and the round's latent cache (what a retrain would read)
+    checkpoints: Kept = 0  # the round's Ray Train checkpoints (resume needs none once its weights are written)
+    weights: Kept = 3  # round-r/weights (a pruned round's MLflow model version is tagged anisora.pruned)
+    eval_videos: Kept = 3  # round-r/eval/videos (their scores stay)
+
+
 class RunConfig(Section):
     name: str = "anisora-local"
     output_dir: str = "outputs/local"  # local path or fsspec URL
     seed: int = 0
+    keep: KeepConfig = KeepConfig()
 
 
 class RayConfig(Section):

@@ -24,6 +24,7 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.eval.compare import compare_versions, markdown_table
 from anisora_ray.eval.vbench import MEASURES, METRICS_FILE, ensure_video_metrics, metric_forms
 from anisora_ray.eval.videoscore_eval import COLUMNS as VIDEOSCORE_COLUMNS
+from anisora_ray.eval.videoscore_eval import FILE as VIDEOSCORE_FILE
 from anisora_ray.eval.videoscore_eval import ensure_videoscore, merge_videoscore
 from anisora_ray.io import fs
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
@@ -37,6 +38,7 @@ class Version:
     label: str  # "round-3", or the name given on the command line
     weights_uri: str | None  # None: the untrained generator
     align_eval: str | None = None  # an align job's round-<r>/eval folder with this version's held-out candidates
+    pruned: dict | None = None  # what the align job's run.keep deleted of this round (loop/retention.py)
 
 
 def _align_state(run: str) -> dict:
@@ -72,7 +74,7 @@ def resolve_versions(specs: list[str], run: str | None) -> list[Version]:
         done = {r["index"]: r for r in state["rounds"] if r.get("weights_uri")}
         if index not in done:
             raise ConfigError(f"round {index} of {run} has no trained weights (rounds with weights: {sorted(done)})")
-        versions.append(Version(f"round-{index}", done[index]["weights_uri"], reuse))
+        versions.append(Version(f"round-{index}", done[index]["weights_uri"], reuse, done[index].get("pruned") or None))
     labels = [v.label for v in versions]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"versions {labels}: each label once")
@@ -90,6 +92,11 @@ def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: 
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.reward.actors import RewardActors
 
+    if version.pruned and "weights" in version.pruned:
+        record = version.pruned["weights"]
+        raise ConfigError(f"{version.label}: its weights were pruned at {record['at']} by {record['setting']}, so "
+                          f"it cannot be generated again; its held-out scores are kept (evaluate it without "
+                          f"--regenerate to read them back)")
     replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
     rewards = None
     try:
@@ -105,6 +112,18 @@ def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: 
             rewards.shutdown()
 
 
+def _require_videos_unless_measured(cfg: AnisoraConfig, version: Version, out_dir: str) -> None:
+    """Measures not computed while the align job had the videos cannot be computed once run.keep pruned them."""
+    record = (version.pruned or {}).get("eval_videos")
+    needed = [name for name, wanted in ((METRICS_FILE, cfg.eval.metrics.enabled),
+                                        (VIDEOSCORE_FILE, bool(cfg.eval.videoscore.checkpoint)))
+              if wanted and not fs.exists(fs.join(out_dir, name))]
+    if record and needed:
+        raise ConfigError(f"{version.label}: its held-out videos were pruned at {record['at']} by {record['setting']}, "
+                          f"and {needed} were not measured before; evaluate it with --regenerate (its weights "
+                          f"generate the videos again) or without those measures")
+
+
 def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statistics, regenerate: bool,
                  progress: bool) -> list[dict]:
     """The version's held-out candidates with AnimeReward and the video metrics (computed once, then read back)."""
@@ -117,6 +136,7 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
                 if fs.exists(fs.join(version.align_eval, name)):
                     fs.write_bytes(fs.join(out_dir, name), fs.read_bytes(fs.join(version.align_eval, name)))
             log.info("%s: held-out candidates of %s reused", version.label, version.align_eval)
+            _require_videos_unless_measured(cfg, version, out_dir)
         else:
             log.info("%s: generating and scoring the held-out candidates", version.label)
             _generate_and_score(cfg, version, heldout, out_dir, statistics, progress)

@@ -157,12 +157,13 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
                storage_name: str | None = None, mlflow_run_id: str | None = None, parent_run_id: str | None = None,
                replicas: list | None = None, replicas_version: int = 0, replica_nodes: list[str] | None = None,
-               final_refresh: bool = False) -> dict:
+               final_refresh: bool = False, cache_uri: str | None = None) -> dict:
     """Fit the generator on ``table`` (PreferencePair rows, e.g. ``pairs.writer.pairs_table``).
 
     ``init_uri``: a trained folder to start from (the previous round's transformer or adapter);
     ``resume_from``: a checkpoint URI of an interrupted run with the same config;
-    ``storage_name``: the Ray Train run's folder under ``<output_dir>/ray-train`` (default: a new
+    ``cache_uri``: the latent cache (default ``<output_dir>/latent-cache``; ``align`` keeps one per round, pruned
+    with its videos); ``storage_name``: the Ray Train run's folder under ``<output_dir>/ray-train`` (default: a new
     one); a run started again under the same name continues from that run's last checkpoint;
     ``mlflow_run_id``: continue that MLflow run (its logged updates are not logged again);
     ``replicas``: generator actors (on nodes ``replica_nodes``) to refresh every ``gapo.refresh_every`` updates
@@ -206,7 +207,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                            "bucket_mb": g.refresh_bucket_mb, "final": final_refresh,
                                            "transport": cfg.loop.refresh_transport}
                                if replicas and (g.refresh_every or final_refresh) else None,
-                               "cache_uri": fs.join(output, "latent-cache"),
+                               "cache_uri": cache_uri or fs.join(output, "latent-cache"),
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
             scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu, resources_per_worker={
                 "CPU": g.cpus_per_worker, **({"GPU": g.gpus_per_worker} if g.use_gpu else {})}),

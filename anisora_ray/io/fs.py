@@ -87,3 +87,20 @@ def write_table(table: pa.Table, uri: str) -> None:
 def read_table(uri: str) -> pa.Table:
     fs, path = url_to_fs(uri)
     return pq.read_table(path, filesystem=fs)
+
+
+def size(uri: str) -> int:
+    """Bytes under ``uri`` (a file or a folder, recursively); 0 when it does not exist."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return 0
+    return int(fs.du(path, total=True)) if fs.isdir(path) else int(fs.size(path))
+
+
+def remove(uri: str) -> int:
+    """Delete a file or a folder with everything under it; returns the bytes freed (0: nothing there)."""
+    fs, path = url_to_fs(uri)
+    freed = size(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return freed

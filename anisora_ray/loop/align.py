@@ -25,7 +25,7 @@ from anisora_ray.eval.vbench import check_metrics_config
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
-from anisora_ray.loop import guard
+from anisora_ray.loop import guard, retention
 from anisora_ray.loop.html_report import build_report, rows_of
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights
@@ -150,6 +150,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     run_round(ctx, state.round(index))
                 if state.guard.get("action") == "rollback" and "best_round" not in state.guard:
                     _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
+                _apply_retention(cfg, state, out, state_uri, index)
             rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
                                              if r.index <= rounds and r.reached("evaluated"))]
             curve = plot_reward_curve(rows, fs.join(out, "reward_curve.png"), f"{cfg.run.name}: held-out reward")
@@ -166,6 +167,17 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
         finally:
             workers.stop()
     return AlignResult(state_uri, curve, rows, state.parent_run_id, state.guard or None)
+
+
+def _apply_retention(cfg: AnisoraConfig, state: AlignState, out: str, state_uri: str, index: int) -> None:
+    """``run.keep`` on the finished rounds; the output folder's size and what was freed go to MLflow per round."""
+    freed = retention.prune(cfg, state, out)
+    rs = state.round(index)
+    if rs.reached("evaluated") and (freed or "output_dir_mb" not in rs.metrics):  # once per round, not per resume
+        rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + sum(freed.values()) / 1e6
+        rs.metrics["output_dir_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
+        log_metrics({k: rs.metrics[k] for k in ("pruned_mb", "output_dir_mb")}, step=index)
+    state.save(state_uri)
 
 
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:

@@ -271,6 +271,7 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "CI: BCa bootstrap over prompts; p: two-sided paired sign-flip permutation test.</p>",
         "<h2>Held-out score per dimension</h2>", f"<img src='{dimension_plot(rows)}' alt='per-dimension curves'>",
         guard_table(rows, state.guard),
+        pruned_section(state),
         "<h2>Training</h2>",
         f"<img src='{training}' alt='training curves'>" if training else "<p class='muted'>no training runs found "
         "in MLflow (pass the tracking store)</p>",
@@ -280,6 +281,17 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "</body></html>"]
     fs.write_bytes(out_html, "\n".join(parts).encode())
     return out_html
+
+
+def pruned_section(state: AlignState) -> str:
+    """What ``run.keep`` deleted, per round (loop/retention.py); empty when nothing was."""
+    rows = [(rs.index, what, r) for rs in sorted(state.rounds, key=lambda r: r.index) for what, r in sorted(rs.pruned.items())]
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{i}</td><td>{html.escape(what.replace('_', ' '))}</td><td>{r['bytes'] / 1e6:.1f}</td>"
+                   f"<td>{html.escape(r['setting'])}</td><td>{html.escape(r['at'])}</td></tr>" for i, what, r in rows)
+    return ("<h2>Pruned by run.keep</h2><table><tr><th>round</th><th>files</th><th>MB freed</th><th>setting</th>"
+            f"<th>when (UTC)</th></tr>{body}</table><p class='muted'>Their tables (pairs, scores, metrics) are kept.</p>")
 
 
 def extra_sections(align_dir: str, eval_dir: str | None) -> list[str]:

@@ -127,7 +127,8 @@ def train_phase(ctx: RoundContext, rs: RoundState, live: bool) -> None:
                        replicas=replicas.actors if replicas else None,
                        replicas_version=max(replicas.weights_versions()) if replicas else 0,
                        replica_nodes=[p["node_id"] for p in replicas.placements()] if replicas else None,
-                       final_refresh=cfg.loop.refresh == "live")
+                       final_refresh=cfg.loop.refresh == "live",
+                       cache_uri=fs.join(ctx.out, f"round-{rs.index}", "latent-cache"))  # pruned with the videos
         rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
         rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
         if m.get("live_weights_version"):  # already on the replicas, streamed from the trainer's memory

@@ -21,6 +21,7 @@ class RoundState:
     mlflow_run_id: str = ""
     train_run_id: str = ""  # the round's GAPO MLflow run, recorded before training starts (resume continues it)
     metrics: dict[str, float] = field(default_factory=dict)
+    pruned: dict[str, dict] = field(default_factory=dict)  # category -> what run.keep deleted (loop/retention.py)
 
     def reached(self, phase: str) -> bool:
         return PHASES.index(self.phase) >= PHASES.index(phase)

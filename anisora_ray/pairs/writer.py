@@ -8,11 +8,13 @@ no prompt is written twice; an interruption loses at most the unflushed prompts,
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
 import pyarrow as pa
 
+from anisora_ray.errors import ConfigError
 from anisora_ray.io import fs
 from anisora_ray.types import PreferencePair, QuarantineRecord, ScoredCandidate
 
@@ -79,5 +81,18 @@ class PairWriter:
         self._seq += 1
 
 
+PRUNED = "PRUNED.json"  # in a pairs folder whose videos ``run.keep`` deleted (loop/retention.py)
+
+
+def mark_videos_pruned(out_uri: str, record: dict) -> None:
+    fs.write_bytes(fs.join(out_uri, PRUNED), json.dumps(record, indent=2).encode())
+
+
 def pairs_table(out_uri: str) -> pa.Table:
+    """The pairs of ``out_uri`` as a training table; fails, naming the setting, when their videos were pruned."""
+    if fs.exists(fs.join(out_uri, PRUNED)):
+        record = json.loads(fs.read_bytes(fs.join(out_uri, PRUNED)))
+        raise ConfigError(f"pairs {out_uri}: their candidate videos were pruned at {record['at']} by "
+                          f"{record['setting']}; training reads them (keep more rounds' videos with "
+                          f"run.keep.candidate_videos, or 'all')")
     return PreferencePair.to_table(read_pairs(out_uri))

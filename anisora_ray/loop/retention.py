@@ -1,0 +1,94 @@
+"""``run.keep``: what each finished round of ``align`` keeps on disk, so a run of many rounds stays bounded.
+
+After every evaluated round the controller prunes, per category, the files of finished rounds outside the
+last N (``run.keep.<category>``), never what a resume, the report or a guard rollback needs: the round in
+progress, the weights the replicas hold, the best round the guard passed (its rollback target), round 0's
+and the last round's held-out videos. Every deletion is recorded in the round's state (what, when, the
+setting, bytes freed); the tables (pairs, scores, metrics) always stay. Asking for something pruned
+(training on pruned pairs, regenerating from pruned weights) fails naming the setting that pruned it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.io import fs
+from anisora_ray.loop.state import AlignState, RoundState
+from anisora_ray.pairs.writer import mark_videos_pruned
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("candidate_videos", "checkpoints", "weights", "eval_videos")
+
+
+def round_files(cfg: AnisoraConfig, out: str, rs: RoundState, category: str) -> list[str]:
+    """The folders of ``category`` that round ``rs`` wrote (``out``: the job's ``align`` folder)."""
+    base = fs.join(out, f"round-{rs.index}")
+    if category == "candidate_videos":
+        return [fs.join(rs.pairs_uri or fs.join(base, "pairs"), "videos"), fs.join(base, "latent-cache")]
+    if category == "checkpoints":  # the round's whole Ray Train run (gapo/trainer.py: storage_name)
+        return [fs.join(fs.normalize(cfg.run.output_dir), "ray-train", f"gapo-round-{rs.index}")]
+    if category == "weights":
+        return [rs.weights_uri] if rs.weights_uri else []
+    if category == "eval_videos":
+        return [fs.join(base, "eval", "videos")]
+    raise ValueError(f"unknown retention category {category!r}; expected one of {CATEGORIES}")
+
+
+def protected(state: AlignState, category: str) -> set[int]:
+    """Rounds whose ``category`` files stay whatever ``run.keep`` says."""
+    from anisora_ray.loop import guard
+    from anisora_ray.loop.html_report import rows_of
+
+    finished = [r for r in state.rounds if r.reached("evaluated")]
+    if category == "weights":
+        keep = {latest.index} if (latest := state.latest_weights()) is not None else set()
+        rows = rows_of(state) if state.baseline else []
+        if len(rows) > 1:  # the round a rollback would return to
+            keep.add(guard.best_round(rows, {int(r["round"]) for r in rows if r.get("guard_fired")}))
+        return keep
+    if category == "eval_videos" and finished:  # the report and contact sheet show round 0 next to the last round
+        return {max(r.index for r in finished)}
+    return set()
+
+
+def prune(cfg: AnisoraConfig, state: AlignState, out: str) -> dict[str, int]:
+    """Apply ``run.keep`` to the finished rounds of ``state``; records what it deleted in each round's
+    ``pruned`` and returns the bytes freed now per category (the caller saves the state)."""
+    finished = sorted((r for r in state.rounds if r.reached("evaluated")), key=lambda r: r.index)
+    freed: dict[str, int] = {}
+    for category in CATEGORIES:
+        keep = getattr(cfg.run.keep, category)
+        if keep == "all":
+            continue
+        kept = {r.index for r in finished[max(0, len(finished) - keep):]} if keep else set()
+        kept |= protected(state, category)
+        for rs in finished:
+            if rs.index in kept or category in rs.pruned:
+                continue
+            paths = round_files(cfg, out, rs, category)
+            n = sum(fs.remove(p) for p in paths)
+            rs.pruned[category] = {"setting": f"run.keep.{category}={keep}", "bytes": n, "paths": paths,
+                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            if category == "candidate_videos" and rs.pairs_uri:
+                mark_videos_pruned(rs.pairs_uri, rs.pruned[category])
+            if category == "weights":
+                _tag_model_version(cfg, rs)
+            freed[category] = freed.get(category, 0) + n
+            log.info("run.keep: round %d's %s pruned (%.1f MB; run.keep.%s=%s)", rs.index, category.replace("_", " "),
+                     n / 1e6, category, keep)
+    return freed
+
+
+def _tag_model_version(cfg: AnisoraConfig, rs: RoundState) -> None:
+    """The round's registered MLflow model version says that its files are gone."""
+    version = rs.metrics.get("model_version")
+    if not cfg.loop.registered_model or not version:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_model_version_tag(cfg.loop.registered_model, str(int(version)), "anisora.pruned",
+                                         rs.pruned["weights"]["setting"])
+

@@ -1,0 +1,138 @@
+"""``run.keep``: finished rounds lose what the setting says, never what resume, the report or a rollback needs;
+what was pruned is recorded and asked-for files fail naming the setting."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import LOCAL_CONFIG
+
+
+def _write(path, size: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+
+
+def _job(tmp_path, rewards, flagged=(), in_progress=None):
+    """An align folder with every file a round writes, and its state: ``rewards`` per finished round."""
+    from anisora_ray.loop.state import AlignState, RoundState
+
+    out = tmp_path / "out" / "align"
+    state = AlignState(baseline={"row": {"round": 0, "heldout_reward": 0.5}})
+    _write(out / "round-0" / "eval" / "videos" / "p0" / "0.mp4", 100)
+    for index in range(1, len(rewards) + 1 + (in_progress is not None)):
+        base = out / f"round-{index}"
+        _write(base / "pairs" / "videos" / "p0" / "0.mp4", 1000 * index)
+        _write(base / "pairs" / "pairs-00000.parquet", 10)
+        _write(base / "latent-cache" / "ab" / "ab.safetensors", 200)
+        _write(tmp_path / "out" / "ray-train" / f"gapo-round-{index}" / "checkpoint_0" / "ds" / "state.pt", 3000)
+        _write(base / "weights" / "diffusion_pytorch_model.safetensors", 500)
+        _write(base / "eval" / "videos" / "p0" / "0.mp4", 50)
+        _write(base / "eval" / "scores.parquet", 10)
+        finished = index <= len(rewards)
+        state.rounds.append(RoundState(
+            index, phase="evaluated" if finished else in_progress, pairs_uri=str(base / "pairs"),
+            weights_uri=str(base / "weights") if finished or in_progress != "paired" else "",
+            metrics={"round": index, "heldout_reward": rewards[index - 1], "guard_fired": float(index in flagged)}
+            if finished else {}))
+    return out, state
+
+
+def test_defaults_keep_the_last_rounds_the_rollback_target_and_the_round_in_progress(make_config, tmp_path):
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.loop.retention import prune
+    from anisora_ray.pairs.writer import pairs_table
+
+    cfg = make_config("loop.registered_model=null")
+    assert cfg.run.keep.model_dump() == {"candidate_videos": 1, "checkpoints": 0, "weights": 3, "eval_videos": 3}
+    # round 2 is the best held-out reward; round 6 is paired, not trained (e.g. overlap generated it already)
+    out, state = _job(tmp_path, [0.55, 0.60, 0.52, 0.53, 0.54], in_progress="paired")
+    freed = prune(cfg, state, str(out))
+
+    def gone(index, *parts):
+        return not os.path.exists(out.joinpath(f"round-{index}", *parts))
+
+    assert [r.index for r in state.rounds if gone(r.index, "pairs", "videos")] == [1, 2, 3, 4]
+    assert [r.index for r in state.rounds if gone(r.index, "latent-cache")] == [1, 2, 3, 4]
+    assert [i for i in range(1, 7) if not os.path.exists(tmp_path / "out" / "ray-train" / f"gapo-round-{i}")] == [1, 2, 3, 4, 5]
+    assert [r.index for r in state.rounds if gone(r.index, "weights")] == [1]  # 3-5 the last three, 2 the best
+    assert [r.index for r in state.rounds if gone(r.index, "eval", "videos")] == [1, 2]
+    assert not gone(0, "eval", "videos") and all(not gone(i, "eval", "scores.parquet") for i in range(1, 7))
+    assert all(not gone(i, "pairs", "pairs-00000.parquet") for i in range(1, 7))
+    assert freed == {"candidate_videos": (1000 + 2000 + 3000 + 4000) + 4 * 200, "checkpoints": 5 * 3000,
+                     "weights": 500, "eval_videos": 2 * 50}
+    first = state.rounds[0].pruned
+    assert set(first) == {"candidate_videos", "checkpoints", "weights", "eval_videos"}
+    assert first["weights"]["setting"] == "run.keep.weights=3" and first["weights"]["bytes"] == 500
+    assert state.rounds[5].pruned == {}
+
+    with pytest.raises(ConfigError, match=r"round-1/pairs.*pruned at .* by run\.keep\.candidate_videos=1"):
+        pairs_table(str(out / "round-1" / "pairs"))
+    assert prune(cfg, state, str(out)) == {}  # recorded: nothing pruned twice
+
+    # the state keeps the records across a save and load (what resume and `anisora-ray report` read)
+    from anisora_ray.loop.html_report import pruned_section
+    from anisora_ray.loop.state import AlignState
+
+    state.save(str(out / "state.json"))
+    loaded = AlignState.load(str(out / "state.json"))
+    assert loaded.rounds[0].pruned == first
+    page = pruned_section(loaded)
+    assert page.count("<tr>") == 1 + 4 + 5 + 1 + 2 and "run.keep.checkpoints=0" in page
+
+
+def test_a_flagged_round_is_no_rollback_target_and_the_rolled_back_weights_stay(make_config, tmp_path):
+    from anisora_ray.loop.retention import prune
+
+    cfg = make_config("loop.registered_model=null", "run.keep.weights=0", "run.keep.candidate_videos=all",
+                      "run.keep.checkpoints=all", "run.keep.eval_videos=0")
+    out, state = _job(tmp_path, [0.55, 0.60, 0.52], flagged={2})
+    prune(cfg, state, str(out))
+    # keep 0: only the replicas' weights (round 3) and the best round the guard passed (round 1, not 2)
+    assert [r.index for r in state.rounds if not os.path.exists(out / f"round-{r.index}" / "weights")] == [2]
+    assert [r.index for r in state.rounds if not os.path.exists(out / f"round-{r.index}" / "eval" / "videos")] == [1, 2]
+    assert all(os.path.exists(out / f"round-{i}" / "pairs" / "videos") for i in (1, 2, 3))
+
+    out2, rolled = _job(tmp_path / "rolled", [0.55, 0.60, 0.52])
+    rolled.guard = {"action": "rollback", "best_round": 1}  # the replicas went back to round 1's weights
+    prune(cfg, rolled, str(out2))
+    assert [r.index for r in rolled.rounds if not os.path.exists(out2 / f"round-{r.index}" / "weights")] == [3]
+
+
+def test_pruned_weights_are_tagged_in_the_registry_and_eval_says_why_it_cannot_regenerate(make_config, tmp_path):
+    import mlflow
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.eval.versions import resolve_versions, version_rows
+    from anisora_ray.loop.report import register_weights
+    from anisora_ray.loop.retention import prune
+
+    cfg = make_config("loop.registered_model=anisora-keep", "run.keep.weights=1")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out, state = _job(tmp_path, [0.52, 0.51, 0.53])
+    with mlflow.start_run() as run:
+        for rs in state.rounds:
+            rs.metrics["model_version"] = float(register_weights("anisora-keep", rs.weights_uri, run.info.run_id,
+                                                                 rs.index, rs.index))
+    prune(cfg, state, str(out))
+    state.save(str(out / "state.json"))
+    client = mlflow.MlflowClient()
+    tags = {v.version: v.tags.get("anisora.pruned") for v in client.search_model_versions("name='anisora-keep'")}
+    assert {str(k): v for k, v in tags.items()} == {"1": "run.keep.weights=1", "2": "run.keep.weights=1", "3": None}
+
+    versions = resolve_versions(["1", "3"], str(out))
+    assert versions[0].pruned and "weights" in versions[0].pruned and not versions[1].pruned.get("weights")
+    with pytest.raises(ConfigError, match=r"round-1: its weights were pruned at .* by run\.keep\.weights=1"):
+        version_rows(cfg, versions[0], [], str(tmp_path / "eval"), None, regenerate=True, progress=False)
+
+
+def test_keep_accepts_all_or_a_count_and_names_a_bad_value():
+    from anisora_ray.config import load_config
+
+    cfg = load_config(LOCAL_CONFIG, ["run.keep.weights=all", "run.keep.candidate_videos=0"])
+    assert (cfg.run.keep.weights, cfg.run.keep.candidate_videos) == ("all", 0)
+    with pytest.raises(ValueError, match=r"run\.keep\.checkpoints"):
+        load_config(LOCAL_CONFIG, ["run.keep.checkpoints=-1"])
