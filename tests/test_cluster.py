@@ -149,3 +149,23 @@ def test_every_node_mounts_the_real_configs_output_folder():
                     found.append(claim)
             assert found, f"pod {name!r}, container {container['name']!r} mounts no shared claim over {output!r}"
             assert all("ReadWriteMany" in claims[c]["spec"]["accessModes"] for c in found), found
+
+
+def test_kuberay_head_loss_keeps_gcs_state_in_the_shipped_redis_and_the_job_resumes():
+    cluster, job = _load("kuberay", "raycluster.yaml"), _load("kuberay", "rayjob.yaml")
+    with open(os.path.join(REPO, "cluster", "kuberay", "redis.yaml")) as f:
+        docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+    ft = cluster["spec"]["gcsFaultToleranceOptions"]
+    host, port = ft["redisAddress"].split(":")
+    service = docs["Service"]
+    assert host == service["metadata"]["name"] and int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    pod = docs["Deployment"]["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    redis = pod["spec"]["containers"][0]
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]  # the password the server requires, from one Secret
+    assert _env(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret and "--requirepass" in redis["command"][-1]
+    assert "--appendonly yes" in redis["command"][-1]  # a restarted Redis keeps the GCS tables
+    claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "--resume" in shlex.split(job["spec"]["entrypoint"]) and job["spec"]["backoffLimit"] >= 3
