@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -40,6 +45,56 @@ def gapo_child_script(port: int, body: str) -> str:
     import textwrap
 
     return GAPO_CHILD_PRELUDE.replace("@PORT@", str(port)) + textwrap.dedent(body)
+
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_ray_head(log_path, dashboard: bool = False) -> tuple[subprocess.Popen, str, int]:
+    """``ray start --head --block`` on loopback with free ports, in its own process group (so the whole head,
+    GCS and raylet and their workers, can be killed at once), token auth off (a test-only setting: real clusters
+    keep it on). Returns the process, the GCS address and the dashboard port, once the head answers."""
+    if not os.path.exists(RAY):
+        pytest.skip("no `ray` executable next to this Python")
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
+           "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=16", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    address, deadline = f"127.0.0.1:{gcs}", time.time() + 120
+    while subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True).returncode != 0:
+        if head.poll() is not None or time.time() > deadline:
+            stop_ray_head(head)
+            pytest.skip(f"no Ray head could start here: {open(log_path).read()[-2000:]}")
+        time.sleep(1)
+    return head, address, dash
+
+
+def stop_ray_head(head: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the head's process group; SIGKILL what a graceful stop leaves after 5 s."""
+    try:
+        os.killpg(head.pid, sig)
+        head.wait(timeout=5)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
 
 # The mini-cluster: two nodes, fake GPUs and logical CPUs (a scheduling budget, not cores).

@@ -3,66 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO, config_overrides
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+from tests.conftest import REPO, config_overrides, start_ray_head, stop_ray_head
 
 
 @pytest.fixture
-def ray_head(monkeypatch, tmp_path):
-    """``ray start --head --block`` on loopback with free ports; token auth off on head and client
-    (a test-only setting: real clusters keep it on). Stopped by signalling its process group."""
-    if not os.path.exists(RAY):
-        pytest.skip("no `ray` executable next to this Python")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=16", "--disable-usage-stats"],
-        env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "RAY_AUTH_MODE": "disabled"},
-        start_new_session=True,
-        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
+def ray_head(tmp_path):
+    """A head node with the Jobs API (dashboard) on loopback; stopped with its process group."""
     from ray.job_submission import JobSubmissionClient
 
+    head, _, dashboard = start_ray_head(tmp_path / "head.log", dashboard=True)
     deadline, client = time.time() + 120, None
     while client is None:
         try:
-            client = JobSubmissionClient(address)
+            client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
         except Exception:  # noqa: BLE001 - the dashboard is still starting
             if head.poll() is not None or time.time() > deadline:
-                os.killpg(head.pid, signal.SIGTERM)
-                pytest.skip(f"no Ray head could start here: {(tmp_path / 'head.log').read_text()[-2000:]}")
+                stop_ray_head(head)
+                pytest.skip(f"the head's Jobs API did not answer: {(tmp_path / 'head.log').read_text()[-2000:]}")
             time.sleep(1)
     yield client
-    os.killpg(head.pid, signal.SIGTERM)
-    try:  # a graceful stop takes ~30 s here; the group's processes go with it either way
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
+    stop_ray_head(head)  # a graceful stop takes ~30 s here; the group's processes go with it either way
 
 
 def test_ray_job_submit_runs_the_align_job(ray_head, tmp_path, model_cache):

@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from anisora_ray.errors import StorageError
 from anisora_ray.storage_check import CHECK_FOLDER, ID_PREFIX, check_storage
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+from tests.conftest import RAY, free_ports
 
 
 def _alive():
@@ -71,7 +58,7 @@ def blind_node(ray_cluster, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     ip = ray_cluster.head_node.node_ip_address
-    ports = _free_ports(6)
+    ports = free_ports(6)
     start = " ".join([RAY, "start", "--block", f"--address={ray_cluster.address}", f"--node-ip-address={ip}",
                       "--num-cpus=0", "--resources='{\"blind\": 1}'", f"--node-manager-port={ports[0]}",
                       f"--object-manager-port={ports[1]}", f"--metrics-export-port={ports[2]}",

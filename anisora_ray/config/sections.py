@@ -69,6 +69,11 @@ class TinyModelConfig(Section):
     # the denoiser's loss on the first latent frame counts this many times a later frame's: an image-to-video
     # model's first frame is its image (16 took first-frame PSNR from 21.4 to 24.3 dB on the demo, 1 block)
     warm_start_first_frame_weight: float = Field(default=16.0, gt=0)
+    # the VAE phase: this many single drawn images per step besides the clips, and the clips' first frame weighted
+    # this many times a later frame's (the image-to-video first frame is the VAE's reconstruction of the image;
+    # the tiny Wan default: 16 and 8 took its held-out first-frame PSNR from 22.4 dB to above 25, docs/alignment.md)
+    warm_start_vae_images: int = Field(default=0, ge=0)
+    warm_start_vae_first_frame_weight: float = Field(default=1.0, gt=0)
     # wan_i2v only (models/tiny_wan.py): which released structure the tiny Wan mirrors, its sampler's shift,
     # and (wan22_i2v_a14b) the timestep ratio where the low-noise expert takes over
     wan_variant: Literal["wan21_i2v", "wan22_ti2v", "wan22_i2v_a14b"] = "wan21_i2v"

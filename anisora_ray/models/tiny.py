@@ -36,7 +36,14 @@ I2V_SCHEDULER = dict(
 
 
 WAN_ONLY = {"wan_variant", "flow_shift", "boundary_ratio"}  # fields the tiny CogVideoX ignores (not in its cache key)
+ADDED_LATER = {"warm_start_vae_images": 0, "warm_start_vae_first_frame_weight": 1.0}  # out of the key at these values
 WARM_START_VERSION = 2  # bump when the warm start's data or recipe changes: cached tiny models are rebuilt
+
+
+def key_fields(tiny: TinyModelConfig, exclude: set[str] = frozenset()) -> dict:
+    """The tiny config as it enters a cache key: fields added later count only when set away from their
+    defaults, so models cached before they existed keep their keys."""
+    return {k: v for k, v in tiny.model_dump(exclude=set(exclude)).items() if ADDED_LATER.get(k, object()) != v}
 
 
 def vae_temporal_factor(blocks: int) -> int:
@@ -47,7 +54,7 @@ def vae_temporal_factor(blocks: int) -> int:
 def tiny_fingerprint(tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> str:
     import diffusers
 
-    spec = {"tiny": tiny.model_dump(exclude=WAN_ONLY), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__,
+    spec = {"tiny": key_fields(tiny, WAN_ONLY), "h": height, "w": width, "f": num_frames, "diffusers": diffusers.__version__,
             "warm_start": WARM_START_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 

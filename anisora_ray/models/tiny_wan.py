@@ -23,16 +23,17 @@ import json
 import torch
 
 from anisora_ray.config import TinyModelConfig
-from anisora_ray.models.tiny import BYT5_VOCAB_SIZE, WARM_START_VERSION, save_pipeline_atomically, vae_temporal_factor
+from anisora_ray.models.tiny import BYT5_VOCAB_SIZE, key_fields, save_pipeline_atomically, vae_temporal_factor
 
 CLIP_IMAGE_SIZE = 32  # the tiny CLIP's input (224 in Wan2.1's ViT-H/14)
+WAN_WARM_START_VERSION = 3  # 3: the denoiser phase encodes its clips in one VAE call (other bits than 2)
 
 
 def tiny_wan_fingerprint(tiny: TinyModelConfig, height: int, width: int, num_frames: int) -> str:
     import diffusers
 
-    spec = {"family": "wan_i2v", "tiny": tiny.model_dump(), "h": height, "w": width, "f": num_frames,
-            "diffusers": diffusers.__version__, "warm_start": WARM_START_VERSION}
+    spec = {"family": "wan_i2v", "tiny": key_fields(tiny), "h": height, "w": width, "f": num_frames,
+            "diffusers": diffusers.__version__, "warm_start": WAN_WARM_START_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 

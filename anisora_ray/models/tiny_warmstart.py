@@ -63,6 +63,20 @@ def to_video_tensor(clips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [B, 3, F, H, W]
 
 
+def reconstruction_loss(vae, x: torch.Tensor, first_frame_weight: float) -> torch.Tensor:
+    """MSE of the VAE's reconstruction of ``x`` [B, 3, F, H, W] (the first frame weighted) plus a small KL."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    if first_frame_weight == 1.0:
+        error = torch.nn.functional.mse_loss(recon, x)  # as cached models were built (bit for bit)
+    else:
+        per_frame = (recon - x).pow(2).mean(dim=(0, 1, 3, 4))
+        weights = torch.ones_like(per_frame)
+        weights[0] = first_frame_weight
+        error = (per_frame * weights).sum() / weights.sum()
+    return error + 1e-6 * posterior.kl().mean()
+
+
 def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames: int, family) -> dict[str, float]:
     """Fit the VAE, then the denoiser (``family.warm_start_loss``: the family's own training target),
     ``tiny.warm_start_steps`` steps each; returns first and last losses."""
@@ -80,9 +94,10 @@ def warm_start(pipe, tiny: TinyModelConfig, height: int, width: int, num_frames:
         initial: dict[str, float] = {}
         for _ in range(steps):
             x = to_video_tensor(draw_clips(rng, batch, num_frames, height, width)[0])
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
-            vae_loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            vae_loss = reconstruction_loss(vae, x, tiny.warm_start_vae_first_frame_weight)
+            if tiny.warm_start_vae_images:  # single images: the first frame an image-to-video model starts from
+                images = to_video_tensor(draw_clips(rng, tiny.warm_start_vae_images, 1, height, width)[0])
+                vae_loss = vae_loss + reconstruction_loss(vae, images, 1.0)
             initial.setdefault("vae_loss_first", float(vae_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             vae_loss.backward()

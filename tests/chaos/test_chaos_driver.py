@@ -1,13 +1,18 @@
 """Chaos: the ``align`` driver SIGKILLed during round 1's pairs, then during its refresh, then during its
 held-out evaluation; ``--resume`` after each finishes the job with nothing lost and nothing redone twice.
-(A kill during training is in tests/test_align.py.)"""
+Faults while recovering, in round 2 of the resumed job: a generator replica is SIGKILLed, then SIGKILLed
+again while Ray restarts it (its constructor loading the model and round 1's weights), and the same for a
+reward actor; the round still pairs every prompt once, on-policy. (A kill during training is in
+tests/test_align.py; losing the head node in tests/test_reproducible.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 from tests.conftest import LOCAL_CONFIG, REPO, config_overrides
@@ -47,6 +52,42 @@ def _kill_driver_when(argv: list[str], ready, timeout_s: float = 600) -> str:
     return seen
 
 
+def _constructing(class_name: str, exclude: int) -> int | None:
+    """A process running ``class_name``'s constructor: Ray titles it ``ray::<class>.__init__``."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] != exclude and " ".join(proc.info["cmdline"] or []).startswith(f"ray::{class_name}.__init__"):
+            return proc.info["pid"]
+    return None
+
+
+def _kill_twice(class_name: str, ready, killed: list, timeout_s: float = 600) -> None:
+    """Once ``ready()``: SIGKILL a live actor of ``class_name``, then the process Ray restarts it in, while its
+    constructor runs."""
+    from ray._private.state import actors  # the GCS actor table
+
+    deadline = time.time() + timeout_s
+    while not ready():
+        if time.time() > deadline:
+            return
+        time.sleep(0.05)
+    first = next(a["Pid"] for a in actors().values() if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE")
+    os.kill(first, signal.SIGKILL)
+    killed.append((class_name, "alive", first))
+    while time.time() < deadline:
+        again = _constructing(class_name, exclude=first)
+        if again:
+            os.kill(again, signal.SIGKILL)
+            killed.append((class_name, "restarting", again))
+            return
+        time.sleep(0.02)
+
+
+def _videos(folder) -> int:
+    return sum(n.endswith(".mp4") for _, _, names in os.walk(folder) for n in names)
+
+
 def test_align_driver_killed_during_pairs_refresh_and_eval_resumes_without_loss(ray_cluster, tmp_path, model_cache):
     from anisora_ray.config import load_config
     from anisora_ray.loop.align import run_alignment
@@ -71,8 +112,23 @@ def test_align_driver_killed_during_pairs_refresh_and_eval_resumes_without_loss(
     # 3. during round 1's held-out evaluation
     killed_at.append(_kill_driver_when(argv, lambda: _phase(state_uri, 1) if _phase(state_uri, 1) == "refreshed" else ""))
 
+    pairs2 = out / "round-2" / "pairs"
+    killed: list = []
+    killers = [threading.Thread(target=_kill_twice, args=(name, lambda n=n: _videos(pairs2) >= n, killed), daemon=True)
+               for name, n in (("GeneratorActor", 2), ("DimensionActor", 6))]
+    for killer in killers:
+        killer.start()
     result = run_alignment(load_config(LOCAL_CONFIG, overrides), resume=True, progress=False, root=REPO)
     seconds = time.perf_counter() - began
+    for killer in killers:
+        killer.join(timeout=5)
+    assert [(c, when) for c, when, _ in sorted(killed)] == [("DimensionActor", "alive"), ("DimensionActor", "restarting"),
+                                                         ("GeneratorActor", "alive"), ("GeneratorActor", "restarting")]
+    round2 = read_pairs(str(pairs2))
+    ids2 = [p.prompt_id for p in round2] + [q.item_id for q in read_skipped(str(pairs2))]
+    print(f"killed while recovering (round 2): lost={4 - len(set(ids2))} duplicated={len(ids2) - len(set(ids2))} "
+          f"kills={[(c, w) for c, w, _ in killed]}")
+    assert len(ids2) == len(set(ids2)) == 4 and {p.weights_version for p in round2} == {1}
     pairs = read_pairs(pairs1)
     ids = [p.prompt_id for p in pairs] + [q.item_id for q in read_skipped(pairs1)]
     lost, duplicated = 4 - len(set(ids)), len(ids) - len(set(ids))

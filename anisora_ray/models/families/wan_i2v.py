@@ -130,10 +130,15 @@ class WanI2V(GeneratorFamily):
 
     @torch.no_grad()
     def encode_video(self, encoders, frames: np.ndarray) -> torch.Tensor:
+        return self.encode_videos(encoders, frames[None])[0]
+
+    @torch.no_grad()
+    def encode_videos(self, encoders, clips: np.ndarray) -> torch.Tensor:
+        """Normalized latents of uint8 clips [B, F, H, W, 3] in one VAE call."""
         vae = encoders.vae
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(vae.device).permute(3, 0, 1, 2)[None]
+        x = torch.from_numpy(np.ascontiguousarray(clips)).to(vae.device).permute(0, 4, 1, 2, 3)
         latents = vae.encode(x.to(vae.dtype) / 127.5 - 1.0).latent_dist.mode()
-        return self._normalize(vae, latents)[0]
+        return self._normalize(vae, latents)
 
     @staticmethod
     def _normalize(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -214,7 +219,7 @@ class WanI2V(GeneratorFamily):
         from PIL import Image
 
         _, frames, height, width, _ = clips.shape
-        latents = torch.stack([self.encode_video(pipe, clip) for clip in clips])
+        latents = self.encode_videos(pipe, clips)
         conditions = [self.encode_condition(pipe, Image.fromarray(clip[0]), 0, height, width, frames) for clip in clips]
         condition = {k: torch.stack([c[k] for c in conditions]) for k in conditions[0]}
         embeds = torch.stack([self.encode_prompt(pipe, p, text_length) for p in prompts])
