@@ -57,36 +57,59 @@ def _pairs_shards(root) -> list[str]:
     return glob.glob(os.path.join(root, "out", "align", "round-1", "pairs", "pairs-*.parquet"))
 
 
+def _round1(root) -> tuple[int, str]:
+    """Round 1's videos so far, and its phase."""
+    videos = glob.glob(os.path.join(root, "out", "align", "round-1", "pairs", "videos", "*", "*.mp4"))
+    try:
+        with open(os.path.join(root, "out", "align", "state.json")) as f:
+            phase = next((r["phase"] for r in json.load(f)["rounds"] if r["index"] == 1), "")
+    except (OSError, ValueError, KeyError):
+        phase = ""
+    return len(videos), phase
+
+
 def test_two_fresh_runs_give_the_same_table_and_weights_even_when_one_loses_its_head_node(tmp_path, model_cache):
+    undisturbed, killed = tmp_path / "a", tmp_path / "b"
+    runs: dict[str, subprocess.Popen] = {}
+    try:
+        _run(runs, undisturbed, killed, tmp_path, model_cache)
+    finally:  # a failed check leaves no driver running
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=60)
+
+
+def _run(runs, undisturbed, killed, tmp_path, model_cache) -> None:
     from anisora_ray.pairs.writer import read_pairs, read_skipped
 
-    undisturbed, killed = tmp_path / "a", tmp_path / "b"
     head, address, _ = start_ray_head(tmp_path / "head-1.log")
     try:
-        runs = {"a": _start(undisturbed, model_cache), "b": _start(killed, model_cache, address)}
+        runs.update(a=_start(undisturbed, model_cache), b=_start(killed, model_cache, address))
         deadline = time.time() + 600
-        while not _pairs_shards(killed) and runs["b"].poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        while _round1(killed)[0] < 2 and runs["b"].poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # mid-round: round 1 is generating its candidates
         # the head node goes, and the driver with it (on a cluster the driver runs on the head)
         os.killpg(head.pid, signal.SIGKILL)
         runs["b"].kill()
         head.wait(timeout=30)
         runs["b"].wait(timeout=30)
+        videos, phase = _round1(killed)
         written = len(_pairs_shards(killed))
-        assert 0 < written < PROMPTS, f"the kill missed round 1's pairs ({written} of {PROMPTS} prompts written)"
+        assert videos >= 2 and phase in ("", "started"), f"the kill missed round 1's pairs ({phase}, {videos} videos)"
     finally:
         stop_ray_head(head, signal.SIGKILL)
     began = time.perf_counter()
     head, address, _ = start_ray_head(tmp_path / "head-2.log")  # a new head: nothing of the old cluster's state
     try:
-        resumed = _start(killed, model_cache, address, resume=True)
-        first, second = _result(runs["a"], undisturbed), _result(resumed, killed)
+        runs["resumed"] = _start(killed, model_cache, address, resume=True)
+        first, second = _result(runs["a"], undisturbed), _result(runs["resumed"], killed)
     finally:
         stop_ray_head(head)
     pairs_uri = str(killed / "out" / "align" / "round-1" / "pairs")
     ids = [p.prompt_id for p in read_pairs(pairs_uri)] + [q.item_id for q in read_skipped(pairs_uri)]
     print(f"\nhead-loss: lost={PROMPTS - len(set(ids))} duplicated={len(ids) - len(set(ids))} "
-          f"prompts_written_before={written} resume_seconds={time.perf_counter() - began:.1f}")
+          f"videos_before={videos} prompts_written_before={written} resume_seconds={time.perf_counter() - began:.1f}")
     assert sorted(ids) == sorted(set(ids)) and len(ids) == PROMPTS  # none lost, none twice
     assert first[0] == second[0]  # every number of the table, exactly
     assert first[1] == second[1]  # the trained weights, byte for byte
