@@ -78,6 +78,26 @@ def _fds(proc: psutil.Process) -> int:
         return 0
 
 
+def _gcs(driver: psutil.Process, timeout_s: float = 120) -> tuple[str, str]:
+    """The GCS address and logs folder of the local Ray a driver started (its gcs_server child's arguments and
+    the port file it wrote): no guessing among other Ray instances on the machine."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for proc in driver.children(recursive=True):
+            try:
+                cmd = proc.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if cmd and cmd[0].endswith("gcs_server"):
+                a = dict(x.lstrip("-").split("=", 1) for x in cmd[1:] if "=" in x)
+                port_file = os.path.join(a["session-dir"], f"gcs_server_port_{a['node-id']}")
+                if os.path.exists(port_file):
+                    with open(port_file) as f:
+                        return f"{a['node-ip-address']}:{int(f.read().strip())}", a["log_dir"]
+        time.sleep(0.2)
+    raise TimeoutError(f"no GCS under driver pid {driver.pid}")
+
+
 class Observer:
     """Connects to the driver's Ray as a second driver: the GCS actor table (fault targets) and resource use."""
 
@@ -85,8 +105,8 @@ class Observer:
         import ray
 
         self.driver, self.out = psutil.Process(driver.pid), out
-        ray.init(address="auto", log_to_driver=False, namespace="anisora-soak")  # the driver's local Ray
-        self.logs = ray._private.worker._global_node.get_logs_dir_path()
+        self.address, self.logs = _gcs(self.driver)
+        ray.init(address=self.address, log_to_driver=False, namespace="anisora-soak")
 
     def targets(self) -> list[tuple[str, int]]:
         from ray._private.state import actors
@@ -97,10 +117,8 @@ class Observer:
     def sample(self) -> dict[str, float]:
         from ray._private.internal_api import memory_summary
 
-        plasma = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
-        ray_procs = [p for p in psutil.process_iter(["cmdline"]) if any(
-            "ray" in part and ("raylet" in part or "gcs_server" in part or part.startswith("ray::"))
-            for part in (p.info["cmdline"] or []))]
+        plasma = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(address=self.address, stats_only=True))
+        ray_procs = self.driver.children(recursive=True)  # its local Ray: GCS, raylet, workers
         return {"driver_rss_mb": self.driver.memory_info().rss / 2**20,
                 "object_store_mb": float(plasma.group(1)) if plasma else float("nan"),
                 "dev_shm_mb": shutil.disk_usage("/dev/shm").used / 2**20 if os.path.isdir("/dev/shm") else 0.0,

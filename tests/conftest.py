@@ -68,7 +68,8 @@ def start_ray_head(log_path, dashboard: bool = False) -> tuple[subprocess.Popen,
         pytest.skip("no `ray` executable next to this Python")
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_AUTH_MODE": "disabled",
+           "RAY_agent_register_timeout_ms": "120000"}  # a loaded 2-core machine starts the agent slowly
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
