@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,7 @@ from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_f
 from anisora_ray.weights.update import UpdateMeta, folder_update
 
 log = logging.getLogger(__name__)
+RESTART_WAIT_S = 600.0  # a call to a restarting replica waits this long for it, without spending a retry
 
 
 @ray.remote(num_cpus=0)
@@ -174,6 +176,7 @@ class GeneratorReplicas:
         quarantined: list[QuarantineRecord] = []
         limit = self.cfg.generator.max_calls_in_flight
         failures: dict[int, int] = {}
+        restarting: dict[int, float] = {}  # chunk -> when its replica was first seen restarting
         while pending or in_flight:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
@@ -183,10 +186,17 @@ class GeneratorReplicas:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])
             load[replica] -= 1
+            key = id(chunk)
             try:
                 got, bad = ray.get(done[0])
+            except ray.exceptions.ActorUnavailableError:  # restarting: wait for it, not a new failure
+                if time.monotonic() - restarting.setdefault(key, time.monotonic()) < RESTART_WAIT_S:
+                    time.sleep(0.5)
+                    pending.appendleft(chunk)
+                    continue
+                raise InfrastructureError(f"generator replica {replica} was restarting for {RESTART_WAIT_S:.0f} s "
+                                          f"(prompts {[r.item.prompt_id for r in chunk]})") from None
             except Exception as exc:  # noqa: BLE001 - the replica died or failed: the chunk is sent again
-                key = id(chunk)
                 failures[key] = failures.get(key, 0) + 1
                 if failures[key] > self.cfg.generator.call_retries:
                     raise InfrastructureError(f"generator replica {replica} failed {failures[key]} time(s) on prompts "

@@ -166,3 +166,33 @@ def test_sigkill_a_ray_data_reward_worker_mid_round(chaos):
         raise TimeoutError("no ScoreDimension actor came up")
 
     _run_disturbed(chaos, "ray-data-reward-worker", scorer_pid, "pairs.reward_stage=pipeline")
+
+
+def test_a_call_to_a_restarting_replica_waits_for_it_without_spending_a_retry(chaos):
+    """Generation outside the pairs pipeline (held-out evaluation, `generate`): a replica killed mid-call comes back
+    through Ray's restart; with no retries allowed the call still succeeds, because waiting for a restarting actor
+    is not a failure (the soak found this path counting it as one)."""
+    import ray
+
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.generation.seeding import build_requests
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = chaos["make"]("generator.call_retries=0", "generator.replicas=1")
+    replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    out = str(chaos["root"] / "restarting")
+    try:
+        before = replicas.placements()[0]["pid"]
+        killed: list = []
+        killer = threading.Thread(target=_kill_when, args=(out, lambda: before, killed), kwargs={"after_videos": 1},
+                                  daemon=True)
+        killer.start()
+        requests = build_requests(read_manifest(chaos["manifest"]), cfg)
+        candidates, quarantined = replicas.generate(requests, out)
+        killer.join(timeout=5)
+        assert killed == [before] and not quarantined
+        assert len(candidates) == PROMPTS * cfg.generator.candidates_per_prompt
+        assert ray.get(replicas.actors[0].placement.remote())["pid"] != before
+    finally:
+        replicas.shutdown()
