@@ -12,7 +12,7 @@ from anisora_ray.config import DimensionConfig, RewardConfig
 from anisora_ray.models.tiny_reward import resolve_backbones
 from anisora_ray.reward.aggregate import active_dimensions
 from anisora_ray.reward.base import ClipBatch, build_dimension, check_options
-from anisora_ray.runtime import actor_placement
+from anisora_ray.runtime import actor_placement, call_with_retries
 
 
 class DimensionScorer:
@@ -67,10 +67,22 @@ class RewardActors:
     def placements(self) -> list[dict]:
         return list(self._placements)
 
-    def submit(self, batch: ClipBatch) -> dict[str, ray.ObjectRef]:
-        """Start scoring ``batch`` on every dimension; the clips go to the object store once."""
-        ref = ray.put(batch)
-        return {name: next(self._next[name]).score.remote(ref) for name in self.pools}
+    def submit(self, batch: ClipBatch) -> dict[str, tuple]:
+        """Start scoring ``batch`` on every dimension; the clips go to the object store once. Returns per
+        dimension (actor, clips, call) for :meth:`collect`."""
+        clips = ray.put(batch)
+        actors = {name: next(self._next[name]) for name in self.pools}
+        return {name: (actor, clips, actor.score.remote(clips)) for name, actor in actors.items()}
+
+    def collect(self, submitted: dict[str, tuple], retries: int, timeout_s: float | None = None) -> dict[str, list]:
+        """The scores of a :meth:`submit`: a dead, restarting or hung actor is restarted (``max_restarts``) and
+        the batch sent again, as the pairs pipeline's calls are (``runtime.call_with_retries``)."""
+        out = {}
+        for name, (actor, clips, first) in submitted.items():
+            out[name], _ = call_with_retries(lambda a=actor, c=clips: a.score.remote(c), first=first,
+                                             what=f"reward actor {name}", retries=retries, timeout_s=timeout_s,
+                                             on_timeout=lambda a=actor: ray.kill(a, no_restart=False))
+        return out
 
     def shutdown(self) -> None:
         for pool in self.pools.values():

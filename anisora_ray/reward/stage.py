@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
-import ray
 from tqdm.auto import tqdm
 
 from anisora_ray.config import AnisoraConfig, VideoConfig
@@ -81,8 +80,8 @@ def score_candidates(
                     in_flight.append((kept, actors.submit(batch)))
             if not in_flight:
                 continue
-            kept, refs = in_flight.popleft()
-            results = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+            kept, submitted = in_flight.popleft()
+            results = actors.collect(submitted, cfg.reward.batch_retries, cfg.reward.batch_timeout_s)
             for j, c in enumerate(kept):
                 raw[c.video_uri] = {name: float(values[j]) for name, values in results.items()}
             bar.update(len(kept))
