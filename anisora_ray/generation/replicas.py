@@ -14,7 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.runtime import LeastLoaded, actor_placement, first_line, on_this_node
+from anisora_ray.runtime import LeastLoaded, actor_placement, call_with_retries, first_line, on_this_node
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
 from anisora_ray.weights.update import UpdateMeta, folder_update
@@ -121,11 +121,18 @@ class GeneratorReplicas:
                     out[f"generator_{key}"] = max(out.get(f"generator_{key}", 0.0), float(value))
         return out
 
+    def _ask(self, method: str) -> list:
+        """``method()`` of every replica: a restarting replica is waited for, a dead one's call sent again."""
+        first = [getattr(a, method).remote() for a in self.actors]
+        return [call_with_retries(lambda a=a: getattr(a, method).remote(), first=ref, retries=self.cfg.generator.call_retries,
+                                  what=f"generator replica {i} ({method})")[0]
+                for i, (a, ref) in enumerate(zip(self.actors, first, strict=True))]
+
     def weights_versions(self) -> list[int]:
-        return ray.get([a.get_weights_version.remote() for a in self.actors])
+        return self._ask("get_weights_version")
 
     def weights_states(self) -> list[dict]:
-        return ray.get([a.weights_state.remote() for a in self.actors])
+        return self._ask("weights_state")
 
     def refresh(self, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
         """Load ``update`` on every replica; raises WeightsError unless all verify and report its version."""
