@@ -6,7 +6,7 @@
 Runs ``anisora-ray align`` twice on the embedded default at test sizes (same config, same seeds), one after
 the other, each driver in its own process with its own local Ray: first undisturbed, then while a seeded
 injector SIGKILLs, every ``--fault-every`` seconds (×0.5-1.5), a random live generator replica, reward actor,
-Ray Data worker or Ray Train worker, a quarter of the time a second one right after (often the same one,
+Ray Data worker (actor-pool worker or running task) or Ray Train worker (the kind drawn first, then one of it), a quarter of the time a second one right after (often the same one,
 restarting). Every fault is logged (time, round, phase, target). Per finished round it samples the driver's
 RSS, the object store's use, /dev/shm, open file descriptors (the driver, and all of Ray's processes), the
 output folder's size and the logs' size, and fits a least-squares slope per round from round 2 on.
@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGETS = ("GeneratorActor", "DimensionActor", "MapWorker", "RayTrainWorker")  # GCS actor class names (suffixes)
+TARGETS = ("GeneratorActor", "DimensionActor", "MapWorker", "RayTrainWorker")  # GCS actor class names (+ "RayDataTask")
 KEYS = ("round", "weights_version", "heldout_reward", "mean_diff", "ci_low", "ci_high", "p_value", "pairs",
         "train_loss", "heldout_visual_motion", "heldout_character")
 RESOURCES = ("driver_rss_mb", "object_store_mb", "dev_shm_mb", "driver_fds", "ray_fds", "output_mb", "logs_mb")
@@ -108,11 +108,23 @@ class Observer:
         self.address, self.logs = _gcs(self.driver)
         ray.init(address=self.address, log_to_driver=False, namespace="anisora-soak")
 
-    def targets(self) -> list[tuple[str, int]]:
+    def targets(self) -> dict[str, list[int]]:
+        """Live fault targets by kind: actors from the GCS table, Ray Data task workers by their process title."""
         from ray._private.state import actors
 
-        return [(c, a["Pid"]) for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]
-                for c in TARGETS if a["ActorClassName"].endswith(c) or a["ActorClassName"].startswith(c)]
+        found: dict[str, list[int]] = {}
+        for a in actors().values():
+            for kind in TARGETS:
+                if a["State"] == "ALIVE" and a["Pid"] and (a["ActorClassName"].endswith(kind) or a["ActorClassName"].startswith(kind)):
+                    found.setdefault(kind, []).append(a["Pid"])
+        for proc in self.driver.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if title.startswith("ray::") and ("MapBatches" in title or "ReadRange" in title):  # a running Ray Data task
+                found.setdefault("RayDataTask", []).append(proc.pid)
+        return found
 
     def sample(self) -> dict[str, float]:
         from ray._private.internal_api import memory_summary
@@ -153,10 +165,11 @@ def run(out: str, rounds: int, cache: str | None, fault_every: float | None, see
             for second in (False, True):
                 if second and rng.random() >= 0.25:
                     break
-                live = sorted(observer.targets())
+                live = observer.targets()
                 if not live:
                     break
-                target, pid = live[rng.randrange(len(live))]
+                target = sorted(live)[rng.randrange(len(live))]  # a kind first (each gets its turn), then one of it
+                pid = sorted(live[target])[rng.randrange(len(live[target]))]
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

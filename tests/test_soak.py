@@ -22,7 +22,7 @@ def test_a_short_soak_loses_nothing_and_repeats_the_undisturbed_run(tmp_path, mo
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads((out / "soak.json").read_text())
     faults = result["runs"]["faults"]["faults"]
-    assert faults and all(f["target"] in ("GeneratorActor", "DimensionActor", "MapWorker", "RayTrainWorker") for f in faults)
+    assert faults and all(f["target"] in ("GeneratorActor", "DimensionActor", "MapWorker", "RayTrainWorker", "RayDataTask") for f in faults)
     assert result["checks"] == {**result["checks"], "lost": 0, "duplicated": 0, "same_pairs": True, "same_table": True}
     samples = result["runs"]["faults"]["samples"]
     assert sorted(samples) == ["0", "1", "2"] and all(s["driver_rss_mb"] > 0 and s["output_mb"] > 0 for s in samples.values())
