@@ -138,7 +138,8 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     assert "train_pair_visual_motion" in children["round-1"].data.metrics
     assert {"reward_curve.png", "heldout_frames.png", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     page = (tmp_path / "out" / "align" / "report.html").read_text()  # one self-contained page: nothing from a network
-    assert page.count("<tr>") == 8 and page.count("data:video/mp4;base64,") == 6  # rounds + guard tables; 3 prompts x 2
+    assert page.count("<tr>") == 8 + 3 and page.count("data:video/mp4;base64,") == 6  # rounds, guard, pruned; 3 prompts x 2
+    assert "Pruned by run.keep" in page and page.count("run.keep.checkpoints=0") == 2
     assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]
