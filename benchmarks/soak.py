@@ -230,8 +230,12 @@ def slopes(samples: dict[str, dict], first: int = 2) -> dict[str, float]:
 def compare(calm: dict, stormy: dict, prompts: int) -> dict:
     lost = sum(prompts - len(set(v)) for v in stormy["ids"].values())
     duplicated = sum(len(v) - len(set(v)) for v in stormy["ids"].values())
+    def numbers(table):  # the weights version is a counter: a replica restarted mid-refresh can make the round's
+        return [{k: v for k, v in row.items() if k != "weights_version"} for row in table]  # refresh take the next one
+
     return {"lost": lost, "duplicated": duplicated, "same_pairs": calm["pairs"] == stormy["pairs"],
-            "same_table": calm["table"] == stormy["table"],
+            "same_table": numbers(calm["table"]) == numbers(stormy["table"]),
+            "weights_versions": [[r["weights_version"] for r in t["table"]] for t in (calm, stormy)],
             "max_table_diff": max((abs(a[k] - b[k]) for a, b in zip(calm["table"], stormy["table"], strict=True)
                                    for k in KEYS if isinstance(a.get(k), float) and isinstance(b.get(k), float)),
                                   default=0.0)}
@@ -247,7 +251,8 @@ def report(result: dict, out: str) -> None:
     c, runs = result["checks"], result["runs"]
     lines = [f"{len(runs['faults']['faults'])} faults in {runs['faults']['seconds']:.0f} s over {result['rounds']} rounds "
              f"(undisturbed: {runs['calm']['seconds']:.0f} s); prompts lost {c['lost']}, duplicated {c['duplicated']}; "
-             f"same pairs: {c['same_pairs']}; same held-out table: {c['same_table']} (max diff {c['max_table_diff']:.2g})",
+             f"same pairs: {c['same_pairs']}; same held-out table: {c['same_table']} (max diff {c['max_table_diff']:.2g}); "
+             f"weights versions undisturbed / with faults: {c['weights_versions'][0]} / {c['weights_versions'][1]}",
              "", "| resource | " + " | ".join(f"round {k}" for k in runs["faults"]["samples"]) + " | slope / round (≥ 2) |",
              "| --- |" + " --- |" * (len(runs["faults"]["samples"]) + 1)]
     for k in RESOURCES:

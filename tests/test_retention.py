@@ -102,7 +102,8 @@ def test_a_flagged_round_is_no_rollback_target_and_the_rolled_back_weights_stay(
     assert [r.index for r in rolled.rounds if not os.path.exists(out2 / f"round-{r.index}" / "weights")] == [3]
 
 
-def test_pruned_weights_are_tagged_in_the_registry_and_eval_says_why_it_cannot_regenerate(make_config, tmp_path):
+def test_pruned_weights_are_tagged_in_the_registry_and_eval_says_why_it_cannot_regenerate(make_config, tmp_path,
+                                                                                         monkeypatch):
     import mlflow
 
     from anisora_ray.errors import ConfigError
@@ -111,7 +112,9 @@ def test_pruned_weights_are_tagged_in_the_registry_and_eval_says_why_it_cannot_r
     from anisora_ray.loop.retention import prune
 
     cfg = make_config("loop.registered_model=anisora-keep", "run.keep.weights=1")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it: restored after the test, so
+    mlflow.set_tracking_uri(uri)  # later tests' subprocesses do not log into this store
     out, state = _job(tmp_path, [0.52, 0.51, 0.53])
     with mlflow.start_run() as run:
         for rs in state.rounds:
