@@ -15,7 +15,7 @@ from tests.conftest import REPO
 def test_a_short_soak_loses_nothing_and_repeats_the_undisturbed_run(tmp_path, model_cache):
     out = tmp_path / "soak"
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "soak.py"), "--rounds", "2",
-                           "--fault-every", "8", "--seed", "1", "--out", str(out), "--model-cache", model_cache],
+                           "--fault-every", "15", "--seed", "1", "--out", str(out), "--model-cache", model_cache],
                           cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     print(done.stdout[-3000:])
