@@ -1,7 +1,7 @@
 """Soak: many short alignment rounds under random faults, against an undisturbed run of the same seeds.
 
     python benchmarks/soak.py --rounds 10 --fault-every 20 --out outputs/soak     # docs/reliability.md
-    python benchmarks/soak.py --rounds 3 --fault-every 12 --out /tmp/soak-short   # tests/test_soak.py
+    python benchmarks/soak.py --rounds 2 --fault-every 15 --out /tmp/soak-short   # tests/test_soak.py
 
 Runs ``anisora-ray align`` twice on the embedded default at test sizes (same config, same seeds), one after
 the other, each driver in its own process with its own local Ray: first undisturbed, then while a seeded
