@@ -111,9 +111,12 @@ def first_line(exc: BaseException) -> str:
     return (text.splitlines()[-1] if text else "")[:300]
 
 
+RESTART_WAIT_S = 600.0  # a call to a restarting actor waits this long for it, without spending a retry
+
+
 def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str, retries: int, timeout_s: float | None = None,
                       on_timeout: Callable[[], None] | None = None, first: ray.ObjectRef | None = None,
-                      restart_wait_s: float = 600.0) -> tuple[Any, int]:
+                      restart_wait_s: float = RESTART_WAIT_S) -> tuple[Any, int]:
     """``ray.get(submit())``, submitted again after an infrastructure failure: the actor died or is
     restarting (waited for up to ``restart_wait_s``, not counted), the call raised, or it ran past ``timeout_s`` (``on_timeout`` runs first, e.g. kill
     the actor so Ray restarts it). Returns (result, times the call was sent again); after ``retries`` more tries raises

@@ -39,8 +39,8 @@ def test_the_vae_loss_weights_the_first_frame_and_new_knobs_leave_cached_keys_al
     import torch
 
     from anisora_ray.models.tiny import key_fields, tiny_fingerprint
-    from anisora_ray.models.tiny_warmstart import reconstruction_loss
     from anisora_ray.models.tiny_wan import build_tiny_wan_pipeline, tiny_wan_fingerprint
+    from anisora_ray.models.tiny_warmstart import reconstruction_loss
 
     tiny = TinyModelConfig(wan_variant="wan22_ti2v", vae_blocks=2, vae_channels=8, latent_channels=4)
     vae = build_tiny_wan_pipeline(tiny).vae

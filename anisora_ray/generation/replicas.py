@@ -14,13 +14,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anisora_ray.config import ActorResources, AnisoraConfig
 from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
-from anisora_ray.runtime import LeastLoaded, actor_placement, call_with_retries, first_line, on_this_node
+from anisora_ray.runtime import (
+    RESTART_WAIT_S,
+    LeastLoaded,
+    actor_placement,
+    call_with_retries,
+    first_line,
+    on_this_node,
+)
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord, WeightsVersion
 from anisora_ray.weights.refresh import WeightsUpdate, refresh_actors, refresh_from_storage
 from anisora_ray.weights.update import UpdateMeta, folder_update
 
 log = logging.getLogger(__name__)
-RESTART_WAIT_S = 600.0  # a call to a restarting replica waits this long for it, without spending a retry
 
 
 @ray.remote(num_cpus=0)

@@ -23,11 +23,16 @@ log = logging.getLogger(__name__)
 CATEGORIES = ("candidate_videos", "checkpoints", "weights", "eval_videos")
 
 
+def latent_cache_uri(out: str, index: int) -> str:
+    """Round ``index``'s own latent cache (its training reads it; pruned with the round's videos)."""
+    return fs.join(out, f"round-{index}", "latent-cache")
+
+
 def round_files(cfg: AnisoraConfig, out: str, rs: RoundState, category: str) -> list[str]:
     """The folders of ``category`` that round ``rs`` wrote (``out``: the job's ``align`` folder)."""
     base = fs.join(out, f"round-{rs.index}")
     if category == "candidate_videos":
-        return [fs.join(rs.pairs_uri or fs.join(base, "pairs"), "videos"), fs.join(base, "latent-cache")]
+        return [fs.join(rs.pairs_uri or fs.join(base, "pairs"), "videos"), latent_cache_uri(out, rs.index)]
     if category == "checkpoints":  # the round's whole Ray Train run (gapo/trainer.py: storage_name)
         return [fs.join(fs.normalize(cfg.run.output_dir), "ray-train", f"gapo-round-{rs.index}")]
     if category == "weights":

@@ -21,7 +21,7 @@ from anisora_ray.config import AnisoraConfig
 from anisora_ray.eval.heldout import evaluate
 from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.io import fs
-from anisora_ray.loop import guard
+from anisora_ray.loop import guard, retention
 from anisora_ray.loop.report import register_weights
 from anisora_ray.loop.samples import close_orphans, eval_row, log_samples
 from anisora_ray.loop.state import AlignState, RoundState
@@ -128,7 +128,7 @@ def train_phase(ctx: RoundContext, rs: RoundState, live: bool) -> None:
                        replicas_version=max(replicas.weights_versions()) if replicas else 0,
                        replica_nodes=[p["node_id"] for p in replicas.placements()] if replicas else None,
                        final_refresh=cfg.loop.refresh == "live",
-                       cache_uri=fs.join(ctx.out, f"round-{rs.index}", "latent-cache"))  # pruned with the videos
+                       cache_uri=retention.latent_cache_uri(ctx.out, rs.index))
         rs.weights_uri, rs.checkpoint_uri = m["weights_uri"], m["checkpoint_uri"]
         rs.metrics.update({f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy", "step_seconds")})
         if m.get("live_weights_version"):  # already on the replicas, streamed from the trainer's memory
