@@ -1,7 +1,7 @@
 """Soak: many short alignment rounds under random faults, against an undisturbed run of the same seeds.
 
     python benchmarks/soak.py --rounds 10 --fault-every 20 --out outputs/soak     # docs/reliability.md
-    python benchmarks/soak.py --rounds 2 --fault-every 15 --out /tmp/soak-short   # tests/test_soak.py
+    python benchmarks/soak.py --rounds 1 --fault-every 15 --calm DIR --out /tmp/soak-short   # tests/test_reproducible.py
 
 Runs ``anisora-ray align`` twice on the embedded default at test sizes (same config, same seeds), one after
 the other, each driver in its own process with its own local Ray: first undisturbed, then while a seeded
@@ -12,7 +12,8 @@ RSS, the object store's use, /dev/shm, open file descriptors (the driver, and al
 output folder's size and the logs' size, and fits a least-squares slope per round from round 2 on.
 
 At the end: every prompt of every round paired exactly once, the same pairs (prompt, winner and loser seeds,
-rewards) and the same held-out table as the undisturbed run. Writes ``soak.json``, ``soak.md`` (the tables of
+rewards) and the same held-out table as the undisturbed run. ``--calm DIR`` takes a finished undisturbed run
+(its ``run.output_dir``, made with ``suite_size_overrides``) instead of running one. Writes ``soak.json``, ``soak.md`` (the tables of
 docs/reliability.md) and ``soak.png`` (resources per round) under ``--out``; exits 1 if a check fails.
 """
 
@@ -40,7 +41,7 @@ KEYS = ("round", "weights_version", "heldout_reward", "mean_diff", "ci_low", "ci
 RESOURCES = ("driver_rss_mb", "object_store_mb", "dev_shm_mb", "driver_fds", "ray_fds", "output_mb", "logs_mb")
 
 
-def test_size_overrides(out: str, rounds: int, cache: str | None) -> list[str]:
+def suite_size_overrides(out: str, rounds: int, cache: str | None) -> list[str]:
     """configs/local.yaml at the test suite's sizes (cold tiny model), restarts unbounded for a long run."""
     return [f"run.output_dir={out}", "loop.rounds=%d" % rounds, "generator.height=32", "generator.width=32",
             "generator.num_frames=9", "generator.num_inference_steps=3", "generator.candidates_per_prompt=3",
@@ -149,7 +150,7 @@ def run(out: str, rounds: int, cache: str | None, fault_every: float | None, see
     os.makedirs(out)
     argv = [sys.executable, os.path.join(REPO, "jobs", "align.py"), "--quiet", "--config",
             os.path.join(REPO, "configs", "local.yaml")]
-    for o in test_size_overrides(out, rounds, cache):
+    for o in suite_size_overrides(out, rounds, cache):
         argv += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     began = time.time()
@@ -202,6 +203,15 @@ def run(out: str, rounds: int, cache: str | None, fault_every: float | None, see
     return {"seconds": time.time() - began, "samples": {str(k): v for k, v in sorted(samples.items())}, "faults": faults}
 
 
+def reused(out: str, rounds: int) -> dict:
+    """An undisturbed run made elsewhere: it must have evaluated exactly ``rounds`` rounds."""
+    done = [r["index"] for r in _state(out).get("rounds", []) if r["phase"] == "evaluated"]
+    if done != list(range(1, rounds + 1)):
+        raise SystemExit(f"--calm {out}: evaluated rounds {done}, not 1..{rounds} (an undisturbed run of --rounds {rounds} "
+                         "made with suite_size_overrides)")
+    return {"seconds": float("nan"), "samples": {}, "faults": [], "reused": out}
+
+
 def outcome(out: str, rounds: int) -> dict:
     """Per round: prompt id -> (winner seed, loser seed, winner reward, loser reward), and every id written."""
     sys.path.insert(0, REPO)
@@ -250,7 +260,7 @@ def report(result: dict, out: str) -> None:
 
     c, runs = result["checks"], result["runs"]
     lines = [f"{len(runs['faults']['faults'])} faults in {runs['faults']['seconds']:.0f} s over {result['rounds']} rounds "
-             f"(undisturbed: {runs['calm']['seconds']:.0f} s); prompts lost {c['lost']}, duplicated {c['duplicated']}; "
+             f"(undisturbed: {'reused' if runs['calm'].get('reused') else '%.0f s' % runs['calm']['seconds']}); prompts lost {c['lost']}, duplicated {c['duplicated']}; "
              f"same pairs: {c['same_pairs']}; same held-out table: {c['same_table']} (max diff {c['max_table_diff']:.2g}); "
              f"weights versions undisturbed / with faults: {c['weights_versions'][0]} / {c['weights_versions'][1]}",
              "", "| resource | " + " | ".join(f"round {k}" for k in runs["faults"]["samples"]) + " | slope / round (≥ 2) |",
@@ -283,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/soak")
     ap.add_argument("--model-cache", default=None, help="model.cache_dir (default: the config's)")
+    ap.add_argument("--calm", default=None, help="a finished undisturbed run at these sizes (its run.output_dir) "
+                                                  "to compare with, instead of running one")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
-    runs = {"calm": run(os.path.join(out, "calm"), args.rounds, args.model_cache, None, args.seed)}
+    calm = os.path.abspath(args.calm) if args.calm else os.path.join(out, "calm")
+    runs = {"calm": reused(calm, args.rounds) if args.calm else run(calm, args.rounds, args.model_cache, None, args.seed)}
     runs["faults"] = run(os.path.join(out, "faults"), args.rounds, args.model_cache, args.fault_every, args.seed)
-    checks = compare(outcome(os.path.join(out, "calm"), args.rounds), outcome(os.path.join(out, "faults"), args.rounds), 4)
+    checks = compare(outcome(calm, args.rounds), outcome(os.path.join(out, "faults"), args.rounds), 4)
     result = {"rounds": args.rounds, "fault_every": args.fault_every, "seed": args.seed, "runs": runs, "checks": checks,
               "slopes": slopes(runs["faults"]["samples"])}
     with open(os.path.join(out, "soak.json"), "w") as f:
