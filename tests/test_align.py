@@ -1,15 +1,21 @@
-"""The main job: a driver killed while round 1 trains resumes without regenerating its pairs, continues
-that training from its last checkpoint (same Ray Train run, same MLflow run, same result as an
-uninterrupted training), runs round 2 on-policy, and leaves MLflow parent/child runs, metrics and
-registered model versions behind."""
+"""The main job, killed in every phase of round 1: the ``align`` driver is SIGKILLed during round 1's pairs,
+while it trains (after a checkpoint), during its refresh and during its held-out evaluation; ``--resume`` after
+each finishes the job with no prompt lost or paired twice, finished prompts not redone, the training continued
+from its last checkpoint (same Ray Train run, same MLflow run, same result as an uninterrupted training).
+Faults while recovering, in round 2 of the resumed job: a generator replica is SIGKILLed, then SIGKILLed again
+while Ray restarts it (its constructor loading the model and round 1's weights), and the same for a reward actor;
+the round still pairs every prompt once, on-policy. The job leaves MLflow parent/child runs, metrics and registered
+model versions behind, and `anisora-ray eval` reads it back. (Losing the head node: tests/test_reproducible.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -18,13 +24,74 @@ import pytest
 from tests.conftest import LOCAL_CONFIG, REPO, config_overrides
 
 
-def _phase(state_uri: str, index: int) -> str:
+def _state(state_uri: str) -> dict:
     try:
         with open(state_uri) as f:
-            rounds = json.load(f)["rounds"]
-    except (OSError, ValueError, KeyError):
-        return ""
-    return next((r["phase"] for r in rounds if r["index"] == index), "")
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _phase(state_uri: str, index: int) -> str:
+    return next((r["phase"] for r in _state(state_uri).get("rounds", []) if r["index"] == index), "")
+
+
+def _shards(folder: str) -> dict[str, float]:
+    if not os.path.isdir(folder):
+        return {}
+    return {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".parquet")}
+
+
+def _kill_driver_when(argv: list[str], ready, timeout_s: float = 600) -> tuple[str, str]:
+    """Start the driver, SIGKILL it once ``ready()`` holds; returns what ``ready`` saw (or raises) and its stderr."""
+    driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    seen = ""
+    while driver.poll() is None and time.time() < deadline:
+        seen = ready()
+        if seen:
+            break
+        time.sleep(0.05)
+    driver.kill()
+    _, err = driver.communicate()
+    assert seen, f"the driver ended before the moment to kill it: {err.decode()[-3000:]}"
+    return seen, err.decode()
+
+
+def _constructing(class_name: str, exclude: int) -> int | None:
+    """A process running ``class_name``'s constructor: Ray titles it ``ray::<class>.__init__``."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] != exclude and " ".join(proc.info["cmdline"] or []).startswith(f"ray::{class_name}.__init__"):
+            return proc.info["pid"]
+    return None
+
+
+def _kill_twice(class_name: str, ready, killed: list, timeout_s: float = 600) -> None:
+    """Once ``ready()``: SIGKILL a live actor of ``class_name``, then the process Ray restarts it in, while its
+    constructor runs."""
+    from ray._private.state import actors  # the GCS actor table
+
+    deadline = time.time() + timeout_s
+    while not ready():
+        if time.time() > deadline:
+            return
+        time.sleep(0.05)
+    first = next(a["Pid"] for a in actors().values() if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE")
+    os.kill(first, signal.SIGKILL)
+    killed.append((class_name, "alive", first))
+    while time.time() < deadline:
+        again = _constructing(class_name, exclude=first)
+        if again:
+            os.kill(again, signal.SIGKILL)
+            killed.append((class_name, "restarting", again))
+            return
+        time.sleep(0.02)
+
+
+def _videos(folder) -> int:
+    return sum(n.endswith(".mp4") for _, _, names in os.walk(folder) for n in names)
 
 
 def _registered_steps(run_dir: str) -> list[int]:
@@ -43,47 +110,72 @@ def _mtimes(folder) -> dict[str, float]:
 STEPS = 30
 
 
-def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything(ray_cluster, tmp_path, model_cache):
+def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray_cluster, tmp_path, model_cache):
     import mlflow
     import torch
 
     from anisora_ray.config import load_config
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.loop.align import run_alignment
-    from anisora_ray.pairs.writer import pairs_table, read_pairs
+    from anisora_ray.pairs.writer import pairs_table, read_pairs, read_skipped
     from anisora_ray.reward.statistics import RewardStatistics
     from anisora_ray.tracking import tracking_uri
     from anisora_ray.weights.folder import read_safetensors
 
     overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", f"gapo.steps={STEPS}", "gapo.beta=500",
-                 "gapo.checkpoint_every=5",
+                 "gapo.checkpoint_every=5", "data.demo_prompts=4", "pairs.flush_every=1",
                  "generator.replicas=1", "eval.demo_prompts=3", "eval.candidates_per_prompt=1", "eval.sample_videos=1",
                  "loop.registered_model=anisora-test", f"ray.address={ray_cluster.address}", "ray.log_to_driver=false",
                  "reward.dimensions.character.normalize.kind=zscore", "run.keep.candidate_videos=2"]
-    state_uri = str(tmp_path / "out" / "align" / "state.json")
-    argv = [sys.executable, os.path.join(REPO, "jobs", "align.py"), "--quiet", "--config", LOCAL_CONFIG]
+    out = tmp_path / "out" / "align"
+    state_uri, round1 = str(out / "state.json"), out / "round-1" / "pairs"
+    argv = [sys.executable, os.path.join(REPO, "jobs", "align.py"), "--quiet", "--resume", "--config", LOCAL_CONFIG]
     for o in overrides:
         argv += ["--set", o]
-    driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    began = time.perf_counter()
+
+    # 1. during round 1's pairs: some prompts are written, the phase is not finished
+    _kill_driver_when(argv, lambda: "pairs" if _shards(str(round1)) and _phase(state_uri, 1) in ("", "started") else "")
+    written_before = _shards(str(round1))
+    assert written_before and _phase(state_uri, 1) in ("", "started")
+    # 2. while round 1 trains, after a checkpoint
     run_dir = str(tmp_path / "out" / "ray-train" / "gapo-round-1")
-    deadline = time.time() + 600
-    while not _registered_steps(run_dir) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    driver.kill()  # the driver dies while round 1 trains, after a checkpoint
-    _, err = driver.communicate()
-    lines = err.decode().splitlines()  # quiet by default: Ray's and its workers' output went to log files
+    _, err = _kill_driver_when(argv, lambda: "train" if _registered_steps(run_dir) else "")
+    lines = err.splitlines()  # quiet by default: Ray's and its workers' output went to log files
     assert len(lines) < 60 and not any("pid=" in ln or "RayTrainWorker" in ln for ln in lines), "\n".join(lines[-80:])
-    assert os.path.getsize(tmp_path / "out" / "align" / "logs" / "ray-driver.log") > 0
-    assert _phase(state_uri, 1) == "paired", err.decode()[-3000:]
+    assert os.path.getsize(out / "logs" / "ray-driver.log") > 0
+    assert _phase(state_uri, 1) == "paired", err[-3000:]
     killed_at = _registered_steps(run_dir)
     assert killed_at and max(killed_at) < STEPS, killed_at
-    round1 = tmp_path / "out" / "align" / "round-1" / "pairs"
     before = _mtimes(round1)
     assert any(name.endswith(".mp4") for name in before)
+    # 3. during round 1's refresh: trained, not yet refreshed (the kill may land a moment later)
+    phases = [_kill_driver_when(argv, lambda: _phase(state_uri, 1) if _phase(state_uri, 1) == "trained" else "")[0]]
+    # 4. during round 1's held-out evaluation
+    phases.append(_kill_driver_when(argv, lambda: _phase(state_uri, 1) if _phase(state_uri, 1) == "refreshed" else "")[0])
 
+    # 5. the last resume; in its round 2 a replica and a reward actor are each killed, then killed again restarting
+    pairs2 = out / "round-2" / "pairs"
+    killed: list = []
+    killers = [threading.Thread(target=_kill_twice, args=(name, lambda n=n: _videos(pairs2) >= n, killed), daemon=True)
+               for name, n in (("GeneratorActor", 2), ("DimensionActor", 6))]
+    for killer in killers:
+        killer.start()
     cfg = load_config(LOCAL_CONFIG, overrides)
     result = run_alignment(cfg, resume=True, progress=False, root=REPO)
-
+    seconds = time.perf_counter() - began
+    for killer in killers:
+        killer.join(timeout=5)
+    assert [(c, when) for c, when, _ in sorted(killed)] == [("DimensionActor", "alive"), ("DimensionActor", "restarting"),
+                                                         ("GeneratorActor", "alive"), ("GeneratorActor", "restarting")]
+    for folder in (round1, pairs2):
+        got = read_pairs(str(folder))
+        ids = [p.prompt_id for p in got] + [q.item_id for q in read_skipped(str(folder))]
+        print(f"\n{folder.parent.name}: lost={4 - len(set(ids))} duplicated={len(ids) - len(set(ids))}")
+        assert len(ids) == len(set(ids)) == 4 and {p.weights_version for p in got} == {int(folder.parent.name[-1]) - 1}
+    print(f"driver kills (pairs, training at update {max(killed_at)}, {phases[0]}, {phases[1]}), then "
+          f"{[(c, w) for c, w, _ in killed]} in round 2: {seconds:.1f} s")
+    assert all(_shards(str(round1))[name] == mtime for name, mtime in written_before.items())  # finished prompts not redone
     assert _mtimes(round1) == before  # round 1's candidates and pairs were not redone
     # run.keep: a finished round's Ray Train checkpoints are deleted (default 0), its videos and per-round latent cache
     # kept (2 rounds here), all recorded; the round-1 training above still resumed from its checkpoint
@@ -106,9 +198,6 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
         scores = pq.read_table(str(tmp_path / "out" / "align" / f"round-{r}" / "eval" / "scores.parquet")).to_pylist()
         for row in scores:
             assert row["character"] == pytest.approx(1 / (1 + math.exp(-(row["character_raw"] - m.mean) / m.std)))
-    assert {p.weights_version for p in read_pairs(str(round1))} == {0}
-    round2 = read_pairs(str(tmp_path / "out" / "align" / "round-2" / "pairs"))
-    assert round2 and {p.weights_version for p in round2} == {1}  # on-policy: round 1's trained weights
     assert [row["round"] for row in result.rows] == [0, 1, 2]
     assert [row["weights_version"] for row in result.rows] == [0, 1, 2]
     assert all(0 <= row["heldout_reward"] <= 1 for row in result.rows)
@@ -125,7 +214,8 @@ def test_align_killed_during_training_resumes_it_on_policy_and_tracks_everything
     for name, child in children.items():
         assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion", "guard_first_frame_psnr",
                 "guard_fired"} <= set(child.data.metrics)
-        assert child.data.metrics["refresh_live"] == 1.0, name  # streamed from the trainer's memory, then adopted
+        if name == "round-2":  # (round 1's refresh was killed: the resumed job refreshed from storage)
+            assert child.data.metrics["refresh_live"] == 1.0  # streamed from the trainer's memory, then adopted
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]
         assert [r.info.status for r in gapo] == ["FINISHED"], name  # round 1's killed training went on in its run
         losses = client.get_metric_history(gapo[0].info.run_id, "loss")

@@ -66,7 +66,9 @@ def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
         return
     cfg, workers = ctx.cfg, ctx.workers
     with ctx.run(rs) as run:
-        rs.mlflow_run_id = run.info.run_id
+        if rs.mlflow_run_id != run.info.run_id:  # saved at once: a driver killed mid-round continues this run
+            rs.mlflow_run_id = run.info.run_id
+            ctx.save()
         workers.start(ctx.state.latest_weights())
         log.info("round %d/%d: generate, score and pair (weights version %d)", rs.index, cfg.loop.rounds,
                  max(workers.replicas.weights_versions()))
