@@ -92,6 +92,13 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
+class StepCacheConfig(Section):
+    """diffusers' step cache on the denoiser(s) (generation/speed.py); off by default."""
+
+    kind: Literal["none", "first_block"] = "none"
+    threshold: float = Field(default=0.05, gt=0)  # first_block: a first-block residual change below this skips the rest
+
+
 class GeneratorConfig(Section):
     replicas: int = Field(default=1, ge=1)
     actor: ActorResources = ActorResources()
@@ -114,6 +121,10 @@ class GeneratorConfig(Section):
     # Speed (docs/performance.md): regional torch.compile of the transformer blocks, once per replica at start-up.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # The attention kernel (generation/speed.py): auto | math | flash | efficient | cudnn (torch's SDPA kernel,
+    # pinned for every call) | dispatcher:<name> (diffusers' attention dispatcher, e.g. dispatcher:flash; Wan).
+    attention_backend: str = "auto"
+    cache: StepCacheConfig = StepCacheConfig()
     # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
     # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
     scheduler: Literal["pretrained", "dpm"] = "pretrained"

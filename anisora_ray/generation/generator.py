@@ -16,6 +16,7 @@ from PIL import Image
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
 from anisora_ray.errors import AnisoraError
+from anisora_ray.generation.speed import attention_context, reset_step_cache, use_attention_backend, use_step_cache
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
@@ -61,6 +62,8 @@ class Generator(WeightsReceiver):
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.family.use_sampler(self.pipe, generator.scheduler)
+        use_attention_backend(self.pipe, generator.attention_backend, self.family)  # checked before any round
+        use_step_cache(self.pipe, generator.cache)
         self.startup = {"load_seconds": time.perf_counter() - start}
         if generator.compile:
             self.startup.update(self.compile_transformer())
@@ -119,8 +122,11 @@ class Generator(WeightsReceiver):
         return self._run(images, prompts, generators)
 
     def _run(self, images: list, prompts: list[str], generators: list[torch.Generator], steps: int | None = None) -> np.ndarray:
-        with torch.inference_mode():
-            return to_uint8(self.family.render(self.pipe, images, prompts, generators, self.cfg, steps))
+        try:
+            with torch.inference_mode(), attention_context(self.cfg.attention_backend):
+                return to_uint8(self.family.render(self.pipe, images, prompts, generators, self.cfg, steps))
+        finally:
+            reset_step_cache(self.pipe)
 
     def generate(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """Candidates for every request; a request whose input is bad (``CONTENT_ERRORS``: a missing or

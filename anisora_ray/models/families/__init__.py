@@ -87,6 +87,8 @@ class GeneratorFamily(abc.ABC):
         name = f"tiny-{self.name.replace('_', '-')}-{self.tiny_key(model, generator)}"
         return self.save_tiny(model, generator, os.path.join(os.path.expanduser(model.cache_dir), name))
 
+    attention_dispatcher = False  # its attention goes through diffusers' dispatcher (set_attention_backend)
+
     @abc.abstractmethod
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):
         """``from_pretrained`` (safetensors only) in eval mode. ``parts``: ``all`` (a replica), ``trainer``

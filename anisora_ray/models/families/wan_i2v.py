@@ -88,6 +88,7 @@ class Experts(torch.nn.Module):
 
 class WanI2V(GeneratorFamily):
     name = "wan_i2v"
+    attention_dispatcher = True  # WanAttnProcessor calls diffusers' dispatch_attention_fn
     description = "Wan2.1 / Wan2.2 image-to-video through diffusers' WanImageToVideoPipeline (AniSora V2/V3)"
 
     def tiny_builders(self):
