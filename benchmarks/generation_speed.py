@@ -57,7 +57,7 @@ class StepTimer:
 CONFIGS = {"cogvideox_i2v": ("local.yaml", "cogvideox5b_i2v.yaml"), "wan_i2v": ("local_wan.yaml", "wan22_ti2v5b.yaml")}
 
 
-def generator_config(args, measuring: bool = True):
+def generator_config(args, measuring: bool = True, extra: list[str] | tuple = ()):
     from anisora_ray.config import load_config
 
     real = os.path.join(REPO, "configs", CONFIGS[args.family][0 if args.tiny else 1])
@@ -68,7 +68,7 @@ def generator_config(args, measuring: bool = True):
         overrides += [f"generator.torch_threads={os.cpu_count() or 1}"]
     else:
         overrides += [f"model.pretrained={args.model}", "generator.device=cuda"]
-    return load_config(real, overrides + list(args.set))
+    return load_config(real, overrides + list(args.set) + list(extra))
 
 
 def measure(generator, timer, request_of, batch: int, args) -> dict:
@@ -162,6 +162,8 @@ def run(args) -> dict:
                 result["compiled_vs_eager_max_levels"] = int(diff.max())
                 result["compiled_vs_eager_mean_levels"] = float(diff.mean())
             rows.pop()  # the repeat is a check, not a variant
+    if args.variant:
+        result["variants"] = variants(args, cfg, pretrained, request_of)
     result["rows"] = rows
     ok = [r for r in rows if "error" not in r]
     base = next((r for r in ok if r["mode"] == "eager" and r["videos_per_call"] == 1), None)
@@ -169,6 +171,59 @@ def run(args) -> dict:
         for r in ok:
             r["speedup_vs_eager_b1"] = base["seconds_per_video"] / r["seconds_per_video"]
     return result
+
+
+def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
+    """Each ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` (generator settings: attention kernel, step cache, ...) on a
+    replica of its own, one B=1 video at the full step count (a step cache's savings depend on the whole schedule),
+    against the same video eager with the config's settings: seconds per video, peak memory, and the drift of its
+    frames (mean and max absolute uint8 difference, PSNR)."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    from anisora_ray.generation.generator import Generator
+
+    def one(name: str, overrides: list[str]) -> dict:
+        g = generator_config(args, measuring=False, extra=[f"generator.num_inference_steps={args.steps}", *overrides]).generator
+        replica = Generator(pretrained, cfg.model, g, cfg.video)
+        replica.render([request_of(1)])  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        frames = replica.render([request_of(1)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row = {"variant": name, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
+               "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        del replica
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"row": row, "frames": frames.astype(np.int64)}
+
+    reference = one("eager (config)", [])
+    rows = [reference["row"]]
+    for spec in args.variant:
+        name, _, settings = spec.partition("=")
+        try:
+            got = one(name, [s for s in settings.split(",") if s])
+        except Exception as exc:  # a kernel this device lacks: reported, the others still run
+            rows.append({"variant": name, "settings": settings, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(f"  {name}: {rows[-1]['error']}", flush=True)
+            continue
+        diff = np.abs(got["frames"] - reference["frames"])
+        mse = float((diff.astype(np.float64) ** 2).mean())
+        got["row"].update(drift_mean_levels=float(diff.mean()), drift_max_levels=int(diff.max()),
+                          psnr_db=float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+                          speedup_vs_config=reference["row"]["seconds_per_video"] / got["row"]["seconds_per_video"])
+        rows.append(got["row"])
+        r = got["row"]
+        print(f"  {name}: {r['seconds_per_video']:.2f} s/video (x{r['speedup_vs_config']:.2f}), drift mean "
+              f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']} levels, PSNR {r['psnr_db']:.1f} dB", flush=True)
+    return rows
 
 
 def build_realsize(folder: str, family: str) -> str:
@@ -193,6 +248,9 @@ def main() -> None:
     parser.add_argument("--compile-batches", default="1,4", help="videos per call, compiled ('' to skip)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
     parser.add_argument("--set", action="append", default=[], help="config override (dotted), repeatable")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=generator.KEY=VALUE[,...]",
+                        help="a replica with these generator settings, one video at the full step count, against the "
+                             "config's: seconds and drift (repeatable), e.g. fbc=generator.cache.kind=first_block")
     parser.add_argument("--out", default="/tmp/anisora-generation-speed")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

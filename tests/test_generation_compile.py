@@ -79,6 +79,10 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "generation_speed.py"), "--tiny",
                            "--family", family, "--batches", "1,2", "--compile-batches", "2", "--measure-steps", "2",
                            "--set", f"model.cache_dir={tmp_path / 'cache'}", "--set", "model.tiny.warm_start_steps=0",
+                           "--set", "model.tiny.num_layers=2", "--steps", "4",
+                           "--variant", "sdpa-math=generator.attention_backend=math",
+                           "--variant", "fbc=generator.cache.kind=first_block,generator.cache.threshold=1e6",
+                           "--variant", "cudnn=generator.attention_backend=cudnn",
                            "--out", str(tmp_path / "run"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -91,6 +95,12 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert rows[("eager", 1)]["speedup_vs_eager_b1"] == 1.0
     assert result["compile_s"] > 0 and result["compiled_repeatable"] is True
     assert "seconds per video" in done.stdout
+    # variants on replicas of their own at the full 4 steps, against the config's: time and drift
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "cudnn"]
+    assert variants["sdpa-math"]["drift_max_levels"] <= 2 and variants["sdpa-math"]["steps"] == 4
+    assert variants["fbc"]["drift_max_levels"] > 0 and variants["fbc"]["psnr_db"] > 0  # reused residuals move frames
+    assert "generator.attention_backend='cudnn'" in variants["cudnn"]["error"]  # no such kernel on the CPU
 
 
 def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
