@@ -73,3 +73,16 @@ def test_first_block_cache_moves_the_frames_by_its_threshold_only_and_forgets_be
     first = _frames(loose, items)
     assert np.abs(first - plain).max() > 0  # later steps reuse the first step's residuals
     np.testing.assert_array_equal(_frames(loose, items), first)  # a second call starts with an empty cache
+
+
+def test_a_pinned_kernel_composes_with_compile(make_config, demo_manifest):
+    cfg = make_config("generator.num_inference_steps=2")
+    items = read_manifest(demo_manifest)
+    eager = _frames(_generator(cfg), items)
+    compiled = _generator(cfg, ("attention_backend", "math"), ("compile", True))
+    assert compiled.startup["compiled_blocks"] == len(compiled.pipe.transformer.transformer_blocks)
+    graphs = compiled.compiled_graphs()
+    first = _frames(compiled, items)
+    np.testing.assert_array_equal(_frames(compiled, items), first)  # repeatable within the configuration
+    assert compiled.compiled_graphs() == graphs  # the pinned kernel is what the warm-up compiled
+    assert np.abs(first - eager).max() <= 3
