@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anisora_ray.errors import ConfigError
+from anisora_ray.models.compile import repeated_blocks
 
 SDPA = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -84,7 +85,7 @@ def use_step_cache(pipe, cache) -> None:
 
     config = FirstBlockCacheConfig(threshold=cache.threshold)
     for m in denoisers(pipe):
-        blocks = max((len(c) for c in m.children() if isinstance(c, torch.nn.ModuleList)), default=0)
+        blocks = len(repeated_blocks(m))
         if blocks < 2:
             raise ConfigError(f"generator.cache.kind='first_block' needs a transformer of 2 blocks or more (the first "
                               f"decides, the others are reused); {type(m).__name__} has {blocks}")
