@@ -1,7 +1,8 @@
 """The Wan family (``model.family: wan_i2v``) at tiny size, through the real ``WanImageToVideoPipeline``: the three
 released structures build, load and render per seed; training conditions exactly as the pipeline conditioned the
 rollout; the flow-matching error equals a hand computation with TI2V's given first frame masked out; two experts
-train the expert the pipeline uses at each σ; GAPO updates lower the loss."""
+train the expert the pipeline uses at each σ; GAPO updates lower the loss, and so do the Diffusion-DPO and SFT
+ablations."""
 
 from __future__ import annotations
 
@@ -216,6 +217,59 @@ def test_gapo_updates_on_a_tiny_wan_with_lora_on_both_experts_lower_the_loss(mak
     start = (2**0.9 - 2**0.2) * math.log(2)  # policy == reference: margin 0, DPO term log 2
     for expert, seq in losses.items():
         assert seq[0] == pytest.approx(start, rel=1e-5) and seq[-1] < seq[0] * 0.95, (expert, seq)
+
+
+def test_the_diffusion_dpo_and_sft_ablations_train_a_tiny_wan(make_config):
+    """The paper's baselines on the flow objective: Diffusion-DPO is GAPO without the gain (log 2 at policy ==
+    reference, whatever the rewards), SFT is the winner's masked flow error alone; each lowers its loss."""
+    import copy
+
+    from PIL import Image
+
+    from anisora_ray.gapo.diffusion import draw_for, pair_errors, sft_step
+    from anisora_ray.gapo.models import FrozenReference
+
+    cfg = wan_config(make_config, "wan22_ti2v")
+    pipe = WAN.load(resolve_pretrained(cfg.model, cfg.generator), "float32", "cpu", None, "all")
+    videos = np.random.default_rng(1).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    winner, loser = (WAN.encode_video(pipe, v)[None] for v in videos)
+    condition = {k: v[None] for k, v in WAN.encode_condition(pipe, Image.fromarray(videos[0, 0]), 0, 32, 32, 9).items()}
+    prompt = WAN.encode_prompt(pipe, "a girl waves", 128)[None]
+    batch = PairLatents(winner, loser, condition, prompt, torch.tensor([0.9]), torch.tensor([0.2]))
+
+    def seeds():
+        return torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+
+    losses = {}
+    for name in ("dpo", "sft"):
+        torch.manual_seed(0)
+        policy = copy.deepcopy(WAN.trained_module(pipe)).requires_grad_(True)
+        reference = FrozenReference(copy.deepcopy(policy).requires_grad_(False), torch.float32)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(6):
+            generator, shared = seeds()
+            if name == "dpo":
+                out = gapo_step(WAN, pipe, policy, reference, batch, generator, shared=shared, beta=50.0, use_gain=False)
+            else:
+                out = sft_step(WAN, pipe, policy, batch, generator, shared)
+            losses[name].append(float(out.loss.detach()))
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        if name == "sft":  # after training: the loss is the winner's error, and the given first frame is not in it
+            with torch.no_grad():
+                generator, shared = seeds()
+                err_w, err_l = pair_errors(WAN, pipe, policy, batch, draw_for(WAN, pipe, batch, generator, shared))
+                got = float(sft_step(WAN, pipe, policy, batch, *seeds()).loss)
+                moved = PairLatents(winner.clone(), loser, condition, prompt, batch.reward_w, batch.reward_l)
+                moved.winner[:, :, 0] += 10.0
+                unmoved = float(sft_step(WAN, pipe, policy, moved, *seeds()).loss)
+            assert got == pytest.approx(float(err_w.mean()), rel=1e-6) and abs(got - float(err_l.mean())) > 1e-4
+            assert unmoved == pytest.approx(got, rel=1e-6)
+    assert losses["dpo"][0] == pytest.approx(math.log(2), rel=1e-5)  # no gain factor: GAPO's would be 0.60
+    for name, seq in losses.items():
+        assert seq[-1] < seq[0] * 0.98, (name, seq)
 
 
 CHILD = gapo_child_script(29591, """
