@@ -175,6 +175,17 @@ def test_two_experts_train_the_expert_the_pipeline_uses_at_each_sigma(make_confi
     assert calls == [0, 1]
 
 
+def random_pair(pipe, seed: int) -> PairLatents:
+    """Two random 9x32x32 clips as one pair: winner (reward 0.9) and loser (0.2), the winner's first frame the image."""
+    from PIL import Image
+
+    videos = np.random.default_rng(seed).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
+    winner, loser = (WAN.encode_video(pipe, v)[None] for v in videos)
+    condition = WAN.encode_condition(pipe, Image.fromarray(videos[0, 0]), 0, 32, 32, 9)
+    return PairLatents(winner, loser, {k: v[None] for k, v in condition.items()},
+                       WAN.encode_prompt(pipe, "a girl waves", 128)[None], torch.tensor([0.9]), torch.tensor([0.2]))
+
+
 def test_gapo_updates_on_a_tiny_wan_with_lora_on_both_experts_lower_the_loss(make_config):
     from anisora_ray.config import LoraConfig
     from anisora_ray.gapo.models import FrozenReference
@@ -183,14 +194,7 @@ def test_gapo_updates_on_a_tiny_wan_with_lora_on_both_experts_lower_the_loss(mak
     cfg = wan_config(make_config, "wan22_i2v_a14b")
     path = resolve_pretrained(cfg.model, cfg.generator)
     pipe = WAN.load(path, "float32", "cpu", None, "all")
-    rng = np.random.default_rng(0)
-    videos = rng.integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
-    from PIL import Image
-
-    latents = [WAN.encode_video(pipe, v) for v in videos]
-    condition = WAN.encode_condition(pipe, Image.fromarray(videos[0, 0]), 0, 32, 32, 9)
-    batch = PairLatents(latents[0][None], latents[1][None], {k: v[None] for k, v in condition.items()},
-                        WAN.encode_prompt(pipe, "a girl waves", 128)[None], torch.tensor([0.9]), torch.tensor([0.2]))
+    batch = random_pair(pipe, 0)
     policy = WAN.trained_module(pipe)
     lora_io.add_adapter(policy, LoraConfig(r=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     names = list(lora_io.adapter_state(policy))
@@ -223,19 +227,14 @@ def test_the_diffusion_dpo_and_sft_ablations_train_a_tiny_wan(make_config):
     """The paper's baselines on the flow objective: Diffusion-DPO is GAPO without the gain (log 2 at policy ==
     reference, whatever the rewards), SFT is the winner's masked flow error alone; each lowers its loss."""
     import copy
-
-    from PIL import Image
+    import dataclasses
 
     from anisora_ray.gapo.diffusion import draw_for, pair_errors, sft_step
     from anisora_ray.gapo.models import FrozenReference
 
     cfg = wan_config(make_config, "wan22_ti2v")
     pipe = WAN.load(resolve_pretrained(cfg.model, cfg.generator), "float32", "cpu", None, "all")
-    videos = np.random.default_rng(1).integers(0, 255, (2, 9, 32, 32, 3), dtype=np.uint8)
-    winner, loser = (WAN.encode_video(pipe, v)[None] for v in videos)
-    condition = {k: v[None] for k, v in WAN.encode_condition(pipe, Image.fromarray(videos[0, 0]), 0, 32, 32, 9).items()}
-    prompt = WAN.encode_prompt(pipe, "a girl waves", 128)[None]
-    batch = PairLatents(winner, loser, condition, prompt, torch.tensor([0.9]), torch.tensor([0.2]))
+    batch = random_pair(pipe, 1)
 
     def seeds():
         return torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
@@ -262,7 +261,7 @@ def test_the_diffusion_dpo_and_sft_ablations_train_a_tiny_wan(make_config):
                 generator, shared = seeds()
                 err_w, err_l = pair_errors(WAN, pipe, policy, batch, draw_for(WAN, pipe, batch, generator, shared))
                 got = float(sft_step(WAN, pipe, policy, batch, *seeds()).loss)
-                moved = PairLatents(winner.clone(), loser, condition, prompt, batch.reward_w, batch.reward_l)
+                moved = dataclasses.replace(batch, winner=batch.winner.clone())
                 moved.winner[:, :, 0] += 10.0
                 unmoved = float(sft_step(WAN, pipe, policy, moved, *seeds()).loss)
             assert got == pytest.approx(float(err_w.mean()), rel=1e-6) and abs(got - float(err_l.mean())) > 1e-4
