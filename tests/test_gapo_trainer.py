@@ -23,6 +23,13 @@ def trained(gapo_pairs):
     return {**gapo_pairs, "cfg": cfg, "result": result}
 
 
+def preemption_watchers() -> int:
+    """Ray Train's preemption-watcher actors the cluster has seen (the GCS actor table keeps dead ones)."""
+    from ray._private.state import actors
+
+    return sum(a["ActorClassName"].endswith("PreemptionWatcher") for a in actors().values())
+
+
 def history(cfg, run_id: str, key: str) -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
@@ -56,9 +63,11 @@ def test_resume_from_a_checkpoint_continues_exactly(trained):
     from anisora_ray.gapo.trainer import train_gapo
 
     cfg, result = trained["cfg"], trained["result"]
+    watchers = preemption_watchers()
     resumed = train_gapo(cfg, trained["table"], str(trained["root"] / "resumed"), root=REPO,
                          resume_from=result["checkpoints"][3], run_name="resumed")
     assert resumed["step"] == STEPS
+    assert cfg.gapo.preemption_watcher is False and preemption_watchers() == watchers  # off in configs/local.yaml
     before, after = history(cfg, result["mlflow_run_id"], "loss"), history(cfg, resumed["mlflow_run_id"], "loss")
     assert sorted(after) == [4, 5, 6]  # steps 1-3 were restored, not redone
     assert history(cfg, resumed["mlflow_run_id"], "encoder_loads")[6] == 0  # every latent came from the cache
@@ -72,8 +81,13 @@ def test_lora_trains_only_the_adapter(trained):
     from anisora_ray.weights.folder import MANIFEST, read_safetensors
     from anisora_ray.weights.lora import CONFIG_NAME, WEIGHTS_NAME
 
-    cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2")
+    # configs/local.yaml turns Ray Train's preemption watcher off (test_resume_...: none started); on here
+    before = preemption_watchers()
+    cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2",
+                          "gapo.preemption_watcher=true")
     result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
+    assert preemption_watchers() == before + 1
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # set for the fit only
     assert result["kind"] == "lora"
     assert sorted(os.listdir(result["weights_uri"])) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST])
     tensors = dict(read_safetensors(result["weights_uri"]))

@@ -1,7 +1,8 @@
 """GAPO training of the generator's transformer with Ray Train + DeepSpeed (gloo on CPU, NCCL on GPU).
 
 Each Ray Train worker runs one :class:`~anisora_ray.gapo.engine.GapoWorker` (policy engine, frozen
-reference, pair encoder) on the pairs it receives through ``get_dataset_shard``. Every
+reference, pair encoder) on its share of the pairs table (a small table of URIs and rewards, put once in the
+object store: every worker reads all of it and keeps its own rows, so no Ray Dataset is needed). Every
 ``gapo.checkpoint_every`` optimizer updates and at the end all ranks report a checkpoint (DeepSpeed
 state + update count) into the run's storage; Ray Train restarts a failed worker group from the
 last one (``gapo.max_failures``), and a run started again under the same ``storage_name``
@@ -13,6 +14,7 @@ update's metrics (averaged over workers) to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -76,12 +78,10 @@ def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int):
     return meta
 
 
-def _load_rows(rank: int, world: int) -> list[dict]:
-    import ray.train
+def _load_rows(pairs, rank: int, world: int) -> list[dict]:
+    import ray
 
-    shard = ray.train.get_dataset_shard("pairs")  # unsplit: every worker sees all pairs, keeps its own
-    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
-    return worker_rows(pair_rows(table), rank, world)
+    return worker_rows(pair_rows(ray.get(pairs)), rank, world)  # every worker sees all pairs, keeps its own
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
             restored = read_training_state(folder).get("metrics", {})
         if rank == 0:
             log.info("GAPO resumes after update %d of %d", worker.update, g.steps)
-    worker.prepare(_load_rows(rank, world))
+    worker.prepare(_load_rows(config["pairs"], rank, world))
     if worker.quarantined:  # pairs whose videos or images cannot be read: recorded with the reason, not trained on
         from anisora_ray.io import fs
         from anisora_ray.types import QuarantineRecord
@@ -153,6 +153,20 @@ def train_loop_per_worker(config: dict) -> None:
     _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
 
 
+@contextlib.contextmanager
+def _preemption_watcher(enabled: bool):
+    """Ray Train reads the switch from the driver's environment during ``fit()`` and passes it on to its controller."""
+    key, before = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    os.environ[key] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
                init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
                storage_name: str | None = None, mlflow_run_id: str | None = None, parent_run_id: str | None = None,
@@ -172,7 +186,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     metrics, ``weights_uri`` (the folder the ranks wrote), ``weights_checksum``, ``checkpoint_uri``,
     ``checkpoints`` ({update: uri}) and ``mlflow_run_id``.
     """
-    import ray.data
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -208,18 +222,18 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                            "transport": cfg.loop.refresh_transport}
                                if replicas and (g.refresh_every or final_refresh) else None,
                                "cache_uri": cache_uri or fs.join(output, "latent-cache"),
+                               "pairs": ray.put(table),  # held by this call until fit() returns
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
             scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu, resources_per_worker={
                 "CPU": g.cpus_per_worker, **({"GPU": g.gpus_per_worker} if g.use_gpu else {})}),
             torch_config=TorchConfig(backend=None if g.backend == "auto" else g.backend),
-            datasets={"pairs": ray.data.from_arrow(table)},
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             run_config=ray.train.RunConfig(name=name,
                                            storage_path=fs.join(output, "ray-train"),
                                            failure_config=ray.train.FailureConfig(max_failures=g.max_failures),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
         )
-        result = trainer.fit()
+        with _preemption_watcher(g.preemption_watcher):
+            result = trainer.fit()
         if result.error is not None or result.checkpoint is None:
             raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")
         manifest = read_manifest(out_uri)  # metadata only: the weights stay where the ranks wrote them
