@@ -13,6 +13,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's dashboard agents sample every worker process's stats every 5 s; with the suite's hundreds of short-lived
+# workers on 2 cores that was ~4% of the CPUs. Nothing here reads those metrics: once a minute (test-only setting).
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_CONFIG = os.path.join(REPO, "configs", "local.yaml")
@@ -107,9 +110,12 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(NODES[0], include_dashboard=False))
+    # no log monitor: nothing reads worker output here (log_to_driver=False), and tailing the session's hundreds
+    # of worker log files took ~5% of a core for the whole suite
+    quiet = {"include_dashboard": False, "include_log_monitor": False}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(NODES[0], **quiet))
     for node in NODES[1:]:
-        cluster.add_node(**node)
+        cluster.add_node(**node, include_log_monitor=False)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="anisora-tests", log_to_driver=False)
     yield cluster

@@ -30,19 +30,21 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     greedy = load_config(LOCAL_CONFIG, [*overrides, "eval.videoscore.num_gpus=100", "ray.wait_for_resources_s=0"])
     with pytest.raises(ConfigError, match="cannot run this config"):
         run_ablation(greedy, ["gapo", "reward=videoscore"], str(tmp_path / "greedy"), root=REPO, progress=False)
-    variants = ["gapo", "no-visual_motion", "reward=videoscore"]
+    # two variants, each ranking the same candidates with another reward (the loss variants, gapo/dpo/sft, train on
+    # the full reward's pairs: test_a_loss_variant_trains_on_the_full_rewards_pairs; each fit here costs ~35 s)
+    variants = ["no-visual_motion", "reward=videoscore"]
     comparison = run_ablation(cfg, variants, out, root=REPO, progress=False)
 
-    # one start: the same round-0 evaluation; pairs from the same seeds, ranked with and without the dimension
-    full, ablated = read_pairs(os.path.join(out, "pairs", "full")), read_pairs(os.path.join(out, "pairs", "no-visual_motion"))
-    assert len(full) == len(ablated) == 3
+    # one start: the same round-0 evaluation; pairs from the same seeds, ranked without the dimension
+    ablated = read_pairs(os.path.join(out, "pairs", "no-visual_motion"))
+    assert len(ablated) == 3
     for pair in ablated:
         seeds = set(candidate_seeds(cfg.run.seed, pair.prompt_id, cfg.generator.candidates_per_prompt, round_index=1))
         assert {pair.winner_seed, pair.loser_seed} <= seeds and "visual_motion" not in pair.winner_scores
-    assert all("visual_motion" in p.winner_scores for p in full)
+    assert not os.path.exists(os.path.join(out, "pairs", "full"))  # no variant asked for the full reward's pairs
     trained = {v: json.loads((tmp_path / "ablate" / v / "trained.json").read_text()) for v in variants}
-    assert trained["gapo"]["pairs_uri"].endswith("pairs/full") and trained["gapo"]["loss"] == "gapo"
     assert trained["no-visual_motion"]["pairs_uri"].endswith("pairs/no-visual_motion")
+    assert trained["no-visual_motion"]["loss"] == "gapo"
     # the paper's Table 4: GAPO on pairs ranked by VideoScore (its five aspects; no character dimension)
     by_videoscore = read_pairs(os.path.join(out, "pairs", "reward=videoscore"))
     assert trained["reward=videoscore"]["pairs_uri"].endswith("pairs/reward=videoscore") and len(by_videoscore) == 3
@@ -68,7 +70,7 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     assert [m for m in comparison["metrics"] if m.startswith("videoscore_")] == [
         "videoscore_visual_quality", "videoscore_temporal_consistency", "videoscore_dynamic_degree",
         "videoscore_text_to_video_alignment", "videoscore_factual_consistency", "videoscore_mean"]
-    scored = pq.read_table(os.path.join(out, "gapo", "eval", "videoscore.parquet")).to_pylist()
+    scored = pq.read_table(os.path.join(out, "no-visual_motion", "eval", "videoscore.parquet")).to_pylist()
     assert len(scored) == 6 and all(math.isfinite(r["videoscore_mean"]) for r in scored)
     assert all(abs(r["videoscore_mean"] - sum(r[f"videoscore_{a}"] for a in (
         "visual_quality", "temporal_consistency", "dynamic_degree", "text_to_video_alignment",
@@ -82,7 +84,7 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     from anisora_ray.tracking import tracking_uri
 
     logged = MlflowClient(tracking_uri(cfg)).get_run(comparison["mlflow_run_id"]).data.metrics
-    assert {"gapo_reward_win_rate", "reward_videoscore_reward_win_rate"} <= set(logged)  # "=" is not a metric name
+    assert {"no-visual_motion_reward_win_rate", "reward_videoscore_reward_win_rate"} <= set(logged)  # "=" is not a metric name
 
     # a second call redoes nothing: same weights, same table
     mtimes = {v: os.path.getmtime(tmp_path / "ablate" / v / "trained.json") for v in variants}
@@ -91,14 +93,16 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
     assert again["means"] == comparison["means"]
 
     # `anisora-ray eval` on the same folder reuses what ablate kept, and a study can be built on its labels
-    argv = ["eval", "--config", LOCAL_CONFIG, "--versions", f"round-0=base,gapo={trained['gapo']['weights_uri']}",
+    argv = ["eval", "--config", LOCAL_CONFIG, "--versions",
+            f"round-0=base,no-visual_motion={trained['no-visual_motion']['weights_uri']}",
             "--out", out]
     for o in overrides:
         argv += ["--set", o]
     assert main(argv) == 0
     evaluated = json.loads((tmp_path / "ablate" / "comparison.json").read_text())
-    assert evaluated["versions"]["gapo"]["metrics"]["reward"] == comparison["versions"]["gapo"]["metrics"]["reward"]
-    assert eval_labels(out) == ["round-0", "gapo", "no-visual_motion", "reward=videoscore"]
+    assert (evaluated["versions"]["no-visual_motion"]["metrics"]["reward"]
+            == comparison["versions"]["no-visual_motion"]["metrics"]["reward"])
+    assert eval_labels(out) == ["round-0", "no-visual_motion", "reward=videoscore"]
     store = build_study(out, trained="no-visual_motion")
     assert len(store.comparisons()) == 6
     assert {c["left_label"] for c in store.comparisons()} | {c["right_label"] for c in store.comparisons()} == {
@@ -131,3 +135,19 @@ def test_a_reward_variant_lays_a_preset_over_the_configs_reward(tmp_path):
     bad.write_text("reward:\n  dimensions:\n    visual_motion: {wieght: 1}\n")
     with pytest.raises(ConfigError, match="wieght"):
         variant_config(cfg, f"reward={bad}")
+
+
+def test_a_loss_variant_trains_on_the_full_rewards_pairs():
+    from anisora_ray.config import load_config
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.loop.ablate import variant_config
+
+    cfg = load_config(LOCAL_CONFIG, [])
+    for loss in ("gapo", "dpo", "sft"):  # the same pairs (key "full"), another loss; the reward is untouched
+        vcfg, key = variant_config(cfg, loss)
+        assert key == "full" and vcfg.gapo.loss == loss and vcfg.reward == cfg.reward
+    assert cfg.gapo.loss == "gapo"
+    vcfg, key = variant_config(cfg, "no-visual_motion")  # the same loss, ranked without the dimension
+    assert key == "no-visual_motion" and vcfg.reward.dimensions.visual_motion.weight == 0 and vcfg.gapo.loss == "gapo"
+    with pytest.raises(ConfigError, match="unknown variant 'ppo'"):
+        variant_config(cfg, "ppo")

@@ -1,9 +1,11 @@
 """Runs are reproducible with lossless video, survive losing the head node, and lose nothing under random
 faults. Two fresh runs of a short alignment loop (the soak's suite sizes, same config and seeds) run at the same
 time: one on its own local Ray, the other on a `ray start` head that is SIGKILLed mid-round with its driver (GCS,
-raylet, workers, driver: all gone). A new head comes up, the job runs again with ``--resume``, and ends with no
-prompt lost or paired twice, the same held-out table and byte-identical trained weights (``video.crf=0``; lossy
-x264 at tiny sizes is not bit-stable, see configs/local.yaml). The undisturbed run is then the reference of the
+raylet, workers, driver: all gone). A new head comes up (with the Jobs API on loopback), the job is submitted to
+it again with ``--resume`` through `ray job submit`'s API (jobs/align.py, the repo uploaded as the working dir,
+as the KubeRay RayJob does), and ends with no prompt lost or paired twice, the same held-out table and
+byte-identical trained weights (``video.crf=0``; lossy x264 at tiny sizes is not bit-stable, see
+configs/local.yaml), its MLflow run continued and finished. The undisturbed run is then the reference of the
 short soak (benchmarks/soak.py): the same job under seeded SIGKILLs of replicas, reward actors, Ray Data and Ray
 Train workers pairs every prompt once and gives the same pairs and table (the long soak: docs/reliability.md)."""
 
@@ -29,10 +31,9 @@ PROMPTS = 4  # suite_size_overrides' data.demo_prompts
 ROUNDS = 1
 
 
-def _start(root, model_cache, address: str | None = None, resume: bool = False) -> subprocess.Popen:
+def _start(root, model_cache, address: str | None = None) -> subprocess.Popen:
     overrides = [*suite_size_overrides(str(root), ROUNDS, model_cache), *([f"ray.address={address}"] if address else [])]
-    argv = [sys.executable, "-m", "anisora_ray.cli", "align", "--quiet", "--config", LOCAL_CONFIG,
-            *(["--resume"] if resume else [])]
+    argv = [sys.executable, "-m", "anisora_ray.cli", "align", "--quiet", "--config", LOCAL_CONFIG]
     for o in overrides:
         argv += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no address: a fresh local Ray, as `make demo`
@@ -41,10 +42,37 @@ def _start(root, model_cache, address: str | None = None, resume: bool = False) 
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
+def _submit(client, root, model_cache) -> str:
+    """The resumed job, submitted to the new head's Jobs API as `ray job submit -- python jobs/align.py` would."""
+    argv = ["jobs/align.py", "--quiet", "--resume", "--config", "configs/local.yaml"]
+    for o in suite_size_overrides(str(root), ROUNDS, model_cache):
+        argv += ["--set", o]
+    return client.submit_job(entrypoint=" ".join([sys.executable, *argv]), runtime_env={
+        "working_dir": REPO, "excludes": [".git", ".venv", "outputs", "**/__pycache__"],
+        "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+
+
+def _job_result(client, job_id: str, root) -> tuple[list[dict], str]:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + 900
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "the resubmitted job did not finish in 15 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-6000:]
+    assert "held-out reward" in logs and "reward curve:" in logs, logs[-3000:]
+    return _table(root)
+
+
 def _result(run: subprocess.Popen, root) -> tuple[list[dict], str]:
     run.wait(timeout=900)
     with open(os.path.join(root, "output.txt")) as f:
         assert run.returncode == 0, f.read()[-6000:]
+    return _table(root)
+
+
+def _table(root) -> tuple[list[dict], str]:
     with open(os.path.join(root, "align", "state.json")) as f:
         state = json.load(f)
     rows = [state["baseline"]["row"], *(r["metrics"] for r in state["rounds"])]
@@ -104,14 +132,32 @@ def _run(procs, undisturbed, killed, tmp_path, model_cache) -> dict:
         stop_ray_head(head, signal.SIGKILL)
     first = _result(procs["a"], undisturbed)  # (a new head on a machine this small starts faster without it)
     began = time.perf_counter()
-    head, address, _ = start_ray_head(tmp_path / "head-2.log")  # a new head: nothing of the old cluster's state
+    head, _, dashboard = start_ray_head(tmp_path / "head-2.log", dashboard=True)  # nothing of the old cluster's state
     try:
-        procs["resumed"] = _start(killed, model_cache, address, resume=True)
-        second = _result(procs["resumed"], killed)
+        client = _jobs_client(head, dashboard, tmp_path / "head-2.log")
+        job_id = _submit(client, killed, model_cache)
+        try:
+            second = _job_result(client, job_id, killed)
+        finally:  # a failed check leaves no job running
+            client.stop_job(job_id)
     finally:
         stop_ray_head(head)
     return {"first": first, "second": second, "videos": videos, "phase": phase, "written": written,
             "resume_seconds": time.perf_counter() - began}
+
+
+def _jobs_client(head: subprocess.Popen, dashboard: int, log_path):
+    """The head's Jobs API (the dashboard, on loopback), once it answers."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            return JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            assert head.poll() is None and time.time() < deadline, \
+                f"the new head's Jobs API did not answer: {open(log_path).read()[-2000:]}"
+            time.sleep(1)
 
 
 def test_two_fresh_runs_give_the_same_table_and_weights_even_when_one_loses_its_head_node(runs):
@@ -128,6 +174,14 @@ def test_two_fresh_runs_give_the_same_table_and_weights_even_when_one_loses_its_
     assert first[0] == second[0]  # every number of the table, exactly
     assert first[1] == second[1]  # the trained weights, byte for byte
     assert first[0][1]["pairs"] == len(read_pairs(pairs_uri)) and first[0][1]["weights_version"] == 1
+
+    import mlflow  # the resubmitted driver continued the killed driver's MLflow run and finished it
+
+    state = json.loads((runs["killed"] / "align" / "state.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{runs['killed'] / 'mlflow.db'}")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "heldout_reward")) == [0, 1]
 
 
 def test_a_short_soak_loses_nothing_and_repeats_the_undisturbed_run(runs, tmp_path, model_cache):
