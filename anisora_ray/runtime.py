@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -39,6 +40,22 @@ def init_ray(cfg: RayConfig) -> None:
         _node_ip_address=cfg.node_ip_address,
     )
     log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def preemption_watcher(enabled: bool) -> Iterator[None]:
+    """``ray.preemption_watcher`` for the ``TorchTrainer.fit()`` inside: Ray Train reads the switch from the driver's
+    environment during ``fit()`` and hands it to its controller; the environment is restored afterwards."""
+    key = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    before = os.environ.get(key)
+    os.environ[key] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the router down with it

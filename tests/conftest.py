@@ -105,6 +105,13 @@ def stop_ray_head(head: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 NODES = [{"num_cpus": 8, "num_gpus": 4}, {"num_cpus": 8, "num_gpus": 4}]
 
 
+def preemption_watchers() -> int:
+    """Ray Train's preemption-watcher actors the cluster has seen (the GCS actor table keeps dead ones)."""
+    from ray._private.state import actors
+
+    return sum(a["ActorClassName"].endswith("PreemptionWatcher") for a in actors().values())
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, preemption_watchers
 
 STEPS = 6
 
@@ -21,13 +21,6 @@ def trained(gapo_pairs):
     cfg = gapo_pairs["make"](f"gapo.steps={STEPS}", "gapo.checkpoint_every=3")
     result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "weights"), root=REPO, run_name="full")
     return {**gapo_pairs, "cfg": cfg, "result": result}
-
-
-def preemption_watchers() -> int:
-    """Ray Train's preemption-watcher actors the cluster has seen (the GCS actor table keeps dead ones)."""
-    from ray._private.state import actors
-
-    return sum(a["ActorClassName"].endswith("PreemptionWatcher") for a in actors().values())
 
 
 def history(cfg, run_id: str, key: str) -> dict[int, float]:
@@ -67,7 +60,7 @@ def test_resume_from_a_checkpoint_continues_exactly(trained):
     resumed = train_gapo(cfg, trained["table"], str(trained["root"] / "resumed"), root=REPO,
                          resume_from=result["checkpoints"][3], run_name="resumed")
     assert resumed["step"] == STEPS
-    assert cfg.gapo.preemption_watcher is False and preemption_watchers() == watchers  # off in configs/local.yaml
+    assert cfg.ray.preemption_watcher is False and preemption_watchers() == watchers  # off in configs/local.yaml
     before, after = history(cfg, result["mlflow_run_id"], "loss"), history(cfg, resumed["mlflow_run_id"], "loss")
     assert sorted(after) == [4, 5, 6]  # steps 1-3 were restored, not redone
     assert history(cfg, resumed["mlflow_run_id"], "encoder_loads")[6] == 0  # every latent came from the cache
@@ -84,7 +77,7 @@ def test_lora_trains_only_the_adapter(trained):
     # configs/local.yaml turns Ray Train's preemption watcher off (test_resume_...: none started); on here
     before = preemption_watchers()
     cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2",
-                          "gapo.preemption_watcher=true")
+                          "ray.preemption_watcher=true")
     result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
     assert preemption_watchers() == before + 1
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # set for the fit only

@@ -46,6 +46,9 @@ class RayConfig(Section):
     log_to_driver: bool = True
     # align: how long to wait for the cluster (e.g. an autoscaler) to offer what the config asks for at peak
     wait_for_resources_s: float = Field(default=60.0, ge=0)
+    # Ray Train's watcher of node-preemption notices (spot / preemptible nodes): one more actor per training fit
+    # (GAPO, train-reward), with nothing to watch on a single machine (configs/local*.yaml turn it off)
+    preemption_watcher: bool = True
 
 
 class TinyModelConfig(Section):

@@ -70,9 +70,6 @@ class GapoConfig(Section):
     refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
     refresh_bucket_mb: float = Field(default=256.0, gt=0)  # bucket of a weight transfer: object-store bucket, shard, ZeRO-3 gather
     max_failures: int = Field(default=2, ge=-1)  # Ray Train restarts of a failed worker group from its last checkpoint (-1: no limit)
-    # Ray Train's watcher of node-preemption notices (spot / preemptible nodes); one more actor per fit, with
-    # nothing to watch on a single machine (configs/local*.yaml turn it off)
-    preemption_watcher: bool = True
     refresh_every: int = Field(default=0, ge=0)  # > 0: also refresh live replicas every N steps during training
     seed: int = 0
 

@@ -14,7 +14,6 @@ update's metrics (averaged over workers) to MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -153,20 +152,6 @@ def train_loop_per_worker(config: dict) -> None:
     _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
 
 
-@contextlib.contextmanager
-def _preemption_watcher(enabled: bool):
-    """Ray Train reads the switch from the driver's environment during ``fit()`` and passes it on to its controller."""
-    key, before = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-    os.environ[key] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
                init_uri: str | None = None, resume_from: str | None = None, run_name: str = "gapo",
                storage_name: str | None = None, mlflow_run_id: str | None = None, parent_run_id: str | None = None,
@@ -192,7 +177,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
 
     from anisora_ray.io import fs
     from anisora_ray.models.pipeline import resolve_pretrained
-    from anisora_ray.runtime import init_ray
+    from anisora_ray.runtime import init_ray, preemption_watcher
     from anisora_ray.storage_check import check_storage
     from anisora_ray.tracking import log_metrics, mlflow_run, tracking_uri
     from anisora_ray.weights.folder import read_manifest
@@ -232,7 +217,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                            failure_config=ray.train.FailureConfig(max_failures=g.max_failures),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
         )
-        with _preemption_watcher(g.preemption_watcher):
+        with preemption_watcher(cfg.ray.preemption_watcher):
             result = trainer.fit()
         if result.error is not None or result.checkpoint is None:
             raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")
