@@ -111,6 +111,12 @@ def run(args) -> dict:
     def request_of(batch: int):
         return GenerationRequest(item, tuple(range(1, batch + 1)))
 
+    geometry = [g.num_frames, g.height, g.width]
+    if not args.batches and not args.compile_batches:  # the variants alone, each on a replica of its own
+        device = torch.cuda.get_device_name() if g.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        print(f"{device}: {g.num_frames}x{g.height}x{g.width}, CFG {g.guidance_scale}", flush=True)
+        return {"device": device, "steps": args.steps, "geometry": geometry,
+                "variants": variants(args, cfg, pretrained, request_of), "rows": []}
     began = time.perf_counter()
     generator = Generator(pretrained, cfg.model, g, cfg.video)
     load_s = time.perf_counter() - began
@@ -141,7 +147,7 @@ def run(args) -> dict:
 
     generator.render([request_of(1)])  # warm-up: allocator, kernels, libraries
     eager = {b: record("eager", b) for b in args.batches}
-    result: dict = {"device": device, "load_s": load_s, "steps": args.steps, "geometry": [g.num_frames, g.height, g.width]}
+    result: dict = {"device": device, "load_s": load_s, "steps": args.steps, "geometry": geometry}
     if args.compile_batches:
         first = args.compile_batches[0]
         report = generator.compile_transformer(batch=first)
@@ -176,8 +182,10 @@ def run(args) -> dict:
 def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
     """Each ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` (generator settings: attention kernel, step cache, ...) on a
     replica of its own, one B=1 video at the full step count (a step cache's savings depend on the whole schedule),
-    against the same video eager with the config's settings: seconds per video, peak memory, and the drift of its
-    frames (mean and max absolute uint8 difference, PSNR)."""
+    against the same video eager with the config's settings: seconds per video, peak memory, start-up (load,
+    compile, FP8 layers), and the drift of its frames (mean and max absolute uint8 difference, PSNR). Each replica
+    warms up with one step (or its start-up compile) before the timed video; variants left once ``--budget-s``
+    is spent are reported as skipped."""
     import gc
 
     import numpy as np
@@ -185,19 +193,27 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
 
     from anisora_ray.generation.generator import Generator
 
+    deadline = time.monotonic() + args.budget_s
+
     def one(name: str, overrides: list[str]) -> dict:
-        g = generator_config(args, measuring=False, extra=[f"generator.num_inference_steps={args.steps}", *overrides]).generator
-        replica = Generator(pretrained, cfg.model, g, cfg.video)
-        replica.render([request_of(1)])  # warm-up
+        extra = [f"generator.num_inference_steps={args.steps}", "generator.candidates_per_prompt=1", *overrides]
+        settings = generator_config(args, measuring=False, extra=extra)
+        g = settings.generator
+        replica = Generator(pretrained, settings.model, g, settings.video)  # compiles (at B=1) when the settings say so
+        if not g.compile:
+            replica.warm_up(1)  # one step: allocator, kernels
+        decisions = count_cache_decisions(replica.pipe.transformer)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        graphs = replica.compiled_graphs()
         began = time.perf_counter()
         frames = replica.render([request_of(1)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        row = {"variant": name, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
-               "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        row = {"variant": name, "graphs_compiled_in_timed_call": replica.compiled_graphs() - graphs, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
+               "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "startup": replica.startup, "cache_decisions": decisions}
         del replica
         gc.collect()
         if torch.cuda.is_available():
@@ -206,8 +222,13 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
 
     reference = one("eager (config)", [])
     rows = [reference["row"]]
+    print(f"  eager (config): {reference['row']['seconds_per_video']:.2f} s/video", flush=True)
     for spec in args.variant:
         name, _, settings = spec.partition("=")
+        if time.monotonic() > deadline:
+            rows.append({"variant": name, "settings": settings, "error": "skipped: --budget-s spent"})
+            print(f"  {name}: skipped (--budget-s spent)", flush=True)
+            continue
         try:
             got = one(name, [s for s in settings.split(",") if s])
         except Exception as exc:  # a kernel this device lacks: reported, the others still run
@@ -221,9 +242,43 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
                           speedup_vs_config=reference["row"]["seconds_per_video"] / got["row"]["seconds_per_video"])
         rows.append(got["row"])
         r = got["row"]
+        cached = f"; cache: {r['cache_decisions']}" if r["cache_decisions"] else ""
         print(f"  {name}: {r['seconds_per_video']:.2f} s/video (x{r['speedup_vs_config']:.2f}), drift mean "
-              f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']} levels, PSNR {r['psnr_db']:.1f} dB", flush=True)
+              f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']} levels, PSNR {r['psnr_db']:.1f} dB{cached}",
+              flush=True)
+        if args.json:  # what is measured so far survives a time limit
+            write_json(args.json, {"steps": args.steps, "variants": rows, "partial": True})
     return rows
+
+
+def count_cache_decisions(transformer) -> dict | None:
+    """How often First Block Cache ran the remaining blocks and how often it reused their residual (the
+    transformer calls it decided on), or None without the cache: its decision is wrapped, not changed."""
+    import torch
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    from anisora_ray.models.compile import repeated_blocks
+
+    registry = getattr(repeated_blocks(transformer)[0], "_diffusers_hook", None)
+    hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
+    if hook is None:
+        return None
+    counts = {"computed": 0, "reused": 0}
+    decide = hook._should_compute_remaining_blocks
+
+    @torch.compiler.disable
+    def counted(residual):
+        compute = decide(residual)
+        counts["computed" if compute else "reused"] += 1
+        return compute
+
+    hook._should_compute_remaining_blocks = counted
+    return counts
+
+
+def write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 def build_realsize(folder: str, family: str) -> str:
@@ -273,8 +328,7 @@ def main() -> None:
         if key in result:
             print(f"  {key}: {result[key]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,26 @@
 #   python benchmarks/realsize_gpu.py --write-pair gpu-pair
 # (av is 36 MB: beyond the 64 MiB a call carries with the rest, hence the pair made here.)
 # CHECKS picks a subset, e.g. CHECKS="refresh zero3" (default: all, in this order); REFRESH_ARGS adds arguments
-# to refresh_gpu.py (e.g. "--host-runs 0 --sweep 1024:2,2048:2").
+# to refresh_gpu.py (e.g. "--host-runs 0 --sweep 1024:2,2048:2"). The rollout-speed checks (issue 29) need the
+# diffusers, torchao and pydantic wheels only: CHECKS="fp8 floor variants" (docs/performance.md).
 set -u
-CHECKS=${CHECKS:-"floor refresh lora compile zero3 generation"}
+CHECKS=${CHECKS:-"fp8 floor variants refresh lora compile zero3 generation"}
+# Each rollout setting on a replica of its own, in priority order (what is left after VARIANTS_BUDGET s is skipped).
+VARIANTS=${VARIANTS:-"all=fp8+cudnn+compile+fbc0.1 fp8+cudnn+compile cudnn+compile compile fp8+compile fbc0.1"}
+variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
+  for v in $1; do
+    local name=${v%%=*} parts=${v#*=} settings=""
+    for p in ${parts//+/ }; do
+      case $p in
+        fp8) settings+="generator.quantize=fp8,";;
+        compile) settings+="generator.compile=true,";;
+        fbc*) settings+="generator.cache.kind=first_block,generator.cache.threshold=${p#fbc},";;
+        *) settings+="generator.attention_backend=$p,";;
+      esac
+    done
+    printf -- '--variant %s=%s ' "$name" "${settings%,}"
+  done
+}
 want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -20,9 +37,23 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 RS=/tmp/anisora-realsize
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+# 0. FP8 replicas (generator.quantize: fp8) on the GPU: FP8 block linears, frames near bf16's, full and LoRA refreshes
+#    landing in the quantized replica, compiled too (skipped on the CPU).
+want fp8 && timeout "${FP8_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_generation_fp8.py 2>&1 \
+  | grep -v -i warn | tail -30 | tee "$OUT/fp8_tests.log"
 # 0. The host refresh's data path on this machine's cores (no GPU, no Ray): 2 cores here put it at ~50% of memcpy.
-want floor && timeout "${FLOOR_LIMIT:-120}" python3 benchmarks/refresh_floor.py 2>&1 | grep -v -i -E "warn|resource_tracker" \
-  | tee "$OUT/refresh_floor.log"
+for run in $(seq "${FLOOR_RUNS:-2}"); do  # fresh runs, for the spread
+  want floor && timeout "${FLOOR_LIMIT:-120}" python3 benchmarks/refresh_floor.py 2>&1 | grep -v -i -E "warn|resource_tracker" \
+    | tee -a "$OUT/refresh_floor.log"
+done
+# 0. Rollout settings at 49x480x720, one video each at 50 steps against eager bf16: seconds, memory, drift (issue 29).
+#    With DEADLINE_S (seconds since this script started), the limits fit in what is left: ~45 s of model build, and
+#    a variant started just inside the budget may take ~100 s more.
+VARIANTS_LIMIT=${VARIANTS_LIMIT:-$(( ${DEADLINE_S:-600} - SECONDS - 10 ))}
+want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --build-realsize $RS/model \
+  --batches "" --compile-batches "" --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
+  --json "$OUT/generation_variants.json" 2>&1 | grep -v -i -E "warn|Writing model" | tee "$OUT/generation_variants.log"
 # 0. Weight refresh through CUDA IPC (9.5 GB of bf16 to 2 replica processes on the GPU) vs a D2D memcpy.
 want refresh && timeout "${REFRESH_LIMIT:-150}" python3 benchmarks/refresh_gpu.py ${REFRESH_ARGS:-} --json "$OUT/refresh_gpu.json" 2>&1 \
   | tee "$OUT/refresh_gpu.log" | grep -v -i -E "warn|resource_tracker|KeyError|cache\[rtype\]"

@@ -83,6 +83,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
                            "--variant", "sdpa-math=generator.attention_backend=math",
                            "--variant", "fbc=generator.cache.kind=first_block,generator.cache.threshold=1e6",
                            "--variant", "cudnn=generator.attention_backend=cudnn",
+                           "--variant", "fp8=generator.quantize=fp8,model.dtype=bfloat16",
                            "--out", str(tmp_path / "run"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -97,10 +98,11 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert "seconds per video" in done.stdout
     # variants on replicas of their own at the full 4 steps, against the config's: time and drift
     variants = {v["variant"]: v for v in result["variants"]}
-    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "cudnn"]
+    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "cudnn", "fp8"]
     assert variants["sdpa-math"]["drift_max_levels"] <= 2 and variants["sdpa-math"]["steps"] == 4
     assert variants["fbc"]["drift_max_levels"] > 0 and variants["fbc"]["psnr_db"] > 0  # reused residuals move frames
     assert "generator.attention_backend='cudnn'" in variants["cudnn"]["error"]  # no such kernel on the CPU
+    assert "generator.quantize='fp8' needs a CUDA GPU" in variants["fp8"]["error"]
 
 
 def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
@@ -117,3 +119,22 @@ def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
         assert np.array_equal(videos[name], gen.render([GenerationRequest(item, (1, 2))]))  # repeatable
     assert videos["dpm"].shape == videos["pretrained"].shape == (2, 9, 32, 32, 3)
     assert not np.array_equal(videos["dpm"], videos["pretrained"])  # another sampler, other samples
+
+
+def test_compiled_replica_composes_with_first_block_cache(tmp_path, demo_manifest):
+    """The cache decides on the host between blocks (a graph break): the compiled replica compiles without
+    fullgraph, reuses residuals as the eager one does, and repeats its frames."""
+    request = GenerationRequest(read_manifest(demo_manifest)[0], (1, 2))
+    path = save_tiny_i2v_pipeline(TinyModelConfig(num_layers=2, warm_start_steps=0), 32, 32, 9, str(tmp_path / "tiny"))
+    cached = {"kind": "first_block", "threshold": 1e6}  # every step after the first reuses the other block
+    videos = {}
+    for name, kw in (("eager", {}), ("cached", {"cache": cached}), ("compiled_cached", {"cache": cached, "compile": True})):
+        cfg = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=3, candidates_per_prompt=2, **kw)
+        gen = Generator(path, ModelConfig(), cfg, VideoConfig())
+        graphs = gen.compiled_graphs()
+        videos[name] = gen.render([request])
+        if name == "compiled_cached":  # both of the cache's paths were compiled at start-up
+            assert gen.compiled_graphs() == graphs
+            assert np.array_equal(gen.render([request]), videos[name])
+    assert np.abs(videos["cached"].astype(int) - videos["eager"].astype(int)).max() > 2  # the cache changes frames
+    assert np.abs(videos["compiled_cached"].astype(int) - videos["cached"].astype(int)).max() <= 2

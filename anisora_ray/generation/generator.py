@@ -15,8 +15,16 @@ import torch
 from PIL import Image
 
 from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
-from anisora_ray.errors import AnisoraError
-from anisora_ray.generation.speed import attention_context, reset_step_cache, use_attention_backend, use_step_cache
+from anisora_ray.errors import AnisoraError, WeightsError
+from anisora_ray.generation.quantize import check_fp8, dequantize_fp8, quantize_fp8
+from anisora_ray.generation.speed import (
+    attention_context,
+    denoisers,
+    reset_step_cache,
+    reuse_forced,
+    use_attention_backend,
+    use_step_cache,
+)
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
@@ -62,9 +70,15 @@ class Generator(WeightsReceiver):
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.family.use_sampler(self.pipe, generator.scheduler)
+        if generator.quantize == "fp8":  # before the cache's hooks and compilation, which see the FP8 layers
+            check_fp8(self.receiving_module().device, self.receiving_module().dtype)
+            self.fp8_layers = [quantize_fp8(m) for m in denoisers(self.pipe)]
+            log.info("replica %s: FP8 on %s block linears", self.replica_id, self.fp8_layers)
         use_attention_backend(self.pipe, generator.attention_backend, self.family)  # checked before any round
         use_step_cache(self.pipe, generator.cache)
         self.startup = {"load_seconds": time.perf_counter() - start}
+        if generator.quantize == "fp8":
+            self.startup["fp8_layers"] = sum(self.fp8_layers)
         if generator.compile:
             self.startup.update(self.compile_transformer())
         self._weights_version = weights_version
@@ -73,17 +87,44 @@ class Generator(WeightsReceiver):
         """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
         geometry and ``batch`` videos (default: a full call's), so the first round does not pay the compilation."""
         before = compiled_graphs()
-        blocks = compile_blocks(self.receiving_module(), mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        # First Block Cache decides on the host whether to run the other blocks: a graph break, so no fullgraph
+        blocks = compile_blocks(self.receiving_module(), fullgraph=self.cfg.cache.kind == "none",
+                                mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
         c = self.cfg
         n = batch or c.candidates_per_prompt * c.prompts_per_call
-        device = self.receiving_module().device
-        start = time.perf_counter()
-        self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * n, [""] * n,
-                  [torch.Generator(device=device).manual_seed(i) for i in range(n)], steps=1)
-        seconds = time.perf_counter() - start
+        if self.cfg.cache.kind == "none":
+            seconds = self.warm_up(n)
+        else:
+            with reuse_forced(self.pipe):  # one step runs every block, one reuses: both paths compile; the
+                seconds = self.warm_up(n, steps=2) + self.warm_up(n, steps=2)  # second call: a cache reset
         log.info("replica %s compiled %d transformer blocks (%d graph(s)) in %.1fs (warm-up call, batch %d)",
                  self.replica_id, blocks, compiled_graphs() - before, seconds, n)
         return {"compile_seconds": seconds, "compiled_blocks": blocks}
+
+    def warm_up(self, batch: int, steps: int = 1) -> float:
+        """``steps`` denoising steps of ``batch`` videos of a grey image at the configured geometry (allocator, kernels,
+        compilation); returns its seconds."""
+        c = self.cfg
+        device = self.receiving_module().device
+        start = time.perf_counter()
+        self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * batch, [""] * batch,
+                  [torch.Generator(device=device).manual_seed(i) for i in range(batch)], steps=steps)
+        return time.perf_counter() - start
+
+    def before_update(self, kind: str) -> None:
+        """A full update is copied into plain weights: FP8 layers are dequantized first."""
+        if self.cfg.quantize == "fp8" and kind == "full":
+            for m in denoisers(self.pipe):
+                dequantize_fp8(m)
+
+    def after_update(self, kind: str) -> None:
+        """The new weights are quantized again and checked layer by layer (a LoRA update needs nothing: its
+        adapter runs beside the FP8 layers in the model's dtype)."""
+        if self.cfg.quantize == "fp8" and kind == "full":
+            layers = [quantize_fp8(m) for m in denoisers(self.pipe)]
+            if layers != self.fp8_layers:
+                raise WeightsError(f"replica {self.replica_id}: {layers} FP8 layers after a refresh, {self.fp8_layers} "
+                                   "before")
 
     def compiled_graphs(self) -> int:
         """Graphs compiled in this process so far: a refresh or prompt that recompiles raises it."""

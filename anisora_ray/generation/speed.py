@@ -92,6 +92,25 @@ def use_step_cache(pipe, cache) -> None:
         m.enable_cache(config)
 
 
+@contextlib.contextmanager
+def reuse_forced(pipe):
+    """Within: every step after a call's first reuses the cached residuals (threshold infinite), so a compiled
+    replica's warm-up compiles the cache's reuse path too, not its first call in a round."""
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    hooks = [m._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) for d in denoisers(pipe) for m in d.modules()
+             if getattr(m, "_diffusers_hook", None) is not None]
+    hooks = [h for h in hooks if h is not None]
+    saved = [h.threshold for h in hooks]
+    for h in hooks:
+        h.threshold = float("inf")
+    try:
+        yield
+    finally:
+        for h, threshold in zip(hooks, saved):
+            h.threshold = threshold
+
+
 def reset_step_cache(pipe) -> None:
     """Forget what the last call cached (its residuals belong to other videos; diffusers' pipelines reset their
     hooks at the end of a call too, this holds whatever the pipeline does)."""

@@ -38,6 +38,13 @@ class WeightsReceiver:
         """The module the weights go into (the transformer)."""
         raise NotImplementedError
 
+    def before_update(self, kind: str) -> None:
+        """Called before an update of ``kind`` is copied in (a quantized replica gives back plain weights)."""
+
+    def after_update(self, kind: str) -> None:
+        """Called once an update of ``kind`` is verified, before its version is taken (a quantized replica
+        quantizes the new weights again and checks them)."""
+
     @property
     def weights_version(self) -> int:
         return self._weights_version
@@ -80,7 +87,7 @@ class WeightsReceiver:
     def begin_update(self, version: int, kind: str, lora: dict | None = None, scheme: str = "xxh3") -> None:
         """Start loading ``version`` part by part (:meth:`load_part`, then :meth:`commit_update`), verified with
         checksum ``scheme`` (``fp`` when the sender stages on a GPU)."""
-        self._incoming = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
+        self._incoming = self._start(version, kind, lora, scheme)
 
     def _parts(self, bucket):
         if isinstance(bucket, CollectiveBucket):
@@ -107,17 +114,26 @@ class WeightsReceiver:
         if self._incoming is None:
             raise WeightsError(f"replica {self.replica_id}: commit of weights version {record.version} without an update")
         report = self._incoming.finish(record)
+        self.after_update(record.kind)
         self._incoming = None
         release_unused()
         cuda_ipc.release_unused()
         return self._loaded(record, report, "a live trainer")
 
+    def _start(self, version: int, kind: str, lora: dict | None, scheme: str = "xxh3") -> UpdateLoader:
+        self.before_update(kind)
+        try:
+            return UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
+        except Exception:
+            self.after_update(kind)  # refused before anything was copied: the module is as it was
+            raise
+
     def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:
         record = meta.version  # a whole update replaces one left half-way; a failed one blocks the model too
-        self._incoming = UpdateLoader(self.receiving_module(), record.version, record.kind, meta.lora,
-                                      self._weights_version)
+        self._incoming = self._start(record.version, record.kind, meta.lora)
         self._incoming.add(tensors)
         report = self._incoming.finish(record)
+        self.after_update(record.kind)
         self._incoming = None
         return self._loaded(record, report, source)
 
