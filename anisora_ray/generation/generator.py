@@ -18,6 +18,7 @@ from anisora_ray.config import GeneratorConfig, ModelConfig, VideoConfig
 from anisora_ray.errors import AnisoraError, WeightsError
 from anisora_ray.generation.quantize import check_fp8, dequantize_fp8, quantize_fp8
 from anisora_ray.generation.speed import (
+    attention_checked,
     attention_context,
     denoisers,
     reset_step_cache,
@@ -81,6 +82,8 @@ class Generator(WeightsReceiver):
             self.startup["fp8_layers"] = sum(self.fp8_layers)
         if generator.compile:
             self.startup.update(self.compile_transformer())
+        elif generator.attention_backend != "auto":
+            self.startup["warm_up_seconds"] = self.warm_up(1)  # the pinned kernel on this model's attention
         self._weights_version = weights_version
 
     def compile_transformer(self, batch: int | None = None) -> dict:
@@ -107,8 +110,9 @@ class Generator(WeightsReceiver):
         c = self.cfg
         device = self.receiving_module().device
         start = time.perf_counter()
-        self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * batch, [""] * batch,
-                  [torch.Generator(device=device).manual_seed(i) for i in range(batch)], steps=steps)
+        with attention_checked(c.attention_backend, device):
+            self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * batch, [""] * batch,
+                      [torch.Generator(device=device).manual_seed(i) for i in range(batch)], steps=steps)
         return time.perf_counter() - start
 
     def before_update(self, kind: str) -> None:
