@@ -1,7 +1,8 @@
 """Chaos: a node of the cluster is removed mid-round; its generator replica comes back on a spare node
 (placement group rescheduled, actor restarted) and the round finishes with the undisturbed winners and
 losers. Runs in a child process with its own 4-node ``ray.cluster_utils.Cluster`` (the session's shared
-cluster must keep its nodes)."""
+cluster must keep its nodes); the reference is the chaos cases' undisturbed round (tests/chaos/conftest.py: the
+same prompts, seeds and sizes), made on the shared cluster."""
 
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ CHILD = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from anisora_ray.config import load_config
-    from anisora_ray.data.demo import make_demo_set
     from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.pairs.stage import run_pairs
-    from tests.chaos.test_chaos_pairs import CHAOS, PROMPTS, _videos, outcome
+    from tests.chaos.conftest import CHAOS, outcome, videos
     from tests.conftest import config_overrides
     import pathlib
-    root, config, model_cache = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    root, config, model_cache, manifest, reference = pathlib.Path(sys.argv[1]), *sys.argv[2:6]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=3, resources={"gen": 1}) for _ in range(3)]  # 2 replicas + a spare node
     cluster.wait_for_nodes()
@@ -34,8 +34,6 @@ CHILD = textwrap.dedent("""
                                "generator.actor.num_cpus=0",  # like a GPU: the spare node's CPUs go to Ray Data
                                "generator.call_timeout_s=240",
                                "generator.placement_strategy=STRICT_SPREAD"])
-    manifest = make_demo_set(str(root / "demo"), num_prompts=PROMPTS, image_size=128, seed=3)
-    undisturbed = run_pairs(cfg, manifest, str(root / "undisturbed"), progress=False)
     replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
     target = replicas.placements()[0]["node_id"]
     victim = next(n for n in nodes if n.node_id == target)
@@ -44,7 +42,7 @@ CHILD = textwrap.dedent("""
     def busy():  # the victim (replica 0) holds a lease: a call of it is in flight, so the removal must resend it
         return ray.get(replicas.router.__ray_call__.remote(lambda router: router.load[0])) > 0
     def remove():
-        while _videos(out) < 4 or not busy():
+        while videos(out) < 4 or not busy():
             time.sleep(0.05)
         cluster.remove_node(victim)
         removed.append(time.time())
@@ -54,23 +52,24 @@ CHILD = textwrap.dedent("""
     seconds = time.perf_counter() - began
     after = ray.get(replicas.actors[0].placement.remote())["node_id"]
     print("RESULT " + json.dumps({"removed": bool(removed), "pairs": result.pairs, "retried": result.retried_candidates,
-                                  "seconds": seconds, "same": outcome(out) == outcome(str(root / "undisturbed")),
-                                  "moved": after != target, "undisturbed": undisturbed.pairs}), flush=True)
+                                  "seconds": seconds, "same": outcome(out) == outcome(reference),
+                                  "moved": after != target}), flush=True)
     replicas.shutdown()
     ray.shutdown()
     cluster.shutdown()
 """)
 
 
-def test_a_node_removed_mid_round_its_replica_returns_elsewhere_and_the_round_finishes(tmp_path, model_cache):
+def test_a_node_removed_mid_round_its_replica_returns_elsewhere_and_the_round_finishes(chaos, tmp_path, model_cache):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = REPO
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), LOCAL_CONFIG, model_cache], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600)
+    reference = str(chaos["root"] / "undisturbed")  # PROMPTS pairs (checked there)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), LOCAL_CONFIG, model_cache, chaos["manifest"],
+                           reference], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-6000:]
     r = json.loads(lines[-1].removeprefix("RESULT "))
     print(f"\nnode-removed: lost={6 - r['pairs']} duplicated=0 retried={r['retried']} seconds={r['seconds']:.1f}")
-    assert r["removed"] and r["undisturbed"] == 6
+    assert r["removed"]
     assert r["pairs"] == 6 and r["same"]  # every prompt paired once, the same winners and losers
     assert r["moved"] and r["retried"] > 0  # the replica came back on the spare node and its work was sent again
