@@ -128,8 +128,7 @@ class GeneratorConfig(Section):
     # pinned for every call) | dispatcher:<name> (diffusers' attention dispatcher, e.g. dispatcher:flash; Wan).
     attention_backend: str = "auto"
     cache: StepCacheConfig = StepCacheConfig()
-    # fp8: torchao float8 (dynamic activations, per-row weights) on the transformer blocks' linears
-    # (generation/quantize.py); a GPU with compute capability >= 8.9 and torchao (the `fp8` extra).
+    # fp8: torchao float8 on the transformer blocks' linears (generation/quantize.py; capability >= 8.9, torchao)
     quantize: Literal["none", "fp8"] = "none"
     # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
     # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
