@@ -498,3 +498,50 @@ def test_refresh_floor_benchmark_delivers_verified_weights_by_both_designs():
                            "--bucket-mb", "2", "--repeats", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pipes (the project's data path)" in done.stdout and "direct (one copy fewer)" in done.stdout
+
+
+def test_update_hooks_run_in_pairs_and_a_failed_after_update_blocks_the_model():
+    """``before_update``/``after_update`` (a quantized replica's dequantize/quantize) run around every update, also
+    one refused before anything is copied; an ``after_update`` that fails leaves the model blocked."""
+    from anisora_ray.weights.receiver import WeightsReceiver
+    from anisora_ray.weights.state import pack_buckets, tensors_checksum
+    from anisora_ray.weights.update import UpdateMeta
+
+    class Receiver(WeightsReceiver):
+        def __init__(self):
+            self.module, self.calls, self.fail_after = torch.nn.Linear(4, 3), [], False
+
+        def receiving_module(self):
+            return self.module
+
+        def before_update(self, kind):
+            self.calls.append(("before", kind))
+
+        def after_update(self, kind):
+            self.calls.append(("after", kind))
+            if self.fail_after:
+                raise WeightsError("re-quantization failed")
+
+    def update(version: int):
+        tensors = [("bias", torch.full((3,), float(version))), ("weight", torch.full((3, 4), float(version)))]
+        record = WeightsVersion(version=version, kind="full", uri="mem://", checksum=tensors_checksum(tensors),
+                                num_bytes=0, num_tensors=2)
+        return UpdateMeta(record), list(pack_buckets(tensors, 1 << 20))
+
+    r = Receiver()
+    r.load_weights(*update(1))
+    assert r.calls == [("before", "full"), ("after", "full")] and r.weights_version == 1
+    with pytest.raises(WeightsError, match="not newer"):
+        r.load_weights(*update(1))
+    assert r.calls[2:] == [("before", "full"), ("after", "full")]  # refused: restored before anything was copied
+    r.check_complete()
+    r.fail_after = True
+    with pytest.raises(WeightsError, match="re-quantization failed"):
+        r.load_weights(*update(2))
+    with pytest.raises(WeightsError, match="holds part of weights version 2"):
+        r.check_complete()  # blocked: not generating with half-settled weights
+    assert r.weights_version == 1
+    r.fail_after = False
+    r.load_weights(*update(3))
+    r.check_complete()
+    assert r.weights_version == 3 and torch.all(r.module.weight == 3)

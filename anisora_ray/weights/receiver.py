@@ -114,7 +114,7 @@ class WeightsReceiver:
         if self._incoming is None:
             raise WeightsError(f"replica {self.replica_id}: commit of weights version {record.version} without an update")
         report = self._incoming.finish(record)
-        self.after_update(record.kind)
+        self._settle(record.kind)
         self._incoming = None
         release_unused()
         cuda_ipc.release_unused()
@@ -133,9 +133,18 @@ class WeightsReceiver:
         self._incoming = self._start(record.version, record.kind, meta.lora)
         self._incoming.add(tensors)
         report = self._incoming.finish(record)
-        self.after_update(record.kind)
+        self._settle(record.kind)
         self._incoming = None
         return self._loaded(record, report, source)
+
+    def _settle(self, kind: str) -> None:
+        """``after_update``; if it fails, the module stays blocked (``check_complete`` raises) as after a broken
+        transfer, until another update is committed."""
+        try:
+            self.after_update(kind)
+        except Exception:
+            self._incoming.partial = True
+            raise
 
     def _loaded(self, record: WeightsVersion, report: dict, source: str) -> dict:
         self._weights_version = record.version
