@@ -211,7 +211,8 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
         frames = replica.render([request_of(1)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        row = {"variant": name, "graphs_compiled_in_timed_call": replica.compiled_graphs() - graphs, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
+        row = {"variant": name, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
+               "graphs_compiled_in_timed_call": replica.compiled_graphs() - graphs,
                "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "startup": replica.startup, "cache_decisions": decisions}
         del replica
@@ -260,14 +261,13 @@ def count_cache_decisions(transformer) -> dict | None:
     """How often First Block Cache ran the remaining blocks and how often it reused their residual (the
     transformer calls it decided on), or None without the cache: its decision is wrapped, not changed."""
     import torch
-    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
-    from anisora_ray.models.compile import repeated_blocks
+    from anisora_ray.generation.speed import cache_leader_hooks
 
-    registry = getattr(repeated_blocks(transformer)[0], "_diffusers_hook", None)
-    hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
-    if hook is None:
+    hooks = cache_leader_hooks(transformer)
+    if not hooks:
         return None
+    hook = hooks[0]
     counts = {"computed": 0, "reused": 0}
     decide = hook._should_compute_remaining_blocks
 

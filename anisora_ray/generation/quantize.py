@@ -57,7 +57,7 @@ def block_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
     found = []
     for block in repeated_blocks(module):
         for name, layer in block.named_modules():
-            if type(layer) is torch.nn.Linear and ".lora_" not in f".{name}" and not name.startswith("lora_") \
+            if type(layer) is torch.nn.Linear and ".lora_" not in f".{name}" \
                     and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
                 found.append(layer)
     return found

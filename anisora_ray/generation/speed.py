@@ -95,15 +95,20 @@ def use_step_cache(pipe, cache) -> None:
         m.enable_cache(config)
 
 
+def cache_leader_hooks(module: torch.nn.Module) -> list:
+    """First Block Cache's deciding hooks inside ``module`` (the first block's; none without the cache)."""
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    hooks = [m._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) for m in module.modules()
+             if getattr(m, "_diffusers_hook", None) is not None]
+    return [h for h in hooks if h is not None]
+
+
 @contextlib.contextmanager
 def reuse_forced(pipe):
     """Within: every step after a call's first reuses the cached residuals (threshold infinite), so a compiled
     replica's warm-up compiles the cache's reuse path too, not its first call in a round."""
-    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
-
-    hooks = [m._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) for d in denoisers(pipe) for m in d.modules()
-             if getattr(m, "_diffusers_hook", None) is not None]
-    hooks = [h for h in hooks if h is not None]
+    hooks = [h for d in denoisers(pipe) for h in cache_leader_hooks(d)]
     saved = [h.threshold for h in hooks]
     for h in hooks:
         h.threshold = float("inf")
