@@ -82,6 +82,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
                            "--set", "model.tiny.num_layers=2", "--steps", "4",
                            "--variant", "sdpa-math=generator.attention_backend=math",
                            "--variant", "fbc=generator.cache.kind=first_block,generator.cache.threshold=1e6",
+                           "--variant", "fc=generator.cache.kind=faster_cache",
                            "--variant", "cudnn=generator.attention_backend=cudnn",
                            "--variant", "fp8=generator.quantize=fp8,model.dtype=bfloat16",
                            "--out", str(tmp_path / "run"), "--json", str(out)],
@@ -98,9 +99,13 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert "seconds per video" in done.stdout
     # variants on replicas of their own at the full 4 steps, against the config's: time and drift
     variants = {v["variant"]: v for v in result["variants"]}
-    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "cudnn", "fp8"]
+    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "fc", "cudnn", "fp8"]
     assert variants["sdpa-math"]["drift_max_levels"] <= 2 and variants["sdpa-math"]["steps"] == 4
     assert variants["fbc"]["drift_max_levels"] > 0 and variants["fbc"]["psnr_db"] > 0  # reused residuals move frames
+    if family == "cogvideox_i2v":  # FasterCache approximates the unconditional half of steps 1-3
+        assert variants["fc"]["drift_max_levels"] > 0 and "error" not in variants["fc"]
+    else:
+        assert "runs them as two calls" in variants["fc"]["error"]
     assert "generator.attention_backend='cudnn'" in variants["cudnn"]["error"]  # no such kernel on the CPU
     assert "generator.quantize='fp8' needs a CUDA GPU" in variants["fp8"]["error"]
 
@@ -121,19 +126,22 @@ def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
     assert not np.array_equal(videos["dpm"], videos["pretrained"])  # another sampler, other samples
 
 
-def test_compiled_replica_composes_with_first_block_cache(tmp_path, demo_manifest):
-    """The cache decides on the host between blocks (a graph break): the compiled replica compiles without
-    fullgraph, reuses residuals as the eager one does, and repeats its frames."""
+@pytest.mark.parametrize("cached", [{"kind": "first_block", "threshold": 1e6}, {"kind": "faster_cache"}],
+                         ids=["first_block", "faster_cache"])
+def test_compiled_replica_composes_with_a_step_cache(tmp_path, demo_manifest, cached):
+    """A cache decides on the host (between blocks; in FasterCache's attention hooks, by a step counter): the
+    compiled replica keeps those decisions out of its graphs, warms up every path at start-up (no graph compiles
+    in a call, FasterCache's halved batches included), reuses as the eager one does, and repeats its frames."""
     request = GenerationRequest(read_manifest(demo_manifest)[0], (1, 2))
     path = save_tiny_i2v_pipeline(TinyModelConfig(num_layers=2, warm_start_steps=0), 32, 32, 9, str(tmp_path / "tiny"))
-    cached = {"kind": "first_block", "threshold": 1e6}  # every step after the first reuses the other block
+    steps = 3 if cached["kind"] == "first_block" else 8  # first_block: every step after the first reuses
     videos = {}
     for name, kw in (("eager", {}), ("cached", {"cache": cached}), ("compiled_cached", {"cache": cached, "compile": True})):
-        cfg = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=3, candidates_per_prompt=2, **kw)
+        cfg = GeneratorConfig(height=32, width=32, num_frames=9, num_inference_steps=steps, candidates_per_prompt=2, **kw)
         gen = Generator(path, ModelConfig(), cfg, VideoConfig())
         graphs = gen.compiled_graphs()
         videos[name] = gen.render([request])
-        if name == "compiled_cached":  # both of the cache's paths were compiled at start-up
+        if name == "compiled_cached":  # every path of the cache was compiled at start-up
             assert gen.compiled_graphs() == graphs
             assert np.array_equal(gen.render([request]), videos[name])
     assert np.abs(videos["cached"].astype(int) - videos["eager"].astype(int)).max() > 2  # the cache changes frames

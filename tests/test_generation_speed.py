@@ -1,7 +1,8 @@
 """Rollout speed settings on the tiny models (generation/speed.py): the attention kernel is checked at start-up
 (a missing kernel is a ConfigError naming the setting), a pinned kernel renders what torch's own choice renders,
-diffusers' dispatcher is used where a family's attention goes through it, and First Block Cache changes the
-frames only as far as its threshold allows and keeps nothing from one call to the next."""
+diffusers' dispatcher is used where a family's attention goes through it, First Block Cache changes the
+frames only as far as its threshold allows and keeps nothing from one call to the next, and FasterCache skips
+on its schedule."""
 
 from __future__ import annotations
 
@@ -74,6 +75,47 @@ def test_first_block_cache_moves_the_frames_by_its_threshold_only_and_forgets_be
     first = _frames(loose, items)
     assert np.abs(first - plain).max() > 0  # later steps reuse the first step's residuals
     np.testing.assert_array_equal(_frames(loose, items), first)  # a second call starts with an empty cache
+
+
+def test_faster_cache_follows_its_schedule_forgets_between_calls_and_needs_batched_cfg(make_config, demo_manifest):
+    """Step i > 0 below timestep 781 runs the conditional half only unless i % 5 == 0; on such a step below 681,
+    attention is reused unless i % 2 == 0 (diffusers' FasterCache with the settings of generator.cache)."""
+    cfg = make_config("generator.num_inference_steps=8")
+    items = read_manifest(demo_manifest)
+    plain = _frames(_generator(cfg), items)
+    gen = _generator(cfg, ("cache.kind", "faster_cache"))
+    timesteps, batches, attention = [], [], []  # the step's timestep, the batch its blocks see, attention computed
+    gen.pipe.transformer.register_forward_pre_hook(lambda m, a, kw: timesteps.append(float(kw["timestep"][0])),
+                                                   with_kwargs=True)
+    block = gen.pipe.transformer.transformer_blocks[0]
+    block.register_forward_pre_hook(lambda m, a, kw: batches.append((a or [kw["hidden_states"]])[0].shape[0]),
+                                    with_kwargs=True)
+    block.attn1.to_q.register_forward_hook(lambda *_: attention.append(1))
+    first = _frames(gen, items)
+    steps, full = list(zip(batches, timesteps)), batches[0]
+    halved = [i > 0 and t < 781 and i % 5 != 0 for i, (_, t) in enumerate(steps)]
+    assert [b for b, _ in steps] == [full // 2 if h else full for h in halved] and any(halved)
+    reused = sum(h and t < 681 and i % 2 != 0 for i, (h, (_, t)) in enumerate(zip(halved, steps)))
+    assert len(attention) == len(steps) - reused and reused > 0
+    assert np.abs(first - plain).max() > 0  # approximated steps move the frames
+    np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
+    wan = make_config("model.family=wan_i2v", "generator.num_inference_steps=2")
+    with pytest.raises(ConfigError, match="model.family='wan_i2v' runs them as two calls"):
+        _generator(wan, ("cache.kind", "faster_cache"))
+
+
+def test_warm_up_steps_reach_every_path_of_the_cache():
+    from anisora_ray.config import GeneratorConfig
+    from anisora_ray.generation.speed import warm_up_steps
+
+    def steps(a: int, u: int) -> int:
+        return warm_up_steps(GeneratorConfig(cache={"kind": "faster_cache", "attention_skip_range": a,
+                                                    "unconditional_skip_range": u}).cache)
+
+    assert steps(2, 5) == 3  # 1: attention reused on the halved batch, 2: computed on it
+    assert steps(3, 5) == 4 and steps(3, 2) == 4  # computed on the halved batch first at step 3
+    assert steps(2, 2) == 2  # odd steps halve and reuse; even steps run both branches: nothing else occurs
+    assert warm_up_steps(GeneratorConfig(cache={"kind": "first_block"}).cache) == 2
 
 
 def test_a_pinned_kernel_composes_with_compile(make_config, demo_manifest):

@@ -21,10 +21,12 @@ from anisora_ray.generation.speed import (
     attention_checked,
     attention_context,
     denoisers,
+    faster_cache_hooks_outside_graphs,
     reset_step_cache,
     reuse_forced,
     use_attention_backend,
     use_step_cache,
+    warm_up_steps,
 )
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
@@ -76,7 +78,7 @@ class Generator(WeightsReceiver):
             self.fp8_layers = [quantize_fp8(m) for m in denoisers(self.pipe)]
             log.info("replica %s: FP8 on %s block linears", self.replica_id, self.fp8_layers)
         use_attention_backend(self.pipe, generator.attention_backend, self.family)  # checked before any round
-        use_step_cache(self.pipe, generator.cache)
+        use_step_cache(self.pipe, generator.cache, self.family)
         self.startup = {"load_seconds": time.perf_counter() - start}
         if generator.quantize == "fp8":
             self.startup["fp8_layers"] = sum(self.fp8_layers)
@@ -90,16 +92,18 @@ class Generator(WeightsReceiver):
         """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
         geometry and ``batch`` videos (default: a full call's), so the first round does not pay the compilation."""
         before = compiled_graphs()
-        # First Block Cache decides on the host whether to run the other blocks: a graph break, so no fullgraph
-        blocks = compile_blocks(self.receiving_module(), fullgraph=self.cfg.cache.kind == "none",
-                                mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
+        if self.cfg.cache.kind == "faster_cache":
+            faster_cache_hooks_outside_graphs(self.pipe, mode=mode, dynamic=False)
+        # A step cache decides on the host whether to run blocks or attention: graph breaks, so no fullgraph
+        blocks = compile_blocks(self.receiving_module(), fullgraph=self.cfg.cache.kind == "none", mode=mode)
         c = self.cfg
         n = batch or c.candidates_per_prompt * c.prompts_per_call
         if self.cfg.cache.kind == "none":
             seconds = self.warm_up(n)
         else:
-            with reuse_forced(self.pipe):  # one step runs every block, one reuses: both paths compile; the
-                seconds = self.warm_up(n, steps=2) + self.warm_up(n, steps=2)  # second call: a cache reset
+            with reuse_forced(self.pipe):  # every path of the cache compiles; the second call: after a reset
+                seconds = sum(self.warm_up(n, steps=warm_up_steps(c.cache)) for _ in range(2))
         log.info("replica %s compiled %d transformer blocks (%d graph(s)) in %.1fs (warm-up call, batch %d)",
                  self.replica_id, blocks, compiled_graphs() - before, seconds, n)
         return {"compile_seconds": seconds, "compiled_blocks": blocks}

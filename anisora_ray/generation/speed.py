@@ -80,19 +80,46 @@ def use_attention_backend(pipe, backend: str, family) -> None:
         raise ConfigError(f"generator.attention_backend={backend!r}: {exc}") from exc
 
 
-def use_step_cache(pipe, cache) -> None:
+def use_step_cache(pipe, cache, family) -> None:
     """Enable ``generator.cache`` on every denoiser (``none``: nothing)."""
     if cache.kind == "none":
         return
-    from diffusers import FirstBlockCacheConfig
+    from diffusers import FasterCacheConfig, FirstBlockCacheConfig
 
-    config = FirstBlockCacheConfig(threshold=cache.threshold)
+    if cache.kind == "faster_cache":
+        if family.batched_cfg_layout is None:
+            raise ConfigError(f"generator.cache.kind='faster_cache' needs a pipeline that runs CFG's two branches as one "
+                              f"batch; model.family={family.name!r} runs them as two calls: use 'first_block'")
+        config = FasterCacheConfig(  # diffusers' CogVideoX settings: attention weight 0.3, its timestep ranges
+            spatial_attention_block_skip_range=cache.attention_skip_range,
+            spatial_attention_timestep_skip_range=(-1, 681), spatial_attention_block_identifiers=("transformer_blocks",),
+            unconditional_batch_skip_range=cache.unconditional_skip_range, unconditional_batch_timestep_skip_range=(-1, 781),
+            low_frequency_weight_update_timestep_range=(99, 641), attention_weight_callback=lambda _: 0.3,
+            current_timestep_callback=lambda: pipe.current_timestep, tensor_format=family.batched_cfg_layout)
+    else:
+        config = FirstBlockCacheConfig(threshold=cache.threshold)
     for m in denoisers(pipe):
         blocks = len(repeated_blocks(m))
-        if blocks < 2:
+        if cache.kind == "first_block" and blocks < 2:
             raise ConfigError(f"generator.cache.kind='first_block' needs a transformer of 2 blocks or more (the first "
                               f"decides, the others are reused); {type(m).__name__} has {blocks}")
         m.enable_cache(config)
+
+
+def faster_cache_hooks_outside_graphs(pipe, **compile_kwargs) -> int:
+    """FasterCache decides in Python on every call of a hooked attention (a step counter, the timestep): traced
+    into a compiled block, each step would compile a new graph. The hooks run outside the block's graph
+    (``torch.compiler.disable``); the attention they call when they compute is compiled on its own. Returns how
+    many attention modules."""
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK
+
+    hooks = [(m, m._diffusers_hook.get_hook(_FASTER_CACHE_BLOCK_HOOK)) for d in denoisers(pipe) for m in d.modules()
+             if getattr(m, "_diffusers_hook", None) is not None]
+    hooks = [(m, h) for m, h in hooks if h is not None]
+    for m, hook in hooks:
+        hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
+        m.forward = torch.compiler.disable(m.forward)
+    return len(hooks)
 
 
 def cache_leader_hooks(module: torch.nn.Module) -> list:
@@ -104,19 +131,48 @@ def cache_leader_hooks(module: torch.nn.Module) -> list:
     return [h for h in hooks if h is not None]
 
 
+def warm_up_steps(cache) -> int:
+    """Denoising steps (under ``reuse_forced``) that take a compiled replica through every path its cache has.
+    First Block Cache: 2 (compute, reuse). FasterCache, at step i > 0: the unconditional branch skipped unless
+    i % unconditional_skip_range == 0, and then attention skipped unless i % attention_skip_range == 0 (each
+    a batch size or a path of its own); the first steps that show every case of a whole period."""
+    if cache.kind != "faster_cache":
+        return 2
+    a, u = cache.attention_skip_range, cache.unconditional_skip_range
+
+    def case(i: int) -> str:
+        return "both branches" if i % u == 0 else "attention reused" if i % a else "attention computed"
+
+    every = {case(0)} | {case(i) for i in range(1, a * u + 1)}
+    seen = {case(0)}
+    for i in range(1, a * u + 1):
+        seen.add(case(i))
+        if seen == every:
+            return i + 1
+    return 1
+
+
 @contextlib.contextmanager
 def reuse_forced(pipe):
-    """Within: every step after a call's first reuses the cached residuals (threshold infinite), so a compiled
-    replica's warm-up compiles the cache's reuse path too, not its first call in a round."""
-    hooks = [h for d in denoisers(pipe) for h in cache_leader_hooks(d)]
-    saved = [h.threshold for h in hooks]
-    for h in hooks:
-        h.threshold = float("inf")
+    """Within: every step after a call's first may reuse what the cache holds, whatever its thresholds
+    (First Block Cache's threshold infinite, FasterCache's timestep ranges unbounded), so a compiled replica's
+    warm-up compiles the cache's reuse paths too, not its first call in a round."""
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+
+    forced = [(h, "threshold", float("inf")) for d in denoisers(pipe) for h in cache_leader_hooks(d)]
+    for m in (m for d in denoisers(pipe) for m in d.modules() if getattr(m, "_diffusers_hook", None) is not None):
+        if (h := m._diffusers_hook.get_hook(_FASTER_CACHE_DENOISER_HOOK)) is not None:
+            forced.append((h, "unconditional_batch_timestep_skip_range", (-float("inf"), float("inf"))))
+        if (h := m._diffusers_hook.get_hook(_FASTER_CACHE_BLOCK_HOOK)) is not None:
+            forced.append((h, "timestep_skip_range", (-float("inf"), float("inf"))))
+    saved = [getattr(h, name) for h, name, _ in forced]
+    for h, name, value in forced:
+        setattr(h, name, value)
     try:
         yield
     finally:
-        for h, threshold in zip(hooks, saved):
-            h.threshold = threshold
+        for (h, name, _), value in zip(forced, saved):
+            setattr(h, name, value)
 
 
 def reset_step_cache(pipe) -> None:

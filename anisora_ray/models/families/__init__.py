@@ -88,6 +88,9 @@ class GeneratorFamily(abc.ABC):
         return self.save_tiny(model, generator, os.path.join(os.path.expanduser(model.cache_dir), name))
 
     attention_dispatcher = False  # its attention goes through diffusers' dispatcher (set_attention_backend)
+    # The latents' layout ("BFCHW", "BCFHW") when the pipeline runs CFG's two branches as one batch (FasterCache
+    # approximates the unconditional half from the conditional one); None: two calls per step (Wan)
+    batched_cfg_layout: str | None = None
 
     @abc.abstractmethod
     def load(self, pretrained: str, dtype: str, device: str, revision: str | None, parts: str = "all"):

@@ -28,6 +28,7 @@ def scale_latents(vae, latents: torch.Tensor, factor: float | None = None) -> to
 class CogVideoXI2V(GeneratorFamily):
     name = "cogvideox_i2v"
     description = "CogVideoX image-to-video through diffusers' CogVideoXImageToVideoPipeline (AniSora V1)"
+    batched_cfg_layout = "BFCHW"  # one transformer call per step on [uncond; cond] latents [B, F, C, H, W]
 
     def tiny_builders(self):
         from anisora_ray.models.tiny import save_tiny_i2v_pipeline, tiny_fingerprint

@@ -1,0 +1,73 @@
+"""The generator's section: a replica's resources, geometry, sampler, speed settings and failure handling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from anisora_ray.config.base import ActorResources, Section
+
+
+class StepCacheConfig(Section):
+    """diffusers' step cache on the denoiser(s) (generation/speed.py); off by default."""
+
+    kind: Literal["none", "first_block", "faster_cache"] = "none"
+    threshold: float = Field(default=0.05, gt=0)  # first_block: a first-block residual change below this skips the rest
+    # faster_cache (FasterCache, AniSora's own; families that batch CFG: cogvideox_i2v): below timestep 681 self-
+    # attention is computed every `attention_skip_range` steps (reused in between), and below 781 the unconditional
+    # branch every `unconditional_skip_range` steps (in between approximated from the conditional one). A fixed
+    # schedule: its saving does not depend on the weights.
+    attention_skip_range: int = Field(default=2, ge=1)
+    unconditional_skip_range: int = Field(default=5, ge=1)
+
+
+class GeneratorConfig(Section):
+    replicas: int = Field(default=1, ge=1)
+    actor: ActorResources = ActorResources()
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    candidates_per_prompt: int = Field(default=4, ge=1)
+    prompts_per_call: int = Field(default=1, ge=1)
+    max_calls_in_flight: int = Field(default=2, ge=1)  # per replica
+    calls_per_task: int = Field(default=1, ge=1)  # calls one forwarding task keeps in flight (fewer processes at scale)
+    num_frames: int = Field(default=9, ge=1)
+    height: int = Field(default=64, ge=16)
+    width: int = Field(default=64, ge=16)
+    fps: int = Field(default=8, ge=1)
+    num_inference_steps: int = Field(default=8, ge=1)
+    guidance_scale: float = Field(default=6.0, ge=0)
+    max_sequence_length: int = Field(default=128, ge=1)
+    device: str = "auto"  # auto: cuda when Ray gave the actor a GPU and torch sees one, else cpu
+    torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    # Speed (docs/performance.md): regional torch.compile of the transformer blocks, once per replica at start-up.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # The attention kernel (generation/speed.py): auto | math | flash | efficient | cudnn (torch's SDPA kernel,
+    # pinned for every call) | dispatcher:<name> (diffusers' attention dispatcher, e.g. dispatcher:flash; Wan).
+    attention_backend: str = "auto"
+    cache: StepCacheConfig = StepCacheConfig()
+    # fp8: torchao float8 on the transformer blocks' linears (generation/quantize.py; capability >= 8.9, torchao)
+    quantize: Literal["none", "fp8"] = "none"
+    # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
+    # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
+    scheduler: Literal["pretrained", "dpm"] = "pretrained"
+    # Infrastructure failures (a replica process or node dies, a call hangs) are retried, not quarantined:
+    max_restarts: int = Field(default=3, ge=-1)  # Ray restarts a dead replica this often (-1: always)
+    call_timeout_s: float | None = Field(default=1800.0, gt=0)  # a call past this: the replica is killed and restarted
+    call_retries: int = Field(default=3, ge=0)  # a failed or timed-out call is sent again this often, then the run fails
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE factor 8 x patch size 2), got {v}")
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 4k+1 (the VAE compresses time 4x), e.g. 9, 13, 49; got {v}")
+        return v
