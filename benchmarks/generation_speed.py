@@ -61,8 +61,8 @@ def generator_config(args, measuring: bool = True, extra: list[str] | tuple = ()
     from anisora_ray.config import load_config
 
     real = os.path.join(REPO, "configs", CONFIGS[args.family][0 if args.tiny else 1])
-    # eager rows run eager: the real config compiles at start-up, this benchmark compiles for its compiled rows
-    overrides = ["ray.address=null", "generator.compile=false"] + (
+    # eager rows run eager and uncached: the real config compiles and caches, this benchmark sets those per row
+    overrides = ["ray.address=null", "generator.compile=false", "generator.cache.kind=none"] + (
         [f"generator.num_inference_steps={args.measure_steps}"] if measuring else [])
     if args.tiny:
         overrides += [f"generator.torch_threads={os.cpu_count() or 1}"]
