@@ -14,6 +14,23 @@ def test_shipped_configs_load():
     assert real.model.dtype == "bfloat16" and real.generator.actor.num_gpus == 1
 
 
+def test_every_shipped_config_asks_only_for_step_caches_its_family_supports():
+    """FasterCache (the CogVideoX config's) approximates CFG's unconditional half inside one batched call: a config
+    that includes the CogVideoX one for another family (Wan calls the transformer twice per step) must turn it off."""
+    import glob
+    import os
+
+    from anisora_ray.models.families import get_family
+
+    checked = {}
+    for path in sorted(glob.glob(f"{REPO}/configs/*.yaml")):
+        cfg = load_config(path)
+        checked[os.path.basename(path)] = cfg.generator.cache.kind
+        if cfg.generator.cache.kind == "faster_cache":
+            assert get_family(cfg.model.family).batched_cfg_layout is not None, path
+    assert checked["cogvideox5b_i2v.yaml"] == "faster_cache" and checked["wan22_ti2v5b.yaml"] == "none"
+
+
 def test_overrides_apply_with_yaml_typed_values():
     cfg = load_config(LOCAL_CONFIG, ["generator.replicas=3", "generator.actor.num_gpus=0.5", "ray.address=auto",
                                      "generator.actor.resources={accel: 1}", "tracking.tracking_uri=null"])
