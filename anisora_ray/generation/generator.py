@@ -89,8 +89,9 @@ class Generator(WeightsReceiver):
         self._weights_version = weights_version
 
     def compile_transformer(self, batch: int | None = None) -> dict:
-        """Compile the transformer blocks and run one warm-up call (one denoising step) at the configured
-        geometry and ``batch`` videos (default: a full call's), so the first round does not pay the compilation."""
+        """Compile the transformer blocks and warm up at the configured geometry and ``batch`` videos (default: a
+        full call's), so the first round does not pay the compilation: one denoising step, or with a step cache two
+        calls of ``warm_up_steps`` steps that take every path of the cache."""
         before = compiled_graphs()
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         if self.cfg.cache.kind == "faster_cache":

@@ -5,9 +5,11 @@ torch's scaled-dot-product-attention kernel for every call of the pipeline (ever
 it); any other name is a backend of diffusers' attention dispatcher (``flash`` of the flash-attn package is
 ``dispatcher:flash``, ``dispatcher:sage``, ...) for families whose attention goes through the dispatcher (Wan).
 Each is checked at start-up on the replica's device, by a real call (one denoising step) under the pinned kernel:
-a missing kernel is a ``ConfigError`` naming the setting, not a failure in the middle of a round. ``generator.cache``: diffusers' First Block Cache on the denoiser(s)
-(a step whose first block's residual moved less than ``threshold`` reuses the other blocks' last residual),
-reset after every pipeline call so one video's cached residuals never reach the next.
+a missing kernel is a ``ConfigError`` naming the setting, not a failure in the middle of a round.
+``generator.cache``: diffusers' FasterCache (a fixed schedule: the unconditional half of CFG's batch and
+self-attention reused on some steps; families that batch CFG) or First Block Cache (a step whose first block's
+residual moved less than ``threshold`` reuses the other blocks' last residual) on the denoiser(s), reset after
+every pipeline call so one video's cached tensors never reach the next.
 """
 
 from __future__ import annotations
