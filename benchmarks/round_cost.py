@@ -41,8 +41,13 @@ from anisora_ray.loop.cost import RoundCosts, best_split, predict  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def video_seconds(args) -> float:
+    """Seconds per 49x480x720 video: --video-seconds, else the H100's compiled or eager figure."""
+    return args.video_seconds or (72.5 if args.compiled else 94.5)
+
+
 def model_table(args) -> list[dict]:
-    costs = RoundCosts(prompts=args.prompts, video_seconds=72.5 if args.compiled else 94.5,
+    costs = RoundCosts(prompts=args.prompts, video_seconds=video_seconds(args),
                        eval_prompts=args.eval_prompts)
     rows = []
     for total in args.gpus:
@@ -58,8 +63,9 @@ def model_table(args) -> list[dict]:
 
 
 def print_model(rows: list[dict], args) -> None:
-    print(f"one round: {args.prompts} prompts x 4 candidates, {'72.5' if args.compiled else '94.5'} s per video "
-          f"(H100), LoRA pair update 8.87 s, learned reward per docs/performance.md, {args.eval_prompts} held-out prompts")
+    where = "" if args.video_seconds else " (H100)"
+    print(f"one round: {args.prompts} prompts x 4 candidates, {video_seconds(args):g} s per video{where}, LoRA pair "
+          f"update 8.87 s, learned reward per docs/performance.md, {args.eval_prompts} held-out prompts")
     print("| GPUs | schedule | generation / reward / training GPUs | generate h | train h | round h | "
           "round / pure generation | GPU-hours | idle |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -259,6 +265,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2000)
     parser.add_argument("--eval-prompts", type=int, default=0)
     parser.add_argument("--compiled", action="store_true", help="72.5 s per video (generator.compile) instead of 94.5")
+    parser.add_argument("--video-seconds", type=float, help="seconds per video measured elsewhere, e.g. 44.3: the real "
+                        "config (compile + FasterCache) on an H200, docs/performance.md")
     parser.add_argument("--simulate", action="store_true")
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--gpus-per-node", type=int, default=8)

@@ -64,3 +64,21 @@ def test_a_simulated_round_runs_the_real_pipeline_and_matches_the_model(tmp_path
     # 2-core machine's noise (a suite run measured 10.5 s overlapped against 9.3 s sequential): speed is the
     # benchmark's to report (docs/performance.md), the ratios above tie each measurement to its prediction
     assert sim["overlapped"]["predicted"] < sim["sequential"]["predicted"]
+
+
+def test_the_model_table_takes_a_measured_video_time():
+    """``--video-seconds`` (e.g. the real config's compile + FasterCache on an H200) replaces the H100 figures:
+    the generation GPU-hours of every split follow it, and every round gets shorter."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from round_cost import model_table, video_seconds
+
+    args = argparse.Namespace(prompts=2000, eval_prompts=0, gpus=[16, 64], compiled=False, video_seconds=None)
+    eager = model_table(args)
+    fast = model_table(argparse.Namespace(**{**vars(args), "video_seconds": 44.3}))
+    assert video_seconds(args) == 94.5 and video_seconds(argparse.Namespace(compiled=True, video_seconds=None)) == 72.5
+    for rows, seconds in ((eager, 94.5), (fast, 44.3)):
+        for r in rows:  # 2000 prompts x 4 candidates on the split's generation GPUs (plus a start-up)
+            assert r["pure_generation_h"] * r["generation"] == pytest.approx(2000 * 4 * seconds / 3600, rel=0.05)
+    assert all(f["wall_h"] < e["wall_h"] for e, f in zip(eager, fast))
