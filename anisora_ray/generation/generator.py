@@ -90,8 +90,8 @@ class Generator(WeightsReceiver):
 
     def compile_transformer(self, batch: int | None = None) -> dict:
         """Compile the transformer blocks and warm up at the configured geometry and ``batch`` videos (default: a
-        full call's), so the first round does not pay the compilation: one denoising step, or with a step cache two
-        calls of ``warm_up_steps`` steps that take every path of the cache."""
+        full call's), so the first round does not pay the compilation: one denoising step, or with a step cache
+        ``warm_up_steps`` steps that take every path of the cache (First Block Cache: twice)."""
         before = compiled_graphs()
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         if self.cfg.cache.kind == "faster_cache":
@@ -103,8 +103,9 @@ class Generator(WeightsReceiver):
         if self.cfg.cache.kind == "none":
             seconds = self.warm_up(n)
         else:
-            with reuse_forced(self.pipe):  # every path of the cache compiles; the second call: after a reset
-                seconds = sum(self.warm_up(n, steps=warm_up_steps(c.cache)) for _ in range(2))
+            calls = 2 if c.cache.kind == "first_block" else 1  # First Block Cache's second call: after a reset
+            with reuse_forced(self.pipe):  # every path of the cache compiles
+                seconds = sum(self.warm_up(n, steps=warm_up_steps(c.cache)) for _ in range(calls))
         log.info("replica %s compiled %d transformer blocks (%d graph(s)) in %.1fs (warm-up call, batch %d)",
                  self.replica_id, blocks, compiled_graphs() - before, seconds, n)
         return {"compile_seconds": seconds, "compiled_blocks": blocks}
