@@ -115,22 +115,25 @@ def faster_cache_hooks_outside_graphs(pipe, **compile_kwargs) -> int:
     many attention modules."""
     from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK
 
-    hooks = [(m, m._diffusers_hook.get_hook(_FASTER_CACHE_BLOCK_HOOK)) for d in denoisers(pipe) for m in d.modules()
-             if getattr(m, "_diffusers_hook", None) is not None]
-    hooks = [(m, h) for m, h in hooks if h is not None]
+    hooks = [mh for d in denoisers(pipe) for mh in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
     for m, hook in hooks:
         hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
         m.forward = torch.compiler.disable(m.forward)
     return len(hooks)
 
 
+def hooked(module: torch.nn.Module, name: str) -> list[tuple[torch.nn.Module, object]]:
+    """(submodule, hook) for every submodule of ``module`` holding the diffusers hook registered as ``name``."""
+    found = [(m, m._diffusers_hook.get_hook(name)) for m in module.modules()
+             if getattr(m, "_diffusers_hook", None) is not None]
+    return [(m, h) for m, h in found if h is not None]
+
+
 def cache_leader_hooks(module: torch.nn.Module) -> list:
     """First Block Cache's deciding hooks inside ``module`` (the first block's; none without the cache)."""
     from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
-    hooks = [m._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) for m in module.modules()
-             if getattr(m, "_diffusers_hook", None) is not None]
-    return [h for h in hooks if h is not None]
+    return [h for _, h in hooked(module, _FBC_LEADER_BLOCK_HOOK)]
 
 
 def warm_up_steps(cache) -> int:
@@ -161,12 +164,13 @@ def reuse_forced(pipe):
     warm-up compiles the cache's reuse paths too, not its first call in a round."""
     from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
 
-    forced = [(h, "threshold", float("inf")) for d in denoisers(pipe) for h in cache_leader_hooks(d)]
-    for m in (m for d in denoisers(pipe) for m in d.modules() if getattr(m, "_diffusers_hook", None) is not None):
-        if (h := m._diffusers_hook.get_hook(_FASTER_CACHE_DENOISER_HOOK)) is not None:
-            forced.append((h, "unconditional_batch_timestep_skip_range", (-float("inf"), float("inf"))))
-        if (h := m._diffusers_hook.get_hook(_FASTER_CACHE_BLOCK_HOOK)) is not None:
-            forced.append((h, "timestep_skip_range", (-float("inf"), float("inf"))))
+    unbounded = (-float("inf"), float("inf"))
+    forced = []
+    for d in denoisers(pipe):
+        forced += [(h, "threshold", float("inf")) for h in cache_leader_hooks(d)]
+        forced += [(h, "unconditional_batch_timestep_skip_range", unbounded)
+                   for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
+        forced += [(h, "timestep_skip_range", unbounded) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
     saved = [getattr(h, name) for h, name, _ in forced]
     for h, name, value in forced:
         setattr(h, name, value)
