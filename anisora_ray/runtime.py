@@ -43,19 +43,22 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 @contextlib.contextmanager
-def preemption_watcher(enabled: bool) -> Iterator[None]:
-    """``ray.preemption_watcher`` for the ``TorchTrainer.fit()`` inside: Ray Train reads the switch from the driver's
-    environment during ``fit()`` and hands it to its controller; the environment is restored afterwards."""
-    key = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-    before = os.environ.get(key)
-    os.environ[key] = "1" if enabled else "0"
+def train_settings(cfg: RayConfig) -> Iterator[None]:
+    """``ray.preemption_watcher`` and ``ray.train_poll_s`` for the ``TorchTrainer.fit()`` inside: Ray Train reads
+    them from the driver's environment during ``fit()`` and hands them to its controller; the environment is
+    restored afterwards."""
+    settings = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1" if cfg.preemption_watcher else "0",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": repr(float(cfg.train_poll_s))}
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the router down with it

@@ -112,6 +112,39 @@ def preemption_watchers() -> int:
     return sum(a["ActorClassName"].endswith("PreemptionWatcher") for a in actors().values())
 
 
+class ControllerEnv:
+    """Reads, while a fit runs, the environment of each live Ray Train controller (``/proc/<pid>/environ``): what
+    Ray Train took from the driver's environment. ``with ControllerEnv(keys) as seen:`` then ``seen`` maps each
+    controller pid to its values of ``keys``."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        import threading
+
+        self.keys, self.seen, self.stop = keys, {}, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        from ray._private.state import actors
+
+        while not self.stop.wait(0.2):
+            for a in actors().values():
+                if a["ActorClassName"].endswith("TrainController") and a["State"] == "ALIVE" and a["Pid"] not in self.seen:
+                    try:
+                        with open(f"/proc/{a['Pid']}/environ", "rb") as f:
+                            env = dict(e.split("=", 1) for e in f.read().decode().split("\0") if "=" in e)
+                    except OSError:
+                        continue
+                    self.seen[a["Pid"]] = {k: env.get(k) for k in self.keys}
+
+    def __enter__(self) -> dict:
+        self.thread.start()
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

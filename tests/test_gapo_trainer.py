@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, preemption_watchers
+from tests.conftest import REPO, ControllerEnv, preemption_watchers
 
 STEPS = 6
 
@@ -77,10 +77,14 @@ def test_lora_trains_only_the_adapter(trained):
     # configs/local.yaml turns Ray Train's preemption watcher off (test_resume_...: none started); on here
     before = preemption_watchers()
     cfg = trained["make"]("gapo.steps=4", "gapo.lora.r=4", "gapo.lora.alpha=8", "gapo.learning_rate=1e-2",
-                          "ray.preemption_watcher=true")
-    result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
+                          "ray.preemption_watcher=true", "ray.train_poll_s=0.3")
+    keys = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    with ControllerEnv(keys) as controllers:
+        result = train_gapo(cfg, trained["table"], str(trained["root"] / "adapter"), root=REPO, run_name="lora")
     assert preemption_watchers() == before + 1
-    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # set for the fit only
+    # ray.train_poll_s reached the fit's controller, which polls its workers (and takes their reports) that often
+    assert list(controllers.values()) == [dict(zip(keys, ("1", "0.3")))], controllers
+    assert not any(key in os.environ for key in keys)  # set for the fit only
     assert result["kind"] == "lora"
     assert sorted(os.listdir(result["weights_uri"])) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST])
     tensors = dict(read_safetensors(result["weights_uri"]))

@@ -51,6 +51,9 @@ class RayConfig(Section):
     # Ray Train's watcher of node-preemption notices (spot / preemptible nodes): one more actor per training fit
     # (GAPO, train-reward), with nothing to watch on a single machine (configs/local*.yaml turn it off)
     preemption_watcher: bool = True
+    # Ray Train's controller polls its workers this often, and a worker's report (every checkpoint, and the last
+    # one) waits for that poll: at tiny sizes the default 2 s per report was a third of a fit (configs/local.yaml)
+    train_poll_s: float = Field(default=2.0, gt=0, le=60)
 
 
 class TinyModelConfig(Section):

@@ -177,7 +177,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
 
     from anisora_ray.io import fs
     from anisora_ray.models.pipeline import resolve_pretrained
-    from anisora_ray.runtime import init_ray, preemption_watcher
+    from anisora_ray.runtime import init_ray, train_settings
     from anisora_ray.storage_check import check_storage
     from anisora_ray.tracking import log_metrics, mlflow_run, tracking_uri
     from anisora_ray.weights.folder import read_manifest
@@ -217,7 +217,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                            failure_config=ray.train.FailureConfig(max_failures=g.max_failures),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
         )
-        with preemption_watcher(cfg.ray.preemption_watcher):
+        with train_settings(cfg.ray):
             result = trainer.fit()
         if result.error is not None or result.checkpoint is None:
             raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")

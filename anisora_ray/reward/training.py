@@ -212,7 +212,7 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from anisora_ray.runtime import init_ray, preemption_watcher
+    from anisora_ray.runtime import init_ray, train_settings
     from anisora_ray.tracking import log_metrics, mlflow_run
 
     t = cfg.reward.training
@@ -236,7 +236,7 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(name=f"train-reward-{t.dimension}-{os.getpid()}", storage_path=storage),
     )
-    with preemption_watcher(cfg.ray.preemption_watcher):
+    with train_settings(cfg.ray):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train-reward for {t.dimension} produced no checkpoint (error: {result.error})")
