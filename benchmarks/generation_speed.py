@@ -258,26 +258,31 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
 
 
 def count_cache_decisions(transformer) -> dict | None:
-    """How often First Block Cache ran the remaining blocks and how often it reused their residual (the
-    transformer calls it decided on), or None without the cache: its decision is wrapped, not changed."""
+    """How often a step cache computed and how often it reused or predicted (First Block Cache: the transformer
+    calls it decided on; TaylorSeer: the calls of the first module it hooks), or None without either: its decision
+    is wrapped, not changed."""
     import torch
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
-    from anisora_ray.generation.speed import cache_leader_hooks
+    from anisora_ray.generation.speed import cache_leader_hooks, hooked
 
-    hooks = cache_leader_hooks(transformer)
-    if not hooks:
-        return None
-    hook = hooks[0]
     counts = {"computed": 0, "reused": 0}
-    decide = hook._should_compute_remaining_blocks
+    leaders, seers = cache_leader_hooks(transformer), hooked(transformer, _TAYLORSEER_CACHE_HOOK)
+    if leaders:
+        hook, name = leaders[0], "_should_compute_remaining_blocks"
+    elif seers:
+        hook, name = seers[0][1], "_measure_should_compute"
+    else:
+        return None
+    decide = getattr(hook, name)
 
     @torch.compiler.disable
-    def counted(residual):
-        compute = decide(residual)
-        counts["computed" if compute else "reused"] += 1
-        return compute
+    def counted(*args):
+        decision = decide(*args)
+        counts["computed" if (decision[0] if isinstance(decision, tuple) else decision) else "reused"] += 1
+        return decision
 
-    hook._should_compute_remaining_blocks = counted
+    setattr(hook, name, counted)
     return counts
 
 

@@ -17,6 +17,9 @@ CHECKS=${CHECKS:-"variants fp8 floor refresh lora compile zero3 generation"}
 # fc (FasterCache) first: a fixed schedule, so its saving on random-init weights is what real weights get (First
 # Block Cache's depends on the weights). On 2026-12-04 three compiled cuDNN variants failed only after load and
 # compile, and FP8 + compile did not finish in ~140 s (docs/performance.md): those come last.
+# FAMILY=wan_i2v measures Wan2.2-TI2V-5B instead (configs/wan22_ti2v5b.yaml; FasterCache refuses Wan, whose CFG
+# branches are two calls: its candidates are TaylorSeer, e.g. VARIANTS="ts compile+ts tsb compile+tsb compile").
+FAMILY=${FAMILY:-cogvideox_i2v}
 VARIANTS=${VARIANTS:-"fc compile+fc fbc0.1 fp8+fc compile fp8+compile+fc flash cudnn"}
 variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
   for v in $1; do
@@ -27,6 +30,8 @@ variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
         compile) settings+="generator.compile=true,";;
         fbc*) settings+="generator.cache.kind=first_block,generator.cache.threshold=${p#fbc},";;
         fc) settings+="generator.cache.kind=faster_cache,";;
+        ts) settings+="generator.cache.kind=taylorseer,";;  # TaylorSeer on attention (any family: Wan's too)
+        tsb) settings+="generator.cache.kind=taylorseer,generator.cache.predict=blocks,";;  # on whole blocks
         *) settings+="generator.attention_backend=$p,";;
       esac
     done
@@ -47,7 +52,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 #    With DEADLINE_S (seconds since this script started), the limits fit in what is left: ~45 s of model build, and
 #    a variant started just inside the budget may take ~100 s more.
 VARIANTS_LIMIT=${VARIANTS_LIMIT:-$(( ${DEADLINE_S:-600} - SECONDS - 10 ))}
-want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --build-realsize $RS/model \
+want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --family "$FAMILY" --build-realsize $RS/$FAMILY \
   --batches "" --compile-batches "" --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
   --json "$OUT/generation_variants.json" 2>&1 | grep -v "Writing model" | tee "$OUT/generation_variants.log" | grep -v -i warn
 # 0. FP8 replicas (generator.quantize: fp8) on the GPU: FP8 block linears, frames near bf16's, full and LoRA refreshes
@@ -70,6 +75,6 @@ want compile && timeout "${COMPILE_LIMIT:-200}" python3 benchmarks/realsize_gpu.
 want zero3 && timeout "${ZERO3_LIMIT:-300}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases zero3 \
   --json "$OUT/realsize_zero3.json" 2>&1 | tee "$OUT/realsize_zero3.log" | grep -v -i warn | tail -25
 # 2. Generation speed at 5B, a second fresh run for the spread (the first: docs/measurements/).
-want generation && timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/model --measure-steps 2 \
+want generation && timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/cogvideox_i2v --measure-steps 2 \
   --batches 1,4 --compile-batches 1,4 --budget-s 200 --json "$OUT/generation_speed.json" 2>&1 | grep -v -i warn \
   | tee "$OUT/generation_speed.log"

@@ -83,6 +83,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
                            "--variant", "sdpa-math=generator.attention_backend=math",
                            "--variant", "fbc=generator.cache.kind=first_block,generator.cache.threshold=1e6",
                            "--variant", "fc=generator.cache.kind=faster_cache",
+                           "--variant", "ts=generator.cache.kind=taylorseer,generator.cache.warmup_steps=1",
                            "--variant", "cudnn=generator.attention_backend=cudnn",
                            "--variant", "fp8=generator.quantize=fp8,model.dtype=bfloat16",
                            "--out", str(tmp_path / "run"), "--json", str(out)],
@@ -99,13 +100,16 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert "seconds per video" in done.stdout
     # variants on replicas of their own at the full 4 steps, against the config's: time and drift
     variants = {v["variant"]: v for v in result["variants"]}
-    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "fc", "cudnn", "fp8"]
+    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "fc", "ts", "cudnn", "fp8"]
     assert variants["sdpa-math"]["drift_max_levels"] <= 2 and variants["sdpa-math"]["steps"] == 4
     assert variants["fbc"]["drift_max_levels"] > 0 and variants["fbc"]["psnr_db"] > 0  # reused residuals move frames
     if family == "cogvideox_i2v":  # FasterCache approximates the unconditional half of steps 1-3
         assert variants["fc"]["drift_max_levels"] > 0 and "error" not in variants["fc"]
     else:
         assert "runs them as two calls" in variants["fc"]["error"]
+    assert variants["ts"]["drift_max_levels"] > 0 and "error" not in variants["ts"]  # steps 1, 3 predicted, any family
+    branches = 1 if family == "cogvideox_i2v" else 2  # each of Wan's CFG calls decides on its own
+    assert variants["ts"]["cache_decisions"] == {"computed": 2 * branches, "reused": 2 * branches}  # 0, 2 | 1, 3
     assert "generator.attention_backend='cudnn'" in variants["cudnn"]["error"]  # no such kernel on the CPU
     assert "generator.quantize='fp8' needs a CUDA GPU" in variants["fp8"]["error"]
 
@@ -126,10 +130,12 @@ def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
     assert not np.array_equal(videos["dpm"], videos["pretrained"])  # another sampler, other samples
 
 
-@pytest.mark.parametrize("cached", [{"kind": "first_block", "threshold": 1e6}, {"kind": "faster_cache"}],
-                         ids=["first_block", "faster_cache"])
+@pytest.mark.parametrize("cached", [{"kind": "first_block", "threshold": 1e6}, {"kind": "faster_cache"},
+                                    {"kind": "taylorseer", "compute_every": 3, "warmup_steps": 2},
+                                    {"kind": "taylorseer", "compute_every": 3, "warmup_steps": 2, "predict": "blocks"}],
+                         ids=["first_block", "faster_cache", "taylorseer", "taylorseer_blocks"])
 def test_compiled_replica_composes_with_a_step_cache(tmp_path, demo_manifest, cached):
-    """A cache decides on the host (between blocks; in FasterCache's attention hooks, by a step counter): the
+    """A cache decides on the host (between blocks; in FasterCache's and TaylorSeer's hooks, by a step counter): the
     compiled replica keeps those decisions out of its graphs, warms up every path at start-up (no graph compiles
     in a call, FasterCache's halved batches included), reuses as the eager one does, and repeats its frames."""
     request = GenerationRequest(read_manifest(demo_manifest)[0], (1, 2))

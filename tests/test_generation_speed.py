@@ -1,8 +1,8 @@
 """Rollout speed settings on the tiny models (generation/speed.py): the attention kernel is checked at start-up
 (a missing kernel is a ConfigError naming the setting), a pinned kernel renders what torch's own choice renders,
 diffusers' dispatcher is used where a family's attention goes through it, First Block Cache changes the
-frames only as far as its threshold allows and keeps nothing from one call to the next, and FasterCache skips
-on its schedule."""
+frames only as far as its threshold allows and keeps nothing from one call to the next, and FasterCache and
+TaylorSeer skip on their schedules."""
 
 from __future__ import annotations
 
@@ -104,6 +104,35 @@ def test_faster_cache_follows_its_schedule_forgets_between_calls_and_needs_batch
         _generator(wan, ("cache.kind", "faster_cache"))
 
 
+@pytest.mark.parametrize("family", ["cogvideox_i2v", "wan_i2v"])
+@pytest.mark.parametrize("predict", ["attention", "blocks"])
+def test_taylorseer_computes_on_its_schedule_in_each_cfg_branch_and_forgets_between_calls(make_config, demo_manifest,
+                                                                                          family, predict):
+    """Steps 0..w-1 compute, then steps w+1, w+1+k, ...; the others predict what they hooked (each block's
+    attention, or whole blocks). Wan calls the transformer twice a step (CFG's branches): each keeps its own state."""
+    from anisora_ray.models.compile import repeated_blocks
+
+    steps, w, k = 8, 2, 3
+    cfg = make_config(f"model.family={family}", f"generator.num_inference_steps={steps}")
+    items = read_manifest(demo_manifest)
+    plain = _frames(_generator(cfg), items)
+    every_step = _generator(cfg, ("cache.kind", "taylorseer"), ("cache.compute_every", 1), ("cache.predict", predict))
+    np.testing.assert_array_equal(_frames(every_step, items), plain)  # nothing predicted: the frames are exact
+    gen = _generator(cfg, ("cache.kind", "taylorseer"), ("cache.compute_every", k), ("cache.warmup_steps", w),
+                     ("cache.predict", predict))
+    calls, computed = [], set()  # transformer calls; those in which the first block's self-attention computed
+    gen.pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    repeated_blocks(gen.pipe.transformer)[0].attn1.to_q.register_forward_hook(lambda *_: computed.add(len(calls)))
+    first = _frames(gen, items)
+    branches = 1 if gen.family.batched_cfg_layout else 2
+    schedule = [s < w or (s - w - 1) % k == 0 for s in range(steps)]  # 0, 1, 3, 6 compute
+    per_call = [c for c in schedule for _ in range(branches)]
+    assert calls and len(calls) % len(per_call) == 0
+    assert [i + 1 in computed for i in range(len(calls))] == per_call * (len(calls) // len(per_call))
+    assert np.abs(first - plain).max() > 0  # predicted steps move the frames
+    np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
+
+
 def test_warm_up_steps_reach_every_path_of_the_cache():
     from anisora_ray.config import GeneratorConfig
     from anisora_ray.generation.speed import warm_up_steps
@@ -116,6 +145,9 @@ def test_warm_up_steps_reach_every_path_of_the_cache():
     assert steps(3, 5) == 4 and steps(3, 2) == 4  # computed on the halved batch first at step 3
     assert steps(2, 2) == 2  # odd steps halve and reuse; even steps run both branches: nothing else occurs
     assert warm_up_steps(GeneratorConfig(cache={"kind": "first_block"}).cache) == 2
+    # TaylorSeer: its warm-up steps compute, the next one predicts (with compute_every 1 none does)
+    assert warm_up_steps(GeneratorConfig(cache={"kind": "taylorseer", "warmup_steps": 3}).cache) == 4
+    assert warm_up_steps(GeneratorConfig(cache={"kind": "taylorseer", "warmup_steps": 3, "compute_every": 1}).cache) == 3
 
 
 def test_a_pinned_kernel_composes_with_compile(make_config, demo_manifest):

@@ -12,7 +12,7 @@ from anisora_ray.config.base import ActorResources, Section
 class StepCacheConfig(Section):
     """diffusers' step cache on the denoiser(s) (generation/speed.py); off by default."""
 
-    kind: Literal["none", "first_block", "faster_cache"] = "none"
+    kind: Literal["none", "first_block", "faster_cache", "taylorseer"] = "none"
     threshold: float = Field(default=0.05, gt=0)  # first_block: a first-block residual change below this skips the rest
     # faster_cache (FasterCache, AniSora's own; families that batch CFG: cogvideox_i2v): below timestep 681 self-
     # attention is computed every `attention_skip_range` steps (reused in between), and below 781 the unconditional
@@ -20,6 +20,14 @@ class StepCacheConfig(Section):
     # schedule: its saving does not depend on the weights.
     attention_skip_range: int = Field(default=2, ge=1)
     unconditional_skip_range: int = Field(default=5, ge=1)
+    # taylorseer (TaylorSeer, any family: its state is kept per CFG branch, so Wan's two calls per step work): the
+    # first `warmup_steps` steps compute every attention; after them attention (or with predict=blocks, every
+    # transformer block) is computed every `compute_every` steps and predicted in between by a Taylor expansion of
+    # order `order` from the last computed outputs. A fixed schedule as well.
+    compute_every: int = Field(default=5, ge=1)
+    warmup_steps: int = Field(default=3, ge=1)
+    order: int = Field(default=1, ge=0, le=2)
+    predict: Literal["attention", "blocks"] = "attention"
 
 
 class GeneratorConfig(Section):

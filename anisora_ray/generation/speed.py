@@ -7,9 +7,10 @@ it); any other name is a backend of diffusers' attention dispatcher (``flash`` o
 Each is checked at start-up on the replica's device, by a real call (one denoising step) under the pinned kernel:
 a missing kernel is a ``ConfigError`` naming the setting, not a failure in the middle of a round.
 ``generator.cache``: diffusers' FasterCache (a fixed schedule: the unconditional half of CFG's batch and
-self-attention reused on some steps; families that batch CFG) or First Block Cache (a step whose first block's
-residual moved less than ``threshold`` reuses the other blocks' last residual) on the denoiser(s), reset after
-every pipeline call so one video's cached tensors never reach the next.
+self-attention reused on some steps; families that batch CFG), TaylorSeer (a fixed schedule: attention or whole
+blocks computed every ``compute_every`` steps, predicted in between; any family) or First Block Cache (a step whose
+first block's residual moved less than ``threshold`` reuses the other blocks' last residual) on the denoiser(s),
+reset after every pipeline call so one video's cached tensors never reach the next.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def use_step_cache(pipe, cache, family) -> None:
     """Enable ``generator.cache`` on every denoiser (``none``: nothing)."""
     if cache.kind == "none":
         return
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig
+    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, TaylorSeerCacheConfig
 
     if cache.kind == "faster_cache":
         if family.batched_cfg_layout is None:
@@ -105,17 +106,35 @@ def use_step_cache(pipe, cache, family) -> None:
         if cache.kind == "first_block" and blocks < 2:
             raise ConfigError(f"generator.cache.kind='first_block' needs a transformer of 2 blocks or more (the first "
                               f"decides, the others are reused); {type(m).__name__} has {blocks}")
+        if cache.kind == "taylorseer":  # per denoiser: the patterns name its own modules
+            config = TaylorSeerCacheConfig(cache_interval=cache.compute_every, disable_cache_before_step=cache.warmup_steps,
+                                           max_order=cache.order, taylor_factors_dtype=m.dtype,
+                                           cache_identifiers=taylorseer_targets(m, cache.predict))
         m.enable_cache(config)
 
 
-def faster_cache_hooks_outside_graphs(pipe, **compile_kwargs) -> int:
-    """FasterCache decides in Python on every call of a hooked attention (a step counter, the timestep): traced
-    into a compiled block, each step would compile a new graph. The hooks run outside the block's graph
-    (``torch.compiler.disable``); the attention they call when they compute is compiled on its own. Returns how
-    many attention modules."""
-    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK
+def taylorseer_targets(module: torch.nn.Module, predict: str) -> list[str]:
+    """Exact-name patterns of what TaylorSeer predicts in ``module``: each repeated block, or the attention modules
+    directly inside them (diffusers' default patterns, ``^blocks.*attn``, miss ``attn1``/``attn2``)."""
+    import re
 
-    hooks = [mh for d in denoisers(pipe) for mh in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
+    blocks = repeated_blocks(module)
+    targets = blocks if predict == "blocks" else [c for b in blocks for c in b.children()
+                                                   if type(c).__name__.endswith("Attention")]
+    names = {id(m): name for name, m in module.named_modules()}
+    return [re.escape(names[id(t)]) for t in targets]
+
+
+def cache_hooks_outside_graphs(pipe, kind: str, **compile_kwargs) -> int:
+    """FasterCache and TaylorSeer decide in Python on every call of a hooked module (a step counter, the timestep):
+    traced into a compiled block, each step would compile a new graph. The hooks run outside the block's graph
+    (``torch.compiler.disable``); the module they call when they compute is compiled on its own. Returns how
+    many hooked modules."""
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    name = {"faster_cache": _FASTER_CACHE_BLOCK_HOOK, "taylorseer": _TAYLORSEER_CACHE_HOOK}[kind]
+    hooks = [mh for d in denoisers(pipe) for mh in hooked(d, name)]
     for m, hook in hooks:
         hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
         m.forward = torch.compiler.disable(m.forward)
@@ -140,7 +159,10 @@ def warm_up_steps(cache) -> int:
     """Denoising steps (under ``reuse_forced``) that take a compiled replica through every path its cache has.
     First Block Cache: 2 (compute, reuse). FasterCache, at step i > 0: the unconditional branch skipped unless
     i % unconditional_skip_range == 0, and then attention skipped unless i % attention_skip_range == 0 (each
-    a batch size or a path of its own); the first steps that show every case of a whole period."""
+    a batch size or a path of its own); the first steps that show every case of a whole period. TaylorSeer: its
+    warm-up steps, then one predicted step (none is predicted with compute_every 1)."""
+    if cache.kind == "taylorseer":
+        return cache.warmup_steps + (cache.compute_every > 1)
     if cache.kind != "faster_cache":
         return 2
     a, u = cache.attention_skip_range, cache.unconditional_skip_range
