@@ -52,7 +52,8 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 #    With DEADLINE_S (seconds since this script started), the limits fit in what is left: ~45 s of model build, and
 #    a variant started just inside the budget may take ~100 s more.
 VARIANTS_LIMIT=${VARIANTS_LIMIT:-$(( ${DEADLINE_S:-600} - SECONDS - 10 ))}
-want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --family "$FAMILY" --build-realsize $RS/$FAMILY \
+MODEL=$RS/model; [ "$FAMILY" = cogvideox_i2v ] || MODEL=$RS/model-$FAMILY  # realsize_gpu.py reuses $RS/model (CogVideoX)
+want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --family "$FAMILY" --build-realsize $MODEL \
   --batches "" --compile-batches "" --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
   --json "$OUT/generation_variants.json" 2>&1 | grep -v "Writing model" | tee "$OUT/generation_variants.log" | grep -v -i warn
 # 0. FP8 replicas (generator.quantize: fp8) on the GPU: FP8 block linears, frames near bf16's, full and LoRA refreshes
@@ -75,6 +76,6 @@ want compile && timeout "${COMPILE_LIMIT:-200}" python3 benchmarks/realsize_gpu.
 want zero3 && timeout "${ZERO3_LIMIT:-300}" python3 benchmarks/realsize_gpu.py --out $RS --pair gpu-pair/pair.json --phases zero3 \
   --json "$OUT/realsize_zero3.json" 2>&1 | tee "$OUT/realsize_zero3.log" | grep -v -i warn | tail -25
 # 2. Generation speed at 5B, a second fresh run for the spread (the first: docs/measurements/).
-want generation && timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/cogvideox_i2v --measure-steps 2 \
+want generation && timeout "${GEN_LIMIT:-330}" python3 benchmarks/generation_speed.py --build-realsize $RS/model --measure-steps 2 \
   --batches 1,4 --compile-batches 1,4 --budget-s 200 --json "$OUT/generation_speed.json" 2>&1 | grep -v -i warn \
   | tee "$OUT/generation_speed.log"

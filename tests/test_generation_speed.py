@@ -133,6 +133,28 @@ def test_taylorseer_computes_on_its_schedule_in_each_cfg_branch_and_forgets_betw
     np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
 
 
+def test_taylorseer_names_what_it_predicts_and_refuses_a_model_with_nothing_to_predict():
+    import torch
+
+    from anisora_ray.generation.speed import taylorseer_targets
+
+    class Attention(torch.nn.Linear):
+        pass
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn1, self.ff = Attention(4, 4), torch.nn.Linear(4, 4)
+
+    model = torch.nn.Module()
+    model.transformer_blocks = torch.nn.ModuleList([Block(), Block()])
+    assert taylorseer_targets(model, "attention") == [r"transformer_blocks\.0\.attn1", r"transformer_blocks\.1\.attn1"]
+    assert taylorseer_targets(model, "blocks") == [r"transformer_blocks\.0", r"transformer_blocks\.1"]
+    model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+    with pytest.raises(ConfigError, match="found nothing to predict in Module"):
+        taylorseer_targets(model, "attention")
+
+
 def test_warm_up_steps_reach_every_path_of_the_cache():
     from anisora_ray.config import GeneratorConfig
     from anisora_ray.generation.speed import warm_up_steps

@@ -121,6 +121,9 @@ def taylorseer_targets(module: torch.nn.Module, predict: str) -> list[str]:
     blocks = repeated_blocks(module)
     targets = blocks if predict == "blocks" else [c for b in blocks for c in b.children()
                                                    if type(c).__name__.endswith("Attention")]
+    if not targets:  # an empty list would fall back to diffusers' patterns, which hook nothing here
+        raise ConfigError(f"generator.cache.kind='taylorseer' (predict={predict!r}) found nothing to predict in "
+                          f"{type(module).__name__}: no repeated blocks, or no attention module directly inside them")
     names = {id(m): name for name, m in module.named_modules()}
     return [re.escape(names[id(t)]) for t in targets]
 
