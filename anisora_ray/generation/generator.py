@@ -94,8 +94,7 @@ class Generator(WeightsReceiver):
         ``warm_up_steps`` steps that take every path of the cache (First Block Cache: twice)."""
         before = compiled_graphs()
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
-        if self.cfg.cache.kind in ("faster_cache", "taylorseer"):
-            cache_hooks_outside_graphs(self.pipe, self.cfg.cache.kind, mode=mode, dynamic=False)
+        cache_hooks_outside_graphs(self.pipe, self.cfg.cache.kind, mode=mode, dynamic=False)
         # A step cache decides on the host whether to run blocks or attention: graph breaks, so no fullgraph
         blocks = compile_blocks(self.receiving_module(), fullgraph=self.cfg.cache.kind == "none", mode=mode)
         c = self.cfg
