@@ -49,3 +49,9 @@ class InfrastructureError(AnisoraError, RuntimeError):
     """A component (replica, reward actor, worker) kept failing after its restarts and retries.
 
     Not a verdict on the content: the items it was working on are left for ``--resume``."""
+
+
+class DiskSpaceError(AnisoraError, OSError):
+    """The disk of ``run.output_dir`` has less free space than the next round needs (``run.free_space``).
+
+    Raised before the round writes anything; its state is saved, so ``--resume`` continues once there is room."""

@@ -8,8 +8,8 @@ the other, each driver in its own process with its own local Ray: first undistur
 injector SIGKILLs, every ``--fault-every`` seconds (×0.5-1.5), a random live generator replica, reward actor,
 Ray Data worker (actor-pool worker or running task) or Ray Train worker (the kind drawn first, then one of it), a quarter of the time a second one right after (often the same one,
 restarting). Every fault is logged (time, round, phase, target). Per finished round it samples the driver's
-RSS, the object store's use, /dev/shm, open file descriptors (the driver, and all of Ray's processes), the
-output folder's size and the logs' size, and fits a least-squares slope per round from round 2 on.
+RSS, the object store's use, /dev/shm, open file descriptors (the driver; Ray's processes; Ray's log monitor apart,
+whose count is capped by ``RAY_LOG_MONITOR_MAX_OPEN_FILES``), the output folder's size and the logs' size, and fits a least-squares slope per round from round 2 on.
 
 At the end: every prompt of every round paired exactly once, the same pairs (prompt, winner and loser seeds,
 rewards) and the same held-out table as the undisturbed run. ``--calm DIR`` takes a finished undisturbed run
@@ -41,7 +41,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 TARGETS = ("GeneratorActor", "DimensionActor", "MapWorker", "RayTrainWorker")  # GCS actor class names (+ "RayDataTask")
 KEYS = ("round", "weights_version", "heldout_reward", "mean_diff", "ci_low", "ci_high", "p_value", "pairs",
         "train_loss", "heldout_visual_motion", "heldout_character")
-RESOURCES = ("driver_rss_mb", "object_store_mb", "dev_shm_mb", "driver_fds", "ray_fds", "output_mb", "logs_mb")
+RESOURCES = ("driver_rss_mb", "object_store_mb", "dev_shm_mb", "driver_fds", "ray_fds", "log_monitor_fds", "output_mb",
+             "logs_mb")
+# Ray's log monitor keeps a handle on every log file it tails, up to this many; at the cap it closes them all, moves
+# dead workers' logs to logs/old and reopens only live ones (ray._private.log_monitor). Its descriptors therefore
+# climb round after round and drop at the cap: the soak reports them apart from the rest of Ray's processes.
+LOG_MONITOR_CAP = int(os.environ.get("RAY_LOG_MONITOR_MAX_OPEN_FILES", "200"))
 
 
 def suite_size_overrides(out: str, rounds: int, cache: str | None) -> list[str]:
@@ -80,6 +85,13 @@ def _fds(proc: psutil.Process) -> int:
         return proc.num_fds()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+def _is_log_monitor(proc: psutil.Process) -> bool:
+    try:
+        return any(arg.endswith("log_monitor.py") for arg in proc.cmdline()[:3])
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _gcs(driver: psutil.Process, timeout_s: float = 120) -> tuple[str, str]:
@@ -135,10 +147,12 @@ class Observer:
 
         plasma = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(address=self.address, stats_only=True))
         ray_procs = self.driver.children(recursive=True)  # its local Ray: GCS, raylet, workers
+        monitor = [p for p in ray_procs if _is_log_monitor(p)]
         return {"driver_rss_mb": self.driver.memory_info().rss / 2**20,
                 "object_store_mb": float(plasma.group(1)) if plasma else float("nan"),
                 "dev_shm_mb": shutil.disk_usage("/dev/shm").used / 2**20 if os.path.isdir("/dev/shm") else 0.0,
-                "driver_fds": float(_fds(self.driver)), "ray_fds": float(sum(_fds(p) for p in ray_procs)),
+                "driver_fds": float(_fds(self.driver)), "ray_fds": float(sum(_fds(p) for p in ray_procs if p not in monitor)),
+                "log_monitor_fds": float(sum(_fds(p) for p in monitor)),
                 "output_mb": _du(self.out) / 2**20, "logs_mb": (_du(self.logs) + _du(os.path.join(self.out, "align", "logs"))) / 2**20}
 
     def close(self) -> None:
@@ -274,7 +288,9 @@ def report(result: dict, out: str) -> None:
     counts = {}
     for f in runs["faults"]["faults"]:
         counts[f["target"]] = counts.get(f["target"], 0) + 1
-    lines += ["", "faults by target: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+    lines += ["", "faults by target: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+              "", f"log monitor: at most {result['log_monitor_cap']} log files open (RAY_LOG_MONITOR_MAX_OPEN_FILES); "
+                  "at the cap it closes them all and moves dead workers' logs to logs/old"]
     with open(os.path.join(out, "soak.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, len(RESOURCES), figsize=(3 * len(RESOURCES), 2.8))
@@ -305,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     runs["faults"] = run(os.path.join(out, "faults"), args.rounds, args.model_cache, args.fault_every, args.seed)
     checks = compare(outcome(calm, args.rounds), outcome(os.path.join(out, "faults"), args.rounds), 4)
     result = {"rounds": args.rounds, "fault_every": args.fault_every, "seed": args.seed, "runs": runs, "checks": checks,
-              "slopes": slopes(runs["faults"]["samples"])}
+              "slopes": slopes(runs["faults"]["samples"]),
+              "log_monitor_cap": LOG_MONITOR_CAP}
     with open(os.path.join(out, "soak.json"), "w") as f:
         json.dump(result, f, indent=2)
     report(result, out)

@@ -115,6 +115,7 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
     import torch
 
     from anisora_ray.config import load_config
+    from anisora_ray.errors import DiskSpaceError
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.loop.align import run_alignment
     from anisora_ray.pairs.writer import pairs_table, read_pairs, read_skipped
@@ -199,6 +200,8 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
         for row in scores:
             assert row["character"] == pytest.approx(1 / (1 + math.exp(-(row["character_raw"] - m.mean) / m.std)))
     assert [row["round"] for row in result.rows] == [0, 1, 2]
+    # run.free_space: each round's footprint measured (before pruning) and the disk's free space logged per round
+    assert all(r["metrics"]["written_mb"] > 0.01 for r in state["rounds"]), [r["metrics"] for r in state["rounds"]]
     assert [row["weights_version"] for row in result.rows] == [0, 1, 2]
     assert all(0 <= row["heldout_reward"] <= 1 for row in result.rows)
     assert {"mean_diff", "ci_low", "ci_high", "p_value"} <= set(result.rows[2])
@@ -222,6 +225,10 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
         assert sorted(m.step for m in losses) == list(range(1, STEPS + 1)), name  # continued, none logged twice
         resumed_from = gapo[0].data.metrics["final_resumed_from_update"]
         assert (resumed_from == max(killed_at)) if name == "round-1" else (resumed_from == 0), (name, resumed_from)
+    assert {m.step for m in client.get_metric_history(parent.info.run_id, "disk_free_gb")} == {1, 2}
+    assert {m.step for m in client.get_metric_history(parent.info.run_id, "written_mb")} == {1, 2}
+    with pytest.raises(DiskSpaceError, match=r"round 3 needs .* \(run\.free_space\.rounds=1e\+09 x"):  # sized by them
+        run_alignment(load_config(LOCAL_CONFIG, [*overrides, "loop.rounds=3", "run.free_space.rounds=1e9"]), resume=True)
     artifacts = [a.path for a in client.list_artifacts(children["round-1"].info.run_id, "pairs")]
     assert sum(a.endswith("winner-vs-loser.mp4") for a in artifacts) == 1
     assert any(a.startswith("pairs/pairs-") and a.endswith(".parquet") for a in artifacts)

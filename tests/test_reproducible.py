@@ -200,4 +200,5 @@ def test_a_short_soak_loses_nothing_and_repeats_the_undisturbed_run(runs, tmp_pa
     assert result["checks"] == {**result["checks"], "lost": 0, "duplicated": 0, "same_pairs": True, "same_table": True}
     samples = result["runs"]["faults"]["samples"]
     assert sorted(samples) == ["0", "1"] and all(s["driver_rss_mb"] > 0 and s["output_mb"] > 0 for s in samples.values())
+    assert all(0 < s["log_monitor_fds"] and 0 < s["ray_fds"] for s in samples.values())  # Ray's log monitor found, apart
     assert (out / "soak.png").stat().st_size > 10_000 and "slope" in (out / "soak.md").read_text()

@@ -139,3 +139,73 @@ def test_keep_accepts_all_or_a_count_and_names_a_bad_value():
     assert (cfg.run.keep.weights, cfg.run.keep.candidate_videos) == ("all", 0)
     with pytest.raises(ValueError, match=r"run\.keep\.checkpoints"):
         load_config(LOCAL_CONFIG, ["run.keep.checkpoints=-1"])
+
+
+def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(make_config, tmp_path):
+    import shutil
+
+    from anisora_ray.errors import DiskSpaceError
+    from anisora_ray.loop.retention import check_free_space, round_started, round_written
+    from anisora_ray.loop.state import AlignState, RoundState
+
+    free = shutil.disk_usage(tmp_path).free / 1e9
+    cfg = make_config()
+    assert cfg.run.free_space.model_dump() == {"min_gb": 1.0, "rounds": 1.5}
+    state = AlignState()
+    got = check_free_space(cfg, state, 0)  # this disk's free space, read through a folder that does not exist yet
+    assert got == pytest.approx(free, abs=1.0) and not os.path.exists(cfg.run.output_dir)
+    with pytest.raises(DiskSpaceError, match=r"round 0 needs .*run\.free_space\.min_gb=.*--resume") as err:
+        check_free_space(make_config(f"run.free_space.min_gb={free + 1000:.0f}"), state, 0)
+    assert repr(cfg.run.output_dir) in str(err.value)
+    assert check_free_space(make_config("run.free_space.min_gb=0", "run.free_space.rounds=0"), state, 0) is None
+    assert check_free_space(make_config("run.output_dir=memory://job", f"run.free_space.min_gb={free + 1000:.0f}"),
+                            state, 0) is None  # an object store does not fill
+
+    # a finished round's footprint, measured on the real folder: what it added before run.keep pruned
+    rs = RoundState(1)
+    round_started(cfg, rs)
+    _write(os.path.join(cfg.run.output_dir, "align", "round-1", "pairs", "videos", "p0", "0.mp4"), 300_000)
+    round_written(cfg, rs)
+    assert "written_mb" not in rs.metrics  # not evaluated yet
+    rs.phase = "evaluated"
+    round_written(cfg, rs)
+    assert rs.metrics["written_mb"] == pytest.approx(0.3, abs=0.01)
+    state.rounds.append(rs)
+    assert check_free_space(cfg, state, 2) == pytest.approx(free, abs=1.0)  # 1.5 x 0.3 MB fits
+    state.rounds.append(RoundState(2, phase="evaluated", metrics={"written_mb": free * 1e3}))  # a round as big as the disk
+    with pytest.raises(DiskSpaceError, match=r"round 3 needs .*run\.free_space\.rounds=1\.5 x .* GB, the most a round"):
+        check_free_space(cfg, state, 3)
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
+    """A full disk, for real: the process's file-size limit makes the write fail part-way (EFBIG, as ENOSPC would)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "state.json"
+    target.write_bytes(b"previous")
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from anisora_ray.io import fs
+try:
+    fs.write_bytes({str(target)!r}, b"x" * 100_000)
+except OSError as exc:
+    print("failed:", exc.errno)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.startswith("failed: 27"), done.stdout + done.stderr  # EFBIG
+    assert os.listdir(tmp_path) == ["state.json"] and target.read_bytes() == b"previous"
+
+
+def test_align_on_a_disk_too_small_stops_before_ray_starts(make_config, monkeypatch):
+    from anisora_ray.errors import DiskSpaceError
+    from anisora_ray.loop import align
+
+    started = []
+    monkeypatch.setattr(align, "init_ray", lambda *a, **k: started.append(1))  # records a start; never reached
+    with pytest.raises(DiskSpaceError, match=r"round 0 needs 1000000000\.00 GB \(run\.free_space\.min_gb=1e\+09\)"):
+        align.run_alignment(make_config("run.free_space.min_gb=1e9"), progress=False)
+    assert started == []

@@ -30,11 +30,22 @@ class KeepConfig(Section):
     eval_videos: Kept = 3  # round-r/eval/videos (their scores stay)
 
 
+class FreeSpaceConfig(Section):
+    """``align`` stops before a round, its state saved, when the disk of a local ``run.output_dir`` has less free
+    than max(``min_gb``, ``rounds`` × the most a finished round of the job wrote): a clear error to act on (free
+    space or lower ``run.keep``, then ``--resume``) instead of a write failing mid-round. 0 and 0: no check.
+    Object stores (URLs) are not checked."""
+
+    min_gb: float = Field(default=1.0, ge=0)
+    rounds: float = Field(default=1.5, ge=0)  # how many rounds' worth of new files must fit
+
+
 class RunConfig(Section):
     name: str = "anisora-local"
     output_dir: str = "outputs/local"  # local path or fsspec URL
     seed: int = 0
     keep: KeepConfig = KeepConfig()
+    free_space: FreeSpaceConfig = FreeSpaceConfig()
 
 
 class RayConfig(Section):

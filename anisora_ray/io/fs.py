@@ -72,9 +72,14 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file left behind to hold the space
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_table(table: pa.Table, uri: str) -> None:

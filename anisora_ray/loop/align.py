@@ -106,6 +106,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
     check_reward_options(cfg.reward)
+    retention.check_free_space(cfg, state, _next_round(state, cfg.loop.rounds))  # before Ray, models or GPUs
     init_ray(cfg.ray)
     check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
     check_storage(out, progress=progress)  # every node reads and writes the same folder
@@ -142,6 +143,12 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             for index in range(1, rounds + 1):
                 if state.guard:  # the guard stopped the loop (a resumed job does not go past it)
                     break
+                if not state.round(index).reached("evaluated"):
+                    free = retention.check_free_space(cfg, state, index)
+                    retention.round_started(cfg, state.round(index))
+                    state.save(state_uri)
+                    if free is not None:
+                        log_metrics({"disk_free_gb": free}, step=index)
                 ctx = RoundContext(cfg, state, workers, heldout, train_manifest, out, root, progress, parent.info.run_id,
                                    state_uri, statistics)
                 if cfg.loop.overlap == "one_round_off_policy":
@@ -170,14 +177,24 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
 
 def _apply_retention(cfg: AnisoraConfig, state: AlignState, out: str, state_uri: str, index: int) -> None:
-    """``run.keep`` on the finished rounds; the output folder's size and what was freed go to MLflow per round."""
-    freed = retention.prune(cfg, state, out)
+    """``run.keep`` on the finished rounds; what the round wrote (before pruning: ``run.free_space`` sizes the next
+    round by it), the output folder's size and what was freed go to MLflow per round."""
     rs = state.round(index)
+    retention.round_written(cfg, rs)
+    freed = retention.prune(cfg, state, out)
     if rs.reached("evaluated") and (freed or "output_dir_mb" not in rs.metrics):  # once per round, not per resume
         rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + sum(freed.values()) / 1e6
         rs.metrics["output_dir_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
-        log_metrics({k: rs.metrics[k] for k in ("pruned_mb", "output_dir_mb")}, step=index)
+        log_metrics({k: rs.metrics[k] for k in ("pruned_mb", "output_dir_mb", "written_mb") if k in rs.metrics}, step=index)
     state.save(state_uri)
+
+
+def _next_round(state: AlignState, rounds: int) -> int:
+    """The round a (resumed) job runs first: 0 (the untrained generator's evaluation) or the first not evaluated."""
+    if not state.baseline:
+        return 0
+    done = {r.index for r in state.rounds if r.reached("evaluated")}
+    return next((i for i in range(1, rounds + 1) if i not in done), rounds)
 
 
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:

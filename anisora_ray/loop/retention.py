@@ -11,9 +11,12 @@ setting, bytes freed); the tables (pairs, scores, metrics) always stay. Asking f
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import DiskSpaceError
 from anisora_ray.io import fs
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.pairs.writer import mark_videos_pruned
@@ -97,3 +100,50 @@ def _tag_model_version(cfg: AnisoraConfig, rs: RoundState) -> None:
     MlflowClient().set_model_version_tag(cfg.loop.registered_model, str(int(version)), "anisora.pruned",
                                          rs.pruned["weights"]["setting"])
 
+
+
+def free_gb(uri: str) -> float | None:
+    """Free GB of the disk holding a local ``uri`` (its nearest existing folder); None for a URL."""
+    path = fs.normalize(uri)
+    if fs.is_url(path):
+        return None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free / 1e9
+
+
+def largest_round_gb(state: AlignState) -> float:
+    """The most any finished round of the job wrote to ``run.output_dir`` (``written_mb``, before pruning)."""
+    return max((r.metrics.get("written_mb", 0.0) for r in state.rounds if r.reached("evaluated")), default=0.0) / 1e3
+
+
+def check_free_space(cfg: AnisoraConfig, state: AlignState, index: int) -> float | None:
+    """Before round ``index`` (0: the untrained generator's evaluation): the free GB of ``run.output_dir``'s disk,
+    or ``DiskSpaceError`` when it is below ``run.free_space`` (nothing of the round written yet). None: not checked."""
+    setting = cfg.run.free_space
+    free = free_gb(cfg.run.output_dir)
+    if free is None or (setting.min_gb == 0 and setting.rounds == 0):
+        return None
+    largest = largest_round_gb(state)
+    need = max(setting.min_gb, setting.rounds * largest)
+    if free < need:
+        why = (f"run.free_space.rounds={setting.rounds:g} x {largest:.2f} GB, the most a round of this job wrote"
+               if setting.rounds * largest >= setting.min_gb else f"run.free_space.min_gb={setting.min_gb:g}")
+        raise DiskSpaceError(
+            f"run.output_dir = {cfg.run.output_dir!r}: {free:.2f} GB free, round {index} needs {need:.2f} GB ({why}). "
+            "Nothing of the round was written and the job's state is saved: free space (or keep less of each "
+            "finished round with run.keep), then run again with --resume.")
+    return free
+
+
+def round_started(cfg: AnisoraConfig, rs: RoundState) -> None:
+    """Note the output folder's size as round ``rs`` starts (once: a resumed round keeps its first note)."""
+    if not fs.is_url(fs.normalize(cfg.run.output_dir)) and "output_dir_start_mb" not in rs.metrics:
+        rs.metrics["output_dir_start_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
+
+
+def round_written(cfg: AnisoraConfig, rs: RoundState) -> None:
+    """What round ``rs`` added to the output folder, measured once it is evaluated and before ``run.keep`` prunes."""
+    if rs.reached("evaluated") and "output_dir_start_mb" in rs.metrics and "written_mb" not in rs.metrics:
+        now = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
+        rs.metrics["written_mb"] = max(0.0, now - rs.metrics["output_dir_start_mb"])
