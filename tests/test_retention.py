@@ -209,3 +209,19 @@ def test_align_on_a_disk_too_small_stops_before_ray_starts(make_config, monkeypa
     with pytest.raises(DiskSpaceError, match=r"round 0 needs 1000000000\.00 GB \(run\.free_space\.min_gb=1e\+09\)"):
         align.run_alignment(make_config("run.free_space.min_gb=1e9"), progress=False)
     assert started == []
+
+
+def test_the_free_space_check_asks_for_the_round_a_resumed_job_runs_first_and_none_for_a_finished_job():
+    from anisora_ray.loop.align import _next_round
+    from anisora_ray.loop.state import AlignState, RoundState
+
+    state = AlignState()
+    assert _next_round(state, 3) == 0  # round 0: the untrained generator's held-out evaluation
+    state.baseline = {"row": {"round": 0}}
+    assert _next_round(state, 3) == 1
+    state.rounds = [RoundState(1, phase="evaluated"), RoundState(2, phase="trained")]
+    assert _next_round(state, 3) == 2
+    state.rounds[1].phase = "evaluated"
+    assert _next_round(state, 3) == 3 and _next_round(state, 2) is None  # a finished job only reports
+    state.guard = {"action": "stop"}
+    assert _next_round(state, 3) is None  # the guard stopped the loop: no round runs

@@ -106,7 +106,9 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
     check_reward_options(cfg.reward)
-    retention.check_free_space(cfg, state, _next_round(state, cfg.loop.rounds))  # before Ray, models or GPUs
+    first = _next_round(state, cfg.loop.rounds)
+    if first is not None:  # before Ray, models or GPUs (a finished job only reports: nothing to check)
+        retention.check_free_space(cfg, state, first)
     init_ray(cfg.ray)
     check_cluster_fits(cfg)  # a clear error within ray.wait_for_resources_s, not a silent wait
     check_storage(out, progress=progress)  # every node reads and writes the same folder
@@ -189,12 +191,13 @@ def _apply_retention(cfg: AnisoraConfig, state: AlignState, out: str, state_uri:
     state.save(state_uri)
 
 
-def _next_round(state: AlignState, rounds: int) -> int:
-    """The round a (resumed) job runs first: 0 (the untrained generator's evaluation) or the first not evaluated."""
+def _next_round(state: AlignState, rounds: int) -> int | None:
+    """The round a (resumed) job runs first: 0 (the untrained generator's evaluation), the first not evaluated,
+    or None when there is none (every round evaluated, or the guard stopped the loop)."""
     if not state.baseline:
         return 0
     done = {r.index for r in state.rounds if r.reached("evaluated")}
-    return next((i for i in range(1, rounds + 1) if i not in done), rounds)
+    return next((i for i in range(1, rounds + 1) if i not in done), None) if not state.guard else None
 
 
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:
