@@ -6,6 +6,9 @@ progress, the weights the replicas hold, the best round the guard passed (its ro
 and the last round's held-out videos. Every deletion is recorded in the round's state (what, when, the
 setting, bytes freed); the tables (pairs, scores, metrics) always stay. Asking for something pruned
 (training on pruned pairs, regenerating from pruned weights) fails naming the setting that pruned it.
+
+Before each round, ``run.free_space`` checks that the output folder's disk can hold it (sized by what earlier
+rounds of the job wrote) and stops the job, resumable, when it cannot.
 """
 
 from __future__ import annotations
@@ -101,7 +104,6 @@ def _tag_model_version(cfg: AnisoraConfig, rs: RoundState) -> None:
                                          rs.pruned["weights"]["setting"])
 
 
-
 def free_gb(uri: str) -> float | None:
     """Free GB of the disk holding a local ``uri`` (its nearest existing folder); None for a URL."""
     path = fs.normalize(uri)
@@ -131,8 +133,8 @@ def check_free_space(cfg: AnisoraConfig, state: AlignState, index: int) -> float
                if setting.rounds * largest >= setting.min_gb else f"run.free_space.min_gb={setting.min_gb:g}")
         raise DiskSpaceError(
             f"run.output_dir = {cfg.run.output_dir!r}: {free:.2f} GB free, round {index} needs {need:.2f} GB ({why}). "
-            "Nothing of the round was written and the job's state is saved: free space (or keep less of each "
-            "finished round with run.keep), then run again with --resume.")
+            "The job stopped before the round wrote anything (more) and its state is saved: free space (or keep "
+            "less of each finished round with run.keep), then run again with --resume.")
     return free
 
 
