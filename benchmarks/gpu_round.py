@@ -81,7 +81,8 @@ def round_overrides(args) -> list[str]:
               f"gapo.steps={args.gapo_steps}", "gapo.checkpoint_every=0", "eval.bootstrap_samples=200",
               "loop.guard.enabled=false", "loop.registered_model=null", "reward.calibration_prompts=2",
               f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "pairs.flush_every=1",
-              "eval.metrics.aesthetic_backbone=null", "eval.metrics.aesthetic_head=null"]  # no LAION head file there
+              "eval.metrics.aesthetic_backbone=null", "eval.metrics.aesthetic_head=null",  # no LAION head file there
+              "run.free_space.min_gb=2"]  # a few prompts, not the config's full round (the lent machine has 64 GB of disk)
     if args.tiny:
         from round_models import TINY_GEOMETRY
 
