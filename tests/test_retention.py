@@ -145,7 +145,7 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     import shutil
 
     from anisora_ray.errors import DiskSpaceError
-    from anisora_ray.loop.retention import check_free_space, round_started, round_written
+    from anisora_ray.loop.retention import check_free_space, prune, record_sizes, round_started
     from anisora_ray.loop.state import AlignState, RoundState
 
     free = shutil.disk_usage(tmp_path).free / 1e9
@@ -161,16 +161,18 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     assert check_free_space(make_config("run.output_dir=memory://job", f"run.free_space.min_gb={free + 1000:.0f}"),
                             state, 0) is None  # an object store does not fill
 
-    # a finished round's footprint, measured on the real folder: what it added before run.keep pruned
-    rs = RoundState(1)
+    # a finished round's footprint, measured on the real folder: what it added before run.keep pruned it
+    pairs = os.path.join(cfg.run.output_dir, "align", "round-1", "pairs")
+    rs = RoundState(1, pairs_uri=pairs)
     round_started(cfg, rs)
-    _write(os.path.join(cfg.run.output_dir, "align", "round-1", "pairs", "videos", "p0", "0.mp4"), 300_000)
-    round_written(cfg, rs)
-    assert "written_mb" not in rs.metrics  # not evaluated yet
+    _write(os.path.join(pairs, "videos", "p0", "0.mp4"), 300_000)
+    assert record_sizes(cfg, rs, {}) == [] and "written_mb" not in rs.metrics  # not evaluated yet
     rs.phase = "evaluated"
-    round_written(cfg, rs)
-    assert rs.metrics["written_mb"] == pytest.approx(0.3, abs=0.01)
     state.rounds.append(rs)
+    freed = prune(make_config("run.keep.candidate_videos=0"), state, os.path.join(cfg.run.output_dir, "align"))
+    assert freed["candidate_videos"] == 300_000 and not os.path.exists(os.path.join(pairs, "videos"))
+    assert record_sizes(cfg, rs, freed) == ["pruned_mb", "output_dir_mb", "written_mb"]
+    assert rs.metrics["written_mb"] == pytest.approx(0.3, abs=0.01) and rs.metrics["output_dir_mb"] < 0.01
     assert check_free_space(cfg, state, 2) == pytest.approx(free, abs=1.0)  # 1.5 x 0.3 MB fits
     state.rounds.append(RoundState(2, phase="evaluated", metrics={"written_mb": free * 1e3}))  # a round as big as the disk
     with pytest.raises(DiskSpaceError, match=r"round 3 needs .*run\.free_space\.rounds=1\.5 x .* GB, the most a round"):

@@ -145,9 +145,10 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             for index in range(1, rounds + 1):
                 if state.guard:  # the guard stopped the loop (a resumed job does not go past it)
                     break
-                if not state.round(index).reached("evaluated"):
+                rs = state.round(index)
+                if not rs.reached("evaluated"):
                     free = retention.check_free_space(cfg, state, index)
-                    retention.round_started(cfg, state.round(index))
+                    retention.round_started(cfg, rs)
                     state.save(state_uri)
                     if free is not None:
                         log_metrics({"disk_free_gb": free}, step=index)
@@ -179,15 +180,13 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
 
 def _apply_retention(cfg: AnisoraConfig, state: AlignState, out: str, state_uri: str, index: int) -> None:
-    """``run.keep`` on the finished rounds; what the round wrote (before pruning: ``run.free_space`` sizes the next
-    round by it), the output folder's size and what was freed go to MLflow per round."""
-    rs = state.round(index)
-    retention.round_written(cfg, rs)
+    """``run.keep`` on the finished rounds; what the round wrote (``run.free_space`` sizes the next round by it), the
+    output folder's size and what was freed go to MLflow per round."""
     freed = retention.prune(cfg, state, out)
-    if rs.reached("evaluated") and (freed or "output_dir_mb" not in rs.metrics):  # once per round, not per resume
-        rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + sum(freed.values()) / 1e6
-        rs.metrics["output_dir_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
-        log_metrics({k: rs.metrics[k] for k in ("pruned_mb", "output_dir_mb", "written_mb") if k in rs.metrics}, step=index)
+    rs = state.round(index)
+    keys = retention.record_sizes(cfg, rs, freed)
+    if keys:
+        log_metrics({k: rs.metrics[k] for k in keys}, step=index)
     state.save(state_uri)
 
 
@@ -196,8 +195,10 @@ def _next_round(state: AlignState, rounds: int) -> int | None:
     or None when there is none (every round evaluated, or the guard stopped the loop)."""
     if not state.baseline:
         return 0
+    if state.guard:
+        return None
     done = {r.index for r in state.rounds if r.reached("evaluated")}
-    return next((i for i in range(1, rounds + 1) if i not in done), None) if not state.guard else None
+    return next((i for i in range(1, rounds + 1) if i not in done), None)
 
 
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:

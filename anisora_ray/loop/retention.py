@@ -144,8 +144,15 @@ def round_started(cfg: AnisoraConfig, rs: RoundState) -> None:
         rs.metrics["output_dir_start_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
 
 
-def round_written(cfg: AnisoraConfig, rs: RoundState) -> None:
-    """What round ``rs`` added to the output folder, measured once it is evaluated and before ``run.keep`` prunes."""
-    if rs.reached("evaluated") and "output_dir_start_mb" in rs.metrics and "written_mb" not in rs.metrics:
-        now = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
-        rs.metrics["written_mb"] = max(0.0, now - rs.metrics["output_dir_start_mb"])
+def record_sizes(cfg: AnisoraConfig, rs: RoundState, freed: dict[str, int]) -> list[str]:
+    """After ``prune``: the output folder's size, what was just freed and, once, what round ``rs`` wrote (``written_mb``:
+    its growth from its start to its end before pruning, i.e. the folder now plus what was just freed) into its
+    metrics. Once the round is evaluated, and again when a resumed job prunes more; returns the keys to log."""
+    if not rs.reached("evaluated") or not (freed or "output_dir_mb" not in rs.metrics):
+        return []
+    freed_mb = sum(freed.values()) / 1e6
+    rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + freed_mb
+    rs.metrics["output_dir_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
+    if "output_dir_start_mb" in rs.metrics and "written_mb" not in rs.metrics:
+        rs.metrics["written_mb"] = max(0.0, rs.metrics["output_dir_mb"] + freed_mb - rs.metrics["output_dir_start_mb"])
+    return [k for k in ("pruned_mb", "output_dir_mb", "written_mb") if k in rs.metrics]
