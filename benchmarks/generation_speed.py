@@ -188,10 +188,10 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
     is spent are reported as skipped."""
     import gc
 
-    import numpy as np
     import torch
 
     from anisora_ray.generation.generator import Generator
+    from anisora_ray.generation.speed import frame_drift
 
     deadline = time.monotonic() + args.budget_s
 
@@ -219,7 +219,7 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return {"row": row, "frames": frames.astype(np.int64)}
+        return {"row": row, "frames": frames}
 
     reference = None if args.no_reference else one("eager (config)", [])
     rows = [reference["row"]] if reference else []
@@ -241,16 +241,13 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
             rows.append(got["row"])
             print(f"  {name}: {got['row']['seconds_per_video']:.2f} s/video (no reference)", flush=True)
             continue
-        diff = np.abs(got["frames"] - reference["frames"])
-        mse = float((diff.astype(np.float64) ** 2).mean())
-        got["row"].update(drift_mean_levels=float(diff.mean()), drift_max_levels=int(diff.max()),
-                          psnr_db=float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        got["row"].update(**frame_drift(got["frames"], reference["frames"]),
                           speedup_vs_config=reference["row"]["seconds_per_video"] / got["row"]["seconds_per_video"])
         rows.append(got["row"])
         r = got["row"]
         cached = f"; cache: {r['cache_decisions']}" if r["cache_decisions"] else ""
         print(f"  {name}: {r['seconds_per_video']:.2f} s/video (x{r['speedup_vs_config']:.2f}), drift mean "
-              f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']} levels, PSNR {r['psnr_db']:.1f} dB{cached}",
+              f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']:.0f} levels, PSNR {r['psnr_db']:.1f} dB{cached}",
               flush=True)
         if args.json:  # what is measured so far survives a time limit
             write_json(args.json, {"steps": args.steps, "variants": rows, "partial": True})

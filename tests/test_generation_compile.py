@@ -137,7 +137,8 @@ def test_dpm_rollout_scheduler_renders_its_own_samples(tmp_path, demo_manifest):
 def test_compiled_replica_composes_with_a_step_cache(tmp_path, demo_manifest, cached):
     """A cache decides on the host (between blocks; in FasterCache's and TaylorSeer's hooks, by a step counter): the
     compiled replica keeps those decisions out of its graphs, warms up every path at start-up (no graph compiles
-    in a call, FasterCache's halved batches included), reuses as the eager one does, and repeats its frames."""
+    in a call, FasterCache's halved batches included), reuses as the eager one does, and repeats its frames; forced
+    to compute every step (the cache audit), it renders the uncached frames with the same graphs."""
     request = GenerationRequest(read_manifest(demo_manifest)[0], (1, 2))
     path = save_tiny_i2v_pipeline(TinyModelConfig(num_layers=2, warm_start_steps=0), 32, 32, 9, str(tmp_path / "tiny"))
     steps = 3 if cached["kind"] == "first_block" else 8  # first_block: every step after the first reuses
@@ -150,5 +151,8 @@ def test_compiled_replica_composes_with_a_step_cache(tmp_path, demo_manifest, ca
         if name == "compiled_cached":  # every path of the cache was compiled at start-up
             assert gen.compiled_graphs() == graphs
             assert np.array_equal(gen.render([request]), videos[name])
+            videos["compiled_exact"] = gen.render([request], exact=True)  # the cache audit's reference ...
+            assert gen.compiled_graphs() == graphs  # ... runs the graphs compiled at start-up
     assert np.abs(videos["cached"].astype(int) - videos["eager"].astype(int)).max() > 2  # the cache changes frames
     assert np.abs(videos["compiled_cached"].astype(int) - videos["cached"].astype(int)).max() <= 2
+    assert np.abs(videos["compiled_exact"].astype(int) - videos["eager"].astype(int)).max() <= 2  # every step computed

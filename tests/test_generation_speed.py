@@ -27,8 +27,8 @@ def _generator(cfg, *assignments: tuple[str, object]) -> Generator:
     return Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, g, cfg.video)
 
 
-def _frames(gen: Generator, items) -> np.ndarray:
-    return gen.render([GenerationRequest(items[0], (1, 2)), GenerationRequest(items[1], (3,))]).astype(int)
+def _frames(gen: Generator, items, exact: bool = False) -> np.ndarray:
+    return gen.render([GenerationRequest(items[0], (1, 2)), GenerationRequest(items[1], (3,))], exact=exact).astype(int)
 
 
 def test_attention_backends_are_checked_at_start_up_and_a_pinned_kernel_renders_the_same(make_config, demo_manifest):
@@ -74,6 +74,7 @@ def test_first_block_cache_moves_the_frames_by_its_threshold_only_and_forgets_be
     loose = _generator(cfg, ("cache.kind", "first_block"), ("cache.threshold", 1e6))
     first = _frames(loose, items)
     assert np.abs(first - plain).max() > 0  # later steps reuse the first step's residuals
+    np.testing.assert_array_equal(_frames(loose, items, exact=True), plain)  # the cache audit's reference
     np.testing.assert_array_equal(_frames(loose, items), first)  # a second call starts with an empty cache
 
 
@@ -98,6 +99,9 @@ def test_faster_cache_follows_its_schedule_forgets_between_calls_and_needs_batch
     reused = sum(h and t < 681 and i % 2 != 0 for i, (h, (_, t)) in enumerate(zip(halved, steps)))
     assert len(attention) == len(steps) - reused and reused > 0
     assert np.abs(first - plain).max() > 0  # approximated steps move the frames
+    batches.clear()
+    np.testing.assert_array_equal(_frames(gen, items, exact=True), plain)  # the cache audit's reference: exact ...
+    assert batches == [full] * len(steps)  # ... every step runs both branches
     np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
     wan = make_config("model.family=wan_i2v", "generator.num_inference_steps=2")
     with pytest.raises(ConfigError, match="model.family='wan_i2v' runs them as two calls"):
@@ -130,6 +134,7 @@ def test_taylorseer_computes_on_its_schedule_in_each_cfg_branch_and_forgets_betw
     assert calls and len(calls) % len(per_call) == 0
     assert [i + 1 in computed for i in range(len(calls))] == per_call * (len(calls) // len(per_call))
     assert np.abs(first - plain).max() > 0  # predicted steps move the frames
+    np.testing.assert_array_equal(_frames(gen, items, exact=True), plain)  # the cache audit's reference
     np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
 
 

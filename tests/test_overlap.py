@@ -1,5 +1,6 @@
 """``loop.overlap: one_round_off_policy``: round r + 1 is generated while round r trains; the replicas move to
-round r's weights between two generation calls; pairs record their version and rounds log their staleness.
+round r's weights between two generation calls; pairs record their version and rounds log their staleness. The
+replicas here roll out with a step cache, whose audit runs with the held-out evaluations it is due at.
 (That held-out reward still rises with overlapped rounds is measured on the embedded default in
 docs/alignment.md: a 3-round run is minutes, not a unit test.)"""
 
@@ -22,7 +23,9 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", "gapo.steps=4", "gapo.beta=500",
                  "generator.replicas=1", "eval.demo_prompts=2", "eval.candidates_per_prompt=1", "eval.sample_videos=0",
                  "loop.registered_model=null", "loop.guard.enabled=false", f"ray.address={ray_cluster.address}",
-                 "loop.overlap=one_round_off_policy"]
+                 "loop.overlap=one_round_off_policy",
+                 # the replicas roll out with FasterCache, audited at rounds 0 and 2 (eval/cache_audit.py)
+                 "generator.cache.kind=faster_cache", "generator.cache.audit_prompts=1", "generator.cache.audit_every=2"]
     cfg = load_config(LOCAL_CONFIG, overrides)
     result = run_alignment(cfg, progress=False)
 
@@ -50,3 +53,10 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
         assert m["pairs_staleness_mean"] == sum(lags) / len(lags) and m["pairs_staleness_max"] == max(lags)
         assert m.get("pairs_staleness_1_fraction", 0.0) == lags.count(1) / len(lags)
         assert m["refresh_live"] == 0.0  # the replicas load the written folder between two generation calls
+    audits = {i: align / f"round-{i}" / "eval" / "cache_audit" / "cache_audit.parquet" for i in (0, 1, 2)}
+    assert [i for i, path in audits.items() if path.exists()] == [0, 2]  # audit_every=2
+    parent = client.get_run(result.parent_run_id).data.metrics
+    assert parent["cache_audit_videos"] == 1 and parent["cache_audit_drift_mean_levels"] > 0  # the last: round 2's
+    steps = {m.step for m in client.get_metric_history(result.parent_run_id, "cache_audit_reward_change")}
+    assert steps == {0, 2} and "cache_audit_videos" not in runs["round-1"].data.metrics
+    assert runs["round-2"].data.metrics["cache_audit_videos"] == 1

@@ -5,6 +5,7 @@ Plain Python (no Ray): :mod:`anisora_ray.generation.replicas` hosts it in Ray ac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -22,6 +23,8 @@ from anisora_ray.generation.speed import (
     attention_context,
     cache_hooks_outside_graphs,
     denoisers,
+    exact_forced,
+    frame_drift,
     reset_step_cache,
     reuse_forced,
     use_attention_backend,
@@ -155,10 +158,11 @@ class Generator(WeightsReceiver):
             log.warning("prompt %s has %d tokens; the text encoder takes %d (generator.max_sequence_length): "
                         "the rest is truncated", item.prompt_id, tokens, self.cfg.max_sequence_length)
 
-    def render(self, requests: list[GenerationRequest]) -> np.ndarray:
+    def render(self, requests: list[GenerationRequest], exact: bool = False) -> np.ndarray:
         """Run the pipeline once for all (prompt, seed) pairs: uint8 [N, F, H, W, 3], N = total seeds.
 
-        Every video gets its own torch.Generator, so each depends on its own seed only.
+        Every video gets its own torch.Generator, so each depends on its own seed only. ``exact``: every step
+        computed, as without ``generator.cache`` (the cache audit's reference).
         """
         images, prompts, generators = [], [], []
         device = self.receiving_module().device
@@ -169,11 +173,13 @@ class Generator(WeightsReceiver):
                 images.append(image)
                 prompts.append(request.item.prompt)
                 generators.append(torch.Generator(device=device).manual_seed(int(seed)))
-        return self._run(images, prompts, generators)
+        return self._run(images, prompts, generators, exact=exact)
 
-    def _run(self, images: list, prompts: list[str], generators: list[torch.Generator], steps: int | None = None) -> np.ndarray:
+    def _run(self, images: list, prompts: list[str], generators: list[torch.Generator], steps: int | None = None,
+             exact: bool = False) -> np.ndarray:
         try:
-            with torch.inference_mode(), attention_context(self.cfg.attention_backend):
+            with torch.inference_mode(), attention_context(self.cfg.attention_backend), \
+                    exact_forced(self.pipe) if exact else contextlib.nullcontext():
                 return to_uint8(self.family.render(self.pipe, images, prompts, generators, self.cfg, steps))
         finally:
             reset_step_cache(self.pipe)
@@ -207,10 +213,37 @@ class Generator(WeightsReceiver):
             detail=str(exc)[:2000],
         )
 
+    def audit(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[Candidate],
+                                                                             list[dict], list[QuarantineRecord]]:
+        """The cache audit (eval/cache_audit.py): each request rendered as rollouts are (``generator.cache`` on) and
+        exactly (every step computed), at the same seeds. Returns the candidates of each (videos under
+        ``out_dir``/cached and ``out_dir``/exact), each video's drift from its exact twin (raw frames, before the
+        codec), and the requests quarantined for bad input."""
+        self.check_complete()
+        cached, exact, drift, quarantined = [], [], [], []
+        for request in requests:  # one at a time: a bad item is quarantined alone
+            try:
+                rendered = {}
+                for name, flag in (("cached", False), ("exact", True)):
+                    start = time.perf_counter()
+                    rendered[name] = (self.render([request], exact=flag), time.perf_counter() - start)
+            except CONTENT_ERRORS as exc:
+                quarantined.append(self._quarantine(request, exc))
+                continue
+            cached += self._write([request], *rendered["cached"], fs.join(out_dir, "cached"))
+            exact += self._write([request], *rendered["exact"], fs.join(out_dir, "exact"))
+            drift += [{"prompt_id": request.item.prompt_id, "seed": int(seed), **frame_drift(c, e)}
+                      for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
+        return cached, exact, drift, quarantined
+
     def _generate(self, requests: list[GenerationRequest], out_dir: str) -> list[Candidate]:
         start = time.perf_counter()
         videos = self.render(requests)
-        per_video = (time.perf_counter() - start) / max(1, len(videos))
+        return self._write(requests, videos, time.perf_counter() - start, out_dir)
+
+    def _write(self, requests: list[GenerationRequest], videos: np.ndarray, seconds: float, out_dir: str) -> list[Candidate]:
+        """Encode each rendered video to its ``video_uri`` under ``out_dir``: the candidates' records."""
+        per_video = seconds / max(1, len(videos))
         candidates = []
         n = 0
         for request in requests:

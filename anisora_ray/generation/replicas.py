@@ -181,12 +181,29 @@ class GeneratorReplicas:
 
         ``on_progress(n)`` is called with the number of videos each finished call accounted for.
         """
+        candidates, quarantined = self._spread("generate", 2, requests, out_dir, on_progress)
+        candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
+        return candidates, quarantined
+
+    def audit(self, requests: Sequence[GenerationRequest], out_dir: str, on_progress: Callable[[int], None] | None = None,
+              ) -> tuple[list[Candidate], list[Candidate], list[dict], list[QuarantineRecord]]:
+        """``Generator.audit`` over the replicas: each request rendered with the step cache and exactly."""
+        cached, exact, drift, quarantined = self._spread("audit", 4, requests, out_dir, on_progress)
+        for group in (cached, exact):
+            group.sort(key=lambda c: (c.prompt_id, c.candidate_index))
+        drift.sort(key=lambda d: (d["prompt_id"], d["seed"]))
+        return cached, exact, drift, quarantined
+
+    def _spread(self, method: str, parts: int, requests: Sequence[GenerationRequest], out_dir: str,
+                on_progress: Callable[[int], None] | None) -> tuple[list, ...]:
+        """Call the replicas' ``method(chunk, out_dir)`` on chunks of ``generator.prompts_per_call`` requests, at most
+        ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to ``generator.call_retries``
+        times), a restarting replica waited for. Each call returns ``parts`` lists: each concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
         pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
         in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest]]] = {}
         load = [0] * len(self.actors)
-        candidates: list[Candidate] = []
-        quarantined: list[QuarantineRecord] = []
+        gathered: list[list] = [[] for _ in range(parts)]
         limit = self.cfg.generator.max_calls_in_flight
         failures: dict[int, int] = {}
         restarting: dict[int, float] = {}  # chunk -> when its replica was first seen restarting
@@ -194,14 +211,14 @@ class GeneratorReplicas:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
                 chunk = pending.popleft()
-                in_flight[self.actors[replica].generate.remote(chunk, out_dir)] = (replica, chunk)
+                in_flight[getattr(self.actors[replica], method).remote(chunk, out_dir)] = (replica, chunk)
                 load[replica] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])
             load[replica] -= 1
             key = id(chunk)
             try:
-                got, bad = ray.get(done[0])
+                result = ray.get(done[0])
             except ray.exceptions.ActorUnavailableError:  # restarting: wait for it, not a new failure
                 if time.monotonic() - restarting.setdefault(key, time.monotonic()) < RESTART_WAIT_S:
                     time.sleep(0.5)
@@ -219,12 +236,11 @@ class GeneratorReplicas:
                             type(exc).__name__, first_line(exc))
                 pending.appendleft(chunk)
                 continue
-            candidates += got
-            quarantined += bad
+            for into, part in zip(gathered, result, strict=True):
+                into += part
             if on_progress:
                 on_progress(sum(len(r.seeds) for r in chunk))
-        candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
-        return candidates, quarantined
+        return tuple(gathered)
 
     def shutdown(self) -> None:
         for actor in [*self.actors, self.ledger, getattr(self, "router", None)]:  # no router yet: start-up failed

@@ -183,6 +183,19 @@ def warm_up_steps(cache) -> int:
 
 
 @contextlib.contextmanager
+def overridden(settings: list[tuple[object, str, object]]):
+    """Within: each (hook, attribute, value) set; the hooks' own values back afterwards."""
+    saved = [getattr(h, name) for h, name, _ in settings]
+    for h, name, value in settings:
+        setattr(h, name, value)
+    try:
+        yield
+    finally:
+        for (h, name, _), value in zip(settings, saved):
+            setattr(h, name, value)
+
+
+@contextlib.contextmanager
 def reuse_forced(pipe):
     """Within: every step after a call's first may reuse what the cache holds, whatever its thresholds
     (First Block Cache's threshold infinite, FasterCache's timestep ranges unbounded), so a compiled replica's
@@ -196,14 +209,41 @@ def reuse_forced(pipe):
         forced += [(h, "unconditional_batch_timestep_skip_range", unbounded)
                    for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
         forced += [(h, "timestep_skip_range", unbounded) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
-    saved = [getattr(h, name) for h, name, _ in forced]
-    for h, name, value in forced:
-        setattr(h, name, value)
-    try:
+    with overridden(forced):
         yield
-    finally:
-        for (h, name, _), value in zip(forced, saved):
-            setattr(h, name, value)
+
+
+@contextlib.contextmanager
+def exact_forced(pipe):
+    """Within: every step computes everything, whatever the cache's schedule or threshold (First Block Cache's
+    threshold -inf, FasterCache's timestep ranges empty, TaylorSeer past its last cached step), so a call renders
+    what the replica renders without its cache, bit for bit, with the hooks and compiled graphs it has (the cache
+    audit's reference, eval/cache_audit.py)."""
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    empty = (float("inf"), -float("inf"))
+    forced = []
+    for d in denoisers(pipe):
+        forced += [(h, "threshold", -float("inf")) for h in cache_leader_hooks(d)]
+        forced += [(h, "unconditional_batch_timestep_skip_range", empty) for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
+        forced += [(h, "timestep_skip_range", empty) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
+        forced += [(h, "disable_cache_after_step", 0) for _, h in hooked(d, _TAYLORSEER_CACHE_HOOK)]
+    with overridden(forced):
+        yield
+
+
+def frame_drift(frames, reference) -> dict[str, float]:
+    """How far ``frames`` moved from ``reference`` (uint8 videos of one shape): mean and max absolute difference in
+    levels, and PSNR in dB (inf when equal)."""
+    import numpy as np
+
+    if frames.shape != reference.shape:
+        raise ValueError(f"frame_drift: shapes {frames.shape} and {reference.shape} differ")
+    diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    return {"drift_mean_levels": float(diff.mean()), "drift_max_levels": float(diff.max()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))}
 
 
 def reset_step_cache(pipe) -> None:

@@ -29,7 +29,7 @@ from anisora_ray.loop import guard, retention
 from anisora_ray.loop.html_report import build_report, rows_of
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights
-from anisora_ray.loop.rounds import RoundContext, run_round, run_round_overlapped
+from anisora_ray.loop.rounds import RoundContext, audit_metrics, run_round, run_round_overlapped
 from anisora_ray.loop.samples import eval_row
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.models.pipeline import resolve_pretrained
@@ -128,12 +128,14 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                 workers.start(None, rewards=True)
                 base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress,
                                 statistics=statistics)
+                audited = audit_metrics(cfg, 0, heldout, workers, fs.join(out, "round-0", "eval"),
+                                        statistics or base.statistics, progress)
                 workers.release_rewards()
                 if base.statistics is not None and statistics is None:  # frozen here for every later round
                     statistics = base.statistics
                     state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
                     log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
-                state.baseline = {"per_prompt": base.per_prompt, "row": eval_row(0, base, None, 0, 0),
+                state.baseline = {"per_prompt": base.per_prompt, "row": {**eval_row(0, base, None, 0, 0), **audited},
                                   "eval_wall_seconds": time.perf_counter() - began}
                 state.save(state_uri)
             if cfg.loop.guard.enabled and "guard" not in state.baseline:  # the guard measures of round 0

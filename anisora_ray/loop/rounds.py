@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.cache_audit import AUDIT_DIR, audit_cache, audit_due
 from anisora_ray.eval.heldout import evaluate
 from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.io import fs
@@ -181,8 +182,11 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
         workers.start(state.latest_weights(), rewards=True)
         result = evaluate(cfg, ctx.heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), ctx.progress,
                           statistics=ctx.statistics)
+        audited = audit_metrics(cfg, rs.index, ctx.heldout, workers, fs.join(base, "eval"),
+                                ctx.statistics, ctx.progress)
         workers.release_rewards()
         row = eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
+        row.update(audited)
         if cfg.loop.guard.enabled:
             current = guard.measure_round(cfg, fs.join(base, "eval"))
             row.update(guard.means(current))
@@ -200,6 +204,15 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
                  row["mean_diff"], row["ci_low"], row["ci_high"], row["p_value"])
         rs.phase = "evaluated"
         ctx.save()
+
+
+def audit_metrics(cfg, index: int, heldout, workers, eval_dir: str, statistics, progress: bool) -> dict[str, float]:
+    """The cache audit's metrics when the held-out evaluation of round ``index`` (in ``eval_dir``) runs it
+    (eval/cache_audit.py)."""
+    if not audit_due(cfg, index):
+        return {}
+    out = fs.join(eval_dir, AUDIT_DIR)
+    return audit_cache(cfg, heldout, workers.replicas, workers.rewards, out, statistics, progress).metrics()
 
 
 def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:

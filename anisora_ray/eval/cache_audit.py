@@ -1,0 +1,109 @@
+"""The cache audit: how far ``generator.cache`` moves the rollouts of the weights being trained.
+
+A step cache's saving is fixed by its schedule, but what it does to the videos depends on the weights: the drift
+measured on random-init weights (docs/performance.md) says nothing of a trained checkpoint's. So at round 0 and
+every ``generator.cache.audit_every`` rounds, the first ``audit_prompts`` held-out prompts are rendered at their
+evaluation seeds twice on the replicas, with the cache and with every step computed (``Generator.audit``: the same
+replica, hooks and compiled graphs), and both sets are scored together. Per video: the frames' drift (raw frames,
+before the codec) and the reward's change. Per prompt with two candidates or more: whether the cache keeps its
+best and its worst candidate, the pair GAPO would train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.heldout import EVAL_ROUND
+from anisora_ray.generation.replicas import GeneratorReplicas
+from anisora_ray.generation.seeding import build_requests
+from anisora_ray.io import fs
+from anisora_ray.reward.actors import RewardActors
+from anisora_ray.reward.stage import score_candidates
+from anisora_ray.reward.statistics import RewardStatistics
+from anisora_ray.types import PromptItem
+
+log = logging.getLogger(__name__)
+AUDIT_DIR = "cache_audit"  # under a round's eval folder
+AUDIT_KINDS = ("cached", "exact")  # its two renderings, each in a folder of that name (Generator.audit)
+AUDIT_FILE = "cache_audit.parquet"
+
+
+def audit_due(cfg: AnisoraConfig, round_index: int) -> bool:
+    """Whether the held-out evaluation of ``round_index`` (0: the untrained generator) runs the cache audit."""
+    c = cfg.generator.cache
+    return c.kind != "none" and c.audit_prompts > 0 and round_index % c.audit_every == 0
+
+
+@dataclass(frozen=True)
+class CacheAudit:
+    rows: list[dict]  # per video: prompt_id, seed, drift (levels, PSNR), reward with the cache and exact
+    same_pair: dict[str, bool]  # prompt_id -> the cache keeps its best and worst candidate
+    quarantined: int
+    uri: str
+
+    def metrics(self, prefix: str = "cache_audit") -> dict[str, float]:
+        scored = [r for r in self.rows if math.isfinite(r["reward_change"])]
+        out = {f"{prefix}_videos": float(len(self.rows)), f"{prefix}_quarantined": float(self.quarantined)}
+        if self.rows:
+            mse = sum(r["mse"] for r in self.rows) / len(self.rows)
+            out[f"{prefix}_drift_mean_levels"] = sum(r["drift_mean_levels"] for r in self.rows) / len(self.rows)
+            out[f"{prefix}_drift_max_levels"] = max(r["drift_max_levels"] for r in self.rows)
+            if mse > 0:  # equal frames everywhere: no PSNR to log (MLflow takes no infinity)
+                out[f"{prefix}_psnr_db"] = 10 * math.log10(255.0**2 / mse)
+        if scored:
+            out[f"{prefix}_reward_change"] = sum(r["reward_change"] for r in scored) / len(scored)
+            out[f"{prefix}_reward_abs_change"] = sum(abs(r["reward_change"]) for r in scored) / len(scored)
+        if self.same_pair:
+            out[f"{prefix}_same_pair"] = sum(self.same_pair.values()) / len(self.same_pair)
+        return out
+
+
+def audit_cache(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorReplicas, reward_actors: RewardActors,
+                out_dir: str, statistics: RewardStatistics | None = None, progress: bool = True) -> CacheAudit:
+    """Render, score and compare (module docstring); writes ``cache_audit.parquet`` (one row per video) in
+    ``out_dir``, the videos under ``out_dir``/cached and ``out_dir``/exact."""
+    c = cfg.generator.cache
+    eval_cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(
+        update={"candidates_per_prompt": cfg.eval.candidates_per_prompt})})
+    requests = build_requests(items[: c.audit_prompts], eval_cfg, EVAL_ROUND)  # the evaluation's seeds
+    cached, exact, drift, quarantined = replicas.audit(requests, out_dir)
+    scored = score_candidates(cfg, cached + exact, reward_actors, progress=progress, statistics=statistics).scored
+    reward = {s.video_uri: s.reward if not s.quarantine_reason else float("nan") for s in scored}
+    by_seed = {(k.prompt_id, k.seed): (reward.get(k.video_uri, float("nan")), reward.get(e.video_uri, float("nan")))
+               for k, e in zip(cached, exact, strict=True)}
+    rows = []
+    for d in drift:
+        with_cache, without = by_seed[(d["prompt_id"], d["seed"])]
+        mse = 0.0 if math.isinf(d["psnr_db"]) else 255.0**2 / 10 ** (d["psnr_db"] / 10)
+        rows.append({**d, "mse": mse, "reward_cached": with_cache, "reward_exact": without,
+                     "reward_change": with_cache - without})
+    same_pair = _same_pairs(rows)
+    uri = fs.join(out_dir, AUDIT_FILE)
+    import pyarrow as pa
+
+    fs.write_table(pa.Table.from_pylist([{**r, "same_pair": same_pair.get(r["prompt_id"])} for r in rows]), uri)
+    audit = CacheAudit(rows, same_pair, len(quarantined), uri)
+    m = audit.metrics()
+    log.info("cache audit (%s, %d videos): drift %.2f levels (max %.0f), reward change %+.4f, same pair %s; %s",
+             c.kind, len(rows), m.get("cache_audit_drift_mean_levels", 0.0), m.get("cache_audit_drift_max_levels", 0.0),
+             m.get("cache_audit_reward_change", float("nan")), m.get("cache_audit_same_pair", "n/a"), uri)
+    return audit
+
+
+def _same_pairs(rows: list[dict]) -> dict[str, bool]:
+    """Per prompt with two or more videos scored both ways: whether the cache's rewards pick the best and the
+    worst seed the exact rewards pick (ranked as pairs/select.py ranks: by reward, then the lower seed first)."""
+    seeds: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if math.isfinite(r["reward_cached"]) and math.isfinite(r["reward_exact"]):
+            seeds[r["prompt_id"]].append(r)
+
+    def pair(group: list[dict], key: str) -> tuple[int, int]:
+        ordered = sorted(group, key=lambda r: (r[key], -r["seed"]))
+        return ordered[-1]["seed"], ordered[0]["seed"]
+
+    return {p: pair(g, "reward_cached") == pair(g, "reward_exact") for p, g in seeds.items() if len(g) >= 2}

@@ -1,0 +1,108 @@
+"""The cache audit (eval/cache_audit.py): a replica renders each audited prompt with its step cache and with every
+step computed; the exact rendering is what a replica without the cache renders, the drift is measured on raw frames,
+a bad prompt is quarantined alone, and through Ray both renderings are scored into a table and MLflow metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+
+import numpy as np
+
+from anisora_ray.data.manifest import read_manifest
+from anisora_ray.generation.generator import Generator
+from anisora_ray.generation.speed import frame_drift
+from anisora_ray.models.pipeline import resolve_pretrained
+from anisora_ray.types import GenerationRequest
+
+
+def _sha(videos: np.ndarray) -> list[str]:
+    return [hashlib.sha256(v.tobytes()).hexdigest() for v in videos]
+
+
+def test_a_replica_audits_its_cache_against_exact_frames_and_quarantines_a_bad_prompt(make_config, demo_manifest,
+                                                                                      tmp_path):
+    cfg = make_config("generator.num_inference_steps=8", "generator.cache.kind=faster_cache")
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    plain = Generator(pretrained, cfg.model, make_config("generator.num_inference_steps=8").generator, cfg.video)
+    cached = Generator(pretrained, cfg.model, cfg.generator, cfg.video)
+    items = read_manifest(demo_manifest)
+    missing = dataclasses.replace(items[1], image_uri=str(tmp_path / "missing.png"))
+    requests = [GenerationRequest(items[0], (1, 2)), GenerationRequest(missing, (3,)), GenerationRequest(items[2], (4,))]
+    with_cache, exact, drift, quarantined = cached.audit(requests, str(tmp_path / "audit"))
+
+    assert [(q.stage, q.item_id) for q in quarantined] == [("generation", items[1].prompt_id)]  # the others go on
+    ok = [requests[0], requests[2]]
+    keys = [(r.item.prompt_id, s) for r in ok for s in r.seeds]
+    assert [(c.prompt_id, c.seed) for c in with_cache] == [(c.prompt_id, c.seed) for c in exact] == keys
+    want_exact = np.concatenate([plain.render([r]) for r in ok])  # what a replica without the cache renders
+    want_cached = np.concatenate([cached.render([r]) for r in ok])
+    assert [c.frames_sha256 for c in exact] == _sha(want_exact)
+    assert [c.frames_sha256 for c in with_cache] == _sha(want_cached)
+    assert drift == [{"prompt_id": p, "seed": s, **frame_drift(c, e)}
+                     for (p, s), c, e in zip(keys, want_cached, want_exact)]
+    assert all(d["drift_mean_levels"] > 0 and math.isfinite(d["psnr_db"]) for d in drift)  # FasterCache moved them
+    for kind, group in (("cached", with_cache), ("exact", exact)):
+        assert all(os.path.getsize(c.video_uri) > 0 and f"/audit/{kind}/videos/" in c.video_uri for c in group)
+
+
+def test_pairs_kept_or_lost_and_the_metrics_of_an_audit():
+    from anisora_ray.eval.cache_audit import CacheAudit, _same_pairs
+
+    def row(prompt, seed, cached, exact, mse=4.0):
+        return {"prompt_id": prompt, "seed": seed, "drift_mean_levels": 1.0, "drift_max_levels": 9.0,
+                "psnr_db": 10 * math.log10(255.0**2 / mse) if mse else math.inf, "mse": mse,
+                "reward_cached": cached, "reward_exact": exact, "reward_change": cached - exact}
+
+    rows = [row("a", 1, 0.9, 0.8), row("a", 2, 0.1, 0.2), row("a", 3, 0.5, 0.5),  # same best (1) and worst (2)
+            row("b", 1, 0.6, 0.4), row("b", 2, 0.5, 0.7),  # the cache swaps b's pair
+            row("c", 1, 0.5, math.nan), row("c", 2, 0.4, 0.3)]  # one seed scored both ways: no pair to compare
+    assert _same_pairs(rows) == {"a": True, "b": False}
+    assert _same_pairs([row("t", 5, 0.5, 0.5), row("t", 3, 0.5, 0.5)]) == {"t": True}  # ties: lower seed wins both
+    m = CacheAudit(rows, _same_pairs(rows), 1, "x").metrics()
+    assert m["cache_audit_videos"] == 7 and m["cache_audit_quarantined"] == 1 and m["cache_audit_same_pair"] == 0.5
+    finite = [r["reward_change"] for r in rows if math.isfinite(r["reward_change"])]
+    assert math.isclose(m["cache_audit_reward_change"], sum(finite) / 6)
+    assert math.isclose(m["cache_audit_reward_abs_change"], sum(map(abs, finite)) / 6)
+    assert math.isclose(m["cache_audit_psnr_db"], 10 * math.log10(255.0**2 / 4.0))
+    equal = CacheAudit([row("a", 1, 0.5, 0.5, mse=0.0)], {}, 0, "x").metrics()
+    assert "cache_audit_psnr_db" not in equal and "cache_audit_same_pair" not in equal  # no infinity to MLflow
+
+
+def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_cluster, make_config, demo_manifest,
+                                                                         tmp_path):
+    from anisora_ray.eval.cache_audit import AUDIT_FILE, audit_cache, audit_due
+    from anisora_ray.eval.heldout import EVAL_ROUND
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.generation.seeding import candidate_seeds
+    from anisora_ray.io import fs
+    from anisora_ray.reward.actors import RewardActors
+
+    cfg = make_config("generator.replicas=1", "generator.num_inference_steps=8", "generator.cache.kind=faster_cache",
+                      "generator.cache.audit_prompts=2", "generator.cache.audit_every=2", "eval.candidates_per_prompt=3")
+    assert [audit_due(cfg, i) for i in range(4)] == [True, False, True, False]
+    assert not audit_due(make_config("generator.cache.audit_prompts=2"), 0)  # no cache, nothing to audit
+    items = read_manifest(demo_manifest)
+    replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    actors = RewardActors(cfg.reward)
+    try:
+        audit = audit_cache(cfg, items, replicas, actors, str(tmp_path / "audit"), progress=False)
+    finally:
+        actors.shutdown()
+        replicas.shutdown()
+
+    audited = [i.prompt_id for i in items[:2]]
+    assert [(r["prompt_id"], r["seed"]) for r in audit.rows] == [
+        (p, s) for p in audited for s in sorted(candidate_seeds(cfg.run.seed, p, 3, EVAL_ROUND))]  # the eval's seeds
+    assert all(math.isfinite(r["reward_cached"]) and math.isfinite(r["reward_exact"]) for r in audit.rows)
+    assert any(r["reward_change"] != 0 for r in audit.rows)  # the cache moved the frames, the rewards follow
+    assert set(audit.same_pair) == set(audited)
+    table = fs.read_table(str(tmp_path / "audit" / AUDIT_FILE)).to_pylist()
+    assert [(r["prompt_id"], r["seed"], r["same_pair"]) for r in table] == [
+        (r["prompt_id"], r["seed"], audit.same_pair[r["prompt_id"]]) for r in audit.rows]
+    m = audit.metrics()
+    assert m["cache_audit_videos"] == 6 and m["cache_audit_quarantined"] == 0
+    assert m["cache_audit_drift_mean_levels"] > 0 and math.isfinite(m["cache_audit_psnr_db"])
+    assert m["cache_audit_same_pair"] in (0.0, 0.5, 1.0)
