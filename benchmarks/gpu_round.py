@@ -200,6 +200,9 @@ def main() -> None:
               "phases_seconds": phases(state, wall), **sampler.summary(),
               "round1": {k: rounds[1]["metrics"].get(k) for k in ("pairs", "train_loss", "train_step_seconds",
                                                                   "refresh_seconds", "heldout_reward")},
+              # the config's FasterCache against every step computed, on these weights (eval/cache_audit.py)
+              "cache_audit": {f"round{i}": {k: v for k, v in row.items() if k.startswith("cache_audit_")}
+                              for i, row in ((0, state["baseline"]["row"]), (1, rounds[1]["metrics"]))},
               "settings": {k: getattr(args, k) for k in ("prompts", "candidates", "steps", "gapo_steps")}}
     text = json.dumps(result, indent=2)
     print(text)
