@@ -70,6 +70,12 @@ def test_pairs_kept_or_lost_and_the_metrics_of_an_audit():
     equal = CacheAudit([row("a", 1, 0.5, 0.5, mse=0.0)], {}, 0, "x").metrics()
     assert "cache_audit_psnr_db" not in equal and "cache_audit_same_pair" not in equal  # no infinity to MLflow
 
+    from anisora_ray.loop.html_report import cache_audit_table
+
+    page = cache_audit_table([{"round": 0, **m}, {"round": 1}, {"round": 2, **equal}])  # round 1 not audited
+    assert page.count("<tr>") == 3 and "<td>50%</td>" in page and "<td>+0.0167</td>" in page
+    assert cache_audit_table([{"round": 0}, {"round": 1}]) == ""
+
 
 def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_cluster, make_config, demo_manifest,
                                                                          tmp_path):

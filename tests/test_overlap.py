@@ -60,3 +60,6 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     steps = {m.step for m in client.get_metric_history(result.parent_run_id, "cache_audit_reward_change")}
     assert steps == {0, 2} and "cache_audit_videos" not in runs["round-1"].data.metrics
     assert runs["round-2"].data.metrics["cache_audit_videos"] == 1
+    page = (align / "report.html").read_text()
+    audit = page[page.index("<h2>Step cache audit</h2>"):]
+    assert audit[:audit.index("</table>")].count("<tr>") == 3  # the header, rounds 0 and 2

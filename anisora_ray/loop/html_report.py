@@ -181,6 +181,25 @@ def guard_table(rows: Sequence[dict], verdict: dict) -> str:
             "fires when the held-out reward rises over round 0 while one falls beyond loop.guard.margin (paired test).</p>")
 
 
+def cache_audit_table(rows: Sequence[dict]) -> str:
+    """The step cache's audits (eval/cache_audit.py): per audited round, how far the cache moved the frames, the
+    reward and the pairs of the held-out prompts it rendered both ways; empty when no round was audited."""
+    audited = [r for r in rows if "cache_audit_videos" in r]
+    if not audited:
+        return ""
+    columns = (("cache_audit_videos", "videos", "{:.0f}"), ("cache_audit_drift_mean_levels", "drift, mean levels", "{:.2f}"),
+               ("cache_audit_drift_max_levels", "max", "{:.0f}"), ("cache_audit_psnr_db", "PSNR dB", "{:.1f}"),
+               ("cache_audit_reward_change", "reward change", "{:+.4f}"),
+               ("cache_audit_reward_abs_change", "mean |change|", "{:.4f}"), ("cache_audit_same_pair", "same pair", "{:.0%}"))
+    head = "".join(f"<th>{h}</th>" for _, h, _ in columns)
+    body = "".join(f"<tr><td>{r['round']}</td>" + "".join(f"<td>{_cell(r.get(k), fmt)}</td>" for k, _, fmt in columns)
+                   + "</tr>" for r in audited)
+    return (f"<h2>Step cache audit</h2><table><tr><th>round</th>{head}</tr>{body}</table><p class='muted'>The first "
+            "generator.cache.audit_prompts held-out prompts rendered with the cache and with every step computed, at "
+            "the evaluation's seeds: drift of the raw frames (PSNR: empty when equal), the reward with the cache minus "
+            "without, and the share of prompts whose best and worst candidate stay the same.</p>")
+
+
 def human_section(db_path: str) -> str:
     """The blind side-by-side study in ``db_path``: 2-of-3 win rate with its Wilson CI, Fleiss' kappa, annotators."""
     from anisora_ray.eval.annotate import AnnotationStore, summarize
@@ -271,6 +290,7 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "CI: BCa bootstrap over prompts; p: two-sided paired sign-flip permutation test.</p>",
         "<h2>Held-out score per dimension</h2>", f"<img src='{dimension_plot(rows)}' alt='per-dimension curves'>",
         guard_table(rows, state.guard),
+        cache_audit_table(rows),
         pruned_section(state),
         "<h2>Training</h2>",
         f"<img src='{training}' alt='training curves'>" if training else "<p class='muted'>no training runs found "
