@@ -214,12 +214,19 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
         row = {"variant": name, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
                "graphs_compiled_in_timed_call": replica.compiled_graphs() - graphs,
                "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               "startup": replica.startup, "cache_decisions": decisions}
+               "startup": replica.startup, "cache_decisions": dict(decisions) if decisions else decisions}  # so far
+        exact = None
+        if args.exact_check and g.cache.kind != "none":  # the cache audit's reference render on this replica
+            began = time.perf_counter()
+            exact = replica.render([request_of(1)], exact=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            row["exact_seconds_per_video"] = time.perf_counter() - began
         del replica
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return {"row": row, "frames": frames}
+        return {"row": row, "frames": frames, "exact": exact}
 
     reference = None if args.no_reference else one("eager (config)", [])
     rows = [reference["row"]] if reference else []
@@ -243,9 +250,14 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
             continue
         got["row"].update(**frame_drift(got["frames"], reference["frames"]),
                           speedup_vs_config=reference["row"]["seconds_per_video"] / got["row"]["seconds_per_video"])
+        if got["exact"] is not None:  # bit for bit the config's frames when the variant differs by its cache only
+            got["row"].update({f"exact_{k}": v for k, v in frame_drift(got["exact"], reference["frames"]).items()})
         rows.append(got["row"])
         r = got["row"]
         cached = f"; cache: {r['cache_decisions']}" if r["cache_decisions"] else ""
+        if "exact_seconds_per_video" in r:
+            cached += (f"; every step computed: {r['exact_seconds_per_video']:.2f} s/video, max "
+                       f"{r['exact_drift_max_levels']:.0f} levels from the config's")
         print(f"  {name}: {r['seconds_per_video']:.2f} s/video (x{r['speedup_vs_config']:.2f}), drift mean "
               f"{r['drift_mean_levels']:.2f} max {r['drift_max_levels']:.0f} levels, PSNR {r['psnr_db']:.1f} dB{cached}",
               flush=True)
@@ -314,6 +326,9 @@ def main() -> None:
                         help="a replica with these generator settings, one video at the full step count, against the "
                              "config's: seconds and drift (repeatable), e.g. fbc=generator.cache.kind=first_block")
     parser.add_argument("--no-reference", action="store_true", help="variants without the eager reference video")
+    parser.add_argument("--exact-check", action="store_true",
+                        help="a variant with a step cache also renders its video with every step computed (the cache "
+                             "audit's reference): its seconds and its drift from the config's video")
     parser.add_argument("--out", default="/tmp/anisora-generation-speed")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

@@ -19,6 +19,8 @@ CHECKS=${CHECKS:-"variants fp8 floor refresh lora compile zero3 generation"}
 # compile, and FP8 + compile did not finish in ~140 s (docs/performance.md): those come last.
 # FAMILY=wan_i2v measures Wan2.2-TI2V-5B instead (configs/wan22_ti2v5b.yaml; FasterCache refuses Wan, whose CFG
 # branches are two calls: its candidates are TaylorSeer, e.g. VARIANTS="ts compile+ts tsb compile+tsb compile").
+# EXACT_CHECK=1: each cached variant also renders its video with every step computed (the cache audit's reference,
+# eval/cache_audit.py): its seconds, and that it is the config's video (bit for bit uncompiled). One video more each.
 FAMILY=${FAMILY:-cogvideox_i2v}
 VARIANTS=${VARIANTS:-"fc compile+fc fbc0.1 fp8+fc compile fp8+compile+fc flash cudnn"}
 variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
@@ -54,7 +56,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 VARIANTS_LIMIT=${VARIANTS_LIMIT:-$(( ${DEADLINE_S:-600} - SECONDS - 10 ))}
 MODEL=$RS/model; [ "$FAMILY" = cogvideox_i2v ] || MODEL=$RS/model-$FAMILY  # realsize_gpu.py reuses $RS/model (CogVideoX)
 want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.py --family "$FAMILY" --build-realsize $MODEL \
-  --batches "" --compile-batches "" --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
+  --batches "" --compile-batches "" ${EXACT_CHECK:+--exact-check} --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
   --json "$OUT/generation_variants.json" 2>&1 | grep -v "Writing model" | tee "$OUT/generation_variants.log" | grep -v -i warn
 # 0. FP8 replicas (generator.quantize: fp8) on the GPU: FP8 block linears, frames near bf16's, full and LoRA refreshes
 #    landing in the quantized replica, compiled too (skipped on the CPU).

@@ -86,7 +86,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
                            "--variant", "ts=generator.cache.kind=taylorseer,generator.cache.warmup_steps=1",
                            "--variant", "cudnn=generator.attention_backend=cudnn",
                            "--variant", "fp8=generator.quantize=fp8,model.dtype=bfloat16",
-                           "--out", str(tmp_path / "run"), "--json", str(out)],
+                           "--exact-check", "--out", str(tmp_path / "run"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(out.read_text())
@@ -110,6 +110,9 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert variants["ts"]["drift_max_levels"] > 0 and "error" not in variants["ts"]  # steps 1, 3 predicted, any family
     branches = 1 if family == "cogvideox_i2v" else 2  # each of Wan's CFG calls decides on its own
     assert variants["ts"]["cache_decisions"] == {"computed": 2 * branches, "reused": 2 * branches}  # 0, 2 | 1, 3
+    for name in ("fbc", "ts", *(("fc",) if family == "cogvideox_i2v" else ())):  # --exact-check: the audit's reference
+        assert variants[name]["exact_drift_max_levels"] == 0 and variants[name]["exact_seconds_per_video"] > 0, name
+    assert "exact_seconds_per_video" not in variants["sdpa-math"]  # no cache, nothing to check
     assert "generator.attention_backend='cudnn'" in variants["cudnn"]["error"]  # no such kernel on the CPU
     assert "generator.quantize='fp8' needs a CUDA GPU" in variants["fp8"]["error"]
 
