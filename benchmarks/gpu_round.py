@@ -77,6 +77,7 @@ def round_overrides(args) -> list[str]:
     out = os.path.join(args.out, "run")
     common = [f"run.output_dir={out}", "data.prompts=demo", "eval.prompts=demo", f"data.demo_prompts={args.prompts}",
               f"eval.demo_prompts={max(2, args.prompts)}", "eval.candidates_per_prompt=1", "loop.rounds=1",
+              "generator.cache.audit_every=1",  # the cache audit at both evaluations (round 0 and 1)
               f"generator.candidates_per_prompt={args.candidates}", f"generator.num_inference_steps={args.steps}",
               f"gapo.steps={args.gapo_steps}", "gapo.checkpoint_every=0", "eval.bootstrap_samples=200",
               "loop.guard.enabled=false", "loop.registered_model=null", "reward.calibration_prompts=2",

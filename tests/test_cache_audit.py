@@ -87,7 +87,8 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     from anisora_ray.reward.actors import RewardActors
 
     cfg = make_config("generator.replicas=1", "generator.num_inference_steps=8", "generator.cache.kind=faster_cache",
-                      "generator.cache.audit_prompts=2", "generator.cache.audit_every=2", "eval.candidates_per_prompt=3")
+                      "generator.cache.audit_prompts=2", "generator.cache.audit_every=2", "generator.candidates_per_prompt=3",
+                      "eval.candidates_per_prompt=2")
     assert [audit_due(cfg, i) for i in range(4)] == [True, False, True, False]
     assert not audit_due(make_config("generator.cache.audit_prompts=2"), 0)  # no cache, nothing to audit
     items = read_manifest(demo_manifest)
@@ -100,8 +101,9 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
         replicas.shutdown()
 
     audited = [i.prompt_id for i in items[:2]]
-    assert [(r["prompt_id"], r["seed"]) for r in audit.rows] == [
-        (p, s) for p in audited for s in sorted(candidate_seeds(cfg.run.seed, p, 3, EVAL_ROUND))]  # the eval's seeds
+    seeds = {p: candidate_seeds(cfg.run.seed, p, 3, EVAL_ROUND) for p in audited}  # a rollout's K = 3 ...
+    assert all(seeds[p][:2] == candidate_seeds(cfg.run.seed, p, 2, EVAL_ROUND) for p in audited)  # ... the eval's first
+    assert [(r["prompt_id"], r["seed"]) for r in audit.rows] == [(p, s) for p in audited for s in sorted(seeds[p])]
     assert all(math.isfinite(r["reward_cached"]) and math.isfinite(r["reward_exact"]) for r in audit.rows)
     assert any(r["reward_change"] != 0 for r in audit.rows)  # the cache moved the frames, the rewards follow
     assert set(audit.same_pair) == set(audited)

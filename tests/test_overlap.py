@@ -56,10 +56,12 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     audits = {i: align / f"round-{i}" / "eval" / "cache_audit" / "cache_audit.parquet" for i in (0, 1, 2)}
     assert [i for i, path in audits.items() if path.exists()] == [0, 2]  # audit_every=2
     parent = client.get_run(result.parent_run_id).data.metrics
-    assert parent["cache_audit_videos"] == 1 and parent["cache_audit_drift_mean_levels"] > 0  # the last: round 2's
+    k = cfg.generator.candidates_per_prompt  # a rollout's candidates of the one audited prompt
+    assert parent["cache_audit_videos"] == k and parent["cache_audit_drift_mean_levels"] > 0  # the last: round 2's
+    assert parent["cache_audit_same_pair"] in (0.0, 1.0)
     steps = {m.step for m in client.get_metric_history(result.parent_run_id, "cache_audit_reward_change")}
     assert steps == {0, 2} and "cache_audit_videos" not in runs["round-1"].data.metrics
-    assert runs["round-2"].data.metrics["cache_audit_videos"] == 1
+    assert runs["round-2"].data.metrics["cache_audit_videos"] == k
     page = (align / "report.html").read_text()
     audit = page[page.index("<h2>Step cache audit</h2>"):]
     assert audit[:audit.index("</table>")].count("<tr>") == 3  # the header, rounds 0 and 2

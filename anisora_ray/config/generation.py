@@ -29,9 +29,9 @@ class StepCacheConfig(Section):
     order: int = Field(default=1, ge=0, le=2)
     predict: Literal["attention", "blocks"] = "attention"
     # The cache audit (eval/cache_audit.py): at round 0 and every `audit_every` rounds, the first `audit_prompts`
-    # held-out prompts are rendered at their evaluation seeds twice on the replicas, with the cache and with every
-    # step computed: the frames' drift, the reward's change and whether each prompt keeps its best and worst
-    # candidate go to MLflow, measured on the weights being trained. 0: no audit (nothing to audit without a cache).
+    # held-out prompts get candidates_per_prompt held-out seeds each, rendered twice on the replicas, with the cache
+    # and with every step computed: the frames' drift, the reward's change and whether each prompt keeps its best and
+    # worst candidate go to MLflow, measured on the weights being trained. 0: no audit (nothing to audit without a cache).
     audit_prompts: int = Field(default=0, ge=0)
     audit_every: int = Field(default=1, ge=1)
 

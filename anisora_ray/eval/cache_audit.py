@@ -2,11 +2,12 @@
 
 A step cache's saving is fixed by its schedule, but what it does to the videos depends on the weights: the drift
 measured on random-init weights (docs/performance.md) says nothing of a trained checkpoint's. So at round 0 and
-every ``generator.cache.audit_every`` rounds, the first ``audit_prompts`` held-out prompts are rendered at their
-evaluation seeds twice on the replicas, with the cache and with every step computed (``Generator.audit``: the same
-replica, hooks and compiled graphs), and both sets are scored together. Per video: the frames' drift (raw frames,
-before the codec) and the reward's change. Per prompt with two candidates or more: whether the cache keeps its
-best and its worst candidate, the pair GAPO would train on.
+every ``generator.cache.audit_every`` rounds, the first ``audit_prompts`` held-out prompts get a rollout's
+``generator.candidates_per_prompt`` seeds (in the evaluation's seed namespace: its seeds come first), each rendered
+twice on the replicas, with the cache and with every step computed (``Generator.audit``: the same replica, hooks and
+compiled graphs), and both sets are scored together. Per video: the frames' drift (raw frames, before the codec)
+and the reward's change. Per prompt: whether the cache keeps its best and its worst candidate, the pair GAPO would
+train on.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ def audit_cache(cfg: AnisoraConfig, items: list[PromptItem], replicas: Generator
     """Render, score and compare (module docstring); writes ``cache_audit.parquet`` (one row per video) in
     ``out_dir``, the videos under ``out_dir``/cached and ``out_dir``/exact."""
     c = cfg.generator.cache
-    eval_cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(
-        update={"candidates_per_prompt": cfg.eval.candidates_per_prompt})})
-    requests = build_requests(items[: c.audit_prompts], eval_cfg, EVAL_ROUND)  # the evaluation's seeds
+    # a rollout's K candidates per prompt (its best and worst are a pair), at held-out seeds: the evaluation's first
+    requests = build_requests(items[: c.audit_prompts], cfg, EVAL_ROUND)
     cached, exact, drift, quarantined = replicas.audit(requests, out_dir)
     scored = score_candidates(cfg, cached + exact, reward_actors, progress=progress, statistics=statistics).scored
     reward = {s.video_uri: s.reward if not s.quarantine_reason else float("nan") for s in scored}

@@ -195,8 +195,8 @@ def cache_audit_table(rows: Sequence[dict]) -> str:
     body = "".join(f"<tr><td>{r['round']}</td>" + "".join(f"<td>{_cell(r.get(k), fmt)}</td>" for k, _, fmt in columns)
                    + "</tr>" for r in audited)
     return (f"<h2>Step cache audit</h2><table><tr><th>round</th>{head}</tr>{body}</table><p class='muted'>The first "
-            "generator.cache.audit_prompts held-out prompts rendered with the cache and with every step computed, at "
-            "the evaluation's seeds: drift of the raw frames (PSNR: empty when equal), the reward with the cache minus "
+            "generator.cache.audit_prompts held-out prompts, a rollout's candidates each, rendered with the cache and "
+            "with every step computed: drift of the raw frames (PSNR: empty when equal), the reward with the cache minus "
             "without, and the share of prompts whose best and worst candidate stay the same.</p>")
 
 
