@@ -114,3 +114,21 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     assert m["cache_audit_videos"] == 6 and m["cache_audit_quarantined"] == 0
     assert m["cache_audit_drift_mean_levels"] > 0 and math.isfinite(m["cache_audit_psnr_db"])
     assert m["cache_audit_same_pair"] in (0.0, 0.5, 1.0)
+
+
+def test_both_wan22_a14b_experts_compute_every_step_in_the_audits_reference(make_config, demo_manifest, tmp_path):
+    """Wan2.2-A14B: TaylorSeer hooks both experts (the high-noise one early, the low-noise one late); the audit's
+    exact rendering forces both, so it is the uncached video."""
+    cfg = make_config("model.family=wan_i2v", "model.tiny.wan_variant=wan22_i2v_a14b", "generator.num_inference_steps=8",
+                      "generator.cache.kind=taylorseer", "generator.cache.warmup_steps=1", "generator.cache.compute_every=3")
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    gen = Generator(pretrained, cfg.model, cfg.generator, cfg.video)
+    plain = Generator(pretrained, cfg.model, make_config(
+        "model.family=wan_i2v", "model.tiny.wan_variant=wan22_i2v_a14b", "generator.num_inference_steps=8").generator,
+        cfg.video)
+    request = [GenerationRequest(read_manifest(demo_manifest)[0], (5, 6))]
+    reference = plain.render(request)
+    cached, exact, drift, _ = gen.audit(request, str(tmp_path / "audit"))
+    assert [c.frames_sha256 for c in exact] == _sha(reference)
+    assert all(d["drift_mean_levels"] > 0 for d in drift)  # predicted steps moved the cached frames
+    assert [c.frames_sha256 for c in cached] == _sha(gen.render(request))
