@@ -82,7 +82,7 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     from anisora_ray.eval.cache_audit import AUDIT_FILE, audit_cache, audit_due
     from anisora_ray.eval.heldout import EVAL_ROUND
     from anisora_ray.generation.replicas import GeneratorReplicas
-    from anisora_ray.generation.seeding import candidate_seeds
+    from anisora_ray.generation.seeding import build_requests, candidate_seeds
     from anisora_ray.io import fs
     from anisora_ray.reward.actors import RewardActors
 
@@ -96,6 +96,10 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     actors = RewardActors(cfg.reward)
     try:
         audit = audit_cache(cfg, items, replicas, actors, str(tmp_path / "audit"), progress=False)
+        # eval.exact's path: the replicas' generate with every step computed renders the audit's exact twins
+        requests = build_requests(items[:2], cfg, EVAL_ROUND)
+        exact, _ = replicas.generate(requests, str(tmp_path / "exact"), exact=True)
+        cached, _ = replicas.generate(requests, str(tmp_path / "cached"))
     finally:
         actors.shutdown()
         replicas.shutdown()
@@ -110,6 +114,10 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     table = fs.read_table(str(tmp_path / "audit" / AUDIT_FILE)).to_pylist()
     assert [(r["prompt_id"], r["seed"], r["same_pair"]) for r in table] == [
         (r["prompt_id"], r["seed"], audit.same_pair[r["prompt_id"]]) for r in audit.rows]
+    rows = {(r["prompt_id"], r["seed"]): r for r in audit.rows}
+    assert {(c.prompt_id, c.seed): c.frames_sha256 for c in exact} == {k: r["frames_sha256_exact"] for k, r in rows.items()}
+    assert {(c.prompt_id, c.seed): c.frames_sha256 for c in cached} == {k: r["frames_sha256_cached"] for k, r in rows.items()}
+    assert all(os.path.isfile(r["video_cached"]) and os.path.isfile(r["video_exact"]) for r in audit.rows)
     m = audit.metrics()
     assert m["cache_audit_videos"] == 6 and m["cache_audit_quarantined"] == 0
     assert m["cache_audit_drift_mean_levels"] > 0 and math.isfinite(m["cache_audit_psnr_db"])

@@ -21,11 +21,13 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     from anisora_ray.tracking import tracking_uri
 
     overrides = [*config_overrides(tmp_path, model_cache), "loop.rounds=2", "gapo.steps=4", "gapo.beta=500",
-                 "generator.replicas=1", "eval.demo_prompts=2", "eval.candidates_per_prompt=1", "eval.sample_videos=0",
+                 "generator.replicas=1", "eval.demo_prompts=2", "eval.candidates_per_prompt=2", "eval.sample_videos=0",
                  "loop.registered_model=null", "loop.guard.enabled=false", f"ray.address={ray_cluster.address}",
                  "loop.overlap=one_round_off_policy",
                  # the replicas roll out with FasterCache, audited at rounds 0 and 2 (eval/cache_audit.py)
-                 "generator.cache.kind=faster_cache", "generator.cache.audit_prompts=1", "generator.cache.audit_every=2"]
+                 "generator.cache.kind=faster_cache", "generator.cache.audit_prompts=1", "generator.cache.audit_every=2",
+                 "eval.exact=true",  # held-out videos with every step computed: the audit's exact twins ...
+                 "generator.candidates_per_prompt=2"]  # ... rendered in batches of the same size (bit for bit)
     cfg = load_config(LOCAL_CONFIG, overrides)
     result = run_alignment(cfg, progress=False)
 
@@ -65,3 +67,14 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     page = (align / "report.html").read_text()
     audit = page[page.index("<h2>Step cache audit</h2>"):]
     assert audit[:audit.index("</table>")].count("<tr>") == 3  # the header, rounds 0 and 2
+    from anisora_ray.io import fs
+    from anisora_ray.types import Candidate
+
+    for i in (0, 2):  # eval.exact: each audited held-out video is its audit's exact rendering, not its cached one
+        audited = {(r["prompt_id"], r["seed"]): r for r in fs.read_table(str(audits[i])).to_pylist()}
+        held_out = [c for c in Candidate.from_table(fs.read_table(str(align / f"round-{i}" / "eval" / "candidates.parquet")))
+                    if (c.prompt_id, c.seed) in audited]
+        assert len(held_out) == 2
+        for c in held_out:
+            twin = audited[(c.prompt_id, c.seed)]
+            assert c.frames_sha256 == twin["frames_sha256_exact"] != twin["frames_sha256_cached"]

@@ -260,6 +260,9 @@ class EvalConfig(Section):
     demo_prompts: int = Field(default=8, ge=2)
     seed_offset: int = Field(default=1000, ge=1)
     candidates_per_prompt: int = Field(default=2, ge=1)  # the same seeds every round (paired comparison)
+    # true: held-out videos are rendered with every step computed, so a rollout step cache (generator.cache) does not
+    # enter what the evaluation reports of the weights; false: as rollouts are (the cache's effect included)
+    exact: bool = False
     bootstrap_samples: int = Field(default=2000, ge=100)  # BCa bootstrap resamples (and permutations past 16 prompts)
     sample_videos: int = Field(default=2, ge=0)  # side-by-side winner | loser videos logged per round
     metrics: VideoMetricsConfig = VideoMetricsConfig()  # anisora-ray eval / ablate

@@ -73,14 +73,15 @@ def audit_cache(cfg: AnisoraConfig, items: list[PromptItem], replicas: Generator
     cached, exact, drift, quarantined = replicas.audit(requests, out_dir)
     scored = score_candidates(cfg, cached + exact, reward_actors, progress=progress, statistics=statistics).scored
     reward = {s.video_uri: s.reward if not s.quarantine_reason else float("nan") for s in scored}
-    by_seed = {(k.prompt_id, k.seed): (reward.get(k.video_uri, float("nan")), reward.get(e.video_uri, float("nan")))
-               for k, e in zip(cached, exact, strict=True)}
+    twins = {(k.prompt_id, k.seed): (k, e) for k, e in zip(cached, exact, strict=True)}
     rows = []
     for d in drift:
-        with_cache, without = by_seed[(d["prompt_id"], d["seed"])]
+        k, e = twins[(d["prompt_id"], d["seed"])]
+        with_cache, without = reward.get(k.video_uri, float("nan")), reward.get(e.video_uri, float("nan"))
         mse = 0.0 if math.isinf(d["psnr_db"]) else 255.0**2 / 10 ** (d["psnr_db"] / 10)
         rows.append({**d, "mse": mse, "reward_cached": with_cache, "reward_exact": without,
-                     "reward_change": with_cache - without})
+                     "reward_change": with_cache - without, "video_cached": k.video_uri, "video_exact": e.video_uri,
+                     "frames_sha256_cached": k.frames_sha256, "frames_sha256_exact": e.frames_sha256})
     same_pair = _same_pairs(rows)
     uri = fs.join(out_dir, AUDIT_FILE)
     import pyarrow as pa

@@ -184,20 +184,22 @@ class Generator(WeightsReceiver):
         finally:
             reset_step_cache(self.pipe)
 
-    def generate(self, requests: list[GenerationRequest], out_dir: str) -> tuple[list[Candidate], list[QuarantineRecord]]:
+    def generate(self, requests: list[GenerationRequest], out_dir: str, exact: bool = False,
+                 ) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """Candidates for every request; a request whose input is bad (``CONTENT_ERRORS``: a missing or
         unreadable image, a bad value) is quarantined and the others go on. Anything else (CUDA or host
-        out of memory, a broken device, a full disk) is raised: the caller retries it elsewhere or later."""
+        out of memory, a broken device, a full disk) is raised: the caller retries it elsewhere or later.
+        ``exact``: every step computed, whatever ``generator.cache`` (``eval.exact``)."""
         self.check_complete()  # mixed weights: raised, not a verdict on the prompts
         try:
-            return self._generate(requests, out_dir), []
+            return self._generate(requests, out_dir, exact), []
         except CONTENT_ERRORS as exc:
             if len(requests) == 1:
                 return [], [self._quarantine(requests[0], exc)]
             log.warning("batch of %d prompts failed (%s); retrying one by one", len(requests), exc)
         candidates, quarantined = [], []
         for request in requests:  # isolate the bad item(s)
-            c, q = self.generate([request], out_dir)
+            c, q = self.generate([request], out_dir, exact)
             candidates += c
             quarantined += q
         return candidates, quarantined
@@ -236,9 +238,9 @@ class Generator(WeightsReceiver):
                       for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
         return cached, exact, drift, quarantined
 
-    def _generate(self, requests: list[GenerationRequest], out_dir: str) -> list[Candidate]:
+    def _generate(self, requests: list[GenerationRequest], out_dir: str, exact: bool = False) -> list[Candidate]:
         start = time.perf_counter()
-        videos = self.render(requests)
+        videos = self.render(requests, exact=exact)
         return self._write(requests, videos, time.perf_counter() - start, out_dir)
 
     def _write(self, requests: list[GenerationRequest], videos: np.ndarray, seconds: float, out_dir: str) -> list[Candidate]:

@@ -176,12 +176,14 @@ class GeneratorReplicas:
         requests: Sequence[GenerationRequest],
         out_dir: str,
         on_progress: Callable[[int], None] | None = None,
+        exact: bool = False,
     ) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """Spread ``requests`` over the replicas (bounded calls in flight each) and gather the results.
 
-        ``on_progress(n)`` is called with the number of videos each finished call accounted for.
+        ``on_progress(n)`` is called with the number of videos each finished call accounted for; ``exact``: every
+        step computed, whatever ``generator.cache``.
         """
-        candidates, quarantined = self._spread("generate", 2, requests, out_dir, on_progress)
+        candidates, quarantined = self._spread("generate", 2, requests, out_dir, on_progress, exact=exact)
         candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
         return candidates, quarantined
 
@@ -195,8 +197,8 @@ class GeneratorReplicas:
         return cached, exact, drift, quarantined
 
     def _spread(self, method: str, parts: int, requests: Sequence[GenerationRequest], out_dir: str,
-                on_progress: Callable[[int], None] | None) -> tuple[list, ...]:
-        """Call the replicas' ``method(chunk, out_dir)`` on chunks of ``generator.prompts_per_call`` requests, at most
+                on_progress: Callable[[int], None] | None, **kwargs) -> tuple[list, ...]:
+        """Call the replicas' ``method(chunk, out_dir, **kwargs)`` on chunks of ``generator.prompts_per_call`` requests, at most
         ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to ``generator.call_retries``
         times), a restarting replica waited for. Each call returns ``parts`` lists: each concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
@@ -211,7 +213,7 @@ class GeneratorReplicas:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
                 chunk = pending.popleft()
-                in_flight[getattr(self.actors[replica], method).remote(chunk, out_dir)] = (replica, chunk)
+                in_flight[getattr(self.actors[replica], method).remote(chunk, out_dir, **kwargs)] = (replica, chunk)
                 load[replica] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])

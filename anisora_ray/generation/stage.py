@@ -32,13 +32,15 @@ def generate_candidates(
     replicas: GeneratorReplicas,
     round_index: int = 0,
     progress: bool = True,
+    exact: bool = False,
 ) -> GenerationResult:
-    """K candidates per prompt on the replicas; writes ``candidates.parquet`` and ``quarantine.parquet``."""
+    """K candidates per prompt on the replicas; writes ``candidates.parquet`` and ``quarantine.parquet``.
+    ``exact``: every step computed, whatever ``generator.cache``."""
     out_dir = fs.normalize(out_dir)
     requests = build_requests(items, cfg, round_index)
     total = sum(len(r.seeds) for r in requests)
     with tqdm(total=total, desc="generate", unit="video", disable=not progress) as bar:
-        candidates, quarantined = replicas.generate(requests, out_dir, on_progress=bar.update)
+        candidates, quarantined = replicas.generate(requests, out_dir, on_progress=bar.update, exact=exact)
     candidates_uri = fs.join(out_dir, "candidates.parquet")
     quarantine_uri = fs.join(out_dir, "quarantine.parquet")
     fs.write_table(Candidate.to_table(candidates), candidates_uri)
