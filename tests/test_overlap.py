@@ -67,6 +67,8 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     page = (align / "report.html").read_text()
     audit = page[page.index("<h2>Step cache audit</h2>"):]
     assert audit[:audit.index("</table>")].count("<tr>") == 3  # the header, rounds 0 and 2
+    grid = audit[audit.index("<h3>Round 2: with the cache | every step computed</h3>"):]
+    assert grid[:grid.index("</div></div></div>")].count('<div class="cell">') == 2  # its 2 videos, each both ways
     from anisora_ray.io import fs
     from anisora_ray.types import Candidate
 

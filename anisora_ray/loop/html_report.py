@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import pyarrow.parquet as pq
 
 from anisora_ray.errors import ConfigError
+from anisora_ray.eval.cache_audit import AUDIT_DIR, AUDIT_FILE
 from anisora_ray.io import fs
 from anisora_ray.loop.state import AlignState
 
@@ -200,6 +201,28 @@ def cache_audit_table(rows: Sequence[dict]) -> str:
             "without, and the share of prompts whose best and worst candidate stay the same.</p>")
 
 
+def cache_audit_cells(align_dir: str, rows: Sequence[dict], embed: bool, base_dir: str, limit: int) -> list[str]:
+    """The last audited round's videos: per audited video, with the cache | every step computed, and both rewards
+    (none once ``run.keep`` pruned them)."""
+    audited = [r["round"] for r in rows if "cache_audit_videos" in r]
+    uri = fs.join(align_dir, f"round-{audited[-1]}", "eval", AUDIT_DIR, AUDIT_FILE) if audited else None
+    if uri is None or not fs.exists(uri):
+        return []
+    cells = []
+    for r in fs.read_table(uri).to_pylist()[:limit]:
+        if not (fs.exists(r["video_cached"]) and fs.exists(r["video_exact"])):
+            continue
+        psnr = "equal frames" if math.isinf(r["psnr_db"]) else f"PSNR {r['psnr_db']:.1f} dB"
+        cells.append(
+            f'<div class="cell"><div><b>{html.escape(r["prompt_id"])}</b> <span class="muted">seed {r["seed"]} · '
+            f'{psnr}, max {r["drift_max_levels"]:.0f} levels</span></div>'
+            f'{_video(r["video_cached"], embed, base_dir)} {_video(r["video_exact"], embed, base_dir)}'
+            f'<div>cached: {_cell(r["reward_cached"], "{:.3f}")} &nbsp; exact: {_cell(r["reward_exact"], "{:.3f}")}'
+            f'</div></div>')
+    return [f"<h3>Round {audited[-1]}: with the cache | every step computed</h3><div class='grid'>{''.join(cells)}</div>"
+            ] if cells else []
+
+
 def human_section(db_path: str) -> str:
     """The blind side-by-side study in ``db_path``: 2-of-3 win rate with its Wilson CI, Fleiss' kappa, annotators."""
     from anisora_ray.eval.annotate import AnnotationStore, summarize
@@ -291,6 +314,7 @@ def build_report(align_dir: str, out_html: str | None = None, tracking_uri: str 
         "<h2>Held-out score per dimension</h2>", f"<img src='{dimension_plot(rows)}' alt='per-dimension curves'>",
         guard_table(rows, state.guard),
         cache_audit_table(rows),
+        *cache_audit_cells(align_dir, rows, embed_videos, base_dir, max_prompts),
         pruned_section(state),
         "<h2>Training</h2>",
         f"<img src='{training}' alt='training curves'>" if training else "<p class='muted'>no training runs found "
