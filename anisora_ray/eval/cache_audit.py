@@ -78,8 +78,7 @@ def audit_cache(cfg: AnisoraConfig, items: list[PromptItem], replicas: Generator
     for d in drift:
         k, e = twins[(d["prompt_id"], d["seed"])]
         with_cache, without = reward.get(k.video_uri, float("nan")), reward.get(e.video_uri, float("nan"))
-        mse = 0.0 if math.isinf(d["psnr_db"]) else 255.0**2 / 10 ** (d["psnr_db"] / 10)
-        rows.append({**d, "mse": mse, "reward_cached": with_cache, "reward_exact": without,
+        rows.append({**d, "reward_cached": with_cache, "reward_exact": without,
                      "reward_change": with_cache - without, "video_cached": k.video_uri, "video_exact": e.video_uri,
                      "frames_sha256_cached": k.frames_sha256, "frames_sha256_exact": e.frames_sha256})
     same_pair = _same_pairs(rows)

@@ -235,14 +235,14 @@ def exact_forced(pipe):
 
 def frame_drift(frames, reference) -> dict[str, float]:
     """How far ``frames`` moved from ``reference`` (uint8 videos of one shape): mean and max absolute difference in
-    levels, and PSNR in dB (inf when equal)."""
+    levels, the mean squared difference, and PSNR in dB (inf when equal)."""
     import numpy as np
 
     if frames.shape != reference.shape:
         raise ValueError(f"frame_drift: shapes {frames.shape} and {reference.shape} differ")
     diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
     mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return {"drift_mean_levels": float(diff.mean()), "drift_max_levels": float(diff.max()),
+    return {"drift_mean_levels": float(diff.mean()), "drift_max_levels": float(diff.max()), "mse": mse,
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))}
 
 
