@@ -64,6 +64,10 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     steps = {m.step for m in client.get_metric_history(result.parent_run_id, "cache_audit_reward_change")}
     assert steps == {0, 2} and "cache_audit_videos" not in runs["round-1"].data.metrics
     assert runs["round-2"].data.metrics["cache_audit_videos"] == k
+    for run_id in (result.parent_run_id, runs["round-2"].info.run_id):  # round 0's audit in the job's run
+        names = sorted(a.path for a in client.list_artifacts(run_id, "cache_audit"))
+        assert len(names) == 2 and names[0] == "cache_audit/cache_audit.parquet" and names[1].endswith("-cached-vs-exact.mp4")
+    assert not client.list_artifacts(runs["round-1"].info.run_id, "cache_audit")
     page = (align / "report.html").read_text()
     audit = page[page.index("<h2>Step cache audit</h2>"):]
     assert audit[:audit.index("</table>")].count("<tr>") == 3  # the header, rounds 0 and 2

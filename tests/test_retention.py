@@ -35,6 +35,7 @@ def _job(tmp_path, rewards, flagged=(), in_progress=None):
         for kind in ("cached", "exact"):  # the cache audit's two renderings (eval/cache_audit.py)
             _write(base / "eval" / "cache_audit" / kind / "videos" / "p0" / "0.mp4", 20)
         _write(base / "eval" / "cache_audit" / "cache_audit.parquet", 10)
+        _write(base / "eval" / "cache_audit" / "side_by_side" / "p0-0-cached-vs-exact.mp4", 30)
         finished = index <= len(rewards)
         state.rounds.append(RoundState(
             index, phase="evaluated" if finished else in_progress, pairs_uri=str(base / "pairs"),
@@ -64,12 +65,12 @@ def test_defaults_keep_the_last_rounds_the_rollback_target_and_the_round_in_prog
     assert [r.index for r in state.rounds if gone(r.index, "weights")] == [1]  # 3-5 the last three, 2 the best
     assert [r.index for r in state.rounds if gone(r.index, "eval", "videos")] == [1, 2]
     assert not gone(0, "eval", "videos") and all(not gone(i, "eval", "scores.parquet") for i in range(1, 7))
-    for kind in ("cached", "exact"):  # the audit's videos go with the round's held-out videos, its table stays
-        assert [r.index for r in state.rounds if gone(r.index, "eval", "cache_audit", kind, "videos")] == [1, 2]
-    assert all(not gone(i, "eval", "cache_audit", "cache_audit.parquet") for i in range(1, 7))
+    for kind in ("cached/videos", "exact/videos", "side_by_side"):  # the audit's videos go with the held-out ones ...
+        assert [r.index for r in state.rounds if gone(r.index, "eval", "cache_audit", *kind.split("/"))] == [1, 2]
+    assert all(not gone(i, "eval", "cache_audit", "cache_audit.parquet") for i in range(1, 7))  # ... its table stays
     assert all(not gone(i, "pairs", "pairs-00000.parquet") for i in range(1, 7))
     assert freed == {"candidate_videos": (1000 + 2000 + 3000 + 4000) + 4 * 200, "checkpoints": 5 * 3000,
-                     "weights": 500, "eval_videos": 2 * (50 + 2 * 20)}
+                     "weights": 500, "eval_videos": 2 * (50 + 2 * 20 + 30)}
     first = state.rounds[0].pruned
     assert set(first) == {"candidate_videos", "checkpoints", "weights", "eval_videos"}
     assert first["weights"]["setting"] == "run.keep.weights=3" and first["weights"]["bytes"] == 500

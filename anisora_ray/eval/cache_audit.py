@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 AUDIT_DIR = "cache_audit"  # under a round's eval folder
 AUDIT_KINDS = ("cached", "exact")  # its two renderings, each in a folder of that name (Generator.audit)
 AUDIT_FILE = "cache_audit.parquet"
+AUDIT_SIDE_BY_SIDE = "side_by_side"  # the most-moved video both ways in one mp4 (loop/samples.py: MLflow)
 
 
 def audit_due(cfg: AnisoraConfig, round_index: int) -> bool:

@@ -14,10 +14,15 @@ from anisora_ray.types import PreferencePair
 
 def side_by_side(pair: PreferencePair, uri: str, fps: int) -> str:
     """One mp4: the winner on the left, the loser on the right, a white bar between."""
-    winner, loser = read_all_frames(pair.winner_video_uri), read_all_frames(pair.loser_video_uri)
-    frames = min(len(winner), len(loser))
-    bar = np.full((frames, winner.shape[1], max(2, winner.shape[2] // 32), 3), 255, np.uint8)
-    write_video(np.concatenate([winner[:frames], bar, loser[:frames]], axis=2), uri, fps=fps)
+    return side_by_side_videos(pair.winner_video_uri, pair.loser_video_uri, uri, fps)
+
+
+def side_by_side_videos(left_uri: str, right_uri: str, uri: str, fps: int) -> str:
+    """One mp4 at ``uri``: the video at ``left_uri`` on the left, ``right_uri``'s on the right, a white bar between."""
+    left, right = read_all_frames(left_uri), read_all_frames(right_uri)
+    frames = min(len(left), len(right))
+    bar = np.full((frames, left.shape[1], max(2, left.shape[2] // 32), 3), 255, np.uint8)
+    write_video(np.concatenate([left[:frames], bar, right[:frames]], axis=2), uri, fps=fps)
     return uri
 
 

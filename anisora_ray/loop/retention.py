@@ -20,7 +20,7 @@ import time
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import DiskSpaceError
-from anisora_ray.eval.cache_audit import AUDIT_DIR, AUDIT_KINDS
+from anisora_ray.eval.cache_audit import AUDIT_DIR, AUDIT_KINDS, AUDIT_SIDE_BY_SIDE
 from anisora_ray.io import fs
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.pairs.writer import mark_videos_pruned
@@ -46,7 +46,8 @@ def round_files(cfg: AnisoraConfig, out: str, rs: RoundState, category: str) -> 
         return [rs.weights_uri] if rs.weights_uri else []
     if category == "eval_videos":  # with the cache audit's two renderings of its prompts (eval/cache_audit.py)
         audit = fs.join(base, "eval", AUDIT_DIR)
-        return [fs.join(base, "eval", "videos"), *(fs.join(audit, kind, "videos") for kind in AUDIT_KINDS)]
+        return [fs.join(base, "eval", "videos"), *(fs.join(audit, kind, "videos") for kind in AUDIT_KINDS),
+                fs.join(audit, AUDIT_SIDE_BY_SIDE)]
     raise ValueError(f"unknown retention category {category!r}; expected one of {CATEGORIES}")
 
 

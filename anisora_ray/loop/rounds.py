@@ -24,7 +24,7 @@ from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.io import fs
 from anisora_ray.loop import guard, retention
 from anisora_ray.loop.report import register_weights
-from anisora_ray.loop.samples import close_orphans, eval_row, log_samples
+from anisora_ray.loop.samples import close_orphans, eval_row, log_audit, log_samples
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.pairs.stage import run_pairs
 from anisora_ray.pairs.writer import pairs_table, read_pairs
@@ -211,8 +211,9 @@ def audit_metrics(cfg, index: int, heldout, workers, eval_dir: str, statistics, 
     (eval/cache_audit.py)."""
     if not audit_due(cfg, index):
         return {}
-    out = fs.join(eval_dir, AUDIT_DIR)
-    return audit_cache(cfg, heldout, workers.replicas, workers.rewards, out, statistics, progress).metrics()
+    audit = audit_cache(cfg, heldout, workers.replicas, workers.rewards, fs.join(eval_dir, AUDIT_DIR), statistics, progress)
+    log_audit(audit, cfg.generator.fps)
+    return audit.metrics()
 
 
 def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:

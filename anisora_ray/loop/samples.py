@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.eval.cache_audit import AUDIT_SIDE_BY_SIDE, CacheAudit
 from anisora_ray.eval.heldout import EvalResult
 from anisora_ray.eval.stats import paired_comparison
 from anisora_ray.io import fs
-from anisora_ray.loop.report import side_by_side
+from anisora_ray.loop.report import side_by_side, side_by_side_videos
 from anisora_ray.pairs.writer import read_pairs
 
 
@@ -32,6 +33,22 @@ def log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
         uri = side_by_side(pair, fs.join(out, f"{pair.prompt_id}-winner-vs-loser.mp4"), cfg.generator.fps)
         if not fs.is_url(uri):
             mlflow.log_artifact(uri, artifact_path="pairs")
+
+
+def log_audit(audit: CacheAudit, fps: int) -> None:
+    """The cache audit's table and its most-moved video (with the cache | every step computed), as artifacts of the
+    active MLflow run (the round's; round 0's: the job's)."""
+    import mlflow
+
+    if fs.is_url(audit.uri):
+        return
+    mlflow.log_artifact(audit.uri, artifact_path="cache_audit")
+    if audit.rows:
+        worst = max(audit.rows, key=lambda r: r["drift_mean_levels"])
+        name = f"{worst['prompt_id']}-{worst['seed']}-cached-vs-exact.mp4"
+        uri = side_by_side_videos(worst["video_cached"], worst["video_exact"],
+                                  os.path.join(os.path.dirname(audit.uri), AUDIT_SIDE_BY_SIDE, name), fps)
+        mlflow.log_artifact(uri, artifact_path="cache_audit")
 
 
 def close_orphans(parent_run_id: str, keep: str) -> None:
