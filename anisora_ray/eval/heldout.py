@@ -64,9 +64,10 @@ def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
 
 def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorReplicas, reward_actors: RewardActors,
              out_dir: str, progress: bool = True, statistics: RewardStatistics | None = None) -> EvalResult:
-    """Generate ``eval.candidates_per_prompt`` videos per held-out prompt with the replicas' current
-    weights (``eval.exact``: every step computed, whatever ``generator.cache``), score them, and average per prompt and per dimension. z-scored dimensions use
-    ``statistics`` (align passes those frozen at round 0, so gains show); without them, this set's own."""
+    """Generate ``eval.candidates_per_prompt`` videos per held-out prompt with the replicas' current weights
+    (``eval.exact``: every step computed, whatever ``generator.cache``), score them, and average per prompt and per
+    dimension. z-scored dimensions use ``statistics`` (align passes those frozen at round 0, so gains show);
+    without them, this set's own."""
     eval_cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(
         update={"candidates_per_prompt": cfg.eval.candidates_per_prompt})})
     generated = generate_candidates(eval_cfg, items, out_dir, replicas, round_index=EVAL_ROUND, progress=progress,

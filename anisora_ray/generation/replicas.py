@@ -198,9 +198,10 @@ class GeneratorReplicas:
 
     def _spread(self, method: str, parts: int, requests: Sequence[GenerationRequest], out_dir: str,
                 on_progress: Callable[[int], None] | None, **kwargs) -> tuple[list, ...]:
-        """Call the replicas' ``method(chunk, out_dir, **kwargs)`` on chunks of ``generator.prompts_per_call`` requests, at most
-        ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to ``generator.call_retries``
-        times), a restarting replica waited for. Each call returns ``parts`` lists: each concatenated over the calls."""
+        """Call the replicas' ``method(chunk, out_dir, **kwargs)`` on chunks of ``generator.prompts_per_call``
+        requests, at most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
+        ``generator.call_retries`` times), a restarting replica waited for. Each call returns ``parts`` lists: each
+        concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
         pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
         in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest]]] = {}

@@ -195,21 +195,30 @@ def overridden(settings: list[tuple[object, str, object]]):
             setattr(h, name, value)
 
 
+def cache_settings(pipe, threshold: float, skip_range: tuple[float, float], taylorseer_after: int | None = None,
+                   ) -> list[tuple[object, str, object]]:
+    """(hook, attribute, value) for the step-cache hooks of every denoiser: First Block Cache's ``threshold``,
+    FasterCache's timestep ranges (``skip_range``) and, when given, TaylorSeer's last cached step."""
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    settings = []
+    for d in denoisers(pipe):
+        settings += [(h, "threshold", threshold) for h in cache_leader_hooks(d)]
+        settings += [(h, "unconditional_batch_timestep_skip_range", skip_range)
+                     for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
+        settings += [(h, "timestep_skip_range", skip_range) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
+        if taylorseer_after is not None:
+            settings += [(h, "disable_cache_after_step", taylorseer_after) for _, h in hooked(d, _TAYLORSEER_CACHE_HOOK)]
+    return settings
+
+
 @contextlib.contextmanager
 def reuse_forced(pipe):
     """Within: every step after a call's first may reuse what the cache holds, whatever its thresholds
     (First Block Cache's threshold infinite, FasterCache's timestep ranges unbounded), so a compiled replica's
     warm-up compiles the cache's reuse paths too, not its first call in a round."""
-    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
-
-    unbounded = (-float("inf"), float("inf"))
-    forced = []
-    for d in denoisers(pipe):
-        forced += [(h, "threshold", float("inf")) for h in cache_leader_hooks(d)]
-        forced += [(h, "unconditional_batch_timestep_skip_range", unbounded)
-                   for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
-        forced += [(h, "timestep_skip_range", unbounded) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
-    with overridden(forced):
+    with overridden(cache_settings(pipe, float("inf"), (-float("inf"), float("inf")))):
         yield
 
 
@@ -219,17 +228,7 @@ def exact_forced(pipe):
     threshold -inf, FasterCache's timestep ranges empty, TaylorSeer past its last cached step), so a call renders
     what the replica renders without its cache, bit for bit, with the hooks and compiled graphs it has (the cache
     audit's reference, eval/cache_audit.py)."""
-    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
-    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
-
-    empty = (float("inf"), -float("inf"))
-    forced = []
-    for d in denoisers(pipe):
-        forced += [(h, "threshold", -float("inf")) for h in cache_leader_hooks(d)]
-        forced += [(h, "unconditional_batch_timestep_skip_range", empty) for _, h in hooked(d, _FASTER_CACHE_DENOISER_HOOK)]
-        forced += [(h, "timestep_skip_range", empty) for _, h in hooked(d, _FASTER_CACHE_BLOCK_HOOK)]
-        forced += [(h, "disable_cache_after_step", 0) for _, h in hooked(d, _TAYLORSEER_CACHE_HOOK)]
-    with overridden(forced):
+    with overridden(cache_settings(pipe, -float("inf"), (float("inf"), -float("inf")), taylorseer_after=0)):
         yield
 
 
