@@ -63,11 +63,16 @@ def test_bad_type_names_key_value_and_expectation():
         ("generator.replicas=0", "generator.replicas = 0: Input should be greater than or equal to 1"),
         ("model.dtype=int8", "model.dtype = 'int8'"),
         ("video.sample_frames=500", "video.sample_max_frames (144) must be >= video.sample_frames (500)"),
+        ("generator.flow_shift=5", "generator.flow_shift applies to flow-matching families (wan_i2v); "
+                                   "model.family='cogvideox_i2v'"),
+        ("gapo.timesteps=sampler", "gapo.timesteps = 'sampler'"),
+        ("generator.guidance_scale=1;generator.cache.kind=faster_cache",
+         "generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and guidance_scale=1.0"),
     ],
 )
 def test_bad_values_name_key_and_value(override, expected):
     with pytest.raises(ConfigError) as err:
-        load_config(LOCAL_CONFIG, [override])
+        load_config(LOCAL_CONFIG, override.split(";"))
     assert expected in str(err.value)
 
 

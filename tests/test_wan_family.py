@@ -278,10 +278,13 @@ for name, overrides in cases.items():
     cfg = load_config(config, overrides)
     worker = GapoWorker(cfg, resolve_pretrained(cfg.model, cfg.generator), deepspeed_config(cfg, root), torch.device("cpu"))
     worker.prepare([row])
+    seen = set()  # every timestep the trained module (policy and reference) was called at
+    worker.engine.module.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.update(float(t) for t in kw["timestep"].flatten()), with_kwargs=True)
     metrics = [worker.train_update() for _ in range(cfg.gapo.steps)]
     manifest = worker.export(f"{out}/{name}", 64.0)
     result[name] = {"uri": f"{out}/{name}", "loss": [m["loss"] for m in metrics], "kind": manifest["kind"],
-                    "num_tensors": manifest["num_tensors"]}
+                    "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen)}
 print("RESULT " + json.dumps(result))
 """)
 
@@ -302,8 +305,10 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
     base = [*config_overrides(tmp_path, model_cache), "model.family=wan_i2v", "gapo.steps=3", "gapo.beta=50",
             "gapo.deepspeed_config=configs/deepspeed/zero2.json"]
     cases = {
+        # AniSora V3.2's protocol: a step-distilled A14B sampled at its shift without CFG, trained at those steps
         "a14b_lora": [*base, "model.tiny.wan_variant=wan22_i2v_a14b", "gapo.learning_rate=1e-2",
-                      "gapo.lora={r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}"],
+                      "gapo.lora={r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}",
+                      "generator.flow_shift=5", "generator.guidance_scale=1", "gapo.timesteps=rollout"],
         "ti2v_full": [*base, "model.tiny.wan_variant=wan22_ti2v", "gapo.learning_rate=1e-3"],
     }
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), LOCAL_CONFIG, REPO, json.dumps(cases)],
@@ -317,7 +322,17 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
         assert all(np.isfinite(trained["loss"])), trained
         cfg = load_config(LOCAL_CONFIG, overrides)
         replica = Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator, cfg.video)
+        called = []  # the timesteps the replica's denoisers are called at
+        for m in (replica.pipe.transformer, replica.pipe.transformer_2):
+            if m is not None:
+                m.register_forward_pre_hook(lambda _m, _a, kw: called.append(float(kw["timestep"].max())),
+                                            with_kwargs=True)
         before = replica.render([GenerationRequest(item, (5,))])
+        if "a14b" in name:  # one call per step without CFG; GAPO noised the pair only at those timesteps
+            assert len(called) == cfg.generator.num_inference_steps
+            assert trained["timesteps"] and set(trained["timesteps"]) <= set(called), (trained["timesteps"], called)
+        else:  # CFG: two calls per step; training draws from the whole grid
+            assert len(called) == 2 * cfg.generator.num_inference_steps
         report = replica.load_weights_from(folder_update(trained["uri"], 1))
         assert replica.weights_version == 1 and report
         kind, _, tensors = read_folder(trained["uri"])

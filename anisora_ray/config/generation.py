@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from anisora_ray.config.base import ActorResources, Section
 
@@ -51,6 +51,10 @@ class GeneratorConfig(Section):
     num_inference_steps: int = Field(default=8, ge=1)
     guidance_scale: float = Field(default=6.0, ge=0)
     max_sequence_length: int = Field(default=128, ge=1)
+    # Appended to every prompt the replicas render and GAPO conditions on, not to the text the rewards score: a
+    # checkpoint's control codes, e.g. AniSora V3.x's " aesthetic score: 5.5. motion score: 3.0. There is no text
+    # in the video."
+    prompt_suffix: str = ""
     device: str = "auto"  # auto: cuda when Ray gave the actor a GPU and torch sees one, else cpu
     torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
     vae_slicing: bool = False
@@ -67,10 +71,21 @@ class GeneratorConfig(Section):
     # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
     # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
     scheduler: Literal["pretrained", "dpm"] = "pretrained"
+    # Flow-matching families (wan_i2v): the sampler's static shift (UniPC's flow_shift); None keeps the checkpoint's.
+    # GAPO draws its training σ on the same shifted grid. Step-distilled checkpoints name theirs: AniSora V3.1 / V3.2
+    # sample at 8 steps, shift 5, guidance_scale 1 (no CFG: one transformer call per step).
+    flow_shift: float | None = Field(default=None, gt=0)
     # Infrastructure failures (a replica process or node dies, a call hangs) are retried, not quarantined:
     max_restarts: int = Field(default=3, ge=-1)  # Ray restarts a dead replica this often (-1: always)
     call_timeout_s: float | None = Field(default=1800.0, gt=0)  # a call past this: the replica is killed and restarted
     call_retries: int = Field(default=3, ge=0)  # a failed or timed-out call is sent again this often, then the run fails
+
+    @model_validator(mode="after")
+    def _faster_cache_needs_cfg(self) -> GeneratorConfig:
+        if self.cache.kind == "faster_cache" and self.guidance_scale <= 1:
+            raise ValueError(f"generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and "
+                             f"guidance_scale={self.guidance_scale} (<= 1) runs no CFG: use 'taylorseer' or no cache")
+        return self
 
     @field_validator("height", "width")
     @classmethod

@@ -338,6 +338,9 @@ class AnisoraConfig(Section):
                 f"video.sample_max_frames ({self.video.sample_max_frames}) must be >= "
                 f"video.sample_frames ({self.video.sample_frames})"
             )
+        if self.generator.flow_shift is not None and self.model.family != "wan_i2v":
+            raise ValueError(f"generator.flow_shift applies to flow-matching families (wan_i2v); model.family="
+                             f"{self.model.family!r} samples with its checkpoint's DDIM (or generator.scheduler=dpm)")
         tiny = self.model.tiny
         if self.model.pretrained == "tiny" and self.generator.max_sequence_length > tiny.max_text_seq_length:
             raise ValueError(

@@ -72,6 +72,10 @@ class GapoConfig(Section):
     max_failures: int = Field(default=2, ge=-1)  # Ray Train restarts of a failed worker group from its last checkpoint (-1: no limit)
     refresh_every: int = Field(default=0, ge=0)  # > 0: also refresh live replicas every N steps during training
     seed: int = 0
+    # The timesteps a pair is noised at: "uniform" over the training grid (Diffusion-DPO, the paper); "rollout": only
+    # those the rollout sampler visits at generator.num_inference_steps (and flow_shift), e.g. the 8 of a
+    # step-distilled checkpoint (AniSora V3.x), so the update stays where the model is sampled.
+    timesteps: Literal["uniform", "rollout"] = "uniform"
 
     @model_validator(mode="after")
     def _lora_reference_is_the_base(self) -> GapoConfig:

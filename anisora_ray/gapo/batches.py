@@ -61,8 +61,8 @@ class PairEncoder:
     """
 
     def __init__(self, encoders, family, namespace: str, height: int, width: int, num_frames: int, text_length: int,
-                 cache_uri: str | None = None, device: torch.device | str = "cpu"):
-        self.encoders, self.family = encoders, family
+                 cache_uri: str | None = None, device: torch.device | str = "cpu", prompt_suffix: str = ""):
+        self.encoders, self.family, self.prompt_suffix = encoders, family, prompt_suffix
         self.height, self.width, self.num_frames, self.text_length = height, width, num_frames, text_length
         self.namespace, self.cache_uri, self.device = namespace, cache_uri, torch.device(device)
         self.memory: dict[str, torch.Tensor] = {}  # key -> host tensor
@@ -144,7 +144,7 @@ class PairEncoder:
         return PairLatents(
             winner=winners, loser=losers, condition=stacked("winner_seed"),
             loser_condition=stacked("loser_seed") if self.family.condition_uses_seed() else None,
-            prompt_embeds=torch.stack([self.prompt(r["prompt"]) for r in rows]),
+            prompt_embeds=torch.stack([self.prompt(r["prompt"] + self.prompt_suffix) for r in rows]),  # as rendered
             reward_w=torch.tensor([float(r["winner_reward"]) for r in rows], device=device),
             reward_l=torch.tensor([float(r["loser_reward"]) for r in rows], device=device),
         )

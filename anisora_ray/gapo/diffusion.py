@@ -33,8 +33,8 @@ class PairLatents:
 
 
 def draw_for(family: GeneratorFamily, pipe, batch: PairLatents, generator: torch.Generator,
-             shared: torch.Generator | None = None) -> NoiseDraw:
-    return family.draw(pipe, tuple(batch.winner.shape), generator, shared, batch.winner.device)
+             shared: torch.Generator | None = None, timesteps: torch.Tensor | None = None) -> NoiseDraw:
+    return family.draw(pipe, tuple(batch.winner.shape), generator, shared, batch.winner.device, timesteps)
 
 
 def pair_errors(family: GeneratorFamily, pipe, model, batch: PairLatents, draw: NoiseDraw
@@ -48,9 +48,10 @@ def pair_errors(family: GeneratorFamily, pipe, model, batch: PairLatents, draw: 
 
 def gapo_step(family: GeneratorFamily, pipe, model, reference, batch: PairLatents, generator: torch.Generator, *,
               shared: torch.Generator | None = None, beta: float = 5000.0, alpha: float = 2.0,
-              use_gain: bool = True) -> GapoLoss:
-    """One GAPO loss evaluation: one draw shared by the pair, model errors with grad, reference without."""
-    draw = draw_for(family, pipe, batch, generator, shared)
+              use_gain: bool = True, timesteps: torch.Tensor | None = None) -> GapoLoss:
+    """One GAPO loss evaluation: one draw shared by the pair (from ``timesteps`` when given), model errors with
+    grad, reference without."""
+    draw = draw_for(family, pipe, batch, generator, shared, timesteps)
     model_w, model_l = pair_errors(family, pipe, model, batch, draw)
     with torch.no_grad():
         ref_w, ref_l = pair_errors(family, pipe, reference, batch, draw)
@@ -59,8 +60,8 @@ def gapo_step(family: GeneratorFamily, pipe, model, reference, batch: PairLatent
 
 
 def sft_step(family: GeneratorFamily, pipe, model, batch: PairLatents, generator: torch.Generator,
-             shared: torch.Generator | None = None) -> GapoLoss:
+             shared: torch.Generator | None = None, timesteps: torch.Tensor | None = None) -> GapoLoss:
     """The paper's SFT baseline: the diffusion loss on the winners alone."""
-    err_w, _ = pair_errors(family, pipe, model, batch, draw_for(family, pipe, batch, generator, shared))
+    err_w, _ = pair_errors(family, pipe, model, batch, draw_for(family, pipe, batch, generator, shared, timesteps))
     zero = torch.zeros_like(err_w)
     return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero)

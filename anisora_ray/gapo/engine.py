@@ -88,6 +88,9 @@ class GapoWorker:
         self.lora = g.lora if g.lora.r > 0 else None
         self.family = get_family(cfg.model.family)
         self.pipe = load_transformer_pipeline(pretrained, cfg, "cpu" if zero_stage(ds_config) == 3 else device)
+        # gapo.timesteps=rollout: pairs are noised only at the timesteps the replicas sample at
+        self.timesteps = (self.family.rollout_timesteps(self.pipe, cfg.generator.num_inference_steps)
+                          if g.timesteps == "rollout" else None)
         policy = build_policy(self.family.trained_module(self.pipe), cfg, init_uri)
         if g.compile:
             compile_blocks(policy, eager_rounding=True)
@@ -101,7 +104,8 @@ class GapoWorker:
         self.encoder = PairEncoder(self.encoders, self.family,
                                    f"{cfg.model.family}|{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
                                    cfg.generator.height, cfg.generator.width, cfg.generator.num_frames,
-                                   self.family.text_length(self.pipe, cfg.generator), cache_uri, self.device)
+                                   self.family.text_length(self.pipe, cfg.generator), cache_uri, self.device,
+                                   cfg.generator.prompt_suffix)
         self.rows: list[dict] = []
         self.quarantined: list = []  # QuarantineRecords of pairs dropped for bad content
         self.update = 0  # optimizer updates done
@@ -145,10 +149,10 @@ class GapoWorker:
         generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, self.rank, index))
         shared = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, 0, index))  # alike on all ranks
         if g.loss == "sft":
-            out = sft_step(self.family, self.pipe, self.engine, batch, generator, shared)
+            out = sft_step(self.family, self.pipe, self.engine, batch, generator, shared, self.timesteps)
         else:
             out = gapo_step(self.family, self.pipe, self.engine, self.reference, batch, generator, shared=shared,
-                            beta=g.beta, alpha=g.alpha, use_gain=g.loss == "gapo")
+                            beta=g.beta, alpha=g.alpha, use_gain=g.loss == "gapo", timesteps=self.timesteps)
         self.engine.backward(out.loss)
         self.engine.step()
         return out

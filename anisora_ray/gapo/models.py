@@ -26,8 +26,11 @@ from anisora_ray.weights.update import load_folder
 
 
 def load_transformer_pipeline(pretrained: str, cfg: AnisoraConfig, device: torch.device | str):
-    """The family's pipeline with its trained modules and scheduler only (encoders left unloaded)."""
-    return get_family(cfg.model.family).load(pretrained, cfg.model.dtype, str(device), cfg.model.revision, "trainer")
+    """The family's pipeline with its trained modules and the rollouts' scheduler only (encoders left unloaded)."""
+    family = get_family(cfg.model.family)
+    pipe = family.load(pretrained, cfg.model.dtype, str(device), cfg.model.revision, "trainer")
+    family.use_sampler(pipe, cfg.generator)  # the training grid's shift is the rollouts' (generator.flow_shift)
+    return pipe
 
 
 class Encoders:

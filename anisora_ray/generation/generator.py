@@ -75,7 +75,7 @@ class Generator(WeightsReceiver):
             self.pipe.vae.enable_slicing()
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
-        self.family.use_sampler(self.pipe, generator.scheduler)
+        self.family.use_sampler(self.pipe, generator)
         if generator.quantize == "fp8":  # before the cache's hooks and compilation, which see the FP8 layers
             check_fp8(self.receiving_module().device, self.receiving_module().dtype)
             self.fp8_layers = [quantize_fp8(m) for m in denoisers(self.pipe)]
@@ -153,7 +153,7 @@ class Generator(WeightsReceiver):
 
     def _warn_if_truncated(self, item) -> None:
         """The text encoder reads ``max_sequence_length`` tokens; say so when a prompt is longer."""
-        tokens = self.family.prompt_tokens(self.pipe, item.prompt)
+        tokens = self.family.prompt_tokens(self.pipe, item.prompt + self.cfg.prompt_suffix)
         if tokens > self.cfg.max_sequence_length:
             log.warning("prompt %s has %d tokens; the text encoder takes %d (generator.max_sequence_length): "
                         "the rest is truncated", item.prompt_id, tokens, self.cfg.max_sequence_length)
@@ -171,7 +171,7 @@ class Generator(WeightsReceiver):
             self._warn_if_truncated(request.item)
             for seed in request.seeds:
                 images.append(image)
-                prompts.append(request.item.prompt)
+                prompts.append(request.item.prompt + self.cfg.prompt_suffix)  # what GAPO conditions on too
                 generators.append(torch.Generator(device=device).manual_seed(int(seed)))
         return self._run(images, prompts, generators, exact=exact)
 

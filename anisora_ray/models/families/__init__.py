@@ -101,10 +101,20 @@ class GeneratorFamily(abc.ABC):
     def trained_module(self, pipe) -> torch.nn.Module:
         """The module GAPO trains and a refresh publishes (its parameter names are the weights' names)."""
 
-    def use_sampler(self, pipe, sampler: str) -> None:
-        """Swap the rollout sampler (``generator.scheduler``); ``pretrained`` keeps the checkpoint's."""
-        if sampler != "pretrained":
-            raise ValueError(f"generator.scheduler={sampler!r} is not available for model.family={self.name!r}")
+    def use_sampler(self, pipe, generator) -> None:
+        """Set the rollout sampler from ``generator`` (a ``GeneratorConfig``): ``scheduler`` (``pretrained`` keeps the
+        checkpoint's) and ``flow_shift``. Replicas and GAPO workers both call it, so both see one sampler."""
+        if generator.scheduler != "pretrained":
+            raise ValueError(f"generator.scheduler={generator.scheduler!r} is not available for model.family={self.name!r}")
+        if generator.flow_shift is not None:
+            raise ValueError(f"generator.flow_shift applies to flow-matching families; model.family={self.name!r} is not one")
+
+    def rollout_timesteps(self, pipe, steps: int) -> torch.Tensor:
+        """The timesteps a rollout of ``steps`` denoising steps calls the denoiser at, as the pipeline sets them on
+        ``pipe``'s scheduler (a copy of it, so the pipeline's own state is untouched): [steps], on the CPU."""
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device="cpu")
+        return scheduler.timesteps.detach().clone().cpu()
 
     # ---- rollouts -----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -139,9 +149,10 @@ class GeneratorFamily(abc.ABC):
 
     @abc.abstractmethod
     def draw(self, pipe, shape: tuple[int, ...], generator: torch.Generator, shared: torch.Generator | None = None,
-             device=None) -> NoiseDraw:
+             device=None, timesteps: torch.Tensor | None = None) -> NoiseDraw:
         """Noise and timesteps for ``shape`` latents ([B, ...]); ``shared`` is seeded alike on every rank
-        (what must agree across ranks, e.g. which expert trains)."""
+        (what must agree across ranks, e.g. which expert trains). ``timesteps``: draw only from these
+        (:meth:`rollout_timesteps`, ``gapo.timesteps: rollout``); None: the whole training grid."""
 
     @abc.abstractmethod
     def errors(self, pipe, model, latents: torch.Tensor, condition: dict[str, torch.Tensor],

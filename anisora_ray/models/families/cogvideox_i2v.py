@@ -54,13 +54,13 @@ class CogVideoXI2V(GeneratorFamily):
     def trained_module(self, pipe) -> torch.nn.Module:
         return pipe.transformer
 
-    def use_sampler(self, pipe, sampler: str) -> None:
-        if sampler == "dpm":
+    def use_sampler(self, pipe, generator) -> None:
+        if generator.scheduler == "dpm":  # the same training grid and noising: GAPO's objective is unchanged
             from diffusers import CogVideoXDPMScheduler
 
             pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-        elif sampler != "pretrained":
-            super().use_sampler(pipe, sampler)
+            generator = generator.model_copy(update={"scheduler": "pretrained"})
+        super().use_sampler(pipe, generator)
 
     def render(self, pipe, images, prompts, generators, cfg, steps=None) -> np.ndarray:
         out = pipe(image=images, prompt=prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
@@ -93,12 +93,12 @@ class CogVideoXI2V(GeneratorFamily):
                                            device=encoders.text_encoder.device)
         return embeds[0]
 
-    def draw(self, pipe, shape, generator, shared=None, device=None) -> NoiseDraw:
+    def draw(self, pipe, shape, generator, shared=None, device=None, timesteps=None) -> NoiseDraw:
         device = device or generator.device
         noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (shape[0],), generator=generator,
-                          device=generator.device).long().to(device)
-        return NoiseDraw(noise, t)
+        pool = torch.arange(pipe.scheduler.config.num_train_timesteps) if timesteps is None else timesteps.long().cpu()
+        pick = torch.randint(0, pool.numel(), (shape[0],), generator=generator, device=generator.device).cpu()
+        return NoiseDraw(noise, pool[pick].to(device))
 
     def errors(self, pipe, model, latents, condition, prompt_embeds, draw, frame_weights=None) -> torch.Tensor:
         noise = draw.noise.to(latents.dtype)

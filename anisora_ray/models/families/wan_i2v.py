@@ -27,6 +27,7 @@ from anisora_ray.models.families import GeneratorFamily, NoiseDraw, load_pipelin
 from anisora_ray.models.objectives import (
     draw_sigmas,
     expert_grid,
+    expert_index,
     first_frame_mask,
     masked_error,
     noised,
@@ -103,6 +104,18 @@ class WanI2V(GeneratorFamily):
                 "encoders": {"transformer": None, "transformer_2": None}}[parts]
         return load_pipeline(WanImageToVideoPipeline, pretrained, dtype, device, revision, skip)
 
+    def use_sampler(self, pipe, generator) -> None:
+        """``generator.flow_shift`` replaces the scheduler's static shift (UniPC's ``flow_shift``, FlowMatchEuler's
+        ``shift``); GAPO's training grid is read from the same scheduler, so it follows."""
+        if generator.flow_shift is not None:
+            config = pipe.scheduler.config
+            if config.get("use_dynamic_shifting", False):
+                raise ValueError(f"generator.flow_shift: {type(pipe.scheduler).__name__} shifts dynamically "
+                                 "(use_dynamic_shifting); a static shift does not apply")
+            key = "flow_shift" if "flow_shift" in config else "shift"
+            pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: float(generator.flow_shift)})
+        super().use_sampler(pipe, generator.model_copy(update={"flow_shift": None}))
+
     def trained_module(self, pipe) -> torch.nn.Module:
         if getattr(pipe, "transformer_2", None) is None:
             return pipe.transformer
@@ -172,20 +185,30 @@ class WanI2V(GeneratorFamily):
     def two_experts(pipe) -> bool:
         return getattr(pipe, "transformer_2", None) is not None and pipe.config.boundary_ratio is not None
 
-    def draw(self, pipe, shape, generator, shared=None, device=None) -> NoiseDraw:
+    def draw(self, pipe, shape, generator, shared=None, device=None, timesteps=None) -> NoiseDraw:
+        """σ uniform over the shifted training grid, or over the rollout's ``timesteps`` (σ = t / N exactly); with two
+        experts, first the expert (with the share of the grid, or of the rollout's steps, it covers), then σ in it."""
         device = device or generator.device
         config = pipe.scheduler.config
         shift, n = scheduler_shift(config), int(config.num_train_timesteps)
         noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
+        # each candidate σ's expert: the training grid's, or the rollout's own timesteps'
+        experts = (expert_grid(shift, pipe.config.boundary_ratio, n) if timesteps is None
+                   else expert_index(timesteps.double().cpu(), pipe.config.boundary_ratio, n))
         expert, allowed = 0, None
         if self.two_experts(pipe):
-            grid = expert_grid(shift, pipe.config.boundary_ratio, n)
-            share = float((grid == 1).double().mean())  # how much of the training grid transformer_2 covers
+            share = float((experts == 1).double().mean())  # how much of the grid (or rollout) transformer_2 covers
             pick = shared if shared is not None else generator
             expert = int(float(torch.rand((), generator=pick, device=pick.device)) < share)
-            allowed = grid == expert
-        sigmas, timesteps = draw_sigmas(shape[0], generator, shift, n, device, allowed)
-        return NoiseDraw(noise, timesteps, sigmas, expert)
+            allowed = experts == expert
+        if timesteps is None:
+            sigmas, drawn = draw_sigmas(shape[0], generator, shift, n, device, allowed)
+        else:
+            pool = timesteps.double().cpu() if allowed is None else timesteps.double().cpu()[allowed]
+            index = torch.randint(0, pool.numel(), (shape[0],), generator=generator, device=generator.device).cpu()
+            drawn = pool[index].float().to(device)
+            sigmas = drawn / n
+        return NoiseDraw(noise, drawn, sigmas, expert)
 
     def errors(self, pipe, model, latents, condition, prompt_embeds, draw, frame_weights=None) -> torch.Tensor:
         x0 = latents
