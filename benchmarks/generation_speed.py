@@ -191,7 +191,7 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
     import torch
 
     from anisora_ray.generation.generator import Generator
-    from anisora_ray.generation.speed import frame_drift
+    from anisora_ray.generation.speed import denoisers, frame_drift
 
     deadline = time.monotonic() + args.budget_s
 
@@ -207,11 +207,17 @@ def variants(args, cfg, pretrained: str, request_of) -> list[dict]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         graphs = replica.compiled_graphs()
+        calls = []  # denoiser calls of the timed video: steps x 2 with Wan's CFG, steps without CFG
+        hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in denoisers(replica.pipe)]
         began = time.perf_counter()
         frames = replica.render([request_of(1)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        row = {"variant": name, "settings": overrides, "steps": args.steps, "seconds_per_video": time.perf_counter() - began,
+        seconds = time.perf_counter() - began
+        for h in hooks:
+            h.remove()
+        row = {"variant": name, "settings": overrides, "steps": g.num_inference_steps, "seconds_per_video": seconds,
+               "denoiser_calls": len(calls), "guidance_scale": g.guidance_scale,
                "graphs_compiled_in_timed_call": replica.compiled_graphs() - graphs,
                "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "startup": replica.startup, "cache_decisions": dict(decisions) if decisions else decisions}  # so far

@@ -18,7 +18,8 @@ CHECKS=${CHECKS:-"variants fp8 floor refresh lora compile zero3 generation"}
 # Block Cache's depends on the weights). On 2026-12-04 three compiled cuDNN variants failed only after load and
 # compile, and FP8 + compile did not finish in ~140 s (docs/performance.md): those come last.
 # FAMILY=wan_i2v measures Wan2.2-TI2V-5B instead (configs/wan22_ti2v5b.yaml; FasterCache refuses Wan, whose CFG
-# branches are two calls: its candidates are TaylorSeer, e.g. VARIANTS="ts compile+ts tsb compile+tsb compile").
+# branches are two calls: its candidates are TaylorSeer, e.g. VARIANTS="d8 compile+d8 ts compile+ts tsb compile+tsb
+# compile"; d8 is AniSora V3.x's step-distilled protocol, 8 steps without CFG, timed on the base model's weights).
 # EXACT_CHECK=1: each cached variant also renders its video with every step computed (the cache audit's reference,
 # eval/cache_audit.py): its seconds, and that it is the config's video (bit for bit uncompiled). One video more each.
 FAMILY=${FAMILY:-cogvideox_i2v}
@@ -34,6 +35,7 @@ variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
         fc) settings+="generator.cache.kind=faster_cache,";;
         ts) settings+="generator.cache.kind=taylorseer,";;  # TaylorSeer on attention (any family: Wan's too)
         tsb) settings+="generator.cache.kind=taylorseer,generator.cache.predict=blocks,";;  # on whole blocks
+        d[0-9]*) settings+="generator.num_inference_steps=${p#d},generator.guidance_scale=1,generator.flow_shift=5,";;  # a step-distilled protocol (AniSora V3.x: d8)
         *) settings+="generator.attention_backend=$p,";;
       esac
     done

@@ -138,3 +138,17 @@ def test_the_one_gpu_config_fits_one_gpu_with_everything_resident():
     assert abs(demand["peak"]["GPU"] + one.eval.metrics.num_gpus - 1.0) < 1e-9
     assert all(0 < demand[k]["GPU"] < 1 for k in ("generator", "reward", "trainer"))
     assert one.loop.refresh_transport == "cuda_ipc" and one.model.pretrained == "THUDM/CogVideoX-5b-I2V"
+
+
+def test_the_anisora_v3_configs_keep_their_release_protocol_on_their_base_structure():
+    """AniSora V3.1 / V3.2 are step-distilled Wan checkpoints: 8 steps, shift 5, no CFG, the control suffix; rollouts
+    and training follow that protocol, everything else is the base structure's config."""
+    for name, base_name in (("anisora_v3_1", "wan21_i2v14b"), ("anisora_v3_2", "wan22_i2v_a14b")):
+        cfg, base = load_config(f"{REPO}/configs/{name}.yaml"), load_config(f"{REPO}/configs/{base_name}.yaml")
+        g = cfg.generator
+        assert (g.num_inference_steps, g.guidance_scale, g.flow_shift, cfg.gapo.timesteps) == (8, 1.0, 5.0, "rollout")
+        assert g.prompt_suffix.endswith("There is no text in the video.") and "motion score" in g.prompt_suffix
+        assert (base.generator.guidance_scale > 1, base.generator.flow_shift, base.gapo.timesteps) == (True, None, "uniform")
+        for section in ("model.family", "generator.num_frames", "generator.height", "generator.width",
+                        "gapo.deepspeed_config", "gapo.reference", "run.free_space.min_gb"):
+            assert cfg.flat()[section] == base.flat()[section], (name, section)

@@ -86,6 +86,8 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
                            "--variant", "ts=generator.cache.kind=taylorseer,generator.cache.warmup_steps=1",
                            "--variant", "cudnn=generator.attention_backend=cudnn",
                            "--variant", "fp8=generator.quantize=fp8,model.dtype=bfloat16",
+                           "--variant", "distilled=generator.num_inference_steps=2,generator.guidance_scale=1,"
+                                        "generator.flow_shift=5",
                            "--exact-check", "--out", str(tmp_path / "run"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -100,7 +102,13 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     assert "seconds per video" in done.stdout
     # variants on replicas of their own at the full 4 steps, against the config's: time and drift
     variants = {v["variant"]: v for v in result["variants"]}
-    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "fc", "ts", "cudnn", "fp8"]
+    assert list(variants) == ["eager (config)", "sdpa-math", "fbc", "fc", "ts", "cudnn", "fp8", "distilled"]
+    assert variants["eager (config)"]["denoiser_calls"] == 4 * (1 if family == "cogvideox_i2v" else 2)
+    if family == "wan_i2v":  # a step-distilled protocol: 2 steps without CFG, one call each
+        assert variants["distilled"]["denoiser_calls"] == variants["distilled"]["steps"] == 2
+        assert variants["distilled"]["guidance_scale"] == 1.0
+    else:
+        assert "generator.flow_shift applies to flow-matching families" in variants["distilled"]["error"]
     assert variants["sdpa-math"]["drift_max_levels"] <= 2 and variants["sdpa-math"]["steps"] == 4
     assert variants["fbc"]["drift_max_levels"] > 0 and variants["fbc"]["psnr_db"] > 0  # reused residuals move frames
     if family == "cogvideox_i2v":  # FasterCache approximates the unconditional half of steps 1-3
