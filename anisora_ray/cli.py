@@ -319,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="~/.cache/anisora-ray", help="where detector / segmenter ids are cached")
     p.set_defaults(func=cli_eval.convert_reward)
 
+    p = sub.add_parser("convert-wan", help="Wan-format transformer weights (AniSora V2/V3) into a diffusers folder")
+    p.add_argument("sources", nargs="+", help="one weights folder (safetensors shards) or file per expert, in the "
+                                             "base's order: high-noise first (V3.2: high_noise_model low_noise_model)")
+    p.add_argument("--base", required=True, help="the matching diffusers folder or Hub id, e.g. "
+                                                 "Wan-AI/Wan2.2-I2V-A14B-Diffusers (its VAE, encoders and scheduler)")
+    p.add_argument("--revision", help="of a Hub --base")
+    p.add_argument("--out", required=True, help="new folder (model.pretrained)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--copy", action="store_true", help="copy the base's other components instead of symlinking them")
+    p.add_argument("--check", action="store_true", help="load the result through the trainers' loader")
+    p.set_defaults(func=cli_eval.convert_wan)
+
     p = sub.add_parser("report", help="one self-contained HTML page for an alignment job (tables, curves, videos)")
     p.add_argument("--run", required=True, help="the job's align/ folder (<run.output_dir>/align)")
     p.add_argument("--out", help="HTML file (default: <run>/report.html)")

@@ -1,4 +1,4 @@
-"""The evaluation and reward-conversion commands of ``anisora-ray`` (``convert-reward``, ``report``,
+"""The evaluation and conversion commands of ``anisora-ray`` (``convert-reward``, ``convert-wan``, ``report``,
 ``annotate``); the parser lives in :mod:`anisora_ray.cli`."""
 
 from __future__ import annotations
@@ -36,6 +36,30 @@ def convert_reward(args: argparse.Namespace) -> int:
             note = " (NaN: no character detected in it)" if np.isnan(score) else ""
             print(f"{name:18s} loads and scores a random clip: {score:.4f}{note}")
     print("set reward.dimensions.<name>.options.checkpoint to these folders (configs/reward/animereward.yaml)")
+    return 0
+
+
+def convert_wan(args: argparse.Namespace) -> int:
+    """Wan-format expert weights (AniSora V2/V3) into a diffusers folder for ``model.pretrained``."""
+    from anisora_ray.models.convert_wan import EXPERTS
+    from anisora_ray.models.convert_wan import convert_wan as convert
+
+    base = args.base
+    if not os.path.isdir(base):  # a Hub id: everything but the transformers' weights, which are replaced
+        from huggingface_hub import snapshot_download
+
+        base = snapshot_download(base, revision=args.revision,
+                                 ignore_patterns=[f"{name}/*.safetensors" for name in EXPERTS])
+    report = convert(base, args.sources, args.out, dtype=args.dtype, link=not args.copy)
+    if args.check:  # the replicas' and trainers' loader, on the converted folder
+        from anisora_ray.models.families import get_family
+
+        pipe = get_family("wan_i2v").load(args.out, args.dtype, "cpu", None, "trainer")
+        count = sum(p.numel() for name in EXPERTS if getattr(pipe, name, None) is not None
+                    for p in getattr(pipe, name).parameters())
+        print(f"loads as WanImageToVideoPipeline: {count / 1e9:.2f} B transformer parameters")
+    print(json.dumps(report, indent=2))
+    print(f"set model.pretrained: {os.path.abspath(args.out)} (configs/anisora_v3_*.yaml)")
     return 0
 
 
