@@ -116,6 +116,7 @@ def test_weights_that_do_not_fit_the_base_are_refused_naming_the_source(make_con
     os.remove(os.path.join(low, first_shard))  # a truncated download: half the tensors
     with pytest.raises(ConfigError, match=f"{low}: not the weights of .*parameters missing"):
         convert_wan(a14b_base, [high, low], str(tmp_path / "truncated"))
+    assert not os.path.exists(tmp_path / "truncated")  # the first expert was written, but to <out>.partial only
     with pytest.raises(ConfigError, match="no such file or folder"):
         convert_wan(a14b_base, [high, str(tmp_path / "nowhere")], str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="not a diffusers pipeline folder"):

@@ -104,14 +104,17 @@ def convert_transformer(source: str, base: str, name: str, dtype: torch.dtype):
 def convert_wan(base: str, sources: list[str], out: str, dtype: str = "bfloat16", link: bool = True,
                 max_shard_size: str = "5GB", progress=print) -> dict:
     """Write ``out``: ``sources`` (Wan format, one per expert, high-noise first) as the diffusers transformer(s) of
-    the local Wan folder ``base``, the rest of ``base`` symlinked (``link``) or copied. Returns what was written."""
+    the local Wan folder ``base``, the rest of ``base`` symlinked (``link``) or copied. Returns what was written.
+    The folder is built as ``<out>.partial`` and renamed once complete: a failed conversion leaves no ``out``."""
     names = base_experts(base)
     if len(sources) != len(names):
         raise ConfigError(f"--base {base} has {len(names)} denoiser(s) ({', '.join(names)}); got {len(sources)} "
                           f"source(s): give one per expert, high-noise first")
     if os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"--out {out} exists and is not empty")
-    os.makedirs(out, exist_ok=True)
+    final, out = out, os.path.normpath(out) + ".partial"
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted conversion left
+    os.makedirs(out)
     report = {"base": os.path.abspath(base), "dtype": dtype, "experts": {}}
     for name, source in zip(names, sources, strict=True):
         began = time.perf_counter()
@@ -120,7 +123,7 @@ def convert_wan(base: str, sources: list[str], out: str, dtype: str = "bfloat16"
         count = sum(p.numel() for p in model.parameters())
         report["experts"][name] = {"source": os.path.abspath(source), "parameters": count,
                                    "seconds": round(time.perf_counter() - began, 2)}
-        progress(f"{name}: {count / 1e9:.2f} B parameters from {source} -> {os.path.join(out, name)}")
+        progress(f"{name}: {count / 1e9:.2f} B parameters from {source} -> {os.path.join(final, name)}")
         del model
     for entry in sorted(os.listdir(base)):  # VAE, encoders, tokenizer, scheduler, model_index.json
         if entry in EXPERTS or entry.startswith("."):
@@ -134,4 +137,7 @@ def convert_wan(base: str, sources: list[str], out: str, dtype: str = "bfloat16"
             shutil.copy2(src, dst)
     with open(os.path.join(out, "anisora_conversion.json"), "w") as f:
         json.dump(report, f, indent=2)
+    if os.path.isdir(final):  # an empty folder made beforehand
+        os.rmdir(final)
+    os.rename(out, final)
     return report
