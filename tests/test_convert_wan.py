@@ -1,5 +1,5 @@
 """``anisora-ray convert-wan``: Wan-format expert weights (AniSora V2/V3 releases) into a diffusers folder. At tiny
-size: a tiny Wan's transformers, perturbed (so the result cannot be the base's own weights), are written in Wan's
+size: a tiny Wan's transformers (each released structure), perturbed (so the result cannot be the base's own weights), are written in Wan's
 original layout (names inverted from diffusers' mapping here; the conversion itself is diffusers') as sharded
 safetensors or a .pt file; the converted folder loads through the replicas' path bit for bit and renders; inputs
 that do not fit are refused naming the source."""
@@ -76,7 +76,7 @@ def wan_format_experts(pipe, folder, as_pt: tuple[int, ...] = ()) -> tuple[list[
     return sources, expected
 
 
-@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_i2v_a14b"])
+@pytest.mark.parametrize("variant", ["wan21_i2v", "wan22_ti2v", "wan22_i2v_a14b"])
 def test_wan_format_experts_convert_to_a_folder_the_replicas_load_bit_for_bit(make_config, demo_manifest, tmp_path,
                                                                               variant, capsys):
     from anisora_ray.generation.generator import Generator
