@@ -32,7 +32,7 @@ from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_w
 from anisora_ray.loop.rounds import RoundContext, audit_metrics, run_round, run_round_overlapped
 from anisora_ray.loop.samples import eval_row
 from anisora_ray.loop.state import AlignState, RoundState
-from anisora_ray.models.pipeline import resolve_pretrained
+from anisora_ray.models.pipeline import check_pretrained, resolve_pretrained
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
@@ -95,6 +95,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
     root = root or os.getcwd()
     require_prompts(cfg.data.prompts, cfg.eval.prompts)  # a real config names its data: said before anything starts
+    check_pretrained(cfg.model)  # a converted folder that is not there yet, likewise
     if cfg.loop.guard.enabled or cfg.eval.metrics.enabled:
         check_metrics_config(cfg.eval.metrics)
     out = fs.join(fs.normalize(cfg.run.output_dir), "align")

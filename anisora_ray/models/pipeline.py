@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 from anisora_ray.config import GeneratorConfig, ModelConfig
+from anisora_ray.errors import ConfigError
 from anisora_ray.models.families import DTYPES, get_family, pick_device
 
-__all__ = ["DTYPES", "load_i2v_pipeline", "pick_device", "resolve_pretrained"]
+__all__ = ["DTYPES", "check_pretrained", "load_i2v_pipeline", "pick_device", "resolve_pretrained"]
+
+
+def check_pretrained(model: ModelConfig) -> None:
+    """A ``model.pretrained`` written as a path (absolute, ``./``, ``../``, ``~`` or deeper than a Hub id's
+    ``org/name``) must be a folder here: said before anything starts, not as a Hub lookup of a path."""
+    name = model.pretrained
+    if name == "tiny" or not (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
+        return
+    if not os.path.isdir(os.path.expanduser(name)):
+        raise ConfigError(f"model.pretrained = {name!r} is not a folder on this machine: give a diffusers pipeline folder "
+                          "(AniSora V2/V3's Wan-format release: convert it with `anisora-ray convert-wan`, "
+                          "docs/alignment.md) or a Hugging Face id such as THUDM/CogVideoX-5b-I2V")
 
 
 def resolve_pretrained(model: ModelConfig, generator: GeneratorConfig) -> str:
     """The ``from_pretrained`` argument for this config; builds and caches the tiny model on first use."""
     if model.pretrained != "tiny":
+        check_pretrained(model)
         return model.pretrained
     return get_family(model.family).tiny_folder(model, generator)
 
