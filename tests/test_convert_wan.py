@@ -126,15 +126,13 @@ def test_weights_that_do_not_fit_the_base_are_refused_naming_the_source(make_con
 def test_a_model_folder_that_is_not_there_is_named_before_anything_starts(make_config, tmp_path):
     """``model.pretrained`` written as a path (a converted AniSora folder not made yet) is refused by ``align`` before
     Ray starts, and by every stage that resolves it, naming the key and ``convert-wan``; Hub ids pass through."""
-    import ray
-
     from anisora_ray.loop.align import run_alignment
 
     missing = str(tmp_path / "Index-anisora-V3.2-diffusers")
     cfg = make_config("model.family=wan_i2v", f"model.pretrained={missing}")
     with pytest.raises(ConfigError, match=f"model.pretrained = '{missing}' is not a folder.*anisora-ray convert-wan"):
         run_alignment(cfg, progress=False)
-    assert not ray.is_initialized()
+    assert not os.path.exists(os.path.join(cfg.run.output_dir, "align"))  # said before its first write, before Ray
     with pytest.raises(ConfigError, match="is not a folder"):
         resolve_pretrained(cfg.model, cfg.generator)
     os.makedirs(missing)
