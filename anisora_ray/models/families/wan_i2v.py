@@ -192,19 +192,19 @@ class WanI2V(GeneratorFamily):
         config = pipe.scheduler.config
         shift, n = scheduler_shift(config), int(config.num_train_timesteps)
         noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
-        # each candidate σ's expert: the training grid's, or the rollout's own timesteps'
-        experts = (expert_grid(shift, pipe.config.boundary_ratio, n) if timesteps is None
-                   else expert_index(timesteps.double().cpu(), pipe.config.boundary_ratio, n))
+        pool = None if timesteps is None else timesteps.double().cpu()
         expert, allowed = 0, None
-        if self.two_experts(pipe):
+        if self.two_experts(pipe):  # each candidate σ's expert: the training grid's, or the rollout timesteps'
+            experts = (expert_grid(shift, pipe.config.boundary_ratio, n) if pool is None
+                       else expert_index(pool, pipe.config.boundary_ratio, n))
             share = float((experts == 1).double().mean())  # how much of the grid (or rollout) transformer_2 covers
             pick = shared if shared is not None else generator
             expert = int(float(torch.rand((), generator=pick, device=pick.device)) < share)
             allowed = experts == expert
-        if timesteps is None:
+        if pool is None:
             sigmas, drawn = draw_sigmas(shape[0], generator, shift, n, device, allowed)
         else:
-            pool = timesteps.double().cpu() if allowed is None else timesteps.double().cpu()[allowed]
+            pool = pool if allowed is None else pool[allowed]
             index = torch.randint(0, pool.numel(), (shape[0],), generator=generator, device=generator.device).cpu()
             drawn = pool[index].float().to(device)
             sigmas = drawn / n
