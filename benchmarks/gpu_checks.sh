@@ -36,6 +36,7 @@ variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
         fc) settings+="generator.cache.kind=faster_cache,";;
         ts) settings+="generator.cache.kind=taylorseer,";;  # TaylorSeer on attention (any family: Wan's too)
         tsb) settings+="generator.cache.kind=taylorseer,generator.cache.predict=blocks,";;  # on whole blocks
+        off) settings+="generator.offload=model,";;  # components on the host, each on the GPU while it runs
         d[0-9]*) settings+="generator.num_inference_steps=${p#d},generator.guidance_scale=1,generator.flow_shift=5,";;  # a step-distilled protocol (AniSora V3.x: d8)
         *) settings+="generator.attention_backend=$p,";;
       esac
@@ -62,9 +63,10 @@ want variants && timeout "$VARIANTS_LIMIT" python3 benchmarks/generation_speed.p
   --batches "" --compile-batches "" ${EXACT_CHECK:+--exact-check} --budget-s "${VARIANTS_BUDGET:-$(( VARIANTS_LIMIT - 150 ))}" $(variant_args "$VARIANTS") \
   --json "$OUT/generation_variants.json" 2>&1 | grep -v "Writing model" | tee "$OUT/generation_variants.log" | grep -v -i warn
 # 0. FP8 replicas (generator.quantize: fp8) on the GPU: FP8 block linears, frames near bf16's, full and LoRA refreshes
-#    landing in the quantized replica, compiled too (skipped on the CPU).
+#    landing in the quantized replica, compiled too (skipped on the CPU); and offloaded replicas (generator.offload:
+#    model): components on the host between calls, a lower peak, nothing recompiled (~30 s).
 want fp8 && timeout "${FP8_LIMIT:-300}" python3 -m pytest -v -p no:cacheprovider -rs --durations=5 \
-  tests/test_generation_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed"
+  tests/test_generation_fp8.py tests/test_generation_offload.py 2>&1 | tee "$OUT/fp8_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed"
 # 0. The host refresh's data path on this machine's cores (no GPU, no Ray): 2 cores here put it at ~50% of memcpy.
 for run in $(seq "${FLOOR_RUNS:-2}"); do  # fresh runs, for the spread
   want floor && timeout "${FLOOR_LIMIT:-120}" python3 benchmarks/refresh_floor.py 2>&1 | grep -v -i -E "warn|resource_tracker" \

@@ -68,6 +68,11 @@ class GeneratorConfig(Section):
     cache: StepCacheConfig = StepCacheConfig()
     # fp8: torchao float8 on the transformer blocks' linears (generation/quantize.py; capability >= 8.9, torchao)
     quantize: Literal["none", "fp8"] = "none"
+    # Memory: "model" keeps every component on the host and moves each to the GPU only while it runs (diffusers'
+    # enable_model_cpu_offload, in the pipeline's order: text encoder, image encoder, each expert, VAE), so a replica
+    # needs its largest component plus activations, not their sum: Wan2.2-A14B's two 14 B experts and UMT5-XXL
+    # (~68 GB) on an 80 GB GPU. Each call moves every component up and back (docs/performance.md).
+    offload: Literal["none", "model"] = "none"
     # The rollout sampler: "pretrained" keeps the checkpoint's (DDIM for CogVideoX); "dpm" swaps in diffusers'
     # CogVideoXDPMScheduler, a multistep solver meant for fewer steps. GAPO's training objective is unchanged.
     scheduler: Literal["pretrained", "dpm"] = "pretrained"
@@ -85,6 +90,19 @@ class GeneratorConfig(Section):
         if self.cache.kind == "faster_cache" and self.guidance_scale <= 1:
             raise ValueError(f"generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and "
                              f"guidance_scale={self.guidance_scale} (<= 1) runs no CFG: use 'taylorseer' or no cache")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_composes(self) -> GeneratorConfig:
+        if self.offload == "none":
+            return self
+        if self.quantize != "none":
+            raise ValueError(f"generator.offload={self.offload!r} with generator.quantize={self.quantize!r}: torchao's "
+                             "float8 layers are not moved between host and GPU here; choose one")
+        if self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"generator.offload={self.offload!r} with generator.compile_mode={self.compile_mode!r}: "
+                             "CUDA graphs keep the weights' GPU addresses, which offloading changes every call; use "
+                             "'default' or 'max-autotune-no-cudagraphs'")
         return self
 
     @field_validator("height", "width")

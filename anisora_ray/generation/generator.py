@@ -35,7 +35,7 @@ from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import write_video
 from anisora_ray.models.compile import compile_blocks, compiled_graphs
-from anisora_ray.models.families import get_family
+from anisora_ray.models.families import get_family, pick_device
 from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
 from anisora_ray.weights.receiver import WeightsReceiver
 
@@ -70,18 +70,22 @@ class Generator(WeightsReceiver):
         self.replica_id = uuid.uuid4().hex[:12]
         start = time.perf_counter()
         self.family = get_family(model.family)
-        self.pipe = self.family.load(pretrained, model.dtype, generator.device, model.revision)
+        self.execution_device = pick_device(generator.device)  # where the denoiser runs (offloaded or not)
+        offloaded = generator.offload != "none"  # loaded on the host: the components never sit on the GPU together
+        self.pipe = self.family.load(pretrained, model.dtype, "cpu" if offloaded else generator.device, model.revision)
         if generator.vae_slicing:
             self.pipe.vae.enable_slicing()
         if generator.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.family.use_sampler(self.pipe, generator)
         if generator.quantize == "fp8":  # before the cache's hooks and compilation, which see the FP8 layers
-            check_fp8(self.receiving_module().device, self.receiving_module().dtype)
+            check_fp8(self.execution_device, self.receiving_module().dtype)
             self.fp8_layers = [quantize_fp8(m) for m in denoisers(self.pipe)]
             log.info("replica %s: FP8 on %s block linears", self.replica_id, self.fp8_layers)
         use_attention_backend(self.pipe, generator.attention_backend, self.family)  # checked before any round
         use_step_cache(self.pipe, generator.cache, self.family)
+        if offloaded:  # after the cache's hooks: accelerate's wrap them and put them back at every call's end
+            self.pipe.enable_model_cpu_offload(device=self.execution_device)
         self.startup = {"load_seconds": time.perf_counter() - start}
         if generator.quantize == "fp8":
             self.startup["fp8_layers"] = sum(self.fp8_layers)
@@ -116,7 +120,7 @@ class Generator(WeightsReceiver):
         """``steps`` denoising steps of ``batch`` videos of a grey image at the configured geometry (allocator, kernels,
         compilation); returns its seconds."""
         c = self.cfg
-        device = self.receiving_module().device
+        device = self.execution_device
         start = time.perf_counter()
         with attention_checked(c.attention_backend, device):
             self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * batch, [""] * batch,
@@ -149,7 +153,10 @@ class Generator(WeightsReceiver):
         return self.family.trained_module(self.pipe)
 
     def device(self) -> str:
-        return str(self.receiving_module().device)
+        return str(self.execution_device)
+
+    def compute_device(self) -> torch.device:
+        return self.execution_device
 
     def _warn_if_truncated(self, item) -> None:
         """The text encoder reads ``max_sequence_length`` tokens; say so when a prompt is longer."""
@@ -165,7 +172,7 @@ class Generator(WeightsReceiver):
         computed, as without ``generator.cache`` (the cache audit's reference).
         """
         images, prompts, generators = [], [], []
-        device = self.receiving_module().device
+        device = self.execution_device
         for request in requests:
             image = load_image(request.item.image_uri)  # any size or mode: RGB here, resized by the pipeline
             self._warn_if_truncated(request.item)
@@ -181,6 +188,9 @@ class Generator(WeightsReceiver):
             with torch.inference_mode(), attention_context(self.cfg.attention_backend), \
                     exact_forced(self.pipe) if exact else contextlib.nullcontext():
                 return to_uint8(self.family.render(self.pipe, images, prompts, generators, self.cfg, steps))
+        except BaseException:
+            self.pipe.maybe_free_model_hooks()  # offloaded: every component back on the host, as after a whole call
+            raise
         finally:
             reset_step_cache(self.pipe)
 

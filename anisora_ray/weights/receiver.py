@@ -38,6 +38,10 @@ class WeightsReceiver:
         """The module the weights go into (the transformer)."""
         raise NotImplementedError
 
+    def compute_device(self):
+        """Where the module runs, so where a broadcast group receives (an offloaded module rests on the host)."""
+        return next(self.receiving_module().parameters()).device
+
     def before_update(self, kind: str) -> None:
         """Called before an update of ``kind`` is copied in (a quantized replica gives back plain weights)."""
 
@@ -81,8 +85,7 @@ class WeightsReceiver:
         if self._weights_group is not None:
             self._weights_group.close()
             self._weights_group = None
-        device = next(self.receiving_module().parameters()).device
-        self._weights_group = WeightsGroup(spec, rank, device)
+        self._weights_group = WeightsGroup(spec, rank, self.compute_device())
 
     def begin_update(self, version: int, kind: str, lora: dict | None = None, scheme: str = "xxh3") -> None:
         """Start loading ``version`` part by part (:meth:`load_part`, then :meth:`commit_update`), verified with
