@@ -19,11 +19,11 @@ CHECKS=${CHECKS:-"variants fp8 floor refresh lora compile zero3 generation"}
 # compile, and FP8 + compile did not finish in ~140 s (docs/performance.md): those come last.
 # FAMILY=wan_i2v measures Wan2.2-TI2V-5B instead (configs/wan22_ti2v5b.yaml; FasterCache refuses Wan, whose CFG
 # branches are two calls: its default VARIANTS are TaylorSeer's and d8, AniSora V3.x's step-distilled protocol, 8 steps
-# without CFG, timed on the base model's random weights).
+# without CFG, timed on the base model's random weights; last, d8+off: generator.offload's cost per call).
 # EXACT_CHECK=1: each cached variant also renders its video with every step computed (the cache audit's reference,
 # eval/cache_audit.py): its seconds, and that it is the config's video (bit for bit uncompiled). One video more each.
 FAMILY=${FAMILY:-cogvideox_i2v}
-if [ "$FAMILY" = wan_i2v ]; then VARIANTS=${VARIANTS:-"d8 compile+d8 ts compile+ts tsb compile+tsb compile"}
+if [ "$FAMILY" = wan_i2v ]; then VARIANTS=${VARIANTS:-"d8 compile+d8 ts compile+ts tsb compile+tsb compile d8+off"}
 else VARIANTS=${VARIANTS:-"fc compile+fc fbc0.1 fp8+fc compile fp8+compile+fc flash cudnn"}; fi
 variant_args() {  # NAME=a+b+... -> --variant NAME=generator.KEY=VALUE,...
   for v in $1; do
