@@ -70,7 +70,6 @@ class Generator(WeightsReceiver):
         self.replica_id = uuid.uuid4().hex[:12]
         start = time.perf_counter()
         self.family = get_family(model.family)
-        self.execution_device = pick_device(generator.device)  # where the denoiser runs (offloaded or not)
         offloaded = generator.offload != "none"  # loaded on the host: the components never sit on the GPU together
         self.pipe = self.family.load(pretrained, model.dtype, "cpu" if offloaded else generator.device, model.revision)
         if generator.vae_slicing:
@@ -151,6 +150,11 @@ class Generator(WeightsReceiver):
 
     def receiving_module(self):
         return self.family.trained_module(self.pipe)
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the denoiser runs, whether its weights rest there or on the host (``generator.offload``)."""
+        return pick_device(self.cfg.device)
 
     def device(self) -> str:
         return str(self.execution_device)
