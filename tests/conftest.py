@@ -115,20 +115,26 @@ def preemption_watchers() -> int:
 class ControllerEnv:
     """Reads, while a fit runs, the environment of each live Ray Train controller (``/proc/<pid>/environ``): what
     Ray Train took from the driver's environment. ``with ControllerEnv(keys) as seen:`` then ``seen`` maps each
-    controller pid to its values of ``keys``."""
+    controller pid to its values of ``keys``. Controllers that existed before the block (an earlier fit's, which
+    the actor table may still list as alive for a moment) are not read."""
 
     def __init__(self, keys: tuple[str, ...]):
         import threading
 
         self.keys, self.seen, self.stop = keys, {}, threading.Event()
+        self.earlier: set[str] = set()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _watch(self) -> None:
+    @staticmethod
+    def _controllers() -> dict:
         from ray._private.state import actors
 
+        return {i: a for i, a in actors().items() if a["ActorClassName"].endswith("TrainController")}
+
+    def _watch(self) -> None:
         while not self.stop.wait(0.2):
-            for a in actors().values():
-                if a["ActorClassName"].endswith("TrainController") and a["State"] == "ALIVE" and a["Pid"] not in self.seen:
+            for i, a in self._controllers().items():
+                if i not in self.earlier and a["State"] == "ALIVE" and a["Pid"] not in self.seen:
                     try:
                         with open(f"/proc/{a['Pid']}/environ", "rb") as f:
                             env = dict(e.split("=", 1) for e in f.read().decode().split("\0") if "=" in e)
@@ -137,6 +143,7 @@ class ControllerEnv:
                     self.seen[a["Pid"]] = {k: env.get(k) for k in self.keys}
 
     def __enter__(self) -> dict:
+        self.earlier = set(self._controllers())
         self.thread.start()
         return self.seen
 
