@@ -117,6 +117,7 @@ def test_on_a_gpu_the_components_rest_on_the_host_the_peak_is_lower_and_nothing_
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         replica = _replica(cfg, offload=mode, compile=compiled)
+        assert replica.compute_device().index is not None  # a broadcast group sets it: torch needs the index
         graphs = replica.compiled_graphs()
         frames[mode, compiled] = replica.render(request)
         peaks[mode, compiled] = torch.cuda.max_memory_allocated() - base

@@ -153,8 +153,12 @@ class Generator(WeightsReceiver):
 
     @property
     def execution_device(self) -> torch.device:
-        """Where the denoiser runs, whether its weights rest there or on the host (``generator.offload``)."""
-        return pick_device(self.cfg.device)
+        """Where the denoiser runs, whether its weights rest there or on the host (``generator.offload``). A GPU
+        always with its index: a broadcast group sets it as the process's device."""
+        device = pick_device(self.cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def device(self) -> str:
         return str(self.execution_device)
