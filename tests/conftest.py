@@ -53,6 +53,18 @@ def gapo_child_script(port: int, body: str) -> str:
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
+def in_memory_update(version: int, tensors: list, kind: str, lora=None) -> tuple:
+    """``load_weights``' arguments for named ``tensors`` as weights ``version`` (``full`` or ``lora`` with its
+    ``LoraConfig``), packed in 1 MiB buckets as a refresh sends them."""
+    from anisora_ray.types import WeightsVersion
+    from anisora_ray.weights.state import pack_buckets, tensors_checksum
+    from anisora_ray.weights.update import UpdateMeta
+
+    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
+                            num_bytes=0, num_tensors=len(tensors))
+    return UpdateMeta(record, lora.model_dump() if lora else None), list(pack_buckets(tensors, 1 << 20))
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:

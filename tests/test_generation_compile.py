@@ -18,19 +18,12 @@ from anisora_ray.data.manifest import read_manifest
 from anisora_ray.generation.generator import Generator
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.models.tiny import save_tiny_i2v_pipeline
-from anisora_ray.types import GenerationRequest, WeightsVersion
+from anisora_ray.types import GenerationRequest
 from anisora_ray.weights import lora as lora_io
-from anisora_ray.weights.state import pack_buckets, tensors_checksum
-from anisora_ray.weights.update import UpdateMeta, base_targets
-from tests.conftest import REPO
+from anisora_ray.weights.update import base_targets
+from tests.conftest import REPO, in_memory_update
 
 LORA = LoraConfig(r=2, alpha=4, target_modules=["to_q", "to_v"])
-
-
-def _update(version: int, tensors: list, kind: str, lora: LoraConfig | None = None):
-    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
-                            num_bytes=0, num_tensors=len(tensors))
-    return UpdateMeta(record, lora.model_dump() if lora else None), list(pack_buckets(tensors, 1 << 20))
 
 
 def _lora_tensors(path: str, seed: int) -> list:
@@ -59,15 +52,15 @@ def test_compiled_generator_compiles_once_across_prompts_and_refreshes(tmp_path,
     assert np.array_equal(render(0), first)  # a seed gives the same frames within one configuration
 
     full = sorted((k, v + 0.05 * torch.randn_like(v)) for k, v in base_targets(gen.pipe.transformer).items())
-    gen.load_weights(*_update(1, full, "full"))
+    gen.load_weights(*in_memory_update(1, full, "full"))
     after_full = render(0)
     assert gen.compiled_graphs() == graphs  # copied into the same parameters
     assert not np.array_equal(after_full, first)
 
-    gen.load_weights(*_update(2, _lora_tensors(path, 0), "lora", LORA))  # adds the adapter: may compile once
+    gen.load_weights(*in_memory_update(2, _lora_tensors(path, 0), "lora", LORA))  # adds the adapter: may compile once
     v2 = render(0)
     with_adapter = gen.compiled_graphs()
-    gen.load_weights(*_update(3, _lora_tensors(path, 1), "lora", LORA))
+    gen.load_weights(*in_memory_update(3, _lora_tensors(path, 1), "lora", LORA))
     v3 = render(0)
     assert gen.compiled_graphs() == with_adapter  # the second LoRA refresh recompiles nothing
     assert gen.weights_version == 3 and not np.array_equal(v2, v3)

@@ -16,10 +16,10 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.generation.generator import Generator
 from anisora_ray.models.pipeline import load_i2v_pipeline
 from anisora_ray.models.tiny import save_tiny_i2v_pipeline
-from anisora_ray.types import GenerationRequest, WeightsVersion
+from anisora_ray.types import GenerationRequest
 from anisora_ray.weights import lora as lora_io
-from anisora_ray.weights.state import pack_buckets, tensors_checksum
-from anisora_ray.weights.update import UpdateMeta, base_targets
+from anisora_ray.weights.update import base_targets
+from tests.conftest import in_memory_update
 
 
 def _fp8_device() -> str | None:
@@ -52,12 +52,6 @@ def test_fp8_is_refused_where_it_cannot_run(tmp_path):
     reason = "needs a CUDA GPU" if not torch.cuda.is_available() else "compute capability|torchao"
     with pytest.raises(ConfigError, match=f"generator.quantize='fp8' ({reason})"):
         Generator(path, ModelConfig(dtype="bfloat16"), _cfg(quantize="fp8"), VideoConfig())
-
-
-def _update(version: int, tensors: list, kind: str, lora: LoraConfig | None = None):
-    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
-                            num_bytes=0, num_tensors=len(tensors))
-    return UpdateMeta(record, lora.model_dump() if lora else None), list(pack_buckets(tensors, 1 << 20))
 
 
 def _levels(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,7 +108,7 @@ def test_fp8_replica_renders_near_bf16_and_refreshes_land_quantized(fp8_setup, c
 
     # a full update: copied into plain weights, quantized again, each layer checked against what was loaded
     for gen in (plain, fp8):
-        gen.load_weights(*_update(1, s["full"], "full"))
+        gen.load_weights(*in_memory_update(1, s["full"], "full"))
     _check_quantized(fp8, dict(s["full"]))
     full = {"plain": plain.render([s["request"]]), "fp8": fp8.render([s["request"]])}
     moved = _levels(full["plain"], before["plain"])  # what the new weights change, in bf16
@@ -126,7 +120,7 @@ def test_fp8_replica_renders_near_bf16_and_refreshes_land_quantized(fp8_setup, c
 
     # a LoRA update: the adapter runs beside the FP8 base layers
     for gen in (plain, fp8):
-        gen.load_weights(*_update(2, s["lora"], "lora", LORA))
+        gen.load_weights(*in_memory_update(2, s["lora"], "lora", LORA))
     _check_quantized(fp8)
     lora = {"plain": plain.render([s["request"]]), "fp8": fp8.render([s["request"]])}
     moved = _levels(lora["plain"], full["plain"])
@@ -139,9 +133,9 @@ def test_fp8_replica_renders_near_bf16_and_refreshes_land_quantized(fp8_setup, c
 def test_fp8_refused_refresh_leaves_the_replica_quantized(fp8_setup):
     s = fp8_setup
     fp8 = _replica(s, quantize="fp8")
-    fp8.load_weights(*_update(1, s["full"], "full"))
+    fp8.load_weights(*in_memory_update(1, s["full"], "full"))
     with pytest.raises(Exception, match="not newer"):
-        fp8.load_weights(*_update(1, s["full"], "full"))  # an old version: refused before anything is copied
+        fp8.load_weights(*in_memory_update(1, s["full"], "full"))  # an old version: refused before anything is copied
     _check_quantized(fp8, dict(s["full"]))
     with pytest.raises(ConfigError, match="bfloat16"):
         Generator(s["path"], ModelConfig(dtype="float32"), _cfg(device="cuda", quantize="fp8"), VideoConfig())

@@ -16,10 +16,10 @@ from anisora_ray.config import GeneratorConfig, LoraConfig
 from anisora_ray.data.manifest import read_manifest
 from anisora_ray.generation.generator import Generator
 from anisora_ray.models.pipeline import resolve_pretrained
-from anisora_ray.types import GenerationRequest, WeightsVersion
+from anisora_ray.types import GenerationRequest
 from anisora_ray.weights import lora as lora_io
-from anisora_ray.weights.state import pack_buckets, tensors_checksum
-from anisora_ray.weights.update import UpdateMeta, base_targets
+from anisora_ray.weights.update import base_targets
+from tests.conftest import in_memory_update
 
 LORA = LoraConfig(r=2, alpha=4, target_modules=["to_q", "to_v"])
 FAMILIES = {"cogvideox_i2v": ["model.family=cogvideox_i2v"],
@@ -27,12 +27,6 @@ FAMILIES = {"cogvideox_i2v": ["model.family=cogvideox_i2v"],
 CACHES = {"cogvideox_i2v": ["generator.cache.kind=faster_cache"],  # a hook on the transformer itself, as accelerate's
           "wan22_i2v_a14b": ["generator.cache.kind=taylorseer", "generator.cache.warmup_steps=1",
                              "generator.cache.compute_every=3"]}  # hooks on the attention modules
-
-
-def _update(version: int, tensors: list, kind: str, lora: LoraConfig | None = None):
-    record = WeightsVersion(version=version, kind=kind, uri="mem://", checksum=tensors_checksum(tensors),
-                            num_bytes=0, num_tensors=len(tensors))
-    return UpdateMeta(record, lora.model_dump() if lora else None), list(pack_buckets(tensors, 1 << 20))
 
 
 def _replica(cfg, **generator) -> Generator:
@@ -67,7 +61,7 @@ def test_an_offloaded_replica_renders_as_a_resident_one_with_its_cache_and_after
     lora_io.add_adapter(donor, LORA)
     lora = sorted((k, torch.randn(v.shape, generator=g) * 0.5) for k, v in lora_io.adapter_state(donor).items())
     previous = first
-    for version, update in ((1, _update(1, full, "full")), (2, _update(2, lora, "lora", LORA))):
+    for version, update in ((1, in_memory_update(1, full, "full")), (2, in_memory_update(2, lora, "lora", LORA))):
         for replica in (resident, offloaded):
             replica.load_weights(*update)
         after = resident.render(requests)
