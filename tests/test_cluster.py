@@ -25,7 +25,12 @@ def test_demand_depends_on_the_placement_mode():
     assert shared["peak"]["GPU"] == 10
     assert resource_demand(load_config(REAL, ["loop.placement=separate"]))["peak"]["GPU"] == 18
     local = resource_demand(load_config(os.path.join(REPO, "configs", "local.yaml")))
-    assert local["peak"]["GPU"] == 0 and local["peak"]["CPU"] > 0
+    assert local["peak"]["GPU"] == 0 and local["peak"]["CPU"] > 0 and local["peak"]["memory"] == 0
+    # host memory Ray reserves: the trainer's ZeRO offload state per rank, an offloaded replica's pipeline
+    a14b = resource_demand(load_config(os.path.join(REPO, "configs", "anisora_v3_2.yaml"),
+                                       ["generator.offload=model", "generator.actor.memory_gib=72"]))
+    assert a14b["trainer"]["memory"] == 16 * 24 * 2**30 and a14b["generator"]["memory"] == 4 * 72 * 2**30
+    assert a14b["peak"]["memory"] == max(a14b["trainer"]["memory"], a14b["generator"]["memory"])  # shared placement
 
 
 def test_launcher_yaml_covers_the_real_config():

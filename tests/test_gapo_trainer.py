@@ -18,9 +18,36 @@ def trained(gapo_pairs):
     """One full fine-tune of STEPS steps with a checkpoint every 3, on pairs from `run_pairs`."""
     from anisora_ray.gapo.trainer import train_gapo
 
-    cfg = gapo_pairs["make"](f"gapo.steps={STEPS}", "gapo.checkpoint_every=3")
-    result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "weights"), root=REPO, run_name="full")
-    return {**gapo_pairs, "cfg": cfg, "result": result}
+    cfg = gapo_pairs["make"](f"gapo.steps={STEPS}", "gapo.checkpoint_every=3", "gapo.memory_per_worker_gib=0.25")
+    with LeastFreeMemory() as least:
+        result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "weights"), root=REPO, run_name="full")
+    return {**gapo_pairs, "cfg": cfg, "result": result, "least_free_memory": least}
+
+
+class LeastFreeMemory(dict):
+    """The cluster's ``memory`` resource while a block runs: ``total``, ``before`` (free) and ``least`` (free)."""
+
+    def __enter__(self):
+        import threading
+
+        import ray
+
+        self.update(total=ray.cluster_resources()["memory"], before=ray.available_resources().get("memory", 0.0))
+        self["least"] = self["before"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._stop.wait(0.2):
+            self["least"] = min(self["least"], ray.available_resources().get("memory", 0.0))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def history(cfg, run_id: str, key: str) -> dict[int, float]:
@@ -36,6 +63,8 @@ def test_two_worker_zero2_run_logs_every_step_and_the_loss_falls(trained):
 
     cfg, result = trained["cfg"], trained["result"]
     assert result["step"] == STEPS and result["kind"] == "full" and sorted(result["checkpoints"]) == [3, 6]
+    memory = trained["least_free_memory"]  # gapo.memory_per_worker_gib: Ray held 0.25 GiB for each of the 2 workers
+    assert memory["before"] == memory["total"] and memory["least"] <= memory["total"] - 2 * 2**28, memory
     losses = history(cfg, result["mlflow_run_id"], "loss")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
     first, last = (losses[1] + losses[2]) / 2, (losses[STEPS - 1] + losses[STEPS]) / 2

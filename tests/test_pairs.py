@@ -120,7 +120,7 @@ def test_persistent_reward_actors_give_the_same_pairs(ray_cluster, pairs_cfg, de
     from anisora_ray.pairs.pipeline import pair_candidates
     from anisora_ray.reward.actors import RewardActors
 
-    cfg = pairs_cfg("generator.replicas=1")
+    cfg = pairs_cfg("generator.replicas=1", "reward.dimensions.visual_motion.actor.memory_gib=0.125")  # reserved in both
     generated = run_generation(cfg, demo_manifest, str(tmp_path / "gen"), progress=False)
     in_pipeline = pair_candidates(cfg, generated.candidates, str(tmp_path / "pipeline"), progress=False)
     actors = RewardActors(cfg.reward)

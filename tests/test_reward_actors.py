@@ -12,9 +12,14 @@ from tests.conftest import LOCAL_CONFIG
 
 
 def test_six_dimensions_land_on_six_distinct_gpus(ray_cluster, make_config):
-    cfg = make_config(*[f"reward.dimensions.{d}.actor.num_gpus=1" for d in DIMENSIONS])
+    import ray
+
+    cfg = make_config(*[f"reward.dimensions.{d}.actor.num_gpus=1" for d in DIMENSIONS],
+                      "reward.dimensions.character.actor.memory_gib=0.5")
     actors = RewardActors(cfg.reward)
     try:
+        # the host memory the character actor asked for is held for it
+        assert ray.available_resources().get("memory", 0.0) <= ray.cluster_resources()["memory"] - 2**29
         placements = actors.placements()
         assert sorted(p["dimension"] for p in placements) == sorted(DIMENSIONS)
         assert all(len(p["gpu_ids"]) == 1 for p in placements)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+GIB = 2**30
+
 
 class Section(BaseModel):
     """Base of all config sections: unknown keys are errors, assignments are validated."""
@@ -17,6 +19,29 @@ class ActorResources(Section):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
+    # host memory Ray reserves for the actor on its node (0: none reserved), e.g. an offloaded generator replica
+    # (generator.offload = model) that keeps its whole pipeline in host memory between calls
+    memory_gib: float = Field(default=0.0, ge=0)
+
+    def request(self) -> dict[str, float]:
+        """The actor's request as a placement bundle (Ray's resource names; ``memory`` in bytes), zeros left out."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources, "memory": float(int(self.memory_gib * GIB))}
+        return {k: v for k, v in bundle.items() if v > 0}
+
+    def ray_options(self) -> dict:
+        """The keyword arguments of ``.options()`` (an actor) or ``map_batches`` (a Ray Data actor pool)."""
+        memory = {"memory": int(self.memory_gib * GIB)} if self.memory_gib > 0 else {}
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources), **memory}
+
+
+def amount(key: str, value: float) -> str:
+    """A Ray resource amount as people read it: ``memory`` (bytes in Ray) in GiB."""
+    return f"{value / GIB:.3g} GiB" if key in ("memory", "object_store_memory") else f"{value:g}"
+
+
+def readable(resources: dict[str, float]) -> str:
+    """Ray resources (a request, a node's or the cluster's) with amounts as people read them."""
+    return "{" + ", ".join(f"'{k}': {amount(k, v)}" for k, v in resources.items()) + "}"
 
 
 class LoraConfig(Section):

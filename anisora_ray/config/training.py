@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from anisora_ray.config.base import LoraConfig, Section
+from anisora_ray.config.base import GIB, LoraConfig, Section
 from anisora_ray.types import DIMENSIONS
 
 
@@ -47,6 +47,7 @@ class GapoConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)  # with use_gpu; a fraction shares a GPU (configs/*_1gpu.yaml)
+    memory_per_worker_gib: float = Field(default=0.0, ge=0)  # host memory Ray reserves per worker (ZeRO offload's state)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torch.distributed; auto: NCCL with use_gpu, else gloo
     steps: int = Field(default=10, ge=1)  # optimizer updates per training run (each: the JSON's gradient_accumulation_steps micro-batches)
     pairs_per_step: int = Field(default=1, ge=1)  # per worker (= DeepSpeed micro batch)
@@ -76,6 +77,12 @@ class GapoConfig(Section):
     # those the rollout sampler visits at generator.num_inference_steps (and flow_shift), e.g. the 8 of a
     # step-distilled checkpoint (AniSora V3.x), so the update stays where the model is sampled.
     timesteps: Literal["uniform", "rollout"] = "uniform"
+
+    def worker_request(self) -> dict[str, float]:
+        """What one training worker asks Ray for (Ray Train's ``resources_per_worker``; ``memory`` in bytes)."""
+        request = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker if self.use_gpu else 0.0,
+                   "memory": float(int(self.memory_per_worker_gib * GIB))}
+        return {k: v for k, v in request.items() if v > 0}
 
     @model_validator(mode="after")
     def _lora_reference_is_the_base(self) -> GapoConfig:

@@ -209,8 +209,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
                                "cache_uri": cache_uri or fs.join(output, "latent-cache"),
                                "pairs": ray.put(table),  # held by this call until fit() returns
                                "mlflow": (tracking_uri(cfg), run.info.run_id)},
-            scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu, resources_per_worker={
-                "CPU": g.cpus_per_worker, **({"GPU": g.gpus_per_worker} if g.use_gpu else {})}),
+            scaling_config=ray.train.ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu, resources_per_worker=g.worker_request()),
             torch_config=TorchConfig(backend=None if g.backend == "auto" else g.backend),
             run_config=ray.train.RunConfig(name=name,
                                            storage_path=fs.join(output, "ray-train"),

@@ -12,6 +12,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from anisora_ray.config import ActorResources, AnisoraConfig
+from anisora_ray.config.base import readable
 from anisora_ray.errors import ConfigError, InfrastructureError, ReplicaError, WeightsError
 from anisora_ray.generation.generator import Generator
 from anisora_ray.runtime import (
@@ -71,8 +72,7 @@ class GeneratorActor(Generator):
 
 
 def bundle_for(actor: ActorResources) -> dict[str, float]:
-    bundle = {"CPU": actor.num_cpus, "GPU": actor.num_gpus, **actor.resources}
-    bundle = {k: v for k, v in bundle.items() if v > 0}
+    bundle = actor.request()
     if not bundle:
         raise ConfigError("generator.actor asks for no resources: set num_cpus, num_gpus or resources above 0")
     return bundle
@@ -91,16 +91,14 @@ class GeneratorReplicas:
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
             raise ReplicaError(
-                f"{g.replicas} generator replica(s) of {bundle} each ({g.placement_strategy}) could not be placed "
-                f"within {ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}"
+                f"{g.replicas} generator replica(s) of {readable(bundle)} each ({g.placement_strategy}) could not be "
+                f"placed within {ready_timeout_s:.0f}s; the cluster has {readable(ray.cluster_resources())}"
             ) from None
         remote = ray.remote(GeneratorActor)
         self.ledger = WeightsLedger.options(scheduling_strategy=on_this_node()).remote()
         self.actors = [
             remote.options(
-                num_cpus=g.actor.num_cpus,
-                num_gpus=g.actor.num_gpus,
-                resources=dict(g.actor.resources),
+                **g.actor.ray_options(),
                 max_restarts=g.max_restarts,  # calls are sent again by the caller (counted), not by Ray
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(pretrained, cfg.model, g, cfg.video, self.ledger)

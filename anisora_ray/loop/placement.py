@@ -5,45 +5,47 @@ from __future__ import annotations
 import time
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.config.base import amount, readable
 from anisora_ray.errors import ConfigError
 from anisora_ray.reward.aggregate import active_dimensions
 
+KEYS = ("GPU", "CPU", "memory")  # memory: host memory Ray reserves (bytes), from <actor>.memory_gib
+
 
 def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
-    """GPUs and CPUs of the generator replicas, the reward actors and the trainer, and the peak.
+    """GPUs, CPUs and reserved host memory of the generator replicas, the reward actors and the trainer, and the peak.
 
     ``loop.placement: separate`` keeps all three at once (peak = sum); ``shared`` stops the
     generator and reward actors while the trainer runs (peak = max of the two phases).
     """
     g = cfg.generator
     dims = cfg.reward.dimensions.as_dict()
-    generator = {"GPU": g.replicas * g.actor.num_gpus, "CPU": g.replicas * g.actor.num_cpus}
-    reward = {"GPU": 0.0, "CPU": 0.0}
+
+    def times(count: int, actor) -> dict[str, float]:
+        request = actor.request()
+        return {k: count * request.get(k, 0.0) for k in KEYS}
+
+    generator = times(g.replicas, g.actor)
+    reward = dict.fromkeys(KEYS, 0.0)
     for name in active_dimensions(dims):
-        d = dims[name]
-        reward["GPU"] += d.replicas * d.actor.num_gpus
-        reward["CPU"] += d.replicas * d.actor.num_cpus
+        reward = {k: v + times(dims[name].replicas, dims[name].actor)[k] for k, v in reward.items()}
     t = cfg.gapo
-    trainer = {"GPU": t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.num_workers * t.cpus_per_worker}
-    sampling = {k: generator[k] + reward[k] for k in ("GPU", "CPU")}
+    worker = t.worker_request()
+    trainer = {k: t.num_workers * worker.get(k, 0.0) for k in KEYS}
+    sampling = {k: generator[k] + reward[k] for k in KEYS}
     if cfg.loop.placement == "separate":
-        peak = {k: sampling[k] + trainer[k] for k in ("GPU", "CPU")}
+        peak = {k: sampling[k] + trainer[k] for k in KEYS}
     else:
-        peak = {k: max(sampling[k], trainer[k]) for k in ("GPU", "CPU")}
+        peak = {k: max(sampling[k], trainer[k]) for k in KEYS}
     return {"generator": generator, "reward": reward, "trainer": trainer, "peak": peak}
 
 
 def single_requests(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     """What one actor of each kind asks of a single node (a replica, a reward actor, a training worker)."""
-    def req(actor) -> dict[str, float]:
-        return {k: v for k, v in {"GPU": actor.num_gpus, "CPU": actor.num_cpus, **actor.resources}.items() if v > 0}
-
     dims = cfg.reward.dimensions.as_dict()
-    out = {"generator.actor": req(cfg.generator.actor)}
-    out |= {f"reward.dimensions.{n}.actor": req(dims[n].actor) for n in active_dimensions(dims)}
-    t = cfg.gapo
-    out["gapo worker"] = {k: v for k, v in {"GPU": t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}.items()
-                          if v > 0}
+    out = {"generator.actor": cfg.generator.actor.request()}
+    out |= {f"reward.dimensions.{n}.actor": dims[n].actor.request() for n in active_dimensions(dims)}
+    out["gapo worker"] = cfg.gapo.worker_request()
     return out
 
 
@@ -73,12 +75,15 @@ def check_cluster_fits(cfg: AnisoraConfig, wait_s: float | None = None) -> dict[
             largest = {k: max(n["Resources"].get(k, 0.0) for n in ray.nodes() if n.get("Alive"))
                        for r in too_big.values() for k in r}
             raise ConfigError(
-                "no node of the cluster can hold " + "; ".join(f"one {w} ({r})" for w, r in too_big.items())
-                + f": the largest node offers {largest} (waited {wait_s:g}s, ray.wait_for_resources_s). Lower those "
-                "settings or add a larger node")
+                "no node of the cluster can hold " + "; ".join(f"one {w} ({readable(r)})" for w, r in too_big.items())
+                + f": the largest node offers {readable(largest)} (waited {wait_s:g}s, ray.wait_for_resources_s). "
+                "Lower those settings or add a larger node")
         if time.monotonic() >= deadline:
-            groups = ", ".join(f"{g} {demand[g]['GPU']:g} GPU / {demand[g]['CPU']:g} CPU" for g in ("generator", "reward", "trainer"))
-            missing = ", ".join(f"{k}: needs {v:g}, the cluster has {have.get(k, 0.0):g}" for k, v in short.items())
+            groups = ", ".join(f"{g} {demand[g]['GPU']:g} GPU / {demand[g]['CPU']:g} CPU"
+                               + (f" / {amount('memory', demand[g]['memory'])} memory" if demand[g]["memory"] else "")
+                               for g in ("generator", "reward", "trainer"))
+            missing = ", ".join(f"{k}: needs {amount(k, v)}, the cluster has {amount(k, have.get(k, 0.0))}"
+                                for k, v in short.items())
             raise ConfigError(
                 f"the cluster cannot run this config ({missing}; waited {wait_s:g}s, ray.wait_for_resources_s). "
                 f"At peak with loop.placement = {cfg.loop.placement!r} it asks for {groups}: add nodes, or lower "

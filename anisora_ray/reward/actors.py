@@ -52,8 +52,7 @@ class RewardActors:
             # Tiny backbones are built once here, not raced by every actor.
             dim = dimensions[name].model_copy(update={"options": resolve_backbones(dimensions[name].options)})
             self.pools[name] = [
-                remote.options(num_cpus=dim.actor.num_cpus, num_gpus=dim.actor.num_gpus, max_restarts=cfg.max_restarts,
-                               resources=dict(dim.actor.resources)).remote(name, dim)
+                remote.options(**dim.actor.ray_options(), max_restarts=cfg.max_restarts).remote(name, dim)
                 for _ in range(dim.replicas)
             ]
         self._next = {name: itertools.cycle(pool) for name, pool in self.pools.items()}

@@ -58,5 +58,5 @@ def test_an_actor_no_single_node_can_hold_fails_within_the_wait_though_the_total
     seconds = time.perf_counter() - began
     print(f"\nno-node-fits: lost=0 duplicated=0 retried=0 seconds={seconds:.1f}")
     message = str(caught.value)
-    assert "no node of the cluster can hold one generator.actor" in message and "'GPU': 5.0" in message, message
-    assert "the largest node offers {'GPU': " in message and seconds < 30
+    assert "no node of the cluster can hold one generator.actor ({'CPU': 1, 'GPU': 5})" in message, message
+    assert "the largest node offers {'CPU': 8, 'GPU': 4}" in message and seconds < 30
