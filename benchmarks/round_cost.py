@@ -24,6 +24,7 @@ steady-state round is measured). Printed: measured vs predicted wall time and th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -92,6 +93,7 @@ def _actors():
         def __init__(self, templates: list[str], seconds: float, index: int):
             torch.set_num_threads(1)
             self.templates, self.seconds, self.replica_id = templates, seconds, f"sim-{index}"
+            self.calls, self.tickets = {}, itertools.count()
             self.module = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(1024))})
             self.gpus = threading.BoundedSemaphore(int(ray.get_runtime_context().get_assigned_resources().get("GPU", 1)))
 
@@ -100,6 +102,14 @@ def _actors():
 
         def node(self) -> str:
             return ray.get_runtime_context().get_node_id()
+
+        def start(self, requests, out_dir, exact=False):  # as a replica's: finish(start(...)), generate_call
+            ticket = next(self.tickets)
+            self.calls[ticket] = self.generate(requests, out_dir)
+            return ticket
+
+        def finish(self, ticket):
+            return self.calls.pop(ticket)
 
         def generate(self, requests, out_dir):
             self.check_complete()

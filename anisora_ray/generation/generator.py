@@ -5,8 +5,10 @@ Plain Python (no Ray): :mod:`anisora_ray.generation.replicas` hosts it in Ray ac
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 import uuid
@@ -41,6 +43,7 @@ from anisora_ray.weights.receiver import WeightsReceiver
 
 log = logging.getLogger(__name__)
 CONTENT_ERRORS = (AnisoraError, ValueError)  # failures of the item itself; everything else is infrastructure
+ENCODE_BACKLOG = 2  # calls whose frames may wait for the encoding thread (each: a call's videos as uint8)
 
 
 def video_uri(out_dir: str, prompt_id: str, seed: int) -> str:
@@ -62,7 +65,10 @@ class Generator(WeightsReceiver):
         generator: GeneratorConfig,
         video: VideoConfig,
         weights_version: int = 0,
+        warm_up_later: bool = False,
     ):
+        """``warm_up_later``: compile and warm up at the first :meth:`ready` (or call) instead, in the thread that
+        runs the calls (a Ray actor with concurrency groups constructs in another; CUDA graphs are per thread)."""
         threads = generator.torch_threads or max(1, int(generator.actor.num_cpus))
         torch.set_num_threads(threads)
         self.cfg = generator
@@ -88,11 +94,28 @@ class Generator(WeightsReceiver):
         self.startup = {"load_seconds": time.perf_counter() - start}
         if generator.quantize == "fp8":
             self.startup["fp8_layers"] = sum(self.fp8_layers)
-        if generator.compile:
-            self.startup.update(self.compile_transformer())
-        elif generator.attention_backend != "auto":
-            self.startup["warm_up_seconds"] = self.warm_up(1)  # the pinned kernel on this model's attention
         self._weights_version = weights_version
+        self._warmed_up = False
+        if not warm_up_later:
+            self.ready()
+        self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self._encodes: dict[int, concurrent.futures.Future] = {}  # ticket -> (candidates, quarantined) being written
+        self._tickets = itertools.count()
+
+    def ready(self) -> dict:
+        """Compiles and warms up once (``generator.compile``, or a pinned attention kernel checked on this model);
+        returns the start-up report."""
+        if not self._warmed_up:
+            self._warmed_up = True  # the warm-up's own call renders
+            try:
+                if self.cfg.compile:
+                    self.startup.update(self.compile_transformer())
+                elif self.cfg.attention_backend != "auto":
+                    self.startup["warm_up_seconds"] = self.warm_up(1)  # the pinned kernel on this model's attention
+            except BaseException:
+                self._warmed_up = False
+                raise
+        return self.startup
 
     def compile_transformer(self, batch: int | None = None) -> dict:
         """Compile the transformer blocks and warm up at the configured geometry and ``batch`` videos (default: a
@@ -208,18 +231,59 @@ class Generator(WeightsReceiver):
         unreadable image, a bad value) is quarantined and the others go on. Anything else (CUDA or host
         out of memory, a broken device, a full disk) is raised: the caller retries it elsewhere or later.
         ``exact``: every step computed, whatever ``generator.cache`` (``eval.exact``)."""
+        return self.finish(self.start(requests, out_dir, exact))
+
+    def start(self, requests: list[GenerationRequest], out_dir: str, exact: bool = False) -> int:
+        """:meth:`generate`'s rendering; its mp4 encoding goes to this generator's encoding thread. Returns the
+        ticket :meth:`finish` redeems. A replica takes its next call while this one encodes (the GPU is not
+        idle through the encoding); at most ``ENCODE_BACKLOG`` calls' frames wait to be encoded."""
         self.check_complete()  # mixed weights: raised, not a verdict on the prompts
+        self.ready()
+        pending = [f for f in list(self._encodes.values()) if not f.done()]  # one copy: finish() pops in its thread
+        if len(pending) >= ENCODE_BACKLOG:
+            concurrent.futures.wait(pending[:1])
+        rendered, quarantined = self._render_isolating(requests, exact)
+        ticket = next(self._tickets)
+        self._encodes[ticket] = self._encoder.submit(self._write_isolating, rendered, quarantined, out_dir,
+                                                     self._weights_version)  # the version it rendered with
+        return ticket
+
+    def finish(self, ticket: int) -> tuple[list[Candidate], list[QuarantineRecord]]:
+        """The candidates (videos written) and quarantined requests of :meth:`start`'s call ``ticket``."""
+        return self._encodes.pop(ticket).result()
+
+    def _render_isolating(self, requests: list[GenerationRequest], exact: bool,
+                          ) -> tuple[list[tuple[list[GenerationRequest], np.ndarray, float]], list[QuarantineRecord]]:
+        """``(requests, videos, seconds)`` rendered in one pipeline run, or, when a request's input is bad, one run
+        per request with the bad ones quarantined."""
         try:
-            return self._generate(requests, out_dir, exact), []
+            start = time.perf_counter()
+            return [(requests, self.render(requests, exact=exact), time.perf_counter() - start)], []
         except CONTENT_ERRORS as exc:
             if len(requests) == 1:
                 return [], [self._quarantine(requests[0], exc)]
             log.warning("batch of %d prompts failed (%s); retrying one by one", len(requests), exc)
-        candidates, quarantined = [], []
+        rendered, quarantined = [], []
         for request in requests:  # isolate the bad item(s)
-            c, q = self.generate([request], out_dir, exact)
-            candidates += c
+            r, q = self._render_isolating([request], exact)
+            rendered += r
             quarantined += q
+        return rendered, quarantined
+
+    def _write_isolating(self, rendered: list, quarantined: list[QuarantineRecord], out_dir: str, version: int,
+                         ) -> tuple[list[Candidate], list[QuarantineRecord]]:
+        """Encode what :meth:`_render_isolating` rendered; a request whose videos cannot be encoded (a bad value)
+        is quarantined, the others are written."""
+        candidates, quarantined = [], list(quarantined)
+        for requests, videos, seconds in rendered:
+            per_video, n = seconds / max(1, len(videos)), 0
+            for request in requests:
+                count = len(request.seeds)
+                try:
+                    candidates += self._write([request], videos[n: n + count], per_video * count, out_dir, version)
+                except CONTENT_ERRORS as exc:
+                    quarantined.append(self._quarantine(request, exc))
+                n += count
         return candidates, quarantined
 
     @staticmethod
@@ -240,6 +304,7 @@ class Generator(WeightsReceiver):
         ``out_dir``/cached and ``out_dir``/exact), each video's drift from its exact twin (raw frames, before the
         codec), and the requests quarantined for bad input."""
         self.check_complete()
+        self.ready()
         cached, exact, drift, quarantined = [], [], [], []
         for request in requests:  # one at a time: a bad item is quarantined alone
             try:
@@ -250,19 +315,16 @@ class Generator(WeightsReceiver):
             except CONTENT_ERRORS as exc:
                 quarantined.append(self._quarantine(request, exc))
                 continue
-            cached += self._write([request], *rendered["cached"], fs.join(out_dir, "cached"))
-            exact += self._write([request], *rendered["exact"], fs.join(out_dir, "exact"))
+            cached += self._write([request], *rendered["cached"], fs.join(out_dir, "cached"), self._weights_version)
+            exact += self._write([request], *rendered["exact"], fs.join(out_dir, "exact"), self._weights_version)
             drift += [{"prompt_id": request.item.prompt_id, "seed": int(seed), **frame_drift(c, e)}
                       for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
         return cached, exact, drift, quarantined
 
-    def _generate(self, requests: list[GenerationRequest], out_dir: str, exact: bool = False) -> list[Candidate]:
-        start = time.perf_counter()
-        videos = self.render(requests, exact=exact)
-        return self._write(requests, videos, time.perf_counter() - start, out_dir)
-
-    def _write(self, requests: list[GenerationRequest], videos: np.ndarray, seconds: float, out_dir: str) -> list[Candidate]:
-        """Encode each rendered video to its ``video_uri`` under ``out_dir``: the candidates' records."""
+    def _write(self, requests: list[GenerationRequest], videos: np.ndarray, seconds: float, out_dir: str,
+               version: int) -> list[Candidate]:
+        """Encode each rendered video to its ``video_uri`` under ``out_dir``: the records of candidates rendered with
+        weights ``version``."""
         per_video = seconds / max(1, len(videos))
         candidates = []
         n = 0
@@ -281,7 +343,7 @@ class Generator(WeightsReceiver):
                         seed=int(seed),
                         candidate_index=index,
                         video_uri=uri,
-                        weights_version=self._weights_version,
+                        weights_version=version,
                         num_frames=int(frames.shape[0]),
                         height=int(frames.shape[1]),
                         width=int(frames.shape[2]),

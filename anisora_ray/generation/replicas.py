@@ -52,12 +52,14 @@ class GeneratorActor(Generator):
     with the base weights unnoticed."""
 
     def __init__(self, pretrained, model, generator, video, ledger=None):
-        super().__init__(pretrained, model, generator, video)
+        super().__init__(pretrained, model, generator, video, warm_up_later=True)  # in the calls' thread: placement()
         meta = ray.get(ledger.latest.remote()) if ledger is not None else None
         if meta is not None:
             self.load_weights_from(meta)
 
     def placement(self) -> dict:
+        """Where the replica runs and its start-up report; the first call compiles and warms up."""
+        self.ready()
         return {
             **actor_placement(),
             "replica_id": self.replica_id,
@@ -69,6 +71,18 @@ class GeneratorActor(Generator):
     def load_weights(self, meta: UpdateMeta, bucket_refs: list) -> dict:
         """Fetch the buckets one at a time from the object store while loading them."""
         return super().load_weights(meta, (ray.get(ref) for ref in bucket_refs))
+
+    @ray.method(concurrency_group="encode")
+    def finish(self, ticket: int) -> tuple[list[Candidate], list[QuarantineRecord]]:
+        """Waits for a call's encoding in a concurrency group of its own: the replica's other methods (the next
+        call's rendering, weight updates) go on meanwhile, one at a time as ever."""
+        return super().finish(ticket)
+
+
+def generate_call(actor, requests: Sequence[GenerationRequest], out_dir: str, exact: bool = False) -> ray.ObjectRef:
+    """A replica's ``generate`` as two calls, ``finish(start(...))``: the replica renders its next call while this
+    one's videos are encoded. One reference: the candidates and quarantined requests, or the call's error."""
+    return actor.finish.remote(actor.start.remote(list(requests), out_dir, exact))
 
 
 def bundle_for(actor: ActorResources) -> dict[str, float]:
@@ -94,7 +108,7 @@ class GeneratorReplicas:
                 f"{g.replicas} generator replica(s) of {readable(bundle)} each ({g.placement_strategy}) could not be "
                 f"placed within {ready_timeout_s:.0f}s; the cluster has {readable(ray.cluster_resources())}"
             ) from None
-        remote = ray.remote(GeneratorActor)
+        remote = ray.remote(concurrency_groups={"encode": 4})(GeneratorActor)
         self.ledger = WeightsLedger.options(scheduling_strategy=on_this_node()).remote()
         self.actors = [
             remote.options(
@@ -212,7 +226,10 @@ class GeneratorReplicas:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
                 chunk = pending.popleft()
-                in_flight[getattr(self.actors[replica], method).remote(chunk, out_dir, **kwargs)] = (replica, chunk)
+                actor = self.actors[replica]
+                call = (generate_call(actor, chunk, out_dir, **kwargs) if method == "generate"
+                        else getattr(actor, method).remote(chunk, out_dir, **kwargs))
+                in_flight[call] = (replica, chunk)
                 load[replica] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from anisora_ray.generation.replicas import generate_call
 from anisora_ray.reward.base import ClipBatch
 from anisora_ray.runtime import call_with_retries
 from anisora_ray.types import Candidate, GenerationRequest, PromptItem
@@ -74,11 +75,11 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
     leased = [_lease(router, len(replicas)) for _ in groups]
     candidates, quarantined, retried = [], [], 0
     try:
-        refs = [replicas[index].generate.remote(group, out_dir) for index, group in zip(leased, groups, strict=True)]
+        refs = [generate_call(replicas[index], group, out_dir) for index, group in zip(leased, groups, strict=True)]
         for index, group, ref in zip(leased, groups, refs, strict=True):
             replica = replicas[index]
             (made, failed), tries = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-                lambda r=replica, g=group: r.generate.remote(g, out_dir), first=ref, what=f"generator replica {index}",
+                lambda r=replica, g=group: generate_call(r, g, out_dir), first=ref, what=f"generator replica {index}",
                 retries=retries, timeout_s=timeout_s, on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
             candidates += made
             quarantined += failed
