@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=3)
     parser.add_argument("--geometry", action="append", help="FRAMESxHEIGHTxWIDTH (default: CogVideoX's and Wan's)")
     parser.add_argument("--crf", type=int, default=18)
+    parser.add_argument("--threads", type=int, default=0, help="encoder threads (0: x264's choice; a replica uses "
+                        "generator.actor.num_cpus - 1)")
     parser.add_argument("--noise", action="store_true", help="uniform noise frames: x264's worst case, an upper bound")
     args = parser.parse_args()
     geometries = args.geometry or ["49x480x720", "81x480x832"]
@@ -62,11 +64,12 @@ def main() -> None:
                 video = (np.random.default_rng(i).integers(0, 256, (num, height, width, 3), dtype=np.uint8) if args.noise
                          else frames(num, height, width, seed=i))
                 began = time.perf_counter()
-                sizes.append(write_video(video, os.path.join(tmp, f"{geometry}-{i}.mp4"), fps=16, crf=args.crf))
+                sizes.append(write_video(video, os.path.join(tmp, f"{geometry}-{i}.mp4"), fps=16, crf=args.crf,
+                                         threads=args.threads))
                 seconds.append(time.perf_counter() - began)
             print(f"{geometry}: {statistics.median(seconds):.2f} s per video (median; {min(seconds):.2f}-"
                   f"{max(seconds):.2f} over {len(seconds)}), {statistics.mean(sizes) / 1e6:.1f} MB, crf {args.crf}"
-                  + (", noise" if args.noise else ""))
+                  + (", noise" if args.noise else "") + f", threads {args.threads or 'auto'}")
 
 
 if __name__ == "__main__":

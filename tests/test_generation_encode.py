@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from anisora_ray.config import GeneratorConfig, ModelConfig, TinyModelConfig, VideoConfig
+from anisora_ray.config import ActorResources, GeneratorConfig, ModelConfig, TinyModelConfig, VideoConfig
 from anisora_ray.data.manifest import read_manifest
 from anisora_ray.generation.generator import Generator
 from anisora_ray.io.video import read_clip
@@ -63,6 +63,19 @@ def test_a_request_whose_videos_cannot_be_encoded_is_quarantined_and_the_others_
     assert candidates[0].frames_sha256 == hashlib.sha256(video[0].tobytes()).hexdigest()
     assert [(q.item_id, q.reason) for q in quarantined] == [(items[1].prompt_id, "ValueError")]
     assert "even height and width" in quarantined[0].detail
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(2, 1), (3, 2)])
+def test_a_replica_encodes_with_its_cpus_but_the_rendering_one(tiny_path, tmp_path, demo_manifest, cpus, threads):
+    """x264 writes the threads it ran with into the stream; left to itself it takes them from the node's cores."""
+    gen = Generator(tiny_path, ModelConfig(), GEN.model_copy(update={"actor": ActorResources(num_cpus=cpus)}), VideoConfig())
+    assert gen.encode_threads == threads
+    big = np.random.default_rng(0).integers(0, 256, (1, 9, 128, 128, 3), dtype=np.uint8)  # x264 threads from 128 px
+    request = GenerationRequest(read_manifest(demo_manifest)[0], (1,))
+    (written,) = gen._write([request], big, 1.0, str(tmp_path), 0)
+    with open(written.video_uri, "rb") as f:
+        data = f.read()
+    assert f" threads={threads} ".encode() in data
 
 
 def test_a_replica_collects_a_calls_videos_while_it_renders_the_next(ray_cluster, make_config, demo_manifest):

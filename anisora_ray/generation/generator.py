@@ -248,6 +248,12 @@ class Generator(WeightsReceiver):
                                                      self._weights_version)  # the version it rendered with
         return ticket
 
+    @property
+    def encode_threads(self) -> int:
+        """Encoder threads: the replica's CPUs (``generator.actor.num_cpus``) but the one its rendering runs on,
+        so encoding beside the next render does not crowd out the thread that drives the GPU."""
+        return max(1, int(self.cfg.actor.num_cpus) - 1)
+
     def finish(self, ticket: int) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """The candidates (videos written) and quarantined requests of :meth:`start`'s call ``ticket``."""
         return self._encodes.pop(ticket).result()
@@ -334,7 +340,8 @@ class Generator(WeightsReceiver):
                 n += 1
                 t0 = time.perf_counter()
                 uri = video_uri(out_dir, request.item.prompt_id, seed)
-                write_video(frames, uri, fps=self.cfg.fps, codec=self.video.codec, crf=self.video.crf)
+                write_video(frames, uri, fps=self.cfg.fps, codec=self.video.codec, crf=self.video.crf,
+                            threads=self.encode_threads)
                 candidates.append(
                     Candidate(
                         prompt_id=request.item.prompt_id,

@@ -24,8 +24,9 @@ class VideoInfo:
     width: int
 
 
-def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 18) -> bytes:
-    """H.264 mp4 bytes (yuv420p, moov atom first so players can stream it) from uint8 [F, H, W, 3]."""
+def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 18, threads: int = 0) -> bytes:
+    """H.264 mp4 bytes (yuv420p, moov atom first so players can stream it) from uint8 [F, H, W, 3]; ``threads``
+    encoder threads at most (0: the encoder's choice, from the machine's cores)."""
     import av
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -40,6 +41,7 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf)}
+            stream.codec_context.thread_count = threads
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
@@ -47,9 +49,9 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 
             return f.read()
 
 
-def write_video(frames: np.ndarray, uri: str, fps: int, codec: str = "libx264", crf: int = 18) -> int:
+def write_video(frames: np.ndarray, uri: str, fps: int, codec: str = "libx264", crf: int = 18, threads: int = 0) -> int:
     """Encode ``frames`` and write the mp4 to ``uri``; returns the number of bytes written."""
-    data = encode_mp4(frames, fps=fps, codec=codec, crf=crf)
+    data = encode_mp4(frames, fps=fps, codec=codec, crf=crf, threads=threads)
     fs.write_bytes(uri, data)
     return len(data)
 
