@@ -7,6 +7,11 @@ from pydantic import BaseModel, ConfigDict, Field
 GIB = 2**30
 
 
+def ray_request(resources: dict[str, float], memory_gib: float) -> dict[str, float]:
+    """A request in Ray's resource names with ``memory`` in bytes (as Ray counts it), zeros left out."""
+    return {k: v for k, v in {**resources, "memory": float(int(memory_gib * GIB))}.items() if v > 0}
+
+
 class Section(BaseModel):
     """Base of all config sections: unknown keys are errors, assignments are validated."""
 
@@ -25,13 +30,13 @@ class ActorResources(Section):
 
     def request(self) -> dict[str, float]:
         """The actor's request as a placement bundle (Ray's resource names; ``memory`` in bytes), zeros left out."""
-        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources, "memory": float(int(self.memory_gib * GIB))}
-        return {k: v for k, v in bundle.items() if v > 0}
+        return ray_request({"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}, self.memory_gib)
 
     def ray_options(self) -> dict:
         """The keyword arguments of ``.options()`` (an actor) or ``map_batches`` (a Ray Data actor pool)."""
-        memory = {"memory": int(self.memory_gib * GIB)} if self.memory_gib > 0 else {}
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources), **memory}
+        memory = self.request().get("memory")
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
+                **({"memory": int(memory)} if memory else {})}
 
 
 def amount(key: str, value: float) -> str:

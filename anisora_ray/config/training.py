@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from anisora_ray.config.base import GIB, LoraConfig, Section
+from anisora_ray.config.base import LoraConfig, Section, ray_request
 from anisora_ray.types import DIMENSIONS
 
 
@@ -80,9 +80,8 @@ class GapoConfig(Section):
 
     def worker_request(self) -> dict[str, float]:
         """What one training worker asks Ray for (Ray Train's ``resources_per_worker``; ``memory`` in bytes)."""
-        request = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker if self.use_gpu else 0.0,
-                   "memory": float(int(self.memory_per_worker_gib * GIB))}
-        return {k: v for k, v in request.items() if v > 0}
+        return ray_request({"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker if self.use_gpu else 0.0},
+                           self.memory_per_worker_gib)
 
     @model_validator(mode="after")
     def _lora_reference_is_the_base(self) -> GapoConfig:

@@ -28,7 +28,8 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     generator = times(g.replicas, g.actor)
     reward = dict.fromkeys(KEYS, 0.0)
     for name in active_dimensions(dims):
-        reward = {k: v + times(dims[name].replicas, dims[name].actor)[k] for k, v in reward.items()}
+        pool = times(dims[name].replicas, dims[name].actor)
+        reward = {k: v + pool[k] for k, v in reward.items()}
     t = cfg.gapo
     worker = t.worker_request()
     trainer = {k: t.num_workers * worker.get(k, 0.0) for k in KEYS}

@@ -129,7 +129,8 @@ def score_stream(cfg: AnisoraConfig, ds: ray.data.Dataset, reward_actors=None) -
                             fn_constructor_kwargs={"name": name, "dimension": d.model_dump(), "last": name == names[-1],
                                                    "retries": cfg.reward.batch_retries},
                             compute=ray.data.ActorPoolStrategy(size=d.replicas),
-                            **{k: v if k == "num_cpus" else v or None for k, v in d.actor.ray_options().items()})
+                            num_cpus=d.actor.num_cpus, num_gpus=d.actor.num_gpus or None,
+                            resources=dict(d.actor.resources) or None, memory=d.actor.ray_options().get("memory"))
     return ds
 
 
