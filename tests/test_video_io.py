@@ -1,3 +1,6 @@
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -96,3 +99,33 @@ def test_strided_frames_encode_like_their_contiguous_copy(tmp_path):
     write_video(view, str(tmp_path / "view.mp4"), fps=8)
     write_video(np.ascontiguousarray(view), str(tmp_path / "copy.mp4"), fps=8)
     assert (tmp_path / "view.mp4").read_bytes() == (tmp_path / "copy.mp4").read_bytes()
+
+
+def test_an_encoder_killed_mid_video_leaves_no_file_behind(tmp_path):
+    """The mp4 is muxed in an anonymous in-memory file: a replica SIGKILLed while it encodes (chaos, a node lost,
+    `ray stop`) leaves nothing in its temporary folder, and a finished video still has its index first (streamable)."""
+    import signal
+    import subprocess
+    import sys
+
+    from anisora_ray.io.video import encode_mp4
+
+    data = encode_mp4(moving_square(), fps=8)
+    assert 0 < data.find(b"moov") < data.find(b"mdat")  # +faststart: players start before the whole file arrives
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import numpy as np, sys\n"
+         "from anisora_ray.io.video import encode_mp4\n"
+         "frames = np.random.default_rng(0).integers(0, 256, (48, 128, 128, 3), dtype=np.uint8)\n"
+         "encode_mp4(frames, fps=8)\nprint('encoding', flush=True)\n"
+         "while True:\n    encode_mp4(frames, fps=8, threads=1)\n"],
+        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "encoding"
+        time.sleep(1.0)  # mid-video: one takes ~0.3 s here, so the kill lands inside an encode
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    assert list(scratch.iterdir()) == []

@@ -5,6 +5,7 @@ A file that is empty, truncated, corrupt or not a video raises :class:`VideoDeco
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -34,9 +35,8 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     frames = np.ascontiguousarray(frames)  # PyAV misreads strided views (e.g. a channels-last permute)
-    with tempfile.TemporaryDirectory(prefix="anisora-enc-") as tmp:
-        path = os.path.join(tmp, "video.mp4")
-        with av.open(path, mode="w", options={"movflags": "+faststart"}) as container:
+    with _scratch_file() as path:
+        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -47,6 +47,22 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int = 
             container.mux(stream.encode())
         with open(path, "rb") as f:
             return f.read()
+
+
+@contextlib.contextmanager
+def _scratch_file():
+    """A path the muxer can write and reopen (``+faststart`` moves the index to the front in a second pass). On
+    Linux an anonymous in-memory file (memfd), freed with its process however that ends: a replica killed
+    mid-encode leaves nothing behind. Elsewhere a temporary directory."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("anisora-enc", os.MFD_CLOEXEC)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="anisora-enc-") as tmp:
+        yield os.path.join(tmp, "video.mp4")
 
 
 def write_video(frames: np.ndarray, uri: str, fps: int, codec: str = "libx264", crf: int = 18, threads: int = 0) -> int:
