@@ -72,7 +72,7 @@ def test_a_replica_encodes_with_its_cpus_but_the_rendering_one(tiny_path, tmp_pa
     assert gen.encode_threads == threads
     big = np.random.default_rng(0).integers(0, 256, (1, 9, 128, 128, 3), dtype=np.uint8)  # x264 threads from 128 px
     request = GenerationRequest(read_manifest(demo_manifest)[0], (1,))
-    (written,) = gen._write([request], big, 1.0, str(tmp_path), 0)
+    (written,) = gen._write(request, big, 1.0, str(tmp_path), 0)
     with open(written.video_uri, "rb") as f:
         data = f.read()
     assert f" threads={threads} ".encode() in data

@@ -286,7 +286,7 @@ class Generator(WeightsReceiver):
             for request in requests:
                 count = len(request.seeds)
                 try:
-                    candidates += self._write([request], videos[n: n + count], per_video * count, out_dir, version)
+                    candidates += self._write(request, videos[n: n + count], per_video * count, out_dir, version)
                 except CONTENT_ERRORS as exc:
                     quarantined.append(self._quarantine(request, exc))
                 n += count
@@ -308,10 +308,11 @@ class Generator(WeightsReceiver):
         """The cache audit (eval/cache_audit.py): each request rendered as rollouts are (``generator.cache`` on) and
         exactly (every step computed), at the same seeds. Returns the candidates of each (videos under
         ``out_dir``/cached and ``out_dir``/exact), each video's drift from its exact twin (raw frames, before the
-        codec), and the requests quarantined for bad input."""
+        codec), and the requests quarantined for bad input. The videos are encoded in the encoding thread while the
+        next request renders."""
         self.check_complete()
         self.ready()
-        cached, exact, drift, quarantined = [], [], [], []
+        written, drift, quarantined = {"cached": [], "exact": []}, [], []
         for request in requests:  # one at a time: a bad item is quarantined alone
             try:
                 rendered = {}
@@ -321,45 +322,43 @@ class Generator(WeightsReceiver):
             except CONTENT_ERRORS as exc:
                 quarantined.append(self._quarantine(request, exc))
                 continue
-            cached += self._write([request], *rendered["cached"], fs.join(out_dir, "cached"), self._weights_version)
-            exact += self._write([request], *rendered["exact"], fs.join(out_dir, "exact"), self._weights_version)
             drift += [{"prompt_id": request.item.prompt_id, "seed": int(seed), **frame_drift(c, e)}
                       for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
+            for name, (videos, seconds) in rendered.items():
+                written[name].append(self._encoder.submit(self._write, request, videos, seconds,
+                                                          fs.join(out_dir, name), self._weights_version))
+        cached, exact = ([c for f in written[name] for c in f.result()] for name in ("cached", "exact"))
         return cached, exact, drift, quarantined
 
-    def _write(self, requests: list[GenerationRequest], videos: np.ndarray, seconds: float, out_dir: str,
+    def _write(self, request: GenerationRequest, videos: np.ndarray, seconds: float, out_dir: str,
                version: int) -> list[Candidate]:
-        """Encode each rendered video to its ``video_uri`` under ``out_dir``: the records of candidates rendered with
-        weights ``version``."""
+        """Encode ``request``'s rendered videos (one per seed) to their ``video_uri`` under ``out_dir``: the records
+        of candidates rendered with weights ``version``."""
         per_video = seconds / max(1, len(videos))
         candidates = []
-        n = 0
-        for request in requests:
-            for index, seed in enumerate(request.seeds):
-                frames = videos[n]
-                n += 1
-                t0 = time.perf_counter()
-                uri = video_uri(out_dir, request.item.prompt_id, seed)
-                write_video(frames, uri, fps=self.cfg.fps, codec=self.video.codec, crf=self.video.crf,
-                            threads=self.encode_threads)
-                candidates.append(
-                    Candidate(
-                        prompt_id=request.item.prompt_id,
-                        prompt=request.item.prompt,
-                        image_uri=request.item.image_uri,
-                        seed=int(seed),
-                        candidate_index=index,
-                        video_uri=uri,
-                        weights_version=version,
-                        num_frames=int(frames.shape[0]),
-                        height=int(frames.shape[1]),
-                        width=int(frames.shape[2]),
-                        fps=self.cfg.fps,
-                        frames_sha256=hashlib.sha256(frames.tobytes()).hexdigest(),
-                        replica_id=self.replica_id,
-                        generate_seconds=per_video,
-                        encode_seconds=time.perf_counter() - t0,
-                        character_id=request.item.character_id,
-                    )
+        for index, (seed, frames) in enumerate(zip(request.seeds, videos, strict=True)):
+            t0 = time.perf_counter()
+            uri = video_uri(out_dir, request.item.prompt_id, seed)
+            write_video(frames, uri, fps=self.cfg.fps, codec=self.video.codec, crf=self.video.crf,
+                        threads=self.encode_threads)
+            candidates.append(
+                Candidate(
+                    prompt_id=request.item.prompt_id,
+                    prompt=request.item.prompt,
+                    image_uri=request.item.image_uri,
+                    seed=int(seed),
+                    candidate_index=index,
+                    video_uri=uri,
+                    weights_version=version,
+                    num_frames=int(frames.shape[0]),
+                    height=int(frames.shape[1]),
+                    width=int(frames.shape[2]),
+                    fps=self.cfg.fps,
+                    frames_sha256=hashlib.sha256(frames.tobytes()).hexdigest(),
+                    replica_id=self.replica_id,
+                    generate_seconds=per_video,
+                    encode_seconds=time.perf_counter() - t0,
+                    character_id=request.item.character_id,
                 )
+            )
         return candidates

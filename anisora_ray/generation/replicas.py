@@ -6,6 +6,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -195,23 +196,25 @@ class GeneratorReplicas:
         ``on_progress(n)`` is called with the number of videos each finished call accounted for; ``exact``: every
         step computed, whatever ``generator.cache``.
         """
-        candidates, quarantined = self._spread("generate", 2, requests, out_dir, on_progress, exact=exact)
+        candidates, quarantined = self._spread(lambda actor, chunk: generate_call(actor, chunk, out_dir, exact), 2,
+                                               requests, on_progress)
         candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
         return candidates, quarantined
 
     def audit(self, requests: Sequence[GenerationRequest], out_dir: str, on_progress: Callable[[int], None] | None = None,
               ) -> tuple[list[Candidate], list[Candidate], list[dict], list[QuarantineRecord]]:
         """``Generator.audit`` over the replicas: each request rendered with the step cache and exactly."""
-        cached, exact, drift, quarantined = self._spread("audit", 4, requests, out_dir, on_progress)
+        cached, exact, drift, quarantined = self._spread(lambda actor, chunk: actor.audit.remote(chunk, out_dir), 4,
+                                                         requests, on_progress)
         for group in (cached, exact):
             group.sort(key=lambda c: (c.prompt_id, c.candidate_index))
         drift.sort(key=lambda d: (d["prompt_id"], d["seed"]))
         return cached, exact, drift, quarantined
 
-    def _spread(self, method: str, parts: int, requests: Sequence[GenerationRequest], out_dir: str,
-                on_progress: Callable[[int], None] | None, **kwargs) -> tuple[list, ...]:
-        """Call the replicas' ``method(chunk, out_dir, **kwargs)`` on chunks of ``generator.prompts_per_call``
-        requests, at most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
+    def _spread(self, send: Callable[[Any, list[GenerationRequest]], ray.ObjectRef], parts: int,
+                requests: Sequence[GenerationRequest], on_progress: Callable[[int], None] | None) -> tuple[list, ...]:
+        """``send(replica, chunk)`` (a call's reference) for chunks of ``generator.prompts_per_call`` requests, at
+        most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
         ``generator.call_retries`` times), a restarting replica waited for. Each call returns ``parts`` lists: each
         concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
@@ -226,10 +229,7 @@ class GeneratorReplicas:
             while pending and min(load) < limit:
                 replica = load.index(min(load))
                 chunk = pending.popleft()
-                actor = self.actors[replica]
-                call = (generate_call(actor, chunk, out_dir, **kwargs) if method == "generate"
-                        else getattr(actor, method).remote(chunk, out_dir, **kwargs))
-                in_flight[call] = (replica, chunk)
+                in_flight[send(self.actors[replica], chunk)] = (replica, chunk)
                 load[replica] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
             replica, chunk = in_flight.pop(done[0])
