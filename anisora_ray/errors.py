@@ -51,6 +51,12 @@ class InfrastructureError(AnisoraError, RuntimeError):
     Not a verdict on the content: the items it was working on are left for ``--resume``."""
 
 
+class CacheDriftError(AnisoraError, RuntimeError):
+    """The cache audit showed ``generator.cache`` moving the pairs (``min_same_pair``) with ``on_moved_pairs: stop``.
+
+    Raised before the next round; the state is saved, so ``--resume`` continues once the cache is changed."""
+
+
 class DiskSpaceError(AnisoraError, OSError):
     """The disk of ``run.output_dir`` has less free space than the next round needs (``run.free_space``).
 

@@ -79,11 +79,14 @@ def test_pairs_kept_or_lost_and_the_metrics_of_an_audit():
 
 def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_cluster, make_config, demo_manifest,
                                                                          tmp_path):
+    import pyarrow as pa
+
     from anisora_ray.eval.cache_audit import AUDIT_FILE, audit_cache, audit_due
     from anisora_ray.eval.heldout import EVAL_ROUND
     from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.generation.seeding import build_requests, candidate_seeds
     from anisora_ray.io import fs
+    from anisora_ray.pairs.forward import generate_on_replicas
     from anisora_ray.reward.actors import RewardActors
 
     cfg = make_config("generator.replicas=1", "generator.num_inference_steps=8", "generator.cache.kind=faster_cache",
@@ -100,6 +103,12 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
         requests = build_requests(items[:2], cfg, EVAL_ROUND)
         exact, _ = replicas.generate(requests, str(tmp_path / "exact"), exact=True)
         cached, _ = replicas.generate(requests, str(tmp_path / "cached"))
+        # the pairs stage's rollouts (loop/cache_policy.py: on_moved_pairs=exact renders them with every step computed)
+        rows = pa.Table.from_pylist([{"prompt_id": r.item.prompt_id, "prompt": r.item.prompt, "image_uri": r.item.image_uri,
+                                      "character_id": r.item.character_id, "seed": s, "candidate_index": i}
+                                     for r in requests for i, s in enumerate(r.seeds)])
+        staged = {flag: generate_on_replicas(rows, replicas.actors, replicas.router, str(tmp_path / f"stage-{flag}"),
+                                             prompts_per_call=1, exact=flag).to_pylist() for flag in (False, True)}
     finally:
         actors.shutdown()
         replicas.shutdown()
@@ -117,6 +126,9 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     rows = {(r["prompt_id"], r["seed"]): r for r in audit.rows}
     assert {(c.prompt_id, c.seed): c.frames_sha256 for c in exact} == {k: r["frames_sha256_exact"] for k, r in rows.items()}
     assert {(c.prompt_id, c.seed): c.frames_sha256 for c in cached} == {k: r["frames_sha256_cached"] for k, r in rows.items()}
+    for flag, kind in ((True, "exact"), (False, "cached")):
+        assert {(c["prompt_id"], c["seed"]): c["frames_sha256"] for c in staged[flag]} == {
+            k: r[f"frames_sha256_{kind}"] for k, r in rows.items()}
     assert all(os.path.isfile(r["video_cached"]) and os.path.isfile(r["video_exact"]) for r in audit.rows)
     m = audit.metrics()
     assert m["cache_audit_videos"] == 6 and m["cache_audit_quarantined"] == 0

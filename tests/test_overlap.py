@@ -26,6 +26,8 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
                  "loop.overlap=one_round_off_policy",
                  # the replicas roll out with FasterCache, audited at rounds 0 and 2 (eval/cache_audit.py)
                  "generator.cache.kind=faster_cache", "generator.cache.audit_prompts=1", "generator.cache.audit_every=2",
+                 # an audited prompt whose pair the cache moves: later rollouts compute every step (loop/cache_policy.py)
+                 "generator.cache.min_same_pair=1.0", "generator.cache.on_moved_pairs=exact",
                  "eval.exact=true",  # held-out videos with every step computed: the audit's exact twins ...
                  "generator.candidates_per_prompt=2"]  # ... rendered in batches of the same size (bit for bit)
     cfg = load_config(LOCAL_CONFIG, overrides)
@@ -61,6 +63,14 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     k = cfg.generator.candidates_per_prompt  # a rollout's candidates of the one audited prompt
     assert parent["cache_audit_videos"] == k and parent["cache_audit_drift_mean_levels"] > 0  # the last: round 2's
     assert parent["cache_audit_same_pair"] in (0.0, 1.0)
+    # the verdict on the cache: pooled over the audits of rounds 0 and 2, recorded at the first that moved a pair
+    kept = {int(i): k for i, (k, n) in state["cache_audits"].items() if n == 1}
+    assert sorted(kept) == [0, 2] and parent["cache_audit_same_pair_pooled"] == sum(kept.values()) / 2
+    moved_at = next((i for i in (0, 2) if not kept[i]), None)
+    assert state["cache_verdict"].get("round") == moved_at
+    assert ("anisora.cache" in client.get_run(result.parent_run_id).data.tags) == (moved_at is not None)
+    for i in (1, 2):  # both rounds' pairs are made after round 0's audit and before round 2's
+        assert runs[f"round-{i}"].data.metrics["rollouts_exact"] == float(moved_at == 0)
     steps = {m.step for m in client.get_metric_history(result.parent_run_id, "cache_audit_reward_change")}
     assert steps == {0, 2} and "cache_audit_videos" not in runs["round-1"].data.metrics
     assert runs["round-2"].data.metrics["cache_audit_videos"] == k

@@ -25,7 +25,7 @@ from anisora_ray.eval.vbench import check_metrics_config
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
-from anisora_ray.loop import guard, retention
+from anisora_ray.loop import cache_policy, guard, retention
 from anisora_ray.loop.html_report import build_report, rows_of
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights
@@ -130,7 +130,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                 base = evaluate(cfg, heldout, workers.replicas, workers.rewards, fs.join(out, "round-0", "eval"), progress,
                                 statistics=statistics)
                 audited = audit_metrics(cfg, 0, heldout, workers, fs.join(out, "round-0", "eval"),
-                                        statistics or base.statistics, progress)
+                                        statistics or base.statistics, progress, state, parent.info.run_id)
                 workers.release_rewards()
                 if base.statistics is not None and statistics is None:  # frozen here for every later round
                     statistics = base.statistics
@@ -150,6 +150,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     break
                 rs = state.round(index)
                 if not rs.reached("evaluated"):
+                    cache_policy.check_go_on(cfg, state)  # the audits showed the cache moving the pairs: stop here
                     free = retention.check_free_space(cfg, state, index)
                     retention.round_started(cfg, rs)
                     state.save(state_uri)

@@ -191,14 +191,19 @@ def cache_audit_table(rows: Sequence[dict]) -> str:
     columns = (("cache_audit_videos", "videos", "{:.0f}"), ("cache_audit_drift_mean_levels", "drift, mean levels", "{:.2f}"),
                ("cache_audit_drift_max_levels", "max", "{:.0f}"), ("cache_audit_psnr_db", "PSNR dB", "{:.1f}"),
                ("cache_audit_reward_change", "reward change", "{:+.4f}"),
-               ("cache_audit_reward_abs_change", "mean |change|", "{:.4f}"), ("cache_audit_same_pair", "same pair", "{:.0%}"))
+               ("cache_audit_reward_abs_change", "mean |change|", "{:.4f}"), ("cache_audit_same_pair", "same pair", "{:.0%}"),
+               ("cache_audit_same_pair_pooled", "all audits so far", "{:.0%}"))
     head = "".join(f"<th>{h}</th>" for _, h, _ in columns)
     body = "".join(f"<tr><td>{r['round']}</td>" + "".join(f"<td>{_cell(r.get(k), fmt)}</td>" for k, _, fmt in columns)
                    + "</tr>" for r in audited)
-    return (f"<h2>Step cache audit</h2><table><tr><th>round</th>{head}</tr>{body}</table><p class='muted'>The first "
-            "generator.cache.audit_prompts held-out prompts, a rollout's candidates each, rendered with the cache and "
-            "with every step computed: drift of the raw frames (PSNR: empty when equal), the reward with the cache minus "
-            "without, and the share of prompts whose best and worst candidate stay the same.</p>")
+    exact = [r["round"] for r in rows if r.get("rollouts_exact")]
+    verdict = (f"<p class='neg'>The audits showed the cache moving the pairs: rollouts computed every step from round "
+               f"{min(exact)} on (generator.cache.on_moved_pairs: exact).</p>" if exact else "")
+    return (f"<h2>Step cache audit</h2><table><tr><th>round</th>{head}</tr>{body}</table>{verdict}<p class='muted'>The "
+            "first generator.cache.audit_prompts held-out prompts, a rollout's candidates each, rendered with the cache "
+            "and with every step computed: drift of the raw frames (PSNR: empty when equal), the reward with the cache "
+            "minus without, and the share of prompts whose best and worst candidate stay the same (in this audit, and "
+            "pooled over every audit so far: generator.cache.min_same_pair acts on that one).</p>")
 
 
 def cache_audit_cells(align_dir: str, rows: Sequence[dict], embed: bool, base_dir: str, limit: int) -> list[str]:

@@ -22,7 +22,7 @@ from anisora_ray.eval.cache_audit import AUDIT_DIR, audit_cache, audit_due
 from anisora_ray.eval.heldout import evaluate
 from anisora_ray.gapo.trainer import train_gapo
 from anisora_ray.io import fs
-from anisora_ray.loop import guard, retention
+from anisora_ray.loop import cache_policy, guard, retention
 from anisora_ray.loop.report import register_weights
 from anisora_ray.loop.samples import close_orphans, eval_row, log_audit, log_samples
 from anisora_ray.loop.state import AlignState, RoundState
@@ -71,18 +71,19 @@ def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
             rs.mlflow_run_id = run.info.run_id
             ctx.save()
         workers.start(ctx.state.latest_weights())
-        log.info("round %d/%d: generate, score and pair (weights version %d)", rs.index, cfg.loop.rounds,
-                 max(workers.replicas.weights_versions()))
+        exact = cache_policy.rollouts_exact(cfg, ctx.state)  # the audits showed the cache moving the pairs
+        log.info("round %d/%d: generate, score and pair (weights version %d%s)", rs.index, cfg.loop.rounds,
+                 max(workers.replicas.weights_versions()), ", every step computed" if exact else "")
         began = time.perf_counter()
         result = run_pairs(cfg, ctx.train_manifest, fs.join(ctx.out, f"round-{rs.index}", "pairs"), workers.replicas,
                            round_index=rs.index, progress=ctx.progress, reward_actors=workers.rewards,
-                           statistics=ctx.statistics)
+                           statistics=ctx.statistics, exact=exact)
         seconds = time.perf_counter() - began
         pairs = sorted(read_pairs(result.out_uri), key=lambda p: p.prompt_id)  # sums in a fixed order
         rs.pairs_uri = result.out_uri
         rs.metrics.update({
             "pairs": float(len(pairs)), "candidates_per_second": result.candidates / max(seconds, 1e-9),
-            "pairs_seconds": seconds,
+            "pairs_seconds": seconds, **({"rollouts_exact": float(exact)} if cfg.generator.cache.kind != "none" else {}),
             "train_winner_reward": sum(p.winner_reward for p in pairs) / max(1, len(pairs)),
             "train_loser_reward": sum(p.loser_reward for p in pairs) / max(1, len(pairs)),
             "train_reward_gap": sum(p.reward_gap for p in pairs) / max(1, len(pairs)),
@@ -183,7 +184,7 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
         result = evaluate(cfg, ctx.heldout, workers.replicas, workers.rewards, fs.join(base, "eval"), ctx.progress,
                           statistics=ctx.statistics)
         audited = audit_metrics(cfg, rs.index, ctx.heldout, workers, fs.join(base, "eval"),
-                                ctx.statistics, ctx.progress)
+                                ctx.statistics, ctx.progress, state, ctx.parent_run_id)
         workers.release_rewards()
         row = eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
         row.update(audited)
@@ -206,14 +207,15 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
         ctx.save()
 
 
-def audit_metrics(cfg, index: int, heldout, workers, eval_dir: str, statistics, progress: bool) -> dict[str, float]:
+def audit_metrics(cfg, index: int, heldout, workers, eval_dir: str, statistics, progress: bool, state: AlignState,
+                  parent_run_id: str) -> dict[str, float]:
     """The cache audit's metrics when the held-out evaluation of round ``index`` (in ``eval_dir``) runs it
-    (eval/cache_audit.py)."""
+    (eval/cache_audit.py), pooled over the job's audits so far (loop/cache_policy.py: the verdict on the cache)."""
     if not audit_due(cfg, index):
         return {}
     audit = audit_cache(cfg, heldout, workers.replicas, workers.rewards, fs.join(eval_dir, AUDIT_DIR), statistics, progress)
     log_audit(audit, cfg.generator.fps)
-    return audit.metrics()
+    return {**audit.metrics(), **cache_policy.record_audit(cfg, state, index, audit.same_pair, parent_run_id)}
 
 
 def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:

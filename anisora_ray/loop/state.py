@@ -34,6 +34,8 @@ class AlignState:
     statistics_uri: str = ""  # zscore statistics frozen at round 0 (every round's pairing and evaluation use them)
     rounds: list[RoundState] = field(default_factory=list)
     guard: dict = field(default_factory=dict)  # the reward-hacking guard's verdict when it stopped the loop
+    cache_audits: dict = field(default_factory=dict)  # round -> [prompts that kept their pair, prompts audited]
+    cache_verdict: dict = field(default_factory=dict)  # the step cache moved the pairs (loop/cache_policy.py)
 
     def round(self, index: int) -> RoundState:
         for r in self.rounds:
@@ -57,4 +59,5 @@ class AlignState:
     def load(cls, uri: str) -> AlignState:
         raw = json.loads(fs.read_bytes(uri))
         return cls(parent_run_id=raw["parent_run_id"], baseline=raw["baseline"], statistics_uri=raw.get("statistics_uri", ""),
-                   rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]], guard=raw.get("guard", {}))
+                   rounds=[RoundState(**{"train_run_id": "", **r}) for r in raw["rounds"]], guard=raw.get("guard", {}),
+                   cache_audits=raw.get("cache_audits", {}), cache_verdict=raw.get("cache_verdict", {}))

@@ -57,10 +57,11 @@ def _lease(router, count: int) -> int:
 
 
 def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, timeout_s: float | None = None,
-                         retries: int = 0, prompts_per_call: int = 0) -> pa.Table:
+                         retries: int = 0, prompts_per_call: int = 0, exact: bool = False) -> pa.Table:
     """Ray Data stage: the batch's (prompt, seed) rows as calls of ``prompts_per_call`` prompts (0: one call),
     each to the least-loaded persistent replica, all in flight at once (one worker process waits for
-    several calls: fewer processes on the driver's node at scale).
+    several calls: fewer processes on the driver's node at scale). ``exact``: every step computed, whatever
+    ``generator.cache``.
 
     Rows of candidates that failed carry ``error`` (quarantined downstream) so every prompt sees its K rows."""
     rows = batch.to_pylist()
@@ -75,11 +76,11 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
     leased = [_lease(router, len(replicas)) for _ in groups]
     candidates, quarantined, retried = [], [], 0
     try:
-        refs = [generate_call(replicas[index], group, out_dir) for index, group in zip(leased, groups, strict=True)]
+        refs = [generate_call(replicas[index], group, out_dir, exact) for index, group in zip(leased, groups, strict=True)]
         for index, group, ref in zip(leased, groups, refs, strict=True):
             replica = replicas[index]
             (made, failed), tries = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-                lambda r=replica, g=group: generate_call(r, g, out_dir), first=ref, what=f"generator replica {index}",
+                lambda r=replica, g=group: generate_call(r, g, out_dir, exact), first=ref, what=f"generator replica {index}",
                 retries=retries, timeout_s=timeout_s, on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
             candidates += made
             quarantined += failed

@@ -88,9 +88,10 @@ class ScoreDimension:
 
 
 def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_dir: str,
-                  round_index: int = 0, reward_actors=None) -> ray.data.Dataset:
+                  round_index: int = 0, reward_actors=None, exact: bool = False) -> ray.data.Dataset:
     """The lazy streaming dataset; nothing runs until it is iterated. ``replicas`` brings its actors and the
-    persistent router that leases them (``GeneratorReplicas.router``), which outlives the round."""
+    persistent router that leases them (``GeneratorReplicas.router``), which outlives the round. ``exact``: every
+    step computed, whatever ``generator.cache``."""
     # One row per (prompt, seed), one block per prompt: expanded here rather than in a Ray Data stage,
     # which would be one more kind of worker to start per round.
     rows = [{"prompt_id": r.item.prompt_id, "prompt": r.item.prompt, "image_uri": r.item.image_uri,
@@ -103,7 +104,7 @@ def build_dataset(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gen
                         batch_size=g.calls_per_task * g.prompts_per_call * g.candidates_per_prompt,
                         fn_kwargs={"replicas": replicas.actors, "router": replicas.router, "out_dir": out_dir,
                                    "timeout_s": g.call_timeout_s, "retries": g.call_retries,
-                                   "prompts_per_call": g.prompts_per_call},
+                                   "prompts_per_call": g.prompts_per_call, "exact": exact},
                         compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=0)
     return score_stream(cfg, ds, reward_actors)
 
@@ -228,8 +229,9 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
 
 def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: GeneratorReplicas, out_uri: str,
                  round_index: int = 0, progress: bool = True, on_prompt: Callable[[str], None] | None = None,
-                 reward_actors=None, statistics: RewardStatistics | None = None) -> PairsResult:
-    """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete."""
+                 reward_actors=None, statistics: RewardStatistics | None = None, exact: bool = False) -> PairsResult:
+    """Run the pipeline over the prompts not yet paired at ``out_uri``; write pairs as prompts complete. ``exact``:
+    rollouts with every step computed, whatever ``generator.cache``."""
     writer = PairWriter(out_uri)
     already = len(writer.done)
     todo = [i for i in items if i.prompt_id not in writer.done]
@@ -238,7 +240,7 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
     if not todo:
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
-    dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors)
+    dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors, exact)
     return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt, statistics=statistics)
 
 

@@ -47,8 +47,9 @@ def calibrate(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Generat
 
 def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, replicas: GeneratorReplicas | None = None,
               round_index: int = 0, progress: bool = True, reward_actors: RewardActors | None = None,
-              statistics: RewardStatistics | None = None) -> PairsResult:
-    """Pairs for every prompt of the manifest not yet paired at ``out_uri``.
+              statistics: RewardStatistics | None = None, exact: bool = False) -> PairsResult:
+    """Pairs for every prompt of the manifest not yet paired at ``out_uri``; ``exact``: rollouts with every step
+    computed, whatever ``generator.cache`` (loop/cache_policy.py).
 
     ``replicas`` / ``reward_actors``: persistent actors to use (kept running); when None, they are
     started for this call (reward actors only with ``pairs.reward_stage: actors``) and stopped after it.
@@ -77,7 +78,7 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
         if statistics is None and zscore_dimensions(cfg.reward.dimensions.as_dict()):
             statistics = calibrate(cfg, items, replicas, out_uri, reward_actors, progress)
         result = stream_pairs(cfg, items, replicas, out_uri, round_index, progress, reward_actors=reward_actors,
-                              statistics=statistics)
+                              statistics=statistics, exact=exact)
     finally:
         if owned:
             replicas.shutdown()

@@ -1,0 +1,132 @@
+"""What align does when the cache audit shows the step cache moving the pairs (loop/cache_policy.py): the share of
+audited prompts that keep their pair is pooled over the job's audits, a verdict is recorded once below
+``generator.cache.min_same_pair``, and ``on_moved_pairs`` warns, renders later rollouts exactly, or stops the job.
+(Exact rollouts through the pairs stage: tests/test_cache_audit.py; inside align: tests/test_overlap.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from anisora_ray.config import load_config
+from anisora_ray.errors import CacheDriftError, ConfigError
+from anisora_ray.loop import cache_policy
+from anisora_ray.loop.state import AlignState
+
+AUDITED = ["generator.cache.kind=faster_cache", "generator.cache.audit_prompts=4"]
+
+
+def config(*overrides: str):
+    return load_config(None, [*AUDITED, *overrides])
+
+
+def test_the_pooled_share_decides_once_and_a_redone_round_replaces_its_own_count(tmp_path):
+    cfg = config("generator.cache.min_same_pair=0.75", "generator.cache.on_moved_pairs=exact")
+    state = AlignState()
+    assert cache_policy.record_audit(cfg, state, 0, {}) == {}  # nothing audited yet (every video quarantined)
+    kept_3_of_4 = {"a": True, "b": True, "c": True, "d": False}
+    assert cache_policy.record_audit(cfg, state, 0, kept_3_of_4) == {"cache_audit_same_pair_pooled": 0.75}
+    assert not state.cache_verdict and not cache_policy.rollouts_exact(cfg, state)  # 0.75 is not below 0.75
+    half = {"a": True, "b": False, "c": True, "d": False}
+    assert cache_policy.record_audit(cfg, state, 2, half) == {"cache_audit_same_pair_pooled": 5 / 8}
+    assert state.cache_verdict == {"round": 2, "same_pair_pooled": 5 / 8, "kept": 5, "audited": 8, "min_same_pair": 0.75,
+                                   "action": "exact"}
+    assert cache_policy.rollouts_exact(cfg, state)
+    cache_policy.record_audit(cfg, state, 2, half)  # round 2's evaluation redone after a driver loss: counted once
+    assert state.cache_audits == {"0": [3, 4], "2": [2, 4]}
+    cache_policy.record_audit(cfg, state, 4, {"a": False, "b": False})
+    assert state.cache_verdict["round"] == 2  # the first verdict stands
+
+    state.save(str(tmp_path / "state.json"))  # a resumed job keeps it
+    resumed = AlignState.load(str(tmp_path / "state.json"))
+    assert resumed.cache_verdict == state.cache_verdict and resumed.cache_audits == state.cache_audits
+
+
+def test_the_action_is_read_from_the_config_a_job_runs_with():
+    state = AlignState(cache_verdict={"round": 0, "same_pair_pooled": 0.25, "kept": 1, "audited": 4,
+                                      "min_same_pair": 0.5, "action": "stop"})
+    stop = config("generator.cache.min_same_pair=0.5", "generator.cache.on_moved_pairs=stop")
+    with pytest.raises(CacheDriftError, match=r"moved the pairs of 3 of 4 audited prompts by round 0 .*"
+                                              r"generator.cache.kind=none.*--resume"):
+        cache_policy.check_go_on(stop, state)
+    assert not cache_policy.rollouts_exact(stop, state)
+    cache_policy.check_go_on(config("generator.cache.min_same_pair=0.5", "generator.cache.on_moved_pairs=exact"), state)
+    cache_policy.check_go_on(load_config(None, ["generator.cache.kind=none"]), state)  # the cache switched off: go on
+    assert not cache_policy.rollouts_exact(load_config(None, ["generator.cache.kind=none"]), state)
+    warn = config("generator.cache.min_same_pair=0.5")
+    cache_policy.check_go_on(warn, state)
+    assert not cache_policy.rollouts_exact(warn, state)
+    cache_policy.check_go_on(stop, AlignState())  # no verdict, nothing to stop for
+
+
+def test_a_warning_tags_the_jobs_mlflow_run(tmp_path, caplog):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("cache")).info.run_id
+        cfg = config("generator.cache.min_same_pair=1.0")
+        state = AlignState()
+        with caplog.at_level("WARNING", logger="anisora_ray.loop.cache_policy"):
+            cache_policy.record_audit(cfg, state, 0, {"a": True, "b": False}, parent_run_id=run_id)
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tags[cache_policy.TAG] == "moved pairs at round 0 (1/2 kept): warn"
+    assert "moved the pairs of 1 of 2 audited prompts" in caplog.text and "warning only" in caplog.text
+    assert not cache_policy.rollouts_exact(cfg, state)
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (["generator.cache.kind=faster_cache", "generator.cache.min_same_pair=0.5"], "audit_prompts=0"),
+    ([*AUDITED, "generator.cache.min_same_pair=1.5"], "min_same_pair"),
+    ([*AUDITED, "generator.cache.on_moved_pairs=retry"], "on_moved_pairs"),
+])
+def test_a_policy_without_audits_or_out_of_range_is_refused_by_name(overrides, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load_config(None, overrides)
+    # a config that switches the cache off keeps the policy it inherits: nothing is audited, nothing acted on
+    load_config(None, ["generator.cache.kind=none", "generator.cache.min_same_pair=0.5"])
+
+
+def test_after_an_exact_verdict_the_rounds_pairs_are_rendered_with_every_step(ray_cluster, make_config, demo_manifest,
+                                                                             tmp_path):
+    """align's pairs phase with a standing verdict and ``on_moved_pairs: exact``: the pairs' videos are the exact
+    renderings of their seeds (byte for byte), not the cached ones, and the round logs ``rollouts_exact``."""
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.seeding import build_requests
+    from anisora_ray.loop.align import Workers
+    from anisora_ray.loop.rounds import RoundContext, pairs_phase
+    from anisora_ray.pairs.writer import read_pairs
+    from anisora_ray.tracking import mlflow_run
+
+    cfg = make_config("generator.replicas=1", "generator.num_inference_steps=8", "generator.cache.kind=faster_cache",
+                      "generator.cache.audit_prompts=1", "generator.cache.min_same_pair=1.0",
+                      "generator.cache.on_moved_pairs=exact", "generator.candidates_per_prompt=2")
+    state = AlignState(cache_verdict={"round": 0, "same_pair_pooled": 0.0, "kept": 0, "audited": 1, "min_same_pair": 1.0,
+                                      "action": "exact"})
+    workers = Workers(cfg)
+    try:
+        with mlflow_run(cfg, "job") as parent:
+            ctx = RoundContext(cfg, state, workers, [], demo_manifest, str(tmp_path / "align"), str(tmp_path), False,
+                               parent.info.run_id, str(tmp_path / "align" / "state.json"), None)
+            rs = state.round(1)
+            pairs_phase(ctx, rs)
+        requests = build_requests(read_manifest(demo_manifest), cfg, 1)  # round 1's seeds, a call per prompt as there
+        renders = {kind: workers.replicas.generate(requests, str(tmp_path / kind), exact=kind == "exact")[0]
+                   for kind in ("exact", "cached")}
+    finally:
+        workers.stop()
+    assert rs.phase == "paired" and rs.metrics["rollouts_exact"] == 1.0
+    pairs = read_pairs(rs.pairs_uri)
+    assert len(pairs) == 3
+
+    def video(kind: str, prompt_id: str, seed: int) -> bytes:
+        (uri,) = [c.video_uri for c in renders[kind] if (c.prompt_id, c.seed) == (prompt_id, seed)]
+        with open(uri, "rb") as f:
+            return f.read()
+
+    for p in pairs:
+        for uri, seed in ((p.winner_video_uri, p.winner_seed), (p.loser_video_uri, p.loser_seed)):
+            with open(uri, "rb") as f:
+                data = f.read()
+            assert data == video("exact", p.prompt_id, seed) != video("cached", p.prompt_id, seed)
