@@ -130,3 +130,21 @@ def test_after_an_exact_verdict_the_rounds_pairs_are_rendered_with_every_step(ra
             with open(uri, "rb") as f:
                 data = f.read()
             assert data == video("exact", p.prompt_id, seed) != video("cached", p.prompt_id, seed)
+
+
+def test_a_stop_verdict_stops_a_resumed_align_before_its_next_round(ray_cluster, make_config, tmp_path):
+    """``on_moved_pairs: stop``: the job stops before the round after the verdict with the error that names what to
+    change, having written nothing of that round (here a job resumed after the verdict was recorded)."""
+    from anisora_ray.loop.align import run_alignment
+
+    cfg = make_config("generator.cache.kind=faster_cache", "generator.cache.audit_prompts=1", "loop.rounds=1",
+                      "generator.cache.min_same_pair=1.0", "generator.cache.on_moved_pairs=stop", "generator.replicas=1",
+                      "loop.guard.enabled=false", f"ray.address={ray_cluster.address}")
+    align = tmp_path / "out" / "align"
+    AlignState(baseline={"per_prompt": {}, "row": {"round": 0, "heldout_reward": 0.5, "weights_version": 0}},
+               cache_audits={"0": [0, 1]}, cache_verdict={"round": 0, "same_pair_pooled": 0.0, "kept": 0, "audited": 1,
+                                                          "min_same_pair": 1.0, "action": "stop"}).save(str(align / "state.json"))
+    with pytest.raises(CacheDriftError, match=r"moved the pairs of 1 of 1 audited prompts by round 0"):
+        run_alignment(cfg, resume=True, progress=False)
+    assert not (align / "round-1").exists()
+    assert AlignState.load(str(align / "state.json")).rounds == []  # nothing of round 1 began

@@ -71,4 +71,5 @@ def check_go_on(cfg: AnisoraConfig, state: AlignState) -> None:
             f"the step cache (generator.cache.kind={c.kind!r}) moved the pairs of {v['audited'] - v['kept']} of "
             f"{v['audited']} audited prompts by round {v['round']} (same pair {v['same_pair_pooled']:.2f} < "
             f"generator.cache.min_same_pair {v['min_same_pair']:.2f}). Set generator.cache.kind=none, loosen the "
-            "cache, or generator.cache.on_moved_pairs=exact, then run again with --resume")
+            "cache, or generator.cache.on_moved_pairs=exact, then run again with --resume (the rounds so far: "
+            f"anisora-ray report --run {cfg.run.output_dir}/align)")

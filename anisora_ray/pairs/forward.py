@@ -76,12 +76,14 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
     leased = [_lease(router, len(replicas)) for _ in groups]
     candidates, quarantined, retried = [], [], 0
     try:
-        refs = [generate_call(replicas[index], group, out_dir, exact) for index, group in zip(leased, groups, strict=True)]
+        refs = [generate_call(replicas[index], group, out_dir, exact)
+                for index, group in zip(leased, groups, strict=True)]
         for index, group, ref in zip(leased, groups, refs, strict=True):
             replica = replicas[index]
             (made, failed), tries = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-                lambda r=replica, g=group: generate_call(r, g, out_dir, exact), first=ref, what=f"generator replica {index}",
-                retries=retries, timeout_s=timeout_s, on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
+                lambda r=replica, g=group: generate_call(r, g, out_dir, exact), first=ref,
+                what=f"generator replica {index}", retries=retries, timeout_s=timeout_s,
+                on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
             candidates += made
             quarantined += failed
             retried += tries
