@@ -21,6 +21,7 @@ import logging
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import CacheDriftError
+from anisora_ray.io import fs
 from anisora_ray.loop.state import AlignState
 
 log = logging.getLogger(__name__)
@@ -57,19 +58,25 @@ def describe(action: str) -> str:
             "stop": "the job stops before its next round (on_moved_pairs: stop)"}[action]
 
 
+def action_in_force(cfg: AnisoraConfig, state: AlignState) -> str | None:
+    """``on_moved_pairs`` of the config the job runs with, when a verdict stands and the cache is still on."""
+    c = cfg.generator.cache
+    return c.on_moved_pairs if state.cache_verdict and c.kind != "none" else None
+
+
 def rollouts_exact(cfg: AnisoraConfig, state: AlignState) -> bool:
     """Whether this job's rollouts now compute every step (a verdict, and ``on_moved_pairs: exact``)."""
-    c = cfg.generator.cache
-    return bool(state.cache_verdict) and c.kind != "none" and c.on_moved_pairs == "exact"
+    return action_in_force(cfg, state) == "exact"
 
 
 def check_go_on(cfg: AnisoraConfig, state: AlignState) -> None:
     """Before a round: raises :class:`CacheDriftError` when a verdict stands and the config still says ``stop``."""
+    if action_in_force(cfg, state) != "stop":
+        return
     c, v = cfg.generator.cache, state.cache_verdict
-    if v and c.kind != "none" and c.on_moved_pairs == "stop":
-        raise CacheDriftError(
-            f"the step cache (generator.cache.kind={c.kind!r}) moved the pairs of {v['audited'] - v['kept']} of "
-            f"{v['audited']} audited prompts by round {v['round']} (same pair {v['same_pair_pooled']:.2f} < "
-            f"generator.cache.min_same_pair {v['min_same_pair']:.2f}). Set generator.cache.kind=none, loosen the "
-            "cache, or generator.cache.on_moved_pairs=exact, then run again with --resume (the rounds so far: "
-            f"anisora-ray report --run {cfg.run.output_dir}/align)")
+    raise CacheDriftError(
+        f"the step cache (generator.cache.kind={c.kind!r}) moved the pairs of {v['audited'] - v['kept']} of "
+        f"{v['audited']} audited prompts by round {v['round']} (same pair {v['same_pair_pooled']:.2f} < "
+        f"generator.cache.min_same_pair {v['min_same_pair']:.2f}). Set generator.cache.kind=none, loosen the "
+        "cache, or generator.cache.on_moved_pairs=exact, then run again with --resume (the rounds so far: "
+        f"anisora-ray report --run {fs.join(fs.normalize(cfg.run.output_dir), 'align')})")
