@@ -52,7 +52,8 @@ class InfrastructureError(AnisoraError, RuntimeError):
 
 
 class CacheDriftError(AnisoraError, RuntimeError):
-    """The cache audit showed ``generator.cache`` moving the pairs (``min_same_pair``) with ``on_moved_pairs: stop``.
+    """The cache audit showed ``generator.cache`` moving the pairs (``min_same_pair``, ``min_signal_kept``) with
+    ``on_moved_pairs: stop``.
 
     Raised before the next round; the state is saved, so ``--resume`` continues once the cache is changed."""
 

@@ -121,7 +121,7 @@ def run(args) -> dict:
     generator = Generator(pretrained, cfg.model, g, cfg.video)
     load_s = time.perf_counter() - began
     timer = StepTimer(generator.pipe.transformer)  # Wan2.2-A14B: the high-noise expert (the first steps)
-    device = torch.cuda.get_device_name() if generator.device().startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if generator.execution_device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"{device}: {g.num_frames}x{g.height}x{g.width}, CFG {g.guidance_scale}, loaded in {load_s:.0f}s", flush=True)
     deadline = time.monotonic() + args.budget_s
     rows: list[dict] = []

@@ -48,8 +48,8 @@ def test_a_replica_audits_its_cache_against_exact_frames_and_quarantines_a_bad_p
         assert all(os.path.getsize(c.video_uri) > 0 and f"/audit/{kind}/videos/" in c.video_uri for c in group)
 
 
-def test_pairs_kept_or_lost_and_the_metrics_of_an_audit():
-    from anisora_ray.eval.cache_audit import CacheAudit, _same_pairs
+def test_pairs_kept_or_lost_their_gapo_signal_and_the_metrics_of_an_audit():
+    from anisora_ray.eval.cache_audit import CacheAudit, PairOutcome, pair_outcomes
 
     def row(prompt, seed, cached, exact, mse=4.0):
         return {"prompt_id": prompt, "seed": seed, "drift_mean_levels": 1.0, "drift_max_levels": 9.0,
@@ -57,23 +57,34 @@ def test_pairs_kept_or_lost_and_the_metrics_of_an_audit():
                 "reward_cached": cached, "reward_exact": exact, "reward_change": cached - exact}
 
     rows = [row("a", 1, 0.9, 0.8), row("a", 2, 0.1, 0.2), row("a", 3, 0.5, 0.5),  # same best (1) and worst (2)
-            row("b", 1, 0.6, 0.4), row("b", 2, 0.5, 0.7),  # the cache swaps b's pair
+            row("b", 1, 0.6, 0.4), row("b", 2, 0.5, 0.7),  # the cache inverts b's pair
+            row("n", 1, 0.49, 0.50), row("n", 2, 0.50, 0.49), row("n", 3, 0.1, 0.1),  # a near-tie swapped: 2 wins
             row("c", 1, 0.5, math.nan), row("c", 2, 0.4, 0.3)]  # one seed scored both ways: no pair to compare
-    assert _same_pairs(rows) == {"a": True, "b": False}
-    assert _same_pairs([row("t", 5, 0.5, 0.5), row("t", 3, 0.5, 0.5)]) == {"t": True}  # ties: lower seed wins both
-    m = CacheAudit(rows, _same_pairs(rows), 1, "x").metrics()
-    assert m["cache_audit_videos"] == 7 and m["cache_audit_quarantined"] == 1 and m["cache_audit_same_pair"] == 0.5
+    pairs = pair_outcomes(rows, alpha=2.0)
+    assert {p: o.kept for p, o in pairs.items()} == {"a": True, "b": False, "n": False}
+    assert pairs["a"] == PairOutcome(True, 2**0.8 - 2**0.2, 2**0.8 - 2**0.2)
+    assert pairs["b"] == PairOutcome(False, 2**0.7 - 2**0.4, 2**0.4 - 2**0.7)  # all its signal, the wrong way
+    assert pairs["n"] == PairOutcome(False, 2**0.5 - 2**0.1, 2**0.49 - 2**0.1)
+    assert pairs["n"].signal_cached / pairs["n"].signal_exact > 0.97  # the swap costs it little
+    assert pair_outcomes([row("t", 5, 0.5, 0.5), row("t", 3, 0.5, 0.5)], 2.0) == {"t": PairOutcome(True, 0.0, 0.0)}
+    m = CacheAudit(rows, pairs, 1, "x").metrics()
+    assert m["cache_audit_videos"] == 10 and m["cache_audit_quarantined"] == 1 and m["cache_audit_same_pair"] == 1 / 3
+    assert math.isclose(m["cache_audit_signal_kept"], sum(o.signal_cached for o in pairs.values())
+                        / sum(o.signal_exact for o in pairs.values()))
     finite = [r["reward_change"] for r in rows if math.isfinite(r["reward_change"])]
-    assert math.isclose(m["cache_audit_reward_change"], sum(finite) / 6)
-    assert math.isclose(m["cache_audit_reward_abs_change"], sum(map(abs, finite)) / 6)
+    assert math.isclose(m["cache_audit_reward_change"], sum(finite) / 9)
+    assert math.isclose(m["cache_audit_reward_abs_change"], sum(map(abs, finite)) / 9)
     assert math.isclose(m["cache_audit_psnr_db"], 10 * math.log10(255.0**2 / 4.0))
     equal = CacheAudit([row("a", 1, 0.5, 0.5, mse=0.0)], {}, 0, "x").metrics()
     assert "cache_audit_psnr_db" not in equal and "cache_audit_same_pair" not in equal  # no infinity to MLflow
+    ties = CacheAudit(rows, {"t": PairOutcome(True, 0.0, 0.0)}, 0, "x").metrics()
+    assert ties["cache_audit_same_pair"] == 1 and "cache_audit_signal_kept" not in ties  # all ties: no signal to keep
 
     from anisora_ray.loop.html_report import cache_audit_table
 
     page = cache_audit_table([{"round": 0, **m}, {"round": 1}, {"round": 2, **equal}])  # round 1 not audited
-    assert page.count("<tr>") == 3 and "<td>50%</td>" in page and "<td>+0.0167</td>" in page
+    assert page.count("<tr>") == 3 and "<td>33%</td>" in page and f"<td>{m['cache_audit_signal_kept']:.0%}</td>" in page
+    assert f"<td>{sum(finite) / 9:+.4f}</td>" in page
     assert cache_audit_table([{"round": 0}, {"round": 1}]) == ""
 
 
@@ -119,10 +130,12 @@ def test_audit_through_replicas_and_reward_actors_scores_both_renderings(ray_clu
     assert [(r["prompt_id"], r["seed"]) for r in audit.rows] == [(p, s) for p in audited for s in sorted(seeds[p])]
     assert all(math.isfinite(r["reward_cached"]) and math.isfinite(r["reward_exact"]) for r in audit.rows)
     assert any(r["reward_change"] != 0 for r in audit.rows)  # the cache moved the frames, the rewards follow
-    assert set(audit.same_pair) == set(audited)
+    assert set(audit.pairs) == set(audited)
     table = fs.read_table(str(tmp_path / "audit" / AUDIT_FILE)).to_pylist()
-    assert [(r["prompt_id"], r["seed"], r["same_pair"]) for r in table] == [
-        (r["prompt_id"], r["seed"], audit.same_pair[r["prompt_id"]]) for r in audit.rows]
+    o = audit.pairs
+    assert [(r["prompt_id"], r["seed"], r["same_pair"], r["pair_signal_exact"], r["pair_signal_cached"]) for r in table] == [
+        (p, r["seed"], o[p].kept, o[p].signal_exact, o[p].signal_cached) for r in audit.rows if (p := r["prompt_id"])]
+    assert all(o[p].signal_exact >= max(o[p].signal_cached, 0) for p in audited)  # the exact pair's weight is the most
     rows = {(r["prompt_id"], r["seed"]): r for r in audit.rows}
     assert {(c.prompt_id, c.seed): c.frames_sha256 for c in exact} == {k: r["frames_sha256_exact"] for k, r in rows.items()}
     assert {(c.prompt_id, c.seed): c.frames_sha256 for c in cached} == {k: r["frames_sha256_cached"] for k, r in rows.items()}

@@ -34,18 +34,25 @@ class StepCacheConfig(Section):
     # worst candidate go to MLflow, measured on the weights being trained. 0: no audit (nothing to audit without a cache).
     audit_prompts: int = Field(default=0, ge=0)
     audit_every: int = Field(default=1, ge=1)
-    # What align does when the audits show the cache moving the pairs GAPO trains on: pooled over every audit so far,
-    # the share of audited prompts that keep their best and worst candidate falls below `min_same_pair` (0: never).
+    # What align does when the audits show the cache moving the pairs GAPO trains on (loop/cache_policy.py), pooled
+    # over every audit so far: the share of audited prompts whose best and worst candidate the cache keeps falls below
+    # `min_same_pair`, or the share of the exact pairs' GAPO weight (alpha**r_w - alpha**r_l, exact rewards) that the
+    # cache's pairs keep falls below `min_signal_kept` (a near-tie the cache swaps costs little of it, an inverted
+    # pair more than all). 0: never.
     # warn: a warning and an MLflow tag; exact: every later rollout computes every step (the cache's saving is given
     # up, the pairs are the weights' own); stop: the job stops before its next round (change the cache, then --resume).
     min_same_pair: float = Field(default=0.0, ge=0, le=1)
+    min_signal_kept: float = Field(default=0.0, ge=0, le=1)
     on_moved_pairs: Literal["warn", "exact", "stop"] = "warn"
 
     @model_validator(mode="after")
     def _policy_needs_audits(self) -> StepCacheConfig:
-        if self.min_same_pair > 0 and self.kind != "none" and self.audit_prompts == 0:  # no cache: nothing to act on
-            raise ValueError(f"min_same_pair={self.min_same_pair} acts on the cache audit's pairs, and "
-                             f"audit_prompts=0 audits none: set audit_prompts (the number of held-out prompts audited)")
+        if self.kind == "none" or self.audit_prompts > 0:  # no cache: nothing to act on
+            return self
+        for name in ("min_same_pair", "min_signal_kept"):
+            if getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} acts on the cache audit's pairs, and audit_prompts=0 "
+                                 "audits none: set audit_prompts (the number of held-out prompts audited)")
         return self
 
 

@@ -7,7 +7,8 @@ every ``generator.cache.audit_every`` rounds, the first ``audit_prompts`` held-o
 twice on the replicas, with the cache and with every step computed (``Generator.audit``: the same replica, hooks and
 compiled graphs), and both sets are scored together. Per video: the frames' drift (raw frames, before the codec)
 and the reward's change. Per prompt: whether the cache keeps its best and its worst candidate, the pair GAPO would
-train on.
+train on, and how much of that pair's GAPO signal the cache's pair keeps (:class:`PairOutcome`): a near-tie the
+cache swaps loses little of it, an inverted pair more than all.
 """
 
 from __future__ import annotations
@@ -41,9 +42,20 @@ def audit_due(cfg: AnisoraConfig, round_index: int) -> bool:
 
 
 @dataclass(frozen=True)
+class PairOutcome:
+    """One audited prompt's pair. GAPO weighs a pair by ``alpha**r_w - alpha**r_l``; both signals are that weight
+    computed with the *exact* rewards: of the exact pair (>= 0), and of the pair the cache's rewards pick (negative
+    when the cache inverts the pair)."""
+
+    kept: bool  # the cache picks the exact best and worst candidate
+    signal_exact: float
+    signal_cached: float
+
+
+@dataclass(frozen=True)
 class CacheAudit:
     rows: list[dict]  # per video: prompt_id, seed, drift (levels, PSNR), reward with the cache and exact
-    same_pair: dict[str, bool]  # prompt_id -> the cache keeps its best and worst candidate
+    pairs: dict[str, PairOutcome]  # per prompt with two or more videos scored both ways
     quarantined: int
     uri: str
 
@@ -59,8 +71,11 @@ class CacheAudit:
         if scored:
             out[f"{prefix}_reward_change"] = sum(r["reward_change"] for r in scored) / len(scored)
             out[f"{prefix}_reward_abs_change"] = sum(abs(r["reward_change"]) for r in scored) / len(scored)
-        if self.same_pair:
-            out[f"{prefix}_same_pair"] = sum(self.same_pair.values()) / len(self.same_pair)
+        if self.pairs:
+            out[f"{prefix}_same_pair"] = sum(o.kept for o in self.pairs.values()) / len(self.pairs)
+        exact = sum(o.signal_exact for o in self.pairs.values())
+        if exact > 0:  # all ties: no signal to keep
+            out[f"{prefix}_signal_kept"] = sum(o.signal_cached for o in self.pairs.values()) / exact
         return out
 
 
@@ -82,29 +97,44 @@ def audit_cache(cfg: AnisoraConfig, items: list[PromptItem], replicas: Generator
         rows.append({**d, "reward_cached": with_cache, "reward_exact": without,
                      "reward_change": with_cache - without, "video_cached": k.video_uri, "video_exact": e.video_uri,
                      "frames_sha256_cached": k.frames_sha256, "frames_sha256_exact": e.frames_sha256})
-    same_pair = _same_pairs(rows)
+    pairs = pair_outcomes(rows, cfg.gapo.alpha)
     uri = fs.join(out_dir, AUDIT_FILE)
     import pyarrow as pa
 
-    fs.write_table(pa.Table.from_pylist([{**r, "same_pair": same_pair.get(r["prompt_id"])} for r in rows]), uri)
-    audit = CacheAudit(rows, same_pair, len(quarantined), uri)
+    def prompt_columns(prompt_id: str) -> dict:  # a prompt without a pair to compare: None and NaN
+        o = pairs.get(prompt_id)
+        return {"same_pair": o.kept if o else None, "pair_signal_exact": o.signal_exact if o else math.nan,
+                "pair_signal_cached": o.signal_cached if o else math.nan}
+
+    fs.write_table(pa.Table.from_pylist([{**r, **prompt_columns(r["prompt_id"])} for r in rows]), uri)
+    audit = CacheAudit(rows, pairs, len(quarantined), uri)
     m = audit.metrics()
-    log.info("cache audit (%s, %d videos): drift %.2f levels (max %.0f), reward change %+.4f, same pair %s; %s",
-             c.kind, len(rows), m.get("cache_audit_drift_mean_levels", 0.0), m.get("cache_audit_drift_max_levels", 0.0),
-             m.get("cache_audit_reward_change", float("nan")), m.get("cache_audit_same_pair", "n/a"), uri)
+    log.info("cache audit (%s, %d videos): drift %.2f levels (max %.0f), reward change %+.4f, same pair %s, GAPO "
+             "signal kept %s; %s", c.kind, len(rows), m.get("cache_audit_drift_mean_levels", 0.0),
+             m.get("cache_audit_drift_max_levels", 0.0), m.get("cache_audit_reward_change", float("nan")),
+             m.get("cache_audit_same_pair", "n/a"), m.get("cache_audit_signal_kept", "n/a"), uri)
     return audit
 
 
-def _same_pairs(rows: list[dict]) -> dict[str, bool]:
+def pair_outcomes(rows: list[dict], alpha: float) -> dict[str, PairOutcome]:
     """Per prompt with two or more videos scored both ways: whether the cache's rewards pick the best and the
-    worst seed the exact rewards pick (ranked as pairs/select.py ranks: by reward, then the lower seed first)."""
+    worst seed the exact rewards pick (ranked as pairs/select.py ranks: by reward, then the lower seed first), and
+    the GAPO weight (``alpha``, gapo.alpha) of the exact pair and of the cache's pair, both from the exact rewards."""
     seeds: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if math.isfinite(r["reward_cached"]) and math.isfinite(r["reward_exact"]):
             seeds[r["prompt_id"]].append(r)
 
-    def pair(group: list[dict], key: str) -> tuple[int, int]:
+    def pair(group: list[dict], key: str) -> tuple[dict, dict]:
         ordered = sorted(group, key=lambda r: (r[key], -r["seed"]))
-        return ordered[-1]["seed"], ordered[0]["seed"]
+        return ordered[-1], ordered[0]
 
-    return {p: pair(g, "reward_cached") == pair(g, "reward_exact") for p, g in seeds.items() if len(g) >= 2}
+    def signal(winner: dict, loser: dict) -> float:
+        return alpha ** winner["reward_exact"] - alpha ** loser["reward_exact"]
+
+    out = {}
+    for prompt, group in seeds.items():
+        if len(group) >= 2:
+            (we, le), (wc, lc) = pair(group, "reward_exact"), pair(group, "reward_cached")
+            out[prompt] = PairOutcome((wc["seed"], lc["seed"]) == (we["seed"], le["seed"]), signal(we, le), signal(wc, lc))
+    return out

@@ -183,10 +183,7 @@ class Generator(WeightsReceiver):
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def device(self) -> str:
-        return str(self.execution_device)
-
-    def compute_device(self) -> torch.device:
+    def compute_device(self) -> torch.device:  # the receiver's hook (weights/receiver.py): where broadcasts land
         return self.execution_device
 
     def _warn_if_truncated(self, item) -> None:

@@ -64,7 +64,7 @@ class GeneratorActor(Generator):
         return {
             **actor_placement(),
             "replica_id": self.replica_id,
-            "device": self.device(),
+            "device": str(self.execution_device),
             "weights_version": self.weights_version,
             "startup": self.startup,
         }

@@ -1,9 +1,11 @@
 """What align does when the cache audit shows the step cache moving the pairs GAPO trains on.
 
 Each audit (eval/cache_audit.py) says, per audited held-out prompt, whether the rollouts' cache keeps the prompt's
-best and worst candidate. One audit has few prompts (a share in steps of 1/4 at 4 prompts), so the verdict pools
-every audit so far: when the share that kept their pair falls below ``generator.cache.min_same_pair``, it is
-recorded once in the job's state (``cache_verdict``, so a resumed job keeps it) and ``on_moved_pairs`` acts:
+best and worst candidate, and how much of the exact pair's GAPO weight the cache's pair keeps (both weights from
+the exact rewards). One audit has few prompts (a share in steps of 1/4 at 4 prompts), so the verdict pools every
+audit so far: when the share of prompts that kept their pair falls below ``generator.cache.min_same_pair``, or the
+share of GAPO signal kept below ``min_signal_kept``, it is recorded once in the job's state (``cache_verdict``, so a
+resumed job keeps it) and ``on_moved_pairs`` acts:
 
 - ``warn``: a warning and the ``anisora.cache`` tag on the job's MLflow run;
 - ``exact``: every later rollout renders with every step computed (``rollouts_exact`` per round in MLflow), so GAPO
@@ -21,6 +23,7 @@ import logging
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import CacheDriftError
+from anisora_ray.eval.cache_audit import PairOutcome
 from anisora_ray.io import fs
 from anisora_ray.loop.state import AlignState
 
@@ -28,28 +31,50 @@ log = logging.getLogger(__name__)
 TAG = "anisora.cache"
 
 
-def record_audit(cfg: AnisoraConfig, state: AlignState, index: int, same_pair: dict[str, bool],
+def record_audit(cfg: AnisoraConfig, state: AlignState, index: int, pairs: dict[str, PairOutcome],
                  parent_run_id: str = "") -> dict[str, float]:
-    """Adds round ``index``'s audit (prompt -> kept its pair) to the pooled count, records the verdict when the pooled
-    share falls below ``min_same_pair``; returns ``cache_audit_same_pair_pooled`` (none before a prompt was audited)."""
-    state.cache_audits[str(index)] = [sum(same_pair.values()), len(same_pair)]  # a redone round replaces its own
+    """Adds round ``index``'s audit (per prompt: its :class:`PairOutcome`) to the pooled counts and records the
+    verdict when a pooled share falls below its threshold; returns ``cache_audit_same_pair_pooled`` (none before a
+    prompt was audited) and ``cache_audit_signal_kept_pooled`` (none while every audited pair was a tie)."""
+    state.cache_audits[str(index)] = [sum(o.kept for o in pairs.values()), len(pairs),  # a redone round replaces its own
+                                      sum(o.signal_cached for o in pairs.values()),
+                                      sum(o.signal_exact for o in pairs.values())]
     kept, audited = (sum(v[i] for v in state.cache_audits.values()) for i in (0, 1))
     if not audited:
         return {}
-    pooled = kept / audited
+    # [kept, audited] entries of a job begun before the signal was counted pool in the same share only
+    cached, exact = (sum(v[i] for v in state.cache_audits.values() if len(v) == 4) for i in (2, 3))
+    pooled = {"same_pair": kept / audited, **({"signal_kept": cached / exact} if exact > 0 else {})}
     c = cfg.generator.cache
-    if pooled < c.min_same_pair and not state.cache_verdict:
-        state.cache_verdict = {"round": index, "same_pair_pooled": pooled, "kept": kept, "audited": audited,
-                               "min_same_pair": c.min_same_pair, "action": c.on_moved_pairs}
-        log.warning("round %d: the step cache (%s) moved the pairs of %d of %d audited prompts (same pair %.2f < "
-                    "generator.cache.min_same_pair %.2f): %s", index, c.kind, audited - kept, audited, pooled,
-                    c.min_same_pair, describe(c.on_moved_pairs))
+    below = [m for m, share in pooled.items() if share < getattr(c, f"min_{m}")]
+    if below and not state.cache_verdict:
+        state.cache_verdict = {"round": index, "measure": below[0], "kept": kept, "audited": audited,
+                               **{f"{m}_pooled": share for m, share in pooled.items()},
+                               "min_same_pair": c.min_same_pair, "min_signal_kept": c.min_signal_kept,
+                               "action": c.on_moved_pairs}
+        log.warning("round %d: the step cache (%s) moved the pairs GAPO trains on (%s): %s", index, c.kind,
+                    explain(state.cache_verdict), describe(c.on_moved_pairs))
         if parent_run_id:
             import mlflow
 
-            mlflow.MlflowClient().set_tag(parent_run_id, TAG, f"moved pairs at round {index} ({kept}/{audited} kept): "
-                                                              f"{c.on_moved_pairs}")
-    return {"cache_audit_same_pair_pooled": pooled}
+            mlflow.MlflowClient().set_tag(parent_run_id, TAG, f"moved pairs at round {index} ({kept}/{audited} kept"
+                                                              f"{_signal(pooled)}): {c.on_moved_pairs}")
+    return {f"cache_audit_{m}_pooled": share for m, share in pooled.items()}
+
+
+def _signal(pooled: dict[str, float]) -> str:
+    return f", {pooled['signal_kept']:.0%} of the GAPO signal" if "signal_kept" in pooled else ""
+
+
+def explain(verdict: dict) -> str:
+    """Which pooled share fell below its threshold, in words (a verdict of a job begun before the signal was counted
+    has the same-pair share only)."""
+    moved = f"{verdict['audited'] - verdict['kept']} of {verdict['audited']} audited prompts changed their pair"
+    if verdict.get("measure", "same_pair") == "same_pair":
+        return (f"{moved}; same pair {verdict['same_pair_pooled']:.2f} < generator.cache.min_same_pair "
+                f"{verdict['min_same_pair']:.2f}")
+    return (f"{moved}; the cache's pairs keep {verdict['signal_kept_pooled']:.2f} of the exact pairs' GAPO signal < "
+            f"generator.cache.min_signal_kept {verdict['min_signal_kept']:.2f}")
 
 
 def describe(action: str) -> str:
@@ -75,8 +100,6 @@ def check_go_on(cfg: AnisoraConfig, state: AlignState) -> None:
         return
     c, v = cfg.generator.cache, state.cache_verdict
     raise CacheDriftError(
-        f"the step cache (generator.cache.kind={c.kind!r}) moved the pairs of {v['audited'] - v['kept']} of "
-        f"{v['audited']} audited prompts by round {v['round']} (same pair {v['same_pair_pooled']:.2f} < "
-        f"generator.cache.min_same_pair {v['min_same_pair']:.2f}). Set generator.cache.kind=none, loosen the "
-        "cache, or generator.cache.on_moved_pairs=exact, then run again with --resume (the rounds so far: "
-        f"anisora-ray report --run {fs.join(fs.normalize(cfg.run.output_dir), 'align')})")
+        f"the step cache (generator.cache.kind={c.kind!r}) moved the pairs by round {v['round']} ({explain(v)}). Set "
+        "generator.cache.kind=none, loosen the cache, or generator.cache.on_moved_pairs=exact, then run again with "
+        f"--resume (the rounds so far: anisora-ray report --run {fs.join(fs.normalize(cfg.run.output_dir), 'align')})")

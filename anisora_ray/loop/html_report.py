@@ -192,7 +192,9 @@ def cache_audit_table(rows: Sequence[dict]) -> str:
                ("cache_audit_drift_max_levels", "max", "{:.0f}"), ("cache_audit_psnr_db", "PSNR dB", "{:.1f}"),
                ("cache_audit_reward_change", "reward change", "{:+.4f}"),
                ("cache_audit_reward_abs_change", "mean |change|", "{:.4f}"), ("cache_audit_same_pair", "same pair", "{:.0%}"),
-               ("cache_audit_same_pair_pooled", "all audits so far", "{:.0%}"))
+               ("cache_audit_same_pair_pooled", "all audits so far", "{:.0%}"),
+               ("cache_audit_signal_kept", "GAPO signal kept", "{:.0%}"),
+               ("cache_audit_signal_kept_pooled", "all audits so far", "{:.0%}"))
     head = "".join(f"<th>{h}</th>" for _, h, _ in columns)
     body = "".join(f"<tr><td>{r['round']}</td>" + "".join(f"<td>{_cell(r.get(k), fmt)}</td>" for k, _, fmt in columns)
                    + "</tr>" for r in audited)
@@ -202,8 +204,10 @@ def cache_audit_table(rows: Sequence[dict]) -> str:
     return (f"<h2>Step cache audit</h2><table><tr><th>round</th>{head}</tr>{body}</table>{verdict}<p class='muted'>The "
             "first generator.cache.audit_prompts held-out prompts, a rollout's candidates each, rendered with the cache "
             "and with every step computed: drift of the raw frames (PSNR: empty when equal), the reward with the cache "
-            "minus without, and the share of prompts whose best and worst candidate stay the same (in this audit, and "
-            "pooled over every audit so far: generator.cache.min_same_pair acts on that one).</p>")
+            "minus without, the share of prompts whose best and worst candidate stay the same, and the share of the exact "
+            "pairs' GAPO weight (alpha**r_w - alpha**r_l, exact rewards) the cache's pairs keep: a swapped near-tie "
+            "loses little, an inverted pair counts against. Each in this audit and pooled over every audit so far: "
+            "generator.cache.min_same_pair and min_signal_kept act on the pooled ones.</p>")
 
 
 def cache_audit_cells(align_dir: str, rows: Sequence[dict], embed: bool, base_dir: str, limit: int) -> list[str]:

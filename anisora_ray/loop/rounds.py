@@ -215,7 +215,7 @@ def audit_metrics(cfg, index: int, heldout, workers, eval_dir: str, statistics, 
         return {}
     audit = audit_cache(cfg, heldout, workers.replicas, workers.rewards, fs.join(eval_dir, AUDIT_DIR), statistics, progress)
     log_audit(audit, cfg.generator.fps)
-    return {**audit.metrics(), **cache_policy.record_audit(cfg, state, index, audit.same_pair, parent_run_id)}
+    return {**audit.metrics(), **cache_policy.record_audit(cfg, state, index, audit.pairs, parent_run_id)}
 
 
 def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:

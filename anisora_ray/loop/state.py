@@ -34,7 +34,8 @@ class AlignState:
     statistics_uri: str = ""  # zscore statistics frozen at round 0 (every round's pairing and evaluation use them)
     rounds: list[RoundState] = field(default_factory=list)
     guard: dict = field(default_factory=dict)  # the reward-hacking guard's verdict when it stopped the loop
-    cache_audits: dict = field(default_factory=dict)  # round -> [prompts that kept their pair, prompts audited]
+    cache_audits: dict = field(default_factory=dict)  # round -> [prompts that kept their pair, prompts audited, GAPO
+    # signal of the cache's pairs, of the exact pairs] (loop/cache_policy.py)
     cache_verdict: dict = field(default_factory=dict)  # the step cache moved the pairs (loop/cache_policy.py)
 
     def round(self, index: int) -> RoundState:
