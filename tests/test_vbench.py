@@ -2,6 +2,7 @@
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -79,6 +80,9 @@ def test_learned_forms_load_dino_and_the_laion_head_through_from_pretrained(tmp_
             expected = float((feats @ head["weight"].T + head["bias"]).mean()) / 10
         assert scores["aesthetic_quality"] == pytest.approx(expected, rel=1e-5)
         assert 0.0 <= scores["subject_consistency"] <= 1.0
+        # the condition image at its own size (the demo's are 256 px): scored as the weight-free branch scores it
+        big = VideoMetrics(cfg).score(frames, cv2.resize(image, (128, 128), interpolation=cv2.INTER_CUBIC), fps=8)
+        assert set(big) == set(scores) and all(math.isfinite(big[k]) for k, v in scores.items() if math.isfinite(v))
     assert "config.json" in __import__("os").listdir(resolve_backbone("tiny:dinov2", cache))
 
     save_file({"weight": torch.randn(2, dim), "bias": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))

@@ -162,10 +162,10 @@ class VideoMetrics:
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 3:
             raise ValueError(f"expected uint8 frames [T>=3, H, W, 3], got shape {tuple(frames.shape)}")
         picked = self._frames_for_models(frames)
+        image = cv2.resize(image, (frames.shape[2], frames.shape[1]), interpolation=cv2.INTER_AREA)  # the video's size
         if self.subject is not None:
             feats = self._subject_features(np.concatenate([image[None], picked]))
         else:
-            image = cv2.resize(image, (frames.shape[2], frames.shape[1]), interpolation=cv2.INTER_AREA)
             feats = thumbnail_features(np.concatenate([image[None], frames]))
         out = {**own_measures(frames, image, prompt), "subject_consistency": subject_consistency(feats[0], feats[1:]),
                "dynamic_degree": dynamic_degree(frames, fps), "motion_smoothness": motion_smoothness(frames)}
