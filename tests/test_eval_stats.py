@@ -51,3 +51,24 @@ def test_only_prompts_scored_in_both_rounds_count():
     assert result.num_prompts == 2 and result.mean_diff == pytest.approx(0.25)
     with pytest.raises(ValueError, match=">= 2 prompts"):
         paired_comparison({"a": 0.1}, {"a": 0.2})
+
+
+def test_a_round_with_fewer_than_two_prompts_scored_in_both_gets_a_nan_row_and_a_warning(caplog):
+    """A round whose held-out prompts were nearly all quarantined is reported (NaN comparison), not failed: its
+    evaluation would fail again on every resume, with the same seeds and weights."""
+    import math
+
+    from anisora_ray.eval.heldout import EvalResult
+    from anisora_ray.eval.stats import compare_or_nan
+    from anisora_ray.loop.samples import eval_row
+
+    baseline = {"a": 0.4, "b": 0.5}
+    result = EvalResult(per_prompt={"a": 0.6, "b": float("nan")}, dimensions={}, mean_reward=0.6, scores_uri="scores",
+                        candidates=4, quarantined=2, weights_version=1)
+    with caplog.at_level("WARNING", logger="anisora_ray.loop.samples"):
+        row = eval_row(1, result, baseline, samples=200, seed=0)
+    assert row["num_prompts"] == 1.0 and row["wins"] == 0.0 and row["heldout_reward"] == 0.6
+    assert all(math.isnan(row[k]) for k in ("mean_diff", "ci_low", "ci_high", "p_value"))
+    assert "round 1: 1 held-out prompt(s) scored in both" in caplog.text
+    full = compare_or_nan(baseline, {"a": 0.6, "b": 0.8}, samples=200)  # two prompts: the real comparison
+    assert full == paired_comparison(baseline, {"a": 0.6, "b": 0.8}, samples=200)

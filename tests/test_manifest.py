@@ -87,3 +87,22 @@ def test_missing_or_broken_image_is_named(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(ImageLoadError, match="bad.png.*not a readable image"):
         load_image(str(tmp_path / "bad.png"))
+    # a valid 1x1 PNG whose header claims 20000x10000 pixels: PIL's DecompressionBombError, a content error too
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", 20000, 10000) + bytes(png[24:29])  # width, height, then depth .. interlace as saved
+    png[16:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tmp_path / "bomb.png").write_bytes(bytes(png))
+    with pytest.raises(ImageLoadError, match="bomb.png.*DecompressionBombError"):
+        load_image(str(tmp_path / "bomb.png"))
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:40])  # truncated inside its pixel data
+    with pytest.raises(ImageLoadError, match="cut.png.*not a readable image"):
+        load_image(str(tmp_path / "cut.png"))

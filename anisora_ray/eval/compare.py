@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from anisora_ray.eval.annotate import wilson
-from anisora_ray.eval.stats import paired_comparison
+from anisora_ray.eval.stats import compare_or_nan
 
 
 def per_prompt_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
@@ -58,11 +58,7 @@ def compare_versions(tables: Mapping[str, list[Mapping]], baseline: str, metrics
         per_metric = {}
         for m in metrics:
             before, after = per_prompt_means(base_rows, m), per_prompt_means(rows, m)
-            try:
-                per_metric[m] = paired_comparison(before, after, samples=samples, seed=seed).to_dict()
-            except ValueError:  # fewer than two prompts scored in both
-                per_metric[m] = {"mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
-                                 "num_prompts": 0.0, "wins": 0.0}
+            per_metric[m] = compare_or_nan(before, after, samples=samples, seed=seed).to_dict()
         out["versions"][label] = {"metrics": per_metric, "reward_win_rate": reward_win_rate(base_rows, rows)}
     return out
 

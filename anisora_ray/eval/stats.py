@@ -32,6 +32,22 @@ class PairedComparison:
                 "num_prompts": float(self.num_prompts), "wins": float(self.wins)}
 
 
+def scored_in_both(before: Mapping[str, float], after: Mapping[str, float]) -> list[str]:
+    """The prompts with a finite value in both rounds: what a paired comparison counts."""
+    return sorted(k for k in before if k in after and np.isfinite(before[k]) and np.isfinite(after[k]))
+
+
+def compare_or_nan(before: Mapping[str, float], after: Mapping[str, float], samples: int = 2000,
+                   seed: int = 0) -> PairedComparison:
+    """:func:`paired_comparison`, or NaN everywhere (the prompts still counted) when fewer than two prompts were
+    scored in both rounds: a round whose held-out prompts were nearly all quarantined is reported, not failed."""
+    common = scored_in_both(before, after)
+    if len(common) < 2:
+        nan = float("nan")
+        return PairedComparison(nan, nan, nan, nan, num_prompts=len(common), wins=0)
+    return paired_comparison(before, after, samples=samples, seed=seed)
+
+
 def _mean(x, axis=-1):
     return np.mean(x, axis=axis)
 
@@ -42,7 +58,7 @@ def paired_comparison(before: Mapping[str, float], after: Mapping[str, float], s
     the exact limit, for the permutation test."""
     from scipy import stats
 
-    common = sorted(k for k in before if k in after and np.isfinite(before[k]) and np.isfinite(after[k]))
+    common = scored_in_both(before, after)
     if len(common) < 2:
         raise ValueError(f"a paired comparison needs >= 2 prompts scored in both rounds, got {len(common)}")
     diff = np.array([after[k] - before[k] for k in common], dtype=float)

@@ -20,9 +20,13 @@ def load_image(uri: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageLoadError(uri, f"not a readable image ({exc})") from None
-    return image.convert("RGB")
+        return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageLoadError(uri, "not a readable image (no image format recognised)") from None
+    # the bytes were read: whatever fails to decode them is the file's (a truncated or corrupt image, PIL's
+    # DecompressionBombError for a header claiming more pixels than Image.MAX_IMAGE_PIXELS allows, ...)
+    except Exception as exc:  # noqa: BLE001
+        raise ImageLoadError(uri, f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def save_image(image: Image.Image, uri: str) -> None:

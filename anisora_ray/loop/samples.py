@@ -3,21 +3,30 @@ and runs a killed driver left open."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.eval.cache_audit import AUDIT_SIDE_BY_SIDE, CacheAudit
 from anisora_ray.eval.heldout import EvalResult
-from anisora_ray.eval.stats import paired_comparison
+from anisora_ray.eval.stats import compare_or_nan
 from anisora_ray.io import fs
 from anisora_ray.loop.report import side_by_side, side_by_side_videos
 from anisora_ray.pairs.writer import read_pairs
 
+log = logging.getLogger(__name__)
+
 
 def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int) -> dict:
+    """Round ``index``'s held-out row: its metrics and, given round 0's per-prompt rewards, the paired comparison
+    (NaN, with a warning, when fewer than two prompts were scored in both rounds)."""
     row = {"round": index, **result.metrics(), "weights_version": result.weights_version}
     if baseline is not None:
-        row.update(paired_comparison(baseline, result.per_prompt, samples=samples, seed=seed).to_dict())
+        comparison = compare_or_nan(baseline, result.per_prompt, samples=samples, seed=seed)
+        if comparison.num_prompts < 2:
+            log.warning("round %d: %d held-out prompt(s) scored in both this round and round 0: no paired comparison "
+                        "(each candidate's quarantine reason: %s)", index, comparison.num_prompts, result.scores_uri)
+        row.update(comparison.to_dict())
     return row
 
 
