@@ -73,3 +73,42 @@ def test_replicas_are_persistent_actors_with_versions(replicas):
     assert [p["actor_id"] for p in group.placements()] == [p["actor_id"] for p in before]
     assert len({p["pid"] for p in before}) == 2
     assert all(os.getpid() != p["pid"] for p in before)
+
+
+def test_a_call_that_failed_on_a_replica_is_sent_to_another_and_a_broken_replica_fails_nothing(ray_cluster, make_config):
+    """``GeneratorReplicas._spread``: a replica that fails every call (a GPU raising CUDA errors, its process alive) gets
+    each chunk at most once, the chunk goes to a replica it has not failed on, healthy replicas are preferred; the
+    stage fails (naming the replicas) only when a chunk failed more than ``generator.call_retries`` times. Real Ray
+    actors stand in for the replicas: the routing is what is tested."""
+    import ray
+
+    from anisora_ray.errors import InfrastructureError
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def __init__(self, broken: bool):
+            self.broken, self.calls = broken, 0
+
+        def run(self, chunk):
+            self.calls += 1
+            if self.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return ([r.item.prompt_id for r in chunk],)
+
+        def count(self):
+            return self.calls
+
+    cfg = make_config("generator.max_calls_in_flight=1", "generator.call_retries=1")
+    requests = [GenerationRequest(PromptItem(f"p{i}", "a prompt", "image.png"), (i,)) for i in range(8)]
+    spread = object.__new__(GeneratorReplicas)  # only the routing: no pipelines
+    spread.cfg = cfg
+    spread.actors = [Replica.remote(broken) for broken in (True, False, False)]
+    (done,) = spread._spread(lambda actor, chunk: actor.run.remote(chunk), 1, requests, None)
+    assert sorted(done) == [f"p{i}" for i in range(8)]  # with call_retries=1: no chunk failed twice
+    calls = ray.get([a.count.remote() for a in spread.actors])
+    assert sum(calls[1:]) == 8 and 1 <= calls[0] < 8  # the broken one got at most its first calls and overflow
+
+    spread.actors = [Replica.remote(True), Replica.remote(True)]
+    with pytest.raises(InfrastructureError, match=r"generator replica\(s\) \[0, 1\] failed 2 time\(s\) on prompts "
+                                                  r"\['p\d'\]: RayTaskError.*CUDA error"):
+        spread._spread(lambda actor, chunk: actor.run.remote(chunk), 1, requests, None)

@@ -215,7 +215,8 @@ class GeneratorReplicas:
                 requests: Sequence[GenerationRequest], on_progress: Callable[[int], None] | None) -> tuple[list, ...]:
         """``send(replica, chunk)`` (a call's reference) for chunks of ``generator.prompts_per_call`` requests, at
         most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
-        ``generator.call_retries`` times), a restarting replica waited for. Each call returns ``parts`` lists: each
+        ``generator.call_retries`` times) to a replica that has not failed it while there is one, so one broken
+        replica does not fail the stage; a restarting replica is waited for. Each call returns ``parts`` lists: each
         concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
         pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
@@ -224,11 +225,27 @@ class GeneratorReplicas:
         gathered: list[list] = [[] for _ in range(parts)]
         limit = self.cfg.generator.max_calls_in_flight
         failures: dict[int, int] = {}
+        failed_on: dict[int, set[int]] = {}  # chunk -> the replicas it failed on
+        streak = [0] * len(self.actors)  # per replica: calls failed since its last success (healthy ones go first)
         restarting: dict[int, float] = {}  # chunk -> when its replica was first seen restarting
+
+        def pick(chunk: list[GenerationRequest]) -> int | None:
+            """The healthiest, then least-loaded, free replica the chunk has not failed on; None: it waits for a
+            busy one."""
+            free = [i for i in range(len(load)) if load[i] < limit]
+            avoid = failed_on.get(id(chunk), set())
+            fresh = [i for i in free if i not in avoid]
+            if not fresh and (len(avoid) < len(load) or not free):
+                return None
+            return min(fresh or free, key=lambda i: (streak[i] > 0, load[i]))  # every replica failed it: any of them
+
         while pending or in_flight:
             while pending and min(load) < limit:
-                replica = load.index(min(load))
-                chunk = pending.popleft()
+                # the first chunk that can go now (the head, unless it waits for a replica it has not failed on)
+                chunk, replica = next(((c, r) for c in pending if (r := pick(c)) is not None), (None, None))
+                if chunk is None:
+                    break
+                pending.remove(chunk)
                 in_flight[send(self.actors[replica], chunk)] = (replica, chunk)
                 load[replica] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -246,14 +263,17 @@ class GeneratorReplicas:
                                           f"(prompts {[r.item.prompt_id for r in chunk]})") from None
             except Exception as exc:  # noqa: BLE001 - the replica died or failed: the chunk is sent again
                 failures[key] = failures.get(key, 0) + 1
+                failed_on.setdefault(key, set()).add(replica)
+                streak[replica] += 1
                 if failures[key] > self.cfg.generator.call_retries:
-                    raise InfrastructureError(f"generator replica {replica} failed {failures[key]} time(s) on prompts "
-                                              f"{[r.item.prompt_id for r in chunk]}: {type(exc).__name__}: "
-                                              f"{first_line(exc)}") from None
+                    raise InfrastructureError(f"generator replica(s) {sorted(failed_on[key])} failed {failures[key]} "
+                                              f"time(s) on prompts {[r.item.prompt_id for r in chunk]}: "
+                                              f"{type(exc).__name__}: {first_line(exc)}") from None
                 log.warning("generator replica %d failed (%s: %s); sending its prompts again", replica,
                             type(exc).__name__, first_line(exc))
                 pending.appendleft(chunk)
                 continue
+            streak[replica] = 0
             for into, part in zip(gathered, result, strict=True):
                 into += part
             if on_progress:
