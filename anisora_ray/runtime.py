@@ -64,18 +64,37 @@ def train_settings(cfg: RayConfig) -> Iterator[None]:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)  # a lost node must not take the router down with it
 class LeastLoaded:
     """Leases the least-loaded of ``count`` workers (e.g. generator replicas) to callers from many processes;
-    lives as long as the worker group, so streaming stages that come and go share one view of the load."""
+    lives as long as the worker group, so streaming stages that come and go share one view of the load.
 
-    def __init__(self, count: int) -> None:
+    A worker a call failed on (``release(index, failed=True)``) is leased only when every other one failed within
+    ``cooldown_s`` too, until that long has passed or a call on it succeeded: a replica that fails every call
+    gets a few calls a cooldown, not its share; one restarted after a crash comes back. ``avoid``: the workers a
+    retry must not go to (those its call failed on) while there is another."""
+
+    def __init__(self, count: int, cooldown_s: float = 60.0) -> None:
         self.load = [0] * count
+        self.failed_at: list[float | None] = [None] * count
+        self.cooldown_s = cooldown_s
 
-    def lease(self) -> int:
-        index = min(range(len(self.load)), key=self.load.__getitem__)
+    def lease(self, avoid: tuple[int, ...] = ()) -> int:
+        now = time.monotonic()
+        choices = [i for i in range(len(self.load)) if i not in avoid] or list(range(len(self.load)))
+
+        def recently_failed(i: int) -> bool:
+            return self.failed_at[i] is not None and now - self.failed_at[i] < self.cooldown_s
+
+        index = min(choices, key=lambda i: (recently_failed(i), self.load[i]))
         self.load[index] += 1
         return index
 
-    def release(self, index: int) -> None:
+    def release(self, index: int, failed: bool | None = False) -> None:
+        """``failed``: the call failed on the worker (True), succeeded (False), or says nothing of it (None)."""
         self.load[index] = max(0, self.load[index] - 1)
+        if failed is not None:
+            self.failed_at[index] = time.monotonic() if failed else None
+
+    def loads(self) -> list[int]:
+        return list(self.load)
 
 
 def actor_placement() -> dict:
@@ -134,9 +153,9 @@ def first_line(exc: BaseException) -> str:
 RESTART_WAIT_S = 600.0  # a call to a restarting actor waits this long for it, without spending a retry
 
 
-def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str, retries: int, timeout_s: float | None = None,
-                      on_timeout: Callable[[], None] | None = None, first: ray.ObjectRef | None = None,
-                      restart_wait_s: float = RESTART_WAIT_S) -> tuple[Any, int]:
+def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str | Callable[[], str], retries: int,
+                      timeout_s: float | None = None, on_timeout: Callable[[], None] | None = None,
+                      first: ray.ObjectRef | None = None, restart_wait_s: float = RESTART_WAIT_S) -> tuple[Any, int]:
     """``ray.get(submit())``, submitted again after an infrastructure failure: the actor died or is
     restarting (waited for up to ``restart_wait_s``, not counted), the call raised, or it ran past ``timeout_s`` (``on_timeout`` runs first, e.g. kill
     the actor so Ray restarts it). Returns (result, times the call was sent again); after ``retries`` more tries raises
@@ -144,6 +163,10 @@ def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str, retries
     as values (quarantine records, NaN scores), not as exceptions."""
     last: BaseException | None = None
     ref = first
+
+    def name() -> str:  # ``what`` may change as the call moves (a callable: read when reported)
+        return what() if callable(what) else what
+
     attempt = resent = 0
     restarting_since = None
     while attempt <= retries:
@@ -160,15 +183,15 @@ def call_with_retries(submit: Callable[[], ray.ObjectRef], *, what: str, retries
             last = exc
         except ray.exceptions.GetTimeoutError as exc:
             last = exc
-            log.warning("%s: no answer within %.0fs (try %d of %d)", what, timeout_s, attempt + 1, retries + 1)
+            log.warning("%s: no answer within %.0fs (try %d of %d)", name(), timeout_s, attempt + 1, retries + 1)
             if on_timeout is not None:
                 on_timeout()
         except Exception as exc:  # noqa: BLE001 - dead actor, unavailable actor, or an error raised by the call
             last = exc
-            log.warning("%s failed (try %d of %d): %s: %s", what, attempt + 1, retries + 1, type(exc).__name__,
+            log.warning("%s failed (try %d of %d): %s: %s", name(), attempt + 1, retries + 1, type(exc).__name__,
                         first_line(exc))
         ref, restarting_since, resent = None, None, resent + 1
         time.sleep(min(5.0, 0.2 * 2**attempt))
         attempt += 1
-    raise InfrastructureError(f"{what} failed {retries + 1} time(s); last error: {type(last).__name__}: "
+    raise InfrastructureError(f"{name()} failed {retries + 1} time(s); last error: {type(last).__name__}: "
                               f"{first_line(last)}")

@@ -173,3 +173,60 @@ def test_z_scored_rewards_do_not_depend_on_the_order_rows_stream_in(ray_cluster,
         assert result.pairs == 6
         outcomes.append(sorted(key(p) for p in read_pairs(out)))
     assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+def test_the_pairs_stage_resends_a_failed_call_elsewhere_and_the_router_leases_a_failing_replica_last(ray_cluster):
+    """``generate_on_replicas`` (the pairs stage's generation task): a call that failed on a replica goes to another
+    (``call_retries`` counts the tries wherever they ran), and ``runtime.LeastLoaded`` then leases that replica only
+    when no other is left, until its cooldown has passed or a call on it succeeded. Real Ray actors stand in for the
+    replicas: the routing is what is tested."""
+    import pyarrow as pa
+    import ray
+
+    from anisora_ray.errors import InfrastructureError
+    from anisora_ray.pairs.forward import generate_on_replicas
+    from anisora_ray.runtime import LeastLoaded
+    from anisora_ray.types import Candidate
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def __init__(self, broken: bool):
+            self.broken, self.calls = broken, 0
+
+        def start(self, requests, out_dir, exact):
+            self.calls += 1
+            if self.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return [Candidate(r.item.prompt_id, r.item.prompt, r.item.image_uri, s, i, video_uri=f"{r.item.prompt_id}-{s}.mp4",
+                              weights_version=0, num_frames=9, height=64, width=64, fps=8, frames_sha256="",
+                              replica_id="r", generate_seconds=1.0, encode_seconds=0.1)
+                    for r in requests for i, s in enumerate(r.seeds)]
+
+        def finish(self, made):
+            return made, []
+
+        def count(self):
+            return self.calls
+
+    def batch(prompts: range) -> pa.Table:
+        return pa.Table.from_pylist([{"prompt_id": f"p{p}", "prompt": "a prompt", "image_uri": "image.png",
+                                      "character_id": None, "seed": s, "candidate_index": s}
+                                     for p in prompts for s in range(2)])
+
+    replicas = [Replica.remote(broken) for broken in (True, False, False)]
+    router = LeastLoaded.remote(3)
+    out = generate_on_replicas(batch(range(4)), replicas, router, "out", retries=1, prompts_per_call=1).to_pylist()
+    assert [r["error"] for r in out] == [""] * 8 and {r["video_uri"] for r in out} == {f"p{p}-{s}.mp4" for p in range(4)
+                                                                                       for s in range(2)}
+    assert out[0]["retries"] == 2  # the two calls first leased to replica 0 (least loaded in turn), each sent again
+    assert ray.get(router.loads.remote()) == [0, 0, 0]
+    assert ray.get(replicas[0].count.remote()) == 2
+    generate_on_replicas(batch(range(4, 10)), replicas, router, "out", retries=0, prompts_per_call=1)
+    assert ray.get(replicas[0].count.remote()) == 2  # within its cooldown: not leased while the others are there
+
+    fresh = LeastLoaded.remote(2, cooldown_s=0.0)  # cooldown over: the replica is tried again, and fails the stage
+    with pytest.raises(InfrastructureError, match=r"generator call of prompts \['p0'\] \(replicas \[0, 1\]\) failed 2 "
+                                                  r"time\(s\).*CUDA error"):
+        generate_on_replicas(batch(range(1)), [replicas[0], Replica.remote(True)], fresh, "out", retries=1,
+                             prompts_per_call=1)
+    assert ray.get(fresh.loads.remote()) == [0, 0]

@@ -49,11 +49,11 @@ def objects(arrays: list[np.ndarray]) -> np.ndarray:
     return holder
 
 
-def _lease(router, count: int) -> int:
+def _lease(router, count: int, avoid: tuple[int, ...] = ()) -> int:
     try:
-        return ray.get(router.lease.remote(), timeout=60)
+        return ray.get(router.lease.remote(avoid), timeout=60)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # only spreads the load: any replica will do
-        return random.randrange(count)
+        return random.choice([i for i in range(count) if i not in avoid] or range(count))
 
 
 def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, timeout_s: float | None = None,
@@ -74,22 +74,33 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
     size = prompts_per_call or len(requests)
     groups = [requests[i: i + size] for i in range(0, len(requests), size)]
     leased = [_lease(router, len(replicas)) for _ in groups]
+    tried = [[index] for index in leased]  # per call: the replicas it was sent to
     candidates, quarantined, retried = [], [], 0
+    failed_at_last: dict[int, bool] = {}  # per call: whether its last replica failed it (for the router)
+
+    def resend(g: int) -> ray.ObjectRef:  # a call that failed goes to another replica while there is one
+        router.release.remote(leased[g], failed=True)
+        leased[g] = _lease(router, len(replicas), avoid=tuple(tried[g]))
+        tried[g].append(leased[g])
+        return generate_call(replicas[leased[g]], groups[g], out_dir, exact)
+
     try:
         refs = [generate_call(replicas[index], group, out_dir, exact)
                 for index, group in zip(leased, groups, strict=True)]
-        for index, group, ref in zip(leased, groups, refs, strict=True):
-            replica = replicas[index]
-            (made, failed), tries = call_with_retries(  # a dead or hung replica is restarted, the call sent again
-                lambda r=replica, g=group: generate_call(r, g, out_dir, exact), first=ref,
-                what=f"generator replica {index}", retries=retries, timeout_s=timeout_s,
-                on_timeout=lambda r=replica: ray.kill(r, no_restart=False))
+        for g, ref in enumerate(refs):
+            failed_at_last[g] = True
+            (made, failed), tries = call_with_retries(  # a hung replica is restarted (killed), the call sent again
+                lambda g=g: resend(g), first=ref, retries=retries, timeout_s=timeout_s,
+                what=lambda g=g: f"generator call of prompts {[r.item.prompt_id for r in groups[g]][:4]} "
+                                 f"(replicas {tried[g]})",
+                on_timeout=lambda g=g: ray.kill(replicas[leased[g]], no_restart=False))
+            failed_at_last[g] = False
             candidates += made
             quarantined += failed
             retried += tries
-    finally:
-        for index in leased:
-            router.release.remote(index)
+    finally:  # a call never waited for (an earlier one failed for good) says nothing of its replica
+        for g, index in enumerate(leased):
+            router.release.remote(index, failed=failed_at_last.get(g))
     made = {(c.prompt_id, c.seed): c for c in candidates}
     failed = {q.item_id: f"generation failed: {q.reason}: {q.detail}" for q in quarantined}
     out, errors = [], []
