@@ -49,6 +49,15 @@ def test_a_motion_only_reward_drives_the_first_frame_away_and_the_guard_rolls_ba
     assert str(alias.version) == verdict["best_model_version"] and alias.tags["round"] == str(best)
     assert client.get_run(result.parent_run_id).data.tags["anisora.guard"].startswith("fired at round")
 
-    # a resumed job with more rounds does not train past the guard
+    # a job that died during its rollback (verdict saved, replicas not yet back, alias not set) finishes the rollback
+    # when resumed, and a resumed job with more rounds does not train past the guard
+    state.guard = {k: v for k, v in state.guard.items() if k not in ("best_round", "best_model_version")}
+    state.save(result.state_uri)
+    client.delete_registered_model_alias("anisora-guard-test", "best")
     again = run_alignment(load_config(LOCAL_CONFIG, [*overrides, "loop.rounds=3"]), resume=True, progress=False, root=REPO)
-    assert again.guard == verdict and not os.path.exists(tmp_path / "out" / "align" / f"round-{verdict['round'] + 1}")
+    assert again.guard["best_round"] == best and not os.path.exists(tmp_path / "out" / "align" / f"round-{verdict['round'] + 1}")
+    assert {k: v for k, v in again.guard.items() if k != "best_model_version"} == {
+        k: v for k, v in verdict.items() if k != "best_model_version"}
+    alias = client.get_model_version_by_alias("anisora-guard-test", "best")  # round 0 registered anew: a new version
+    assert str(alias.version) == again.guard["best_model_version"] and alias.tags["round"] == str(best)
+    assert AlignState.load(result.state_uri).guard == again.guard

@@ -145,6 +145,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                 state.save(state_uri)
             if fresh_baseline:
                 log_metrics(state.baseline["row"], step=0)
+            if _rollback_due(state):  # a rollback a crash cut short: finished before anything else
+                _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
             for index in range(1, rounds + 1):
                 if state.guard:  # the guard stopped the loop (a resumed job does not go past it)
                     break
@@ -162,7 +164,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     run_round_overlapped(ctx, state.round(index), state.round(index + 1) if index < rounds else None)
                 else:
                     run_round(ctx, state.round(index))
-                if state.guard.get("action") == "rollback" and "best_round" not in state.guard:
+                if _rollback_due(state):
                     _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
                 _apply_retention(cfg, state, out, state_uri, index)
             rows = [state.baseline["row"], *(r.metrics for r in sorted(state.rounds, key=lambda r: r.index)
@@ -205,13 +207,17 @@ def _next_round(state: AlignState, rounds: int) -> int | None:
     return next((i for i in range(1, rounds + 1) if i not in done), None)
 
 
+def _rollback_due(state: AlignState) -> bool:
+    """The guard's verdict says roll back and the rollback has not finished (``best_round`` is saved with its end)."""
+    return state.guard.get("action") == "rollback" and "best_round" not in state.guard
+
+
 def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str, state_uri: str, parent_run_id: str) -> None:
     """The replicas back to the best round the guard passed; its registered version gets the ``best`` alias."""
     rows = rows_of(state)
     flagged = {int(r["round"]) for r in rows if r.get("guard_fired")}
     best = guard.best_round(rows, flagged)
-    state.guard["best_round"] = best
-    target = state.latest_weights()
+    target = next((r for r in state.rounds if r.index == best), None)  # latest_weights() once best_round is saved
     if target is None:  # round 0: a fresh replica group on the untrained weights
         workers.stop()
         workers.start(None)
@@ -223,6 +229,7 @@ def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str
                                     parent_run_id, 0, 0))
         guard.set_best_alias(cfg.loop.registered_model, version)
         state.guard["best_model_version"] = version
+    state.guard["best_round"] = best  # the rollback is done: a crash before this line redoes it on resume
     log.warning("guard: replicas rolled back to round %d's weights", best)
     guard.record(out, state.guard)
     state.save(state_uri)
