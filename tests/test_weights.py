@@ -502,7 +502,8 @@ def test_refresh_floor_benchmark_delivers_verified_weights_by_both_designs():
 
 def test_update_hooks_run_in_pairs_and_a_failed_after_update_blocks_the_model():
     """``before_update``/``after_update`` (a quantized replica's dequantize/quantize) run around every update, also
-    one refused before anything is copied; an ``after_update`` that fails leaves the model blocked."""
+    one refused before anything is copied; an ``after_update`` that fails leaves the model blocked, and so does a
+    streamed update begun (layers dequantized) that stops before its first part."""
     from anisora_ray.weights.receiver import WeightsReceiver
     from anisora_ray.weights.state import pack_buckets, tensors_checksum
     from anisora_ray.weights.update import UpdateMeta
@@ -516,6 +517,7 @@ def test_update_hooks_run_in_pairs_and_a_failed_after_update_blocks_the_model():
 
         def before_update(self, kind):
             self.calls.append(("before", kind))
+            return True  # dequantized
 
         def after_update(self, kind):
             self.calls.append(("after", kind))
@@ -545,3 +547,10 @@ def test_update_hooks_run_in_pairs_and_a_failed_after_update_blocks_the_model():
     r.load_weights(*update(3))
     r.check_complete()
     assert r.weights_version == 3 and torch.all(r.module.weight == 3)
+    r.begin_update(4, "full")  # the sender dies before the first part: the layers stay dequantized
+    with pytest.raises(WeightsError, match="holds part of weights version 4"):
+        r.check_complete()
+    meta, buckets = update(5)  # the fallback refresh from storage (here: a whole update) replaces it
+    r.load_weights(meta, buckets)
+    r.check_complete()
+    assert r.weights_version == 5 and r.calls[-2:] == [("before", "full"), ("after", "full")]

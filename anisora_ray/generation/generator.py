@@ -149,11 +149,14 @@ class Generator(WeightsReceiver):
                       [torch.Generator(device=device).manual_seed(i) for i in range(batch)], steps=steps)
         return time.perf_counter() - start
 
-    def before_update(self, kind: str) -> None:
-        """A full update is copied into plain weights: FP8 layers are dequantized first."""
+    def before_update(self, kind: str) -> bool:
+        """A full update is copied into plain weights: FP8 layers are dequantized first (the replica is blocked
+        from then until the update commits)."""
         if self.cfg.quantize == "fp8" and kind == "full":
             for m in denoisers(self.pipe):
                 dequantize_fp8(m)
+            return True
+        return False
 
     def after_update(self, kind: str) -> None:
         """The new weights are quantized again and checked layer by layer (a LoRA update needs nothing: its

@@ -42,8 +42,10 @@ class WeightsReceiver:
         """Where the module runs, so where a broadcast group receives (an offloaded module rests on the host)."""
         return next(self.receiving_module().parameters()).device
 
-    def before_update(self, kind: str) -> None:
-        """Called before an update of ``kind`` is copied in (a quantized replica gives back plain weights)."""
+    def before_update(self, kind: str) -> bool:
+        """Called before an update of ``kind`` is copied in (a quantized replica gives back plain weights); returns
+        whether the module now differs from its loaded version (then it is blocked until the update commits)."""
+        return False
 
     def after_update(self, kind: str) -> None:
         """Called once an update of ``kind`` is verified, before its version is taken (a quantized replica
@@ -124,12 +126,16 @@ class WeightsReceiver:
         return self._loaded(record, report, "a live trainer")
 
     def _start(self, version: int, kind: str, lora: dict | None, scheme: str = "xxh3") -> UpdateLoader:
-        self.before_update(kind)
         try:
-            return UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
+            altered = self.before_update(kind)
+            loader = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
         except Exception:
-            self.after_update(kind)  # refused before anything was copied: the module is as it was
+            self.after_update(kind)  # refused (or failed half-way) before anything was copied: as it was
             raise
+        # e.g. dequantized FP8 layers: not the loaded version's, whether or not a part ever arrives (a stream
+        # that stops before its first part): blocked until this update (or another) commits
+        loader.partial = bool(altered)
+        return loader
 
     def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:
         record = meta.version  # a whole update replaces one left half-way; a failed one blocks the model too
