@@ -66,6 +66,32 @@ def test_sides_are_random_and_recorded_answers_replace_and_the_summary_counts_2_
         store.answer("  ", comparisons[0]["id"], "left")
 
 
+def test_a_study_of_several_versions_counts_each_against_its_own_comparisons_by_majority(tmp_path):
+    """Votes of another pair of versions in the same study are not the trained version's losses, a 2-2 split of four
+    annotators is no verdict either way, and the default trained version is the newest round by number."""
+    from anisora_ray.eval.annotate import version_order
+
+    store = study(tmp_path, 2)  # round-0 vs round-3: p0, p1
+    pairs = [(Candidate(f"p{i}", f"prompt {i}", 7, f"/b{i}.mp4"), Candidate(f"p{i}", f"prompt {i}", 7, f"/n{i}.mp4"))
+             for i in range(2)]
+    store.add_comparisons("round-0", "round-10", pairs, seed=1)
+    for c in store.comparisons():
+        labels = {c["left_label"], c["right_label"]}
+        if labels == {"round-0", "round-10"}:
+            wanted = ["round-10"] * 3
+        else:
+            wanted = ["round-3"] * 3 if c["prompt_id"] == "p0" else ["round-3", "round-3", "round-0", "round-0"]
+        for name, label in zip(["ann", "bo", "cy", "di"], wanted, strict=False):
+            store.answer(name, c["id"], pick(store, c, label))
+    three = summarize(store, trained="round-3")
+    assert (three["comparisons"], three["judged"], three["wins"], three["losses"], three["undecided"]) == (2, 2, 1, 0, 1)
+    assert three["annotators"]["di"] == {"answers": 1, "baseline": 1}
+    newest = summarize(store)
+    assert newest["trained"] == "round-10" and (newest["judged"], newest["wins"], newest["losses"]) == (2, 2, 0)
+    assert summarize(store, trained="round-10", baseline="round-3")["comparisons"] == 0  # never compared
+    assert version_order(["gapo", "round-10", "round-3", "round-0"]) == ["round-0", "round-3", "round-10", "gapo"]
+
+
 def tiny_align_dir(root) -> str:
     """An align/ folder with held-out candidates of round 0 and round 2 (3 prompts × 1 seed), real mp4s."""
     import pyarrow as pa

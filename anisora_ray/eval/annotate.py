@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -150,24 +151,29 @@ def fleiss_kappa(counts: list[list[int]]) -> float:
     return 1.0 if p_e == 1.0 else (p_bar - p_e) / (1.0 - p_e)
 
 
-def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 3) -> dict:
-    """Majority verdicts (at least 2 of ``judges``), the trained version's win rate with a Wilson CI,
-    Fleiss' kappa over the comparisons answered by exactly ``judges`` annotators, counts per annotator."""
-    comparisons = {c["id"]: c for c in store.comparisons()}
-    labels = sorted({c["left_label"] for c in comparisons.values()} | {c["right_label"] for c in comparisons.values()})
-    trained = trained or (labels[-1] if labels else None)
+def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 3, baseline: str | None = None) -> dict:
+    """Over the comparisons that show ``trained`` (default: the newest version in the store, rounds by number, then
+    the other labels; with ``baseline``, only those against it): majority verdicts (more than half of a
+    comparison's votes, at least ``judges`` of them), the trained version's win rate with a Wilson CI, Fleiss' kappa
+    over the comparisons answered by exactly ``judges`` annotators, counts per annotator."""
+    every = store.comparisons()
+    labels = version_order({c["left_label"] for c in every} | {c["right_label"] for c in every})
+    trained = trained or next((x for x in reversed(labels) if x != baseline), None)
+    comparisons = {c["id"]: c for c in every if trained in (c["left_label"], c["right_label"])
+                   and (baseline is None or baseline in (c["left_label"], c["right_label"]))}
     votes: dict[int, list[str]] = defaultdict(list)  # comparison -> the label each annotator preferred ("tie")
     per_annotator: dict[str, Counter] = defaultdict(Counter)
     for a in store.answers():
-        c = comparisons[a["comparison_id"]]
+        c = comparisons.get(a["comparison_id"])
+        if c is None:  # another pair of versions in the same study
+            continue
         label = c[f"{a['choice']}_label"] if a["choice"] != "tie" else "tie"
         votes[a["comparison_id"]].append(label)
         per_annotator[a["annotator"]]["answers"] += 1
         per_annotator[a["annotator"]]["tie" if label == "tie" else ("trained" if label == trained else "baseline")] += 1
     judged = {cid: v for cid, v in votes.items() if len(v) >= judges}
-    majority = judges // 2 + 1  # 2 of 3
-    wins = sum(1 for v in judged.values() if v.count(trained) >= majority)
-    losses = sum(1 for v in judged.values() if sum(1 for x in v if x not in (trained, "tie")) >= majority)
+    wins = sum(1 for v in judged.values() if v.count(trained) > len(v) / 2)  # 2 of 3, 3 of 4 or 5
+    losses = sum(1 for v in judged.values() if sum(1 for x in v if x not in (trained, "tie")) > len(v) / 2)
     decided = wins + losses
     exact = [v for v in votes.values() if len(v) == judges]
     categories = [trained, "tie", *[x for x in labels if x != trained]]
@@ -179,6 +185,12 @@ def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 
             "fleiss_kappa": kappa, "annotators": {k: dict(v) for k, v in sorted(per_annotator.items())}}
 
 
+def version_order(labels: Iterable[str]) -> list[str]:
+    """Version labels oldest first: rounds by number (``round-10`` after ``round-3``), then the other labels."""
+    rounds = sorted((x for x in labels if re.fullmatch(r"round-\d+", x)), key=lambda x: int(x.split("-")[1]))
+    return rounds + sorted(x for x in labels if x not in rounds)
+
+
 def label_of(version: int | str) -> str:
     """A round number names ``round-<r>``; any other label (``anisora-ray eval`` versions) stays as it is."""
     return f"round-{version}" if isinstance(version, int) or str(version).isdigit() else str(version)
@@ -188,15 +200,13 @@ def eval_labels(eval_dir: str) -> list[str]:
     """The versions with held-out videos under ``eval_dir`` (``<label>/eval/candidates.parquet``): the rounds
     of an align job, or the versions of ``anisora-ray eval``; rounds in order, then the other labels."""
     import os
-    import re
 
     from anisora_ray.io import fs
 
     filesystem, root = fs.url_to_fs(eval_dir)
     found = [os.path.basename(e.rstrip("/")) for e in filesystem.ls(root, detail=False)
              if filesystem.exists(f"{e.rstrip('/')}/eval/candidates.parquet")]
-    rounds = sorted((f for f in found if re.fullmatch(r"round-\d+", f)), key=lambda f: int(f.split("-")[1]))
-    return rounds + sorted(f for f in found if f not in rounds)
+    return version_order(found)
 
 
 def eval_candidates(eval_dir: str, version: int | str) -> dict[tuple[str, int], Candidate]:

@@ -162,7 +162,7 @@ def human_results(out: str, baseline: str) -> dict[str, dict]:
         return {}
     store = AnnotationStore(db)
     labels = {c["left_label"] for c in store.comparisons()} | {c["right_label"] for c in store.comparisons()}
-    return {label: summarize(store, trained=label) for label in sorted(labels - {baseline})}
+    return {label: summarize(store, trained=label, baseline=baseline) for label in sorted(labels - {baseline})}
 
 
 def evaluate_versions(cfg: AnisoraConfig, versions: list[Version], out: str, baseline: str | None = None,
