@@ -94,3 +94,40 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
         for c in held_out:
             twin = audited[(c.prompt_id, c.seed)]
             assert c.frames_sha256 == twin["frames_sha256_exact"] != twin["frames_sha256_cached"]
+
+
+def test_the_state_saves_while_the_other_thread_adds_metrics(tmp_path):
+    """The overlapped schedule saves the state from both threads while either may add a round's metric: every save
+    succeeds and loads back (``dataclasses.asdict`` raised "dictionary changed size during iteration")."""
+    import sys
+    import threading
+
+    from anisora_ray.loop.state import AlignState, RoundState
+
+    state = AlignState(rounds=[RoundState(1), RoundState(2)], guard={"findings": [{"measure": "x"}]})
+    busy = state.rounds[1].metrics
+    busy.update({f"m{i}": float(i) for i in range(200)})
+    stop = threading.Event()
+
+    def add_metrics() -> None:
+        i = 0
+        while not stop.is_set():
+            busy[f"x{i % 50}"] = float(i)
+            if i % 50 == 49:
+                for key in [k for k in busy if k.startswith("x")]:
+                    del busy[key]
+            i += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    other = threading.Thread(target=add_metrics)
+    other.start()
+    try:
+        for _ in range(200):
+            state.save(str(tmp_path / "state.json"))
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(interval)
+    loaded = AlignState.load(str(tmp_path / "state.json"))
+    assert loaded.rounds[1].metrics["m199"] == 199.0 and loaded.guard == state.guard

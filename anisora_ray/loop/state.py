@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from anisora_ray.io import fs
 
 PHASES = ("started", "paired", "trained", "refreshed", "evaluated")  # a round is done when evaluated
+
+
+def snapshot(value):
+    """``value`` as plain data, each dict and list copied in one step first (atomic under the GIL): in the
+    overlapped schedule one thread may add a round's metric while the other saves the state, which made
+    ``dataclasses.asdict`` raise "dictionary changed size during iteration"."""
+    if is_dataclass(value):
+        return {f.name: snapshot(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.copy().items()}
+    if isinstance(value, list | tuple):
+        return [snapshot(v) for v in list(value)]
+    return value
 
 
 @dataclass
@@ -54,7 +67,7 @@ class AlignState:
         return max(done, key=lambda r: r.index) if done else None
 
     def save(self, uri: str) -> None:
-        fs.write_bytes(uri, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+        fs.write_bytes(uri, json.dumps(snapshot(self), indent=2, sort_keys=True).encode())
 
     @classmethod
     def load(cls, uri: str) -> AlignState:
