@@ -85,3 +85,27 @@ def test_evidence_from_weight_free_stand_ins_alone_warns_instead_of_rolling_back
     assert decide(learned, base, only_subject, row, 2)["action"] == "rollback"  # a learned measure fell
     both = decide(weight_free, base, fell, row, 2)  # the guard's own measure fell too: acted on
     assert both["action"] == "rollback" and "downgraded" not in both
+
+
+def test_a_verdict_made_inside_a_rounds_run_goes_to_the_jobs_run(tmp_path):
+    """``guard.record`` tags the job's MLflow run and logs ``guard.json`` there, though the round's run is active
+    when the verdict is made (``stop`` never reaches the rollback, which records outside it)."""
+    import json
+
+    import mlflow
+
+    from anisora_ray.loop import guard
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("guard")
+        job = client.create_run(experiment).info.run_id
+        with mlflow.start_run(experiment_id=experiment) as round_run:
+            uri = guard.record(str(tmp_path), {"round": 2, "action": "stop", "fired": True}, job)
+        tags = {r: client.get_run(r).data.tags for r in (job, round_run.info.run_id)}
+        artifacts = [a.path for a in client.list_artifacts(job)]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tags[job]["anisora.guard"] == "fired at round 2: stop" and "anisora.guard" not in tags[round_run.info.run_id]
+    assert artifacts == ["guard.json"] and json.loads(open(uri).read())["action"] == "stop"

@@ -231,5 +231,5 @@ def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str
         state.guard["best_model_version"] = version
     state.guard["best_round"] = best  # the rollback is done: a crash before this line redoes it on resume
     log.warning("guard: replicas rolled back to round %d's weights", best)
-    guard.record(out, state.guard)
+    guard.record(out, state.guard, parent_run_id)
     state.save(state_uri)

@@ -83,14 +83,16 @@ def set_best_alias(name: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, "best", version)
 
 
-def record(out: str, verdict: dict) -> str:
-    """Write the verdict (``guard.json``) and log it to the active MLflow run; returns the file."""
-    import mlflow
+def record(out: str, verdict: dict, run_id: str) -> str:
+    """Write the verdict (``guard.json``) and log it to MLflow run ``run_id`` (the job's, whichever run is active:
+    the round's when the verdict is made); returns the file."""
+    from mlflow.tracking import MlflowClient
 
     uri = fs.join(out, "guard.json")
     fs.write_bytes(uri, json.dumps(verdict, indent=2, default=float).encode())
-    mlflow.set_tag("anisora.guard", f"fired at round {verdict['round']}: {verdict['action']}"
+    client = MlflowClient()
+    client.set_tag(run_id, "anisora.guard", f"fired at round {verdict['round']}: {verdict['action']}"
                    + (f", back to round {verdict['best_round']}" if "best_round" in verdict else ""))
     if not fs.is_url(uri):
-        mlflow.log_artifact(uri)
+        client.log_artifact(run_id, uri)
     return uri

@@ -195,7 +195,7 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
             row["guard_fired"] = float(verdict["fired"])
             if verdict["fired"] and verdict["action"] != "warn":
                 state.guard = verdict
-                guard.record(ctx.out, verdict)
+                guard.record(ctx.out, verdict, ctx.parent_run_id)
         rs.metrics.update(row)
         log_metrics(rs.metrics, step=rs.index)
         mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float)}, step=rs.index,

@@ -72,9 +72,9 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     own_rewards = reward_actors is None and cfg.pairs.reward_stage == "actors"
     if owned:
         replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
-    if own_rewards:
-        reward_actors = RewardActors(cfg.reward)
     try:
+        if own_rewards:
+            reward_actors = RewardActors(cfg.reward)  # failing to start: the replicas are shut down below
         if statistics is None and zscore_dimensions(cfg.reward.dimensions.as_dict()):
             statistics = calibrate(cfg, items, replicas, out_uri, reward_actors, progress)
         result = stream_pairs(cfg, items, replicas, out_uri, round_index, progress, reward_actors=reward_actors,
@@ -82,7 +82,7 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
     finally:
         if owned:
             replicas.shutdown()
-        if own_rewards:
+        if own_rewards and reward_actors is not None:
             reward_actors.shutdown()
     if result.skipped:
         log.warning("skipped prompts by reason: %s (in %s/skipped-*.parquet)", result.skipped, out_uri)
