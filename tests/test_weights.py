@@ -318,6 +318,7 @@ def test_stream_update_over_a_broadcast_group_and_a_failed_member(ray_cluster):
         assert {r["received"] for r in reports} == {r["loaded"] for r in reports} == {meta.version.checksum}
         for state in ray.get([a.state.remote() for a in actors]):
             assert all(torch.equal(state[k], live[k]) for k in live)
+        assert ray.get([a.in_weights_group.remote() for a in actors]) == [False, False]  # left (and its buffer) at commit
         live = {k: v * 3 for k, v in live.items()}
 
     # replica 1 fails on its second part (it takes no part in that broadcast): the whole group fails

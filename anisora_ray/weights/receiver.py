@@ -84,9 +84,7 @@ class WeightsReceiver:
 
     def join_weights_group(self, spec: GroupSpec, rank: int) -> None:
         """Join a sender's broadcast group (leaving the previous one); returns once the whole group has joined."""
-        if self._weights_group is not None:
-            self._weights_group.close()
-            self._weights_group = None
+        self._leave_weights_group()
         self._weights_group = WeightsGroup(spec, rank, self.compute_device())
 
     def begin_update(self, version: int, kind: str, lora: dict | None = None, scheme: str = "xxh3") -> None:
@@ -121,9 +119,18 @@ class WeightsReceiver:
         report = self._incoming.finish(record)
         self._settle(record.kind)
         self._incoming = None
+        self._leave_weights_group()  # each update forms a group of its own: its buffer (a bucket's size) goes now
         release_unused()
         cuda_ipc.release_unused()
         return self._loaded(record, report, "a live trainer")
+
+    def _leave_weights_group(self) -> None:
+        if self._weights_group is not None:
+            self._weights_group.close()
+            self._weights_group = None
+
+    def in_weights_group(self) -> bool:
+        return self._weights_group is not None
 
     def _start(self, version: int, kind: str, lora: dict | None, scheme: str = "xxh3") -> UpdateLoader:
         try:
