@@ -23,7 +23,7 @@ def _sha(videos: np.ndarray) -> list[str]:
 
 
 def test_a_replica_audits_its_cache_against_exact_frames_and_quarantines_a_bad_prompt(make_config, demo_manifest,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
     cfg = make_config("generator.num_inference_steps=8", "generator.cache.kind=faster_cache")
     pretrained = resolve_pretrained(cfg.model, cfg.generator)
     plain = Generator(pretrained, cfg.model, make_config("generator.num_inference_steps=8").generator, cfg.video)
@@ -46,6 +46,21 @@ def test_a_replica_audits_its_cache_against_exact_frames_and_quarantines_a_bad_p
     assert all(d["drift_mean_levels"] > 0 and math.isfinite(d["psnr_db"]) for d in drift)  # FasterCache moved them
     for kind, group in (("cached", with_cache), ("exact", exact)):
         assert all(os.path.getsize(c.video_uri) > 0 and f"/audit/{kind}/videos/" in c.video_uri for c in group)
+
+    # a request whose exact videos cannot be encoded (a bad value): quarantined with its twins and drift, the rest goes on
+    write = cached._write
+
+    def refuse_one(request, videos, seconds, out_dir, version):
+        if request.item.prompt_id == items[2].prompt_id and out_dir.endswith("exact"):
+            raise ValueError("yuv420p needs an even height and width")
+        return write(request, videos, seconds, out_dir, version)
+
+    monkeypatch.setattr(cached, "_write", refuse_one)
+    with_cache, exact, drift, quarantined = cached.audit(ok, str(tmp_path / "again"))
+    assert [(q.item_id, q.reason) for q in quarantined] == [(items[2].prompt_id, "ValueError")]
+    first = [(items[0].prompt_id, s) for s in requests[0].seeds]
+    assert [(c.prompt_id, c.seed) for c in with_cache] == [(c.prompt_id, c.seed) for c in exact] == first
+    assert [(d["prompt_id"], d["seed"]) for d in drift] == first
 
 
 def test_pairs_kept_or_lost_their_gapo_signal_and_the_metrics_of_an_audit():

@@ -308,11 +308,11 @@ class Generator(WeightsReceiver):
         """The cache audit (eval/cache_audit.py): each request rendered as rollouts are (``generator.cache`` on) and
         exactly (every step computed), at the same seeds. Returns the candidates of each (videos under
         ``out_dir``/cached and ``out_dir``/exact), each video's drift from its exact twin (raw frames, before the
-        codec), and the requests quarantined for bad input. The videos are encoded in the encoding thread while the
-        next request renders."""
+        codec), and the requests quarantined for bad input or videos that cannot be encoded. The videos are encoded
+        in the encoding thread while the next request renders."""
         self.check_complete()
         self.ready()
-        written, drift, quarantined = {"cached": [], "exact": []}, [], []
+        written, quarantined = [], []  # per request rendered: (request, its drift rows, its two encodings)
         for request in requests:  # one at a time: a bad item is quarantined alone
             try:
                 rendered = {}
@@ -322,12 +322,20 @@ class Generator(WeightsReceiver):
             except CONTENT_ERRORS as exc:
                 quarantined.append(self._quarantine(request, exc))
                 continue
-            drift += [{"prompt_id": request.item.prompt_id, "seed": int(seed), **frame_drift(c, e)}
-                      for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
-            for name, (videos, seconds) in rendered.items():
-                written[name].append(self._encoder.submit(self._write, request, videos, seconds,
-                                                          fs.join(out_dir, name), self._weights_version))
-        cached, exact = ([c for f in written[name] for c in f.result()] for name in ("cached", "exact"))
+            drift = [{"prompt_id": request.item.prompt_id, "seed": int(seed), **frame_drift(c, e)}
+                     for seed, c, e in zip(request.seeds, rendered["cached"][0], rendered["exact"][0])]
+            written.append((request, drift, {name: self._encoder.submit(self._write, request, videos, seconds,
+                                                                        fs.join(out_dir, name), self._weights_version)
+                                             for name, (videos, seconds) in rendered.items()}))
+        cached, exact, drift = [], [], []
+        for request, rows, encodings in written:
+            concurrent.futures.wait(encodings.values())
+            try:
+                got = {name: f.result() for name, f in encodings.items()}
+            except CONTENT_ERRORS as exc:  # both renderings or neither: the audit compares twins
+                quarantined.append(self._quarantine(request, exc))
+                continue
+            cached, exact, drift = cached + got["cached"], exact + got["exact"], drift + rows
         return cached, exact, drift, quarantined
 
     def _write(self, request: GenerationRequest, videos: np.ndarray, seconds: float, out_dir: str,
