@@ -154,7 +154,10 @@ class GeneratorReplicas:
         return self._ask("weights_state")
 
     def refresh(self, update: WeightsUpdate, timeout_s: float = 1800.0) -> list[dict]:
-        """Load ``update`` on every replica; raises WeightsError unless all verify and report its version."""
+        """Load ``update`` on every replica; raises WeightsError unless all verify and report its version. An
+        in-memory update has no folder, so the ledger does not record it: a replica Ray restarts afterwards reloads
+        the last folder refreshed (``refresh_from``, ``adopt``), not this. Benchmarks and tests use it; ``align``
+        refreshes from folders."""
         reports = refresh_actors(self.actors, update, timeout_s)
         lagging = [i for i, v in enumerate(self.weights_versions()) if v != update.version]
         if lagging:
