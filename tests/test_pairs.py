@@ -230,3 +230,34 @@ def test_the_pairs_stage_resends_a_failed_call_elsewhere_and_the_router_leases_a
         generate_on_replicas(batch(range(1)), [replicas[0], Replica.remote(True)], fresh, "out", retries=1,
                              prompts_per_call=1)
     assert ray.get(fresh.loads.remote()) == [0, 0]
+
+
+def test_scores_of_prompts_an_interrupted_flush_left_undone_are_not_written_twice(tmp_path):
+    """A flush writes skipped, scores, then pairs: cut short before its pairs shard, its prompts are redone on
+    resume, and the scores it did write for them are dropped when the next writer opens (kept for those done)."""
+    import dataclasses
+    import os
+
+    from anisora_ray.io import fs
+    from anisora_ray.pairs.writer import PairWriter
+
+    out = str(tmp_path / "pairs")
+    rules = PairsConfig()
+    a = [dataclasses.replace(scored(s, r), prompt_id="p") for s, r in ((1, 0.9), (2, 0.1))]
+    b = [dataclasses.replace(scored(s, 0.5), prompt_id="b") for s in (3, 4)]
+    writer = PairWriter(out)
+    writer.add(select_pair("p", a, rules), a)
+    writer.add(select_pair("b", b, PairsConfig(ties="skip")), b)  # a tie: skipped (done once its shard is written)
+    writer.flush()
+    os.remove(os.path.join(out, "pairs-00000.parquet"))  # the driver died before the pairs shard was written
+
+    again = PairWriter(out)
+    assert again.done == {"b"}
+    scores = fs.read_table(os.path.join(out, "scores-00000.parquet")).to_pylist()
+    assert sorted((r["prompt_id"], r["seed"]) for r in scores) == [("b", 3), ("b", 4)]  # p's rows dropped
+    again.add(select_pair("p", a, rules), a)  # p redone
+    again.flush()
+    rows = [r for name in sorted(os.listdir(out)) if name.startswith("scores-")
+            for r in fs.read_table(os.path.join(out, name)).to_pylist()]
+    assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [("b", 3), ("b", 4), ("p", 1), ("p", 2)]
+    assert [p.prompt_id for p in read_pairs(out)] == ["p"]

@@ -3,7 +3,9 @@
 Every ``flush`` writes ``skipped-NNNNN.parquet`` (prompts with no pair, with the reason), optionally
 ``scores-NNNNN.parquet`` (every candidate), and last ``pairs-NNNNN.parquet``; each file is written
 atomically. A prompt counts as done once it is in a pairs or skipped shard, so a re-run skips it and
-no prompt is written twice; an interruption loses at most the unflushed prompts, which are redone.
+no prompt is written twice; an interruption loses at most the unflushed prompts, which are redone. Scores of
+prompts an interrupted flush left undone (written before their pairs shard) are dropped when the writer opens,
+so the redone prompts' scores are not there twice.
 """
 
 from __future__ import annotations
@@ -48,10 +50,26 @@ class PairWriter:
         shards = _shards(out_uri)
         self.done: set[str] = {p.prompt_id for p in read_pairs(out_uri)} | {q.item_id for q in read_skipped(out_uri)}
         self._seq = max((seq for _, seq, _ in shards), default=-1) + 1
+        self._drop_undone_scores([uri for kind, seq, uri in shards if kind == "scores" and seq == self._seq - 1])
         self._pairs: list[PreferencePair] = []
         self._skipped: list[QuarantineRecord] = []
         self._scores: list[ScoredCandidate] = []
         self.written = {"pairs": 0, "skipped": 0}
+
+    def _drop_undone_scores(self, uris: list[str]) -> None:
+        """Only the last flush can have been cut short (each opened writer checks its predecessor's)."""
+        import pyarrow.compute as pc
+
+        for uri in uris:
+            table = fs.read_table(uri)
+            done = pc.is_in(table["prompt_id"], value_set=pa.array(sorted(self.done), pa.string()))
+            if pc.all(done).as_py() is not False:
+                continue
+            kept = table.filter(done)
+            if kept.num_rows:
+                fs.write_table(kept, uri)
+            else:
+                fs.remove(uri)
 
     @property
     def pending(self) -> int:
