@@ -56,7 +56,8 @@ CHILD = textwrap.dedent("""
     began = time.perf_counter()
     result = run_pairs(cfg, manifest, out, replicas=replicas, progress=False)
     seconds = time.perf_counter() - began
-    after = ray.get(replicas.actors[0].placement.remote())["node_id"]
+    from anisora_ray.runtime import call_with_retries  # the round may end before the replica is back elsewhere
+    after = call_with_retries(lambda: replicas.actors[0].placement.remote(), what="replica 0", retries=0)[0]["node_id"]
     print("RESULT " + json.dumps({"removed": bool(removed), "pairs": result.pairs, "retried": result.retried_candidates,
                                   "seconds": seconds, "same": outcome(out) == outcome(reference),
                                   "moved": after != target}), flush=True)
