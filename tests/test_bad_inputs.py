@@ -64,3 +64,24 @@ def test_long_prompts_are_truncated_with_a_warning_and_odd_images_are_converted(
     warned = [r.getMessage() for r in caplog.records  # ours (diffusers may warn too, in its own words)
               if r.name == "anisora_ray.generation.generator" and "truncated" in r.getMessage()]
     assert len(warned) == 1 and "prompt long has" in warned[0] and "generator.max_sequence_length" in warned[0]
+
+
+def test_a_cogvideox_15_checkpoint_is_refused_for_training_by_name(tmp_path):
+    """CogVideoX 1.5 (``patch_size_t``) pads latent frames to whole temporal patches in its pipeline; GAPO's step does
+    not reproduce that yet, so loading it for training names the checkpoint and the reason instead of failing on
+    every step."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from anisora_ray.config import TinyModelConfig
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.models.families import get_family
+    from anisora_ray.models.tiny import build_tiny_i2v_pipeline
+
+    pipe = build_tiny_i2v_pipeline(TinyModelConfig(warm_start_steps=0), 32, 32, 9)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    pipe.register_modules(transformer=CogVideoXTransformer3DModel(**{**config, "patch_size_t": 2,
+                                                                    "use_learned_positional_embeddings": False}))
+    pipe.save_pretrained(str(tmp_path / "v15"))
+    with pytest.raises(ConfigError, match=r"v15' is a CogVideoX 1.5 transformer \(patch_size_t=2\)"):
+        get_family("cogvideox_i2v").load(str(tmp_path / "v15"), "float32", "cpu", None, parts="trainer")
+    assert get_family("cogvideox_i2v").load(str(tmp_path / "v15"), "float32", "cpu", None).transformer is not None

@@ -114,6 +114,7 @@ def test_a_warning_tags_the_jobs_mlflow_run(tmp_path, caplog):
     ([*AUDITED, "generator.cache.min_same_pair=1.5"], "min_same_pair"),
     ([*AUDITED, "generator.cache.min_signal_kept=-0.1"], "min_signal_kept"),
     ([*AUDITED, "generator.cache.on_moved_pairs=retry"], "on_moved_pairs"),
+    ([*AUDITED, "generator.cache.on_moved_pairs=exact"], "on_moved_pairs='exact' acts .* both 0"),  # would never act
 ])
 def test_a_policy_without_audits_or_out_of_range_is_refused_by_name(overrides, culprit):
     with pytest.raises(ConfigError, match=culprit):

@@ -44,6 +44,12 @@ def test_make_demo_then_build_manifest(tmp_path, capsys):
     assert main(["build-manifest", "--images", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "p.jsonl"),
                  "--out", "memory://cli/m2.parquet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a flag of the other source is refused, not dropped (a captioning model would write the prompts instead)
+    for source, stray in (("--videos", ["--prompts", "p.jsonl"]), ("--images", ["--captions", "c.csv"]),
+                          ("--images", ["--images-out", "frames"])):
+        assert main(["build-manifest", source, str(tmp_path / "demo" / "images"), *stray,
+                     "--out", "memory://cli/m3.parquet"]) == 2
+        assert f"{stray[0]} do(es) not go with {source}" in capsys.readouterr().err
 
 
 def test_build_manifest_from_a_folder_of_clips_takes_first_frames_and_sets_bad_clips_aside(tmp_path, capsys):

@@ -41,6 +41,26 @@ def test_overrides_apply_with_yaml_typed_values():
     assert cfg.tracking.tracking_uri is None
 
 
+def test_yaml_quirks_do_not_change_a_value_silently(tmp_path):
+    """PyYAML's YAML 1.1: on/off/yes/no are booleans (a number field would take them as 1/0), ``1e-5`` is a string
+    (DeepSpeed's JSON would get a str), and `` #`` starts a comment (``run.name=exp #2`` lost its number)."""
+    for override in ("run.keep.weights=off", "generator.replicas=yes", "generator.guidance_scale=no"):
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]} = (True|False): expected a number, got the "
+                                              "boolean"):
+            load_config(LOCAL_CONFIG, [override])
+    cfg = load_config(LOCAL_CONFIG, ["gapo.deepspeed_overrides.optimizer.params.lr=1e-5", "run.name=exp #2",
+                                     "generator.compile=yes"])
+    assert cfg.gapo.deepspeed_overrides == {"optimizer": {"params": {"lr": 1e-5}}}
+    assert cfg.run.name == "exp #2" and cfg.generator.compile is True  # a boolean field still reads yes as true
+    path = tmp_path / "c.yaml"
+    path.write_text("gapo:\n  deepspeed_overrides: {optimizer: {params: {lr: 3e-6}}}\n")
+    assert load_config(str(path)).gapo.deepspeed_overrides["optimizer"]["params"]["lr"] == 3e-6
+    with pytest.raises(ConfigError) as err:  # a union field's members: one line, named by the key
+        load_config(LOCAL_CONFIG, ["run.keep.weights=x"])
+    assert "run.keep.weights = 'x': Input should be a valid integer" in str(err.value)
+    assert "or Input should be 'all'" in str(err.value) and "constrained-int" not in str(err.value)
+
+
 def test_bad_key_names_key_and_suggests():
     with pytest.raises(ConfigError) as err:
         load_config(LOCAL_CONFIG, ["generator.replicaz=2"])
@@ -66,6 +86,7 @@ def test_bad_type_names_key_value_and_expectation():
         ("generator.flow_shift=5", "generator.flow_shift applies to flow-matching families (wan_i2v); "
                                    "model.family='cogvideox_i2v'"),
         ("gapo.timesteps=sampler", "gapo.timesteps = 'sampler'"),
+        ("gapo.lora.dropout=0.1", "gapo.lora.dropout = 0.1: GAPO runs the policy in eval mode"),
         ("generator.guidance_scale=1;generator.cache.kind=faster_cache",
          "generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and guidance_scale=1.0"),
     ],

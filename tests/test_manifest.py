@@ -72,6 +72,13 @@ def test_build_manifest_from_folder(tmp_path):
     (tmp_path / "p.txt").write_text("first line\nsecond line\n")  # plain text pairs with sorted images
     items = build_manifest(str(images), str(tmp_path / "p.txt"), str(tmp_path / "m2.parquet"))
     assert [(i.prompt_id, i.prompt) for i in items] == [("one", "first line"), ("two", "second line")]
+    # numeric ids in a .jsonl are ids as text: character 0 stays linked to its gallery entry, prompt 0 is "0"
+    rows = [{"image": "one.png", "prompt": "first", "prompt_id": 0, "character_id": 0},
+            {"image": "two.png", "prompt": "second", "prompt_id": 7, "character_id": 12}]
+    (tmp_path / "n.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = build_manifest(str(images), str(tmp_path / "n.jsonl"), str(tmp_path / "m3.parquet"))
+    assert [(i.prompt_id, i.character_id) for i in items] == [("0", "0"), ("7", "12")]
+    assert read_manifest(str(tmp_path / "m3.parquet")) == items
 
 
 def test_build_manifest_names_missing_image(tmp_path):

@@ -29,6 +29,8 @@ def test_pair_rules():
     kept = select_pair("p0", [scored(1, 0.5), scored(2, 0.5)], PairsConfig(ties="keep"))
     assert (kept.winner_seed, kept.loser_seed, kept.reward_gap) == (1, 2, 0.0)
     assert select_pair("p0", [scored(1, 0.5), scored(2, 0.55)], PairsConfig(min_gap=0.1)).reason == "gap below min_gap"
+    with pytest.raises(ValueError, match="ties='keep' keeps pairs whose rewards are equal, and min_gap=0.1"):
+        PairsConfig(ties="keep", min_gap=0.1)  # min_gap would skip every tie: keep could never apply
 
 
 @pytest.fixture

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import types
+import typing
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 GIB = 2**30
 
@@ -13,9 +16,20 @@ def ray_request(resources: dict[str, float], memory_gib: float) -> dict[str, flo
 
 
 class Section(BaseModel):
-    """Base of all config sections: unknown keys are errors, assignments are validated."""
+    """Base of all config sections: unknown keys are errors, assignments are validated, and a number field refuses
+    a boolean (YAML reads ``on``/``off``/``yes``/``no`` as booleans, which pydantic would take as 1 and 0)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info: ValidationInfo):
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            kinds = _scalar_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {value} (YAML reads on/off/yes/no as "
+                                 "booleans: give a number)")
+        return value
 
 
 class ActorResources(Section):
@@ -37,6 +51,16 @@ class ActorResources(Section):
         memory = self.request().get("memory")
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
                 **({"memory": int(memory)} if memory else {})}
+
+
+def _scalar_types(annotation) -> set:
+    """The plain types a field's annotation admits (through unions, Optional and Annotated)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _scalar_types(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in args))
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 def amount(key: str, value: float) -> str:

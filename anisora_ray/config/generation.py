@@ -47,7 +47,12 @@ class StepCacheConfig(Section):
 
     @model_validator(mode="after")
     def _policy_needs_audits(self) -> StepCacheConfig:
-        if self.kind == "none" or self.audit_prompts > 0:  # no cache: nothing to act on
+        if self.kind == "none":  # no cache: nothing to act on (a config may inherit the policy and turn the cache off)
+            return self
+        if self.on_moved_pairs != "warn" and self.min_same_pair == 0 and self.min_signal_kept == 0:
+            raise ValueError(f"on_moved_pairs={self.on_moved_pairs!r} acts when an audited share falls below its "
+                             "threshold, and min_same_pair and min_signal_kept are both 0 (never): set one")
+        if self.audit_prompts > 0:
             return self
         for name in ("min_same_pair", "min_signal_kept"):
             if getattr(self, name) > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,35 @@ from anisora_ray.config.sections import AnisoraConfig
 from anisora_ray.errors import ConfigError
 
 
+class ConfigYamlLoader(yaml.SafeLoader):
+    """YAML as config files and overrides are read: ``1e-5`` is a float (YAML 1.1 wants ``1.0e-5``, so PyYAML
+    reads it as a string, which a number field would take but DeepSpeed's JSON overrides would not)."""
+
+
+ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+UNION_TAG = re.compile(r"^(?:constrained-\w+|function-[\w-]+|\w+\[.*\]|int|float|str|bool)$")  # pydantic's loc
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as a YAML scalar or flow collection."""
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as a YAML scalar or flow collection. A value with
+    `` #`` in it is taken as it is (YAML would drop the rest as a comment: ``run.name=exp #2``)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. generator.replicas=2")
+    if " #" in raw:
+        return key.split("."), raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({exc})") from exc
     return key.split("."), value
@@ -43,7 +65,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "<root>"
+    key = _key(error)
     value = error.get("input")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, [str(p) for p in error["loc"][:-1]])
@@ -54,6 +76,12 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     if not error["loc"]:  # a check across sections names its keys in the message itself
         return msg
     return f"{key} = {value!r}: {msg}"
+
+
+def _key(error: dict[str, Any]) -> str:
+    """The dotted key of a validation error, without the member tags pydantic adds for a union field
+    (``run.keep.weights``, not ``run.keep.weights.constrained-int``)."""
+    return ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and UNION_TAG.match(p))) or "<root>"
 
 
 def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -84,7 +112,12 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
     try:
         return AnisoraConfig.model_validate(_merge(AnisoraConfig().model_dump(), raw))
     except ValidationError as exc:
-        lines = [_describe(e, AnisoraConfig) for e in exc.errors()]
+        lines = list(dict.fromkeys(_describe(e, AnisoraConfig) for e in exc.errors()))
+        merged: dict[str, str] = {}  # a union field's members each say what they want: one line, "or"
+        for line in lines:
+            key, _, rest = line.partition(": ")
+            merged[key] = f"{merged[key]}, or {rest}" if key in merged else line
+        lines = list(merged.values())
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 
@@ -94,7 +127,7 @@ def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     if source in chain:
         raise ConfigError(f"config file {source!r} includes itself ({' -> '.join((*chain, source))})")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except FileNotFoundError:
         where = f" (included by {chain[-1]!r})" if chain else ""
         raise ConfigError(f"config file {source!r} does not exist{where}") from None

@@ -222,6 +222,13 @@ class PairsConfig(Section):
     reward_stage: Literal["pipeline", "actors"] = "actors"
     reward_forwarders: int = Field(default=2, ge=1)  # "actors": concurrent forwarding workers
 
+    @model_validator(mode="after")
+    def _ties_kept_need_no_gap(self) -> PairsConfig:
+        if self.ties == "keep" and self.min_gap > 0:  # a tie's gap is 0: min_gap would skip it anyway
+            raise ValueError(f"ties='keep' keeps pairs whose rewards are equal, and min_gap={self.min_gap} skips "
+                             "every pair below that gap, ties included: set min_gap=0 or ties='skip'")
+        return self
+
 
 class VideoMetricsConfig(Section):
     """VBench-I2V-style metrics of ``anisora-ray eval`` / ``ablate``: learned forms where weights are given,

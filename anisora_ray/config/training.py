@@ -88,4 +88,8 @@ class GapoConfig(Section):
         if self.lora.r > 0 and self.reference_weights != "base":
             raise ValueError("gapo.reference_weights = previous_round needs full fine-tuning: with LoRA "
                              "(gapo.lora.r > 0) the reference is the base model (the adapter switched off)")
+        if self.lora.dropout > 0:  # it would otherwise be ignored without a word
+            raise ValueError(f"gapo.lora.dropout = {self.lora.dropout}: GAPO runs the policy in eval mode (dropout "
+                             "would mask the winner's, the loser's and the reference's forward differently), so "
+                             "LoRA dropout never applies: set 0")
         return self

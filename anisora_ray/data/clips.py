@@ -22,7 +22,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from anisora_ray.data.manifest import IMAGE_SUFFIXES, check_unique_ids, prompt_rows, write_manifest
+from anisora_ray.data.manifest import IMAGE_SUFFIXES, check_unique_ids, prompt_rows, text_field, write_manifest
 from anisora_ray.errors import ManifestError, VideoDecodeError
 from anisora_ray.io import fs
 from anisora_ray.io.images import save_image
@@ -139,7 +139,7 @@ def build_manifest_from_videos(videos_dir: str, captions_file: str | None, out_u
             raise ManifestError(f"{captions_file!r} entry {n}: needs 'video' and 'caption' (or 'prompt'), got {row!r}")
         if video not in clips:
             raise ManifestError(f"{captions_file!r} entry {n}: clip {video!r} is not in {videos_dir!r}")
-        prompt_id = str(row.get("prompt_id") or os.path.splitext(video)[0])
+        prompt_id = text_field(row, "prompt_id") or os.path.splitext(video)[0]
         uri = fs.join(root, video)
         try:
             first = read_clip(uri, num_frames=1, max_frames=1)[0]
@@ -151,7 +151,7 @@ def build_manifest_from_videos(videos_dir: str, captions_file: str | None, out_u
         image_uri = fs.join(images_dir, f"{prompt_id}.png")
         save_image(Image.fromarray(first), image_uri)
         items.append(PromptItem(prompt_id=prompt_id, prompt=str(caption or ""), image_uri=image_uri,
-                                character_id=row.get("character_id") or None))
+                                character_id=text_field(row, "character_id")))
         names.append(video)
         if on_progress:
             on_progress(n + 1, len(rows))

@@ -126,15 +126,21 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
             raise ManifestError(f"{prompts_file!r} entry {n}: image {row['image']!r} is not in {images_dir!r}")
         items.append(
             PromptItem(
-                prompt_id=str(row.get("prompt_id") or os.path.splitext(row["image"])[0]),
+                prompt_id=text_field(row, "prompt_id") or os.path.splitext(row["image"])[0],
                 prompt=str(row["prompt"]),
                 image_uri=fs.join(fs.normalize(images_dir), row["image"]),
-                character_id=row.get("character_id") or None,
+                character_id=text_field(row, "character_id"),
             )
         )
     check_unique_ids(items, prompts_file)
     write_manifest(items, out_uri)
     return items
+
+
+def text_field(row: dict, key: str) -> str | None:
+    """An id column as text (a .jsonl may give ``"character_id": 0``), None when absent or empty."""
+    value = row.get(key)
+    return None if value is None or str(value).strip() == "" else str(value)
 
 
 def check_unique_ids(items: Sequence[PromptItem], source: str) -> None:

@@ -40,14 +40,15 @@ def load_annotations(uri: str, label: str) -> tuple[pa.Table, list[QuarantineRec
     table = fs.read_table(uri)
     missing = [c for c in (*REQUIRED_COLUMNS, label) if c not in table.column_names]
     if missing:
-        raise ManifestError(uri, f"missing column(s) {missing}; found {table.column_names}")
+        raise ManifestError(f"annotations {uri!r}: missing column(s) {missing}; found {table.column_names}")
     values = table.column(label).cast(pa.float64()).to_numpy(zero_copy_only=False)
     ok = np.isfinite(values)
     bad = [QuarantineRecord("train-reward", str(u), "invalid label", uri=str(u), detail=f"{label} = {v}")
            for u, v, good in zip(table.column("video_uri").to_pylist(), values, ok, strict=True) if not good]
     table = table.filter(pa.array(ok)).select(list(REQUIRED_COLUMNS)).append_column("label", pa.array(values[ok]))
     if table.num_rows < 4:
-        raise ManifestError(uri, f"only {table.num_rows} clip(s) with a finite {label!r} label; need at least 4")
+        raise ManifestError(f"annotations {uri!r}: only {table.num_rows} clip(s) with a finite {label!r} label; "
+                            "need at least 4")
     return table, bad
 
 
@@ -60,7 +61,7 @@ def split_holdout(table: pa.Table, fraction: float, seed: int, base: str = "") -
     held = pa.array(np.asarray(u) < fraction)
     train, holdout = table.filter(pc.invert(held)), table.filter(held)
     if holdout.num_rows == 0 or train.num_rows == 0:
-        raise ManifestError("annotations", f"holdout_fraction={fraction} leaves an empty split ({table.num_rows} clips)")
+        raise ManifestError(f"annotations: holdout_fraction={fraction} leaves an empty split ({table.num_rows} clips)")
     return train, holdout
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from anisora_ray.errors import ConfigError
 from anisora_ray.models.families import GeneratorFamily, NoiseDraw, load_pipeline
 from anisora_ray.models.objectives import ddpm_target, masked_error
 
@@ -46,6 +47,13 @@ class CogVideoXI2V(GeneratorFamily):
             config = CogVideoXTransformer3DModel.load_config(pretrained, subfolder="transformer", revision=revision)
             pipe.transformer_patch_size_t = config.get("patch_size_t")
         if parts == "trainer":  # rotary embeddings need the VAE's compression factors: read from its config
+            if pipe.transformer.config.patch_size_t is not None:
+                raise ConfigError(
+                    f"model.pretrained={pretrained!r} is a CogVideoX 1.5 transformer (patch_size_t="
+                    f"{pipe.transformer.config.patch_size_t}): its pipeline pads the latent frames to whole temporal "
+                    "patches and drops the padding after sampling, which GAPO's training step does not reproduce yet "
+                    "(rollouts work; training would fail on every step). Use CogVideoX-5b-I2V (AniSora V1) or a "
+                    "Wan checkpoint")
             vae = AutoencoderKLCogVideoX.load_config(pretrained, subfolder="vae", revision=revision)
             pipe.vae_scale_factor_spatial = 2 ** (len(vae["block_out_channels"]) - 1)
             pipe.vae_scale_factor_temporal = vae["temporal_compression_ratio"]
