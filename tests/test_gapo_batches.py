@@ -37,6 +37,25 @@ def test_rows_are_canonical_split_by_rank_and_reshuffled_per_epoch():
     assert len(epochs) > 1
 
 
+def test_a_pair_quarantined_before_a_checkpoint_is_dropped_on_resume_so_the_later_batches_are_the_same():
+    """``usable_rows`` checks every micro-batch from the first: a bad pair that only the updates before a checkpoint
+    used is dropped again on resume, so the rows (and their shuffle) after it are the uninterrupted run's."""
+    from anisora_ray.gapo.batches import usable_rows
+
+    rows = [{"prompt_id": f"p{i}"} for i in range(10)]
+    first = step_rows(rows, 0, 1, seed=3)[0]  # the pair micro-batch 0 uses: unreadable
+
+    def check(needed):
+        return [(r, f"bad {r['prompt_id']}") for r in needed if r is first]
+
+    kept, records = usable_rows(rows, 6, 1, 3, check)
+    assert records == [f"bad {first['prompt_id']}"] and first not in kept and len(kept) == 9
+    uninterrupted = [step_rows(kept, i, 1, 3)[0]["prompt_id"] for i in range(6)]
+    resumed, _ = usable_rows(rows, 6, 1, 3, check)  # a restarted worker group after update 3: the same rows
+    assert [step_rows(resumed, i, 1, 3)[0]["prompt_id"] for i in range(3, 6)] == uninterrupted[3:]
+    assert usable_rows(rows, 6, 1, 3, lambda needed: [])[0] == rows  # nothing bad: every row, as given
+
+
 def test_missing_columns_and_too_few_rows_are_named():
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['loser_reward'\]"):
         pair_rows(_table(2).drop_columns(["loser_reward"]))

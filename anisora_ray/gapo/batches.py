@@ -52,6 +52,22 @@ def step_rows(rows: list[dict], step: int, per_step: int, seed: int) -> list[dic
     return [rows[j] for j in order[index * per_step : (index + 1) * per_step]]
 
 
+def usable_rows(rows: list[dict], micro_steps: int, per_step: int, seed: int, check) -> tuple[list[dict], list]:
+    """``rows`` without the bad ones among those the first ``micro_steps`` micro-batches use, and their records:
+    ``check(rows)`` returns ``(row, record)`` per row that cannot be used; dropping one reshuffles the rest, so this
+    repeats until every row used is good. Always from micro-step 0: a resumed run drops what the uninterrupted run
+    dropped before the checkpoint, so its later batches are the same (cached latents make the re-check cheap)."""
+    rows, records = list(rows), []
+    while True:
+        needed = {id(r): r for i in range(micro_steps) for r in step_rows(rows, i, per_step, seed)}
+        bad = check(list(needed.values()))
+        if not bad:
+            return rows, records
+        records += [record for _, record in bad]
+        dropped = {id(row) for row, _ in bad}
+        rows = [r for r in rows if id(r) not in dropped]
+
+
 class PairEncoder:
     """Encodes pair rows into :class:`PairLatents`: from memory, else the cache, else the encoders.
 

@@ -19,7 +19,7 @@ import torch
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
-from anisora_ray.gapo.batches import PairEncoder, step_rows
+from anisora_ray.gapo.batches import PairEncoder, step_rows, usable_rows
 from anisora_ray.gapo.checkpoint import load_training_state, save_training_state, weights_only_checkpoint_engine
 from anisora_ray.gapo.diffusion import gapo_step, sft_step
 from anisora_ray.gapo.export import export_and_stream, export_weights, stream_live
@@ -117,22 +117,17 @@ class GapoWorker:
 
     def batch_rows(self, index: int) -> list[dict]:
         g = self.cfg.gapo
-        return step_rows(self.rows, index, g.pairs_per_step, g.seed + 7919 * self.rank)
+        return step_rows(self.rows, index, g.pairs_per_step, g.seed + 7919 * self.rank)  # usable_rows' seed too
 
     def prepare(self, rows: list[dict], on_progress=None) -> float:
-        """Take this rank's rows and encode the ones the remaining updates use; the VAE and text
-        encoder are loaded only for latents missing from the cache and released afterwards."""
+        """Take this rank's rows and encode the ones the updates use (from the first: a resumed run quarantines what
+        the uninterrupted one did, so its batches are the same); the VAE and text encoder are loaded only for
+        latents missing from the cache and released afterwards."""
         began = time.perf_counter()
-        self.rows = list(rows)
-        first, last = self.update * self.accumulation, self.cfg.gapo.steps * self.accumulation
-        while True:  # a quarantined pair changes which rows the updates use: until every used row encodes
-            needed = {id(r): r for i in range(first, last) for r in self.batch_rows(i)}
-            bad = self.encoder.prefetch(list(needed.values()), on_progress)
-            if not bad:
-                break
-            self.quarantined += [record for _, record in bad]
-            dropped = {id(row) for row, _ in bad}
-            self.rows = [r for r in self.rows if id(r) not in dropped]
+        g = self.cfg.gapo
+        self.rows, bad = usable_rows(rows, g.steps * self.accumulation, g.pairs_per_step, g.seed + 7919 * self.rank,
+                                     lambda needed: self.encoder.prefetch(needed, on_progress))
+        self.quarantined += bad
         self.encoders.release()
         return time.perf_counter() - began
 
