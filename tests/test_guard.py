@@ -109,3 +109,25 @@ def test_a_verdict_made_inside_a_rounds_run_goes_to_the_jobs_run(tmp_path):
         mlflow.set_tracking_uri(None)
     assert tags[job]["anisora.guard"] == "fired at round 2: stop" and "anisora.guard" not in tags[round_run.info.run_id]
     assert artifacts == ["guard.json"] and json.loads(open(uri).read())["action"] == "stop"
+
+
+def test_a_guard_measure_no_video_could_be_measured_is_said_not_skipped_in_silence(tmp_path, caplog):
+    """``measure_round`` leaves out a measure with no finite value (nothing to test) and says so, with the videos'
+    errors: before, a backbone failing on every video turned the guard off without a word."""
+    import pyarrow as pa
+
+    from anisora_ray.config import load_config
+    from anisora_ray.eval.vbench import MEASURES, METRICS_FILE
+    from anisora_ray.io import fs
+    from anisora_ray.loop.guard import measure_round
+    from tests.conftest import LOCAL_CONFIG
+
+    cfg = load_config(LOCAL_CONFIG)
+    rows = [{"prompt_id": f"p{i}", "seed": i, "metrics_error": "ValueError: all the input array dimensions must match",
+             **{m: (float("nan") if m == "subject_consistency" else 0.5) for m in MEASURES}} for i in range(3)]
+    fs.write_table(pa.Table.from_pylist(rows), str(tmp_path / METRICS_FILE))
+    with caplog.at_level("WARNING", logger="anisora_ray.loop.guard"):
+        measured = measure_round(cfg, str(tmp_path))
+    assert "subject_consistency" not in measured and set(measured) == set(cfg.loop.guard.measures) - {"subject_consistency"}
+    assert "no held-out video could be measured for ['subject_consistency']" in caplog.text
+    assert "3 video(s): ValueError: all the input array dimensions must match" in caplog.text

@@ -117,3 +117,36 @@ def test_reward_config_defaults_and_validation():
                                    "reward.dimensions.visual_motion.normalize.high=1"])
     with pytest.raises(ConfigError, match="needs a weight above 0"):
         load_config(LOCAL_CONFIG, [f"reward.dimensions.{name}.weight=0" for name in DIMENSIONS])
+
+
+def test_a_calibration_too_small_because_clips_could_not_be_read_names_the_clips(make_config, tmp_path):
+    """``score_candidates`` with a z-scored dimension and no statistics calibrates on the set it scores: when too
+    few clips decode, the error names the unreadable clips and why, not only "score more candidates"."""
+    from anisora_ray.reward.stage import score_candidates
+    from anisora_ray.types import Candidate
+
+    cfg = make_config("reward.dimensions.visual_motion.normalize.kind=zscore")
+    candidates = []
+    for i in range(3):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+        candidates.append(Candidate(f"p{i}", "a prompt", str(tmp_path / "image.png"), i, 0, str(tmp_path / f"v{i}.mp4"),
+                                    0, 9, 64, 64, 8, "", "r", 1.0, 0.1))
+    # no clip decodes, so no reward actor is ever called: none is started
+    with pytest.raises(ConfigError, match=r"need at least 2 .*; 3 of 3 candidate\(s\) could not be scored: .*v0.mp4: "
+                                          r"VideoDecodeError"):
+        score_candidates(cfg, candidates, actors=None, progress=False)
+
+
+def test_a_rank_normalized_dimension_is_said_to_add_nothing_to_held_out_gains(make_config, tmp_path, caplog):
+    """Ranked among one version's own candidates, a dimension averages 0.5 in every version: the held-out evaluation
+    says so when it loads its prompts (align, eval, ablate), and says nothing without one."""
+    from anisora_ray.data.demo import make_demo_set
+    from anisora_ray.eval.heldout import heldout_items, rank_caveat
+
+    assert rank_caveat(make_config()) is None
+    cfg = make_config("reward.dimensions.visual_motion.normalize.kind=rank")
+    assert "['visual_motion'] normalize by rank" in rank_caveat(cfg)
+    train = make_demo_set(str(tmp_path / "train"), num_prompts=2, image_size=32, seed=5, prefix="train")
+    with caplog.at_level("WARNING", logger="anisora_ray.eval.heldout"):
+        heldout_items(cfg, train)
+    assert [r.getMessage() for r in caplog.records if r.name == "anisora_ray.eval.heldout"] == [rank_caveat(cfg)]

@@ -6,6 +6,7 @@ difference between two rounds is the generator's doing, and a paired test over p
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from anisora_ray.reward.aggregate import active_dimensions
 from anisora_ray.reward.stage import score_candidates, scores_table
 from anisora_ray.reward.statistics import RewardStatistics
 from anisora_ray.types import PromptItem
+
+log = logging.getLogger(__name__)
 
 EVAL_ROUND = 1_000_000  # seed namespace of the held-out candidates: distinct from training rounds, fixed
 
@@ -59,7 +62,21 @@ def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
     if shared_ids or shared_images:
         raise ConfigError(f"eval.prompts {e.prompts!r} overlaps the training prompts "
                           f"({sorted(shared_ids)[:3]} ids, {sorted(shared_images)[:3]} images): held-out must be unseen")
+    caveat = rank_caveat(cfg)
+    if caveat:
+        log.warning(caveat)
     return items
+
+
+def rank_caveat(cfg: AnisoraConfig) -> str | None:
+    """What a ``rank``-normalized dimension means for the held-out evaluation (None: there is none)."""
+    ranked = [n for n, d in cfg.reward.dimensions.as_dict().items() if d.weight > 0 and d.normalize.kind == "rank"]
+    if not ranked:
+        return None
+    return (f"reward dimension(s) {ranked} normalize by rank: the held-out evaluation ranks a version's candidates "
+            "among themselves, so each scores 0.5 on average in every version, and held-out gains, the guard's "
+            "reward rise and eval's comparisons come from the other dimensions only (zscore, frozen at round 0, or "
+            "fixed keep a dimension comparable across versions)")
 
 
 def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorReplicas, reward_actors: RewardActors,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.eval.compare import per_prompt_means
@@ -27,8 +28,14 @@ log = logging.getLogger(__name__)
 
 def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, float]]:
     """measure → prompt id → mean over the prompt's held-out candidates (computed once per eval folder)."""
-    rows = fs.read_table(ensure_video_metrics(eval_dir, cfg.eval.metrics)).to_pylist()
+    uri = ensure_video_metrics(eval_dir, cfg.eval.metrics)
+    rows = fs.read_table(uri).to_pylist()
     measured = {m: per_prompt_means(rows, m) for m in cfg.loop.guard.measures}
+    empty = [m for m, by_prompt in measured.items() if not by_prompt]
+    if empty:  # said, not skipped in silence: the guard cannot fire on a measure it has no values of
+        errors = Counter(str(r["metrics_error"])[:200] for r in rows if r.get("metrics_error"))
+        log.warning("guard: no held-out video could be measured for %s in %s, so the guard cannot fire on it (%s)",
+                    empty, uri, "; ".join(f"{n} video(s): {e}" for e, n in errors.most_common(3)) or "no finite value")
     return {m: by_prompt for m, by_prompt in measured.items() if by_prompt}
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from anisora_ray.config import AnisoraConfig, VideoConfig
-from anisora_ray.errors import ImageLoadError, VideoDecodeError
+from anisora_ray.errors import ConfigError, ImageLoadError, VideoDecodeError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_clip
@@ -89,7 +89,14 @@ def score_candidates(
     dimensions = cfg.reward.dimensions.as_dict()
     rows = [raw[c.video_uri] for c in scorable]
     if statistics is None and zscore_dimensions(dimensions):
-        statistics = RewardStatistics.from_raw(rows, zscore_dimensions(dimensions), f"{len(rows)} scored candidates")
+        try:
+            statistics = RewardStatistics.from_raw(rows, zscore_dimensions(dimensions), f"{len(rows)} scored candidates")
+        except ConfigError as exc:
+            if not reasons:
+                raise
+            # too few to calibrate because clips could not be read: that is what to fix, so it is named
+            raise ConfigError(f"{exc}; {len(reasons)} of {len(candidates)} candidate(s) could not be scored: "
+                              + "; ".join(f"{uri}: {why}" for uri, why in list(reasons.items())[:3])) from None
     aggregated = RewardAggregator(dimensions, statistics)(rows)
     for c, reason in zip(scorable, aggregated.reasons, strict=True):
         if reason:
