@@ -14,7 +14,7 @@ from anisora_ray.reward.training import load_annotations, ranking_metrics, split
 from tests.conftest import preemption_watchers
 
 
-def brightness_set(root: str, n: int = 40, size: int = 128) -> tuple[str, dict[str, float]]:
+def brightness_set(root: str, n: int = 40, size: int = 128, truncated: int | None = None) -> tuple[str, dict[str, float]]:
     """Clips of one noisy colour each; the 'human' label is 1 + 4 × brightness (a known function).
 
     128 px: libx264's output for frames under ~128 px varies from run to run, which would make the
@@ -36,6 +36,9 @@ def brightness_set(root: str, n: int = 40, size: int = 128) -> tuple[str, dict[s
         rows.append({"video_uri": video, "prompt": "a clip", "image_uri": image, "visual_appeal": 1 + 4 * b})
         brightness[video] = b
     rows[3]["visual_appeal"] = float("nan")  # a missing rating: quarantined, not a zero
+    if truncated is not None:  # a clip cut short on its way: quarantined by the worker that decodes it
+        with open(rows[truncated]["video_uri"], "r+b") as f:
+            f.truncate(200)
     uri = os.path.join(root, "annotations.parquet")
     fs.write_table(pa.Table.from_pylist(rows), uri)
     return uri, brightness
@@ -78,7 +81,7 @@ def test_train_reward_reaches_a_held_out_correlation(ray_cluster, make_config, t
     from anisora_ray.reward.training import train_reward
     from anisora_ray.tracking import tracking_uri
 
-    uri, brightness = brightness_set(str(tmp_path / "data"), n=60)
+    uri, brightness = brightness_set(str(tmp_path / "data"), n=60, truncated=5)
     cache = str(tmp_path / "backbones")
     cfg = make_config("reward.training.holdout_fraction=0.3",
         "reward.dimensions.visual_appeal.backend=siglip",
@@ -90,6 +93,11 @@ def test_train_reward_reaches_a_held_out_correlation(ray_cluster, make_config, t
     summary = train_reward(cfg, uri, str(tmp_path / "head"))
     assert cfg.ray.preemption_watcher is False and preemption_watchers() == watchers  # off in configs/local.yaml
     assert summary["train_clips"] + summary["holdout_clips"] == 59 and summary["quarantined_labels"] == 1
+    assert summary["quarantined_clips"] == 1  # v5.mp4: set aside with its reason, not dropped with a log line
+    quarantine = tmp_path / "head" / "quarantine"
+    records = [r for name in sorted(os.listdir(quarantine)) for r in fs.read_table(str(quarantine / name)).to_pylist()]
+    assert sorted((r["reason"], os.path.basename(r["item_id"])) for r in records) == [
+        ("invalid label", "v3.mp4"), ("undecodable clip", "v5.mp4")]
     assert summary["holdout_clips"] >= 12
     assert summary["holdout_srcc"] >= 0.8 and summary["holdout_pairwise_accuracy"] >= 0.8
     assert {"head.safetensors", "head.json", "metrics.json"} <= set(os.listdir(tmp_path / "head"))

@@ -82,20 +82,23 @@ def ranking_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     }
 
 
-def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[ClipBatch, np.ndarray]]:
-    """This worker's rows (``row % world == rank``: the same rows on every run), decoded in batches."""
+def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int, rank: int = 0, world: int = 1,
+                  ) -> tuple[list[tuple[ClipBatch, np.ndarray]], list[QuarantineRecord]]:
+    """This worker's rows (``row % world == rank``: the same rows on every run), decoded in batches; a clip or
+    image that cannot be decoded is quarantined with its reason."""
     from anisora_ray.reward.stage import decode_batch
 
     mine = [r for rows in shard.iter_batches(batch_format="pyarrow") for r in rows.to_pylist() if r["row"] % world == rank]
-    out = []
+    out, bad = [], []
     for start in range(0, len(mine), batch_size):
         items = [SimpleNamespace(**{"character_id": None, **r}) for r in mine[start : start + batch_size]]
         kept, batch, failed = decode_batch(cfg, items)
         for uri, reason in failed.items():
-            log.warning("train-reward: skipping %s: %s", uri, reason)
+            log.warning("train-reward: quarantined %s: %s", uri, reason)
+            bad.append(QuarantineRecord("train-reward", uri, "undecodable clip", uri=uri, detail=reason[:2000]))
         if kept:
             out.append((batch, np.array([k.label for k in kept], dtype=np.float32)))
-    return out
+    return out, bad
 
 
 def _pad(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +145,13 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.set_grad_enabled(bool(t.lora.r)):
             return dimension.tokens(batch)
 
-    train = _decode_shard(cfg, ray.train.get_dataset_shard("train"), t.batch_size, rank, world)
-    holdout = _decode_shard(cfg, ray.train.get_dataset_shard("holdout"), t.batch_size) if rank == 0 else []
+    train, bad = _decode_shard(cfg, ray.train.get_dataset_shard("train"), t.batch_size, rank, world)
+    holdout, bad_holdout = _decode_shard(cfg, ray.train.get_dataset_shard("holdout"), t.batch_size) if rank == 0 else ([], [])
+    if bad or bad_holdout:  # nothing set aside is lost: the driver counts these
+        fs.write_table(QuarantineRecord.to_table(bad + bad_holdout), fs.join(config["quarantine_uri"], f"rank-{rank}.parquet"))
+    if not train:
+        raise ValueError(f"train-reward rank {rank}: none of its training clips could be decoded ({len(bad)} "
+                         f"quarantined: {'; '.join(f'{q.uri}: {q.detail[:120]}' for q in bad[:3])})")
     cached = None if t.lora.r else [(featurize(b), torch.from_numpy(y)) for b, y in train]
     labels = np.concatenate([y for _, y in train]) if train else np.zeros(0, np.float32)
     n, s1, s2 = _all_reduce([len(labels), float(labels.sum()), float((labels.astype(np.float64) ** 2).sum())])
@@ -206,6 +214,11 @@ def _evaluate(head: RegressionHead, featurize, holdout) -> dict[str, float]:
     return ranking_metrics(np.concatenate(preds), np.concatenate(labels)) if preds else {}
 
 
+def _listing(uri: str) -> list[str]:
+    filesystem, root = fs.url_to_fs(uri)
+    return sorted(p.rsplit("/", 1)[-1] for p in filesystem.ls(root, detail=False)) if filesystem.exists(root) else []
+
+
 def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None = None) -> dict:
     """What ``anisora-ray train-reward`` does: split, fit with Ray Train, save the head, log to MLflow."""
     import mlflow
@@ -223,11 +236,16 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     train = train.append_column("row", pa.array(np.arange(train.num_rows)))
     holdout = holdout.append_column("row", pa.array(np.arange(holdout.num_rows)))
     out_uri = out_uri or fs.join(fs.normalize(cfg.run.output_dir), "reward-heads", t.dimension)
+    quarantine_uri = fs.join(out_uri, "quarantine")  # labels.parquet (here), rank-<r>.parquet (clips, the workers)
+    if fs.exists(quarantine_uri):
+        fs.remove(quarantine_uri)  # this run's only
+    if bad:
+        fs.write_table(QuarantineRecord.to_table(bad), fs.join(quarantine_uri, "labels.parquet"))
     init_ray(cfg.ray)
     storage = fs.join(fs.normalize(cfg.run.output_dir), "ray-train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(),
+        train_loop_config={"cfg": cfg.model_dump(), "quarantine_uri": quarantine_uri,
                            "options": resolve_backbones(cfg.reward.dimensions.as_dict()[t.dimension].options)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -251,8 +269,10 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
                 with open(os.path.join(root, name), "rb") as f:
                     fs.write_bytes(fs.join(out_uri, *rel.split(os.sep)), f.read())
     final = {k: v for k, v in history[-1].items() if k.startswith("holdout_")}
+    clips = [fs.join(quarantine_uri, n) for n in (_listing(quarantine_uri)) if n.startswith("rank-")]
     summary = {"dimension": t.dimension, "label": label, "train_clips": train.num_rows, "holdout_clips": holdout.num_rows,
-               "quarantined_labels": len(bad), "head_uri": out_uri, **final}
+               "quarantined_labels": len(bad), "quarantined_clips": sum(fs.read_table(u).num_rows for u in clips),
+               "quarantine_uri": quarantine_uri, "head_uri": out_uri, **final}
     fs.write_bytes(fs.join(out_uri, "metrics.json"), json.dumps(summary, indent=2).encode())
     with mlflow_run(cfg, f"train-reward-{t.dimension}", tags={"anisora.kind": "train-reward"}) as run:
         for row in history:
