@@ -147,12 +147,10 @@ def _make_demo(args: argparse.Namespace) -> int:
 def _build_manifest(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.videos):
         raise ConfigError("build-manifest: give --videos DIR [--captions FILE] or --images DIR [--prompts FILE]")
-    stray = ([f for f, v in (("--captions", args.captions), ("--images-out", args.images_out)) if v] if args.images
-             else [f for f, v in (("--prompts", args.prompts),) if v])
-    if stray:  # left unused, a captioning model would write the prompts instead, without a word
-        raise ConfigError(f"build-manifest: {' and '.join(stray)} do(es) not go with "
-                          f"{'--images' if args.images else '--videos'}: --videos DIR [--captions FILE] "
-                          "[--images-out DIR], or --images DIR [--prompts FILE]")
+    other = {"--captions": args.captions, "--images-out": args.images_out} if args.images else {"--prompts": args.prompts}
+    if stray := [flag for flag, value in other.items() if value]:  # unused, a captioning model would write the prompts
+        raise ConfigError(f"build-manifest: {' and '.join(stray)} do(es) not go with {'--images' if args.images else '--videos'}"
+                          ": --videos DIR [--captions FILE] [--images-out DIR], or --images DIR [--prompts FILE]")
     if args.images and args.prompts:
         from anisora_ray.data.manifest import build_manifest
 
