@@ -64,7 +64,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(errors: list[dict[str, Any]], model: type[BaseModel]) -> str:
+    """One line for the errors of one key (a union field's members each say what they want: joined by "or")."""
+    error = errors[0]
     key = _key(error)
     value = error.get("input")
     if error["type"] == "extra_forbidden":
@@ -72,7 +74,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
         suggestion = f" (did you mean {'.'.join([*map(str, error['loc'][:-1]), hint[0]])!r}?)" if hint else ""
         return f"{key} = {value!r}: unknown key; expected one of {sorted(allowed)}{suggestion}"
-    msg = error["msg"].removeprefix("Value error, ")
+    msg = ", or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors))
     if not error["loc"]:  # a check across sections names its keys in the message itself
         return msg
     return f"{key} = {value!r}: {msg}"
@@ -112,12 +114,10 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
     try:
         return AnisoraConfig.model_validate(_merge(AnisoraConfig().model_dump(), raw))
     except ValidationError as exc:
-        lines = list(dict.fromkeys(_describe(e, AnisoraConfig) for e in exc.errors()))
-        merged: dict[str, str] = {}  # a union field's members each say what they want: one line, "or"
-        for line in lines:
-            key, _, rest = line.partition(": ")
-            merged[key] = f"{merged[key]}, or {rest}" if key in merged else line
-        lines = list(merged.values())
+        by_key: dict[Any, list[dict[str, Any]]] = {}  # a check across sections (no loc) stays a line of its own
+        for i, e in enumerate(exc.errors()):
+            by_key.setdefault(_key(e) if e["loc"] else i, []).append(e)
+        lines = [_describe(errors, AnisoraConfig) for errors in by_key.values()]
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 

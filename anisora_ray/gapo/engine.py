@@ -115,9 +115,13 @@ class GapoWorker:
     def accumulation(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
+    @property
+    def row_seed(self) -> int:
+        """This rank's shuffle of its rows (``step_rows``)."""
+        return self.cfg.gapo.seed + 7919 * self.rank
+
     def batch_rows(self, index: int) -> list[dict]:
-        g = self.cfg.gapo
-        return step_rows(self.rows, index, g.pairs_per_step, g.seed + 7919 * self.rank)  # usable_rows' seed too
+        return step_rows(self.rows, index, self.cfg.gapo.pairs_per_step, self.row_seed)
 
     def prepare(self, rows: list[dict], on_progress=None) -> float:
         """Take this rank's rows and encode the ones the updates use (from the first: a resumed run quarantines what
@@ -125,7 +129,7 @@ class GapoWorker:
         latents missing from the cache and released afterwards."""
         began = time.perf_counter()
         g = self.cfg.gapo
-        self.rows, bad = usable_rows(rows, g.steps * self.accumulation, g.pairs_per_step, g.seed + 7919 * self.rank,
+        self.rows, bad = usable_rows(rows, g.steps * self.accumulation, g.pairs_per_step, self.row_seed,
                                      lambda needed: self.encoder.prefetch(needed, on_progress))
         self.quarantined += bad
         self.encoders.release()
