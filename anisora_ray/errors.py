@@ -28,6 +28,15 @@ class VideoDecodeError(AnisoraError):
         super().__init__(f"cannot decode video {uri!r}: {reason}")
 
 
+class VideoGeometryError(AnisoraError, ValueError):
+    """A video decodes but has another frame count or size than the run's geometry."""
+
+    def __init__(self, uri: str, got: tuple[int, ...], expected: tuple[int, ...], what: str):
+        self.uri = uri
+        self.reason = f"{'x'.join(map(str, got))} frames x height x width, {what} is {'x'.join(map(str, expected))}"
+        super().__init__(f"video {uri!r} is {self.reason}")
+
+
 class ImageLoadError(AnisoraError):
     """A first-frame image is missing or unreadable."""
 

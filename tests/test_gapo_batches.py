@@ -115,20 +115,34 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
 
 def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them(make_config, tmp_path):
     from anisora_ray.gapo.models import Encoders
+    from anisora_ray.io.video import write_video
 
     cfg, pretrained, good = _one_pair(make_config, tmp_path)
     (tmp_path / "garbage.mp4").write_bytes(b"not a video at all" * 50)
+    rng = np.random.default_rng(1)
+    for name in ("fw", "fl"):  # a pair rendered at another geometry: its two videos agree with each other
+        write_video(rng.integers(0, 255, (17, 32, 32, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
     missing = {**good, "prompt_id": "missing", "winner_video_uri": str(tmp_path / "nowhere.mp4")}
     corrupt = {**good, "prompt_id": "corrupt", "loser_video_uri": str(tmp_path / "garbage.mp4")}
     no_image = {**good, "prompt_id": "no-image", "image_uri": str(tmp_path / "nowhere.png")}
-    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 9, 128)
-    bad = encoder.prefetch([good, missing, corrupt, no_image])
+    foreign = {**good, "prompt_id": "foreign", "winner_video_uri": str(tmp_path / "fw.mp4"),
+               "loser_video_uri": str(tmp_path / "fl.mp4")}
+    encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 9, 128, str(tmp_path / "c"))
+    bad = encoder.prefetch([good, missing, corrupt, no_image, foreign])
     named = {row["prompt_id"]: record for row, record in bad}
-    assert set(named) == {"missing", "corrupt", "no-image"}
+    assert set(named) == {"missing", "corrupt", "no-image", "foreign"}
     assert named["missing"].uri.endswith("nowhere.mp4") and named["corrupt"].uri.endswith("garbage.mp4")
     assert named["corrupt"].reason == "VideoDecodeError" and named["no-image"].uri.endswith("nowhere.png")
+    assert named["foreign"].reason == "VideoGeometryError" and named["foreign"].uri.endswith("fw.mp4")
+    assert "17x32x32 frames x height x width" in named["foreign"].detail and "is 9x32x32" in named["foreign"].detail
     assert all(r.stage == "gapo" and r.detail for r in named.values())
     assert encoder.batch([good]).winner.shape[0] == 1  # the good pair is encoded and kept
+    # the cached latents of a video are keyed by the geometry: a run at 17 frames encodes the foreign pair, and a
+    # run at 9 reading the same cache folder still refuses it
+    at17 = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 17, 128, str(tmp_path / "c"))
+    assert at17.video(foreign["winner_video_uri"]).shape != encoder.video(good["winner_video_uri"]).shape
+    again = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 9, 128, str(tmp_path / "c"))
+    assert [row["prompt_id"] for row, _ in again.prefetch([good, foreign])] == ["foreign"]
 
 
 def test_training_conditions_on_the_image_latents_the_rollout_used(make_config, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from anisora_ray.errors import ImageLoadError, VideoDecodeError
+from anisora_ray.errors import ImageLoadError, VideoDecodeError, VideoGeometryError
 from anisora_ray.gapo.diffusion import PairLatents
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
@@ -113,9 +113,18 @@ class PairEncoder:
         return {k: v.to(self.device) for k, v in self.memory[key].items()}
 
     def video(self, uri: str) -> torch.Tensor:
-        """Latents of one video in the family's layout (VAE posterior mode)."""
-        key = self._file_key("video", uri)
-        return self._cached(key, lambda: {"t": self.family.encode_video(self.encoders(), read_all_frames(uri))})["t"]
+        """Latents of one video in the family's layout (VAE posterior mode); a video of another geometry than
+        the run's raises :class:`VideoGeometryError` (the key holds the geometry, so a cached latent was checked)."""
+        geometry = (self.num_frames, self.height, self.width)
+        key = self._file_key("video{}x{}x{}".format(*geometry), uri)
+        return self._cached(key, lambda: {"t": self.family.encode_video(self.encoders(), self._frames(uri))})["t"]
+
+    def _frames(self, uri: str):
+        frames = read_all_frames(uri)
+        expected = (self.num_frames, self.height, self.width)
+        if tuple(frames.shape[:3]) != expected:  # pairs rendered at another geometry: quarantined by prefetch
+            raise VideoGeometryError(uri, tuple(frames.shape[:3]), expected, "generator.num_frames x height x width")
+        return frames
 
     def condition(self, uri: str, seed: int) -> dict[str, torch.Tensor]:
         """What the rollout of ``seed`` was conditioned on, computed as the family's pipeline does; when the
