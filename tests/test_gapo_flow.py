@@ -88,6 +88,21 @@ def test_each_timestep_goes_to_the_expert_the_pipeline_uses_at_it():
         assert set(expert_index(t, boundary_ratio).tolist()) == {expert}
 
 
+def test_the_draw_every_rank_shares_is_a_stream_apart_from_each_ranks_noise():
+    """Wan-A14B's expert is drawn from the shared stream, the noise from the rank's: on rank 0 the two once had one
+    seed, so the expert choice was the noise stream's first uniform."""
+    from anisora_ray.gapo.engine import shared_seed, step_seed
+
+    for step in range(50):
+        shared = shared_seed(3, step)
+        assert shared == shared_seed(3, step) and shared != shared_seed(4, step)  # reproducible, seeded by gapo.seed
+        for rank in range(8):
+            assert shared != step_seed(3, rank, step)
+            first = torch.rand((), generator=torch.Generator().manual_seed(step_seed(3, rank, step)))
+            assert first != torch.rand((), generator=torch.Generator().manual_seed(shared))
+    assert len({shared_seed(3, step) for step in range(1000)}) == 1000
+
+
 def test_a_few_gapo_updates_lower_the_flow_loss_on_a_fixed_pair():
     torch.manual_seed(0)
     shape = (2, 4, 3, 4, 4)

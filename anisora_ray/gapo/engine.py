@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 
 from anisora_ray.config import AnisoraConfig
@@ -62,7 +63,14 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of this rank's noise in micro-batch ``step``."""
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
+
+
+def shared_seed(seed: int, step: int) -> int:
+    """The seed of micro-batch ``step``'s draws that every rank makes alike (Wan-A14B's expert): a stream of its
+    own, so it is independent of each rank's noise (rank 0's included)."""
+    return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, np.uint64)[0]) % 2**63
 
 
 def mean_over_workers(metrics: dict[str, float], device) -> dict[str, float]:
@@ -146,7 +154,7 @@ class GapoWorker:
         g = self.cfg.gapo
         batch = self.encoder.batch(self.batch_rows(index))
         generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, self.rank, index))
-        shared = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, 0, index))  # alike on all ranks
+        shared = torch.Generator(device=batch.winner.device).manual_seed(shared_seed(g.seed, index))  # alike on all ranks
         if g.loss == "sft":
             out = sft_step(self.family, self.pipe, self.engine, batch, generator, shared, self.timesteps)
         else:
