@@ -73,10 +73,28 @@ def test_zscore_uses_frozen_statistics_and_refuses_to_run_without_them(tmp_path)
     loaded = RewardStatistics.load(stats.save(str(tmp_path / "s.json")))
     assert loaded == stats
     (tmp_path / "bad.json").write_text('{"dimensions": {"character": {"mean": NaN, "std": 1, "count": 2}}}')
-    with pytest.raises(ConfigError, match="bad.json: non-finite mean or std for \\['character'\\]"):
+    with pytest.raises(ConfigError, match="bad.json: non-finite mean, or a std not above 0, for \\['character'\\]"):
         RewardStatistics.load(str(tmp_path / "bad.json"))
+    (tmp_path / "flat.json").write_text('{"dimensions": {"character": {"mean": 0.5, "std": 0, "count": 9}}}')
+    with pytest.raises(ConfigError, match="flat.json: non-finite mean, or a std not above 0, for \\['character'\\]"):
+        RewardStatistics.load(str(tmp_path / "flat.json"))
     with pytest.raises(ConfigError, match="need at least 2"):
         RewardStatistics.from_raw([{"character": 1.0}], ["character"], "one clip")
+
+
+def test_calibration_counts_only_candidates_that_get_a_reward_and_refuses_a_constant_dimension():
+    from anisora_ray.reward.aggregate import calibrate
+
+    dims = {**zscored(character=1.0), **dims_fixed()}
+    rows = [{"character": 0.0, "visual_motion": 1.0}, {"character": 2.0, "visual_motion": 2.0},
+            {"character": 100.0, "visual_motion": float("nan")}]  # quarantined for its motion score
+    stats = calibrate(rows, dims, "scored candidates")
+    assert stats.dimensions["character"] == Moments(1.0, 1.0, 2) and stats.source == "2 scored candidates"
+    assert RewardAggregator(dims, stats)(rows).reasons[2] == "visual_motion: non-finite score nan"
+    flat = [{"character": 0.25, "visual_motion": float(m)} for m in range(5)]
+    with pytest.raises(ConfigError, match=r"'character': all 5 scores in 5 scored candidates equal 0.25, so there is "
+                                          r"no spread"):
+        calibrate(flat, dims, "scored candidates")
 
 
 def test_zscore_rewards_do_not_depend_on_arrival_order_and_show_a_better_generator():

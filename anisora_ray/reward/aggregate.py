@@ -61,6 +61,15 @@ def normalize(values: np.ndarray, cfg: NormalizeConfig, moments: Moments | None 
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def calibrate(rows: Sequence[Mapping[str, float]], dimensions: Mapping[str, DimensionConfig],
+              what: str) -> RewardStatistics:
+    """The z-scored dimensions' statistics from the rows (raw scores of one sample of ``what``) that get a reward:
+    a row with a bad score in any weighted dimension is quarantined, so none of its scores count."""
+    names = active_dimensions(dimensions)
+    usable = [row for row in rows if invalid_reason(row, names) is None]
+    return RewardStatistics.from_raw(usable, zscore_dimensions(dimensions), f"{len(usable)} {what}")
+
+
 @dataclass
 class RewardAggregator:
     """Normalizes each weighted dimension and combines them by their weights."""

@@ -17,7 +17,7 @@ from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.io.video import read_clip
 from anisora_ray.reward.actors import RewardActors
-from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions
+from anisora_ray.reward.aggregate import RewardAggregator, active_dimensions, calibrate
 from anisora_ray.reward.base import ClipBatch
 from anisora_ray.reward.statistics import RewardStatistics, configured_statistics, zscore_dimensions
 from anisora_ray.types import Candidate, QuarantineRecord, ScoredCandidate
@@ -90,7 +90,7 @@ def score_candidates(
     rows = [raw[c.video_uri] for c in scorable]
     if statistics is None and zscore_dimensions(dimensions):
         try:
-            statistics = RewardStatistics.from_raw(rows, zscore_dimensions(dimensions), f"{len(rows)} scored candidates")
+            statistics = calibrate(rows, dimensions, "scored candidates")
         except ConfigError as exc:
             if not reasons:
                 raise

@@ -66,6 +66,10 @@ class RewardStatistics:
                 raise ConfigError(f"reward statistics for {name!r}: {values.size} finite score(s) in {source}, "
                                   f"need at least 2 (score more calibration candidates)")
             out[name] = Moments(float(values.mean()), float(values.std()), int(values.size))
+            if not out[name].std > 0:  # a z-score would turn any later difference into a reward of 0 or 1
+                raise ConfigError(f"reward statistics for {name!r}: all {values.size} scores in {source} equal "
+                                  f"{values[0]:.6g}, so there is no spread to z-score by (a constant scorer, or too "
+                                  "alike a calibration sample: use more calibration prompts or normalize.kind fixed)")
         return cls(out, source)
 
     def require(self, names: Sequence[str]) -> None:
@@ -89,7 +93,7 @@ class RewardStatistics:
             raise ConfigError(f"reward statistics file {uri} does not exist") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"reward statistics file {uri} is not valid: {exc}") from exc
-        bad = [k for k, m in dims.items() if not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std >= 0)]
+        bad = [k for k, m in dims.items() if not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0)]
         if bad:
-            raise ConfigError(f"reward statistics file {uri}: non-finite mean or std for {bad}")
+            raise ConfigError(f"reward statistics file {uri}: non-finite mean, or a std not above 0, for {bad}")
         return cls(dims, payload.get("source", uri))
