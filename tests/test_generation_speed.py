@@ -103,6 +103,14 @@ def test_faster_cache_follows_its_schedule_forgets_between_calls_and_needs_batch
     np.testing.assert_array_equal(_frames(gen, items, exact=True), plain)  # the cache audit's reference: exact ...
     assert batches == [full] * len(steps)  # ... every step runs both branches
     np.testing.assert_array_equal(_frames(gen, items), first)  # a second call starts with an empty cache
+    # compiled, its hooks run outside the blocks' graphs; a warm-up retried in the same process wraps them once
+    from anisora_ray.generation.speed import cache_hooks_outside_graphs, hooked
+
+    assert cache_hooks_outside_graphs(gen.pipe, "faster_cache", dynamic=False) > 0
+    wrapped = [(m.forward, h.fn_ref.original_forward) for m, h in hooked(gen.pipe.transformer, "faster_cache_block")]
+    assert cache_hooks_outside_graphs(gen.pipe, "faster_cache", dynamic=False) == len(wrapped)
+    assert [(m.forward, h.fn_ref.original_forward) for m, h in hooked(gen.pipe.transformer, "faster_cache_block")] \
+        == wrapped
     wan = make_config("model.family=wan_i2v", "generator.num_inference_steps=2")
     with pytest.raises(ConfigError, match="model.family='wan_i2v' runs them as two calls"):
         _generator(wan, ("cache.kind", "faster_cache"))

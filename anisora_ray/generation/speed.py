@@ -132,15 +132,19 @@ def cache_hooks_outside_graphs(pipe, kind: str, **compile_kwargs) -> int:
     """FasterCache and TaylorSeer decide in Python on every call of a hooked module (a step counter, the timestep):
     traced into a compiled block, each step would compile a new graph. The hooks run outside the block's graph
     (``torch.compiler.disable``); the module they call when they compute is compiled on its own. Returns how
-    many hooked modules (0 for a cache ``kind`` without such hooks)."""
+    many hooked modules (0 for a cache ``kind`` without such hooks). Once per hook: a warm-up retried in the same
+    process does not wrap them again."""
     from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
     name = {"faster_cache": _FASTER_CACHE_BLOCK_HOOK, "taylorseer": _TAYLORSEER_CACHE_HOOK}.get(kind)
     hooks = [mh for d in denoisers(pipe) for mh in hooked(d, name)] if name else []
     for m, hook in hooks:
+        if getattr(hook, "_outside_graphs", False):
+            continue
         hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
         m.forward = torch.compiler.disable(m.forward)
+        hook._outside_graphs = True
     return len(hooks)
 
 
