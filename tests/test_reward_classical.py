@@ -109,3 +109,20 @@ def test_unknown_backend_and_bad_batch_are_named():
         ClipBatch([PAN.astype(np.float32)], ["p"], [PAN[0]], [None])
     with pytest.raises(ValueError, match="disagree in length"):
         ClipBatch([PAN], ["p", "q"], [PAN[0]], [None])
+
+
+def test_a_dimension_scores_at_most_its_batch_size_clips_a_call_wherever_its_batch_comes_from():
+    """``reward.dimensions.<d>.batch_size`` caps what the backend sees (a GPU model's memory), whether the batch came
+    from the pairs pipeline, already cut to it, or from the persistent actors and ``score``, at ``reward.batch_size``."""
+    from anisora_ray.config import DimensionConfig
+    from anisora_ray.reward.actors import DimensionScorer
+
+    clips = [STATIC, PAN, JITTER, PAN[::-1], STATIC, JITTER[::-1], PAN[:2]]
+    whole = DimensionScorer("visual_motion", DimensionConfig()).score(batch(clips))
+    scorer = DimensionScorer("visual_motion", DimensionConfig(batch_size=3))
+    seen, score = [], scorer.dimension.score
+    scorer.dimension.score = lambda b: seen.append(len(b)) or score(b)
+    np.testing.assert_array_equal(scorer.score(batch(clips)), whole)
+    assert seen == [3, 3, 1]
+    part = batch(clips).part(1, 3)
+    assert [p.shape for p in part.frames] == [PAN.shape, JITTER.shape] and len(part.character_ids) == 2

@@ -161,7 +161,7 @@ class DimensionConfig(Section):
     backend: str = "classical"
     weight: float = Field(default=1.0, ge=0)
     replicas: int = Field(default=1, ge=1)  # actors scoring this dimension
-    batch_size: int | None = Field(default=None, ge=1)  # clips per call in the pairs pipeline (None: reward.batch_size)
+    batch_size: int | None = Field(default=None, ge=1)  # clips per backend call at most (None: as sent, reward.batch_size)
     actor: ActorResources = ActorResources(num_cpus=1.0)
     normalize: NormalizeConfig = NormalizeConfig()
     options: dict[str, Any] = Field(default_factory=dict)  # passed to the backend's constructor

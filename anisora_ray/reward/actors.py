@@ -19,7 +19,7 @@ class DimensionScorer:
     """Hosts one dimension's backend (plain Python; Ray wraps it below)."""
 
     def __init__(self, name: str, cfg: DimensionConfig):
-        self.name = name
+        self.name, self.batch_size = name, cfg.batch_size
         self.dimension = build_dimension(name, cfg.backend, **cfg.options)
         threads = max(1, int(cfg.actor.num_cpus))
         if "torch" in sys.modules:  # learned backends; classical ones never pay torch's import
@@ -28,6 +28,10 @@ class DimensionScorer:
             sys.modules["cv2"].setNumThreads(threads)
 
     def score(self, batch: ClipBatch) -> np.ndarray:
+        """One score per clip; the backend sees at most the dimension's ``batch_size`` clips a call."""
+        size = self.batch_size or len(batch)
+        if len(batch) > size:
+            return np.concatenate([self.score(batch.part(i, i + size)) for i in range(0, len(batch), size)])
         out = np.asarray(self.dimension.score(batch), dtype=float)
         if out.shape != (len(batch),):
             raise ValueError(f"{self.name} returned shape {out.shape} for a batch of {len(batch)} clips")

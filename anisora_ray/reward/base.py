@@ -47,6 +47,11 @@ class ClipBatch:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def part(self, start: int, stop: int) -> ClipBatch:
+        """Clips ``start:stop`` with what they were generated from."""
+        return ClipBatch(self.frames[start:stop], self.prompts[start:stop], self.images[start:stop],
+                         self.references[start:stop], self.character_ids[start:stop])
+
 
 class RewardDimension(Protocol):
     """Scores a batch of clips: one float per clip (NaN when the clip cannot be scored)."""
