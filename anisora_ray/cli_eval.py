@@ -83,20 +83,21 @@ def _default_tracking(align_dir: str) -> str | None:
 
 def annotate(args: argparse.Namespace) -> int:
     from anisora_ray.errors import ConfigError
-    from anisora_ray.eval.annotate import AnnotationStore, build_study, summarize
+    from anisora_ray.eval.annotate import AnnotationStore, build_study, label_of, summarize
 
     if args.action == "serve":
         from anisora_ray.eval.annotate_server import serve
 
-        store = build_study(args.eval, args.db, baseline=args.baseline, trained=args.trained, seed=args.seed)
+        store = build_study(args.eval, args.db, baseline=args.baseline or "0", trained=args.trained, seed=args.seed)
         serve(store, host=args.host, port=args.port)
         return 0
     db = args.db or os.path.join(args.eval, "annotations.sqlite")
     if not os.path.isfile(db):
         raise ConfigError(f"{db} does not exist: run `anisora-ray annotate serve --eval {args.eval}` first")
-    s = summarize(AnnotationStore(db), judges=args.judges)
+    s = summarize(AnnotationStore(db), judges=args.judges, trained=label_of(args.trained) if args.trained else None,
+                  baseline=label_of(args.baseline) if args.baseline else None)
     low, high = s["win_rate_ci"]
-    print(f"{s['trained']} vs baseline: {s['wins']} won, {s['losses']} lost, {s['undecided']} without a majority "
+    print(f"{s['trained']} vs {s['baseline'] or 'any other version'}: {s['wins']} won, {s['losses']} lost, {s['undecided']} without a majority "
           f"of {s['judged']} comparisons judged by >= {args.judges} annotators ({s['comparisons']} in the study)")
     print(f"win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson); Fleiss' kappa {s['fleiss_kappa']:.3f}")
     for name, counts in s["annotators"].items():

@@ -92,6 +92,31 @@ def test_a_study_of_several_versions_counts_each_against_its_own_comparisons_by_
     assert version_order(["gapo", "round-10", "round-3", "round-0"]) == ["round-0", "round-3", "round-10", "gapo"]
 
 
+def test_the_summary_judges_the_served_studys_trained_version_whatever_the_labels_sort_as(tmp_path):
+    """``anisora-ray eval`` labels are names: "aligned" sorts before "baseline", and with no record of which
+    version was the baseline the summary once judged the baseline and reported the trained one's wins as losses."""
+    from anisora_ray.cli import main
+
+    store = AnnotationStore(str(tmp_path / "annotations.sqlite"))
+    pairs = [(Candidate(f"p{i}", f"prompt {i}", 7, f"/b{i}.mp4"), Candidate(f"p{i}", f"prompt {i}", 7, f"/a{i}.mp4"))
+             for i in range(4)]
+    store.add_comparisons("baseline", "aligned", pairs, seed=1)
+    for c in store.comparisons():
+        for name in ("ann", "bo", "cy"):
+            store.answer(name, c["id"], pick(store, c, "aligned"))
+    s = summarize(store)
+    assert (s["trained"], s["baseline"], s["wins"], s["losses"], s["win_rate"]) == ("aligned", "baseline", 4, 0, 1.0)
+    # a second study in the same file (an ablation variant against the same baseline): the newest served is the default
+    store.add_comparisons("baseline", "sft", [(b, Candidate(b.prompt_id, b.prompt, 7, "/s.mp4")) for b, _ in pairs])
+    assert (summarize(store)["trained"], summarize(store)["judged"]) == ("sft", 0)
+    assert summarize(store, trained="aligned")["baseline"] == "baseline"
+    assert main(["annotate", "summarize", "--eval", str(tmp_path), "--trained", "aligned", "--baseline", "baseline",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "s.json").read_text())["wins"] == 4
+
+
 def tiny_align_dir(root) -> str:
     """An align/ folder with held-out candidates of round 0 and round 2 (3 prompts × 1 seed), real mp4s."""
     import pyarrow as pa

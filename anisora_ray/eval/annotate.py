@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS answers (
     annotator TEXT NOT NULL, comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
     choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie')), answered_at REAL NOT NULL,
     PRIMARY KEY (annotator, comparison_id));
+CREATE TABLE IF NOT EXISTS studies (
+    baseline TEXT NOT NULL, trained TEXT NOT NULL, added_at REAL NOT NULL, PRIMARY KEY (baseline, trained));
 """
 
 
@@ -62,11 +64,14 @@ class AnnotationStore:
     def add_comparisons(self, baseline: str, trained: str, pairs: Iterable[tuple[Candidate, Candidate]],
                         seed: int = 0) -> int:
         """One comparison per (baseline, trained) candidate pair of the same prompt and seed; sides drawn at
-        random (recorded). Already stored pairs are kept as they are; returns how many were added."""
+        random (recorded), and which version is the baseline (:meth:`studies`). Already stored pairs are kept as
+        they are; returns how many were added."""
         rng = random.Random(seed)
         added = 0
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO studies (baseline, trained, added_at) VALUES (?, ?, ?) ON CONFLICT (baseline, "
+                       "trained) DO UPDATE SET added_at=excluded.added_at", (baseline, trained, time.time()))
             for base, new in pairs:
                 if (base.prompt_id, base.seed) != (new.prompt_id, new.seed):
                     raise ValueError(f"a comparison needs the same prompt and seed: {base.prompt_id}/{base.seed} vs "
@@ -84,6 +89,12 @@ class AnnotationStore:
                 added += 1
             db.execute("COMMIT")
         return added
+
+    def studies(self) -> list[tuple[str, str]]:
+        """(baseline, trained) of every study served from this file, the most recently served first (none in a
+        file written before studies were recorded)."""
+        with self._db() as db:
+            return [(r["baseline"], r["trained"]) for r in db.execute("SELECT * FROM studies ORDER BY added_at DESC")]
 
     def comparisons(self) -> list[dict]:
         with self._db() as db:
@@ -152,12 +163,16 @@ def fleiss_kappa(counts: list[list[int]]) -> float:
 
 
 def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 3, baseline: str | None = None) -> dict:
-    """Over the comparisons that show ``trained`` (default: the newest version in the store, rounds by number, then
-    the other labels; with ``baseline``, only those against it): majority verdicts (more than half of a
+    """Over the comparisons of ``trained`` against ``baseline``: majority verdicts (more than half of a
     comparison's votes, at least ``judges`` of them), the trained version's win rate with a Wilson CI, Fleiss' kappa
-    over the comparisons answered by exactly ``judges`` annotators, counts per annotator."""
+    over the comparisons answered by exactly ``judges`` annotators, counts per annotator. Either left out is the most
+    recently served study's that agrees with the other (for a file without studies: the newest version, rounds by
+    number, then the other labels, against any)."""
     every = store.comparisons()
     labels = version_order({c["left_label"] for c in every} | {c["right_label"] for c in every})
+    served = [(b, t) for b, t in store.studies() if baseline in (None, b) and trained in (None, t)]
+    if served:
+        baseline, trained = served[0]
     trained = trained or next((x for x in reversed(labels) if x != baseline), None)
     comparisons = {c["id"]: c for c in every if trained in (c["left_label"], c["right_label"])
                    and (baseline is None or baseline in (c["left_label"], c["right_label"]))}
@@ -179,7 +194,7 @@ def summarize(store: AnnotationStore, trained: str | None = None, judges: int = 
     categories = [trained, "tie", *[x for x in labels if x != trained]]
     kappa = fleiss_kappa([[v.count(c) for c in categories] for v in exact]) if exact and judges >= 2 else math.nan
     low, high = wilson(wins, len(judged))
-    return {"trained": trained, "comparisons": len(comparisons), "judged": len(judged), "wins": wins,
+    return {"trained": trained, "baseline": baseline, "comparisons": len(comparisons), "judged": len(judged), "wins": wins,
             "losses": losses, "undecided": len(judged) - decided,
             "win_rate": wins / len(judged) if judged else math.nan, "win_rate_ci": [low, high],
             "fleiss_kappa": kappa, "annotators": {k: dict(v) for k, v in sorted(per_annotator.items())}}

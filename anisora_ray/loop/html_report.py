@@ -246,7 +246,8 @@ def human_section(db_path: str) -> str:
     people = "".join(f"<tr><td class='l'>{html.escape(name)}</td><td>{c.get('answers', 0)}</td><td>{c.get('trained', 0)}"
                      f"</td><td>{c.get('baseline', 0)}</td><td>{c.get('tie', 0)}</td></tr>"
                      for name, c in s["annotators"].items())
-    return (f"<h2>Human evaluation ({html.escape(str(s['trained']))} vs baseline, blind, sides randomized)</h2>"
+    return (f"<h2>Human evaluation ({html.escape(str(s['trained']))} vs {html.escape(str(s['baseline'] or 'baseline'))}, "
+            "blind, sides randomized)</h2>"
             f"<p>Win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson): {s['wins']} won, {s['losses']} "
             f"lost, {s['undecided']} without a 2-of-3 majority, of {s['judged']} comparisons judged "
             f"({s['comparisons']} in the study). Fleiss' kappa {s['fleiss_kappa']:.3f}.</p>"
