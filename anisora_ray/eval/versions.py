@@ -124,13 +124,45 @@ def _require_videos_unless_measured(cfg: AnisoraConfig, version: Version, out_di
                           f"generate the videos again) or without those measures")
 
 
+def _check_reused(cfg: AnisoraConfig, version: Version, heldout, rows: list[dict], where: str) -> None:
+    """Scores read back (an earlier ``eval`` in the same ``--out``, or the align job's) must be of this config's
+    held-out prompts and seeds, and of this version's weights (``version.json`` beside them)."""
+    from anisora_ray.eval.heldout import EVAL_ROUND
+    from anisora_ray.generation.seeding import candidate_seeds
+
+    k = cfg.eval.candidates_per_prompt
+    expected = {(i.prompt_id, s) for i in heldout for s in candidate_seeds(cfg.run.seed, i.prompt_id, k, EVAL_ROUND)}
+    found = {(r["prompt_id"], int(r["seed"])) for r in rows}
+    per_prompt = max((sum(1 for p, _ in found if p == q) for q in {p for p, _ in found}), default=0)
+    problem = None
+    if found - expected:
+        problem = (f"{len(found - expected)} of its {len(found)} candidates are of other prompts or seeds (another "
+                   "held-out set, run.seed or eval.candidates_per_prompt)")
+    elif per_prompt < k:
+        problem = f"it has {per_prompt} seed(s) per prompt at most, this config's eval.candidates_per_prompt is {k}"
+    made = fs.join(where, "version.json")
+    if problem is None and fs.exists(made):
+        recorded = json.loads(fs.read_bytes(made)).get("weights_uri")
+        if recorded != version.weights_uri:
+            problem = f"it was generated from weights {recorded or 'base'}, this version names {version.weights_uri or 'base'}"
+    if problem:
+        raise ConfigError(f"{version.label}: the held-out scores in {where} are not this run's: {problem}; evaluate "
+                          "with --regenerate (the weights render them again), another --out, or the config they "
+                          "were made with")
+
+
 def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statistics, regenerate: bool,
                  progress: bool) -> list[dict]:
-    """The version's held-out candidates with AnimeReward and the video metrics (computed once, then read back)."""
+    """The version's held-out candidates with AnimeReward and the video metrics (computed once, then read back;
+    what is read back is checked to be of this config's prompts and seeds and of the version's weights)."""
     out_dir = fs.join(out, version.label, "eval")
     scores_uri = fs.join(out_dir, "scores.parquet")
+    if fs.exists(scores_uri) and not regenerate:
+        _check_reused(cfg, version, heldout, fs.read_table(scores_uri).to_pylist(), out_dir)
     if regenerate or not fs.exists(scores_uri):
         if version.align_eval and not regenerate:
+            _check_reused(cfg, version, heldout, fs.read_table(fs.join(version.align_eval, "scores.parquet")).to_pylist(),
+                          version.align_eval)
             fs.makedirs(out_dir)
             for name in ("candidates.parquet", "scores.parquet", METRICS_FILE):  # the last: if align's guard made it
                 if fs.exists(fs.join(version.align_eval, name)):
@@ -140,6 +172,7 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
         else:
             log.info("%s: generating and scoring the held-out candidates", version.label)
             _generate_and_score(cfg, version, heldout, out_dir, statistics, progress)
+        fs.write_bytes(fs.join(out_dir, "version.json"), json.dumps({"weights_uri": version.weights_uri}).encode())
     rows = fs.read_table(scores_uri).to_pylist()
     videoscore = ensure_videoscore(out_dir, cfg.eval.videoscore, regenerate)
     if videoscore:
