@@ -97,6 +97,14 @@ def test_align_on_the_real_config_without_data_fails_at_once_naming_the_key(caps
     assert "eval.prompts is not set" in capsys.readouterr().err
 
 
+def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_setting(tmp_path, capsys):
+    for command in ("pairs", "align", "ablate"):
+        argv = [command, "--config", LOCAL_CONFIG, "--set", f"run.output_dir={tmp_path / command}",
+                "--set", "generator.candidates_per_prompt=1"] + (["--variants", "gapo"] if command == "ablate" else [])
+        assert main(argv) == 2, command
+        assert "generator.candidates_per_prompt = 1: pairs need two candidates" in capsys.readouterr().err, command
+
+
 def test_build_gallery_from_the_command_line(tmp_path, capsys):
     from PIL import Image
 

@@ -9,7 +9,7 @@ import pytest
 from anisora_ray.config import PairsConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.pairs import read_pairs, read_skipped, select_pair
-from anisora_ray.types import DIMENSIONS, ScoredCandidate
+from anisora_ray.types import DIMENSIONS, QuarantineRecord, ScoredCandidate
 
 
 def scored(seed: int, reward: float, reason: str | None = None) -> ScoredCandidate:
@@ -112,6 +112,12 @@ def test_a_corrupt_candidate_is_quarantined_and_its_prompt_still_pairs(ray_clust
     assert [q.video_uri for q in quarantined] == [bad.video_uri]
     assert quarantined[0].quarantine_reason.startswith("VideoDecodeError") and math.isnan(quarantined[0].reward)
     assert read_skipped(str(tmp_path / "pairs")) == []
+    from anisora_ray.pairs.writer import read_quarantined
+
+    [record] = read_quarantined(str(tmp_path / "pairs"))  # the set-aside candidate is on record, its prompt paired
+    assert (record.stage, record.item_id, record.reason, record.uri) == ("pairs", "demo-0000", "VideoDecodeError",
+                                                                          bad.video_uri)
+    assert record.detail.startswith(f"seed {bad.seed}: VideoDecodeError")
 
 
 def test_persistent_reward_actors_give_the_same_pairs(ray_cluster, pairs_cfg, demo_manifest, tmp_path):
@@ -235,22 +241,31 @@ def test_the_pairs_stage_resends_a_failed_call_elsewhere_and_the_router_leases_a
 
 
 def test_scores_of_prompts_an_interrupted_flush_left_undone_are_not_written_twice(tmp_path):
-    """A flush writes skipped, scores, then pairs: cut short before its pairs shard, its prompts are redone on
-    resume, and the scores it did write for them are dropped when the next writer opens (kept for those done)."""
+    """A flush writes scores, quarantined candidates, skipped, then pairs: cut short before its pairs shard, its
+    prompts are redone on resume, and the rows it did write for them are dropped when the next writer opens (kept
+    for those done)."""
     import dataclasses
     import os
+    import shutil
 
     from anisora_ray.io import fs
-    from anisora_ray.pairs.writer import PairWriter
+    from anisora_ray.pairs.writer import PairWriter, read_quarantined
 
     out = str(tmp_path / "pairs")
     rules = PairsConfig()
     a = [dataclasses.replace(scored(s, r), prompt_id="p") for s, r in ((1, 0.9), (2, 0.1))]
     b = [dataclasses.replace(scored(s, 0.5), prompt_id="b") for s in (3, 4)]
+    aside = {q: [QuarantineRecord("pairs", q, "VideoDecodeError", f"{q}-9.mp4")] for q in "pb"}
     writer = PairWriter(out)
-    writer.add(select_pair("p", a, rules), a)
-    writer.add(select_pair("b", b, PairsConfig(ties="skip")), b)  # a tie: skipped (done once its shard is written)
+    writer.add(select_pair("p", a, rules), a, aside["p"])
+    writer.add(select_pair("b", b, PairsConfig(ties="skip")), b, aside["b"])  # a tie: skipped (done once written)
     writer.flush()
+    assert sorted(os.listdir(out)) == ["pairs-00000.parquet", "quarantine-00000.parquet", "scores-00000.parquet",
+                                       "skipped-00000.parquet"]
+    shutil.copytree(out, str(tmp_path / "early"))
+    for name in ("pairs-00000.parquet", "skipped-00000.parquet"):  # died after the scores and quarantine shards
+        os.remove(os.path.join(str(tmp_path / "early"), name))
+    assert PairWriter(str(tmp_path / "early")).done == set() and os.listdir(tmp_path / "early") == []
     os.remove(os.path.join(out, "pairs-00000.parquet"))  # the driver died before the pairs shard was written
 
     again = PairWriter(out)
@@ -263,3 +278,4 @@ def test_scores_of_prompts_an_interrupted_flush_left_undone_are_not_written_twic
             for r in fs.read_table(os.path.join(out, name)).to_pylist()]
     assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [("b", 3), ("b", 4), ("p", 1), ("p", 2)]
     assert [p.prompt_id for p in read_pairs(out)] == ["p"]
+    assert [q.item_id for q in read_quarantined(out)] == ["b"]  # p's, written before p was done: dropped (redone without)

@@ -124,6 +124,7 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
     from anisora_ray.eval.heldout import heldout_items
     from anisora_ray.generation.stage import resolve_prompts
     from anisora_ray.loop.placement import check_cluster_fits
+    from anisora_ray.pairs.stage import check_pairable
     from anisora_ray.reward.base import check_reward_options
     from anisora_ray.runtime import init_ray
     from anisora_ray.tracking import log_metrics, mlflow_run
@@ -134,6 +135,7 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
     out = fs.check_writable(fs.normalize(out or fs.join(fs.normalize(cfg.run.output_dir), "ablate")), "--out")
     manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, manifest)
+    check_pairable(cfg)
     for vcfg, _ in configs.values():
         check_reward_options(vcfg.reward)
     init_ray(cfg.ray)

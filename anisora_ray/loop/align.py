@@ -33,6 +33,7 @@ from anisora_ray.loop.rounds import RoundContext, audit_metrics, run_round, run_
 from anisora_ray.loop.samples import eval_row
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.models.pipeline import check_pretrained, resolve_pretrained
+from anisora_ray.pairs.stage import check_pairable
 from anisora_ray.reward.actors import RewardActors
 from anisora_ray.reward.base import check_reward_options
 from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
@@ -106,6 +107,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     fs.check_writable(out)  # output, manifests and reward options fail here, before Ray, models or GPUs
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
+    check_pairable(cfg)
     check_reward_options(cfg.reward)
     first = _next_round(state, cfg.loop.rounds)
     if first is not None:  # before Ray, models or GPUs (a finished job only reports: nothing to check)

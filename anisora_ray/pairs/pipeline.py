@@ -201,7 +201,10 @@ def consume(cfg: AnisoraConfig, dataset: ray.data.Dataset, writer: PairWriter, t
         result = select_pair(prompt_id, scored, cfg.pairs)
         if isinstance(result, QuarantineRecord):
             skipped_reasons[result.reason] += 1
-        writer.add(result, scored if cfg.pairs.keep_scores else ())
+        aside = [QuarantineRecord(stage="pairs", item_id=prompt_id, reason=s.quarantine_reason.split(":", 1)[0],
+                                  uri=s.video_uri, detail=f"seed {s.seed}: {s.quarantine_reason}"[:2000])
+                 for s in scored if s.quarantine_reason]
+        writer.add(result, scored if cfg.pairs.keep_scores else (), aside)
         if on_prompt:
             on_prompt(prompt_id)
         bar.update(1)

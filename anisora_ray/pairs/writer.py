@@ -1,11 +1,12 @@
 """Exactly-once output of a pairs run: numbered parquet shards, and resume from what is there.
 
-Every ``flush`` writes ``skipped-NNNNN.parquet`` (prompts with no pair, with the reason), optionally
-``scores-NNNNN.parquet`` (every candidate), and last ``pairs-NNNNN.parquet``; each file is written
-atomically. A prompt counts as done once it is in a pairs or skipped shard, so a re-run skips it and
-no prompt is written twice; an interruption loses at most the unflushed prompts, which are redone. Scores of
-prompts an interrupted flush left undone (written before their pairs shard) are dropped when the writer opens,
-so the redone prompts' scores are not there twice.
+Every ``flush`` writes, in this order, optionally ``scores-NNNNN.parquet`` (every candidate),
+``quarantine-NNNNN.parquet`` (each candidate set aside, with the reason, whether or not its prompt paired),
+``skipped-NNNNN.parquet`` (prompts with no pair, with the reason) and last ``pairs-NNNNN.parquet``; each file
+is written atomically. A prompt counts as done once it is in a pairs or skipped shard, so a re-run skips it and
+no prompt is written twice; an interruption loses at most the unflushed prompts, which are redone. Scores and
+quarantined candidates of prompts an interrupted flush left undone (written before their prompt's shard) are
+dropped when the writer opens, so the redone prompts' rows are not there twice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from anisora_ray.errors import ConfigError
 from anisora_ray.io import fs
 from anisora_ray.types import PreferencePair, QuarantineRecord, ScoredCandidate
 
-SHARD = re.compile(r"(pairs|skipped|scores)-(\d{5})\.parquet$")
+SHARD = re.compile(r"(pairs|skipped|scores|quarantine)-(\d{5})\.parquet$")
 
 
 def _shards(out_uri: str) -> list[tuple[str, int, str]]:
@@ -44,25 +45,34 @@ def read_skipped(out_uri: str) -> list[QuarantineRecord]:
     return [q for kind, _, uri in _shards(out_uri) if kind == "skipped" for q in QuarantineRecord.from_table(fs.read_table(uri))]
 
 
+def read_quarantined(out_uri: str) -> list[QuarantineRecord]:
+    """The candidates set aside (``item_id``: the prompt, ``uri``: the video), in prompts paired or skipped."""
+    return [q for kind, _, uri in _shards(out_uri) if kind == "quarantine"
+            for q in QuarantineRecord.from_table(fs.read_table(uri))]
+
+
 class PairWriter:
     def __init__(self, out_uri: str):
         self.out_uri = out_uri
         shards = _shards(out_uri)
         self.done: set[str] = {p.prompt_id for p in read_pairs(out_uri)} | {q.item_id for q in read_skipped(out_uri)}
         self._seq = max((seq for _, seq, _ in shards), default=-1) + 1
-        self._drop_undone_scores([uri for kind, seq, uri in shards if kind == "scores" and seq == self._seq - 1])
+        for kind, column in (("scores", "prompt_id"), ("quarantine", "item_id")):
+            self._drop_undone([uri for k, seq, uri in shards if k == kind and seq == self._seq - 1], column)
         self._pairs: list[PreferencePair] = []
         self._skipped: list[QuarantineRecord] = []
         self._scores: list[ScoredCandidate] = []
+        self._quarantined: list[QuarantineRecord] = []
         self.written = {"pairs": 0, "skipped": 0}
 
-    def _drop_undone_scores(self, uris: list[str]) -> None:
-        """Only the last flush can have been cut short (each opened writer checks its predecessor's)."""
+    def _drop_undone(self, uris: list[str], column: str) -> None:
+        """Rows of prompts (``column``) not done; only the last flush can have been cut short (each opened writer
+        checks its predecessor's)."""
         import pyarrow.compute as pc
 
         for uri in uris:
             table = fs.read_table(uri)
-            done = pc.is_in(table["prompt_id"], value_set=pa.array(sorted(self.done), pa.string()))
+            done = pc.is_in(table[column], value_set=pa.array(sorted(self.done), pa.string()))
             if pc.all(done).as_py() is not False:
                 continue
             kept = table.filter(done)
@@ -75,27 +85,32 @@ class PairWriter:
     def pending(self) -> int:
         return len(self._pairs) + len(self._skipped)
 
-    def add(self, result: PreferencePair | QuarantineRecord, scores: Sequence[ScoredCandidate] = ()) -> None:
+    def add(self, result: PreferencePair | QuarantineRecord, scores: Sequence[ScoredCandidate] = (),
+            quarantined: Sequence[QuarantineRecord] = ()) -> None:
+        """One prompt's outcome, its candidates' scores (``pairs.keep_scores``) and the candidates set aside."""
         prompt_id = result.prompt_id if isinstance(result, PreferencePair) else result.item_id
         if prompt_id in self.done:
             raise RuntimeError(f"prompt {prompt_id!r} is already paired or skipped: refusing to write it twice")
         self.done.add(prompt_id)
         (self._pairs if isinstance(result, PreferencePair) else self._skipped).append(result)
         self._scores.extend(scores)
+        self._quarantined.extend(quarantined)
 
     def flush(self) -> None:
         if not self.pending:
             return
         name = f"{self._seq:05d}.parquet"
+        if self._scores:  # before the shards that make a prompt done, so a cut-off flush loses none of them
+            fs.write_table(ScoredCandidate.to_table(self._scores), fs.join(self.out_uri, f"scores-{name}"))
+        if self._quarantined:
+            fs.write_table(QuarantineRecord.to_table(self._quarantined), fs.join(self.out_uri, f"quarantine-{name}"))
         if self._skipped:
             fs.write_table(QuarantineRecord.to_table(self._skipped), fs.join(self.out_uri, f"skipped-{name}"))
-        if self._scores:
-            fs.write_table(ScoredCandidate.to_table(self._scores), fs.join(self.out_uri, f"scores-{name}"))
         if self._pairs:  # last: a prompt is done once its pair is on storage
             fs.write_table(PreferencePair.to_table(self._pairs), fs.join(self.out_uri, f"pairs-{name}"))
         self.written["pairs"] += len(self._pairs)
         self.written["skipped"] += len(self._skipped)
-        self._pairs, self._skipped, self._scores = [], [], []
+        self._pairs, self._skipped, self._scores, self._quarantined = [], [], [], []
         self._seq += 1
 
 
