@@ -41,6 +41,16 @@ def test_bad_manifests_name_the_problem(columns, message):
         read_manifest("memory://bad/m.parquet")
 
 
+def test_a_manifest_written_by_pandas_keeps_integer_ids_as_the_gallery_names_them():
+    """pandas stores an integer column with a missing value as floats (and the missing value as NaN): character 3
+    is "3", not "3.0", so it still selects its gallery entry; NaN is no character."""
+    table = pa.table({"prompt_id": [1.0, 2.0, 3.5], "prompt": ["p", "q", "r"], "image_uri": ["i", "j", "k"],
+                      "character_id": [3.0, float("nan"), 12.0]})
+    fs.write_table(table, "memory://pandas/m.parquet")
+    items = read_manifest("memory://pandas/m.parquet")
+    assert [(i.prompt_id, i.character_id) for i in items] == [("1", "3"), ("2", None), ("3.5", "12")]
+
+
 def test_missing_and_non_parquet_manifest(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(str(tmp_path / "none.parquet"))

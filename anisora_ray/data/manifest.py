@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import posixpath
 from collections.abc import Sequence
@@ -47,19 +48,18 @@ def read_manifest(uri: str) -> list[PromptItem]:
     seen: set[str] = set()
     for row_number, row in enumerate(table.to_pylist()):
         for column in REQUIRED_COLUMNS:
-            if row[column] is None or not str(row[column]).strip():
+            if text_field(row, column) is None:  # None, blank, or NaN (pandas' missing value)
                 raise ManifestError(f"manifest {uri!r} row {row_number}: empty {column}")
-        prompt_id = str(row["prompt_id"])
+        prompt_id = text_field(row, "prompt_id")
         if prompt_id in seen:
             raise ManifestError(f"manifest {uri!r} row {row_number}: duplicate prompt_id {prompt_id!r}")
         seen.add(prompt_id)
-        character = row.get("character_id")
         items.append(
             PromptItem(
                 prompt_id=prompt_id,
                 prompt=str(row["prompt"]),
                 image_uri=_resolve(str(row["image_uri"]), uri),
-                character_id=None if character is None else str(character),
+                character_id=text_field(row, "character_id"),
             )
         )
     if not items:
@@ -138,8 +138,13 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
 
 
 def text_field(row: dict, key: str) -> str | None:
-    """An id column as text (a .jsonl may give ``"character_id": 0``), None when absent or empty."""
+    """An id column as text (a .jsonl may give ``"character_id": 0``; pandas writes an integer column with a
+    missing value as floats: ``3.0`` is ``"3"``), None when absent, empty or NaN."""
     value = row.get(key)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        value = int(value) if value.is_integer() else value
     return None if value is None or str(value).strip() == "" else str(value)
 
 
