@@ -82,6 +82,11 @@ def test_build_manifest_from_a_folder_of_clips_takes_first_frames_and_sets_bad_c
         assert np.abs(image.astype(int) - firsts[item.prompt_id]).mean() < 8  # frame 0 (lossless x264, yuv420)
     bad = QuarantineRecord.from_table(fs.read_table(str(tmp_path / "data" / "train.quarantine.parquet")))
     assert [(q.item_id, q.reason) for q in bad] == [("c_broken", "VideoDecodeError")]
+    (clips / "c_broken.mp4").unlink()  # fixed by removing it: the rerun sets nothing aside, and says so by no file
+    (tmp_path / "captions.txt").write_text("a girl waves\na boy walks\n")
+    assert main(["build-manifest", "--videos", str(clips), "--captions", str(tmp_path / "captions.txt"),
+                 "--out", str(out)]) == 0
+    assert not (tmp_path / "data" / "train.quarantine.parquet").exists() and len(read_manifest(str(out))) == 2
     missing = str(tmp_path / "no-such-captioner")  # no captions and no captioner model: said before Ray starts
     assert main(["build-manifest", "--videos", str(clips), "--out", str(out), "--captioner", missing]) == 2
     assert "--captions" in capsys.readouterr().err

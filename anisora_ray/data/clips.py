@@ -106,12 +106,16 @@ def caption_items(captioner: Captioner, requests: Sequence[CaptionRequest], name
     if review:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in review)
         fs.write_bytes(captions_uri(out_uri), lines.encode())
+    elif fs.exists(captions_uri(out_uri)):  # an earlier run's captions are not this run's
+        fs.remove(captions_uri(out_uri))
     return captions, bad
 
 
 def _finish(items: list[PromptItem], bad: list[QuarantineRecord], out_uri: str, folder: str) -> None:
     if bad:
         fs.write_table(QuarantineRecord.to_table(bad), quarantine_uri(out_uri))
+    elif fs.exists(quarantine_uri(out_uri)):  # an earlier run set aside what this one could use
+        fs.remove(quarantine_uri(out_uri))
     if not items:
         raise ManifestError(f"no item of {folder!r} could be used ({len(bad)} set aside: {quarantine_uri(out_uri)})")
     write_manifest(items, out_uri)
