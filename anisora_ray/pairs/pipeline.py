@@ -1,9 +1,11 @@
 """The online pairs pipeline: one streaming Ray Data dataset from prompts to preference pairs.
 
 prompts → K seeds each → generation on the **persistent** generator replicas (a thin Ray Data
-stage forwards each batch to one replica actor; nothing reloads a model) → decode once → one
-Ray Data actor-pool stage per weighted reward dimension (its own resources, replicas and batch
-size) → the driver groups rows by prompt as they stream in, aggregates, selects the pair and
+stage forwards each batch to one replica actor; nothing reloads a model) → decode once → scoring:
+by default (``pairs.reward_stage: actors``) a stage that sends each batch to the persistent reward
+actors (:class:`anisora_ray.reward.actors.RewardActors`, every dimension in parallel), or with
+``pipeline`` one Ray Data actor-pool stage per weighted dimension (its own resources, replicas and
+batch size) → the driver groups rows by prompt as they stream in, aggregates, selects the pair and
 writes shards (:mod:`anisora_ray.pairs.writer`). Ray Data's backpressure bounds what is in flight.
 Every row carries ``error``: a failed generation or decode travels on as an error row (the
 candidate is quarantined with its reason) so each prompt still sees its K rows and pairs from the rest.
