@@ -138,8 +138,11 @@ def test_compare_versions_pairs_by_prompt_and_seed_and_counts_wins():
     assert gain["ci_low"] > 0 and gain["p_value"] < 0.01 and gain["num_prompts"] == 12
     assert reward_win_rate(tables["round-0"], tables["copy"])["ties"] == 24
     assert c["versions"]["copy"]["metrics"]["reward"]["mean_diff"] == 0.0
+    # the means are over the prompts every version scored (not p99): their difference is the paired gain
+    assert c["mean_prompts"] == {"reward": 12}
+    assert c["means"]["trained"]["reward"] - c["means"]["round-0"]["reward"] == pytest.approx(gain["mean_diff"])
     table = markdown_table(c, {"trained": {"win_rate": 0.6, "win_rate_ci": [0.4, 0.8], "wins": 6, "judged": 10,
                                            "fleiss_kappa": 0.3}})
-    assert "| reward | " in table and "0.600 [0.400, 0.800] (6 of 10; kappa 0.30)" in table and "no study" in table
+    assert "| reward (n=12) | " in table and "0.600 [0.400, 0.800] (6 of 10; kappa 0.30)" in table and "no study" in table
     with pytest.raises(KeyError, match="baseline"):
         compare_versions(tables, "round-9", ["reward"])

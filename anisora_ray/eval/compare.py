@@ -45,14 +45,19 @@ def reward_win_rate(before: Iterable[Mapping], after: Iterable[Mapping], metric:
 
 def compare_versions(tables: Mapping[str, list[Mapping]], baseline: str, metrics: list[str], samples: int = 2000,
                      seed: int = 0) -> dict:
-    """Every version of ``tables`` against ``baseline``: per metric the two means (over prompts), the
+    """Every version of ``tables`` against ``baseline``: per metric each version's mean over the prompts every
+    version scored (``mean_prompts``: how many; a prompt one version lost would otherwise move only its mean), the
     paired difference with its BCa CI and permutation p-value; and the reward win rate."""
     if baseline not in tables:
         raise KeyError(f"baseline {baseline!r} is not among the versions {sorted(tables)}")
     base_rows = tables[baseline]
-    out: dict = {"baseline": baseline, "metrics": list(metrics), "means": {}, "versions": {}}
+    out: dict = {"baseline": baseline, "metrics": list(metrics), "means": {}, "mean_prompts": {}, "versions": {}}
+    prompt_means = {label: {m: per_prompt_means(rows, m) for m in metrics} for label, rows in tables.items()}
+    common = {m: set.intersection(*(set(v[m]) for v in prompt_means.values())) for m in metrics}
+    out["mean_prompts"] = {m: len(common[m]) for m in metrics}
     for label, rows in tables.items():
-        out["means"][label] = {m: _mean(per_prompt_means(rows, m)) for m in metrics}
+        out["means"][label] = {m: _mean({p: v for p, v in prompt_means[label][m].items() if p in common[m]})
+                               for m in metrics}
         if label == baseline:
             continue
         per_metric = {}
@@ -82,8 +87,9 @@ def markdown_table(comparison: Mapping, human: Mapping[str, Mapping] | None = No
     labels = [label for label in comparison["means"] if label != base]
     head = f"| metric | {base} | " + " | ".join(f"{label} | gain vs {base} [95% CI], p" for label in labels) + " |"
     lines = [head, "| --- " * (2 + 2 * len(labels)) + "|"]
+    counts = comparison.get("mean_prompts", {})
     for m in comparison["metrics"]:
-        cells = [m, _fmt(comparison["means"][base][m])]
+        cells = [f"{m} (n={counts[m]})" if m in counts else m, _fmt(comparison["means"][base][m])]
         for label in labels:
             c = comparison["versions"][label]["metrics"][m]
             cells += [_fmt(comparison["means"][label][m]),
