@@ -134,6 +134,35 @@ def tiny_align_dir(root) -> str:
     return str(root)
 
 
+def test_a_study_needs_both_sides_videos_and_the_server_says_what_it_cannot_serve_or_store(tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.eval.annotate_server import serve
+
+    align = tiny_align_dir(tmp_path / "align")
+    store = build_study(align)
+    server = serve(store, host="127.0.0.1", port=0, background=True)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        first = store.comparisons()[0]
+        assert urllib.request.urlopen(f"{url}/video/{first['id']}/left").read()[4:8] == b"ftyp"
+        os.remove(first["left_uri"])  # pruned after the study was built
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{url}/video/{first['id']}/left")
+        assert missing.value.code == 404 and b"not readable" in missing.value.read()
+        request = urllib.request.Request(f"{url}/api/answer", data=json.dumps([1]).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(request)
+        assert bad.value.code == 400 and b"expected a JSON object, got list" in bad.value.read()
+    finally:
+        server.shutdown()
+    with pytest.raises(ConfigError, match=r"1 held-out video\(s\) of round-0 or round-2 are not there"):
+        build_study(align, str(tmp_path / "again.sqlite"))
+
+
 def test_three_annotators_answer_every_comparison_in_a_real_browser_and_the_summary_reads_back(tmp_path):
     """Headless Chromium (Debian's `chromium` + `chromium-driver`) through Selenium: three annotators log in,
     answer with buttons and keys; the stored answers and the summary match what they chose."""

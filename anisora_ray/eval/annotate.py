@@ -251,6 +251,11 @@ def build_study(eval_dir: str, db_path: str | None = None, baseline: int | str =
         raise ConfigError(f"{eval_dir}: needs two evaluated versions to compare (found {labels})")
     before, after = eval_candidates(eval_dir, base), eval_candidates(eval_dir, new)
     common = sorted(set(before) & set(after))
+    gone = [c.video_uri for k in common for c in (before[k], after[k]) if not fs.exists(c.video_uri)]
+    if gone:  # pruned by run.keep.eval_videos, or moved: an annotator would judge a blank side
+        raise ConfigError(f"{len(gone)} held-out video(s) of {base} or {new} are not there (e.g. {gone[0]}): a study "
+                          "needs both sides' videos; evaluate the version again (anisora-ray eval --regenerate) or "
+                          "keep them with run.keep.eval_videos")
     if not common:
         raise ConfigError(f"{base} and {new} share no held-out prompt and seed")
     store = AnnotationStore(db_path or fs.join(eval_dir, "annotations.sqlite"))

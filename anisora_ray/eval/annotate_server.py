@@ -109,7 +109,11 @@ def make_handler(store: AnnotationStore):
                 comparison = store.comparison(int(parts[1]))
                 if comparison is None:
                     return self._error(HTTPStatus.NOT_FOUND, "no such comparison")
-                return self._send(200, fs.read_bytes(comparison[f"{parts[2]}_uri"]), "video/mp4")
+                try:
+                    video = fs.read_bytes(comparison[f"{parts[2]}_uri"])
+                except OSError as exc:  # moved or deleted since the study was built: said, not a silent blank side
+                    return self._error(HTTPStatus.NOT_FOUND, f"video of comparison {parts[1]} not readable: {exc}")
+                return self._send(200, video, "video/mp4")
             return self._error(HTTPStatus.NOT_FOUND, "not found")
 
         def do_POST(self):  # noqa: N802
@@ -117,6 +121,8 @@ def make_handler(store: AnnotationStore):
                 return self._error(HTTPStatus.NOT_FOUND, "not found")
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if not isinstance(body, dict):
+                    raise TypeError(f"expected a JSON object, got {type(body).__name__}")
                 store.answer(str(body.get("annotator", "")), int(body["comparison"]), str(body.get("choice")))
             except (ValueError, KeyError, TypeError) as exc:
                 return self._error(HTTPStatus.BAD_REQUEST, f"answer not stored: {exc}")

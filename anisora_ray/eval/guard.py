@@ -7,7 +7,7 @@ learned forms of :mod:`anisora_ray.eval.vbench` join on GPU configs):
 | ------------------ | ---------------------- | -------------------------------------------------------------- |
 | visual_motion      | ``frame_difference``   | mean absolute difference of consecutive frames / 255 (no flow) |
 | image_video        | ``first_frame_psnr``   | PSNR (dB) of the first frame against the input image           |
-| text_video         | ``named_hue_share``    | share of saturated pixels within ±15° hue of the colour the    |
+| text_video         | ``named_hue_share``    | share of saturated pixels within ±16° hue of the colour the    |
 |                    |                        | prompt names (HSV; not the reward's RGB distance); prompts     |
 |                    |                        | naming no chromatic colour are left out                         |
 | character          | ``subject_consistency``| VBench-I2V subject consistency (eval/vbench.py)                |
