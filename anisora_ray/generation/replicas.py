@@ -143,8 +143,10 @@ class GeneratorReplicas:
     def _ask(self, method: str) -> list:
         """``method()`` of every replica: a restarting replica is waited for, a dead one's call sent again."""
         first = [getattr(a, method).remote() for a in self.actors]
-        return [call_with_retries(lambda a=a: getattr(a, method).remote(), first=ref, retries=self.cfg.generator.call_retries,
-                                  what=f"generator replica {i} ({method})")[0]
+        g = self.cfg.generator
+        return [call_with_retries(lambda a=a: getattr(a, method).remote(), first=ref, retries=g.call_retries,
+                                  what=f"generator replica {i} ({method})", timeout_s=g.call_timeout_s,
+                                  on_timeout=lambda a=a: ray.kill(a, no_restart=False))[0]
                 for i, (a, ref) in enumerate(zip(self.actors, first, strict=True))]
 
     def weights_versions(self) -> list[int]:
@@ -219,11 +221,13 @@ class GeneratorReplicas:
         """``send(replica, chunk)`` (a call's reference) for chunks of ``generator.prompts_per_call`` requests, at
         most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
         ``generator.call_retries`` times) to a replica that has not failed it while there is one, so one broken
-        replica does not fail the stage; a restarting replica is waited for. Each call returns ``parts`` lists: each
-        concatenated over the calls."""
+        replica does not fail the stage; a restarting replica is waited for, and one that has not answered a call
+        within ``generator.call_timeout_s`` of sending it is killed (Ray restarts it) and the call counts as failed.
+        Each call returns ``parts`` lists: each concatenated over the calls."""
         per_call = self.cfg.generator.prompts_per_call
         pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
-        in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest]]] = {}
+        in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest], float]] = {}  # replica, chunk, sent at
+        timeout = self.cfg.generator.call_timeout_s
         load = [0] * len(self.actors)
         gathered: list[list] = [[] for _ in range(parts)]
         limit = self.cfg.generator.max_calls_in_flight
@@ -249,13 +253,22 @@ class GeneratorReplicas:
                 if chunk is None:
                     break
                 pending.remove(chunk)
-                in_flight[send(self.actors[replica], chunk)] = (replica, chunk)
+                in_flight[send(self.actors[replica], chunk)] = (replica, chunk, time.monotonic())
                 load[replica] += 1
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            replica, chunk = in_flight.pop(done[0])
+            oldest = min(sent for _, _, sent in in_flight.values())
+            wait_s = None if timeout is None else max(0.0, oldest + timeout - time.monotonic())
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+            hung = not done
+            if hung:  # the oldest call ran past call_timeout_s: its replica is killed, Ray restarts it
+                done = [next(ref for ref, (_, _, sent) in in_flight.items() if sent == oldest)]
+            replica, chunk, _ = in_flight.pop(done[0])
             load[replica] -= 1
             key = id(chunk)
             try:
+                if hung:
+                    ray.kill(self.actors[replica], no_restart=False)
+                    raise TimeoutError(f"no answer within generator.call_timeout_s = {timeout:.0f} s; replica "
+                                       f"{replica} killed for Ray to restart it")
                 result = ray.get(done[0])
             except ray.exceptions.ActorUnavailableError:  # restarting: wait for it, not a new failure
                 if time.monotonic() - restarting.setdefault(key, time.monotonic()) < RESTART_WAIT_S:

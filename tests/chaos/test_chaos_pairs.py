@@ -97,6 +97,29 @@ def test_a_hung_generator_replica_is_killed_after_its_call_timeout_and_replaced(
         replicas.shutdown()
 
 
+def test_a_replica_hung_in_a_drivers_call_is_killed_after_its_call_timeout_and_the_call_finishes_elsewhere(chaos):
+    """The driver's own calls (held-out evaluation, calibration, cache audits, ``generate``) hold the same timeout
+    as the pairs stage: a frozen replica once stalled them for good."""
+    from anisora_ray.data.manifest import read_manifest
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.generation.seeding import build_requests
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = chaos["make"]("generator.call_timeout_s=15")
+    replicas = GeneratorReplicas(cfg, resolve_pretrained(cfg.model, cfg.generator))
+    try:
+        requests = build_requests(read_manifest(chaos["manifest"]), cfg)
+        frozen = replicas.placements()[0]["pid"]
+        os.kill(frozen, signal.SIGSTOP)
+        began = time.perf_counter()
+        candidates, quarantined = replicas.generate(requests, str(chaos["root"] / "hung-in-generate"))
+        print(f"\nhung replica in generate: {len(candidates)} videos in {time.perf_counter() - began:.1f} s")
+        assert len(candidates) == sum(len(r.seeds) for r in requests) and not quarantined
+        assert placement_once_back(replicas.actors[0])["pid"] != frozen  # killed and restarted
+    finally:
+        replicas.shutdown()
+
+
 def test_sigkill_a_persistent_reward_actor_mid_round(chaos):
     from anisora_ray.reward.actors import RewardActors
 
