@@ -59,8 +59,23 @@ def test_a_pair_quarantined_before_a_checkpoint_is_dropped_on_resume_so_the_late
 def test_missing_columns_and_too_few_rows_are_named():
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['loser_reward'\]"):
         pair_rows(_table(2).drop_columns(["loser_reward"]))
-    with pytest.raises(ValueError, match="1 pair"):
-        step_rows(pair_rows(_table(1)), 0, 2, seed=0)
+    with pytest.raises(ValueError, match="no pair on this worker"):
+        step_rows([], 0, 2, seed=0)
+
+
+def test_a_worker_left_with_fewer_pairs_than_a_step_after_quarantine_trains_on_what_it_has():
+    """2 pairs per step and 2 rows on a rank, one unreadable: the rank once failed the whole run (every Ray Train
+    retry alike); now its good pair fills its micro-batches, and a rank with none left says so."""
+    from anisora_ray.gapo.batches import usable_rows
+
+    rows = [{"prompt_id": "good"}, {"prompt_id": "bad"}]
+    kept, records = usable_rows(rows, 4, 2, 3, lambda needed: [(r, "unreadable") for r in needed if r["prompt_id"] == "bad"])
+    assert kept == [{"prompt_id": "good"}] and records == ["unreadable"]
+    assert [[r["prompt_id"] for r in step_rows(kept, i, 2, 3)] for i in range(4)] == [["good", "good"]] * 4
+    three = [{"prompt_id": p} for p in "abc"]  # 3 rows, 4 a step: every row in every micro-batch, reshuffled
+    batches = [tuple(r["prompt_id"] for r in step_rows(three, i, 4, 3)) for i in range(6)]
+    assert all(len(b) == 4 and set(b) == set("abc") for b in batches) and len(set(batches)) > 1
+    assert usable_rows(rows, 4, 2, 3, lambda needed: [(r, "unreadable") for r in needed]) == ([], ["unreadable"] * 2)
 
 
 def _one_pair(make_config, tmp_path):

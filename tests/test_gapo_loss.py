@@ -35,8 +35,18 @@ def test_gain_of_one_is_exactly_diffusion_dpo():
                                                            - (args["model_err_l"] - args["ref_err_l"]))).mean()
     torch.testing.assert_close(dpo.loss, plain)
     torch.testing.assert_close(dpo.gain, torch.ones(2))
-    # alpha = 1 makes every gain 0 (1**r_w - 1**r_l): not DPO; the DPO ablation is use_gain=False
-    assert float(gapo_loss(**args, alpha=1.0).loss) == 0.0
+    # alpha = 1 would make every gain 0 (1**r_w - 1**r_l) and alpha < 1 negative (the loser preferred): refused,
+    # here and at config load; the DPO ablation is use_gain=False
+    for alpha in (1.0, 0.5):
+        with pytest.raises(ValueError, match=rf"alpha \({alpha}\) must be > 1"):
+            gapo_loss(**args, alpha=alpha)
+    assert float(gapo_loss(**args, beta=100.0, alpha=0.5, use_gain=False).loss) == float(dpo.loss)  # alpha unused
+    from anisora_ray.config import load_config
+    from anisora_ray.errors import ConfigError
+    from tests.conftest import LOCAL_CONFIG
+
+    with pytest.raises(ConfigError, match="gapo.alpha"):
+        load_config(LOCAL_CONFIG, ["gapo.alpha=0.5"])
 
 
 def test_weighting_is_per_pair_not_batch_mean():

@@ -12,21 +12,24 @@ import sys
 from tests.conftest import LOCAL_CONFIG, REPO, gapo_child_script
 
 CHILD = gapo_child_script(29587, """
-    from anisora_ray.gapo.diffusion import pair_errors
-    from anisora_ray.models.families import NoiseDraw
+    from anisora_ray.gapo.diffusion import draw_for, pair_errors
     overrides = arg
     result = {}
-    for kind in ("partitioned", "copy"):
-        cfg = load_config(config, overrides + [f"gapo.reference={kind}", "gapo.steps=1"])
+    bf16 = ["gapo.deepspeed_config=configs/deepspeed/zero2_bf16.json"]
+    wan = config.replace("local.yaml", "local_wan.yaml")  # Wan's rotary tables are fp32 buffers
+    for kind, source, extra in (("partitioned", config, []), ("copy", config, []), ("copy-bf16", config, bf16),
+                                ("copy-bf16-wan", wan, bf16)):
+        cfg = load_config(source, overrides + extra + [f"gapo.reference={kind.split('-')[0]}", "gapo.steps=1"])
         worker = GapoWorker(cfg, resolve_pretrained(cfg.model, cfg.generator), deepspeed_config(cfg, root), torch.device("cpu"))
         worker.prepare([row])
         batch = worker.encoder.batch([row])
-        noise = torch.randn(batch.winner.shape, generator=torch.Generator().manual_seed(1))
+        draw = draw_for(worker.family, worker.pipe, batch, torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ew, el = pair_errors(worker.family, worker.pipe, worker.reference, batch, NoiseDraw(noise, torch.tensor([500])))
+            ew, el = pair_errors(worker.family, worker.pipe, worker.reference, batch, draw)
+            pw, pl = pair_errors(worker.family, worker.pipe, worker.engine, batch, draw)
         module = getattr(worker.reference.module, "module", worker.reference.module)
         params = list(module.parameters())
-        result[kind] = {"errors": [float(ew[0]), float(el[0])],
+        result[kind] = {"errors": [float(ew[0]), float(el[0])], "policy_errors": [float(pw[0]), float(pl[0])],
                         "stage": worker.engine.zero_optimization_stage(),
                         "whole_params": sum(p.numel() for p in params),
                         "full_params": sum(int(getattr(p, "ds_numel", p.numel())) for p in params)}
@@ -50,6 +53,11 @@ def test_a_partitioned_reference_equals_a_frozen_copy_and_holds_no_whole_paramet
     assert part["full_params"] == full["full_params"] == full["whole_params"] > 0
     assert part["whole_params"] == 0  # every reference parameter is a ZeRO-3 partition outside the forward
     assert part["errors"] == full["errors"]  # gathered on demand, it computes what the copy computes
+    # before the first update the reference is the policy: the same errors, so the DPO margin starts at 0, also when
+    # DeepSpeed trains in bf16 (it casts parameters only: the copy once cast Wan's fp32 rotary tables as well)
+    for kind in ("partitioned", "copy", "copy-bf16", "copy-bf16-wan"):
+        assert result[kind]["policy_errors"] == result[kind]["errors"], (kind, result[kind])
+    assert result["copy-bf16"]["errors"] != full["errors"]  # it did run in bf16
 
 
 def test_full_fine_tuning_compares_against_the_base_or_the_previous_round_as_configured(make_config, tmp_path):

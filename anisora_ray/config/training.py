@@ -40,7 +40,7 @@ class GapoConfig(Section):
 
     loss: Literal["gapo", "dpo", "sft"] = "gapo"  # dpo: gain off (ablation); sft: fit the winners only
     beta: float = Field(default=5000.0, gt=0)
-    alpha: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=2.0, gt=1)  # the gain α^r̂w − α^r̂l: 1 makes it 0, below 1 it prefers the loser
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage, optimizer, LR schedule, clipping, precision
     deepspeed_overrides: dict[str, Any] = Field(default_factory=dict)  # nested keys laid over that JSON
     num_workers: int = Field(default=1, ge=1)

@@ -43,10 +43,15 @@ def worker_rows(rows: list[dict], rank: int, world: int) -> list[dict]:
 
 
 def step_rows(rows: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
-    """The rows of (0-based) optimizer ``step``: epoch-wise reshuffled, ``per_step`` at a time."""
+    """The rows of (0-based) micro-batch ``step``: epoch-wise reshuffled, ``per_step`` at a time. A worker left with
+    fewer rows than that (its other pairs quarantined: the trainer refuses fewer to begin with) repeats them, each
+    micro-batch a new shuffle, so training goes on."""
+    if not rows:
+        raise ValueError(f"no pair on this worker (pairs_per_step = {per_step})")
     per_epoch = len(rows) // per_step
     if per_epoch == 0:
-        raise ValueError(f"{len(rows)} pair(s) on this worker: fewer than pairs_per_step = {per_step}")
+        order = np.random.default_rng(seed + step).permutation(len(rows))
+        return [rows[order[j % len(rows)]] for j in range(per_step)]
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng(seed + epoch).permutation(len(rows))
     return [rows[j] for j in order[index * per_step : (index + 1) * per_step]]
@@ -58,7 +63,7 @@ def usable_rows(rows: list[dict], micro_steps: int, per_step: int, seed: int, ch
     repeats until every row used is good. Always from micro-step 0: a resumed run drops what the uninterrupted run
     dropped before the checkpoint, so its later batches are the same (cached latents make the re-check cheap)."""
     rows, records = list(rows), []
-    while True:
+    while rows:  # none left: the caller records them and says so
         needed = {id(r): r for i in range(micro_steps) for r in step_rows(rows, i, per_step, seed)}
         bad = check(list(needed.values()))
         if not bad:
@@ -66,6 +71,7 @@ def usable_rows(rows: list[dict], micro_steps: int, per_step: int, seed: int, ch
         records += [record for _, record in bad]
         dropped = {id(row) for row, _ in bad}
         rows = [r for r in rows if id(r) not in dropped]
+    return rows, records
 
 
 class PairEncoder:

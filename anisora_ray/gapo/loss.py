@@ -63,8 +63,11 @@ def gapo_loss(
     swapped = (reward_w.detach() < reward_l.detach()).nonzero().flatten().tolist()
     if swapped:
         raise ValueError(f"gapo_loss: pair(s) {swapped} have reward_w < reward_l (winner and loser swapped?)")
-    if beta <= 0 or alpha <= 0:
-        raise ValueError(f"gapo_loss: beta ({beta}) and alpha ({alpha}) must be > 0")
+    if beta <= 0:
+        raise ValueError(f"gapo_loss: beta ({beta}) must be > 0")
+    if use_gain and alpha <= 1:  # α^r̂w − α^r̂l is 0 for α = 1 and negative below: the loser would be preferred
+        raise ValueError(f"gapo_loss: alpha ({alpha}) must be > 1 (1 zeroes every gain; the DPO ablation is "
+                         "use_gain=False)")
     model_diff = model_err_w - model_err_l
     ref_diff = (ref_err_w - ref_err_l).detach()
     margin = -0.5 * beta * (model_diff - ref_diff)

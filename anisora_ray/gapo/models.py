@@ -137,8 +137,12 @@ def build_reference(engine, pretrained: str, cfg: AnisoraConfig, ds_config: dict
     transformer.requires_grad_(False)
     if init_uri and cfg.gapo.reference_weights == "previous_round":
         load_folder(transformer, init_uri)
-    if not partitioned:
-        return FrozenReference(transformer.to(device=device, dtype=dtype), dtype)
+    if not partitioned:  # cast as DeepSpeed casts the policy: parameters only (Wan's rotary tables stay fp32)
+        transformer.to(device=device)
+        for p in transformer.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        return FrozenReference(transformer, dtype)
     ref_engine, *_ = deepspeed.initialize(model=transformer, config=reference_config(ds_config, cfg.gapo.reference_offload))
     ref_engine.eval()
     return FrozenReference(ref_engine, dtype)

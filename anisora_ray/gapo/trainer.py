@@ -111,6 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
         fs.write_table(QuarantineRecord.to_table(worker.quarantined), uri)
         log.warning("rank %d: %d pair(s) quarantined (%s), listed in %s", rank, len(worker.quarantined),
                     "; ".join(f"{q.uri}: {q.reason}" for q in worker.quarantined[:3]), uri)
+        if not worker.rows:
+            raise ValueError(f"rank {rank}: every one of its pairs was quarantined (listed in {uri}); nothing to train on")
     logger = StepLogger(*config["mlflow"]) if rank == 0 and config.get("mlflow") else None
     refresh = config.get("refresh")
     metrics, trained = restored, False
