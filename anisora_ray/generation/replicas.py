@@ -128,6 +128,9 @@ class GeneratorReplicas:
         self.router = LeastLoaded.options(scheduling_strategy=on_this_node()).remote(len(self.actors))
 
     def placements(self) -> list[dict]:
+        """Where each replica runs now (node, pid, devices): asked again each time, since Ray moves a replica whose
+        node was lost (the refresh plans its routes by node)."""
+        self._placements = self._ask("placement")
         return list(self._placements)
 
     def startup_metrics(self) -> dict[str, float]:

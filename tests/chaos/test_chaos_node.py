@@ -60,7 +60,8 @@ CHILD = textwrap.dedent("""
     after = call_with_retries(lambda: replicas.actors[0].placement.remote(), what="replica 0", retries=0)[0]["node_id"]
     print("RESULT " + json.dumps({"removed": bool(removed), "pairs": result.pairs, "retried": result.retried_candidates,
                                   "seconds": seconds, "same": outcome(out) == outcome(reference),
-                                  "moved": after != target}), flush=True)
+                                  "moved": after != target, "reported": replicas.placements()[0]["node_id"] == after}),
+          flush=True)
     replicas.shutdown()
     ray.shutdown()
     cluster.shutdown()
@@ -80,3 +81,4 @@ def test_a_node_removed_mid_round_its_replica_returns_elsewhere_and_the_round_fi
     assert r["removed"]
     assert r["pairs"] == 6 and r["same"]  # every prompt paired once, the same winners and losers
     assert r["moved"] and r["retried"] > 0  # the replica came back on the spare node and its work was sent again
+    assert r["reported"]  # and placements() says so (the refresh routes by node: a stale one broke its host routes)
