@@ -281,10 +281,15 @@ for name, overrides in cases.items():
     seen = set()  # every timestep the trained module (policy and reference) was called at
     worker.engine.module.register_forward_pre_hook(
         lambda _m, _a, kw: seen.update(float(t) for t in kw["timestep"].flatten()), with_kwargs=True)
-    metrics = [worker.train_update() for _ in range(cfg.gapo.steps)]
+    metrics, moved = [], []  # per update: the top-level modules whose trained parameters changed
+    for _ in range(cfg.gapo.steps):
+        before = {n: p.detach().clone() for n, p in worker.engine.module.named_parameters() if p.requires_grad}
+        metrics.append(worker.train_update())
+        now = dict(worker.engine.module.named_parameters())
+        moved.append(sorted({n.split(".")[0] for n, t in before.items() if not torch.equal(t, now[n].detach())}))
     manifest = worker.export(f"{out}/{name}", 64.0)
     result[name] = {"uri": f"{out}/{name}", "loss": [m["loss"] for m in metrics], "kind": manifest["kind"],
-                    "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen)}
+                    "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen), "moved": moved}
 print("RESULT " + json.dumps(result))
 """)
 
@@ -306,7 +311,9 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
             "gapo.deepspeed_config=configs/deepspeed/zero2.json"]
     cases = {
         # AniSora V3.2's protocol: a step-distilled A14B sampled at its shift without CFG, trained at those steps
-        "a14b_lora": [*base, "model.tiny.wan_variant=wan22_i2v_a14b", "gapo.learning_rate=1e-2",
+        # AdamW with weight decay: an update that trains one expert leaves the other where it is
+        "a14b_lora": [*base, "model.tiny.wan_variant=wan22_i2v_a14b", "gapo.learning_rate=1e-2", "gapo.steps=6",
+                      "gapo.deepspeed_overrides={optimizer: {params: {weight_decay: 0.1}}}",
                       "gapo.lora={r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}",
                       "generator.flow_shift=5", "generator.guidance_scale=1", "gapo.timesteps=rollout"],
         "ti2v_full": [*base, "model.tiny.wan_variant=wan22_ti2v", "gapo.learning_rate=1e-3"],
@@ -331,6 +338,12 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
         if "a14b" in name:  # one call per step without CFG; GAPO noised the pair only at those timesteps
             assert len(called) == cfg.generator.num_inference_steps
             assert trained["timesteps"] and set(trained["timesteps"]) <= set(called), (trained["timesteps"], called)
+            # each update (one micro-batch) moved the expert it trained only, also once both had momentum (an idle
+            # expert's AdamW step once moved it by its momentum and weight decay)
+            moved = [m for m in trained["moved"] if m]  # none moves while WarmupLR's rate is still 0
+            assert all(len(m) == 1 for m in moved) and {m[0] for m in moved} == {"transformer", "transformer_2"}, moved
+            first = {m[0]: i for i, m in reversed(list(enumerate(moved)))}
+            assert any(i > max(first.values()) for i in range(len(moved))), moved  # after both had trained
         else:  # CFG: two calls per step; training draws from the whole grid
             assert len(called) == 2 * cfg.generator.num_inference_steps
         report = replica.load_weights_from(folder_update(trained["uri"], 1))

@@ -9,7 +9,7 @@ matching for Wan). The reference runs the same inputs under no_grad.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,13 +55,14 @@ def gapo_step(family: GeneratorFamily, pipe, model, reference, batch: PairLatent
     model_w, model_l = pair_errors(family, pipe, model, batch, draw)
     with torch.no_grad():
         ref_w, ref_l = pair_errors(family, pipe, reference, batch, draw)
-    return gapo_loss(model_w, model_l, ref_w, ref_l, batch.reward_w, batch.reward_l, beta=beta, alpha=alpha,
-                     use_gain=use_gain)
+    return replace(gapo_loss(model_w, model_l, ref_w, ref_l, batch.reward_w, batch.reward_l, beta=beta, alpha=alpha,
+                             use_gain=use_gain), expert=draw.expert)
 
 
 def sft_step(family: GeneratorFamily, pipe, model, batch: PairLatents, generator: torch.Generator,
              shared: torch.Generator | None = None, timesteps: torch.Tensor | None = None) -> GapoLoss:
     """The paper's SFT baseline: the diffusion loss on the winners alone."""
-    err_w, _ = pair_errors(family, pipe, model, batch, draw_for(family, pipe, batch, generator, shared, timesteps))
+    draw = draw_for(family, pipe, batch, generator, shared, timesteps)
+    err_w, _ = pair_errors(family, pipe, model, batch, draw)
     zero = torch.zeros_like(err_w)
-    return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero)
+    return GapoLoss(loss=err_w.mean(), dpo=err_w, gain=torch.ones_like(err_w), margin=zero, expert=draw.expert)

@@ -10,6 +10,7 @@ and noise of a resumed run follow from the update it resumes at.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -73,6 +74,16 @@ def shared_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, np.uint64)[0]) % 2**63
 
 
+def expert_groups(policy: torch.nn.Module) -> list[dict] | None:
+    """Wan2.2-A14B's trained parameters as one optimizer group per expert (``transformer.*``, ``transformer_2.*``);
+    None for a single transformer."""
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    second = [p for n, p in named if n.startswith("transformer_2.")]
+    if not second:
+        return None
+    return [{"params": [p for n, p in named if not n.startswith("transformer_2.")]}, {"params": second}]
+
+
 def mean_over_workers(metrics: dict[str, float], device) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -102,8 +113,10 @@ class GapoWorker:
         policy = build_policy(self.family.trained_module(self.pipe), cfg, init_uri)
         if g.compile:
             compile_blocks(policy, eager_rounding=True)
-        self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config,
-                                               model_parameters=[p for p in policy.parameters() if p.requires_grad])
+        groups = expert_groups(policy)  # two experts: one optimizer group each (an idle one is not stepped)
+        self.expert_groups = groups is not None
+        self.engine, *_ = deepspeed.initialize(model=policy, config=ds_config, model_parameters=groups or
+                                               [p for p in policy.parameters() if p.requires_grad])
         weights_only_checkpoint_engine(self.engine)
         self.reference = build_reference(self.engine, pretrained, cfg, ds_config, init_uri, self.device)
         if g.compile and self.lora is None and g.reference == "copy":
@@ -161,13 +174,34 @@ class GapoWorker:
             out = gapo_step(self.family, self.pipe, self.engine, self.reference, batch, generator, shared=shared,
                             beta=g.beta, alpha=g.alpha, use_gain=g.loss == "gapo", timesteps=self.timesteps)
         self.engine.backward(out.loss)
-        self.engine.step()
         return out
+
+    @contextlib.contextmanager
+    def _idle_experts_still(self, trained: set[int]):
+        """An expert no micro-batch of this update trained gets learning rate 0 for its step, so AdamW's momentum
+        and weight decay do not move it (its gradients are zeros, not None, in DeepSpeed's flat groups); every rank
+        drew the same experts. After the step the scheduler sets every group's rate; without one it is put back."""
+        groups = self.engine.optimizer.param_groups if self.expert_groups else []
+        idle = {i: groups[i]["lr"] for i in range(len(groups)) if i not in trained}
+        for i in idle:
+            groups[i]["lr"] = 0.0
+        try:
+            yield
+        finally:
+            for i, lr in idle.items():
+                if groups[i]["lr"] == 0.0:  # no scheduler (or it skipped the step): the rate it had
+                    groups[i]["lr"] = lr
 
     def train_update(self) -> dict[str, float]:
         """One optimizer update (all its micro-batches); this rank's metrics, averaged over micro-batches."""
         began, before = time.perf_counter(), self.engine.global_steps
-        parts = [self._micro_step(self.update * self.accumulation + m).metrics() for m in range(self.accumulation)]
+        parts, trained = [], set()
+        for m in range(self.accumulation):
+            out = self._micro_step(self.update * self.accumulation + m)
+            trained.add(out.expert)
+            parts.append(out.metrics())
+            with self._idle_experts_still(trained) if m == self.accumulation - 1 else contextlib.nullcontext():
+                self.engine.step()  # the optimizer steps at the last micro-batch only
         if self.engine.global_steps != before + 1:  # DeepSpeed counts micro-steps itself
             raise RuntimeError(f"{self.accumulation} micro-batches made {self.engine.global_steps - before} optimizer "
                                "steps, expected 1 (gradient accumulation out of sync)")

@@ -26,6 +26,7 @@ class GapoLoss:
     dpo: torch.Tensor  # [B] Diffusion-DPO term per pair
     gain: torch.Tensor  # [B] reward gain per pair (ones when the gain is off)
     margin: torch.Tensor  # [B] implicit reward margin (the DPO logit)
+    expert: int = 0  # the expert the draw trained (two-expert models)
 
     def metrics(self) -> dict[str, float]:
         return {
