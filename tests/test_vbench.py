@@ -117,6 +117,38 @@ def test_score_videos_quarantines_an_unreadable_video_and_scores_the_rest(ray_cl
     assert math.isnan(out[2]["motion_smoothness"]) and not out[0]["metrics_error"]
 
 
+def test_video_metrics_are_computed_again_when_the_config_asks_for_other_forms(ray_cluster, tmp_path):
+    """An eval folder's video-metrics.parquet records the forms it was computed in: read back under a config with
+    DINO instead of thumbnails (an align job's, reused by eval), it is computed again, not credited to DINO."""
+    import json
+    import os
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from anisora_ray.eval.vbench import FORMS_FILE, METRICS_FILE, ensure_video_metrics, metric_forms
+    from anisora_ray.io import fs
+    from anisora_ray.io.images import save_image
+    from anisora_ray.io.video import write_video
+
+    image_uri = str(tmp_path / "image.png")
+    save_image(Image.fromarray(_textured(seed=5)), image_uri)
+    write_video(np.stack([np.roll(_textured(seed=5), 3 * t, axis=1) for t in range(9)]), str(tmp_path / "v.mp4"), fps=8)
+    fs.write_table(pa.Table.from_pylist([{"prompt_id": "p", "seed": 1, "video_uri": str(tmp_path / "v.mp4"),
+                                          "image_uri": image_uri, "fps": 8, "quarantine_reason": None}]),
+                   str(tmp_path / "scores.parquet"))
+    thumbnails, dino = VideoMetricsConfig(), VideoMetricsConfig(subject_backbone="tiny:dinov2",
+                                                                 cache_dir=str(tmp_path / "cache"), device="cpu")
+    uri = ensure_video_metrics(str(tmp_path), thumbnails)
+    first = fs.read_table(uri).to_pylist()[0]["subject_consistency"]
+    assert json.loads((tmp_path / FORMS_FILE).read_text()) == metric_forms(thumbnails)
+    made = os.path.getmtime(tmp_path / METRICS_FILE)
+    ensure_video_metrics(str(tmp_path), thumbnails)
+    assert os.path.getmtime(tmp_path / METRICS_FILE) == made  # the same forms: read back
+    again = fs.read_table(ensure_video_metrics(str(tmp_path), dino)).to_pylist()[0]["subject_consistency"]
+    assert again != first and json.loads((tmp_path / FORMS_FILE).read_text()) == metric_forms(dino)
+
+
 def _rows(rewards: dict[tuple[str, int], float]) -> list[dict]:
     return [{"prompt_id": p, "seed": s, "reward": r, "quarantine_reason": None} for (p, s), r in rewards.items()]
 

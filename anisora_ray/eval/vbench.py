@@ -19,6 +19,7 @@ Per video (higher is better, each in [0, 1]):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -28,6 +29,8 @@ import numpy as np
 from anisora_ray.config.sections import VideoMetricsConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.guard import OWN_MEASURES, own_measures
+
+log = logging.getLogger(__name__)
 
 METRICS = ("subject_consistency", "dynamic_degree", "motion_smoothness", "aesthetic_quality")
 MEASURES = (*METRICS, *OWN_MEASURES)  # with the guard's own measures (eval/guard.py): what score_videos adds
@@ -223,21 +226,41 @@ def score_videos(rows: list[dict], cfg: VideoMetricsConfig) -> list[dict]:
 
 
 METRICS_FILE = "video-metrics.parquet"  # beside an eval folder's scores.parquet
+FORMS_FILE = "video-metrics.forms.json"  # the forms (metric_forms) it was computed in
 
 
 def ensure_video_metrics(eval_dir: str, cfg: VideoMetricsConfig, regenerate: bool = False) -> str:
     """``<eval_dir>/video-metrics.parquet``: :data:`MEASURES` of every scored (not quarantined) candidate of
-    ``scores.parquet``, computed once (again with ``regenerate``); returns its URI."""
+    ``scores.parquet``, computed once, and again with ``regenerate`` or when the forms it was computed in
+    (``video-metrics.forms.json`` beside it: DINO or thumbnails, the LAION head or not) are not ``cfg``'s; returns
+    its URI."""
+    import json
+
     import pyarrow as pa
 
     from anisora_ray.io import fs
 
-    uri = fs.join(eval_dir, METRICS_FILE)
-    if regenerate or not fs.exists(uri):
+    uri, forms_uri, forms = fs.join(eval_dir, METRICS_FILE), fs.join(eval_dir, FORMS_FILE), metric_forms(cfg)
+    current = metrics_current(eval_dir, cfg)
+    if fs.exists(uri) and not current:
+        log.info("%s: computed in other forms than this config's; computing it again", uri)
+    if regenerate or not current:
         rows = [r for r in fs.read_table(fs.join(eval_dir, "scores.parquet")).to_pylist() if not r.get("quarantine_reason")]
         fs.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "seed", "metrics_error", *MEASURES)}
                                              for r in score_videos(rows, cfg)]), uri)
+        fs.write_bytes(forms_uri, json.dumps(forms, sort_keys=True).encode())
     return uri
+
+
+def metrics_current(eval_dir: str, cfg: VideoMetricsConfig) -> bool:
+    """Whether ``eval_dir`` holds video metrics in ``cfg``'s forms (a file without its forms record counts)."""
+    import json
+
+    from anisora_ray.io import fs
+
+    forms_uri = fs.join(eval_dir, FORMS_FILE)
+    return fs.exists(fs.join(eval_dir, METRICS_FILE)) and (
+        not fs.exists(forms_uri) or json.loads(fs.read_bytes(forms_uri)) == metric_forms(cfg))
 
 
 def metric_forms(cfg: VideoMetricsConfig) -> dict[str, str]:

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.compare import compare_versions, markdown_table
-from anisora_ray.eval.vbench import MEASURES, METRICS_FILE, ensure_video_metrics, metric_forms
+from anisora_ray.eval.vbench import (
+    FORMS_FILE,
+    MEASURES,
+    METRICS_FILE,
+    ensure_video_metrics,
+    metric_forms,
+    metrics_current,
+)
 from anisora_ray.eval.videoscore_eval import COLUMNS as VIDEOSCORE_COLUMNS
 from anisora_ray.eval.videoscore_eval import FILE as VIDEOSCORE_FILE
 from anisora_ray.eval.videoscore_eval import ensure_videoscore, merge_videoscore
@@ -115,9 +122,10 @@ def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: 
 def _require_videos_unless_measured(cfg: AnisoraConfig, version: Version, out_dir: str) -> None:
     """Measures not computed while the align job had the videos cannot be computed once run.keep pruned them."""
     record = (version.pruned or {}).get("eval_videos")
-    needed = [name for name, wanted in ((METRICS_FILE, cfg.eval.metrics.enabled),
-                                        (VIDEOSCORE_FILE, bool(cfg.eval.videoscore.checkpoint)))
-              if wanted and not fs.exists(fs.join(out_dir, name))]
+    needed = [name for name, ready, wanted in (
+        (METRICS_FILE, metrics_current(out_dir, cfg.eval.metrics), cfg.eval.metrics.enabled),
+        (VIDEOSCORE_FILE, fs.exists(fs.join(out_dir, VIDEOSCORE_FILE)), bool(cfg.eval.videoscore.checkpoint)))
+        if wanted and not ready]
     if record and needed:
         raise ConfigError(f"{version.label}: its held-out videos were pruned at {record['at']} by {record['setting']}, "
                           f"and {needed} were not measured before; evaluate it with --regenerate (its weights "
@@ -164,7 +172,7 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
             _check_reused(cfg, version, heldout, fs.read_table(fs.join(version.align_eval, "scores.parquet")).to_pylist(),
                           version.align_eval)
             fs.makedirs(out_dir)
-            for name in ("candidates.parquet", "scores.parquet", METRICS_FILE):  # the last: if align's guard made it
+            for name in ("candidates.parquet", "scores.parquet", METRICS_FILE, FORMS_FILE):  # the last two: the guard's
                 if fs.exists(fs.join(version.align_eval, name)):
                     fs.write_bytes(fs.join(out_dir, name), fs.read_bytes(fs.join(version.align_eval, name)))
             log.info("%s: held-out candidates of %s reused", version.label, version.align_eval)
