@@ -368,10 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["serve", "summarize"])
     p.add_argument("--eval", required=True, help="an align/ folder, or an `anisora-ray eval --out` folder")
     p.add_argument("--db", help="SQLite file of the study (default: <eval>/annotations.sqlite)")
-    p.add_argument("--baseline", help="version shown against the trained one (a round, or an eval label; serve's "
-                   "default 0, summarize's the last served study's)")
-    p.add_argument("--trained", help="version to judge (serve's default: the last evaluated; summarize's: the last "
-                   "served study's)")
+    p.add_argument("--baseline", help="version shown against the trained one (serve: 0; summarize: the last study's)")
+    p.add_argument("--trained", help="version to judge (default: the last evaluated; summarize: the last study's)")
     p.add_argument("--seed", type=int, default=0, help="draws which side shows which version")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it on purpose)")
     p.add_argument("--port", type=int, default=8765)
