@@ -65,7 +65,7 @@ def test_ablate_trains_variants_from_one_start_and_eval_reads_them_back(ray_clus
         metrics = pq.read_table(os.path.join(out, v, "eval", "video-metrics.parquet")).to_pylist()
         assert len(metrics) == 6 and all(0 <= r["motion_smoothness"] <= 1 for r in metrics)
     table = (tmp_path / "ablate" / "ablation.md").read_text()
-    assert "| visual_motion |" in table and "no-visual_motion" in table and "win rate over round-0" in table
+    assert "| visual_motion (n=3) |" in table and "no-visual_motion" in table and "win rate over round-0" in table
     # VideoScore as an evaluation suite: five aspects and their mean for every held-out video, compared like the rest
     assert [m for m in comparison["metrics"] if m.startswith("videoscore_")] == [
         "videoscore_visual_quality", "videoscore_temporal_consistency", "videoscore_dynamic_degree",
