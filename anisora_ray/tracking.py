@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import ConfigError
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
@@ -29,7 +30,7 @@ def tracking_uri(cfg: AnisoraConfig) -> str:
         return cfg.tracking.tracking_uri
     out = cfg.run.output_dir
     if "://" in out and not out.startswith("file://"):
-        raise ValueError(f"run.output_dir {out!r} is remote: set tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
+        raise ConfigError(f"run.output_dir {out!r} is remote: set tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
     root = os.path.abspath(os.path.expanduser(out.removeprefix("file://")))
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"

@@ -85,3 +85,28 @@ def test_a_cogvideox_15_checkpoint_is_refused_for_training_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"v15' is a CogVideoX 1.5 transformer \(patch_size_t=2\)"):
         get_family("cogvideox_i2v").load(str(tmp_path / "v15"), "float32", "cpu", None, parts="trainer")
     assert get_family("cogvideox_i2v").load(str(tmp_path / "v15"), "float32", "cpu", None).transformer is not None
+
+
+def test_a_geometry_the_checkpoint_cannot_render_fails_at_start_up_naming_the_settings(make_config):
+    """Once: an even number of latent frames decoded to 16 frames for 13 asked (every pair then quarantined in
+    training), another size failed every call (quarantined as bad input), another prompt length every call."""
+    import pytest
+
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.generation.generator import Generator
+    from anisora_ray.models.pipeline import resolve_pretrained
+
+    cfg = make_config()  # 32x32, 9 frames, a 4x-time VAE: its tiny checkpoint is built for that
+    pretrained = resolve_pretrained(cfg.model, cfg.generator)
+    even = make_config("generator.num_frames=13")
+    with pytest.raises(ConfigError, match=r"generator.num_frames = 13 is 4 latent frames, an even number .* 8k\+1"):
+        Generator(resolve_pretrained(even.model, even.generator), even.model, even.generator, even.video)
+    other = cfg.generator.model_copy(update={"height": 64, "max_sequence_length": 64})
+    with pytest.raises(ConfigError) as err:
+        Generator(pretrained, cfg.model, other, cfg.video)
+    assert "height x width = 64x32: its learned positional embeddings are for 32x32" in str(err.value)
+    assert "max_sequence_length = 64: its learned positional embeddings are for 128 prompt tokens" in str(err.value)
+    wan = make_config("model.family=wan_i2v", "model.tiny.wan_variant=wan22_ti2v")
+    odd = wan.generator.model_copy(update={"height": 40})  # the real TI2V: 16x VAE x patch 2, so a multiple of 32
+    with pytest.raises(ConfigError, match=r"generator.height = 40: must be a multiple of (16|32)"):
+        Generator(resolve_pretrained(wan.model, wan.generator), wan.model, odd, wan.video)

@@ -108,6 +108,16 @@ def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_s
                 "--set", "generator.candidates_per_prompt=1"] + (["--variants", "gapo"] if command == "ablate" else [])
         assert main(argv) == 2, command
         assert "generator.candidates_per_prompt = 1: pairs need two candidates" in capsys.readouterr().err, command
+    # what training would refuse after round 0's evaluation and round 1's rollouts is refused before Ray starts
+    for command, setting, said in (
+            ("align", "gapo.deepspeed_config=configs/deepspeed/nowhere.json", "cannot read a JSON file"),
+            ("ablate", "gapo.compile=true", "gapo.compile needs ZeRO-1/2"),
+            ("align", "run.output_dir=memory://bucket/run", "is remote: set tracking.tracking_uri")):
+        extra = ["--set", "gapo.deepspeed_config=configs/deepspeed/zero3_offload.json"] if "compile" in setting else []
+        argv = [command, "--config", LOCAL_CONFIG, "--set", f"run.output_dir={tmp_path / 'early'}", *extra,
+                "--set", setting] + (["--variants", "gapo"] if command == "ablate" else [])
+        assert main(argv) == 2, setting
+        assert said in capsys.readouterr().err, setting
 
 
 def test_build_gallery_from_the_command_line(tmp_path, capsys):

@@ -89,6 +89,10 @@ def test_bad_type_names_key_value_and_expectation():
         ("gapo.lora.dropout=0.1", "gapo.lora.dropout = 0.1: GAPO runs the policy in eval mode"),
         ("generator.guidance_scale=1;generator.cache.kind=faster_cache",
          "generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and guidance_scale=1.0"),
+        # a typo once quarantined every rendered video, and the skipped prompts counted as done
+        ("video.codec=libx246", "video.codec = 'libx246': no such encoder in this PyAV/FFmpeg"),
+        ("video.codec=aac", "video.codec = 'aac': an audio encoder, not a video one"),
+        ("gapo.alpha=1", "gapo.alpha = 1"),
     ],
 )
 def test_bad_values_name_key_and_value(override, expected):

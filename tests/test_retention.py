@@ -186,8 +186,10 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
         check_free_space(cfg, state, 3)
 
 
-def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
-    """A full disk, for real: the process's file-size limit makes the write fail part-way (EFBIG, as ENOSPC would)."""
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path, scheme):
+    """A full disk, for real: the process's file-size limit makes the write fail part-way (EFBIG, as ENOSPC would).
+    A ``file://`` folder is local too (it was written in place, as a remote one is)."""
     import subprocess
     import sys
 
@@ -199,7 +201,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 from anisora_ray.io import fs
 try:
-    fs.write_bytes({str(target)!r}, b"x" * 100_000)
+    fs.write_bytes({scheme + str(target)!r}, b"x" * 100_000)
 except OSError as exc:
     print("failed:", exc.errno)
 """

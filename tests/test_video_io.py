@@ -129,3 +129,18 @@ def test_an_encoder_killed_mid_video_leaves_no_file_behind(tmp_path):
     finally:
         child.kill()
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("width", [96, 160, 480])
+def test_a_side_by_side_of_any_width_the_config_allows_encodes(tmp_path, width):
+    """Widths whose 1/32 is odd once gave an odd total width, which yuv420p refuses: the round's sample videos
+    failed after all its generation, and again on every resume."""
+    from anisora_ray.io.video import read_all_frames, write_video
+    from anisora_ray.loop.report import side_by_side_videos
+
+    rng = np.random.default_rng(0)
+    for name in ("w", "l"):
+        write_video(rng.integers(0, 255, (5, 32, width, 3), dtype=np.uint8), str(tmp_path / f"{name}.mp4"), fps=8)
+    out = side_by_side_videos(str(tmp_path / "w.mp4"), str(tmp_path / "l.mp4"), str(tmp_path / "sbs.mp4"), fps=8)
+    frames = read_all_frames(out)
+    assert frames.shape[0] == 5 and frames.shape[2] % 2 == 0 and frames.shape[2] > 2 * width

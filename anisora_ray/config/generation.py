@@ -141,5 +141,5 @@ class GeneratorConfig(Section):
     @classmethod
     def _frames(cls, v: int) -> int:
         if (v - 1) % 4:
-            raise ValueError(f"must be 4k+1 (the VAE compresses time 4x), e.g. 9, 13, 49; got {v}")
+            raise ValueError(f"must be 4k+1 (the VAE compresses time 4x), e.g. 9, 17, 49 (CogVideoX: 8k+1); got {v}")
         return v

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from anisora_ray.config.base import ActorResources, LoraConfig, Section
 from anisora_ray.config.generation import GeneratorConfig, StepCacheConfig
@@ -112,11 +112,24 @@ class ModelConfig(Section):
 
 
 class VideoConfig(Section):
-    codec: str = "libx264"
+    codec: str = "libx264"  # an FFmpeg video encoder PyAV has (checked at load: a typo would fail every video)
     crf: int = Field(default=18, ge=0, le=51)
     sample_frames: int = Field(default=24, ge=1)  # frames sampled evenly ...
     sample_max_frames: int = Field(default=144, ge=1)  # ... over the first this many
     sample_size: int | None = Field(default=224, ge=8)  # square resize for scoring; None keeps size
+
+    @field_validator("codec")
+    @classmethod
+    def _encoder_exists(cls, codec: str) -> str:
+        import av
+
+        try:
+            kind = av.codec.Codec(codec, "w").type
+        except Exception:  # noqa: BLE001 - PyAV's UnknownCodecError and the like
+            raise ValueError("no such encoder in this PyAV/FFmpeg (e.g. libx264)") from None
+        if kind != "video":
+            raise ValueError(f"an {kind} encoder, not a video one")
+        return codec
 
 
 class CaptionerConfig(Section):

@@ -78,6 +78,7 @@ class Generator(WeightsReceiver):
         self.family = get_family(model.family)
         offloaded = generator.offload != "none"  # loaded on the host: the components never sit on the GPU together
         self.pipe = self.family.load(pretrained, model.dtype, "cpu" if offloaded else generator.device, model.revision)
+        self.family.check_geometry(self.pipe, generator, pretrained)  # at start-up, not quarantining every video
         if generator.vae_slicing:
             self.pipe.vae.enable_slicing()
         if generator.vae_tiling:

@@ -15,8 +15,9 @@ def is_url(uri: str) -> bool:
 
 
 def normalize(uri: str) -> str:
-    """Absolute local path (``~`` expanded) or the URL unchanged."""
-    return uri if is_url(uri) else os.path.abspath(os.path.expanduser(uri))
+    """Absolute local path (``~`` expanded; ``file://`` removed, so local writes stay atomic) or the URL unchanged."""
+    local = uri.removeprefix("file://")
+    return uri if is_url(local) else os.path.abspath(os.path.expanduser(local))
 
 
 def join(base: str, *parts: str) -> str:
@@ -62,7 +63,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri``; local files are written to a temp name and renamed (atomic)."""
+    """Write ``data`` to ``uri``; local files (``file://`` too) are written to a temp name and renamed (atomic)."""
+    uri = normalize(uri)
     fs, path = url_to_fs(uri)
     parent = posixpath.dirname(path) if is_url(uri) else os.path.dirname(path)
     if parent:

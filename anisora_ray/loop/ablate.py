@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
     """Train and evaluate every variant; returns the comparison (also ``<out>/ablation.{md,json}``)."""
     from anisora_ray.eval.compare import markdown_table, paper_table
     from anisora_ray.eval.heldout import heldout_items
+    from anisora_ray.gapo.engine import deepspeed_config
     from anisora_ray.generation.stage import resolve_prompts
     from anisora_ray.loop.placement import check_cluster_fits
     from anisora_ray.pairs.stage import check_pairable
@@ -138,6 +140,7 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
     check_pairable(cfg)
     for vcfg, _ in configs.values():
         check_reward_options(vcfg.reward)
+        deepspeed_config(vcfg, root or os.getcwd())  # before Ray and round 0, not at the variant's training
     init_ray(cfg.ray)
     for vcfg, _ in [(cfg, None), *configs.values()]:  # a variant's reward may ask for more than the config's
         check_cluster_fits(vcfg)

@@ -22,6 +22,7 @@ from anisora_ray.data.manifest import require_prompts
 from anisora_ray.errors import ConfigError
 from anisora_ray.eval.heldout import evaluate, heldout_items
 from anisora_ray.eval.vbench import check_metrics_config
+from anisora_ray.gapo.engine import deepspeed_config
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
@@ -40,7 +41,7 @@ from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import frozen_statistics
 from anisora_ray.runtime import init_ray
 from anisora_ray.storage_check import check_storage
-from anisora_ray.tracking import log_metrics, log_startup, mlflow_run
+from anisora_ray.tracking import log_metrics, log_startup, mlflow_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     train_manifest = resolve_prompts(cfg)
     heldout = heldout_items(cfg, train_manifest)
     check_pairable(cfg)
+    deepspeed_config(cfg, root)  # an unreadable JSON or compile with ZeRO-3: now, not after round 1's rollouts
+    tracking_uri(cfg)  # a remote output folder needs a tracking server
     check_reward_options(cfg.reward)
     first = _next_round(state, cfg.loop.rounds)
     if first is not None:  # before Ray, models or GPUs (a finished job only reports: nothing to check)

@@ -21,7 +21,9 @@ def side_by_side_videos(left_uri: str, right_uri: str, uri: str, fps: int) -> st
     """One mp4 at ``uri``: the video at ``left_uri`` on the left, ``right_uri``'s on the right, a white bar between."""
     left, right = read_all_frames(left_uri), read_all_frames(right_uri)
     frames = min(len(left), len(right))
-    bar = np.full((frames, left.shape[1], max(2, left.shape[2] // 32), 3), 255, np.uint8)
+    width = max(2, left.shape[2] // 32)
+    width += width % 2  # even, so the whole is (H.264's yuv420p needs even sizes: a 480 px video's bar was 15)
+    bar = np.full((frames, left.shape[1], width, 3), 255, np.uint8)
     write_video(np.concatenate([left[:frames], bar, right[:frames]], axis=2), uri, fps=fps)
     return uri
 

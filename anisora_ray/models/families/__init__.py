@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from anisora_ray.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -117,6 +119,21 @@ class GeneratorFamily(abc.ABC):
         return scheduler.timesteps.detach().clone().cpu()
 
     # ---- rollouts -----------------------------------------------------------------------------------
+    def geometry_problems(self, pipe, cfg) -> list[str]:
+        """What in ``cfg`` (a ``GeneratorConfig``) the loaded pipeline cannot render as asked: the size must be a
+        multiple of the VAE's spatial factor × the transformer's patch (diffusers would round it down with a
+        warning, and the videos would not have the size GAPO trains at)."""
+        patch = getattr(pipe.transformer.config, "patch_size", 1)
+        patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+        step = int(getattr(pipe, "vae_scale_factor_spatial", 1) or 1) * int(patch or 1)
+        bad = [f"generator.{k} = {v}" for k, v in (("height", cfg.height), ("width", cfg.width)) if v % step]
+        return [f"{' and '.join(bad)}: must be a multiple of {step} (VAE factor x patch size)"] if bad else []
+
+    def check_geometry(self, pipe, cfg, pretrained: str) -> None:
+        problems = self.geometry_problems(pipe, cfg)
+        if problems:
+            raise ConfigError(f"model.pretrained={pretrained!r} cannot render what the config asks: " + "; ".join(problems))
+
     @abc.abstractmethod
     def render(self, pipe, images: list, prompts: list[str], generators: list[torch.Generator], cfg,
                steps: int | None = None) -> np.ndarray:

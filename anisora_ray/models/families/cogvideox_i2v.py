@@ -70,6 +70,30 @@ class CogVideoXI2V(GeneratorFamily):
             generator = generator.model_copy(update={"scheduler": "pretrained"})
         super().use_sampler(pipe, generator)
 
+    def geometry_problems(self, pipe, cfg) -> list[str]:
+        """Also: CogVideoX 1.0's VAE decodes an odd number of latent frames only (an even one gives 4 frames per
+        latent frame, not ``num_frames``), and learned positional embeddings fix the size, the frame count and the
+        prompt length the transformer was built for (other sizes fail in every call, other frame counts swap in
+        sin-cos embeddings it never saw)."""
+        problems = super().geometry_problems(pipe, cfg)
+        t, spatial, temporal = pipe.transformer.config, pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        latent = (cfg.num_frames - 1) // temporal + 1
+        if t.patch_size_t is None and latent % 2 == 0:
+            problems.append(f"generator.num_frames = {cfg.num_frames} is {latent} latent frames, an even number the "
+                            f"VAE does not decode to {cfg.num_frames} frames (use {2 * temporal}k+1, e.g. 49)")
+        if t.use_learned_positional_embeddings:
+            size = (t.sample_height * spatial, t.sample_width * spatial)
+            if (cfg.height, cfg.width) != size:
+                problems.append(f"generator.height x width = {cfg.height}x{cfg.width}: its learned positional "
+                                f"embeddings are for {size[0]}x{size[1]}")
+            if cfg.num_frames != t.sample_frames:
+                problems.append(f"generator.num_frames = {cfg.num_frames}: its learned positional embeddings are for "
+                                f"{t.sample_frames}")
+            if cfg.max_sequence_length != t.max_text_seq_length:
+                problems.append(f"generator.max_sequence_length = {cfg.max_sequence_length}: its learned positional "
+                                f"embeddings are for {t.max_text_seq_length} prompt tokens")
+        return problems
+
     def render(self, pipe, images, prompts, generators, cfg, steps=None) -> np.ndarray:
         out = pipe(image=images, prompt=prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
                    num_inference_steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
