@@ -152,6 +152,7 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     import shutil
 
     from anisora_ray.errors import DiskSpaceError
+    from anisora_ray.io import fs
     from anisora_ray.loop.retention import check_free_space, prune, record_sizes, round_started
     from anisora_ray.loop.state import AlignState, RoundState
 
@@ -184,6 +185,18 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     state.rounds.append(RoundState(2, phase="evaluated", metrics={"written_mb": free * 1e3}))  # a round as big as the disk
     with pytest.raises(DiskSpaceError, match=r"round 3 needs .*run\.free_space\.rounds=1\.5 x .* GB, the most a round"):
         check_free_space(cfg, state, 3)
+    # round 3 resumed after it wrote part of what it needs (its weights, its checkpoints): that part is not asked for
+    # again (before, the space the round itself had used up made its resume fail)
+    now = shutil.disk_usage(tmp_path).free / 1e9
+    near = make_config(f"run.free_space.min_gb={now - 0.025:.6f}", "run.free_space.rounds=0")  # fits, by 25 MB
+    state.rounds = [r for r in state.rounds if r.index != 2]
+    state.rounds.append(RoundState(3, phase="trained", metrics={"output_dir_start_mb": fs.size(cfg.run.output_dir) / 1e6}))
+    assert check_free_space(near, state, 3) is not None
+    _write(os.path.join(cfg.run.output_dir, "align", "round-3", "weights", "w.safetensors"), 50_000_000)
+    assert check_free_space(near, state, 3) is not None  # 50 MB less free, 50 MB of it written
+    state.rounds[-1].metrics.clear()
+    with pytest.raises(DiskSpaceError):  # a round with no note of its start is asked for all of it
+        check_free_space(near, state, 3)
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])

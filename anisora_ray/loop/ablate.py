@@ -153,7 +153,10 @@ def run_ablation(cfg: AnisoraConfig, variants: list[str], out: str | None = None
         for variant, (vcfg, key) in configs.items():
             if key not in pairs:
                 log.info("pairs (%s reward) from the round-0 generator", "full" if key == "full" else key)
-                pairs[key] = _pairs(vcfg, manifest, fs.join(out, "pairs", key), statistics, progress)
+                # another reward (reward=<preset>) is not normalized with this one's statistics: its pairs calibrate
+                # their own (or take the preset's reward.statistics_uri)
+                own = statistics if key == "full" or key.startswith("no-") else None
+                pairs[key] = _pairs(vcfg, manifest, fs.join(out, "pairs", key), own, progress)
         weights = {v: _train(vcfg, v, pairs[key], out, root, run.info.run_id) for v, (vcfg, key) in configs.items()}
         versions = [Version(BASELINE, None), *(Version(v, weights[v]) for v in variants)]
         comparison = evaluate_versions(cfg, versions, out, baseline=BASELINE, progress=progress, statistics=statistics)

@@ -124,13 +124,17 @@ def largest_round_gb(state: AlignState) -> float:
 
 def check_free_space(cfg: AnisoraConfig, state: AlignState, index: int) -> float | None:
     """Before round ``index`` (0: the untrained generator's evaluation): the free GB of ``run.output_dir``'s disk,
-    or ``DiskSpaceError`` when it is below ``run.free_space`` (nothing of the round written yet). None: not checked."""
+    or ``DiskSpaceError`` when it is below ``run.free_space``, less what a resumed round already wrote (its checkpoints
+    and weights need no room again). None: not checked."""
     setting = cfg.run.free_space
     free = free_gb(cfg.run.output_dir)
     if free is None or (setting.min_gb == 0 and setting.rounds == 0):
         return None
     largest = largest_round_gb(state)
-    need = max(setting.min_gb, setting.rounds * largest)
+    started = next((r.metrics["output_dir_start_mb"] for r in state.rounds
+                    if r.index == index and "output_dir_start_mb" in r.metrics), None)
+    written = 0.0 if started is None else max(0.0, fs.size(fs.normalize(cfg.run.output_dir)) / 1e6 - started) / 1e3
+    need = max(0.0, max(setting.min_gb, setting.rounds * largest) - written)
     if free < need:
         why = (f"run.free_space.rounds={setting.rounds:g} x {largest:.2f} GB, the most a round of this job wrote"
                if setting.rounds * largest >= setting.min_gb else f"run.free_space.min_gb={setting.min_gb:g}")

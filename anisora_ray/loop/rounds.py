@@ -12,6 +12,7 @@ so ``--resume`` redoes no finished phase whichever schedule ran.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -258,6 +259,9 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
     finally:
         if worker is not None:
             worker.join()
+            if "error" in background and sys.exc_info()[1] is not None:  # both failed: the pairs' error is said too
+                log.error("round %d's pairs failed as well, beside this round's training or refresh: %s: %s",
+                          following.index, type(background["error"]).__name__, background["error"])
     if "error" in background:
         raise background["error"]
     eval_phase(ctx, rs)
