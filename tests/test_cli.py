@@ -1,6 +1,7 @@
 """The command line as a user runs it (in-process, on the session's Ray cluster)."""
 
 import json
+import os
 
 from anisora_ray.cli import main
 from anisora_ray.data.manifest import read_manifest
@@ -102,7 +103,8 @@ def test_align_on_the_real_config_without_data_fails_at_once_naming_the_key(caps
     assert "eval.prompts is not set" in capsys.readouterr().err
 
 
-def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_setting(tmp_path, capsys):
+def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a remote run.output_dir keeps the driver's log under ./logs
     for command in ("pairs", "align", "ablate"):
         argv = [command, "--config", LOCAL_CONFIG, "--set", f"run.output_dir={tmp_path / command}",
                 "--set", "generator.candidates_per_prompt=1"] + (["--variants", "gapo"] if command == "ablate" else [])
@@ -118,6 +120,7 @@ def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_s
                 "--set", setting] + (["--variants", "gapo"] if command == "ablate" else [])
         assert main(argv) == 2, setting
         assert said in capsys.readouterr().err, setting
+    assert os.listdir(tmp_path / "logs" / "align" / "logs") == ["ray-driver.log"]  # not in the checkout
 
 
 def test_build_gallery_from_the_command_line(tmp_path, capsys):
