@@ -555,3 +555,38 @@ def test_update_hooks_run_in_pairs_and_a_failed_after_update_blocks_the_model():
     r.load_weights(meta, buckets)
     r.check_complete()
     assert r.weights_version == 5 and r.calls[-2:] == [("before", "full"), ("after", "full")]
+
+
+def test_a_lora_update_does_not_unblock_a_base_left_half_way_by_a_full_update(load_transformer):
+    """A full update that stops half-way leaves the base a mix of versions; a LoRA update only touches the adapter,
+    so it is refused and the replica stays blocked until a whole full update replaces the base."""
+    from anisora_ray.weights.receiver import WeightsReceiver
+
+    class Receiver(WeightsReceiver):
+        def __init__(self):
+            self.module = load_transformer()
+
+        def receiving_module(self):
+            return self.module
+
+    r = Receiver()
+    base = sorted((k, torch.randn_like(v)) for k, v in r.module.state_dict().items())
+    r.begin_update(1, "full")
+    r.load_part(1, next(iter(pack_buckets(base[:3], 1 << 30))))  # three tensors in, then the sender is gone
+    with pytest.raises(WeightsError, match="holds part of weights version 1"):
+        r.check_complete()
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["to_q", "to_v"])
+    other = load_transformer()
+    lora_io.add_adapter(other, cfg)
+    adapter = sorted((k, torch.randn_like(v)) for k, v in lora_io.adapter_state(other).items())
+    with pytest.raises(WeightsError, match="base holds part of full weights version 1"):
+        r.load_weights(_meta(2, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
+    with pytest.raises(WeightsError, match="holds part of weights version 1"):
+        r.check_complete()  # still blocked: the base is a mix
+    assert r.weights_version == 0
+    r.load_weights(_meta(3, base), pack_buckets(base, 1 << 20))  # a whole full update replaces the base
+    r.check_complete()
+    r.load_weights(_meta(4, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
+    r.check_complete()
+    assert r.weights_version == 4
+    assert all(torch.equal(lora_io.adapter_state(r.module)[k], t) for k, t in adapter)

@@ -133,6 +133,11 @@ class WeightsReceiver:
         return self._weights_group is not None
 
     def _start(self, version: int, kind: str, lora: dict | None, scheme: str = "xxh3") -> UpdateLoader:
+        left = self._incoming
+        if left is not None and left.partial and left.kind == "full" and kind != "full":
+            raise WeightsError(f"replica {self.replica_id}: its base holds part of full weights version {left.version}; "
+                               f"a {kind} update leaves the base as it is, so a whole full update (or a restart) "
+                               f"must replace it first")
         try:
             altered = self.before_update(kind)
             loader = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
