@@ -249,3 +249,34 @@ def test_the_free_space_check_asks_for_the_round_a_resumed_job_runs_first_and_no
     assert _next_round(state, 3) == 3 and _next_round(state, 2) is None  # a finished job only reports
     state.guard = {"action": "stop"}
     assert _next_round(state, 3) is None  # the guard stopped the loop: no round runs
+
+
+def test_a_resumed_job_attributes_what_it_prunes_to_the_round_whose_end_it_follows(make_config, tmp_path):
+    """The driver was lost after round 2's evaluation, before its pruning: the resume prunes while it passes round 1,
+    and what it frees (and round 2's growth) goes to round 2, not to round 1."""
+    from anisora_ray.io import fs
+    from anisora_ray.loop.align import _apply_retention
+    from anisora_ray.tracking import mlflow_run
+
+    cfg = make_config(f"run.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                      "loop.registered_model=null", "run.keep.candidate_videos=0", "run.keep.checkpoints=0",
+                      "run.keep.weights=all", "run.keep.eval_videos=all")
+    out, state = _job(tmp_path, [0.55, 0.60])
+    one, two = state.rounds
+    one.metrics.update(output_dir_start_mb=0.0, output_dir_mb=0.001, written_mb=0.009, pruned_mb=0.004)
+    recorded = dict(one.metrics)
+    # round 1's own files went at its end: what is left of them is round 2's to prune
+    for path in (out / "round-1" / "pairs" / "videos", out / "round-1" / "latent-cache",
+                 tmp_path / "out" / "ray-train" / "gapo-round-1"):
+        fs.remove(str(path))
+    one.pruned = {"candidate_videos": {"bytes": 1200}, "checkpoints": {"bytes": 3000}}
+    round_two = 2000 + 10 + 200 + 3000 + 500 + 50 + 10 + 2 * 20 + 10 + 30  # every file _job wrote for round 2
+    two.metrics["output_dir_start_mb"] = (fs.size(str(tmp_path / "out")) - round_two) / 1e6
+    with mlflow_run(cfg, "retention"):
+        _apply_retention(cfg, state, str(out), str(out / "state.json"), 1)  # the resume, passing round 1
+        assert one.metrics == recorded
+        assert two.metrics["pruned_mb"] == pytest.approx((2000 + 200 + 3000) / 1e6)
+        written = two.metrics["written_mb"]
+        _apply_retention(cfg, state, str(out), str(out / "state.json"), 2)  # ... then round 2: nothing more to record
+    assert one.metrics == recorded and two.metrics["written_mb"] == written
+    assert round_two <= written * 1e6 < round_two + 1000  # all it wrote (and the pruning's record of round 1's videos)

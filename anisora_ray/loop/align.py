@@ -192,12 +192,14 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
 
 def _apply_retention(cfg: AnisoraConfig, state: AlignState, out: str, state_uri: str, index: int) -> None:
     """``run.keep`` on the finished rounds; what the round wrote (``run.free_space`` sizes the next round by it), the
-    output folder's size and what was freed go to MLflow per round."""
+    output folder's size and what was freed go to MLflow per round. What is freed belongs to the round whose end it
+    follows: an evaluated round whose sizes are not on record yet (a driver lost before its pruning: its resume
+    prunes while it passes round 1), else round ``index``."""
     freed = retention.prune(cfg, state, out)
-    rs = state.round(index)
+    rs = retention.unrecorded_round(state) or state.round(index)
     keys = retention.record_sizes(cfg, rs, freed)
     if keys:
-        log_metrics({k: rs.metrics[k] for k in keys}, step=index)
+        log_metrics({k: rs.metrics[k] for k in keys}, step=rs.index)
     state.save(state_uri)
 
 

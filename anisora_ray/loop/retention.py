@@ -151,6 +151,12 @@ def round_started(cfg: AnisoraConfig, rs: RoundState) -> None:
         rs.metrics["output_dir_start_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
 
 
+def unrecorded_round(state: AlignState) -> RoundState | None:
+    """The earliest evaluated round whose sizes ``record_sizes`` has not recorded (its job stopped before its pruning)."""
+    pending = [r for r in state.rounds if r.reached("evaluated") and "output_dir_mb" not in r.metrics]
+    return min(pending, key=lambda r: r.index, default=None)
+
+
 def record_sizes(cfg: AnisoraConfig, rs: RoundState, freed: dict[str, int]) -> list[str]:
     """After ``prune``: the output folder's size, what was just freed and, once, what round ``rs`` wrote (``written_mb``:
     its growth from its start to its end before pruning, i.e. the folder now plus what was just freed) into its
