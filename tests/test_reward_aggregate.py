@@ -73,11 +73,17 @@ def test_zscore_uses_frozen_statistics_and_refuses_to_run_without_them(tmp_path)
     loaded = RewardStatistics.load(stats.save(str(tmp_path / "s.json")))
     assert loaded == stats
     (tmp_path / "bad.json").write_text('{"dimensions": {"character": {"mean": NaN, "std": 1, "count": 2}}}')
-    with pytest.raises(ConfigError, match="bad.json: non-finite mean, or a std not above 0, for \\['character'\\]"):
+    with pytest.raises(ConfigError, match="bad.json: non-finite mean, or no spread .* for \\['character'\\]"):
         RewardStatistics.load(str(tmp_path / "bad.json"))
-    (tmp_path / "flat.json").write_text('{"dimensions": {"character": {"mean": 0.5, "std": 0, "count": 9}}}')
-    with pytest.raises(ConfigError, match="flat.json: non-finite mean, or a std not above 0, for \\['character'\\]"):
-        RewardStatistics.load(str(tmp_path / "flat.json"))
+    for std in ("0", "1.1e-16"):  # equal scores: their float std is often rounding, not 0
+        (tmp_path / "flat.json").write_text('{"dimensions": {"character": {"mean": 0.7, "std": %s, "count": 9}}}' % std)
+        with pytest.raises(ConfigError, match="flat.json: non-finite mean, or no spread .* for \\['character'\\]"):
+            RewardStatistics.load(str(tmp_path / "flat.json"))
+    for value in (0.7, 0.1, 0.95):  # seven equal scores whose mean is not exact in binary: std ~1e-16, refused
+        with pytest.raises(ConfigError, match="all 7 scores in constant equal"):
+            RewardStatistics.from_raw([{"character": value}] * 7, ["character"], "constant")
+    assert RewardStatistics.from_raw([{"character": 0.7}, {"character": 0.70001}], ["character"], "close").dimensions[
+        "character"].std == pytest.approx(5e-6)  # a small spread is a spread
     with pytest.raises(ConfigError, match="need at least 2"):
         RewardStatistics.from_raw([{"character": 1.0}], ["character"], "one clip")
 

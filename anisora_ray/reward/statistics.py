@@ -48,6 +48,14 @@ class Moments:
     count: int
 
 
+SPREAD = 1e-9  # a std at most this times |mean| (or 1) is rounding over equal scores, not a spread to z-score by
+
+
+def has_spread(m: Moments) -> bool:
+    """Whether the scores vary: the std of equal floats is often ~1e-16, not 0."""
+    return m.std > SPREAD * max(1.0, abs(m.mean))
+
+
 @dataclass(frozen=True)
 class RewardStatistics:
     """Mean and standard deviation of each dimension's raw score, and where they came from."""
@@ -66,7 +74,7 @@ class RewardStatistics:
                 raise ConfigError(f"reward statistics for {name!r}: {values.size} finite score(s) in {source}, "
                                   f"need at least 2 (score more calibration candidates)")
             out[name] = Moments(float(values.mean()), float(values.std()), int(values.size))
-            if not out[name].std > 0:  # a z-score would turn any later difference into a reward of 0 or 1
+            if not has_spread(out[name]):  # a z-score would turn any later difference into a reward of 0 or 1
                 raise ConfigError(f"reward statistics for {name!r}: all {values.size} scores in {source} equal "
                                   f"{values[0]:.6g}, so there is no spread to z-score by (a constant scorer, or too "
                                   "alike a calibration sample: use more calibration prompts or normalize.kind fixed)")
@@ -93,7 +101,8 @@ class RewardStatistics:
             raise ConfigError(f"reward statistics file {uri} does not exist") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"reward statistics file {uri} is not valid: {exc}") from exc
-        bad = [k for k, m in dims.items() if not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0)]
+        bad = [k for k, m in dims.items() if not (math.isfinite(m.mean) and math.isfinite(m.std) and has_spread(m))]
         if bad:
-            raise ConfigError(f"reward statistics file {uri}: non-finite mean, or a std not above 0, for {bad}")
+            raise ConfigError(f"reward statistics file {uri}: non-finite mean, or no spread (std {SPREAD:g} x |mean| "
+                              f"or less), for {bad}")
         return cls(dims, payload.get("source", uri))
