@@ -126,3 +126,24 @@ def test_a_dimension_scores_at_most_its_batch_size_clips_a_call_wherever_its_bat
     assert seen == [3, 3, 1]
     part = batch(clips).part(1, 3)
     assert [p.shape for p in part.frames] == [PAN.shape, JITTER.shape] and len(part.character_ids) == 2
+
+
+def test_clips_of_different_sizes_in_one_batch_reach_the_backend_one_size_a_call():
+    """``video.sample_size: null`` keeps each clip's size, so one batch can mix them; a backend that stacks frames
+    (the learned ones) would fail on the whole batch. Each call gets clips of one size; scores come back in order."""
+    import cv2
+
+    from anisora_ray.config import DimensionConfig
+    from anisora_ray.reward.actors import DimensionScorer
+
+    def bigger(clip):
+        return np.stack([cv2.resize(f, (f.shape[1] * 2, f.shape[0] * 2), interpolation=cv2.INTER_NEAREST) for f in clip])
+
+    clips = [STATIC, bigger(PAN), JITTER, bigger(STATIC), PAN]
+    scorer = DimensionScorer("visual_motion", DimensionConfig(batch_size=2))
+    seen, score = [], scorer.dimension.score
+    scorer.dimension.score = lambda b: seen.append({tuple(c.shape[1:3]) for c in b.frames}) or score(b)
+    got = scorer.score(batch(clips))
+    assert all(len(sizes) == 1 for sizes in seen) and len(seen) == 3  # 3 small clips in 2 calls, 2 big ones in 1
+    alone = [float(DimensionScorer("visual_motion", DimensionConfig()).score(batch([c]))[0]) for c in clips]
+    np.testing.assert_allclose(got, alone)

@@ -28,7 +28,14 @@ class DimensionScorer:
             sys.modules["cv2"].setNumThreads(threads)
 
     def score(self, batch: ClipBatch) -> np.ndarray:
-        """One score per clip; the backend sees at most the dimension's ``batch_size`` clips a call."""
+        """One score per clip; the backend sees at most the dimension's ``batch_size`` clips a call, all of one frame
+        size (``video.sample_size: null`` keeps each clip's own)."""
+        sizes = batch.sizes()
+        if len(sizes) > 1:
+            out = np.full(len(batch), np.nan)
+            for indices in sizes.values():
+                out[indices] = self.score(batch.take(indices))
+            return out
         size = self.batch_size or len(batch)
         if len(batch) > size:
             return np.concatenate([self.score(batch.part(i, i + size)) for i in range(0, len(batch), size)])

@@ -49,8 +49,21 @@ class ClipBatch:
 
     def part(self, start: int, stop: int) -> ClipBatch:
         """Clips ``start:stop`` with what they were generated from."""
-        return ClipBatch(self.frames[start:stop], self.prompts[start:stop], self.images[start:stop],
-                         self.references[start:stop], self.character_ids[start:stop])
+        return self.take(range(start, min(stop, len(self))))
+
+    def take(self, indices) -> ClipBatch:
+        """Clips ``indices``, in that order, with what they were generated from."""
+        indices = list(indices)
+        return ClipBatch([self.frames[i] for i in indices], [self.prompts[i] for i in indices],
+                         [self.images[i] for i in indices], [self.references[i] for i in indices],
+                         [self.character_ids[i] for i in indices])
+
+    def sizes(self) -> dict[tuple[int, int], list[int]]:
+        """The clips' indices by frame size (height, width), in batch order."""
+        out: dict[tuple[int, int], list[int]] = {}
+        for i, clip in enumerate(self.frames):
+            out.setdefault(tuple(clip.shape[1:3]), []).append(i)
+        return out
 
 
 class RewardDimension(Protocol):
