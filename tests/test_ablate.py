@@ -151,3 +151,19 @@ def test_a_loss_variant_trains_on_the_full_rewards_pairs():
     assert key == "no-visual_motion" and vcfg.reward.dimensions.visual_motion.weight == 0 and vcfg.gapo.loss == "gapo"
     with pytest.raises(ConfigError, match="unknown variant 'ppo'"):
         variant_config(cfg, "ppo")
+
+
+def test_a_variants_training_run_is_named_once_per_ablation_folder(tmp_path):
+    """Ray Train continues a run found under the same name in ``run.output_dir/ray-train``: a variant keeps its name
+    across calls with the same ``--out`` (a killed ablation resumes), and another ablation, or this one deleted and
+    started again, gets a new one (before, ``ablate-<variant>`` handed it the old final checkpoint: no update ran)."""
+    import shutil
+
+    from anisora_ray.loop.ablate import storage_name
+
+    first = storage_name(str(tmp_path / "a"), "reward=/x/my preset.yaml")
+    assert first == storage_name(str(tmp_path / "a"), "reward=/x/my preset.yaml")
+    assert "/" not in first and " " not in first
+    assert storage_name(str(tmp_path / "b"), "reward=/x/my preset.yaml") != first
+    shutil.rmtree(tmp_path / "a")
+    assert storage_name(str(tmp_path / "a"), "reward=/x/my preset.yaml") != first

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from anisora_ray.config import AnisoraConfig
@@ -102,6 +103,18 @@ def _pairs(cfg: AnisoraConfig, manifest: str, out_uri: str, statistics, progress
     return out_uri
 
 
+def storage_name(out: str, variant: str) -> str:
+    """The Ray Train run of ``variant`` in the ablation ``out``: named once, on record in ``<out>/<variant>``, so a
+    second call with the same ``--out`` continues its checkpoints and another ablation (another ``--out``, or this
+    one deleted and started again) never picks them up (they all live under ``run.output_dir``)."""
+    record = fs.join(out, variant, "training.json")
+    if fs.exists(record):
+        return json.loads(fs.read_bytes(record))["storage_name"]
+    name = f"ablate-{re.sub(r'[^A-Za-z0-9_.-]+', '_', variant)}-{os.getpid()}-{time.time_ns()}"
+    fs.write_bytes(record, json.dumps({"storage_name": name}).encode())
+    return name
+
+
 def _train(cfg: AnisoraConfig, variant: str, pairs_uri: str, out: str, root: str | None, parent_run_id: str) -> str:
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.pairs.writer import pairs_table
@@ -111,7 +124,7 @@ def _train(cfg: AnisoraConfig, variant: str, pairs_uri: str, out: str, root: str
         return json.loads(fs.read_bytes(record))["weights_uri"]
     log.info("%s: training (%s loss, %d updates) on %s", variant, cfg.gapo.loss, cfg.gapo.steps, pairs_uri)
     m = train_gapo(cfg, pairs_table(pairs_uri), fs.join(out, variant, "weights"), root=root,
-                   run_name=f"ablate-{variant}", storage_name=f"ablate-{variant}", parent_run_id=parent_run_id)
+                   run_name=f"ablate-{variant}", storage_name=storage_name(out, variant), parent_run_id=parent_run_id)
     summary = {"weights_uri": m["weights_uri"], "pairs_uri": pairs_uri, "loss": cfg.gapo.loss,
                **{f"train_{k}": float(m[k]) for k in ("loss", "dpo", "gain", "implicit_accuracy") if k in m}}
     fs.write_bytes(record, json.dumps(summary, indent=2).encode())
