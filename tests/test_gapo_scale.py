@@ -69,8 +69,9 @@ def test_zero3_full_exports_the_trainers_weights_counts_updates_and_replicas_loa
     assert history(cfg, run, "optimizer_steps") == {k: float(k) for k in range(1, 7)}
     assert history(cfg, run, "micro_batches")[6] == 24
     warmup = deepspeed_config(cfg, REPO)["scheduler"]["params"]["warmup_num_steps"]  # counted in updates
-    lr = history(cfg, run, "lr")  # WarmupLR's log warm-up, then flat, read at updates 1..6
-    assert lr == pytest.approx({k: 1e-3 * min(1.0, math.log(k) / math.log(warmup)) for k in range(1, 7)}, rel=1e-6, abs=1e-12)
+    lr = history(cfg, run, "lr")  # the rate each update stepped at: WarmupLR's log warm-up (its first two at 0), then flat
+    assert lr == pytest.approx({k: 1e-3 * min(1.0, math.log(max(k - 1, 1)) / math.log(warmup)) for k in range(1, 7)},
+                               rel=1e-6, abs=1e-12)
     assert sorted(result["checkpoints"]) == [3, 6]
 
     manifest = read_manifest(result["weights_uri"])

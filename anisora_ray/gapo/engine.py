@@ -130,6 +130,7 @@ class GapoWorker:
         self.rows: list[dict] = []
         self.quarantined: list = []  # QuarantineRecords of pairs dropped for bad content
         self.update = 0  # optimizer updates done
+        self.last_lr = float("nan")  # the learning rate the last update stepped at
         self.resumed_from = 0  # the update this attempt restored (0: started fresh)
 
     @property
@@ -200,6 +201,8 @@ class GapoWorker:
             out = self._micro_step(self.update * self.accumulation + m)
             trained.add(out.expert)
             parts.append(out.metrics())
+            if m == self.accumulation - 1:  # the rate this update steps at (the scheduler moves it after the step)
+                self.last_lr = float(self.engine.get_lr()[0])
             with self._idle_experts_still(trained) if m == self.accumulation - 1 else contextlib.nullcontext():
                 self.engine.step()  # the optimizer steps at the last micro-batch only
         if self.engine.global_steps != before + 1:  # DeepSpeed counts micro-steps itself
@@ -218,7 +221,7 @@ class GapoWorker:
         world = dist.get_world_size() if dist.is_initialized() else 1
         averaged = mean_over_workers({**local, "quarantined_pairs": float(len(self.quarantined))}, self.device)
         averaged["quarantined_pairs"] = round(averaged["quarantined_pairs"] * world)  # a sum over the ranks
-        return {**averaged, "lr": float(self.engine.get_lr()[0]), "step": self.update,
+        return {**averaged, "lr": self.last_lr, "step": self.update,
                 "optimizer_steps": int(self.engine.global_steps), "micro_batches": self.update * self.accumulation,
                 "resumed_from_update": self.resumed_from,
                 "latent_cache_hits": self.encoder.hits, "latent_cache_misses": self.encoder.misses,
