@@ -128,6 +128,20 @@ def test_encoders_load_only_for_cache_misses_and_cached_encodings_equal_fresh_on
     assert other.hits == 0  # the key includes the encoder's identity
 
 
+def test_the_latent_cache_namespace_tells_apart_what_changes_the_encoders_output(make_config):
+    """Another revision of the checkpoint, or VAE tiling (tiles blend), encodes differently: a run that changes one
+    misses the cache instead of training on the other setting's latents."""
+    from anisora_ray.gapo.engine import latent_namespace
+
+    base = latent_namespace(make_config(), "ckpt")
+    assert latent_namespace(make_config(), "ckpt") == base
+    variants = [latent_namespace(make_config("model.revision=abc123"), "ckpt"),
+                latent_namespace(make_config("generator.vae_tiling=true"), "ckpt"),
+                latent_namespace(make_config("generator.vae_slicing=true"), "ckpt"),
+                latent_namespace(make_config("model.dtype=bfloat16"), "ckpt"), latent_namespace(make_config(), "other")]
+    assert len({base, *variants}) == 1 + len(variants)
+
+
 def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them(make_config, tmp_path):
     from anisora_ray.gapo.models import Encoders
     from anisora_ray.io.video import write_video

@@ -95,6 +95,14 @@ def mean_over_workers(metrics: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, (values / dist.get_world_size()).tolist(), strict=True))
 
 
+def latent_namespace(cfg: AnisoraConfig, pretrained: str) -> str:
+    """What the latent cache's keys share besides each input's content: the encoders' identity (family, checkpoint,
+    revision, dtype) and what changes their output (the geometry, VAE tiling: tiles blend; slicing)."""
+    m, g = cfg.model, cfg.generator
+    return (f"{m.family}|{pretrained}|{m.revision or ''}|{m.dtype}|{g.height}x{g.width}"
+            f"|tiling={int(g.vae_tiling)}|slicing={int(g.vae_slicing)}")
+
+
 class GapoWorker:
     """Policy engine, frozen reference and pair encoder of one rank (``torch.distributed`` initialised)."""
 
@@ -122,8 +130,7 @@ class GapoWorker:
         if g.compile and self.lora is None and g.reference == "copy":
             compile_blocks(self.reference.module, eager_rounding=True)
         self.encoders = Encoders(pretrained, cfg, self.device)
-        self.encoder = PairEncoder(self.encoders, self.family,
-                                   f"{cfg.model.family}|{pretrained}|{cfg.model.dtype}|{cfg.generator.height}x{cfg.generator.width}",
+        self.encoder = PairEncoder(self.encoders, self.family, latent_namespace(cfg, pretrained),
                                    cfg.generator.height, cfg.generator.width, cfg.generator.num_frames,
                                    self.family.text_length(self.pipe, cfg.generator), cache_uri, self.device,
                                    cfg.generator.prompt_suffix)
