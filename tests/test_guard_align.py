@@ -52,6 +52,8 @@ def test_a_motion_only_reward_drives_the_first_frame_away_and_the_guard_rolls_ba
     # a job that died during its rollback (verdict saved, replicas not yet back, alias not set) finishes the rollback
     # when resumed, and a resumed job with more rounds does not train past the guard
     state.guard = {k: v for k, v in state.guard.items() if k not in ("best_round", "best_model_version")}
+    fired = state.round(verdict["round"]).metrics  # ... and before that round's pruning and size records
+    assert {k: fired.pop(k) for k in ("output_dir_mb", "written_mb", "pruned_mb")}
     state.save(result.state_uri)
     client.delete_registered_model_alias("anisora-guard-test", "best")
     again = run_alignment(load_config(LOCAL_CONFIG, [*overrides, "loop.rounds=3"]), resume=True, progress=False, root=REPO)
@@ -61,3 +63,5 @@ def test_a_motion_only_reward_drives_the_first_frame_away_and_the_guard_rolls_ba
     alias = client.get_model_version_by_alias("anisora-guard-test", "best")  # round 0 registered anew: a new version
     assert str(alias.version) == again.guard["best_model_version"] and alias.tags["round"] == str(best)
     assert AlignState.load(result.state_uri).guard == again.guard
+    resumed = AlignState.load(result.state_uri).round(verdict["round"]).metrics
+    assert resumed["written_mb"] > 0 and "output_dir_mb" in resumed  # recorded by the resume, which stops at the guard

@@ -49,6 +49,10 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     assert first_pairs < os.path.getmtime(align / "round-1" / "weights" / "weights_manifest.json")
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
+    # round 2's disk check ran before its pairs began, not at its own turn in the loop (after them)
+    checked = [m.timestamp / 1e3 for m in client.get_metric_history(result.parent_run_id, "disk_free_gb") if m.step == 2]
+    assert checked and min(checked) < first_pairs
+    assert state["rounds"][1]["metrics"]["written_mb"] > 0
     runs = {r.info.run_name: r for r in client.search_runs([client.get_run(result.parent_run_id).info.experiment_id])
             if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
     for i in (1, 2):  # staleness relative to the weights the round trains from (round i - 1's)

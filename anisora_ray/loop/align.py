@@ -26,11 +26,11 @@ from anisora_ray.gapo.engine import deepspeed_config
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.stage import resolve_prompts
 from anisora_ray.io import fs
-from anisora_ray.loop import cache_policy, guard, retention
+from anisora_ray.loop import guard, retention
 from anisora_ray.loop.html_report import build_report, rows_of
 from anisora_ray.loop.placement import check_cluster_fits
 from anisora_ray.loop.report import contact_sheet, plot_reward_curve, register_weights
-from anisora_ray.loop.rounds import RoundContext, audit_metrics, run_round, run_round_overlapped
+from anisora_ray.loop.rounds import RoundContext, audit_metrics, prepare_round, run_round, run_round_overlapped
 from anisora_ray.loop.samples import eval_row
 from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.models.pipeline import check_pretrained, resolve_pretrained
@@ -153,18 +153,14 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             if _rollback_due(state):  # a rollback a crash cut short: finished before anything else
                 _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
             for index in range(1, rounds + 1):
-                if state.guard:  # the guard stopped the loop (a resumed job does not go past it)
+                if state.guard:  # the guard stopped the loop (a resumed job does not go past it) ...
+                    if retention.unrecorded_round(state):  # ... after its round's pruning, which a lost driver missed
+                        _apply_retention(cfg, state, out, state_uri, index)
                     break
                 rs = state.round(index)
-                if not rs.reached("evaluated"):
-                    cache_policy.check_go_on(cfg, state)  # the audits showed the cache moving the pairs: stop here
-                    free = retention.check_free_space(cfg, state, index)
-                    retention.round_started(cfg, rs)
-                    state.save(state_uri)
-                    if free is not None:
-                        log_metrics({"disk_free_gb": free}, step=index)
                 ctx = RoundContext(cfg, state, workers, heldout, train_manifest, out, root, progress, parent.info.run_id,
                                    state_uri, statistics)
+                prepare_round(ctx, rs)
                 if cfg.loop.overlap == "one_round_off_policy":
                     run_round_overlapped(ctx, state.round(index), state.round(index + 1) if index < rounds else None)
                 else:

@@ -62,6 +62,19 @@ class RoundContext:
                           tags={"anisora.stage": "round"}, run_id=rs.mlflow_run_id or None)
 
 
+def prepare_round(ctx: RoundContext, rs: RoundState) -> None:
+    """Before round ``rs`` writes anything (again): the cache's verdict may stop the job here, the disk must hold the
+    round (``run.free_space``), and the output folder's size at its start is noted once (its ``written_mb``)."""
+    if rs.reached("evaluated"):
+        return
+    cache_policy.check_go_on(ctx.cfg, ctx.state)  # the audits showed the cache moving the pairs: stop here
+    free = retention.check_free_space(ctx.cfg, ctx.state, rs.index)
+    retention.round_started(ctx.cfg, rs)
+    ctx.save()
+    if free is not None:
+        log_metrics({"disk_free_gb": free}, step=rs.index)
+
+
 def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
     """Generate, score and pair the training prompts with the weights the replicas hold now."""
     if rs.reached("paired"):
@@ -251,6 +264,7 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
 
     worker = None
     if following is not None and not following.reached("paired") and not ctx.state.guard:
+        prepare_round(ctx, following)  # its pairs start now, before its own turn in the loop
         worker = threading.Thread(target=make_pairs, name=f"pairs-round-{following.index}", daemon=True)
         worker.start()
     try:
