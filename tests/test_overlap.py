@@ -53,6 +53,8 @@ def test_overlapped_rounds_generate_while_training_and_log_staleness(ray_cluster
     checked = [m.timestamp / 1e3 for m in client.get_metric_history(result.parent_run_id, "disk_free_gb") if m.step == 2]
     assert checked and min(checked) < first_pairs
     assert state["rounds"][1]["metrics"]["written_mb"] > 0
+    for r in state["rounds"]:  # each phase's wall time, as on-policy rounds record it (benchmarks/gpu_round.py reads them)
+        assert all(r["metrics"][f"{p}_wall_seconds"] > 0 for p in ("pairs", "train", "refresh", "eval")), r["metrics"]
     runs = {r.info.run_name: r for r in client.search_runs([client.get_run(result.parent_run_id).info.experiment_id])
             if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
     for i in (1, 2):  # staleness relative to the weights the round trains from (round i - 1's)

@@ -253,12 +253,12 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
     """One round off-policy: round ``following``'s pairs are made while ``rs`` trains; the replicas move to
     ``rs``'s weights between two generation calls (each loads the written folder in one call, so no
     generation ever sees a partial update), then ``rs`` is evaluated once ``following``'s pairs are done."""
-    pairs_phase(ctx, rs)  # round 1, or a round a resumed job had not paired yet
+    timed(ctx, rs, "pairs", pairs_phase)  # round 1, or a round a resumed job had not paired yet
     background: dict[str, BaseException] = {}
 
     def make_pairs() -> None:
         try:
-            pairs_phase(ctx, following)
+            timed(ctx, following, "pairs", pairs_phase)  # its wall time overlaps this round's training
         except BaseException as exc:  # noqa: BLE001 - raised in the controller's thread below
             background["error"] = exc
 
@@ -268,8 +268,8 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
         worker = threading.Thread(target=make_pairs, name=f"pairs-round-{following.index}", daemon=True)
         worker.start()
     try:
-        train_phase(ctx, rs, live=False)
-        refresh_phase(ctx, rs)
+        timed(ctx, rs, "train", train_phase, False)
+        timed(ctx, rs, "refresh", refresh_phase)
     finally:
         if worker is not None:
             worker.join()
@@ -278,4 +278,4 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
                           following.index, type(background["error"]).__name__, background["error"])
     if "error" in background:
         raise background["error"]
-    eval_phase(ctx, rs)
+    timed(ctx, rs, "eval", eval_phase)
