@@ -72,3 +72,21 @@ def test_a_round_with_fewer_than_two_prompts_scored_in_both_gets_a_nan_row_and_a
     assert "round 1: 1 held-out prompt(s) scored in both" in caplog.text
     full = compare_or_nan(baseline, {"a": 0.6, "b": 0.8}, samples=200)  # two prompts: the real comparison
     assert full == paired_comparison(baseline, {"a": 0.6, "b": 0.8}, samples=200)
+
+
+def test_a_round_is_compared_with_round_0_over_the_seeds_both_scored():
+    """A held-out candidate quarantined in one round only (no character detected, say) leaves the comparison of its
+    prompt: a round better by 0.05 on every seed both scored shows +0.05, not a loss from comparing other seeds."""
+    from anisora_ray.eval.heldout import EvalResult
+    from anisora_ray.loop.samples import eval_row
+
+    base = {f"p{i}": {"0": 0.40 + 0.01 * i, "1": 0.60 + 0.01 * i} for i in range(5)}
+    now = {p: {s: v + 0.05 for s, v in seeds.items()} for p, seeds in base.items()}
+    del now["p0"]["0"]  # quarantined this round: p0 keeps its high seed only
+    means = {p: sum(v.values()) / len(v) for p, v in now.items()}
+    result = EvalResult(per_prompt=means, dimensions={}, mean_reward=sum(means.values()) / 5, scores_uri="s",
+                        candidates=10, quarantined=1, weights_version=1, per_candidate=now)
+    baseline = {p: sum(v.values()) / len(v) for p, v in base.items()}
+    row = eval_row(1, result, baseline, samples=200, seed=0, baseline_candidates=base)
+    assert row["mean_diff"] == pytest.approx(0.05) and row["wins"] == 5 and row["num_prompts"] == 5
+    assert eval_row(1, result, baseline, samples=200, seed=0)["mean_diff"] > 0.05  # a state from before: per prompt

@@ -178,3 +178,16 @@ def test_compare_versions_pairs_by_prompt_and_seed_and_counts_wins():
     assert "| reward (n=12) | " in table and "0.600 [0.400, 0.800] (6 of 10; kappa 0.30)" in table and "no study" in table
     with pytest.raises(KeyError, match="baseline"):
         compare_versions(tables, "round-9", ["reward"])
+
+
+def test_a_prompts_means_are_over_the_seeds_every_version_scored():
+    """A candidate one version lost (a NaN character score, quarantined) leaves the comparison: a prompt's means are
+    over the same seeds in every version, or a version better on every shared seed could show a loss."""
+    base = {(f"p{i}", s): 0.5 + 0.1 * s + 0.01 * i for i in range(6) for s in range(2)}
+    better = {k: v + 0.05 for k, v in base.items()}
+    tables = {"base": _rows(base), "better": _rows(better)}
+    tables["better"][1]["reward"] = float("nan")  # (p0, 1): the high seed, lost in "better" only
+    c = compare_versions(tables, "base", ["reward"], samples=200)
+    gain = c["versions"]["better"]["metrics"]["reward"]
+    assert gain["mean_diff"] == pytest.approx(0.05) and gain["wins"] == 6  # before: p0 compared seed 0 with both seeds
+    assert c["means"]["better"]["reward"] - c["means"]["base"]["reward"] == pytest.approx(gain["mean_diff"])

@@ -16,13 +16,23 @@ from anisora_ray.eval.annotate import wilson
 from anisora_ray.eval.stats import compare_or_nan
 
 
-def per_prompt_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
-    """The mean of ``metric`` over each prompt's candidates with a finite value."""
-    values: dict[str, list[float]] = defaultdict(list)
+def scored(rows: Iterable[Mapping], metric: str) -> dict[tuple[str, int], float]:
+    """``metric`` of each candidate (prompt, seed) with a finite value, not quarantined."""
+    out = {}
     for r in rows:
         v = r.get(metric)
         if v is not None and math.isfinite(float(v)) and not r.get("quarantine_reason"):
-            values[r["prompt_id"]].append(float(v))
+            out[(r["prompt_id"], int(r["seed"]))] = float(v)
+    return out
+
+
+def per_prompt_means(rows: Iterable[Mapping], metric: str, keys: set | None = None) -> dict[str, float]:
+    """The mean of ``metric`` over each prompt's candidates with a finite value (only the (prompt, seed) ``keys``,
+    when given: the candidates every compared version scored, so a prompt's means are over the same seeds)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for (prompt, seed), v in scored(rows, metric).items():
+        if keys is None or (prompt, seed) in keys:
+            values[prompt].append(v)
     return {k: sum(v) / len(v) for k, v in values.items() if v}
 
 
@@ -45,25 +55,23 @@ def reward_win_rate(before: Iterable[Mapping], after: Iterable[Mapping], metric:
 
 def compare_versions(tables: Mapping[str, list[Mapping]], baseline: str, metrics: list[str], samples: int = 2000,
                      seed: int = 0) -> dict:
-    """Every version of ``tables`` against ``baseline``: per metric each version's mean over the prompts every
-    version scored (``mean_prompts``: how many; a prompt one version lost would otherwise move only its mean), the
-    paired difference with its BCa CI and permutation p-value; and the reward win rate."""
+    """Every version of ``tables`` against ``baseline``, per metric over the candidates (prompt, seed) every version
+    scored (``mean_prompts``: their prompts; a candidate one version lost would otherwise move only its mean, or pair
+    a prompt's mean over other seeds): each version's mean over prompts, and the paired difference with its BCa CI
+    and permutation p-value, so the means' difference is the paired gain; and the reward win rate."""
     if baseline not in tables:
         raise KeyError(f"baseline {baseline!r} is not among the versions {sorted(tables)}")
     base_rows = tables[baseline]
     out: dict = {"baseline": baseline, "metrics": list(metrics), "means": {}, "mean_prompts": {}, "versions": {}}
-    prompt_means = {label: {m: per_prompt_means(rows, m) for m in metrics} for label, rows in tables.items()}
-    common = {m: set.intersection(*(set(v[m]) for v in prompt_means.values())) for m in metrics}
-    out["mean_prompts"] = {m: len(common[m]) for m in metrics}
+    common = {m: set.intersection(*(set(scored(rows, m)) for rows in tables.values())) for m in metrics}
+    prompt_means = {label: {m: per_prompt_means(rows, m, common[m]) for m in metrics} for label, rows in tables.items()}
+    out["mean_prompts"] = {m: len({p for p, _ in common[m]}) for m in metrics}
     for label, rows in tables.items():
-        out["means"][label] = {m: _mean({p: v for p, v in prompt_means[label][m].items() if p in common[m]})
-                               for m in metrics}
+        out["means"][label] = {m: _mean(prompt_means[label][m]) for m in metrics}
         if label == baseline:
             continue
-        per_metric = {}
-        for m in metrics:
-            before, after = per_prompt_means(base_rows, m), per_prompt_means(rows, m)
-            per_metric[m] = compare_or_nan(before, after, samples=samples, seed=seed).to_dict()
+        per_metric = {m: compare_or_nan(prompt_means[baseline][m], prompt_means[label][m], samples=samples,
+                                        seed=seed).to_dict() for m in metrics}
         out["versions"][label] = {"metrics": per_metric, "reward_win_rate": reward_win_rate(base_rows, rows)}
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.data.manifest import read_manifest
@@ -38,6 +38,7 @@ class EvalResult:
     quarantined: int
     weights_version: int
     statistics: RewardStatistics | None = None  # what the zscore dimensions were normalized with
+    per_candidate: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt_id -> seed -> reward
 
     def metrics(self, prefix: str = "heldout") -> dict[str, float]:
         return {f"{prefix}_reward": self.mean_reward, **{f"{prefix}_{k}": v for k, v in self.dimensions.items()},
@@ -98,10 +99,12 @@ def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorRep
     scores_uri = fs.join(out_dir, "scores.parquet")
     fs.write_table(scores_table(scored, dims), scores_uri)
     rewards: dict[str, list[float]] = defaultdict(list)
+    per_candidate: dict[str, dict[str, float]] = defaultdict(dict)
     per_dim: dict[str, list[float]] = defaultdict(list)
     valid = [s for s in scored if not s.quarantine_reason and math.isfinite(s.reward)]
     for s in valid:
         rewards[s.prompt_id].append(s.reward)
+        per_candidate[s.prompt_id][str(int(s.seed))] = s.reward
         for name in dims:
             per_dim[name].append(s.scores[name])
     if not valid:
@@ -111,4 +114,5 @@ def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorRep
         per_prompt=per_prompt, dimensions={k: sum(v) / len(v) for k, v in per_dim.items()},
         mean_reward=sum(per_prompt.values()) / len(per_prompt), scores_uri=scores_uri,
         candidates=len(scored) + len(generated.quarantined), quarantined=len(scored) - len(valid) + len(generated.quarantined),
-        weights_version=versions.pop() if versions else -1, statistics=scoring.statistics)
+        weights_version=versions.pop() if versions else -1, statistics=scoring.statistics,
+        per_candidate=dict(per_candidate))

@@ -141,7 +141,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     statistics = base.statistics
                     state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
                     log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
-                state.baseline = {"per_prompt": base.per_prompt, "row": {**eval_row(0, base, None, 0, 0), **audited},
+                state.baseline = {"per_prompt": base.per_prompt, "per_candidate": base.per_candidate,
+                                  "row": {**eval_row(0, base, None, 0, 0), **audited},
                                   "eval_wall_seconds": time.perf_counter() - began}
                 state.save(state_uri)
             if cfg.loop.guard.enabled and "guard" not in state.baseline:  # the guard measures of round 0

@@ -200,7 +200,8 @@ def eval_phase(ctx: RoundContext, rs: RoundState) -> None:
         audited = audit_metrics(cfg, rs.index, ctx.heldout, workers, fs.join(base, "eval"),
                                 ctx.statistics, ctx.progress, state, ctx.parent_run_id)
         workers.release_rewards()
-        row = eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed)
+        row = eval_row(rs.index, result, state.baseline["per_prompt"], cfg.eval.bootstrap_samples, cfg.run.seed,
+                       state.baseline.get("per_candidate"))
         row.update(audited)
         if cfg.loop.guard.enabled:
             current = guard.measure_round(cfg, fs.join(base, "eval"))

@@ -17,12 +17,34 @@ from anisora_ray.pairs.writer import read_pairs
 log = logging.getLogger(__name__)
 
 
-def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int) -> dict:
-    """Round ``index``'s held-out row: its metrics and, given round 0's per-prompt rewards, the paired comparison
-    (NaN, with a warning, when fewer than two prompts were scored in both rounds)."""
+def paired_prompt_means(baseline: dict[str, dict[str, float]], current: dict[str, dict[str, float]],
+                        baseline_means: dict[str, float], current_means: dict[str, float]) -> tuple[dict, dict]:
+    """Per-prompt means of two rounds over the seeds both scored: a candidate quarantined in one round only (e.g. no
+    character detected) leaves both; prompts whose seeds agree keep their means as they are."""
+    before, after = dict(baseline_means), dict(current_means)
+    for prompt in set(baseline) & set(current):
+        seeds = set(baseline[prompt]) & set(current[prompt])
+        if seeds == set(baseline[prompt]) == set(current[prompt]):
+            continue
+        for out, rewards in ((before, baseline[prompt]), (after, current[prompt])):
+            if seeds:
+                out[prompt] = sum(rewards[s] for s in sorted(seeds)) / len(seeds)
+            else:
+                out.pop(prompt, None)
+    return before, after
+
+
+def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int,
+             baseline_candidates: dict[str, dict[str, float]] | None = None) -> dict:
+    """Round ``index``'s held-out row: its metrics and, given round 0's per-prompt rewards (and per candidate: then
+    each prompt is compared over the seeds both rounds scored), the paired comparison (NaN, with a warning, when
+    fewer than two prompts were scored in both rounds)."""
     row = {"round": index, **result.metrics(), "weights_version": result.weights_version}
     if baseline is not None:
-        comparison = compare_or_nan(baseline, result.per_prompt, samples=samples, seed=seed)
+        before, after = baseline, result.per_prompt
+        if baseline_candidates and result.per_candidate:
+            before, after = paired_prompt_means(baseline_candidates, result.per_candidate, baseline, result.per_prompt)
+        comparison = compare_or_nan(before, after, samples=samples, seed=seed)
         if comparison.num_prompts < 2:
             log.warning("round %d: %d held-out prompt(s) scored in both this round and round 0: no paired comparison "
                         "(each candidate's quarantine reason: %s)", index, comparison.num_prompts, result.scores_uri)
