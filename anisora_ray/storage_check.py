@@ -133,7 +133,7 @@ def _remove(parent: str, folder: str) -> None:
     """Delete this check's folder, and the parent when no other check is using it."""
     try:
         fsys, path = fs.url_to_fs(folder)
-        fsys.rm(path, recursive=True)
+        fsys.rm(fs.literal(fsys, path), recursive=True)
         fsys, path = fs.url_to_fs(parent)
         if not fsys.ls(path):
             fsys.rmdir(path)

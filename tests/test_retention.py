@@ -280,3 +280,20 @@ def test_a_resumed_job_attributes_what_it_prunes_to_the_round_whose_end_it_follo
         _apply_retention(cfg, state, str(out), str(out / "state.json"), 2)  # ... then round 2: nothing more to record
     assert one.metrics == recorded and two.metrics["written_mb"] == written
     assert round_two <= written * 1e6 < round_two + 1000  # all it wrote (and the pruning's record of round 1's videos)
+
+
+@pytest.mark.parametrize("base", ["memory://keep-test", "local"])
+def test_remove_deletes_the_folder_named_and_no_other_when_its_name_has_glob_characters(base, tmp_path):
+    """Object stores (and memory://) expand ``[ ] * ?`` in ``rm``: ``run[1]`` matched ``run1`` and deleted it, leaving
+    itself. ``remove`` (run.keep's pruning) and the write probe delete what they name, on every filesystem."""
+    from anisora_ray.io import fs
+
+    root = str(tmp_path) if base == "local" else base
+    for name in ("run[1]", "run1", "run*"):
+        fs.write_bytes(fs.join(root, name, "weights", "w.bin"), b"x" * 10)
+    assert fs.remove(fs.join(root, "run[1]", "weights")) == 10
+    assert not fs.exists(fs.join(root, "run[1]", "weights"))
+    assert fs.exists(fs.join(root, "run1", "weights", "w.bin")) and fs.exists(fs.join(root, "run*", "weights", "w.bin"))
+    assert fs.remove(fs.join(root, "run*")) == 10 and fs.exists(fs.join(root, "run1", "weights", "w.bin"))
+    fs.check_writable(fs.join(root, "run1"))  # its probe file goes, nothing else
+    assert fs.exists(fs.join(root, "run1", "weights", "w.bin"))

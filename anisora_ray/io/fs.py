@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 
@@ -36,6 +37,13 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def literal(fs, path: str) -> str:
+    """``path`` as fsspec's ``rm`` / ``expand_path`` should take it: object stores and memory expand ``[ ] * ?`` as
+    globs (``run[1]`` would delete ``run1``), the local filesystem does not."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return path if {"file", "local"} & set(protocols) else glob.escape(path)
+
+
 def check_writable(uri: str, what: str = "run.output_dir") -> str:
     """Fail early, naming ``what``, when ``uri`` cannot be written (a file in the way, no permission,
     a full disk, a bucket that refuses): before any model is loaded or any GPU is held."""
@@ -45,7 +53,7 @@ def check_writable(uri: str, what: str = "run.output_dir") -> str:
     try:
         write_bytes(probe, b"ok")
         fs, path = url_to_fs(probe)
-        fs.rm(path)
+        fs.rm(literal(fs, path))
     except Exception as exc:  # noqa: BLE001 - whatever the filesystem says, said with the setting's name
         raise ConfigError(f"{what} = {uri!r} is not writable: {type(exc).__name__}: {exc}") from None
     return uri
@@ -109,5 +117,5 @@ def remove(uri: str) -> int:
     fs, path = url_to_fs(uri)
     freed = size(uri)
     if fs.exists(path):
-        fs.rm(path, recursive=True)
+        fs.rm(literal(fs, path), recursive=True)
     return freed
