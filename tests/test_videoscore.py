@@ -233,3 +233,31 @@ def test_the_preset_loads_passes_the_driver_checks_and_scores_with_tiny_weights(
     bad = load_config(tmp_path / "tiny.yaml", ["reward.dimensions.image_video.options.aspect=character"])
     with pytest.raises(ConfigError, match=r"reward.dimensions.image_video.options.aspect = 'character'"):
         check_reward_options(bad.reward)
+
+
+def test_eval_computes_videoscore_again_when_the_model_or_its_settings_change(tiny, cache, tmp_path):
+    """``videoscore.parquet`` is read back only when it was computed with this checkpoint, frame count and dtype
+    (``videoscore.forms.json``): another model's scores are not paired with this one's."""
+    import json
+    import os
+
+    import pyarrow as pa
+
+    from anisora_ray.config.sections import VideoScoreEvalConfig
+    from anisora_ray.eval.videoscore_eval import FILE, FORMS_FILE, ensure_videoscore
+    from anisora_ray.io import fs
+
+    rows = [{"prompt_id": "p0", "seed": 0, "video_uri": "gone.mp4", "prompt": "a cat", "quarantine_reason": "unreadable"}]
+    fs.write_table(pa.Table.from_pylist(rows), str(tmp_path / "scores.parquet"))  # nothing to score: no Ray needed
+    cfg = VideoScoreEvalConfig(checkpoint="tiny:videoscore", cache_dir=cache, dtype="float32")
+    ensure_videoscore(str(tmp_path), cfg)
+    made = os.stat(tmp_path / FILE).st_mtime_ns
+    assert json.loads((tmp_path / FORMS_FILE).read_text())["checkpoint"] == "tiny:videoscore"
+    ensure_videoscore(str(tmp_path), cfg)
+    assert os.stat(tmp_path / FILE).st_mtime_ns == made  # the same model and settings: read back
+    ensure_videoscore(str(tmp_path), cfg.model_copy(update={"num_frames": 4}))
+    assert os.stat(tmp_path / FILE).st_mtime_ns != made and json.loads((tmp_path / FORMS_FILE).read_text())["num_frames"] == 4
+    again = os.stat(tmp_path / FILE).st_mtime_ns
+    (tmp_path / FORMS_FILE).unlink()  # a file from before the record: computed again
+    ensure_videoscore(str(tmp_path), cfg.model_copy(update={"num_frames": 4}))
+    assert os.stat(tmp_path / FILE).st_mtime_ns != again

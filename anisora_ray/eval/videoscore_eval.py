@@ -11,6 +11,7 @@ from anisora_ray.io import fs
 from anisora_ray.reward.videoscore import ASPECTS, MAX_NUM_FRAMES
 
 FILE = "videoscore.parquet"
+FORMS_FILE = "videoscore.forms.json"  # the model and settings FILE was computed with
 COLUMNS = tuple(f"videoscore_{a}" for a in (*ASPECTS, "mean"))
 
 
@@ -42,15 +43,24 @@ class VideoScoreUDF:
                 "videoscore_error": np.array(reasons, dtype=object)}
 
 
+def videoscore_forms(cfg: VideoScoreEvalConfig) -> dict:
+    """What VideoScore's numbers depend on: the checkpoint, the frames it sees and its dtype."""
+    return {"checkpoint": cfg.checkpoint, "num_frames": cfg.num_frames or MAX_NUM_FRAMES, "dtype": cfg.dtype}
+
+
 def ensure_videoscore(eval_dir: str, cfg: VideoScoreEvalConfig, regenerate: bool = False) -> str | None:
     """``<eval_dir>/videoscore.parquet`` for every scored (not quarantined) candidate of ``scores.parquet``,
-    computed once (again with ``regenerate``); None when ``eval.videoscore.checkpoint`` is unset."""
+    computed once, and again with ``regenerate`` or when it was computed with another model or settings
+    (``videoscore.forms.json``); None when ``eval.videoscore.checkpoint`` is unset."""
+    import json
+
     import pyarrow as pa
 
     if not cfg.checkpoint:
         return None
-    uri = fs.join(eval_dir, FILE)
-    if regenerate or not fs.exists(uri):
+    uri, forms_uri = fs.join(eval_dir, FILE), fs.join(eval_dir, FORMS_FILE)
+    current = fs.exists(uri) and fs.exists(forms_uri) and json.loads(fs.read_bytes(forms_uri)) == videoscore_forms(cfg)
+    if regenerate or not current:
         import ray
 
         from anisora_ray.models.tiny_reward import resolve_backbone
@@ -67,6 +77,7 @@ def ensure_videoscore(eval_dir: str, cfg: VideoScoreEvalConfig, regenerate: bool
         fs.write_table(pa.Table.from_pylist(table, schema=pa.schema(
             [("prompt_id", pa.string()), ("seed", pa.int64()), *((c, pa.float64()) for c in COLUMNS),
              ("videoscore_error", pa.string())])), uri)
+        fs.write_bytes(forms_uri, json.dumps(videoscore_forms(cfg), sort_keys=True).encode())
     return uri
 
 
