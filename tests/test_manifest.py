@@ -68,6 +68,23 @@ def test_demo_set_is_deterministic_and_loadable(tmp_path):
     assert fs.read_bytes(a[2].image_uri) == fs.read_bytes(b[2].image_uri)
 
 
+def test_a_demo_set_is_reused_only_by_a_config_asking_for_the_same_draw(make_config):
+    """``eval.demo_prompts=32`` (or another ``run.seed``) on a folder holding an 8-prompt draw was ignored: the old
+    prompts were evaluated without a word. Now the draw is recorded and another one is refused, naming the settings."""
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.eval.heldout import heldout_items
+    from anisora_ray.generation.stage import resolve_prompts
+
+    cfg = make_config("data.demo_prompts=3", "eval.demo_prompts=2")
+    train = resolve_prompts(cfg)
+    assert [i.prompt_id for i in heldout_items(cfg, train)] == ["heldout-0000", "heldout-0001"]
+    assert resolve_prompts(make_config("data.demo_prompts=3", "eval.demo_prompts=2")) == train  # the same draw: reused
+    with pytest.raises(ConfigError, match=r"drawn with .*'num_prompts': 2.*asks for .*'num_prompts': 4.*eval\.demo_prompts"):
+        heldout_items(make_config("data.demo_prompts=3", "eval.demo_prompts=4"), train)
+    with pytest.raises(ConfigError, match=r"'seed': 0.*'seed': 7.*data\.demo_prompts, data\.demo_image_size, run\.seed"):
+        resolve_prompts(make_config("data.demo_prompts=3", "run.seed=7"))
+
+
 def test_build_manifest_from_folder(tmp_path):
     images = tmp_path / "images"
     demo = read_manifest(make_demo_set(str(tmp_path / "d"), num_prompts=2, image_size=32))

@@ -34,9 +34,29 @@ def make_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, se
     return write_manifest(items, fs.join(out_dir, "prompts.parquet"))
 
 
-def ensure_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, seed: int = 0, prefix: str = "demo") -> str:
-    """The demo manifest under ``out_dir``, drawn on first use and reused afterwards."""
-    manifest = fs.join(fs.normalize(out_dir), "prompts.parquet")
+DRAW_FILE = "draw.json"  # how the set in a folder was drawn
+
+
+def ensure_demo_set(out_dir: str, num_prompts: int = 16, image_size: int = 256, seed: int = 0, prefix: str = "demo",
+                    settings: str = "") -> str:
+    """The demo manifest under ``out_dir``, drawn on first use and reused afterwards, by a config asking for the same
+    draw (else a ``ConfigError`` naming ``settings``, the config keys behind the draw: another draw would pair a job's
+    rounds over other prompts and images)."""
+    import json
+
+    from anisora_ray.errors import ConfigError
+
+    folder = fs.normalize(out_dir)
+    manifest, record = fs.join(folder, "prompts.parquet"), fs.join(folder, DRAW_FILE)
+    wanted = {"num_prompts": num_prompts, "image_size": image_size, "seed": seed, "prefix": prefix}
     if fs.exists(manifest):
+        drawn = json.loads(fs.read_bytes(record)) if fs.exists(record) else None  # None: a set from before the record
+        if drawn is not None and drawn != wanted:
+            raise ConfigError(f"the demo set in {folder} was drawn with {drawn}; this config asks for {wanted}"
+                              f"{f' ({settings})' if settings else ''}: use the settings it was drawn with, set "
+                              "run.output_dir elsewhere, or delete that folder to draw again (a job it belongs to "
+                              "would then compare other prompts)")
         return manifest
-    return make_demo_set(out_dir, num_prompts=num_prompts, image_size=image_size, seed=seed, prefix=prefix)
+    uri = make_demo_set(out_dir, num_prompts=num_prompts, image_size=image_size, seed=seed, prefix=prefix)
+    fs.write_bytes(record, json.dumps(wanted, sort_keys=True).encode())
+    return uri

@@ -55,7 +55,8 @@ def heldout_items(cfg: AnisoraConfig, train_manifest: str) -> list[PromptItem]:
     require_prompts(train_manifest, uri)
     if uri == "demo":
         out = fs.join(fs.normalize(cfg.run.output_dir), "heldout")
-        uri = ensure_demo_set(out, e.demo_prompts, cfg.data.demo_image_size, cfg.run.seed + e.seed_offset, prefix="heldout")
+        uri = ensure_demo_set(out, e.demo_prompts, cfg.data.demo_image_size, cfg.run.seed + e.seed_offset, prefix="heldout",
+                              settings="eval.demo_prompts, data.demo_image_size, run.seed + eval.seed_offset")
     items = read_manifest(uri)
     train = read_manifest(train_manifest)
     shared_ids = {i.prompt_id for i in items} & {t.prompt_id for t in train}

@@ -63,6 +63,7 @@ def resolve_prompts(cfg: AnisoraConfig, prompts: str | None = None) -> str:
             cfg.data.demo_prompts,
             cfg.data.demo_image_size,
             cfg.run.seed,
+            settings="data.demo_prompts, data.demo_image_size, run.seed",
         )
     return uri
 
