@@ -579,14 +579,22 @@ def test_a_lora_update_does_not_unblock_a_base_left_half_way_by_a_full_update(lo
     other = load_transformer()
     lora_io.add_adapter(other, cfg)
     adapter = sorted((k, torch.randn_like(v)) for k, v in lora_io.adapter_state(other).items())
-    with pytest.raises(WeightsError, match="base holds part of full weights version 1"):
-        r.load_weights(_meta(2, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
-    with pytest.raises(WeightsError, match="holds part of weights version 1"):
+    r.begin_update(2, "full")  # a new full update begins ... and its sender is gone before its first part
+    with pytest.raises(WeightsError, match="holds part of weights version 2"):
+        r.check_complete()  # still blocked: beginning an update does not undo the mix the last one left
+    with pytest.raises(WeightsError, match=r"base holds part of a full update \(version 2 or before\)"):
+        r.load_weights(_meta(3, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
+    with pytest.raises(WeightsError, match="holds part of weights version 2"):
         r.check_complete()  # still blocked: the base is a mix
     assert r.weights_version == 0
-    r.load_weights(_meta(3, base), pack_buckets(base, 1 << 20))  # a whole full update replaces the base
+    r.load_weights(_meta(4, base), pack_buckets(base, 1 << 20))  # a whole full update replaces the base
     r.check_complete()
-    r.load_weights(_meta(4, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
+    r.load_weights(_meta(5, adapter, "lora", cfg.model_dump()), pack_buckets(adapter, 1 << 20))
     r.check_complete()
-    assert r.weights_version == 4
+    assert r.weights_version == 5
     assert all(torch.equal(lora_io.adapter_state(r.module)[k], t) for k, t in adapter)
+    r.load_weights(_meta(6, base), pack_buckets(base, 1 << 20))  # full weights: the adapter is switched off
+    r.check_complete()
+    r.begin_update(7, "lora", cfg.model_dump())  # switches version 5's adapter back on over version 6's base ...
+    with pytest.raises(WeightsError, match="holds part of weights version 7"):
+        r.check_complete()  # ... so it is blocked until version 7's adapter is in, though no part arrived

@@ -133,20 +133,24 @@ class WeightsReceiver:
         return self._weights_group is not None
 
     def _start(self, version: int, kind: str, lora: dict | None, scheme: str = "xxh3") -> UpdateLoader:
-        left = self._incoming
-        if left is not None and left.partial and left.kind == "full" and kind != "full":
-            raise WeightsError(f"replica {self.replica_id}: its base holds part of full weights version {left.version}; "
-                               f"a {kind} update leaves the base as it is, so a whole full update (or a restart) "
-                               f"must replace it first")
+        left = self._incoming  # an update that did not commit (replaced by this one)
+        base_mixed = left is not None and (left.base_mixed or (left.partial and left.kind == "full"))
+        if base_mixed and kind != "full":
+            raise WeightsError(f"replica {self.replica_id}: its base holds part of a full update (version {left.version} "
+                               f"or before); a {kind} update leaves the base as it is, so a whole full update (or a "
+                               f"restart) must replace it first")
         try:
             altered = self.before_update(kind)
             loader = UpdateLoader(self.receiving_module(), version, kind, lora, self._weights_version, scheme)
         except Exception:
             self.after_update(kind)  # refused (or failed half-way) before anything was copied: as it was
             raise
-        # e.g. dequantized FP8 layers: not the loaded version's, whether or not a part ever arrives (a stream
-        # that stops before its first part): blocked until this update (or another) commits
-        loader.partial = bool(altered)
+        # blocked until this update (or another) commits, whether or not a part ever arrives (a stream that stops
+        # before its first part), when the module is already not the loaded version's: an update left half-way (still
+        # so), layers the hook altered (dequantized FP8), or an adapter this LoRA update switched on (over a full
+        # update's base it may be another version's)
+        loader.partial = bool(altered) or (left is not None and left.partial) or kind == "lora"
+        loader.base_mixed = base_mixed
         return loader
 
     def _load(self, meta: UpdateMeta, tensors, source: str) -> dict:

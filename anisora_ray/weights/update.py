@@ -62,6 +62,7 @@ class UpdateLoader:
         self.transformer = transformer
         self.copier = copier_for(transformer, kind, LoraConfig.model_validate(lora) if kind == "lora" else None, scheme)
         self.partial = False
+        self.base_mixed = False  # the base holds part of a full update that did not commit (only a full one repairs it)
 
     def add(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.partial = True
