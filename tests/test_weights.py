@@ -451,6 +451,30 @@ def test_write_through_writes_every_shard_whatever_the_stream_does(tmp_path):
         write_through(source(), writer.write_shard, lambda tee: list(tee))
     assert pulled == ["w0", "w1", "w2", "w3"]
 
+    pulled.clear()  # the stream broke off first; a write of a bucket it never asked for fails: still exhausted
+    chunks[1], chunks[2] = [("w1", torch.ones(1))], [("w2", torch.tensor([float("inf")]))]
+    writer = FolderWriter(str(tmp_path / "d"), "full", num_shards=4)
+    with pytest.raises(WeightsError, match="'w2' has non-finite values"):
+        write_through(source(), writer.write_shard, broken)
+    assert pulled == ["w0", "w1", "w2", "w3"]
+
+
+def test_export_exhausts_the_gathers_when_a_shard_cannot_be_written(tmp_path, monkeypatch):
+    """Under ZeRO-3 every rank walks the same gathers: rank 0's failed write must not leave the others waiting."""
+    from types import SimpleNamespace
+
+    from anisora_ray.gapo import export
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    engine = SimpleNamespace(module=model, global_rank=0, zero_optimization_stage=lambda: 3)
+    entered, real = [], export.gathered
+    monkeypatch.setattr(export, "gathered", lambda tensors: (entered.append(len(tensors)), real([]))[1])  # counted
+    with pytest.raises(WeightsError, match="non-finite"):
+        export.export_weights(engine, str(tmp_path / "w"), None, bucket_mb=1e-4)
+    assert len(entered) == len(export.plan(engine, None, 1e-4)) > 2
+
 
 SLOT_SENDER = """
 import sys, time, torch

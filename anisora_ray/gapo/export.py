@@ -90,9 +90,14 @@ def export_weights(engine, uri: str, lora: LoraConfig | None, bucket_mb: float =
     ``fingerprint`` the manifest also holds ``checksum_fp`` (scheme ``fp``, what GPU routes verify)."""
     chunks = plan(engine, lora, bucket_mb)
     writer = _writer(engine, uri, lora, len(chunks), fingerprint) if engine.global_rank == 0 else None
-    for chunk in host_chunks(engine, chunks):
-        if writer is not None:
-            writer.write_shard(chunk)
+    source = host_chunks(engine, chunks)
+    try:
+        for chunk in source:
+            if writer is not None:
+                writer.write_shard(chunk)
+    finally:
+        for _ in source:  # after a failed write: the other ranks wait in the remaining gathers
+            pass
     return None if writer is None else _close(writer, engine, uri, lora, extra)
 
 
@@ -118,9 +123,13 @@ def write_through(source: Iterator[Chunk], write, stream):
     except Exception as exc:  # noqa: BLE001 - the stream broke off: the rest is still written below
         error = exc
     finally:
-        if not failed_write:
-            for _ in chunks:  # the chunks the stream did not ask for
-                pass
+        try:
+            if not failed_write:
+                for _ in chunks:  # the chunks the stream did not ask for (a write may fail here too)
+                    pass
+        except BaseException:  # noqa: BLE001 - recorded by tee, raised below once every gather is done
+            if not failed_write:
+                raise
         for _ in source:  # after a failed write: the other ranks wait in the remaining gathers
             pass
     if failed_write:
