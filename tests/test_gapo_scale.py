@@ -159,19 +159,30 @@ def _kill_a_worker_after(cfg, run_id: str, run_dir, killed: list, timeout_s: flo
 
 
 def test_a_sigkilled_training_worker_restarts_from_the_last_checkpoint(gapo_pairs):
+    """... and refreshes the replicas on from there: the updates it replays were streamed before the kill (every
+    update refreshes here), and a replica refuses a version it holds, so they are not sent again (before, every
+    restart failed at its first replayed refresh)."""
     from anisora_ray.gapo.trainer import train_gapo
+    from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.tracking import new_run
 
     steps = 40
     cfg = gapo_pairs["make"]("gapo.deepspeed_config=configs/deepspeed/zero2_bf16.json", f"gapo.steps={steps}",
-                             "gapo.checkpoint_every=5", "gapo.max_failures=2", "gapo.learning_rate=1e-3")
+                             "gapo.checkpoint_every=5", "gapo.max_failures=2", "gapo.learning_rate=1e-3",
+                             "gapo.refresh_every=1", "generator.replicas=1", "generator.candidates_per_prompt=1")
     run_id = new_run(cfg, "killed-worker")
     killed: list = []
     run_dir = gapo_pairs["root"] / "out" / "ray-train" / "killed-worker"
     killer = threading.Thread(target=_kill_a_worker_after, args=(cfg, run_id, run_dir, killed), daemon=True)
     killer.start()
-    result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "killed"), root=REPO,
-                        run_name="killed-worker", storage_name="killed-worker", mlflow_run_id=run_id)
+    replicas = GeneratorReplicas(cfg, _pretrained(cfg))
+    try:
+        result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "killed"), root=REPO,
+                            run_name="killed-worker", storage_name="killed-worker", mlflow_run_id=run_id,
+                            replicas=replicas.actors, replicas_version=0)
+        assert replicas.weights_versions() == [steps - 1]  # refreshed at every update but the last, across the restart
+    finally:
+        replicas.shutdown()
     killer.join(timeout=5)
     assert killed and isinstance(killed[0], tuple), f"no training worker was killed: {killed}"
     assert killed[0][0] < steps, f"the worker was killed only after the last update ({killed})"

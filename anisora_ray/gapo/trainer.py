@@ -63,9 +63,30 @@ def _report(worker: GapoWorker, metrics: dict, with_checkpoint: bool = True) -> 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def _held_already(refresh: dict, version: int) -> bool:
+    """Whether a replica holds ``version`` or a later one: streamed before this attempt restarted from an earlier
+    checkpoint (the update replays exactly; a replica refuses a version that is not newer). Rank 0 asks the replicas
+    and every rank takes its answer, so all of them skip the refresh together (its ZeRO-3 gathers are collectives)."""
+    import ray
+    import torch.distributed as dist
+
+    answer = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        held = ray.get([a.get_weights_version.remote() for a in refresh["actors"]], timeout=refresh.get("timeout_s", 600))
+        answer = [max(held, default=-1) >= version]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
+
+
 def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int):
     """The live weights from rank 0 to the replicas, streamed (a collective under ZeRO-3: every rank takes
-    part); returns the update's metadata on rank 0."""
+    part); returns the update's metadata on rank 0 (None: not sent, the replicas hold it already)."""
+    if worker.resumed_from and _held_already(refresh, version):
+        if worker.rank == 0:
+            log.info("update %d: the replicas hold weights version %d already (sent before the restart)", worker.update,
+                     version)
+        return None
     start = time.perf_counter()
     streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"],
                              transport=refresh.get("transport", "auto"))
