@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from anisora_ray.cli import main
 from anisora_ray.data.clips import captions_uri, quarantine_uri
@@ -120,6 +121,19 @@ def test_the_tiny_captioner_loads_through_from_pretrained_and_sees_the_clip_fram
     missing = CaptionRequest("gone", str(tmp_path / "gone.mp4"), "video")
     first, second = captioner.caption([missing, CaptionRequest("a", str(tmp_path / "a.mp4"), "video")])
     assert first.reason == "VideoDecodeError" and not first.caption and second.caption and not second.reason
+
+    class Faulty(VisionCaptioner):  # the device fails under it: every generate call raises what CUDA would
+        fault: Exception = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def generate(self, media, kinds):
+            raise self.fault
+
+    faulty = Faulty(path, CaptionerConfig(model=path, max_new_tokens=4, num_frames=8, frame_size=64))
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # raised: not every clip set aside as its own
+        faulty.caption([CaptionRequest("a", str(tmp_path / "a.mp4"), "video")] * 2)
+    faulty.fault = torch.cuda.OutOfMemoryError("CUDA out of memory")  # an item too big alone: set aside, with why
+    assert [r.reason for r in faulty.caption([CaptionRequest("a", str(tmp_path / "a.mp4"), "video")])] == [
+        "OutOfMemoryError"]
 
 
 def test_a_captioner_that_cannot_be_found_fails_before_ray(tmp_path, model_cache, capsys):

@@ -25,7 +25,7 @@ import pyarrow as pa
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.config.sections import CaptionerConfig
 from anisora_ray.data.clips import CaptionRequest, CaptionResult
-from anisora_ray.errors import ConfigError, InfrastructureError
+from anisora_ray.errors import AnisoraError, ConfigError, InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,17 @@ class VisionCaptioner:
         return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def caption(self, requests: Sequence[CaptionRequest]) -> list[CaptionResult]:
-        """A result per request: the caption, or why there is none (unreadable file, failed generation)."""
+        """A result per request: the caption, or why there is none (a file missing or unreadable, an item its
+        generation refuses or cannot fit). A fault of the device or the storage (any other error) is raised, not
+        set down as the items' own: the actor fails and Ray retries it, or the job stops naming it."""
+        import torch
+
         results: list[CaptionResult | None] = [None] * len(requests)
         loaded = []
         for i, request in enumerate(requests):
             try:
                 loaded.append((i, self.media(request)))
-            except Exception as exc:  # noqa: BLE001 - one unreadable clip is set aside, the rest go on
+            except ITEM_ERRORS as exc:  # one unreadable clip is set aside, the rest go on
                 results[i] = _failure(exc)
         try:
             texts = self.generate([m for _, m in loaded], [requests[i].kind for i, _ in loaded]) if loaded else []
@@ -155,9 +159,14 @@ class VisionCaptioner:
             for i, images in loaded:
                 try:
                     results[i] = CaptionResult(caption=self.generate([images], [requests[i].kind])[0].strip())
-                except Exception as err:  # noqa: BLE001 - set aside with the reason
+                except (*ITEM_ERRORS, torch.cuda.OutOfMemoryError) as err:  # this item alone: set aside, with why
                     results[i] = _failure(err)
         return results
+
+
+# an item's own failures: missing or unreadable files, inputs the processor refuses (anything else is the device's or
+# the storage's, and raised)
+ITEM_ERRORS = (AnisoraError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def _failure(exc: Exception) -> CaptionResult:
