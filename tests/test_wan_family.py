@@ -364,3 +364,17 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
         assert set(landed) == set(tensors) and len(tensors) == trained["num_tensors"]
         assert all(torch.equal(landed[k], tensors[k]) for k in tensors)  # bit for bit
         assert not np.array_equal(replica.render([GenerationRequest(item, (5,))]), before)  # the new weights generate
+
+
+def test_a_compiled_wan_replica_warms_up_the_batch_its_calls_render(make_config, demo_manifest):
+    """Wan renders each request of a call apart (one image a pipeline call): with two prompts a call, the warm-up
+    compiles batch K, not K x 2, so the first real call compiles nothing (it did, on the round's clock)."""
+    from anisora_ray.generation.generator import Generator
+
+    cfg = wan_config(make_config, "wan22_ti2v", "generator.compile=true", "generator.prompts_per_call=2",
+                     "generator.candidates_per_prompt=2")
+    gen = Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator, cfg.video)
+    graphs = gen.compiled_graphs()
+    items = read_manifest(demo_manifest)
+    gen.render([GenerationRequest(items[0], (1, 2)), GenerationRequest(items[1], (3, 4))])
+    assert gen.compiled_graphs() == graphs

@@ -129,24 +129,28 @@ class Generator(WeightsReceiver):
         blocks = compile_blocks(self.receiving_module(), fullgraph=self.cfg.cache.kind == "none", mode=mode)
         c = self.cfg
         n = batch or c.candidates_per_prompt * c.prompts_per_call
+        prompts = 1 if batch else c.prompts_per_call  # a call's requests: a family may render each one apart (Wan)
         if self.cfg.cache.kind == "none":
-            seconds = self.warm_up(n)
+            seconds = self.warm_up(n, prompts=prompts)
         else:
             calls = 2 if c.cache.kind == "first_block" else 1  # First Block Cache's second call: after a reset
             with reuse_forced(self.pipe):  # every path of the cache compiles
-                seconds = sum(self.warm_up(n, steps=warm_up_steps(c.cache)) for _ in range(calls))
+                seconds = sum(self.warm_up(n, steps=warm_up_steps(c.cache), prompts=prompts) for _ in range(calls))
         log.info("replica %s compiled %d transformer blocks (%d graph(s)) in %.1fs (warm-up call, batch %d)",
                  self.replica_id, blocks, compiled_graphs() - before, seconds, n)
         return {"compile_seconds": seconds, "compiled_blocks": blocks}
 
-    def warm_up(self, batch: int, steps: int = 1) -> float:
-        """``steps`` denoising steps of ``batch`` videos of a grey image at the configured geometry (allocator, kernels,
-        compilation); returns its seconds."""
+    def warm_up(self, batch: int, steps: int = 1, prompts: int = 1) -> float:
+        """``steps`` denoising steps of ``batch`` videos of grey images at the configured geometry (allocator, kernels,
+        compilation), as a call of ``prompts`` requests renders them (each its own image: the batch shapes a real
+        call has); returns its seconds."""
         c = self.cfg
         device = self.execution_device
+        images = [Image.new("RGB", (c.width, c.height), (127, 127, 127)) for _ in range(prompts)]
+        per = -(-batch // prompts)
         start = time.perf_counter()
         with attention_checked(c.attention_backend, device):
-            self._run([Image.new("RGB", (c.width, c.height), (127, 127, 127))] * batch, [""] * batch,
+            self._run([images[i // per] for i in range(batch)], [""] * batch,
                       [torch.Generator(device=device).manual_seed(i) for i in range(batch)], steps=steps)
         return time.perf_counter() - start
 
