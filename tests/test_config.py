@@ -55,6 +55,12 @@ def test_yaml_quirks_do_not_change_a_value_silently(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("gapo:\n  deepspeed_overrides: {optimizer: {params: {lr: 3e-6}}}\n")
     assert load_config(str(path)).gapo.deepspeed_overrides["optimizer"]["params"]["lr"] == 3e-6
+    # integers as YAML 1.2 reads them: a leading zero is decimal (1.1: octal, run.seed=010 became 8), and base 60
+    # (1.1: 1:30 was 90) is no number at all
+    cfg = load_config(LOCAL_CONFIG, ["run.seed=010", "generator.replicas=0x2", "run.name=1:30"])
+    assert (cfg.run.seed, cfg.generator.replicas, cfg.run.name) == (10, 2, "1:30")
+    path.write_text("run:\n  seed: 0017\n")
+    assert load_config(str(path)).run.seed == 17
     with pytest.raises(ConfigError) as err:  # a union field's members: one line, named by the key
         load_config(LOCAL_CONFIG, ["run.keep.weights=x"])
     assert "run.keep.weights = 'x': Input should be a valid integer" in str(err.value)

@@ -26,6 +26,19 @@ ConfigYamlLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    """Integers as YAML 1.2 reads them: ``010`` is ten (1.1: octal eight), ``1:30`` stays a string (1.1: base 60,
+    ninety); ``0x``/``0o``/``0b`` prefixes as written."""
+    value = str(loader.construct_scalar(node)).replace("_", "")
+    if ":" in value:
+        return value
+    sign, digits = (-1 if value.startswith("-") else 1), value.lstrip("+-")
+    return sign * int(digits, 0 if digits[:2].lower() in ("0x", "0o", "0b") else 10)
+
+
+ConfigYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ConfigYamlLoader)  # noqa: S506 - a SafeLoader subclass
 
