@@ -153,10 +153,19 @@ def test_a_study_needs_both_sides_videos_and_the_server_says_what_it_cannot_serv
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{url}/video/{first['id']}/left")
         assert missing.value.code == 404 and b"not readable" in missing.value.read()
-        request = urllib.request.Request(f"{url}/api/answer", data=json.dumps([1]).encode(), method="POST")
-        with pytest.raises(urllib.error.HTTPError) as bad:
-            urllib.request.urlopen(request)
-        assert bad.value.code == 400 and b"expected a JSON object, got list" in bad.value.read()
+        def post(body, **headers):
+            request = urllib.request.Request(f"{url}/api/answer", data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request)
+            return refused.value.code, refused.value.read()
+
+        assert post([1]) == (400, b"answer not stored: expected a JSON object, got list")
+        # another site's page, while the annotator has it open: a simple (text/plain) post, or one naming its origin
+        vote = {"annotator": "x", "comparison": first["id"], "choice": "left"}
+        assert post(vote, **{"Content-Type": "text/plain"})[0] == 415
+        assert post(vote, Origin="http://evil.example")[0] == 403
+        assert store.answers() == []  # neither was stored
     finally:
         server.shutdown()
     with pytest.raises(ConfigError, match=r"1 held-out video\(s\) of round-0 or round-2 are not there"):

@@ -119,6 +119,14 @@ def make_handler(store: AnnotationStore):
         def do_POST(self):  # noqa: N802
             if urlparse(self.path).path != "/api/answer":
                 return self._error(HTTPStatus.NOT_FOUND, "not found")
+            # only this page's own requests: another site's page can post a form or text/plain without asking (a
+            # "simple" request), but not JSON, and a browser names the page's origin
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            origin = self.headers.get("Origin")
+            if kind != "application/json":
+                return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "answers are JSON (Content-Type: application/json)")
+            if origin is not None and urlparse(origin).netloc != self.headers.get("Host", ""):
+                return self._error(HTTPStatus.FORBIDDEN, f"answers come from this page, not from {origin}")
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if not isinstance(body, dict):
