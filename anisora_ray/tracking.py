@@ -119,3 +119,18 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def log_metrics_once(run_id: str, metrics: Mapping[str, float], step: int) -> list[str]:
+    """Log to run ``run_id`` the finite entries of ``metrics`` that it has no value of at ``step`` yet (a resumed job
+    logs what a lost driver had not, and nothing twice); returns the keys logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    missing = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))
+               and not any(m.step == step for m in client.get_metric_history(run_id, k))}
+    if missing:
+        import mlflow
+
+        mlflow.log_metrics(missing, step=step, run_id=run_id)
+    return sorted(missing)

@@ -23,3 +23,20 @@ def test_each_run_uses_its_own_store_and_exports_nothing(make_config, tmp_path, 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
     assert tracking_uri(second) == f"sqlite:///{tmp_path / 'env.db'}"  # a user's setting still wins
+
+
+def test_round_0_is_logged_once_whether_the_driver_was_lost_before_logging_it_or_the_guard_adds_measures(make_config):
+    """The baseline row is saved before it is logged: a resumed job logs what is missing at step 0, and only that
+    (a job resumed with the guard newly on adds its measures without logging the reward a second time)."""
+    from mlflow.tracking import MlflowClient
+
+    from anisora_ray.tracking import log_metrics_once, mlflow_run
+
+    cfg = make_config()
+    with mlflow_run(cfg, "round-0") as run:
+        assert log_metrics_once(run.info.run_id, {"heldout_reward": 0.5, "round": 0}, step=0) == ["heldout_reward", "round"]
+        assert log_metrics_once(run.info.run_id, {"heldout_reward": 0.5, "round": 0}, step=0) == []
+        row = {"heldout_reward": 0.5, "round": 0, "heldout_first_frame_psnr": 31.0, "p_value": float("nan")}
+        assert log_metrics_once(run.info.run_id, row, step=0) == ["heldout_first_frame_psnr"]
+        client = MlflowClient()
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "heldout_reward")] == [0.5]

@@ -41,7 +41,7 @@ from anisora_ray.reward.statistics import FILENAME as STATISTICS_FILE
 from anisora_ray.reward.statistics import frozen_statistics
 from anisora_ray.runtime import init_ray
 from anisora_ray.storage_check import check_storage
-from anisora_ray.tracking import log_metrics, log_startup, mlflow_run, tracking_uri
+from anisora_ray.tracking import log_metrics, log_metrics_once, log_startup, mlflow_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,6 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
             workers.start(state.latest_weights())
             # the configured file, else those frozen at round 0 (None before round 0 has run, or with no z-scoring)
             statistics = frozen_statistics(cfg.reward, state.statistics_uri)
-            fresh_baseline = not state.baseline or (cfg.loop.guard.enabled and "guard" not in state.baseline)
             if not state.baseline:
                 log.info("round 0/%d: held-out evaluation of the untrained generator", rounds)
                 began = time.perf_counter()
@@ -149,8 +148,7 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                 state.baseline["guard"] = guard.measure_round(cfg, fs.join(out, "round-0", "eval"))
                 state.baseline["row"].update(guard.means(state.baseline["guard"]))
                 state.save(state_uri)
-            if fresh_baseline:
-                log_metrics(state.baseline["row"], step=0)
+            log_metrics_once(parent.info.run_id, state.baseline["row"], step=0)  # a driver lost before it: now
             if _rollback_due(state):  # a rollback a crash cut short: finished before anything else
                 _roll_back(cfg, state, workers, out, state_uri, parent.info.run_id)
             for index in range(1, rounds + 1):
