@@ -62,7 +62,13 @@ def test_kuberay_cluster_covers_the_real_config_and_the_job_targets_it():
     script, config = argv[1], argv[argv.index("--config") + 1]
     for path in (script, config):  # the image carries the repository under /app
         assert path.startswith("/app/") and os.path.isfile(os.path.join(REPO, path.removeprefix("/app/"))), path
-    load_config(os.path.join(REPO, config.removeprefix("/app/")))
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(os.path.join(REPO, config.removeprefix("/app/")), overrides)
+    # the real config names no prompts (the job stops at once without them): the entrypoint passes them, on the
+    # shared volume every pod mounts
+    assert cfg.data.prompts and cfg.eval.prompts and all(p.startswith("/mnt/anisora-ray/") for p in (
+        cfg.data.prompts, cfg.eval.prompts)), (cfg.data.prompts, cfg.eval.prompts)
+    assert load_config(os.path.join(REPO, config.removeprefix("/app/"))).data.prompts is None
 
 
 def test_dockerfile_and_runtime_env_ship_what_the_entrypoints_need():
@@ -80,13 +86,24 @@ def _env(container) -> dict:
 
 def test_cluster_files_turn_on_token_auth_keep_the_jobs_api_inside_and_resume_a_retried_job():
     cluster, job = _load("kuberay", "raycluster.yaml"), _load("kuberay", "rayjob.yaml")
+    # KubeRay's authOptions: it sets the token in every Ray pod and sends it when it polls a RayJob's status (a token
+    # set only in the pods' environment left the operator's Jobs API calls unauthenticated)
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "anisora-ray-auth"}
     pods = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
-    pods.append(job["spec"]["submitterPodTemplate"])  # the submitter calls the Jobs API
-    for pod in pods:
-        env = _env(pod["spec"]["containers"][0])
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]  # from a Secret, never inline
-        assert secret == {"name": "anisora-ray-auth", "key": "token"} and "value" not in env["RAY_AUTH_TOKEN"]
+    for pod in pods:  # no token of their own beside KubeRay's, never one inline
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(_env(pod["spec"]["containers"][0])), pod
+    env = _env(job["spec"]["submitterPodTemplate"]["spec"]["containers"][0])  # the submitter calls the Jobs API
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and "value" not in env["RAY_AUTH_TOKEN"]
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "anisora-ray-auth", "key": "auth_token"}
+    # the MLflow server the pods log to is deployed beside them, on the shared volume, inside the cluster
+    mlflow = list(yaml.safe_load_all(open(os.path.join(REPO, "cluster", "kuberay", "mlflow.yaml"))))
+    service = next(d for d in mlflow if d["kind"] == "Service")
+    deployment = next(d for d in mlflow if d["kind"] == "Deployment")
+    assert service["spec"]["type"] == "ClusterIP" and deployment["spec"]["replicas"] == 1
+    uris = {_env(p["spec"]["containers"][0])["MLFLOW_TRACKING_URI"]["value"] for p in pods}
+    assert uris == {f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"}
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert claims == {"anisora-ray-shared"}
     assert cluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     assert "--resume" in shlex.split(job["spec"]["entrypoint"])  # a retried submission continues the job
     launcher = _load("aws-gpu.yaml")
