@@ -5,7 +5,7 @@ import pytest
 
 from anisora_ray.data.demo import make_demo_set
 from anisora_ray.data.manifest import build_manifest, read_manifest, write_manifest
-from anisora_ray.errors import ImageLoadError, ManifestError
+from anisora_ray.errors import ConfigError, ImageLoadError, ManifestError
 from anisora_ray.io import fs
 from anisora_ray.io.images import load_image
 from anisora_ray.types import PromptItem
@@ -25,6 +25,25 @@ def test_relative_image_paths_resolve_against_the_manifest():
     table = pa.table({"prompt_id": ["x"], "prompt": ["p"], "image_uri": ["imgs/x.png"]})
     fs.write_table(table, "memory://rel/m.parquet")
     assert read_manifest("memory://rel/m.parquet")[0].image_uri == "memory://rel/imgs/x.png"
+
+
+def test_one_image_has_one_name_so_the_held_out_check_sees_it_in_both_manifests(tmp_path, make_config):
+    """``../images/a.png`` from two folders named the same file two ways: a training image passed as held-out."""
+    from anisora_ray.eval.heldout import heldout_items
+
+    for name in ("train", "eval"):
+        (tmp_path / name).mkdir()
+        table = pa.table({"prompt_id": [f"{name}-0"], "prompt": ["p"], "image_uri": ["../images/./a.png"]})
+        fs.write_table(table, str(tmp_path / name / "prompts.parquet"))
+    train = read_manifest(str(tmp_path / "train" / "prompts.parquet"))
+    assert train[0].image_uri == str(tmp_path / "images" / "a.png")
+    assert read_manifest(str(tmp_path / "eval" / "prompts.parquet"))[0].image_uri == train[0].image_uri
+    with pytest.raises(ConfigError, match="held-out must be unseen"):
+        heldout_items(make_config(f"eval.prompts={tmp_path / 'eval' / 'prompts.parquet'}"),
+                      str(tmp_path / "train" / "prompts.parquet"))
+    fs.write_table(pa.table({"prompt_id": ["u"], "prompt": ["p"], "image_uri": ["s3://b/x/../y/./i.png"]}),
+                   "memory://urls/m.parquet")
+    assert read_manifest("memory://urls/m.parquet")[0].image_uri == "s3://b/y/i.png"
 
 
 @pytest.mark.parametrize(

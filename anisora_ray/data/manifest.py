@@ -24,13 +24,21 @@ REQUIRED_COLUMNS = ("prompt_id", "prompt", "image_uri")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _clean(uri: str) -> str:
+    """``..`` and ``.`` folded away, so one file has one name (the held-out set's overlap check compares them)."""
+    if fs.is_url(uri):
+        scheme, _, rest = uri.partition("://")
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(uri)
+
+
 def _resolve(image_uri: str, manifest_uri: str) -> str:
     if fs.is_url(image_uri) or os.path.isabs(image_uri):
-        return image_uri
+        return _clean(image_uri)
     base = fs.normalize(manifest_uri)
     if fs.is_url(base):
-        return posixpath.join(posixpath.dirname(base), image_uri)
-    return os.path.join(os.path.dirname(base), image_uri)
+        return _clean(posixpath.join(posixpath.dirname(base), image_uri))
+    return _clean(os.path.join(os.path.dirname(base), image_uri))
 
 
 def read_manifest(uri: str) -> list[PromptItem]:
