@@ -143,7 +143,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from anisora_ray.io import fs
 
     cfg = quiet_ray(load_config(args.config, args.overrides), args, "eval")
-    versions = resolve_versions([v.strip() for v in args.versions.split(",") if v.strip()], args.run)
+    versions = resolve_versions([v.strip() for group in args.versions for v in group.split(",") if v.strip()], args.run)
     out = args.out or fs.join(fs.normalize(cfg.run.output_dir), "eval")
     comparison = evaluate_versions(cfg, versions, out, baseline=args.baseline, run=args.run, regenerate=args.regenerate)
     print(paper_table(comparison))

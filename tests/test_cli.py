@@ -190,3 +190,14 @@ def test_tiny_model_command_writes_the_family_of_the_config(tmp_path, capsys):
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "WanImageToVideoPipeline" and index["expand_timesteps"] is True
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_flags_that_would_be_dropped_are_joined_or_refused(capsys):
+    """``eval --versions 0,3 --versions mine=W`` kept only the last list (the README showed it so); ``pairs`` with both
+    --prompts and --candidates ignored the manifest. Now the lists join, and two sources are refused, named."""
+    from anisora_ray.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--versions", "0,3", "--versions", "mine=/w"])
+    assert [v for group in args.versions for v in group.split(",")] == ["0", "3", "mine=/w"]
+    assert main(["pairs", "--prompts", "m.parquet", "--candidates", "c.parquet"]) == 2
+    assert "--candidates scores candidates already generated" in capsys.readouterr().err
