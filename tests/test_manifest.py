@@ -104,6 +104,19 @@ def test_a_demo_set_is_reused_only_by_a_config_asking_for_the_same_draw(make_con
         resolve_prompts(make_config("data.demo_prompts=3", "run.seed=7"))
 
 
+def test_images_a_prompts_file_leaves_out_are_said(tmp_path, caplog):
+    """A .csv/.jsonl may name a subset of the folder on purpose; one left out by mistake is said, named."""
+    demo = read_manifest(make_demo_set(str(tmp_path / "d"), num_prompts=3, image_size=32))
+    (tmp_path / "images").mkdir()
+    for name, item in zip(["one.png", "two.png", "three.png"], demo):
+        (tmp_path / "images" / name).write_bytes(fs.read_bytes(item.image_uri))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"image": "two.png", "prompt": "second"}))
+    with caplog.at_level("WARNING", logger="anisora_ray.data.manifest"):
+        items = build_manifest(str(tmp_path / "images"), str(tmp_path / "p.jsonl"), str(tmp_path / "m.parquet"))
+    assert [i.prompt_id for i in items] == ["two"]
+    assert "2 image(s) in" in caplog.text and "are left out of the manifest: one.png, three.png" in caplog.text
+
+
 def test_build_manifest_from_folder(tmp_path):
     images = tmp_path / "images"
     demo = read_manifest(make_demo_set(str(tmp_path / "d"), num_prompts=2, image_size=32))

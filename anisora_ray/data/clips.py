@@ -22,7 +22,14 @@ from typing import Protocol
 
 from PIL import Image
 
-from anisora_ray.data.manifest import IMAGE_SUFFIXES, check_unique_ids, prompt_rows, text_field, write_manifest
+from anisora_ray.data.manifest import (
+    IMAGE_SUFFIXES,
+    check_unique_ids,
+    prompt_rows,
+    text_field,
+    warn_unlisted,
+    write_manifest,
+)
 from anisora_ray.errors import ManifestError, VideoDecodeError
 from anisora_ray.io import fs
 from anisora_ray.io.images import save_image
@@ -160,6 +167,8 @@ def build_manifest_from_videos(videos_dir: str, captions_file: str | None, out_u
         if on_progress:
             on_progress(n + 1, len(rows))
     check_unique_ids(items, source)  # before any captioning
+    if captions_file:
+        warn_unlisted(clips, [r.get("video") for r in rows], "clip", videos_dir, captions_file)
     if not captions_file:
         requests = [CaptionRequest(i.prompt_id, fs.join(root, n), "video") for i, n in zip(items, names, strict=True)]
         captions, failed = caption_items(captioner, requests, names, "video", out_uri)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import posixpath
@@ -21,6 +22,7 @@ from anisora_ray.io import fs
 from anisora_ray.types import PromptItem
 
 REQUIRED_COLUMNS = ("prompt_id", "prompt", "image_uri")
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -126,8 +128,8 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
     images = sorted(
         posixpath.basename(p) for p in folder_fs.ls(folder, detail=False) if p.lower().endswith(IMAGE_SUFFIXES)
     )
-    items = []
-    for n, row in enumerate(prompt_rows(prompts_file, images)):
+    items, rows = [], prompt_rows(prompts_file, images)
+    for n, row in enumerate(rows):
         if not row.get("image") or not row.get("prompt"):
             raise ManifestError(f"{prompts_file!r} entry {n}: needs 'image' and 'prompt', got {row!r}")
         if row["image"] not in images:
@@ -141,8 +143,19 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
             )
         )
     check_unique_ids(items, prompts_file)
+    warn_unlisted(images, [r.get("image") for r in rows], "image", images_dir, prompts_file)
     write_manifest(items, out_uri)
     return items
+
+
+def warn_unlisted(found: Sequence[str], listed: Sequence[str | None], what: str, folder: str, listing: str) -> list[str]:
+    """The files of ``folder`` that ``listing`` leaves out, said once (a captions file may name a subset on purpose,
+    but a clip left out by mistake would otherwise go unnoticed); returns them."""
+    unlisted = sorted(set(found) - set(listed))
+    if unlisted:
+        log.warning("%d %s(s) in %s are not in %s and are left out of the manifest: %s%s", len(unlisted), what, folder,
+                    listing, ", ".join(unlisted[:5]), " ..." if len(unlisted) > 5 else "")
+    return unlisted
 
 
 def text_field(row: dict, key: str) -> str | None:
