@@ -129,6 +129,7 @@ def test_a_reward_variant_lays_a_preset_over_the_configs_reward(tmp_path):
     assert appeal.backend == "videoscore" and appeal.options["checkpoint"] == evs.checkpoint == "tiny:videoscore"
     assert (appeal.actor.num_cpus, appeal.actor.num_gpus) == (evs.num_cpus, evs.num_gpus) == (1.0, 0.0)
     assert vs.reward.dimensions.character.weight == 0.0 and vs.video.sample_frames == 48
+    assert vs.video.sample_size is None and cfg.video.sample_size == 32  # its processor sizes the frames, as released
     with pytest.raises(ConfigError, match="no reward preset"):
         variant_config(cfg, "reward=nonesuch", root=REPO)
     bad = tmp_path / "bad.yaml"
