@@ -142,3 +142,26 @@ def test_train_reward_with_lora_saves_an_adapter_that_scoring_loads(ray_cluster,
     tuned = build_dimension("visual_appeal", "siglip", adapter=str(adapter), **options).score(batch)
     base = build_dimension("visual_appeal", "siglip", **options).score(batch)
     assert np.isfinite(tuned).all() and not np.allclose(tuned, base)  # the adapter changed the backbone
+
+
+def test_clips_of_different_sizes_are_batched_one_size_at_a_time(ray_cluster, make_config, tmp_path):
+    """``video.sample_size: null`` keeps each clip's size: a training batch mixing sizes failed the whole fit in the
+    backbone's stacking of frames. Decoded batches are split by size, labels kept with their clips."""
+    import ray
+
+    from anisora_ray.reward.training import _decode_shard
+
+    import math
+
+    small, _ = brightness_set(str(tmp_path / "small"), n=4, size=128)
+    large, _ = brightness_set(str(tmp_path / "large"), n=4, size=160)
+    rated = [r for r in fs.read_table(small).to_pylist() + fs.read_table(large).to_pylist()
+             if math.isfinite(r["visual_appeal"])]  # (each set's clip 3 has no rating)
+    rows = [{**r, "row": i, "label": float(r["visual_appeal"])} for i, r in enumerate(rated)]
+    cfg = make_config("video.sample_size=null")
+    batches, bad = _decode_shard(cfg, ray.data.from_items(rows).iterator(), batch_size=8)
+    assert not bad and [len(b) for b, _ in batches] == [3, 3]  # one batch of 6 decoded: three of each size
+    for batch, labels in batches:
+        assert len({c.shape[1:3] for c in batch.frames}) == 1 and len(labels) == len(batch)
+    got = sorted(float(x) for _, labels in batches for x in labels)
+    assert got == pytest.approx(sorted(r["label"] for r in rows))  # (float32 labels)

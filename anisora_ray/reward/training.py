@@ -96,8 +96,9 @@ def _decode_shard(cfg: AnisoraConfig, shard, batch_size: int, rank: int = 0, wor
         for uri, reason in failed.items():
             log.warning("train-reward: quarantined %s: %s", uri, reason)
             bad.append(QuarantineRecord("train-reward", uri, "undecodable clip", uri=uri, detail=reason[:2000]))
-        if kept:
-            out.append((batch, np.array([k.label for k in kept], dtype=np.float32)))
+        labels = np.array([k.label for k in kept], dtype=np.float32)
+        for indices in batch.sizes().values() if kept else ():  # a backbone stacks frames: one size a batch
+            out.append((batch.take(indices), labels[indices]))
     return out, bad
 
 
