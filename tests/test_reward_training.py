@@ -147,11 +147,11 @@ def test_train_reward_with_lora_saves_an_adapter_that_scoring_loads(ray_cluster,
 def test_clips_of_different_sizes_are_batched_one_size_at_a_time(ray_cluster, make_config, tmp_path):
     """``video.sample_size: null`` keeps each clip's size: a training batch mixing sizes failed the whole fit in the
     backbone's stacking of frames. Decoded batches are split by size, labels kept with their clips."""
+    import math
+
     import ray
 
     from anisora_ray.reward.training import _decode_shard
-
-    import math
 
     small, _ = brightness_set(str(tmp_path / "small"), n=4, size=128)
     large, _ = brightness_set(str(tmp_path / "large"), n=4, size=160)
