@@ -131,6 +131,21 @@ def test_character_scores_against_the_reference_and_a_gallery(cache, tmp_path):
         build_gallery(character, str(tmp_path / "refs" / "alice"), str(tmp_path / "g2.safetensors"))
 
 
+def test_a_character_whose_mask_is_empty_is_cropped_by_its_box_not_blacked_out(cache, monkeypatch):
+    """SAM may find nothing inside a detected box: the crop is then the box (as released), not a black square whose
+    embedding still scores."""
+    options = dict(detector="tiny:grounding-dino", segmenter="tiny:sam", embedder="tiny:clip", cache_dir=cache,
+                   box_threshold=0.0, text_threshold=0.0, frames=4)
+    character = build_dimension("character", "grounded", **options)
+    frames = np.repeat(CLIPS[0][0][None], 2, axis=0)
+    h, w = frames.shape[1:3]
+    box = (2, 3, w - 4, h - 2)
+    masks = iter([np.zeros((h, w), bool), np.ones((h, w), bool)])  # empty, then the whole frame
+    monkeypatch.setattr(character.detect, "regions", lambda fs: [(box, next(masks)) for _ in fs])
+    empty, full = character.crops(frames[:1]), character.crops(frames[1:])
+    assert empty[0].any() and np.array_equal(empty[0], full[0])  # the box's pixels, as an all-true mask gives
+
+
 def learned_overrides(cache: str, heads: dict[str, str]) -> list[str]:
     """All six dimensions on learned backends with tiny backbones (fixed ranges wide enough for random models)."""
     dims = {

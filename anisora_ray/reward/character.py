@@ -135,6 +135,8 @@ class GroundedCharacter:
                 crop = frame
             else:
                 (x0, y0, x1, y1), mask = region
+                if mask is not None and not mask[y0:y1, x0:x1].any():  # SAM found nothing in the box: the box, as
+                    mask = None                                       # released (a black crop still embeds)
                 crop = frame * mask[..., None] if mask is not None else frame
                 crop = np.ascontiguousarray(crop[y0:y1, x0:x1]).astype(np.uint8)
             out.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
