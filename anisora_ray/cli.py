@@ -13,10 +13,8 @@ from anisora_ray.errors import AnisoraError, ConfigError
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/local.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="dotted override, repeatable, e.g. --set generator.replicas=2",
-    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable, e.g. --set generator.replicas=2")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -47,8 +45,7 @@ def _pairs(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.candidates and args.prompts:
-        raise ConfigError("pairs: --candidates scores candidates already generated (their prompts come with them); "
-                          "--prompts generates them: give one")
+        raise ConfigError("pairs: --prompts generates candidates, --candidates scores ones already made: give one")
     if args.candidates:
         from anisora_ray.io import fs
         from anisora_ray.pairs.pipeline import pair_candidates
@@ -352,9 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(AnimeReward per dimension, VBench-style metrics, win rates)")
     _with_config(p)
     p.add_argument("--run", help="the align job's folder (<run.output_dir>/align): its rounds and frozen statistics")
-    p.add_argument("--versions", required=True, action="append",
-                   help="comma-separated: round numbers of --run (0 = untrained) and/or name=weights_folder, name=base "
-                        "(repeatable: the lists join)")
+    p.add_argument("--versions", required=True, action="append", help="comma-separated (repeatable: lists join): "
+                   "round numbers of --run (0 = untrained) and/or name=weights_folder, name=base")
     p.add_argument("--baseline", help="the version the others are compared with (default: the first)")
     p.add_argument("--out", help="output folder (default: <run.output_dir>/eval)")
     p.add_argument("--regenerate", action="store_true", help="generate and score again what an earlier run kept")

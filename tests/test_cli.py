@@ -200,4 +200,4 @@ def test_flags_that_would_be_dropped_are_joined_or_refused(capsys):
     args = build_parser().parse_args(["eval", "--versions", "0,3", "--versions", "mine=/w"])
     assert [v for group in args.versions for v in group.split(",")] == ["0", "3", "mine=/w"]
     assert main(["pairs", "--prompts", "m.parquet", "--candidates", "c.parquet"]) == 2
-    assert "--candidates scores candidates already generated" in capsys.readouterr().err
+    assert "--prompts generates candidates, --candidates scores ones already made: give one" in capsys.readouterr().err
