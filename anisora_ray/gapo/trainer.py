@@ -72,7 +72,7 @@ def _held_already(refresh: dict, version: int) -> bool:
 
     answer = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        held = ray.get([a.get_weights_version.remote() for a in refresh["actors"]], timeout=refresh.get("timeout_s", 600))
+        held = ray.get([a.get_weights_version.remote() for a in refresh["actors"]], timeout=600)
         answer = [max(held, default=-1) >= version]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(answer, src=0)
