@@ -114,10 +114,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _align(args: argparse.Namespace) -> int:
     from anisora_ray.config import load_config
-    from anisora_ray.loop.align import run_alignment
+    from anisora_ray.loop.align import check_inputs, run_alignment
     from anisora_ray.tracking import tracking_uri
 
-    cfg = cli_eval.quiet_ray(load_config(args.config, args.overrides), args, "align")
+    check_inputs(cfg := load_config(args.config, args.overrides))  # before the output folder's log file is made
+    cfg = cli_eval.quiet_ray(cfg, args, "align")
     result = run_alignment(cfg, resume=args.resume, progress=not args.quiet)
     print("round  held-out reward  gain vs round 0 [95% CI]      p      weights")
     for row in result.rows:
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draws which side shows which version")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it on purpose)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--judges", type=int, default=3, help="annotators per comparison (a majority wins it)")
+    p.add_argument("--judges", type=int, default=3, help="summarize: annotators per comparison (a majority wins it)")
     p.add_argument("--json", help="summarize: also write the summary here")
     p.set_defaults(func=cli_eval.annotate)
 

@@ -11,6 +11,21 @@ class ConfigError(AnisoraError, ValueError):
     """A config file or override is invalid; the message names key, value and expectation."""
 
 
+def check_all(*checks) -> None:
+    """Run every check; one ConfigError saying each that failed (a cluster job's user fixes them in one go instead
+    of one resubmission each)."""
+    said = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            said.append(str(exc))
+    if len(said) == 1:
+        raise ConfigError(said[0])
+    if said:
+        raise ConfigError(f"{len(said)} things to fix before the job can start:\n" + "\n".join(f"- {s}" for s in said))
+
+
 class StorageError(ConfigError):
     """Some nodes of the cluster do not see the output folder the driver sees."""
 

@@ -105,6 +105,25 @@ class Record:
         return [cls.from_dict(row) for row in table.to_pylist()]
 
 
+MAX_ID_BYTES = 200  # a file name's limit is 255 bytes on common file systems
+
+
+def id_problem(item_id: object) -> str | None:
+    """Why ``item_id`` cannot name a folder of its own (a prompt's videos go to ``videos/<prompt_id>/``), or None:
+    a separator, ``.``/``..`` or an absolute path would write outside the output folder."""
+    if not isinstance(item_id, str) or not item_id:
+        return "must be non-empty text"
+    if "/" in item_id or "\\" in item_id:
+        return "contains a path separator (/ or \\)"
+    if item_id in (".", ".."):
+        return "is a relative folder name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        return "contains a control character"
+    if len(item_id.encode("utf-8")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes in UTF-8"
+    return None
+
+
 @dataclass(frozen=True)
 class PromptItem(Record):
     """One row of a prompt manifest: a prompt and its first-frame image."""
@@ -113,6 +132,11 @@ class PromptItem(Record):
     prompt: str
     image_uri: str
     character_id: str | None = None
+
+    def __post_init__(self):
+        problem = id_problem(self.prompt_id)
+        if problem:
+            raise ValueError(f"prompt_id {self.prompt_id!r} {problem}")
 
 
 @dataclass(frozen=True)

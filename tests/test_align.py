@@ -211,12 +211,13 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["loop.rounds"] == "2" and parent.data.tags["anisora.stage"] == "align"
     assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "heldout_reward")) == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval_wall_seconds")] == [0]  # round 0's
     runs = client.search_runs([parent.info.experiment_id])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"round-1", "round-2"}
     for name, child in children.items():
         assert {"pairs", "heldout_reward", "train_loss", "refresh_seconds", "heldout_visual_motion", "guard_first_frame_psnr",
-                "guard_fired"} <= set(child.data.metrics)
+                "guard_fired", "eval_wall_seconds"} <= set(child.data.metrics)
         if name == "round-2":  # (round 1's refresh was killed: the resumed job refreshed from storage)
             assert child.data.metrics["refresh_live"] == 1.0  # streamed from the trainer's memory, then adopted
         gapo = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == child.info.run_id]

@@ -152,7 +152,8 @@ def test_a_study_needs_both_sides_videos_and_the_server_says_what_it_cannot_serv
         os.remove(first["left_uri"])  # pruned after the study was built
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{url}/video/{first['id']}/left")
-        assert missing.value.code == 404 and b"not readable" in missing.value.read()
+        said = missing.value.read()
+        assert missing.value.code == 404 and b"not readable" in said and b"round-" not in said  # the path tells the side
         def post(body, **headers):
             request = urllib.request.Request(f"{url}/api/answer", data=json.dumps(body).encode(), method="POST",
                                              headers={"Content-Type": "application/json", **headers})
@@ -165,7 +166,19 @@ def test_a_study_needs_both_sides_videos_and_the_server_says_what_it_cannot_serv
         vote = {"annotator": "x", "comparison": first["id"], "choice": "left"}
         assert post(vote, **{"Content-Type": "text/plain"})[0] == 415
         assert post(vote, Origin="http://evil.example")[0] == 403
-        assert store.answers() == []  # neither was stored
+        # DNS rebinding: another site's name resolved to 127.0.0.1, its page's requests name it as Host and Origin
+        rebound = {"Host": f"evil.example:{server.server_address[1]}", "Origin": f"http://evil.example:{server.server_address[1]}"}
+        assert post(vote, **rebound)[0] == 421
+        with pytest.raises(urllib.error.HTTPError) as read:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/next?annotator=x", headers=rebound))
+        assert read.value.code == 421  # nor can it read the held-out prompts
+        too_big = urllib.request.Request(f"{url}/api/answer", data=b" " * (64 * 1024 + 1), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as big:
+            urllib.request.urlopen(too_big)
+        assert big.value.code == 413
+        assert store.answers() == []  # none was stored
+        assert urllib.request.urlopen(f"http://localhost:{server.server_address[1]}/").status == 200  # its own names
     finally:
         server.shutdown()
     with pytest.raises(ConfigError, match=r"1 held-out video\(s\) of round-0 or round-2 are not there"):

@@ -183,3 +183,12 @@ def test_the_anisora_v3_configs_keep_their_release_protocol_on_their_base_struct
         for section in ("model.family", "generator.num_frames", "generator.height", "generator.width",
                         "gapo.deepspeed_config", "gapo.reference", "run.free_space.min_gb"):
             assert cfg.flat()[section] == base.flat()[section], (name, section)
+
+
+def test_an_infinite_or_nan_number_is_refused_naming_the_key():
+    """An infinite dimension weight made every reward NaN and every prompt a skip with an empty reason; an infinite
+    α made every GAPO loss NaN."""
+    for override in ("reward.dimensions.visual_smoothness.weight=.inf", "reward.dimensions.visual_motion.normalize.low=-.inf",
+                     "gapo.alpha=.inf", "gapo.beta=.nan"):
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]} = .*finite number"):
+            load_config(LOCAL_CONFIG, [override])

@@ -157,9 +157,19 @@ def test_prefetch_quarantines_pairs_with_missing_or_corrupt_files_and_names_them
     foreign = {**good, "prompt_id": "foreign", "winner_video_uri": str(tmp_path / "fw.mp4"),
                "loser_video_uri": str(tmp_path / "fl.mp4")}
     encoder = PairEncoder(Encoders(pretrained, cfg, "cpu"), FAMILY, pretrained, 32, 32, 9, 128, str(tmp_path / "c"))
-    bad = encoder.prefetch([good, missing, corrupt, no_image, foreign])
+    values = {  # rows whose values cannot train: they raised inside the worker or stopped it later, unnamed
+        "nan-reward": ({"winner_reward": float("nan")}, "winner_reward is nan, not a normalized reward"),
+        "swapped": ({"winner_reward": 0.1, "loser_reward": 0.9}, "winner_reward 0.1 < loser_reward 0.9"),
+        "null-reward": ({"loser_reward": None}, "loser_reward is None"),
+        "null-video": ({"loser_video_uri": None}, "loser_video_uri is None, not text"),
+        "null-prompt": ({"prompt": None}, "prompt is None, not text"),
+        "float-seed": ({"winner_seed": 1.5}, "winner_seed is 1.5, not an integer")}
+    rows = [{**good, "prompt_id": name, **change} for name, (change, _) in values.items()]
+    bad = encoder.prefetch([good, missing, corrupt, no_image, foreign, *rows])
     named = {row["prompt_id"]: record for row, record in bad}
-    assert set(named) == {"missing", "corrupt", "no-image", "foreign"}
+    assert set(named) == {"missing", "corrupt", "no-image", "foreign", *values}
+    for name, (_, said) in values.items():
+        assert named[name].reason == "ValueError" and f"pair '{name}': {said}" in named[name].detail, named[name]
     assert named["missing"].uri.endswith("nowhere.mp4") and named["corrupt"].uri.endswith("garbage.mp4")
     assert named["corrupt"].reason == "VideoDecodeError" and named["no-image"].uri.endswith("nowhere.png")
     assert named["foreign"].reason == "VideoGeometryError" and named["foreign"].uri.endswith("fw.mp4")

@@ -1,6 +1,8 @@
 import json
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from anisora_ray.data.demo import make_demo_set
@@ -172,3 +174,85 @@ def test_missing_or_broken_image_is_named(tmp_path):
     (tmp_path / "cut.png").write_bytes(buf.getvalue()[:40])  # truncated inside its pixel data
     with pytest.raises(ImageLoadError, match="cut.png.*not a readable image"):
         load_image(str(tmp_path / "cut.png"))
+
+
+def test_a_folder_or_an_unknown_protocol_is_the_items_fault_named(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ImageLoadError, match=r"dir.png.*IsADirectoryError"):  # was IsADirectoryError: infrastructure
+        load_image(str(tmp_path / "dir.png"))
+    with pytest.raises(ImageLoadError, match=r"nope://a.png.*Protocol not known"):
+        load_image("nope://a.png")
+
+
+def test_every_image_mode_reaches_the_models_as_its_picture_in_8_bit_rgb(tmp_path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # opens as I;16: convert("RGB") clipped 99.6% of it to white
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    grey = np.asarray(load_image(str(tmp_path / "g16.png")))
+    assert grey.shape == (64, 64, 3) and grey.dtype == np.uint8
+    assert np.abs(grey[..., 0].astype(int) - np.round(ramp / 257)).max() <= 1 and (grey == 255).mean() < 0.01
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red hidden under fully transparent pixels, but for one opaque green pixel
+    rgba[2, 3] = (0, 255, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "cutout.png")
+    flat = np.asarray(load_image(str(tmp_path / "cutout.png")))
+    assert (flat[0, 0] == 255).all() and tuple(flat[2, 3]) == (0, 255, 0)  # flattened onto white, not the hidden red
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert tuple(np.asarray(load_image(str(tmp_path / "opaque.png")))[0, 0]) == (255, 0, 0)
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float.tiff")  # convert("RGB"): all black
+    with pytest.raises(ImageLoadError, match=r"float.tiff.*floating-point image \(mode F\)"):
+        load_image(str(tmp_path / "float.tiff"))
+
+
+def test_ids_that_would_name_a_path_outside_the_output_are_refused(tmp_path):
+    from anisora_ray.data.clips import build_manifest_from_videos
+    from anisora_ray.io.video import write_video
+
+    for bad in ("../../escaped", "/tmp/abs", "a\\b", "..", "tab\there"):
+        with pytest.raises(ValueError, match="prompt_id"):  # every PromptItem, whatever made it
+            PromptItem(bad, "p", "a.png")
+    pq.write_table(pa.table({"prompt_id": ["ok", "../../escaped"], "prompt": ["a", "b"],
+                                     "image_uri": ["a.png", "b.png"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m.parquet' row 1: prompt_id '../../escaped' contains a path separator"):
+        read_manifest(str(tmp_path / "m.parquet"))
+    (tmp_path / "clips").mkdir()
+    write_video(np.zeros((2, 16, 16, 3), np.uint8), str(tmp_path / "clips" / "a.mp4"), fps=8)
+    (tmp_path / "c.csv").write_text("video,caption,prompt_id\na.mp4,hello,../../ESCAPED\n")
+    with pytest.raises(ManifestError, match=r"c.csv' entry 0: prompt_id '../../ESCAPED'"):
+        build_manifest_from_videos(str(tmp_path / "clips"), str(tmp_path / "c.csv"), str(tmp_path / "out" / "m.parquet"))
+    assert not list(tmp_path.rglob("ESCAPED*"))  # refused before its first frame was written (it was, outside)
+
+
+def test_a_column_of_the_wrong_type_is_named_not_turned_into_its_repr(tmp_path):
+    def manifest(**columns):
+        table = {"prompt_id": ["a"], "prompt": ["x"], "image_uri": ["a.png"], **columns}
+        pq.write_table(pa.table(table), tmp_path / "m.parquet")
+        return read_manifest(str(tmp_path / "m.parquet"))
+
+    with pytest.raises(ManifestError, match=r"column 'prompt' holds list<element: string>, expected text"):
+        manifest(prompt=[["a cat", "jumps"]])  # was the prompt "['a cat', 'jumps']"
+    with pytest.raises(ManifestError, match=r"column 'image_uri' holds binary"):
+        manifest(image_uri=[b"a.png"])
+    with pytest.raises(ManifestError, match=r"column 'prompt_id' holds bool, expected text or integers"):
+        manifest(prompt_id=[True])
+    assert manifest(prompt_id=[7], character_id=[3])[0].prompt_id == "7"  # integer ids stay accepted
+    assert manifest(prompt_id=pa.array(["c"]).dictionary_encode())[0].prompt_id == "c"  # pandas' categorical
+
+
+def test_prompts_files_with_a_byte_order_mark_or_a_non_object_line(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "p.csv").write_bytes("\ufeffimage,prompt\na.png,hello\n".encode())  # Excel's "CSV UTF-8"
+    items = build_manifest(str(tmp_path / "images"), str(tmp_path / "p.csv"), str(tmp_path / "m.parquet"))
+    assert [(i.prompt_id, i.prompt) for i in items] == [("a", "hello")]
+    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "prompt": "ok"}\n"just a string"\n')
+    with pytest.raises(ManifestError, match=r"p.jsonl' line 2: expected a JSON object, got str"):
+        build_manifest(str(tmp_path / "images"), str(tmp_path / "p.jsonl"), str(tmp_path / "m.parquet"))
+    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "prompt": ["a cat", "jumps"]}\n')
+    with pytest.raises(ManifestError, match=r"entry 0: 'prompt' must be text"):
+        build_manifest(str(tmp_path / "images"), str(tmp_path / "p.jsonl"), str(tmp_path / "m.parquet"))

@@ -210,9 +210,11 @@ def test_a_hub_sourced_character_without_code_fails_on_the_driver_naming_the_opt
     from anisora_ray.reward.base import check_reward_options
     from tests.conftest import REPO
 
-    cfg = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml")
+    cfg = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml", ["reward.dimensions.character.options.code=null"])
     with pytest.raises(ConfigError, match=r"options.code is not set .* gallerys.json"):
         check_reward_options(cfg.reward)
+    with pytest.raises(ConfigError, match=r"options.code '/mnt/anisora-ray/Index-anisora' does not exist: clone"):
+        check_reward_options(load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml").reward)  # the shared volume's
     clone = tmp_path / "Index-anisora"
     clone.mkdir()
     fixed = load_config(f"{REPO}/configs/cogvideox5b_i2v.yaml", [f"reward.dimensions.character.options.code={clone}"])

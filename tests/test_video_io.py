@@ -92,6 +92,12 @@ def test_garbage_and_missing_files(tmp_path, content):
         read_clip(str(path), num_frames=4, max_frames=8)
 
 
+def test_a_folder_where_a_video_should_be_is_the_items_fault_named(tmp_path):
+    (tmp_path / "x.mp4").mkdir()  # IsADirectoryError was no content error: one such row stopped the round
+    with pytest.raises(VideoDecodeError, match=r"x.mp4.*IsADirectoryError"):
+        read_clip(str(tmp_path / "x.mp4"), num_frames=4, max_frames=8)
+
+
 def test_strided_frames_encode_like_their_contiguous_copy(tmp_path):
     channels_first = np.ascontiguousarray(moving_square().transpose(0, 3, 1, 2))
     view = channels_first.transpose(0, 2, 3, 1)  # a channels-last view, as a permute gives

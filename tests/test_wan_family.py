@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -282,6 +283,7 @@ for name, overrides in cases.items():
     worker.engine.module.register_forward_pre_hook(
         lambda _m, _a, kw: seen.update(float(t) for t in kw["timestep"].flatten()), with_kwargs=True)
     metrics, moved = [], []  # per update: the top-level modules whose trained parameters changed
+    start = {n: p.detach().clone() for n, p in worker.engine.module.named_parameters()}
     for _ in range(cfg.gapo.steps):
         before = {n: p.detach().clone() for n, p in worker.engine.module.named_parameters() if p.requires_grad}
         metrics.append(worker.train_update())
@@ -289,7 +291,17 @@ for name, overrides in cases.items():
         moved.append(sorted({n.split(".")[0] for n, t in before.items() if not torch.equal(t, now[n].detach())}))
     manifest = worker.export(f"{out}/{name}", 64.0)
     result[name] = {"uri": f"{out}/{name}", "loss": [m["loss"] for m in metrics], "kind": manifest["kind"],
-                    "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen), "moved": moved}
+                    "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen), "moved": moved,
+                    "trainable": sorted(n for n, p in now.items() if p.requires_grad),
+                    "base_moved": sorted(n for n, t in start.items() if ".lora_" not in n
+                                         and not torch.equal(t, now[n].detach()))}
+    for latents in worker.encoder.memory.values():  # a diverged model: its errors, so the loss, are NaN
+        for t in latents.values():
+            t.fill_(float("nan"))
+    try:
+        worker.train_update()
+    except FloatingPointError as exc:
+        result[name]["nan_error"] = str(exc)
 print("RESULT " + json.dumps(result))
 """)
 
@@ -327,6 +339,13 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
     for name, overrides in cases.items():
         trained = result[name]
         assert all(np.isfinite(trained["loss"])), trained
+        # a non-finite loss stops the update before its gradients reach the weights, naming the pairs
+        assert re.search(r"update \d+, micro-batch \d+: loss nan is not finite \(pairs \['", trained.get("nan_error", "")), name
+        if "lora" in name:  # only the adapter trains: the base (also the reference, the adapter switched off) stays
+            assert trained["trainable"] and all(".lora_" in n for n in trained["trainable"]), trained["trainable"][:5]
+            assert trained["base_moved"] == [], trained["base_moved"][:5]
+        else:
+            assert trained["base_moved"], name
         cfg = load_config(LOCAL_CONFIG, overrides)
         replica = Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator, cfg.video)
         called = []  # the timesteps the replica's denoisers are called at

@@ -19,7 +19,7 @@ class Section(BaseModel):
     """Base of all config sections: unknown keys are errors, assignments are validated, and a number field refuses
     a boolean (YAML reads ``on``/``off``/``yes``/``no`` as booleans, which pydantic would take as 1 and 0)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # an infinite weight: NaN rewards
 
     @field_validator("*", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from PIL import Image
 from anisora_ray.data.manifest import (
     IMAGE_SUFFIXES,
     check_unique_ids,
+    checked_id,
     prompt_rows,
     text_field,
     warn_unlisted,
@@ -150,7 +151,9 @@ def build_manifest_from_videos(videos_dir: str, captions_file: str | None, out_u
             raise ManifestError(f"{captions_file!r} entry {n}: needs 'video' and 'caption' (or 'prompt'), got {row!r}")
         if video not in clips:
             raise ManifestError(f"{captions_file!r} entry {n}: clip {video!r} is not in {videos_dir!r}")
-        prompt_id = text_field(row, "prompt_id") or os.path.splitext(video)[0]
+        prompt_id = checked_id(text_field(row, "prompt_id") or os.path.splitext(video)[0], f"{source!r} entry {n}")
+        if captions_file and not isinstance(caption, str):
+            raise ManifestError(f"{captions_file!r} entry {n}: the caption must be text, got {caption!r}")
         uri = fs.join(root, video)
         try:
             first = read_clip(uri, num_frames=1, max_frames=1)[0]
@@ -184,7 +187,8 @@ def build_manifest_from_images(images_dir: str, out_uri: str, captioner: Caption
     an image it cannot read or caption is set aside. Returns the items and the images set aside."""
     root = fs.normalize(images_dir)
     names = _list(images_dir, IMAGE_SUFFIXES, "image", "images")
-    requests = [CaptionRequest(os.path.splitext(name)[0], fs.join(root, name), "image") for name in names]
+    requests = [CaptionRequest(checked_id(os.path.splitext(name)[0], f"{images_dir!r} image {name!r}"), fs.join(root, name),
+                               "image") for name in names]
     check_unique_ids([PromptItem(r.item_id, "", r.uri) for r in requests], images_dir)
     captions, bad = caption_items(captioner, requests, names, "image", out_uri)
     items = [PromptItem(prompt_id=r.item_id, prompt=captions[r.item_id], image_uri=r.uri)

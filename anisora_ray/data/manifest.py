@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from anisora_ray.errors import ConfigError, ManifestError
 from anisora_ray.io import fs
-from anisora_ray.types import PromptItem
+from anisora_ray.types import PromptItem, id_problem
 
 REQUIRED_COLUMNS = ("prompt_id", "prompt", "image_uri")
 log = logging.getLogger(__name__)
@@ -54,13 +54,14 @@ def read_manifest(uri: str) -> list[PromptItem]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ManifestError(f"manifest {uri!r} lacks column(s) {missing}; it has {table.column_names}")
+    _check_types(table, uri)
     items: list[PromptItem] = []
     seen: set[str] = set()
     for row_number, row in enumerate(table.to_pylist()):
         for column in REQUIRED_COLUMNS:
             if text_field(row, column) is None:  # None, blank, or NaN (pandas' missing value)
                 raise ManifestError(f"manifest {uri!r} row {row_number}: empty {column}")
-        prompt_id = text_field(row, "prompt_id")
+        prompt_id = checked_id(text_field(row, "prompt_id"), f"manifest {uri!r} row {row_number}")
         if prompt_id in seen:
             raise ManifestError(f"manifest {uri!r} row {row_number}: duplicate prompt_id {prompt_id!r}")
         seen.add(prompt_id)
@@ -77,6 +78,28 @@ def read_manifest(uri: str) -> list[PromptItem]:
     return items
 
 
+def _check_types(table: pa.Table, uri: str) -> None:
+    """Text columns hold text (a list or a struct would reach the generator as its Python repr); ids may be integers."""
+    for column in ("prompt_id", "prompt", "image_uri", "character_id"):
+        if column not in table.column_names:
+            continue
+        kind = table.schema.field(column).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' categorical columns
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+        number = pa.types.is_integer(kind) or pa.types.is_floating(kind)  # pandas: an int column with NaN is float
+        if not (text or (number and column in ("prompt_id", "character_id"))):
+            wanted = "text or integers" if column in ("prompt_id", "character_id") else "text"
+            raise ManifestError(f"manifest {uri!r} column {column!r} holds {kind}, expected {wanted}")
+
+
+def checked_id(prompt_id: str, where: str) -> str:
+    """``prompt_id``, which names its videos' folder: refused with ``where`` when it cannot (types.id_problem)."""
+    problem = id_problem(prompt_id)
+    if problem:
+        raise ManifestError(f"{where}: prompt_id {prompt_id!r} {problem}")
+    return prompt_id
+
+
 def write_manifest(items: Sequence[PromptItem], uri: str) -> str:
     if not items:
         raise ManifestError(f"refusing to write an empty manifest to {uri!r}")
@@ -88,7 +111,7 @@ def prompt_rows(prompts_file: str, names: list[str], key: str = "image") -> list
     """The rows of a prompts file: .jsonl / .csv as written, or plain text paired with ``names`` (sorted) under ``key``."""
     raw = fs.read_bytes(prompts_file)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) would join the first column's name
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ManifestError(f"prompts file {prompts_file!r} is not UTF-8 text: byte {exc.start} (line {line}) is "
@@ -99,9 +122,12 @@ def prompt_rows(prompts_file: str, names: list[str], key: str = "image") -> list
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ManifestError(f"{prompts_file!r} line {n}: not JSON ({exc})") from None
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{prompts_file!r} line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
         return rows
     if suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text)))
@@ -132,12 +158,15 @@ def build_manifest(images_dir: str, prompts_file: str, out_uri: str) -> list[Pro
     for n, row in enumerate(rows):
         if not row.get("image") or not row.get("prompt"):
             raise ManifestError(f"{prompts_file!r} entry {n}: needs 'image' and 'prompt', got {row!r}")
+        if not isinstance(row["prompt"], str):
+            raise ManifestError(f"{prompts_file!r} entry {n}: 'prompt' must be text, got {row['prompt']!r}")
         if row["image"] not in images:
             raise ManifestError(f"{prompts_file!r} entry {n}: image {row['image']!r} is not in {images_dir!r}")
         items.append(
             PromptItem(
-                prompt_id=text_field(row, "prompt_id") or os.path.splitext(row["image"])[0],
-                prompt=str(row["prompt"]),
+                prompt_id=checked_id(text_field(row, "prompt_id") or os.path.splitext(row["image"])[0],
+                                     f"{prompts_file!r} entry {n}"),
+                prompt=row["prompt"],
                 image_uri=fs.join(fs.normalize(images_dir), row["image"]),
                 character_id=text_field(row, "character_id"),
             )

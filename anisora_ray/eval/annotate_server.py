@@ -71,9 +71,29 @@ document.addEventListener("keydown", (e) => {
 </script></body></html>"""
 
 
-def make_handler(store: AnnotationStore):
+MAX_BODY = 64 * 1024  # an answer is a few dozen bytes
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str, port: int) -> set[str] | None:
+    """The Host headers a page at ``host:port`` is asked under; None (any) when bound to every address, which opens
+    the page to the network on purpose. A name that another site's DNS points at 127.0.0.1 (DNS rebinding) is not one
+    of them, so that site's scripts cannot read the study or vote through the annotator's browser."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = set(LOOPBACK) if host in LOOPBACK else {host}
+    return {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+
+
+def make_handler(store: AnnotationStore, hosts: set[str] | None = None):
     class Handler(BaseHTTPRequestHandler):
         server_version = "anisora-annotate"
+
+        def _host_refused(self) -> bool:
+            if hosts is None or self.headers.get("Host", "").lower() in hosts:
+                return False
+            self._error(HTTPStatus.MISDIRECTED_REQUEST, f"this page answers to {sorted(hosts)[0]}")
+            return True
 
         def log_message(self, fmt, *args):  # quiet: one debug line per request
             log.debug("%s " + fmt, self.address_string(), *args)
@@ -93,6 +113,8 @@ def make_handler(store: AnnotationStore):
             self._send(status, text.encode(), "text/plain; charset=utf-8")
 
         def do_GET(self):  # noqa: N802 - http.server's naming
+            if self._host_refused():
+                return None
             url = urlparse(self.path)
             if url.path == "/":
                 return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -112,11 +134,15 @@ def make_handler(store: AnnotationStore):
                 try:
                     video = fs.read_bytes(comparison[f"{parts[2]}_uri"])
                 except OSError as exc:  # moved or deleted since the study was built: said, not a silent blank side
-                    return self._error(HTTPStatus.NOT_FOUND, f"video of comparison {parts[1]} not readable: {exc}")
+                    log.warning("video of comparison %s (%s) not readable: %s", parts[1], parts[2], exc)
+                    return self._error(HTTPStatus.NOT_FOUND, f"video of comparison {parts[1]} not readable (the "
+                                       "server's log names the file)")  # its path would tell which version it is
                 return self._send(200, video, "video/mp4")
             return self._error(HTTPStatus.NOT_FOUND, "not found")
 
         def do_POST(self):  # noqa: N802
+            if self._host_refused():
+                return None
             if urlparse(self.path).path != "/api/answer":
                 return self._error(HTTPStatus.NOT_FOUND, "not found")
             # only this page's own requests: another site's page can post a form or text/plain without asking (a
@@ -128,7 +154,15 @@ def make_handler(store: AnnotationStore):
             if origin is not None and urlparse(origin).netloc != self.headers.get("Host", ""):
                 return self._error(HTTPStatus.FORBIDDEN, f"answers come from this page, not from {origin}")
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                size = int(self.headers.get("Content-Length", -1))
+            except ValueError:
+                size = -1
+            if not 0 <= size <= MAX_BODY:
+                self.close_connection = True  # the body, if any, is not read
+                return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if size > MAX_BODY else HTTPStatus.LENGTH_REQUIRED,
+                                   f"an answer is a JSON object of at most {MAX_BODY} bytes with its Content-Length")
+            try:
+                body = json.loads(self.rfile.read(size) or b"{}")
                 if not isinstance(body, dict):
                     raise TypeError(f"expected a JSON object, got {type(body).__name__}")
                 store.answer(str(body.get("annotator", "")), int(body["comparison"]), str(body.get("choice")))
@@ -142,6 +176,7 @@ def make_handler(store: AnnotationStore):
 def serve(store: AnnotationStore, host: str = "127.0.0.1", port: int = 8765, background: bool = False):
     """Serve the page; with ``background`` return the running server (``server.shutdown()`` stops it)."""
     server = ThreadingHTTPServer((host, port), make_handler(store))
+    server.RequestHandlerClass = make_handler(store, allowed_hosts(host, server.server_address[1]))  # port 0: the bound one
     if background:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server

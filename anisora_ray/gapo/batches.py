@@ -38,6 +38,26 @@ def pair_rows(table: pa.Table) -> list[dict]:
     return sorted(rows, key=lambda r: (r.get("prompt_id", ""), r["winner_video_uri"], r["loser_video_uri"]))
 
 
+def row_problem(row: dict) -> str | None:
+    """What makes a pair row untrainable (checked before any file is read), or None: text fields that are text,
+    integer seeds, finite normalized rewards with the winner's not below the loser's (GAPO's gain is α^r̂w − α^r̂l)."""
+    for key in ("prompt", "image_uri", "winner_video_uri", "loser_video_uri"):
+        if not isinstance(row.get(key), str) or not row[key]:
+            return f"{key} is {row.get(key)!r}, not text"
+    for key in ("winner_seed", "loser_seed"):
+        if isinstance(row.get(key), bool) or not isinstance(row.get(key), int):
+            return f"{key} is {row.get(key)!r}, not an integer"
+    rewards = []
+    for key in ("winner_reward", "loser_reward"):
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:  # NaN fails too
+            return f"{key} is {value!r}, not a normalized reward in [0, 1]"
+        rewards.append(value)
+    if rewards[0] < rewards[1]:
+        return f"winner_reward {rewards[0]} < loser_reward {rewards[1]} (winner and loser swapped?)"
+    return None
+
+
 def worker_rows(rows: list[dict], rank: int, world: int) -> list[dict]:
     return rows[rank::world]
 
@@ -150,12 +170,15 @@ class PairEncoder:
         record naming the file and the reason (the caller drops it and trains on the rest)."""
         bad = []
         for done, row in enumerate(rows, 1):
+            problem = row_problem(row)
             try:
+                if problem:
+                    raise ValueError(f"pair {row.get('prompt_id') or row.get('winner_video_uri')!r}: {problem}")
                 self.batch([row])
             except (VideoDecodeError, ImageLoadError, FileNotFoundError, ValueError) as exc:
-                culprit = getattr(exc, "uri", None) or getattr(exc, "filename", None) or row["winner_video_uri"]
+                culprit = getattr(exc, "uri", None) or getattr(exc, "filename", None) or row.get("winner_video_uri")
                 bad.append((row, QuarantineRecord(stage="gapo", reason=type(exc).__name__, uri=str(culprit),
-                                                  item_id=str(row.get("prompt_id") or row["winner_video_uri"]),
+                                                  item_id=str(row.get("prompt_id") or row.get("winner_video_uri")),
                                                   detail=str(exc)[:2000])))
             if on_progress:
                 on_progress(done, len(rows))

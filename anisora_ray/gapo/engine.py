@@ -173,7 +173,8 @@ class GapoWorker:
 
     def _micro_step(self, index: int) -> GapoLoss:
         g = self.cfg.gapo
-        batch = self.encoder.batch(self.batch_rows(index))
+        rows = self.batch_rows(index)
+        batch = self.encoder.batch(rows)
         generator = torch.Generator(device=batch.winner.device).manual_seed(step_seed(g.seed, self.rank, index))
         shared = torch.Generator(device=batch.winner.device).manual_seed(shared_seed(g.seed, index))  # alike on all ranks
         if g.loss == "sft":
@@ -181,6 +182,10 @@ class GapoWorker:
         else:
             out = gapo_step(self.family, self.pipe, self.engine, self.reference, batch, generator, shared=shared,
                             beta=g.beta, alpha=g.alpha, use_gain=g.loss == "gapo", timesteps=self.timesteps)
+        if not torch.isfinite(out.loss.detach()).all():  # before its gradients reach the weights (or Adam's moments)
+            raise FloatingPointError(f"update {self.update + 1}, micro-batch {index}: loss {float(out.loss)} is not "
+                                     f"finite (pairs {[r.get('prompt_id') or r['winner_video_uri'] for r in rows]}); the training diverged "
+                                     "(lower the learning rate or gapo.beta) or a model error overflowed")
         self.engine.backward(out.loss)
         return out
 

@@ -10,6 +10,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# what reading one path raises whatever the storage's health, so the item's own fault (a storage outage is not):
+# a folder where a file should be, no read permission, an unknown protocol
+ITEM_READ_ERRORS = (IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
 
 def is_url(uri: str) -> bool:
     return "://" in uri

@@ -93,6 +93,8 @@ def _reader(uri: str):
         data = fs.read_bytes(uri)
     except FileNotFoundError:
         raise VideoDecodeError(uri, "file does not exist") from None
+    except fs.ITEM_READ_ERRORS as exc:  # a folder, no read permission, an unknown protocol
+        raise VideoDecodeError(uri, f"cannot be read ({type(exc).__name__}: {exc})") from None
     if not data:
         raise VideoDecodeError(uri, "file is empty (0 bytes)")
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.data.manifest import require_prompts
-from anisora_ray.errors import ConfigError
+from anisora_ray.errors import ConfigError, check_all
 from anisora_ray.eval.heldout import evaluate, heldout_items
 from anisora_ray.eval.vbench import check_metrics_config
 from anisora_ray.gapo.engine import deepspeed_config
@@ -91,15 +91,21 @@ class Workers:
         self.replicas = self.rewards = None
 
 
+def check_inputs(cfg: AnisoraConfig) -> None:
+    """What a real config leaves to the user, all said in one error before anything starts (no folder written): the
+    manifests, a converted checkpoint folder, the files the reward and the guard read."""
+    check_all(lambda: require_prompts(cfg.data.prompts, cfg.eval.prompts), lambda: check_pretrained(cfg.model),
+              lambda: check_reward_options(cfg.reward),
+              lambda: check_metrics_config(cfg.eval.metrics) if cfg.loop.guard.enabled or cfg.eval.metrics.enabled
+              else None)
+
+
 def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = True, root: str | None = None) -> AlignResult:
     """Run (or with ``resume`` continue) the alignment job; returns the per-round held-out table."""
     import mlflow
 
     root = root or os.getcwd()
-    require_prompts(cfg.data.prompts, cfg.eval.prompts)  # a real config names its data: said before anything starts
-    check_pretrained(cfg.model)  # a converted folder that is not there yet, likewise
-    if cfg.loop.guard.enabled or cfg.eval.metrics.enabled:
-        check_metrics_config(cfg.eval.metrics)
+    check_inputs(cfg)
     out = fs.join(fs.normalize(cfg.run.output_dir), "align")
     state_uri = fs.join(out, "state.json")
     if fs.exists(state_uri) and not resume:
@@ -111,7 +117,6 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
     check_pairable(cfg)
     deepspeed_config(cfg, root)  # an unreadable JSON or compile with ZeRO-3: now, not after round 1's rollouts
     tracking_uri(cfg)  # a remote output folder needs a tracking server
-    check_reward_options(cfg.reward)
     first = _next_round(state, cfg.loop.rounds)
     if first is not None:  # before Ray, models or GPUs (a finished job only reports: nothing to check)
         retention.check_free_space(cfg, state, first)
@@ -141,8 +146,8 @@ def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = Tru
                     state.statistics_uri = statistics.save(fs.join(out, STATISTICS_FILE))
                     log.info("z-score statistics frozen from the round-0 held-out candidates: %s", state.statistics_uri)
                 state.baseline = {"per_prompt": base.per_prompt, "per_candidate": base.per_candidate,
-                                  "row": {**eval_row(0, base, None, 0, 0), **audited},
-                                  "eval_wall_seconds": time.perf_counter() - began}
+                                  "row": {**eval_row(0, base, None, 0, 0), **audited,
+                                          "eval_wall_seconds": time.perf_counter() - began}}
                 state.save(state_uri)
             if cfg.loop.guard.enabled and "guard" not in state.baseline:  # the guard measures of round 0
                 state.baseline["guard"] = guard.measure_round(cfg, fs.join(out, "round-0", "eval"))

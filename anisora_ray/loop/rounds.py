@@ -30,7 +30,7 @@ from anisora_ray.loop.state import AlignState, RoundState
 from anisora_ray.pairs.stage import run_pairs
 from anisora_ray.pairs.writer import pairs_table, read_pairs
 from anisora_ray.reward.statistics import RewardStatistics
-from anisora_ray.tracking import log_metrics, mlflow_run, new_run
+from anisora_ray.tracking import log_metrics, log_metrics_once, mlflow_run, new_run
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,10 @@ def timed(ctx: RoundContext, rs: RoundState, name: str, phase, *args) -> None:
     before, began = rs.phase, time.perf_counter()
     phase(ctx, rs, *args)
     if rs.phase != before:
-        rs.metrics[f"{name}_wall_seconds"] = time.perf_counter() - began
+        key = f"{name}_wall_seconds"
+        rs.metrics[key] = time.perf_counter() - began
         ctx.save()
+        log_metrics_once(rs.mlflow_run_id, {key: rs.metrics[key]}, step=rs.index)  # the eval's: after its last log
 
 
 def run_round(ctx: RoundContext, rs: RoundState) -> None:

@@ -98,6 +98,12 @@ class ReleasedCharacter:
                 "reward/character/BLIP/data/gallerys.json): clone that repository where every node sees it and set "
                 "options.code to the clone (or to gallerys.json), or convert once with `anisora-ray convert-reward "
                 "--source ... --code ... --out DIR` and set options.checkpoint = DIR/character")
+        code = options.get("code")
+        if code and not options.get("checkpoint") and "://" not in code and not os.path.exists(os.path.expanduser(code)):
+            raise ConfigError(
+                f"reward.dimensions.character.options.code {code!r} does not exist: clone github.com/bilibili/Index-anisora "
+                "there (`git clone --depth 1 https://github.com/bilibili/Index-anisora`), where every node sees it, or "
+                "point it at the clone or its reward/character/BLIP/data/gallerys.json")
 
     def __init__(self, checkpoint: str | None = None, source: str = "IndexTeam/Index-anisora", code: str | None = None,
                  detector: str = "IDEA-Research/grounding-dino-base",
