@@ -22,8 +22,11 @@ def _load(*parts):
 def test_demand_depends_on_the_placement_mode():
     shared = resource_demand(load_config(REAL))
     assert shared["generator"]["GPU"] == 4 and shared["reward"]["GPU"] == 6 and shared["trainer"]["GPU"] == 8
-    assert shared["peak"]["GPU"] == 10
-    assert resource_demand(load_config(REAL, ["loop.placement=separate"]))["peak"]["GPU"] == 18
+    # the held-out evaluation: the replicas, the persistent reward actors and the guard's metrics actor (was left out)
+    assert shared["metrics"]["GPU"] == 1 and shared["peak"]["GPU"] == 11
+    assert resource_demand(load_config(REAL, ["loop.placement=separate"]))["peak"]["GPU"] == 19
+    assert resource_demand(load_config(REAL, ["loop.guard.enabled=false"]))["peak"]["GPU"] == 10  # no metrics actor
+    assert resource_demand(load_config(REAL, ["pairs.reward_stage=pipeline"]))["peak"]["GPU"] == 10  # rewards released
     local = resource_demand(load_config(os.path.join(REPO, "configs", "local.yaml")))
     assert local["peak"]["GPU"] == 0 and local["peak"]["CPU"] > 0 and local["peak"]["memory"] == 0
     # host memory Ray reserves: the trainer's ZeRO offload state per rank, an offloaded replica's pipeline

@@ -166,7 +166,7 @@ def test_the_one_gpu_config_fits_one_gpu_with_everything_resident():
     demand = resource_demand(one)
     assert one.loop.placement == "separate" and one.ray.address is None and one.gapo.lora.r > 0
     # replica + six scorers + trainer + the held-out metrics actor: fractions summing to one GPU
-    assert abs(demand["peak"]["GPU"] + one.eval.metrics.num_gpus - 1.0) < 1e-9
+    assert abs(demand["peak"]["GPU"] - 1.0) < 1e-9 and demand["metrics"]["GPU"] == one.eval.metrics.num_gpus > 0
     assert all(0 < demand[k]["GPU"] < 1 for k in ("generator", "reward", "trainer"))
     assert one.loop.refresh_transport == "cuda_ipc" and one.model.pretrained == "THUDM/CogVideoX-5b-I2V"
 
@@ -192,3 +192,37 @@ def test_an_infinite_or_nan_number_is_refused_naming_the_key():
                      "gapo.alpha=.inf", "gapo.beta=.nan"):
         with pytest.raises(ConfigError, match=f"{override.split('=')[0]} = .*finite number"):
             load_config(LOCAL_CONFIG, [override])
+
+
+def test_yaml_1_2_has_no_timestamps_nor_base_60_floats_and_empty_sections_and_cycles_are_said(tmp_path):
+    cfg = load_config(LOCAL_CONFIG, ["run.name=2024-12-06"])  # YAML 1.1: a date, refused by the text field
+    assert cfg.run.name == "2024-12-06"
+    with pytest.raises(ConfigError, match=r"ray.wait_for_resources_s = '1:30.0'"):  # 1.1: ninety seconds, silently
+        load_config(LOCAL_CONFIG, ["ray.wait_for_resources_s=1:30.0"])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "self.yaml").write_text("include: ../sub/self.yaml\n")  # itself, spelled another way
+    with pytest.raises(ConfigError, match="includes itself"):  # was OSError: file name too long
+        load_config(tmp_path / "sub" / "self.yaml")
+    (tmp_path / "empty.yaml").write_text("loop:\n  # rounds: 3\ntracking:\n")  # every key commented out
+    assert load_config(tmp_path / "empty.yaml", ["loop.rounds=5"]).loop.rounds == 5
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["model.family=wan_i2v", "generator.scheduler=dpm"], "generator.scheduler = dpm applies to cogvideox_i2v"),
+    (["model.family=wan_i2v", "generator.cache.kind=faster_cache"], "wan_i2v calls it twice per step"),
+    (["loop.guard.enabled=true", "loop.guard.measures=[]"], "the guard could never fire"),
+    (["gapo.lora.r=4", "gapo.lora.target_modules=[]"], "gapo.lora.target_modules is empty"),
+    (["gapo.use_gpu=true", "gapo.num_workers=2", "gapo.gpus_per_worker=0.5"], "which NCCL refuses"),
+])
+def test_settings_that_fail_late_or_do_nothing_are_refused_at_load(overrides, said):
+    with pytest.raises(ConfigError, match=said):
+        load_config(LOCAL_CONFIG, overrides)
+
+
+def test_align_refuses_a_live_refresh_the_placement_would_drop():
+    from anisora_ray.loop.align import check_inputs
+
+    cfg = load_config(LOCAL_CONFIG, ["gapo.refresh_every=2", "loop.placement=shared"])
+    with pytest.raises(ConfigError, match="loop.placement = shared stops them while the trainer runs"):
+        check_inputs(cfg)
+    check_inputs(load_config(LOCAL_CONFIG, ["gapo.refresh_every=2"]))  # separate: the replicas are there

@@ -190,6 +190,25 @@ def test_a_missing_deepspeed_config_is_named(make_config):
     assert ds["optimizer"]["params"]["lr"] == 0.5 and ds["scheduler"]["params"]["warmup_max_lr"] == 0.5
 
 
+def test_deepspeed_overrides_that_a_gapo_key_would_overwrite_are_refused(make_config):
+    """They were dropped without a word: the micro batch is gapo.pairs_per_step; an lr beside gapo.learning_rate is
+    replaced by it; an optimizer lr alone is not what WarmupLR steps to (its warmup_max_lr is)."""
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.gapo.trainer import deepspeed_config
+
+    for overrides, said in (
+            (["gapo.deepspeed_overrides.train_micro_batch_size_per_gpu=4"], "gapo.pairs_per_step sets the micro batch"),
+            (["gapo.learning_rate=1e-4", "gapo.deepspeed_overrides.optimizer.params.lr=5e-5"],
+             "gapo.learning_rate \\(0.0001\\) replaces"),
+            (["gapo.learning_rate=null", "gapo.deepspeed_overrides.optimizer.params.lr=5e-5"],
+             "optimizer lr \\(5e-05\\) is not its scheduler's warmup_max_lr \\(0.0001\\)")):
+        with pytest.raises(ConfigError, match=said):
+            deepspeed_config(make_config(*overrides), REPO)
+    both = ["gapo.learning_rate=null", "gapo.deepspeed_overrides={optimizer: {params: {lr: 5e-5}}, scheduler: {params: "
+            "{warmup_max_lr: 5e-5}}}"]
+    assert deepspeed_config(make_config(*both), REPO)["scheduler"]["params"]["warmup_max_lr"] == 5e-5
+
+
 def test_gapo_compile_is_refused_under_zero3_naming_the_json(make_config):
     from anisora_ray.errors import ConfigError
     from anisora_ray.gapo.trainer import deepspeed_config

@@ -20,12 +20,6 @@ class ConfigYamlLoader(yaml.SafeLoader):
     reads it as a string, which a number field would take but DeepSpeed's JSON overrides would not)."""
 
 
-ConfigYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
     """Integers as YAML 1.2 reads them: ``010`` is ten (1.1: octal eight), ``1:30`` stays a string (1.1: base 60,
     ninety); ``0x``/``0o``/``0b`` prefixes as written."""
@@ -37,6 +31,23 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
 
 
 ConfigYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | str:
+    """Floats as YAML 1.2 reads them: ``1:30.0`` stays a string (1.1: base 60, ninety)."""
+    value = str(loader.construct_scalar(node))
+    return value if ":" in value else yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+ConfigYamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+# no timestamps (YAML 1.2 has none): run.name=2024-12-06 is that text, not a date a text field refuses
+ConfigYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def load_yaml(text: str) -> Any:
@@ -68,6 +79,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, value = parse_override(text)
         node = raw
         for i, part in enumerate(path[:-1]):
+            if node.get(part, {}) is None and i == 0:  # a section whose keys a file commented out: empty
+                node[part] = {}
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
@@ -136,7 +149,7 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> AnisoraConfig:
 
 def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; its ``include:`` files (paths relative to it) are laid under it, in order."""
-    source = str(path)
+    source = str(path.resolve())  # one file, however its includes spell the way to it
     if source in chain:
         raise ConfigError(f"config file {source!r} includes itself ({' -> '.join((*chain, source))})")
     try:
@@ -148,7 +161,7 @@ def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {source!r}: expected a mapping at the top, got {type(loaded).__name__}")
-    raw = loaded or {}
+    raw = {k: {} if v is None and k in AnisoraConfig.model_fields else v for k, v in (loaded or {}).items()}  # `loop:`
     includes = raw.pop("include", None) or []
     base: dict[str, Any] = {}
     for name in [includes] if isinstance(includes, str) else includes:

@@ -361,6 +361,14 @@ class AnisoraConfig(Section):
         if self.generator.flow_shift is not None and self.model.family != "wan_i2v":
             raise ValueError(f"generator.flow_shift applies to flow-matching families (wan_i2v); model.family="
                              f"{self.model.family!r} samples with its checkpoint's DDIM (or generator.scheduler=dpm)")
+        if self.model.family == "wan_i2v" and self.generator.scheduler == "dpm":
+            raise ValueError("generator.scheduler = dpm applies to cogvideox_i2v (DPM-Solver for its DDIM); wan_i2v "
+                             "samples with its flow-matching UniPC (generator.flow_shift)")
+        if self.model.family == "wan_i2v" and self.generator.cache.kind == "faster_cache":
+            raise ValueError("generator.cache.kind = faster_cache needs CFG's two halves in one transformer call; "
+                             "wan_i2v calls it twice per step: first_block or taylorseer instead")
+        if self.loop.guard.enabled and not self.loop.guard.measures:
+            raise ValueError("loop.guard.enabled with no loop.guard.measures: the guard could never fire")
         tiny = self.model.tiny
         if self.model.pretrained == "tiny" and self.generator.max_sequence_length > tiny.max_text_seq_length:
             raise ValueError(

@@ -88,6 +88,13 @@ class GapoConfig(Section):
         if self.lora.r > 0 and self.reference_weights != "base":
             raise ValueError("gapo.reference_weights = previous_round needs full fine-tuning: with LoRA "
                              "(gapo.lora.r > 0) the reference is the base model (the adapter switched off)")
+        if self.lora.r > 0 and not self.lora.target_modules:  # peft's NoMatchingPeftModuleError at the first fit
+            raise ValueError("gapo.lora.target_modules is empty while gapo.lora.r > 0: name the linears the adapter "
+                             "goes on (e.g. [to_q, to_k, to_v, to_out.0])")
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1 and self.backend != "gloo":
+            raise ValueError(f"gapo.num_workers = {self.num_workers} with gapo.gpus_per_worker = "
+                             f"{self.gpus_per_worker} puts several ranks on one GPU, which NCCL refuses: one worker "
+                             "per GPU (gpus_per_worker: 1), one worker, or gapo.backend: gloo")
         if self.lora.dropout > 0:  # it would otherwise be ignored without a word
             raise ValueError(f"gapo.lora.dropout = {self.lora.dropout}: GAPO runs the policy in eval mode (dropout "
                              "would mask the winner's, the loser's and the reference's forward differently), so "

@@ -50,7 +50,7 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
             ds = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"gapo.deepspeed_config = {cfg.gapo.deepspeed_config!r}: cannot read a JSON file at {path} ({exc})") from None
-    ds = _merge(ds, cfg.gapo.deepspeed_overrides)
+    ds = _merge(ds, _checked_overrides(cfg.gapo))
     if cfg.gapo.compile and zero_stage(ds) == 3:
         raise ConfigError(f"gapo.compile needs ZeRO-1/2, {path} is ZeRO-3: it gathers parameters in module hooks that "
                           "the compiled blocks cannot hold; set gapo.compile=false or use a zero2 JSON")
@@ -60,7 +60,25 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
         ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.gapo.learning_rate
         if "warmup_max_lr" in ds.get("scheduler", {}).get("params", {}):
             ds["scheduler"]["params"]["warmup_max_lr"] = cfg.gapo.learning_rate
+    lr, peak = ds.get("optimizer", {}).get("params", {}).get("lr"), ds.get("scheduler", {}).get("params", {}).get("warmup_max_lr")
+    if lr is not None and peak is not None and lr != peak:  # the scheduler sets the rate: the optimizer's lr is unused
+        raise ConfigError(f"the DeepSpeed config's optimizer lr ({lr}) is not its scheduler's warmup_max_lr ({peak}), "
+                          "which is the rate training runs at: set gapo.learning_rate (it sets both)")
     return ds
+
+
+def _checked_overrides(g) -> dict:
+    """``gapo.deepspeed_overrides``, refused where a gapo key sets the same thing (the override was overwritten)."""
+    over = g.deepspeed_overrides
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
+        if key in over:
+            raise ConfigError(f"gapo.deepspeed_overrides.{key}: gapo.pairs_per_step sets the micro batch (DeepSpeed derives "
+                              "train_batch_size from it x gradient_accumulation_steps x workers); set that instead")
+    lr_set = "lr" in over.get("optimizer", {}).get("params", {}) or "warmup_max_lr" in over.get("scheduler", {}).get("params", {})
+    if lr_set and g.learning_rate is not None:
+        raise ConfigError(f"gapo.deepspeed_overrides sets a learning rate that gapo.learning_rate ({g.learning_rate}) "
+                          "replaces: set gapo.learning_rate only")
+    return over
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

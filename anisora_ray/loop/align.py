@@ -95,9 +95,15 @@ def check_inputs(cfg: AnisoraConfig) -> None:
     """What a real config leaves to the user, all said in one error before anything starts (no folder written): the
     manifests, a converted checkpoint folder, the files the reward and the guard read."""
     check_all(lambda: require_prompts(cfg.data.prompts, cfg.eval.prompts), lambda: check_pretrained(cfg.model),
-              lambda: check_reward_options(cfg.reward),
+              lambda: check_reward_options(cfg.reward), lambda: _check_live_refresh(cfg),
               lambda: check_metrics_config(cfg.eval.metrics) if cfg.loop.guard.enabled or cfg.eval.metrics.enabled
               else None)
+
+
+def _check_live_refresh(cfg: AnisoraConfig) -> None:
+    if cfg.gapo.refresh_every > 0 and cfg.loop.placement == "shared":  # it would do nothing without a word
+        raise ConfigError("gapo.refresh_every streams to live replicas during training; loop.placement = shared stops "
+                          "them while the trainer runs: set loop.placement: separate, or gapo.refresh_every: 0")
 
 
 def run_alignment(cfg: AnisoraConfig, resume: bool = False, progress: bool = True, root: str | None = None) -> AlignResult:

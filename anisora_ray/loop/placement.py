@@ -16,7 +16,8 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     """GPUs, CPUs and reserved host memory of the generator replicas, the reward actors and the trainer, and the peak.
 
     ``loop.placement: separate`` keeps all three at once (peak = sum); ``shared`` stops the
-    generator and reward actors while the trainer runs (peak = max of the two phases).
+    generator and reward actors while the trainer runs (peak = max of the phases). The held-out evaluation adds the
+    guard's metrics actors (``eval.metrics``) to the replicas and the persistent reward actors.
     """
     g = cfg.generator
     dims = cfg.reward.dimensions.as_dict()
@@ -34,11 +35,17 @@ def resource_demand(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     worker = t.worker_request()
     trainer = {k: t.num_workers * worker.get(k, 0.0) for k in KEYS}
     sampling = {k: generator[k] + reward[k] for k in KEYS}
+    m = cfg.eval.metrics  # the guard's metrics actors, while the replicas (and persistent reward actors) stay up
+    metrics = {"GPU": m.concurrency * m.num_gpus, "CPU": m.concurrency * m.num_cpus, "memory": 0.0} \
+        if cfg.loop.guard.enabled else dict.fromkeys(KEYS, 0.0)
+    persistent = cfg.pairs.reward_stage == "actors"  # else released before the guard measures (loop.align.Workers)
+    evaluation = {k: generator[k] + (reward[k] if persistent else 0.0) + metrics[k] for k in KEYS}
+    busiest = {k: max(sampling[k], evaluation[k]) for k in KEYS}
     if cfg.loop.placement == "separate":
-        peak = {k: sampling[k] + trainer[k] for k in KEYS}
+        peak = {k: busiest[k] + trainer[k] for k in KEYS}
     else:
-        peak = {k: max(sampling[k], trainer[k]) for k in KEYS}
-    return {"generator": generator, "reward": reward, "trainer": trainer, "peak": peak}
+        peak = {k: max(busiest[k], trainer[k]) for k in KEYS}
+    return {"generator": generator, "reward": reward, "trainer": trainer, "metrics": metrics, "peak": peak}
 
 
 def single_requests(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
@@ -47,6 +54,9 @@ def single_requests(cfg: AnisoraConfig) -> dict[str, dict[str, float]]:
     out = {"generator.actor": cfg.generator.actor.request()}
     out |= {f"reward.dimensions.{n}.actor": dims[n].actor.request() for n in active_dimensions(dims)}
     out["gapo worker"] = cfg.gapo.worker_request()
+    if cfg.loop.guard.enabled:
+        m = cfg.eval.metrics
+        out["eval.metrics actor"] = {"CPU": m.num_cpus, **({"GPU": m.num_gpus} if m.num_gpus else {})}
     return out
 
 
