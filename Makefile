@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH_INDEX ?=
 
 .PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: the CPU wheel (a plain resolve would pull a multi-GB CUDA build)
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first: the CPU wheel where the pip index serves it (a plain PyPI resolve pulls the multi-GB CUDA build;
+	# there: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -95,7 +95,7 @@ def main() -> None:
         pretrained = resolve_pretrained(cfg.model, cfg.generator)
         manifest = write_trained(pretrained, f"{tmp}/trained", args.shard_mb)
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=int(3 * manifest["num_bytes"]) + 2**28,
-                 log_to_driver=False)
+                 log_to_driver=False, _node_ip_address="127.0.0.1")  # loopback, as runtime.init_ray
         replicas = GeneratorReplicas(cfg, pretrained)
         rows = []
         try:

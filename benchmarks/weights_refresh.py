@@ -110,7 +110,7 @@ def main() -> None:
     count = max(1, int(args.mb * 2**20 / (layer * 4)))
     shapes = {f"layer{i:04d}": (1024, 1024) for i in range(count)}
     ray.init(num_cpus=args.replicas + 1, include_dashboard=False, object_store_memory=int(4 * args.mb * 2**20) + 2**28,
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")  # loopback, as runtime.init_ray
     actors = [Holder.remote(shapes) for _ in range(args.replicas)]
     nbytes = count * layer * 4
     live = {k: torch.randn(s) for k, s in shapes.items()}  # the trainer's weights, in memory

@@ -260,3 +260,5 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
     for row in r1:  # the frozen round-0 statistics, not this set's own
         assert row["character"] == pytest.approx(1 / (1 + math.exp(-(row["character_raw"] - m.mean) / m.std)))
     assert all(0 <= comparison["means"][v]["subject_consistency"] <= 1 for v in ("round-0", "round-2", "r1"))
+    table = (tmp_path / "eval" / "comparison.md").read_text()  # the paper's layout first, as docs/evaluation.md says
+    assert table.startswith("| version | VBench-I2V:") and table.index("| round-2 |") < table.index("| metric |")

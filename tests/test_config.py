@@ -226,3 +226,20 @@ def test_align_refuses_a_live_refresh_the_placement_would_drop():
     with pytest.raises(ConfigError, match="loop.placement = shared stops them while the trainer runs"):
         check_inputs(cfg)
     check_inputs(load_config(LOCAL_CONFIG, ["gapo.refresh_every=2"]))  # separate: the replicas are there
+
+
+def test_a_later_file_that_changes_a_dimensions_backend_replaces_its_options_and_actor(tmp_path):
+    """The real config's header: the zero-shot preset included after it. Merged, every zero-shot dimension kept the
+    released scorer's options (refused: unknown option 'source') and its GPU (a CPU scorer reserving one)."""
+    from anisora_ray.reward.base import check_reward_options
+
+    (tmp_path / "zs.yaml").write_text(f"include: [{REPO}/configs/cogvideox5b_i2v.yaml, "
+                                      f"{REPO}/configs/reward/zero-shot.yaml]\n")
+    dims = load_config(tmp_path / "zs.yaml").reward.dimensions.as_dict()
+    check_reward_options(load_config(tmp_path / "zs.yaml").reward)
+    assert dims["visual_smoothness"].backend == "classical" and dims["visual_smoothness"].options == {}
+    assert dims["visual_smoothness"].actor.num_gpus == 0 and "source" not in dims["character"].options
+    (tmp_path / "same.yaml").write_text(f"include: {REPO}/configs/cogvideox5b_i2v.yaml\n"
+                                        "reward: {dimensions: {character: {backend: released, options: {identity: own}}}}\n")
+    kept = load_config(tmp_path / "same.yaml").reward.dimensions.as_dict()["character"]  # same backend: merged
+    assert kept.options["identity"] == "own" and kept.options["source"] == "IndexTeam/Index-anisora"

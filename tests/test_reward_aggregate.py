@@ -174,3 +174,14 @@ def test_a_rank_normalized_dimension_is_said_to_add_nothing_to_held_out_gains(ma
     with caplog.at_level("WARNING", logger="anisora_ray.eval.heldout"):
         heldout_items(cfg, train)
     assert [r.getMessage() for r in caplog.records if r.name == "anisora_ray.eval.heldout"] == [rank_caveat(cfg)]
+
+
+def test_a_numpy_score_is_a_score_and_what_is_not_a_number_is_said_so():
+    import numpy as np
+
+    from anisora_ray.reward.aggregate import invalid_reason
+
+    assert invalid_reason({"visual_motion": np.float32(0.95), "character": np.int64(1)}, ["visual_motion", "character"]) \
+        is None  # was "non-finite score np.float32(0.95)": a backend's numpy scalar quarantined a valid clip
+    assert invalid_reason({"visual_motion": "0.5", "character": np.float64("inf")}, ["visual_motion", "character"]) \
+        == "visual_motion: not a number: '0.5'; character: non-finite score np.float64(inf)"

@@ -165,8 +165,24 @@ def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     includes = raw.pop("include", None) or []
     base: dict[str, Any] = {}
     for name in [includes] if isinstance(includes, str) else includes:
-        base = _merge(base, _read_yaml(path.parent / name, (*chain, source)))
-    return _merge(base, raw)
+        included = _read_yaml(path.parent / name, (*chain, source))
+        base = _merge(_switch_backends(base, included), included)
+    return _merge(_switch_backends(base, raw), raw)
+
+
+def _switch_backends(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` without the ``options`` and ``actor`` of each reward dimension whose backend ``update`` changes: one
+    backend's options (and GPU) merged into another's would be refused, or reserve what it does not use (a zero-shot
+    preset included after the released one)."""
+    new = ((update.get("reward") or {}).get("dimensions") or {})
+    old = ((base.get("reward") or {}).get("dimensions") or {})
+    switched = [n for n, d in new.items() if isinstance(d, dict) and isinstance(old.get(n), dict)
+                and "backend" in d and d["backend"] != old[n].get("backend")]
+    if not switched:
+        return base
+    dims = {n: ({k: v for k, v in d.items() if k not in ("options", "actor")} if n in switched else d)
+            for n, d in old.items()}
+    return {**base, "reward": {**base["reward"], "dimensions": dims}}
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> AnisoraConfig:

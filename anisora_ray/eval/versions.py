@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.errors import ConfigError
-from anisora_ray.eval.compare import compare_versions, markdown_table
+from anisora_ray.eval.compare import compare_versions, markdown_table, paper_table
 from anisora_ray.eval.vbench import (
     FORMS_FILE,
     MEASURES,
@@ -246,5 +246,6 @@ def evaluate_versions(cfg: AnisoraConfig, versions: list[Version], out: str, bas
     comparison["weights"] = {v.label: v.weights_uri for v in versions}
     comparison["human"] = human_results(out, baseline)
     fs.write_bytes(fs.join(out, "comparison.json"), json.dumps(comparison, indent=2, default=float).encode())
-    fs.write_bytes(fs.join(out, "comparison.md"), markdown_table(comparison, comparison["human"]).encode())
+    fs.write_bytes(fs.join(out, "comparison.md"),
+                   (paper_table(comparison) + "\n" + markdown_table(comparison, comparison["human"])).encode())
     return comparison

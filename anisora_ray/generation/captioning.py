@@ -107,7 +107,7 @@ class VisionCaptioner:
         self.processor = images_only_processor(path)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True).to(self.device).eval()
 
     def media(self, request: CaptionRequest) -> list:
         """The PIL images the model sees: ``num_frames`` frames sampled evenly over the clip, or the image."""

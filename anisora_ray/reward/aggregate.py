@@ -9,6 +9,7 @@ ranks within the rows of one call (one prompt's candidates when pairing).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,9 @@ def invalid_reason(row: Mapping[str, float], dimensions: Sequence[str]) -> str |
         value = row.get(name)
         if value is None:
             problems.append(f"{name}: missing score")
-        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
+            problems.append(f"{name}: not a number: {value!r}")
+        elif not math.isfinite(value):
             problems.append(f"{name}: non-finite score {value!r}")
     return "; ".join(problems) or None
 
