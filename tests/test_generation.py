@@ -112,3 +112,19 @@ def test_a_call_that_failed_on_a_replica_is_sent_to_another_and_a_broken_replica
     with pytest.raises(InfrastructureError, match=r"generator replica\(s\) \[0, 1\] failed 2 time\(s\) on prompts "
                                                   r"\['p\d'\]: RayTaskError.*CUDA error"):
         spread._spread(lambda actor, chunk: actor.run.remote(chunk), 1, requests, None)
+
+
+def test_each_round_and_the_held_out_set_draw_their_own_seeds_the_same_every_time():
+    """On-policy rounds render each prompt anew (a round that reused the last one's seeds would pair the same noise),
+    held-out candidates never share a training round's seeds, and every call gives the same seeds."""
+    from anisora_ray.eval.heldout import EVAL_ROUND
+    from anisora_ray.generation.seeding import candidate_seeds
+
+    by_round = {r: candidate_seeds(7, "p1", 8, r) for r in (0, 1, 2, EVAL_ROUND)}
+    assert all(len(set(s)) == 8 for s in by_round.values())
+    for a in by_round:
+        for b in by_round:
+            assert a == b or set(by_round[a]).isdisjoint(by_round[b]), (a, b)
+    assert candidate_seeds(7, "p1", 8, 2) == by_round[2] and candidate_seeds(7, "p1", 3, 2) == by_round[2][:3]
+    assert set(candidate_seeds(8, "p1", 8, 2)).isdisjoint(by_round[2])  # the run seed
+    assert set(candidate_seeds(7, "p2", 8, 2)).isdisjoint(by_round[2])  # the prompt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def test_restarted_replicas_come_back_at_the_latest_weights_version(ray_cluster, make_config, tmp_path):
+    import torch
     from diffusers import CogVideoXTransformer3DModel
 
     from anisora_ray.loop.align import Workers
@@ -13,7 +14,11 @@ def test_restarted_replicas_come_back_at_the_latest_weights_version(ray_cluster,
     cfg = make_config("generator.replicas=2", "loop.placement=shared", "pairs.reward_stage=pipeline")
     transformer = CogVideoXTransformer3DModel.from_pretrained(resolve_pretrained(cfg.model, cfg.generator),
                                                               subfolder="transformer")
-    transformer.save_pretrained(str(tmp_path / "weights"), safe_serialization=True)  # stands in for round 3's result
+    transformer.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    with torch.no_grad():  # stands in for round 3's result: other weights than the base's
+        for p in transformer.parameters():
+            p.add_(0.01)
+    transformer.save_pretrained(str(tmp_path / "weights"), safe_serialization=True)
     workers = Workers(cfg)
     try:
         workers.start(None)
@@ -27,6 +32,9 @@ def test_restarted_replicas_come_back_at_the_latest_weights_version(ray_cluster,
         latest = RoundState(index=3, phase="refreshed", weights_uri=str(tmp_path / "weights"), weights_version=3)
         workers.start(latest)
         assert workers.replicas.weights_versions() == [3, 3]
-        assert len({s["checksum"] for s in workers.replicas.weights_states()}) == 1
+        round3 = {s["checksum"] for s in workers.replicas.weights_states()}
+        workers.replicas.refresh_from(str(tmp_path / "base"), 4)  # what the base's weights check as, loaded alike
+        base = {s["checksum"] for s in workers.replicas.weights_states()}
+        assert len(round3) == 1 and len(base) == 1 and round3 != base  # round 3's weights came back, not the base's
     finally:
         workers.stop()

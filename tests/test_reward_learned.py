@@ -74,6 +74,15 @@ def test_consistency_zero_shot_is_cosine_and_prefers_the_matching_image(cache):
     text_video = build_dimension("text_video", "clip", backbone="tiny:clip", cache_dir=cache)
     t = text_video.score(batch([still, other], prompts=["a red girl", "a red girl"]))
     assert ((t >= -1) & (t <= 1)).all() and t[0] != t[1]
+    # the prompt is what it is compared with: the same clip scores otherwise under another prompt, and each score is
+    # the cosine of the clip's mean frame feature with the prompt's text feature
+    u = text_video.score(batch([still, still], prompts=["a red girl", "a blue dragon flies over the sea"]))
+    assert abs(u[0] - u[1]) > 1e-4 and u[0] == pytest.approx(t[0], abs=1e-6)
+    with torch.no_grad():
+        frames = torch.nn.functional.normalize(text_video._frame_features([still])[0].mean(0), dim=-1)
+        for prompt, got in zip(["a red girl", "a blue dragon flies over the sea"], u, strict=True):
+            text = torch.nn.functional.normalize(text_video.backbone.text_features([prompt])[0], dim=-1)
+            assert got == pytest.approx(float((frames * text.to(frames.device)).sum()), abs=1e-5)
 
 
 def test_heads_save_load_and_score(cache, tmp_path):

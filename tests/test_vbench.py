@@ -84,6 +84,13 @@ def test_learned_forms_load_dino_and_the_laion_head_through_from_pretrained(tmp_
         big = VideoMetrics(cfg).score(frames, cv2.resize(image, (128, 128), interpolation=cv2.INTER_CUBIC), fps=8)
         assert set(big) == set(scores) and all(math.isfinite(big[k]) for k, v in scores.items() if math.isfinite(v))
     assert "config.json" in __import__("os").listdir(resolve_backbone("tiny:dinov2", cache))
+    # the frames are what DINO compares with the image: a still video of the image conforms and holds together
+    # exactly, noise frames do not (a metric fed the image alone scored both 1.0)
+    subject = VideoMetrics(VideoMetricsConfig(subject_backbone="tiny:dinov2", cache_dir=cache, device="cpu"))
+    still = subject.score(np.repeat(image[None], 9, axis=0), image, fps=8)["subject_consistency"]
+    noise = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    noisy = subject.score(noise, image, fps=8)["subject_consistency"]
+    assert still == pytest.approx(1.0, abs=1e-5) and noisy < still - 1e-3, (still, noisy)
 
     save_file({"weight": torch.randn(2, dim), "bias": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ConfigError, match="bad.safetensors.*weight"):
