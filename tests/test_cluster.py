@@ -194,3 +194,20 @@ def test_kuberay_head_loss_keeps_gcs_state_in_the_shipped_redis_and_the_job_resu
     claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
     assert "--resume" in shlex.split(job["spec"]["entrypoint"]) and job["spec"]["backoffLimit"] >= 3
+
+
+def test_only_the_rayclusters_pods_reach_mlflow_and_redis():
+    """Neither has auth beyond Redis' password: a NetworkPolicy per service admits the RayCluster's pods (KubeRay
+    labels them ray.io/cluster: <name>) on the service's port, and nothing else."""
+    cluster = _load("kuberay", "raycluster.yaml")
+    with open(os.path.join(REPO, "cluster", "kuberay", "network-policy.yaml")) as f:
+        policies = {p["spec"]["podSelector"]["matchLabels"]["app"]: p for p in yaml.safe_load_all(f)}
+    for name in ("mlflow", "redis"):
+        with open(os.path.join(REPO, "cluster", "kuberay", f"{name}.yaml")) as f:
+            docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+        labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+        policy = policies[labels["app"]]
+        assert policy["spec"]["policyTypes"] == ["Ingress"] and len(policy["spec"]["ingress"]) == 1
+        rule = policy["spec"]["ingress"][0]
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}}]
+        assert [p["port"] for p in rule["ports"]] == [p["targetPort"] for p in docs["Service"]["spec"]["ports"]]

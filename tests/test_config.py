@@ -243,3 +243,11 @@ def test_a_later_file_that_changes_a_dimensions_backend_replaces_its_options_and
                                         "reward: {dimensions: {character: {backend: released, options: {identity: own}}}}\n")
     kept = load_config(tmp_path / "same.yaml").reward.dimensions.as_dict()["character"]  # same backend: merged
     assert kept.options["identity"] == "own" and kept.options["source"] == "IndexTeam/Index-anisora"
+
+
+def test_a_text_field_takes_an_override_as_written_where_yaml_would_read_a_number():
+    cfg = load_config(LOCAL_CONFIG, ["model.revision=0123456", "run.name=1.10"])  # refused as 123456 and 1.1
+    assert (cfg.model.revision, cfg.run.name) == ("0123456", "1.10")
+    assert load_config(LOCAL_CONFIG, ["model.revision=8e12345"]).model.revision == "8e12345"  # was inf
+    cfg = load_config(LOCAL_CONFIG, ["generator.replicas=3", "data.prompts=null"])  # numbers and null stay themselves
+    assert cfg.generator.replicas == 3 and cfg.data.prompts is None

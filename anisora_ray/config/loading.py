@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from anisora_ray.config.base import _scalar_types
 from anisora_ray.config.sections import AnisoraConfig
 from anisora_ray.errors import ConfigError
 
@@ -73,10 +74,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _text_only(path: list[str]) -> bool:
+    """Whether the config field at ``path`` takes text and no number (``model.revision``, ``run.name``)."""
+    model: Any = AnisoraConfig
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        kinds = _scalar_types(field.annotation)
+        if i == len(path) - 1:
+            return str in kinds and not kinds & {int, float, bool}
+        model = next((k for k in kinds if issubclass(k, BaseModel)), None)
+    return False
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw config dict (in place) and return it."""
+    """Apply dotted overrides to a raw config dict (in place) and return it. A text field takes the text as written
+    where YAML would read a number or a date (``model.revision=0123456``, ``run.name=1.10``)."""
     for text in overrides:
         path, value = parse_override(text)
+        if value is not None and not isinstance(value, str | list | dict) and _text_only(path):
+            value = text.partition("=")[2].strip()
         node = raw
         for i, part in enumerate(path[:-1]):
             if node.get(part, {}) is None and i == 0:  # a section whose keys a file commented out: empty
