@@ -135,6 +135,15 @@ def tiny_align_dir(root) -> str:
     return str(root)
 
 
+def test_the_page_answers_to_the_names_a_browser_sends():
+    from anisora_ray.eval.annotate_server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", 8765) == {"127.0.0.1:8765", "localhost:8765", "[::1]:8765"}
+    assert allowed_hosts("MyBox.lan", 8765) == {"mybox.lan:8765"}  # browsers send host names in lower case
+    assert "localhost" in allowed_hosts("localhost", 80)  # and leave out port 80
+    assert allowed_hosts("0.0.0.0", 8765) is None  # opened to the network on purpose: any name
+
+
 def test_a_study_needs_both_sides_videos_and_the_server_says_what_it_cannot_serve_or_store(tmp_path):
     import json
     import urllib.error

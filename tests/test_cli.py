@@ -103,7 +103,8 @@ def test_align_on_the_real_config_without_data_fails_at_once_naming_the_key(caps
     assert "3 things to fix" in err and "options.code '/mnt/anisora-ray/Index-anisora' does not exist" in err
     assert "aesthetic_head '/mnt/anisora-ray/eval/sa_0_4_vit_l_14_linear.pth' does not exist" in err
     assert main(["align", "--config", f"{REPO}/configs/cogvideox5b_i2v.yaml", "--set", "data.prompts=m.parquet"]) == 2
-    assert "eval.prompts is not set" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval.prompts is not set" in err and "data.prompts = 'm.parquet' do(es) not exist" in err
 
 
 def test_pairs_and_align_with_one_candidate_per_prompt_fail_at_once_naming_the_setting(tmp_path, capsys, monkeypatch):

@@ -243,6 +243,10 @@ def test_a_later_file_that_changes_a_dimensions_backend_replaces_its_options_and
                                         "reward: {dimensions: {character: {backend: released, options: {identity: own}}}}\n")
     kept = load_config(tmp_path / "same.yaml").reward.dimensions.as_dict()["character"]  # same backend: merged
     assert kept.options["identity"] == "own" and kept.options["source"] == "IndexTeam/Index-anisora"
+    (tmp_path / "base.yaml").write_text("reward: {dimensions: {visual_smoothness: {actor: {num_cpus: 8}}}}\n")
+    (tmp_path / "restated.yaml").write_text("include: base.yaml\nreward: {dimensions: {visual_smoothness: "
+                                            "{backend: classical, weight: 2}}}\n")  # the default backend, said again
+    assert load_config(tmp_path / "restated.yaml").reward.dimensions.as_dict()["visual_smoothness"].actor.num_cpus == 8
 
 
 def test_a_text_field_takes_an_override_as_written_where_yaml_would_read_a_number():

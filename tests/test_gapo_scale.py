@@ -196,3 +196,28 @@ def test_a_sigkilled_training_worker_restarts_from_the_last_checkpoint(gapo_pair
 
     logged = MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, "loss")
     assert len(logged) == steps  # no update logged twice across the restart
+
+
+def test_training_goes_on_when_a_live_refresh_fails_on_a_replica(gapo_pairs):
+    """A replica that dies during training fails the periodic refreshes it is sent (on rank 0 alone, after the
+    collective gathers): they are said and training goes on (before, rank 0 raised and the attempt was lost, and
+    every restart met the same dead replica), the weights version is logged only where the refresh landed."""
+    import ray
+
+    from anisora_ray.gapo.trainer import train_gapo
+    from anisora_ray.generation.replicas import GeneratorReplicas
+    from anisora_ray.tracking import new_run
+
+    cfg = gapo_pairs["make"]("gapo.steps=3", "gapo.refresh_every=1", "gapo.max_failures=0", "generator.replicas=2",
+                             "generator.candidates_per_prompt=1")
+    run_id = new_run(cfg, "dead-replica")
+    replicas = GeneratorReplicas(cfg, _pretrained(cfg))
+    try:
+        ray.kill(replicas.actors[1], no_restart=True)
+        result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "dead-replica"), root=REPO,
+                            run_name="dead-replica", mlflow_run_id=run_id, replicas=replicas.actors, replicas_version=0)
+    finally:
+        replicas.shutdown()
+    assert result["step"] == 3 and result["optimizer_steps"] == 3
+    assert sorted(history(cfg, run_id, "loss")) == [1, 2, 3]
+    assert history(cfg, run_id, "weights_version") == {}  # neither refresh reached every replica

@@ -202,6 +202,9 @@ def test_every_image_mode_reaches_the_models_as_its_picture_in_8_bit_rgb(tmp_pat
     rgba[..., 3] = 255
     Image.fromarray(rgba).save(tmp_path / "opaque.png")
     assert tuple(np.asarray(load_image(str(tmp_path / "opaque.png")))[0, 0]) == (255, 0, 0)
+    keyed = Image.fromarray(np.full((4, 4, 3), (10, 20, 30), np.uint8))  # an RGB PNG with a colour key (tRNS)
+    keyed.save(tmp_path / "keyed.png", transparency=(10, 20, 30))
+    assert tuple(np.asarray(load_image(str(tmp_path / "keyed.png")))[0, 0]) == (255, 255, 255)
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float.tiff")  # convert("RGB"): all black
     with pytest.raises(ImageLoadError, match=r"float.tiff.*floating-point image \(mode F\)"):
         load_image(str(tmp_path / "float.tiff"))
@@ -240,6 +243,8 @@ def test_a_column_of_the_wrong_type_is_named_not_turned_into_its_repr(tmp_path):
         manifest(prompt_id=[True])
     assert manifest(prompt_id=[7], character_id=[3])[0].prompt_id == "7"  # integer ids stay accepted
     assert manifest(prompt_id=pa.array(["c"]).dictionary_encode())[0].prompt_id == "c"  # pandas' categorical
+    if hasattr(pa, "string_view"):  # Arrow's newer text layout
+        assert manifest(prompt_id=pa.array(["v"], type=pa.string_view()))[0].prompt_id == "v"
 
 
 def test_prompts_files_with_a_byte_order_mark_or_a_non_object_line(tmp_path):

@@ -40,3 +40,26 @@ def test_round_0_is_logged_once_whether_the_driver_was_lost_before_logging_it_or
         assert log_metrics_once(run.info.run_id, row, step=0) == ["heldout_first_frame_psnr"]
         client = MlflowClient()
         assert [m.value for m in client.get_metric_history(run.info.run_id, "heldout_reward")] == [0.5]
+
+
+def test_the_trainers_step_log_keeps_what_mlflow_refused_and_sends_it_with_the_next_update(tmp_path):
+    """Rank 0's per-update metrics: a tracking server that refuses a batch (here: the run set aside, so it takes no
+    metric) no longer ends the training attempt; the update's metrics wait and go with the next one's."""
+    from mlflow.tracking import MlflowClient
+
+    from anisora_ray.gapo.trainer import StepLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("steps")).info.run_id
+    logger = StepLogger(uri, run)
+    logger.log({"loss": 0.7}, 1)
+    client.delete_run(run)  # refuses every write until restored
+    logger.log({"loss": 0.6, "grad_norm": 2.0}, 2)  # raised before
+    assert len(logger.pending) == 2
+    client.restore_run(run)
+    logger.log({"loss": 0.5, "grad_norm": 1.0}, 3)
+    assert logger.pending == []
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "loss")] == [(1, 0.7), (2, 0.6), (3, 0.5)]
+    logger.log({"loss": 0.1}, 3)  # an update it holds already (a restart replays it): not logged twice
+    assert len(client.get_metric_history(run, "loss")) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ def _text_only(path: list[str]) -> bool:
         kinds = _scalar_types(field.annotation)
         if i == len(path) - 1:
             return str in kinds and not kinds & {int, float, bool}
-        model = next((k for k in kinds if issubclass(k, BaseModel)), None)
-    return False
+        model = next((k for k in kinds if typing.get_origin(k) is None and issubclass(k, BaseModel)), None)  # 3.10:
+    return False  # dict[str, Any] is a type there, and issubclass() of it raises
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -194,8 +195,9 @@ def _switch_backends(base: dict[str, Any], update: dict[str, Any]) -> dict[str, 
     preset included after the released one)."""
     new = ((update.get("reward") or {}).get("dimensions") or {})
     old = ((base.get("reward") or {}).get("dimensions") or {})
+    defaults = {n: d.backend for n, d in AnisoraConfig().reward.dimensions.as_dict().items()}  # an unset backend's
     switched = [n for n, d in new.items() if isinstance(d, dict) and isinstance(old.get(n), dict)
-                and "backend" in d and d["backend"] != old[n].get("backend")]
+                and "backend" in d and d["backend"] != old[n].get("backend", defaults.get(n))]
     if not switched:
         return base
     dims = {n: ({k: v for k, v in d.items() if k not in ("options", "actor")} if n in switched else d)

@@ -85,8 +85,10 @@ def _check_types(table: pa.Table, uri: str) -> None:
             continue
         kind = table.schema.field(column).type
         kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' categorical columns
-        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
-        number = pa.types.is_integer(kind) or pa.types.is_floating(kind)  # pandas: an int column with NaN is float
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind) \
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)
+        number = pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)  # pandas: an
+        # int column with a missing value is float
         if not (text or (number and column in ("prompt_id", "character_id"))):
             wanted = "text or integers" if column in ("prompt_id", "character_id") else "text"
             raise ManifestError(f"manifest {uri!r} column {column!r} holds {kind}, expected {wanted}")

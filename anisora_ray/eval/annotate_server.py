@@ -81,8 +81,9 @@ def allowed_hosts(host: str, port: int) -> set[str] | None:
     of them, so that site's scripts cannot read the study or vote through the annotator's browser."""
     if host in ("0.0.0.0", "::", ""):
         return None
-    names = set(LOOPBACK) if host in LOOPBACK else {host}
-    return {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+    names = set(LOOPBACK) if host in LOOPBACK else {host.lower()}  # a browser sends the name in lower case
+    hosts = {f"[{n}]" if ":" in n else n for n in names}
+    return {f"{h}:{port}" for h in hosts} | (hosts if port == 80 else set())  # and leaves out port 80
 
 
 def make_handler(store: AnnotationStore, hosts: set[str] | None = None):

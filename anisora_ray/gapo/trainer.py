@@ -22,6 +22,7 @@ import time
 import pyarrow as pa
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.errors import WeightsError
 from anisora_ray.gapo.batches import pair_rows, worker_rows
 from anisora_ray.gapo.checkpoint import read_training_state
 from anisora_ray.gapo.engine import GapoWorker, deepspeed_config
@@ -36,20 +37,32 @@ class StepLogger:
     """Rank 0's per-update MLflow metrics (the driver opened the run). Updates the run already holds
     (logged before a restart from an earlier checkpoint) are not logged twice."""
 
+    BATCH = 1000  # MLflow's most metrics per log_batch
+
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self.logged = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=0)
+        self.pending: list = []  # metrics the tracking server did not take yet
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log an update's metrics; while the tracking server refuses them (away, locked) they wait and go with the
+        next update's: training does not stop for it (an error here ended the attempt on rank 0 alone)."""
         from mlflow.entities import Metric
 
         if step <= self.logged:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.logged = step
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[: self.BATCH])
+                self.pending = self.pending[self.BATCH:]
+        except Exception as exc:  # noqa: BLE001 - whatever the tracking server says, the update is done
+            log.warning("update %d: MLflow did not take its metrics (%s: %s); %d metric(s) wait for the next update",
+                        step, type(exc).__name__, str(exc).splitlines()[0][:200], len(self.pending))
 
 
 def _report(worker: GapoWorker, metrics: dict, with_checkpoint: bool = True) -> None:
@@ -72,8 +85,12 @@ def _held_already(refresh: dict, version: int) -> bool:
 
     answer = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        held = ray.get([a.get_weights_version.remote() for a in refresh["actors"]], timeout=600)
-        answer = [max(held, default=-1) >= version]
+        try:
+            held = ray.get([a.get_weights_version.remote() for a in refresh["actors"]], timeout=600)
+            answer = [max(held, default=-1) >= version]
+        except Exception as exc:  # noqa: BLE001 - said to every rank: the refresh is tried (and may fail alone)
+            log.warning("could not ask the replicas which weights they hold (%s): sending version %d", exc, version)
+            answer = [False]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(answer, src=0)
     return bool(answer[0])
@@ -81,15 +98,22 @@ def _held_already(refresh: dict, version: int) -> bool:
 
 def _refresh_replicas(worker: GapoWorker, refresh: dict, version: int):
     """The live weights from rank 0 to the replicas, streamed (a collective under ZeRO-3: every rank takes
-    part); returns the update's metadata on rank 0 (None: not sent, the replicas hold it already)."""
+    part); returns the update's metadata on rank 0 (None: not sent, the replicas hold it already; False: it failed
+    on some replica, which a later refresh repairs)."""
     if worker.resumed_from and _held_already(refresh, version):
         if worker.rank == 0:
             log.info("update %d: the replicas hold weights version %d already (sent before the restart)", worker.update,
                      version)
         return None
     start = time.perf_counter()
-    streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"],
-                             transport=refresh.get("transport", "auto"))
+    try:
+        streamed = worker.stream(refresh["actors"], refresh.get("nodes"), version, refresh["bucket_mb"],
+                                 transport=refresh.get("transport", "auto"))
+    except WeightsError as exc:  # rank 0 alone, after the gathers: training goes on, a later refresh repairs them
+        log.warning("update %d: live refresh to weights version %d failed (%s); training goes on, the next refresh "
+                    "(or the round's, from storage) reaches the replicas", worker.update, version,
+                    str(exc).splitlines()[0][:300])
+        return False
     if streamed is None:
         return None
     meta, reports = streamed
@@ -143,8 +167,8 @@ def train_loop_per_worker(config: dict) -> None:
         step = worker.update
         if refresh and g.refresh_every and step % g.refresh_every == 0 and step < g.steps:
             version = refresh["base_version"] + step // g.refresh_every
-            _refresh_replicas(worker, refresh, version)
-            metrics["weights_version"] = version
+            if _refresh_replicas(worker, refresh, version) is not False:  # False: it failed (rank 0 says so)
+                metrics["weights_version"] = version
         if logger:
             logger.log(metrics, step)
         if step < g.steps and g.checkpoint_every and step % g.checkpoint_every == 0:

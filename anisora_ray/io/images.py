@@ -48,7 +48,8 @@ def load_image(uri: str) -> Image.Image:
 
 def to_rgb(image: Image.Image, uri: str) -> Image.Image:
     """``image`` as 8-bit RGB (see the module's docstring)."""
-    if image.mode == "RGB":
+    transparent = "transparency" in image.info  # a palette's or a colour key's (has_transparency_data: Pillow 10.1+)
+    if image.mode == "RGB" and not transparent:
         return image
     if image.mode == "F":
         raise ImageLoadError(uri, "a floating-point image (mode F) has no known value range: save it as 8- or 16-bit")
@@ -59,8 +60,7 @@ def to_rgb(image: Image.Image, uri: str) -> Image.Image:
         top = 65535 if image.mode.startswith("I;16") or values.max() <= 65535 else 2**32 - 1
         scaled = (values * 255 + top // 2) // top if values.max() > 255 or image.mode.startswith("I;16") else values
         return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and image.has_transparency_data) \
-            or (image.mode in ("L", "RGB") and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode in ("P", "L", "RGB") and transparent):
         rgba = image.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:  # some pixel is not opaque
             log.warning("%s has transparent pixels: flattened onto white", uri)

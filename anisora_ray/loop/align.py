@@ -95,9 +95,18 @@ def check_inputs(cfg: AnisoraConfig) -> None:
     """What a real config leaves to the user, all said in one error before anything starts (no folder written): the
     manifests, a converted checkpoint folder, the files the reward and the guard read."""
     check_all(lambda: require_prompts(cfg.data.prompts, cfg.eval.prompts), lambda: check_pretrained(cfg.model),
-              lambda: check_reward_options(cfg.reward), lambda: _check_live_refresh(cfg),
+              lambda: _check_manifests_exist(cfg), lambda: check_reward_options(cfg.reward),
+              lambda: _check_live_refresh(cfg),
               lambda: check_metrics_config(cfg.eval.metrics) if cfg.loop.guard.enabled or cfg.eval.metrics.enabled
               else None)
+
+
+def _check_manifests_exist(cfg: AnisoraConfig) -> None:
+    missing = [f"{key} = {uri!r}" for key, uri in (("data.prompts", cfg.data.prompts), ("eval.prompts", cfg.eval.prompts))
+               if uri not in (None, "demo") and not fs.exists(uri)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} do(es) not exist: build the manifests with `anisora-ray "
+                          "build-manifest` (docs/data.md)")
 
 
 def _check_live_refresh(cfg: AnisoraConfig) -> None:
