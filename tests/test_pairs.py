@@ -67,6 +67,20 @@ def test_pairs_stream_one_per_prompt_and_resume_exactly_once(ray_cluster, pairs_
         rest = run_pairs(pairs_cfg(*size, "generator.calls_per_task=2"), demo_manifest, str(tmp_path / "resumed"),
                          replicas=replicas, progress=False)
         again = run_pairs(cfg, demo_manifest, str(tmp_path / "resumed"), replicas=replicas, progress=False)
+        # Stopped from outside (the overlapped schedule's round failed beside it): at the first prompt written, which
+        # is kept; a resume makes the rest
+        import threading
+
+        from anisora_ray.loop.rounds import PairsStopped, _stopper
+
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(PairsStopped, match="pairs stopped after demo-000"):
+            run_pairs(cfg, demo_manifest, str(tmp_path / "stopped"), replicas=replicas, progress=False,
+                      on_prompt=_stopper(stop))
+        assert len(read_pairs(str(tmp_path / "stopped"))) == 1
+        finished = run_pairs(cfg, demo_manifest, str(tmp_path / "stopped"), replicas=replicas, progress=False)
+        assert (finished.already_done, finished.pairs) == (1, 2)
         # The same persistent actors, not reloaded, still at their weights version.
         assert [(p["actor_id"], p["replica_id"]) for p in replicas.placements()] == before
         assert replicas.weights_versions() == [0, 0]

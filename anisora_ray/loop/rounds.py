@@ -75,8 +75,13 @@ def prepare_round(ctx: RoundContext, rs: RoundState) -> None:
         log_metrics({"disk_free_gb": free}, step=rs.index)
 
 
-def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
-    """Generate, score and pair the training prompts with the weights the replicas hold now."""
+class PairsStopped(Exception):
+    """The overlapped pairs stage stopped because the round beside it failed (its written prompts are kept)."""
+
+
+def pairs_phase(ctx: RoundContext, rs: RoundState, stop: threading.Event | None = None) -> None:
+    """Generate, score and pair the training prompts with the weights the replicas hold now; ``stop``, once set,
+    ends the stage after the prompt being written (the overlapped schedule's training or refresh failed)."""
     if rs.reached("paired"):
         return
     cfg, workers = ctx.cfg, ctx.workers
@@ -91,7 +96,7 @@ def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
         began = time.perf_counter()
         result = run_pairs(cfg, ctx.train_manifest, fs.join(ctx.out, f"round-{rs.index}", "pairs"), workers.replicas,
                            round_index=rs.index, progress=ctx.progress, reward_actors=workers.rewards,
-                           statistics=ctx.statistics, exact=exact)
+                           statistics=ctx.statistics, exact=exact, on_prompt=_stopper(stop) if stop else None)
         seconds = time.perf_counter() - began
         pairs = sorted(read_pairs(result.out_uri), key=lambda p: p.prompt_id)  # sums in a fixed order
         rs.pairs_uri = result.out_uri
@@ -107,6 +112,13 @@ def pairs_phase(ctx: RoundContext, rs: RoundState) -> None:
         log_samples(cfg, rs.pairs_uri, fs.join(ctx.out, f"round-{rs.index}", "samples"))
         rs.phase = "paired"
         ctx.save()
+
+
+def _stopper(stop: threading.Event):
+    def check(prompt_id: str) -> None:
+        if stop.is_set():
+            raise PairsStopped(f"pairs stopped after {prompt_id}: the round beside them failed")
+    return check
 
 
 def staleness(pairs, trained_from: int) -> dict[str, float]:
@@ -258,10 +270,11 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
     generation ever sees a partial update), then ``rs`` is evaluated once ``following``'s pairs are done."""
     timed(ctx, rs, "pairs", pairs_phase)  # round 1, or a round a resumed job had not paired yet
     background: dict[str, BaseException] = {}
+    stop = threading.Event()  # set when this round's training or refresh fails: the pairs stop at the next prompt
 
     def make_pairs() -> None:
         try:
-            timed(ctx, following, "pairs", pairs_phase)  # its wall time overlaps this round's training
+            timed(ctx, following, "pairs", pairs_phase, stop)  # its wall time overlaps this round's training
         except BaseException as exc:  # noqa: BLE001 - raised in the controller's thread below
             background["error"] = exc
 
@@ -275,8 +288,13 @@ def run_round_overlapped(ctx: RoundContext, rs: RoundState, following: RoundStat
         timed(ctx, rs, "refresh", refresh_phase)
     finally:
         if worker is not None:
+            if sys.exc_info()[1] is not None:  # this round failed: its error is not held back by hours of generation
+                log.info("round %d failed: stopping round %d's pairs after the prompt in hand (kept for --resume)",
+                         rs.index, following.index)
+                stop.set()
             worker.join()
-            if "error" in background and sys.exc_info()[1] is not None:  # both failed: the pairs' error is said too
+            if "error" in background and sys.exc_info()[1] is not None \
+                    and not isinstance(background["error"], PairsStopped):  # both failed: the pairs' error is said too
                 log.error("round %d's pairs failed as well, beside this round's training or refresh: %s: %s",
                           following.index, type(background["error"]).__name__, background["error"])
     if "error" in background:

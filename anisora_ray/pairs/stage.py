@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from anisora_ray.config import AnisoraConfig
@@ -57,9 +57,11 @@ def calibrate(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Generat
 
 def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, replicas: GeneratorReplicas | None = None,
               round_index: int = 0, progress: bool = True, reward_actors: RewardActors | None = None,
-              statistics: RewardStatistics | None = None, exact: bool = False) -> PairsResult:
+              statistics: RewardStatistics | None = None, exact: bool = False,
+              on_prompt: Callable[[str], None] | None = None) -> PairsResult:
     """Pairs for every prompt of the manifest not yet paired at ``out_uri``; ``exact``: rollouts with every step
-    computed, whatever ``generator.cache`` (loop/cache_policy.py).
+    computed, whatever ``generator.cache`` (loop/cache_policy.py); ``on_prompt(prompt_id)`` after each prompt is
+    written (raising there stops the stage: the prompts written so far are kept for a resume).
 
     ``replicas`` / ``reward_actors``: persistent actors to use (kept running); when None, they are
     started for this call (reward actors only with ``pairs.reward_stage: actors``) and stopped after it.
@@ -89,7 +91,7 @@ def run_pairs(cfg: AnisoraConfig, prompts: str | None, out_uri: str | None, repl
         if statistics is None and zscore_dimensions(cfg.reward.dimensions.as_dict()):
             statistics = calibrate(cfg, items, replicas, out_uri, reward_actors, progress)
         result = stream_pairs(cfg, items, replicas, out_uri, round_index, progress, reward_actors=reward_actors,
-                              statistics=statistics, exact=exact)
+                              statistics=statistics, exact=exact, on_prompt=on_prompt)
     finally:
         if owned:
             replicas.shutdown()
