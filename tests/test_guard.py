@@ -131,3 +131,26 @@ def test_a_guard_measure_no_video_could_be_measured_is_said_not_skipped_in_silen
     assert "subject_consistency" not in measured and set(measured) == set(cfg.loop.guard.measures) - {"subject_consistency"}
     assert "no held-out video could be measured for ['subject_consistency']" in caplog.text
     assert "3 video(s): ValueError: all the input array dimensions must match" in caplog.text
+
+
+def test_the_guard_compares_the_seeds_both_rounds_measured_and_says_when_it_cannot_fire(caplog):
+    """A candidate measured in round 0 but not in round r (quarantined, unreadable) made its prompt's mean cover
+    other seeds: a fall of 0.2 with no video changing. And with 5 prompts the exact test's smallest p is 1/16."""
+    from anisora_ray.config import load_config
+    from anisora_ray.loop.guard import decide
+    from tests.conftest import LOCAL_CONFIG
+
+    cfg = load_config(LOCAL_CONFIG, ["eval.bootstrap_samples=200"])
+    prompts = [f"p{i}" for i in range(8)]
+    base = {"first_frame_psnr": {p: {"0": 0.5, "1": 0.9} for p in prompts}}
+    lost = {"first_frame_psnr": {p: {"0": 0.5} for p in prompts}}  # seed 1 not measured in round r: unchanged
+    verdict = decide(cfg, base, lost, {"mean_diff": 0.05}, 2)
+    assert not verdict["fired"] and verdict["findings"][0]["mean_diff"] == 0.0
+    fell = {"first_frame_psnr": {p: {"0": 0.2} for p in prompts}}
+    assert decide(cfg, base, fell, {"mean_diff": 0.05}, 2)["fired"]  # a real fall on the shared seed still fires
+    few = {"first_frame_psnr": {p: {"0": 0.5, "1": 0.9} for p in prompts[:5]}}
+    with caplog.at_level("WARNING", logger="anisora_ray.loop.guard"):
+        verdict = decide(cfg, few, {"first_frame_psnr": {p: {"0": 0.1, "1": 0.1} for p in prompts[:5]}},
+                         {"mean_diff": 0.05}, 2)
+    assert not verdict["fired"] and verdict["cannot_fire"] == ["first_frame_psnr"]
+    assert "the guard cannot fire on ['first_frame_psnr']" in caplog.text

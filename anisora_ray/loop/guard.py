@@ -18,7 +18,7 @@ import math
 from collections import Counter
 
 from anisora_ray.config import AnisoraConfig
-from anisora_ray.eval.compare import per_prompt_means
+from anisora_ray.eval.compare import scored
 from anisora_ray.eval.guard import check_guard
 from anisora_ray.eval.vbench import ensure_video_metrics
 from anisora_ray.io import fs
@@ -26,11 +26,17 @@ from anisora_ray.io import fs
 log = logging.getLogger(__name__)
 
 
-def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, float]]:
-    """measure → prompt id → mean over the prompt's held-out candidates (computed once per eval folder)."""
+def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, dict[str, float]]]:
+    """measure → prompt id → seed (as text: the state is JSON) → the candidate's value (computed once per eval
+    folder); :func:`decide` compares the seeds both rounds measured."""
     uri = ensure_video_metrics(eval_dir, cfg.eval.metrics)
     rows = fs.read_table(uri).to_pylist()
-    measured = {m: per_prompt_means(rows, m) for m in cfg.loop.guard.measures}
+    measured = {}
+    for m in cfg.loop.guard.measures:
+        by_prompt: dict[str, dict[str, float]] = {}
+        for (prompt, seed), value in scored(rows, m).items():
+            by_prompt.setdefault(prompt, {})[str(seed)] = value
+        measured[m] = by_prompt
     empty = [m for m, by_prompt in measured.items() if not by_prompt]
     if empty:  # said, not skipped in silence: the guard cannot fire on a measure it has no values of
         errors = Counter(str(r["metrics_error"])[:200] for r in rows if r.get("metrics_error"))
@@ -39,8 +45,37 @@ def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, floa
     return {m: by_prompt for m, by_prompt in measured.items() if by_prompt}
 
 
-def means(measures: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"guard_{m}": sum(v.values()) / len(v) for m, v in measures.items() if v}
+def _prompt_mean(values, keep=None) -> float:
+    """A prompt's mean: over the seeds in ``keep`` when given; a bare number is a state from before per-seed values."""
+    if not isinstance(values, dict):
+        return float(values)
+    picked = [v for s, v in values.items() if keep is None or s in keep]
+    return sum(picked) / len(picked) if picked else math.nan
+
+
+def means(measures: dict) -> dict[str, float]:
+    """``guard_<measure>``: the mean over prompts of each prompt's mean (every seed measured; logged beside the reward)."""
+    out = {}
+    for m, by_prompt in measures.items():
+        prompt_means = [x for x in (_prompt_mean(v) for v in by_prompt.values()) if math.isfinite(x)]
+        if prompt_means:
+            out[f"guard_{m}"] = sum(prompt_means) / len(prompt_means)
+    return out
+
+
+def paired_means(baseline: dict, current: dict) -> tuple[dict, dict]:
+    """Per measure and prompt, the two rounds' means over the seeds both measured (a candidate measured in one round
+    only, e.g. quarantined in the other, made a prompt compare other seeds: a fall with no video changing)."""
+    before, after = {}, {}
+    for m, base in baseline.items():
+        before[m], after[m] = {}, {}
+        for prompt, values in base.items():
+            now = current.get(m, {}).get(prompt)
+            if now is None:
+                continue
+            both = set(values) & set(now) if isinstance(values, dict) and isinstance(now, dict) else None
+            before[m][prompt], after[m][prompt] = _prompt_mean(values, both), _prompt_mean(now, both)
+    return before, after
 
 
 def stand_ins(cfg: AnisoraConfig) -> dict[str, str]:
@@ -60,10 +95,16 @@ def decide(cfg: AnisoraConfig, baseline: dict, current: dict, row: dict, index: 
     every measure that fell is a weight-free stand-in (:func:`stand_ins`), ``stop``/``rollback`` become ``warn``,
     and the verdict says why."""
     g = cfg.loop.guard
-    fired, findings = check_guard(baseline, current, reward_gain=row.get("mean_diff", 0.0), margin=g.margin,
-                                  alpha=g.alpha, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
+    fired, findings = check_guard(*paired_means(baseline, current), reward_gain=row.get("mean_diff", 0.0),
+                                  margin=g.margin, alpha=g.alpha, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
     verdict = {"round": index, "fired": fired, "action": g.action if fired else "none",
                "reward_gain": row.get("mean_diff", math.nan), "findings": [f.to_dict() for f in findings]}
+    # the exact sign-flip test's smallest two-sided p is 2 / 2^n: with too few prompts no fall can be significant
+    mute = sorted(f.measure for f in findings if f.num_prompts <= 16 and 2.0 / 2 ** f.num_prompts >= g.alpha)
+    if mute:
+        verdict["cannot_fire"] = mute
+        log.warning("round %d: the guard cannot fire on %s: too few held-out prompts with a value (p >= 2/2^n >= "
+                    "loop.guard.alpha %g; 6 or more at 0.05)", index, mute, g.alpha)
     if fired:
         fell = [f for f in findings if f.fell]
         weak = stand_ins(cfg)
