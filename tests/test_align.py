@@ -241,7 +241,13 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
     assert page.count("data:image/png;base64,") == 2 and "http://" not in page and "https://" not in page
     versions = sorted(client.search_model_versions("name='anisora-test'"), key=lambda v: int(v.version))
     assert [v.tags["round"] for v in versions] == ["1", "2"]
-    assert versions[1].source.endswith("round-2/weights") and versions[1].run_id == children["round-2"].info.run_id
+    assert versions[1].tags["weights_uri"].endswith("round-2/weights") and versions[1].run_id == children["round-2"].info.run_id
+    # registered from the round run's own artifacts (a pointer to the folder): a tracking server that serves
+    # artifacts refuses a source outside them, which stopped every real job at round 1's refresh
+    assert versions[1].source == client.get_run(children["round-2"].info.run_id).info.artifact_uri + \
+        "/registered-weights/round-2"
+    pointer = client.download_artifacts(children["round-2"].info.run_id, "registered-weights/round-2/weights.json")
+    assert json.load(open(pointer))["weights_uri"] == versions[1].tags["weights_uri"]
 
     # `anisora-ray eval` over the job: rounds it evaluated are read back (same numbers as align printed), and a
     # weights folder given by path is generated again on fresh replicas, with the job's frozen statistics

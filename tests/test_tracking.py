@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from anisora_ray.tracking import mlflow_run, tracking_uri
 
 
@@ -63,3 +65,56 @@ def test_the_trainers_step_log_keeps_what_mlflow_refused_and_sends_it_with_the_n
     assert [(m.step, m.value) for m in client.get_metric_history(run, "loss")] == [(1, 0.7), (2, 0.6), (3, 0.5)]
     logger.log({"loss": 0.1}, 3)  # an update it holds already (a restart replays it): not logged twice
     assert len(client.get_metric_history(run, "loss")) == 3
+
+
+def test_round_weights_register_on_a_tracking_server_that_serves_artifacts(tmp_path, monkeypatch):
+    """The cluster's MLflow (cluster/kuberay/mlflow.yaml: `mlflow server --serve-artifacts`) refuses a model version
+    whose source is outside the run's artifacts: registering the weights folder by its path stopped every real job
+    at round 1's refresh. A pointer logged to the run is registered instead; a refusal is said, not raised."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from anisora_ray.loop.report import register_weights
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        client = MlflowClient()
+        run = client.create_run(client.create_experiment("registry")).info.run_id
+        weights = tmp_path / "align" / "round-1" / "weights"
+        weights.mkdir(parents=True)
+        client.create_registered_model("gen")
+        with pytest.raises(MlflowException, match="source"):  # what the old code sent
+            client.create_model_version("gen", source=str(weights), run_id=run)
+        version = register_weights("gen", str(weights), run, 1, 1)
+        registered = client.get_model_version("gen", version)
+        assert registered.tags["weights_uri"] == str(weights) and registered.run_id == run
+        pointer = json.load(open(client.download_artifacts(run, "registered-weights/round-1/weights.json")))
+        assert pointer == {"weights_uri": str(weights), "round": 1, "weights_version": 1}
+        assert register_weights("gen", str(weights), "0" * 32, 2, 2) is None  # refused (no such run): said, not raised
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        mlflow.set_tracking_uri(None)

@@ -246,11 +246,13 @@ def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str
     else:
         workers.replicas.refresh_from(target.weights_uri)
     if cfg.loop.registered_model:
-        version = (str(int(target.metrics["model_version"])) if target is not None else
+        version = (str(int(target.metrics["model_version"])) if target is not None and "model_version" in target.metrics
+                   else None if target is not None else
                    register_weights(cfg.loop.registered_model, resolve_pretrained(cfg.model, cfg.generator),
                                     parent_run_id, 0, 0))
-        guard.set_best_alias(cfg.loop.registered_model, version)
-        state.guard["best_model_version"] = version
+        if version is not None:  # None: the registry refused it (said when it did)
+            guard.set_best_alias(cfg.loop.registered_model, version)
+            state.guard["best_model_version"] = version
     state.guard["best_round"] = best  # the rollback is done: a crash before this line redoes it on resume
     log.warning("guard: replicas rolled back to round %d's weights", best)
     guard.record(out, state.guard, parent_run_id)

@@ -126,9 +126,13 @@ def best_round(rows: list[dict], flagged: set[int]) -> int:
 
 
 def set_best_alias(name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    MlflowClient().set_registered_model_alias(name, "best", version)
+    try:
+        MlflowClient().set_registered_model_alias(name, "best", version)
+    except MlflowException as exc:  # bookkeeping: the rollback itself is done
+        log.warning("model %r version %s not given the alias 'best': %s", name, version, str(exc).splitlines()[0][:300])
 
 
 def record(out: str, verdict: dict, run_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -10,6 +11,8 @@ import numpy as np
 from anisora_ray.io import fs
 from anisora_ray.io.video import read_all_frames, write_video
 from anisora_ray.types import PreferencePair
+
+log = logging.getLogger(__name__)
 
 
 def side_by_side(pair: PreferencePair, uri: str, fps: int) -> str:
@@ -71,18 +74,33 @@ def plot_reward_curve(rows: list[dict], png_uri: str, title: str) -> str:
     return png_uri
 
 
-def register_weights(name: str, weights_uri: str, run_id: str, round_index: int, weights_version: int) -> str:
-    """A model version pointing at the round's weights folder (registered in place: nothing is copied)."""
+def register_weights(name: str, weights_uri: str, run_id: str, round_index: int, weights_version: int) -> str | None:
+    """A model version of the round's weights, which stay where they are (nothing is copied): a pointer file
+    (``weights.json``: the folder, the round, the version) is logged to the round's run and the version registered
+    from there, since a tracking server that serves artifacts (``--serve-artifacts``, cluster/kuberay/mlflow.yaml)
+    refuses a source outside the run's artifacts; the tag ``weights_uri`` names the folder. None, said, when the
+    registry refuses: bookkeeping never fails a round."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    folder = f"registered-weights/round-{round_index}"
+    where = fs.normalize(weights_uri) if fs.is_url(weights_uri) or os.path.exists(weights_uri) else weights_uri  # Hub id
     try:
-        client.create_registered_model(name, description="anisora-ray generator weights, one version per round")
-    except MlflowException:
-        pass  # exists
-    version = client.create_model_version(name, source=fs.normalize(weights_uri), run_id=run_id,
-                                          tags={"round": str(round_index), "weights_version": str(weights_version)})
+        try:
+            client.create_registered_model(name, description="anisora-ray generator weights, one version per round")
+        except MlflowException:
+            pass  # exists
+        client.log_dict(run_id, {"weights_uri": where, "round": round_index, "weights_version": weights_version},
+                        f"{folder}/weights.json")
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{folder}"
+        version = client.create_model_version(name, source=source, run_id=run_id,
+                                              tags={"round": str(round_index), "weights_version": str(weights_version),
+                                                    "weights_uri": where})
+    except MlflowException as exc:
+        log.warning("round %d's weights (%s) not registered as a version of model %r: %s", round_index, where, name,
+                    str(exc).splitlines()[0][:300])
+        return None
     return str(version.version)  # the registry may answer an int; state and guard.json keep strings
 
 

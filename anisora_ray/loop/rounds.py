@@ -187,9 +187,10 @@ def refresh_phase(ctx: RoundContext, rs: RoundState) -> None:
         if reports:
             rs.metrics["refresh_seconds"] = max(r["seconds"] for r in reports)
         rs.metrics.update(refresh_mb=version.num_bytes / 1e6, refresh_live=float(not reports))
-        if cfg.loop.registered_model:
-            rs.metrics["model_version"] = float(register_weights(cfg.loop.registered_model, rs.weights_uri,
-                                                                 run.info.run_id, rs.index, version.version))
+        registered = register_weights(cfg.loop.registered_model, rs.weights_uri, run.info.run_id, rs.index,
+                                      version.version) if cfg.loop.registered_model else None
+        if registered is not None:
+            rs.metrics["model_version"] = float(registered)
         log.info("round %d/%d: %d replica(s) at weights version %d", rs.index, cfg.loop.rounds,
                  len(workers.replicas.actors), version.version)
         rs.phase = "refreshed"
