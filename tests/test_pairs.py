@@ -17,6 +17,17 @@ def scored(seed: int, reward: float, reason: str | None = None) -> ScoredCandida
                            None, {}, {"visual_motion": reward}, reward, reason)
 
 
+def test_each_round_draws_its_own_prompts_the_same_on_every_resume():
+    from anisora_ray.pairs.pipeline import round_order
+    from anisora_ray.types import PromptItem
+
+    items = [PromptItem(f"p{i:02d}", "a prompt", "a.png") for i in range(20)]
+    firsts = {r: [i.prompt_id for i in round_order(items, 0, r)[:5]] for r in range(1, 5)}
+    assert len({tuple(v) for v in firsts.values()}) == 4  # not the manifest's first five every round
+    assert [i.prompt_id for i in round_order(list(reversed(items)), 0, 2)[:5]] == firsts[2]  # nor its order
+    assert sorted(i.prompt_id for i in round_order(items, 0, 3)) == [i.prompt_id for i in items]  # all of them
+
+
 def test_pair_rules():
     rules = PairsConfig()
     pair = select_pair("p0", [scored(1, 0.4), scored(2, 0.9), scored(3, 0.1), scored(4, float("nan"), "corrupt")], rules)
@@ -63,6 +74,9 @@ def test_pairs_stream_one_per_prompt_and_resume_exactly_once(ray_cluster, pairs_
         # An interrupted run (stopped after one prompt), then resumed, in another folder.
         first = run_pairs(pairs_cfg(*size, "pairs.max_prompts=1"), demo_manifest, str(tmp_path / "resumed"), replicas=replicas,
                           progress=False)
+        capped = run_pairs(pairs_cfg(*size, "pairs.max_prompts=1"), demo_manifest, str(tmp_path / "resumed"),
+                           replicas=replicas, progress=False)  # the round's cap is reached: a resume pairs no more
+        assert (capped.already_done, capped.pairs) == (1, 0)
         # resumed with one forwarding task keeping 2 calls in flight (generator.calls_per_task): the same pairs
         rest = run_pairs(pairs_cfg(*size, "generator.calls_per_task=2"), demo_manifest, str(tmp_path / "resumed"),
                          replicas=replicas, progress=False)

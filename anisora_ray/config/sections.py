@@ -225,7 +225,7 @@ class PairsConfig(Section):
     ties: Literal["skip", "keep"] = "skip"  # best and worst with equal rewards: skip the prompt, or keep the pair
     keep_scores: bool = False  # also write every candidate's scores (scores-*.parquet) for analysis
     flush_every: int = Field(default=8, ge=1)  # prompts per output shard: an interruption redoes at most these
-    max_prompts: int | None = Field(default=None, ge=1)  # pair at most this many new prompts in a run
+    max_prompts: int | None = Field(default=None, ge=1)  # prompts paired per round (output folder), drawn per round
     decode_batch_size: int = Field(default=4, ge=1)
     decode_cpus: float = Field(default=1.0, gt=0)
     decode_concurrency: int = Field(default=2, ge=1)

@@ -13,6 +13,7 @@ candidate is quarantined with its reason) so each prompt still sees its K rows a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -240,13 +241,21 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
     writer = PairWriter(out_uri)
     already = len(writer.done)
     todo = [i for i in items if i.prompt_id not in writer.done]
-    if cfg.pairs.max_prompts is not None:
-        todo = todo[: cfg.pairs.max_prompts]
+    if cfg.pairs.max_prompts is not None:  # per output folder (a round): a resumed round pairs only what is left of it
+        todo = round_order(todo, cfg.run.seed, round_index)[: max(0, cfg.pairs.max_prompts - already)]
     if not todo:
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
     dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors, exact)
     return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt, statistics=statistics)
+
+
+def round_order(items: Sequence[PromptItem], seed: int, round_index: int) -> list[PromptItem]:
+    """``items`` in an order drawn per (run seed, round): each round takes its own prompts from a manifest larger
+    than ``pairs.max_prompts``, the same ones when it resumes."""
+    def key(item: PromptItem) -> bytes:
+        return hashlib.sha256(f"{seed}:{round_index}:{item.prompt_id}".encode()).digest()
+    return sorted(items, key=key)
 
 
 def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri: str, progress: bool = True,
@@ -256,8 +265,8 @@ def pair_candidates(cfg: AnisoraConfig, candidates: Sequence[Candidate], out_uri
     already = len(writer.done)
     todo = [c for c in candidates if c.prompt_id not in writer.done]
     prompts = list(dict.fromkeys(c.prompt_id for c in todo))
-    if cfg.pairs.max_prompts is not None:
-        keep = set(prompts[: cfg.pairs.max_prompts])
+    if cfg.pairs.max_prompts is not None:  # per output folder, as in stream_pairs
+        keep = set(prompts[: max(0, cfg.pairs.max_prompts - already)])
         todo, prompts = [c for c in todo if c.prompt_id in keep], [p for p in prompts if p in keep]
     if not todo:
         return PairsResult(out_uri, 0, {}, already, 0, 0)
