@@ -209,15 +209,20 @@ def test_training_goes_on_when_a_live_refresh_fails_on_a_replica(gapo_pairs):
     from anisora_ray.tracking import new_run
 
     cfg = gapo_pairs["make"]("gapo.steps=3", "gapo.refresh_every=1", "gapo.max_failures=0", "generator.replicas=2",
-                             "generator.candidates_per_prompt=1")
+                             "generator.candidates_per_prompt=1", "gapo.final_checkpoint=false", "gapo.checkpoint_every=0")
     run_id = new_run(cfg, "dead-replica")
     replicas = GeneratorReplicas(cfg, _pretrained(cfg))
     try:
         ray.kill(replicas.actors[1], no_restart=True)
         result = train_gapo(cfg, gapo_pairs["table"], str(gapo_pairs["root"] / "dead-replica"), root=REPO,
-                            run_name="dead-replica", mlflow_run_id=run_id, replicas=replicas.actors, replicas_version=0)
+                            run_name="dead-replica", storage_name="dead-replica", mlflow_run_id=run_id,
+                            replicas=replicas.actors, replicas_version=0)
     finally:
         replicas.shutdown()
     assert result["step"] == 3 and result["optimizer_steps"] == 3
     assert sorted(history(cfg, run_id, "loss")) == [1, 2, 3]
+    # gapo.final_checkpoint=false: the last update's metrics come back without its DeepSpeed state being written
+    assert result["checkpoint_uri"] == "" and result["checkpoints"] == {}
+    run_dir = gapo_pairs["root"] / "out" / "ray-train" / "dead-replica"
+    assert run_dir.is_dir() and not [p for p in run_dir.rglob("checkpoint_*") if p.is_dir()]
     assert history(cfg, run_id, "weights_version") == {}  # neither refresh reached every replica

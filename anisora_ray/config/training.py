@@ -67,6 +67,9 @@ class GapoConfig(Section):
     reference_offload: bool = False  # partitioned reference: parameters on the host (ZeRO-3 offload_param)
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps between checkpoints (0: the last step only)
     checkpoints_to_keep: int = Field(default=2, ge=1)
+    # the last update's DeepSpeed state as a checkpoint too (a run started again after its end restarts there, not at
+    # the last checkpoint_every); false saves writing it: full fine-tuning at 5B, ~70 GB a round that nothing reads
+    final_checkpoint: bool = True
     cache_latents: bool = True  # VAE / text-encoder outputs cached under <output_dir>/latent-cache
     refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
     refresh_bucket_mb: float = Field(default=256.0, gt=0)  # bucket of a weight transfer: object-store bucket, shard, ZeRO-3 gather

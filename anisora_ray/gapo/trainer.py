@@ -3,8 +3,8 @@
 Each Ray Train worker runs one :class:`~anisora_ray.gapo.engine.GapoWorker` (policy engine, frozen
 reference, pair encoder) on its share of the pairs table (a small table of URIs and rewards, put once in the
 object store: every worker reads all of it and keeps its own rows, so no Ray Dataset is needed). Every
-``gapo.checkpoint_every`` optimizer updates and at the end all ranks report a checkpoint (DeepSpeed
-state + update count) into the run's storage; Ray Train restarts a failed worker group from the
+``gapo.checkpoint_every`` optimizer updates and at the end (unless ``gapo.final_checkpoint`` is off) all ranks
+report a checkpoint (DeepSpeed state + update count) into the run's storage; Ray Train restarts a failed worker group from the
 last one (``gapo.max_failures``), and a run started again under the same ``storage_name``
 (``align --resume``) continues from it. At the end the ranks write the publishable weights
 straight to ``out_uri`` (ZeRO-3 partitions gathered a bucket at a time, rank 0 writes): the driver
@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, out_uri,
                  manifest["kind"], manifest["num_tensors"])
-    _report(worker, metrics, with_checkpoint=trained)  # a run restored at its last update has that checkpoint
+    _report(worker, metrics, with_checkpoint=trained and g.final_checkpoint)  # a run restored at its last update
+    return metrics  # has that checkpoint; rank 0's metrics are the result's also when the report carries none
 
 
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
@@ -265,13 +266,14 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
         )
         with train_settings(cfg.ray):
             result = trainer.fit()
-        if result.error is not None or result.checkpoint is None:
+        if result.error is not None or (result.checkpoint is None and g.final_checkpoint):
             raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")
+        final = result.return_value if isinstance(result.return_value, dict) else result.metrics  # the last update's
         manifest = read_manifest(out_uri)  # metadata only: the weights stay where the ranks wrote them
         if manifest is None or manifest.get("step") != g.steps:
             raise RuntimeError(f"GAPO training ended without writing the weights of update {g.steps} to {out_uri}")
-        log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+        log_metrics({f"final_{k}": v for k, v in final.items()})
         checkpoints = {int(m["step"]): c.path for c, m in (result.best_checkpoints or []) if "step" in m}
-        return {**result.metrics, "weights_uri": out_uri, "kind": manifest["kind"], "weights_checksum": manifest["checksum"],
-                "quarantine_uri": quarantine_uri,
-                "checkpoint_uri": result.checkpoint.path, "checkpoints": checkpoints, "mlflow_run_id": run.info.run_id}
+        return {**final, "weights_uri": out_uri, "kind": manifest["kind"], "weights_checksum": manifest["checksum"],
+                "quarantine_uri": quarantine_uri, "checkpoint_uri": result.checkpoint.path if result.checkpoint else "",
+                "checkpoints": checkpoints, "mlflow_run_id": run.info.run_id}
