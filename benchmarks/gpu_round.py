@@ -158,7 +158,8 @@ def process_title(pid: int) -> str:
 
 def phases(state: dict, wall: float) -> dict:
     """Wall seconds per phase from align's state (round 1) and the remainder: start-up, loads, shutdown."""
-    out = {"round0_eval": state["baseline"].get("eval_wall_seconds", 0.0)}
+    base = state["baseline"]  # round 0's wall time: in its row (logged with it), older states beside it
+    out = {"round0_eval": base.get("row", {}).get("eval_wall_seconds", base.get("eval_wall_seconds", 0.0))}
     for r in state["rounds"]:
         out.update({f"round{r['index']}_{k.removesuffix('_wall_seconds')}": v for k, v in r["metrics"].items()
                     if k.endswith("_wall_seconds")})

@@ -107,7 +107,7 @@ def test_generation_speed_benchmark_runs_on_the_tiny_model(tmp_path, family):
     if family == "cogvideox_i2v":  # FasterCache approximates the unconditional half of steps 1-3
         assert variants["fc"]["drift_max_levels"] > 0 and "error" not in variants["fc"]
     else:
-        assert "runs them as two calls" in variants["fc"]["error"]
+        assert "wan_i2v calls it twice per step" in variants["fc"]["error"]  # refused with the config
     assert variants["ts"]["drift_max_levels"] > 0 and "error" not in variants["ts"]  # steps 1, 3 predicted, any family
     branches = 1 if family == "cogvideox_i2v" else 2  # each of Wan's CFG calls decides on its own
     assert variants["ts"]["cache_decisions"] == {"computed": 2 * branches, "reused": 2 * branches}  # 0, 2 | 1, 3
