@@ -174,6 +174,9 @@ def test_every_node_mounts_the_real_configs_output_folder():
                     found.append(claim)
             assert found, f"pod {name!r}, container {container['name']!r} mounts no shared claim over {output!r}"
             assert all("ReadWriteMany" in claims[c]["spec"]["accessModes"] for c in found), found
+            # every node's object store in memory (a container's default /dev/shm is 64 MB: Ray falls back to disk)
+            shm = [volumes[m["name"]] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+            assert shm and shm[0].get("emptyDir", {}).get("medium") == "Memory", (name, shm)
 
 
 def test_kuberay_head_loss_keeps_gcs_state_in_the_shipped_redis_and_the_job_resumes():
