@@ -26,14 +26,40 @@ def scored(rows: Iterable[Mapping], metric: str) -> dict[tuple[str, int], float]
     return out
 
 
-def per_prompt_means(rows: Iterable[Mapping], metric: str, keys: set | None = None) -> dict[str, float]:
-    """The mean of ``metric`` over each prompt's candidates with a finite value (only the (prompt, seed) ``keys``,
-    when given: the candidates every compared version scored, so a prompt's means are over the same seeds)."""
-    values: dict[str, list[float]] = defaultdict(list)
-    for (prompt, seed), v in scored(rows, metric).items():
+def _by_prompt(values: Mapping[tuple[str, int], float], keys: set | None = None) -> dict[str, float]:
+    """Each prompt's mean of ``values`` ((prompt, seed) -> value; only the ``keys`` when given: the candidates every
+    compared version scored, so a prompt's means are over the same seeds)."""
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for (prompt, seed), v in values.items():
         if keys is None or (prompt, seed) in keys:
-            values[prompt].append(v)
-    return {k: sum(v) / len(v) for k, v in values.items() if v}
+            grouped[prompt].append(v)
+    return {k: sum(v) / len(v) for k, v in grouped.items() if v}
+
+
+def prompt_mean(values: Mapping[str, float] | float) -> float:
+    """A prompt's mean over its seeds (seed -> value); a bare number is a record from before per-seed values."""
+    if not isinstance(values, Mapping):
+        return float(values)
+    return sum(values.values()) / len(values) if values else math.nan
+
+
+def paired_means(before: Mapping[str, Mapping[str, float] | float],
+                 after: Mapping[str, Mapping[str, float] | float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Two sides' per-prompt means (prompt -> seed -> value) over the seeds both have a finite value of: a candidate
+    one side lacks (quarantined, unreadable) made a prompt compare other seeds, a change with no video changing. A
+    bare number (a record from before per-seed values) is compared with the other side's mean over all its seeds."""
+    out_before, out_after = {}, {}
+    for prompt, b in before.items():
+        a = after.get(prompt)
+        if a is None:
+            continue
+        if isinstance(b, Mapping) and isinstance(a, Mapping):
+            seeds = {s for s in b if s in a and math.isfinite(b[s]) and math.isfinite(a[s])}
+            b, a = {s: b[s] for s in seeds}, {s: a[s] for s in seeds}
+            if not seeds:
+                continue
+        out_before[prompt], out_after[prompt] = prompt_mean(b), prompt_mean(a)
+    return out_before, out_after
 
 
 def reward_win_rate(before: Iterable[Mapping], after: Iterable[Mapping], metric: str = "reward") -> dict:
@@ -63,8 +89,9 @@ def compare_versions(tables: Mapping[str, list[Mapping]], baseline: str, metrics
         raise KeyError(f"baseline {baseline!r} is not among the versions {sorted(tables)}")
     base_rows = tables[baseline]
     out: dict = {"baseline": baseline, "metrics": list(metrics), "means": {}, "mean_prompts": {}, "versions": {}}
-    common = {m: set.intersection(*(set(scored(rows, m)) for rows in tables.values())) for m in metrics}
-    prompt_means = {label: {m: per_prompt_means(rows, m, common[m]) for m in metrics} for label, rows in tables.items()}
+    values = {label: {m: scored(rows, m) for m in metrics} for label, rows in tables.items()}
+    common = {m: set.intersection(*(set(v[m]) for v in values.values())) for m in metrics}
+    prompt_means = {label: {m: _by_prompt(values[label][m], common[m]) for m in metrics} for label in tables}
     out["mean_prompts"] = {m: len({p for p, _ in common[m]}) for m in metrics}
     for label, rows in tables.items():
         out["means"][label] = {m: _mean(prompt_means[label][m]) for m in metrics}

@@ -18,7 +18,7 @@ import math
 from collections import Counter
 
 from anisora_ray.config import AnisoraConfig
-from anisora_ray.eval.compare import scored
+from anisora_ray.eval.compare import paired_means, prompt_mean, scored
 from anisora_ray.eval.guard import check_guard
 from anisora_ray.eval.vbench import ensure_video_metrics
 from anisora_ray.io import fs
@@ -45,37 +45,20 @@ def measure_round(cfg: AnisoraConfig, eval_dir: str) -> dict[str, dict[str, dict
     return {m: by_prompt for m, by_prompt in measured.items() if by_prompt}
 
 
-def _prompt_mean(values, keep=None) -> float:
-    """A prompt's mean: over the seeds in ``keep`` when given; a bare number is a state from before per-seed values."""
-    if not isinstance(values, dict):
-        return float(values)
-    picked = [v for s, v in values.items() if keep is None or s in keep]
-    return sum(picked) / len(picked) if picked else math.nan
-
-
 def means(measures: dict) -> dict[str, float]:
     """``guard_<measure>``: the mean over prompts of each prompt's mean (every seed measured; logged beside the reward)."""
     out = {}
     for m, by_prompt in measures.items():
-        prompt_means = [x for x in (_prompt_mean(v) for v in by_prompt.values()) if math.isfinite(x)]
+        prompt_means = [x for x in (prompt_mean(v) for v in by_prompt.values()) if math.isfinite(x)]
         if prompt_means:
             out[f"guard_{m}"] = sum(prompt_means) / len(prompt_means)
     return out
 
 
-def paired_means(baseline: dict, current: dict) -> tuple[dict, dict]:
-    """Per measure and prompt, the two rounds' means over the seeds both measured (a candidate measured in one round
-    only, e.g. quarantined in the other, made a prompt compare other seeds: a fall with no video changing)."""
-    before, after = {}, {}
-    for m, base in baseline.items():
-        before[m], after[m] = {}, {}
-        for prompt, values in base.items():
-            now = current.get(m, {}).get(prompt)
-            if now is None:
-                continue
-            both = set(values) & set(now) if isinstance(values, dict) and isinstance(now, dict) else None
-            before[m][prompt], after[m][prompt] = _prompt_mean(values, both), _prompt_mean(now, both)
-    return before, after
+def paired_measures(baseline: dict, current: dict) -> tuple[dict, dict]:
+    """Per measure, the two rounds' per-prompt means over the seeds both measured (``eval.compare.paired_means``)."""
+    pairs = {m: paired_means(base, current.get(m, {})) for m, base in baseline.items()}
+    return {m: p[0] for m, p in pairs.items()}, {m: p[1] for m, p in pairs.items()}
 
 
 def stand_ins(cfg: AnisoraConfig) -> dict[str, str]:
@@ -95,7 +78,7 @@ def decide(cfg: AnisoraConfig, baseline: dict, current: dict, row: dict, index: 
     every measure that fell is a weight-free stand-in (:func:`stand_ins`), ``stop``/``rollback`` become ``warn``,
     and the verdict says why."""
     g = cfg.loop.guard
-    fired, findings = check_guard(*paired_means(baseline, current), reward_gain=row.get("mean_diff", 0.0),
+    fired, findings = check_guard(*paired_measures(baseline, current), reward_gain=row.get("mean_diff", 0.0),
                                   margin=g.margin, alpha=g.alpha, samples=cfg.eval.bootstrap_samples, seed=cfg.run.seed)
     verdict = {"round": index, "fired": fired, "action": g.action if fired else "none",
                "reward_gain": row.get("mean_diff", math.nan), "findings": [f.to_dict() for f in findings]}

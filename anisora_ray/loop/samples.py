@@ -8,7 +8,7 @@ import os
 
 from anisora_ray.config import AnisoraConfig
 from anisora_ray.eval.cache_audit import AUDIT_SIDE_BY_SIDE, CacheAudit
-from anisora_ray.eval.compare import per_prompt_means, scored
+from anisora_ray.eval.compare import paired_means
 from anisora_ray.eval.heldout import EvalResult
 from anisora_ray.eval.stats import compare_or_nan
 from anisora_ray.io import fs
@@ -16,15 +16,6 @@ from anisora_ray.loop.report import side_by_side, side_by_side_videos
 from anisora_ray.pairs.writer import read_pairs
 
 log = logging.getLogger(__name__)
-
-
-def paired_prompt_means(baseline: dict[str, dict[str, float]], current: dict[str, dict[str, float]]) -> tuple[dict, dict]:
-    """Per-prompt mean rewards of two rounds (prompt -> seed -> reward) over the candidates both scored: one quarantined
-    in one round only (e.g. no character detected) leaves both (``eval/compare.py``'s pairing, by prompt and seed)."""
-    rows = [[{"prompt_id": p, "seed": int(s), "reward": v} for p, seeds in side.items() for s, v in seeds.items()]
-            for side in (baseline, current)]
-    common = set(scored(rows[0], "reward")) & set(scored(rows[1], "reward"))
-    return per_prompt_means(rows[0], "reward", common), per_prompt_means(rows[1], "reward", common)
 
 
 def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, samples: int, seed: int,
@@ -36,7 +27,7 @@ def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, 
     if baseline is not None:
         before, after = baseline, result.per_prompt
         if baseline_candidates and result.per_candidate:
-            before, after = paired_prompt_means(baseline_candidates, result.per_candidate)
+            before, after = paired_means(baseline_candidates, result.per_candidate)  # the seeds both scored
         comparison = compare_or_nan(before, after, samples=samples, seed=seed)
         if comparison.num_prompts < 2:
             log.warning("round %d: %d held-out prompt(s) scored in both this round and round 0: no paired comparison "
