@@ -246,10 +246,11 @@ def _roll_back(cfg: AnisoraConfig, state: AlignState, workers: Workers, out: str
     else:
         workers.replicas.refresh_from(target.weights_uri)
     if cfg.loop.registered_model:
-        version = (str(int(target.metrics["model_version"])) if target is not None and "model_version" in target.metrics
-                   else None if target is not None else
-                   register_weights(cfg.loop.registered_model, resolve_pretrained(cfg.model, cfg.generator),
-                                    parent_run_id, 0, 0))
+        if target is None:  # round 0: the untrained weights get a version of their own
+            version = register_weights(cfg.loop.registered_model, resolve_pretrained(cfg.model, cfg.generator),
+                                       parent_run_id, 0, 0)
+        else:  # the round's, if the registry took it
+            version = str(int(target.metrics["model_version"])) if "model_version" in target.metrics else None
         if version is not None:  # None: the registry refused it (said when it did)
             guard.set_best_alias(cfg.loop.registered_model, version)
             state.guard["best_model_version"] = version
