@@ -196,8 +196,9 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         log.info("GAPO weights after update %d written to %s (%s, %d tensors)", worker.update, out_uri,
                  manifest["kind"], manifest["num_tensors"])
-    _report(worker, metrics, with_checkpoint=trained and g.final_checkpoint)  # a run restored at its last update
-    return metrics  # has that checkpoint; rank 0's metrics are the result's also when the report carries none
+    # a run restored at its last update has that checkpoint already
+    _report(worker, metrics, with_checkpoint=trained and g.final_checkpoint)
+    return metrics  # rank 0's: the result's metrics also when the last report carries no checkpoint
 
 
 def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, root: str | None = None, *,
