@@ -95,7 +95,8 @@ def test_a_warning_tags_the_jobs_mlflow_run(tmp_path, caplog):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("cache")).info.run_id
+        run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment(
+            "cache", artifact_location=(tmp_path / "artifacts").as_uri())).info.run_id
         cfg = config("generator.cache.min_same_pair=1.0")
         state = AlignState()
         with caplog.at_level("WARNING", logger="anisora_ray.loop.cache_policy"):

@@ -99,7 +99,7 @@ def test_a_verdict_made_inside_a_rounds_run_goes_to_the_jobs_run(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         client = mlflow.MlflowClient()
-        experiment = client.create_experiment("guard")
+        experiment = client.create_experiment("guard", artifact_location=(tmp_path / "artifacts").as_uri())
         job = client.create_run(experiment).info.run_id
         with mlflow.start_run(experiment_id=experiment) as round_run:
             uri = guard.record(str(tmp_path), {"round": 2, "action": "stop", "fired": True}, job)

@@ -123,7 +123,8 @@ def test_pruned_weights_are_tagged_in_the_registry_and_eval_says_why_it_cannot_r
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it: restored after the test, so
     mlflow.set_tracking_uri(uri)  # later tests' subprocesses do not log into this store
     out, state = _job(tmp_path, [0.52, 0.51, 0.53])
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("keep", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         for rs in state.rounds:
             rs.metrics["model_version"] = float(register_weights("anisora-keep", rs.weights_uri, run.info.run_id,
                                                                  rs.index, rs.index))
