@@ -65,6 +65,48 @@ def test_k_candidates_per_prompt_distinct_and_reproducible(replicas, demo_manife
     assert same < 3.0 and different > 5 * same
 
 
+def test_an_interrupted_generation_renders_only_what_its_journal_lacks(replicas, demo_manifest, tmp_path, caplog):
+    """The held-out evaluation's generation (``resume``): each finished call is journalled, so a driver lost mid-way
+    renders again only the requests without every seed's video (hours of a real round), and only for the same
+    weights and settings; without ``resume`` the journal starts empty."""
+    from anisora_ray.generation.journal import GenerationJournal, recipe
+    from anisora_ray.generation.seeding import build_requests
+
+    cfg, group = replicas
+    items = [*read_manifest(demo_manifest), PromptItem("ghost", "a missing image", str(tmp_path / "nope.png"))]
+    out = tmp_path / "eval"
+    first = generate_candidates(cfg, items, str(out), group, progress=False, resume=True)
+    journal = out / "journal"
+    assert len(list(journal.glob("*.json"))) == 2  # 4 requests, 2 per call
+    stamps = {c.video_uri: os.stat(c.video_uri).st_mtime_ns for c in first.candidates}
+    lost = first.candidates[0]
+    os.remove(lost.video_uri)  # its request (every seed of its prompt) is rendered again
+    (journal / "cut-short.json").write_text('{"recipe": ')  # a journal file the interruption cut short
+    again = generate_candidates(cfg, items, str(out), group, progress=False, resume=True)
+    assert "cut-short.json unreadable" in caplog.text
+    redone = {c.video_uri for c in again.candidates if c.prompt_id == lost.prompt_id}
+    assert [q.item_id for q in again.quarantined] == ["ghost"]  # a prompt set aside counts as done
+    assert [c.frames_sha256 for c in again.candidates] == [c.frames_sha256 for c in first.candidates]
+    for before, after in zip(first.candidates, again.candidates, strict=True):
+        if before.video_uri in redone:
+            assert os.path.exists(after.video_uri) and after.generate_seconds != before.generate_seconds
+        else:  # the journal's record, the video untouched
+            assert after == before and os.stat(after.video_uri).st_mtime_ns == stamps[after.video_uri]
+    assert Candidate.from_table(fs.read_table(again.candidates_uri)) == again.candidates
+
+    # other weights or settings: nothing of the journal counts
+    requests = build_requests(items, cfg)
+    states = group.weights_states()
+    assert len(GenerationJournal(str(out), recipe(cfg, states, False)).split(requests)[0]) == 0
+    more_steps = cfg.model_copy(update={"generator": cfg.generator.model_copy(
+        update={"num_inference_steps": cfg.generator.num_inference_steps + 1})})
+    for other, other_states, exact in ((cfg, [{**s, "version": 1} for s in states], False), (cfg, states, True),
+                                       (more_steps, states, False)):
+        assert GenerationJournal(str(out), recipe(other, other_states, exact)).split(requests)[0] == requests
+    generate_candidates(cfg, items[:1], str(out), group, progress=False)  # not resumed: the journal starts over
+    assert len(list(journal.glob("*.json"))) == 1
+
+
 def test_replicas_are_persistent_actors_with_versions(replicas):
     cfg, group = replicas
     before = group.placements()

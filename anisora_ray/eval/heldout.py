@@ -82,15 +82,17 @@ def rank_caveat(cfg: AnisoraConfig) -> str | None:
 
 
 def evaluate(cfg: AnisoraConfig, items: list[PromptItem], replicas: GeneratorReplicas, reward_actors: RewardActors,
-             out_dir: str, progress: bool = True, statistics: RewardStatistics | None = None) -> EvalResult:
+             out_dir: str, progress: bool = True, statistics: RewardStatistics | None = None,
+             resume: bool = True) -> EvalResult:
     """Generate ``eval.candidates_per_prompt`` videos per held-out prompt with the replicas' current weights
     (``eval.exact``: every step computed, whatever ``generator.cache``), score them, and average per prompt and per
     dimension. z-scored dimensions use ``statistics`` (align passes those frozen at round 0, so gains show);
-    without them, this set's own."""
+    without them, this set's own. ``resume``: videos an interrupted evaluation of the same weights and settings
+    rendered into ``out_dir`` are kept (``generation/journal.py``), the rest rendered."""
     eval_cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(
         update={"candidates_per_prompt": cfg.eval.candidates_per_prompt})})
     generated = generate_candidates(eval_cfg, items, out_dir, replicas, round_index=EVAL_ROUND, progress=progress,
-                                    exact=cfg.eval.exact)
+                                    exact=cfg.eval.exact, resume=resume)
     versions = {c.weights_version for c in generated.candidates}
     if len(versions) > 1:
         raise RuntimeError(f"held-out candidates came from several weights versions {sorted(versions)}")

@@ -93,7 +93,8 @@ def job_statistics(cfg: AnisoraConfig, run: str | None):
     return frozen_statistics(cfg.reward, _align_state(run).get("statistics_uri") if run else None)
 
 
-def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: str, statistics, progress: bool) -> None:
+def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: str, statistics, progress: bool,
+                        resume: bool) -> None:
     from anisora_ray.eval.heldout import evaluate
     from anisora_ray.generation.replicas import GeneratorReplicas
     from anisora_ray.models.pipeline import resolve_pretrained
@@ -110,7 +111,7 @@ def _generate_and_score(cfg: AnisoraConfig, version: Version, heldout, out_dir: 
         if version.weights_uri:
             replicas.refresh_from(version.weights_uri)
         rewards = RewardActors(cfg.reward)
-        result = evaluate(cfg, heldout, replicas, rewards, out_dir, progress, statistics=statistics)
+        result = evaluate(cfg, heldout, replicas, rewards, out_dir, progress, statistics=statistics, resume=resume)
         if result.statistics is not None:  # what its z-scored dimensions were normalized with
             result.statistics.save(fs.join(out_dir, STATISTICS_FILE))
     finally:
@@ -179,7 +180,7 @@ def version_rows(cfg: AnisoraConfig, version: Version, heldout, out: str, statis
             _require_videos_unless_measured(cfg, version, out_dir)
         else:
             log.info("%s: generating and scoring the held-out candidates", version.label)
-            _generate_and_score(cfg, version, heldout, out_dir, statistics, progress)
+            _generate_and_score(cfg, version, heldout, out_dir, statistics, progress, resume=not regenerate)
         fs.write_bytes(fs.join(out_dir, "version.json"), json.dumps({"weights_uri": version.weights_uri}).encode())
     rows = fs.read_table(scores_uri).to_pylist()
     videoscore = ensure_videoscore(out_dir, cfg.eval.videoscore, regenerate)

@@ -198,14 +198,15 @@ class GeneratorReplicas:
         out_dir: str,
         on_progress: Callable[[int], None] | None = None,
         exact: bool = False,
+        on_call: Callable[[list[Candidate], list[QuarantineRecord]], None] | None = None,
     ) -> tuple[list[Candidate], list[QuarantineRecord]]:
         """Spread ``requests`` over the replicas (bounded calls in flight each) and gather the results.
 
-        ``on_progress(n)`` is called with the number of videos each finished call accounted for; ``exact``: every
-        step computed, whatever ``generator.cache``.
+        ``on_progress(n)`` is called with the number of videos each finished call accounted for, ``on_call`` with
+        its candidates and quarantined requests; ``exact``: every step computed, whatever ``generator.cache``.
         """
         candidates, quarantined = self._spread(lambda actor, chunk: generate_call(actor, chunk, out_dir, exact), 2,
-                                               requests, on_progress)
+                                               requests, on_progress, on_call)
         candidates.sort(key=lambda c: (c.prompt_id, c.candidate_index))
         return candidates, quarantined
 
@@ -220,13 +221,14 @@ class GeneratorReplicas:
         return cached, exact, drift, quarantined
 
     def _spread(self, send: Callable[[Any, list[GenerationRequest]], ray.ObjectRef], parts: int,
-                requests: Sequence[GenerationRequest], on_progress: Callable[[int], None] | None) -> tuple[list, ...]:
+                requests: Sequence[GenerationRequest], on_progress: Callable[[int], None] | None,
+                on_call: Callable[..., None] | None = None) -> tuple[list, ...]:
         """``send(replica, chunk)`` (a call's reference) for chunks of ``generator.prompts_per_call`` requests, at
         most ``generator.max_calls_in_flight`` per replica; a failed call is sent again (up to
         ``generator.call_retries`` times) to a replica that has not failed it while there is one, so one broken
         replica does not fail the stage; a restarting replica is waited for, and one that has not answered a call
         within ``generator.call_timeout_s`` of sending it is killed (Ray restarts it) and the call counts as failed.
-        Each call returns ``parts`` lists: each concatenated over the calls."""
+        Each call returns ``parts`` lists: each concatenated over the calls (and passed to ``on_call`` as it ends)."""
         per_call = self.cfg.generator.prompts_per_call
         pending = deque(list(requests[i : i + per_call]) for i in range(0, len(requests), per_call))
         in_flight: dict[ray.ObjectRef, tuple[int, list[GenerationRequest], float]] = {}  # replica, chunk, sent at
@@ -295,6 +297,8 @@ class GeneratorReplicas:
             streak[replica] = 0
             for into, part in zip(gathered, result, strict=True):
                 into += part
+            if on_call:
+                on_call(*result)
             if on_progress:
                 on_progress(sum(len(r.seeds) for r in chunk))
         return tuple(gathered)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from anisora_ray.config import AnisoraConfig
+from anisora_ray.generation.journal import GenerationJournal, recipe
 from anisora_ray.generation.replicas import GeneratorReplicas
 from anisora_ray.generation.seeding import build_requests  # noqa: F401  (re-exported)
 from anisora_ray.io import fs
@@ -33,14 +34,26 @@ def generate_candidates(
     round_index: int = 0,
     progress: bool = True,
     exact: bool = False,
+    resume: bool = False,
 ) -> GenerationResult:
     """K candidates per prompt on the replicas; writes ``candidates.parquet`` and ``quarantine.parquet``.
-    ``exact``: every step computed, whatever ``generator.cache``."""
+    ``exact``: every step computed, whatever ``generator.cache``. Each finished call is journalled
+    (``generation/journal.py``); ``resume``: requests the journal has with the same weights and settings are not
+    rendered again (without it the journal starts empty)."""
     out_dir = fs.normalize(out_dir)
     requests = build_requests(items, cfg, round_index)
+    journal = GenerationJournal(out_dir, recipe(cfg, replicas.weights_states(), exact))
+    if resume:
+        requests, candidates, quarantined = journal.split(requests)
+    else:
+        journal.clear()
+        candidates, quarantined = [], []
     total = sum(len(r.seeds) for r in requests)
     with tqdm(total=total, desc="generate", unit="video", disable=not progress) as bar:
-        candidates, quarantined = replicas.generate(requests, out_dir, on_progress=bar.update, exact=exact)
+        rendered, set_aside = replicas.generate(requests, out_dir, on_progress=bar.update, exact=exact,
+                                                on_call=journal.record)
+    candidates = sorted(candidates + rendered, key=lambda c: (c.prompt_id, c.candidate_index))
+    quarantined = quarantined + set_aside
     candidates_uri = fs.join(out_dir, "candidates.parquet")
     quarantine_uri = fs.join(out_dir, "quarantine.parquet")
     fs.write_table(Candidate.to_table(candidates), candidates_uri)
