@@ -98,6 +98,50 @@ def test_resume_from_a_checkpoint_continues_exactly(trained):
         assert after[step] == pytest.approx(before[step], rel=1e-5, abs=1e-7), (step, before, after)
 
 
+def test_a_worker_group_failing_the_same_way_at_the_same_update_is_not_restarted_forever(trained, tmp_path):
+    """``gapo.max_failures=-1`` (an unattended run) with a deterministic error: a corrupt folder to start from failed
+    every restart the same way, without end. ``gapo.same_failure_limit`` ends the fit at the second such failure."""
+    import shutil
+
+    from anisora_ray.gapo.failures import RepeatedFailureError
+    from anisora_ray.gapo.trainer import train_gapo
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(trained["result"]["weights_uri"], corrupt)
+    shard = next(corrupt.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    cfg = trained["make"]("gapo.steps=2", "gapo.max_failures=-1", "gapo.same_failure_limit=2")
+    with pytest.raises(RepeatedFailureError, match=r"failed 2 times in a row before its first update .* "
+                                                   r"WeightsError: cannot read weights file .*corrupt"):
+        train_gapo(cfg, trained["table"], str(tmp_path / "out"), root=REPO, init_uri=str(corrupt), run_name="corrupt")
+
+
+def test_the_stop_counts_one_error_at_one_update_and_leaves_dead_processes_to_max_failures():
+    """``RepeatedFailureStop`` in Ray Train's controller: only the same error (numbers aside) at the same update, in
+    attempts one after the other, counts; a new update reported or a process that died starts the count again."""
+    from ray.exceptions import RayError
+
+    from anisora_ray.gapo.failures import RepeatedFailureError, RepeatedFailureStop
+
+    def fail(stop, *errors):
+        stop.after_exception(None, dict(enumerate(errors)))
+
+    stop = RepeatedFailureStop(3)
+    fail(stop, ValueError("pair 7 at 0x7f00 cannot train"))
+    fail(stop, ValueError("pair 7 at 0x7f9a cannot train"), RuntimeError("gloo: connection reset by [10.0.0.2]:4411"))
+    stop.after_report(None, [{"step": 4}, {"step": 4}], None)  # progress: the next failure is a new streak
+    fail(stop, ValueError("pair 7 at 0x7f00 cannot train"))
+    fail(stop, ValueError("pair 8 cannot train"), RuntimeError("gloo: connection reset by [10.0.0.3]:5123"))
+    fail(stop, RayError("the actor died"), RuntimeError("gloo: connection reset by [10.0.0.3]:5123"))  # left to Ray
+    fail(stop, RuntimeError("gloo: connection reset by [10.0.0.3]:6000"))
+    fail(stop, RuntimeError("gloo: connection reset by [10.0.0.4]:6001"))
+    with pytest.raises(RepeatedFailureError, match=r"3 times in a row after update 4 .*rank 1: RuntimeError: gloo"):
+        fail(stop, TypeError("another"), RuntimeError("gloo: connection reset by [10.0.0.1]:7000"))
+    off = RepeatedFailureStop(0)
+    for _ in range(5):
+        fail(off, ValueError("same"))
+
+
 def test_lora_trains_only_the_adapter(trained):
     from anisora_ray.gapo.trainer import train_gapo
     from anisora_ray.weights.folder import MANIFEST, read_safetensors

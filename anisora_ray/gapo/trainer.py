@@ -224,6 +224,7 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from anisora_ray.gapo.failures import RepeatedFailureError, RepeatedFailureStop
     from anisora_ray.io import fs
     from anisora_ray.models.pipeline import resolve_pretrained
     from anisora_ray.runtime import init_ray, train_settings
@@ -263,10 +264,16 @@ def train_gapo(cfg: AnisoraConfig, table: pa.Table, out_uri: str | None = None, 
             run_config=ray.train.RunConfig(name=name,
                                            storage_path=fs.join(output, "ray-train"),
                                            failure_config=ray.train.FailureConfig(max_failures=g.max_failures),
+                                           callbacks=[RepeatedFailureStop(g.same_failure_limit)],
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=g.checkpoints_to_keep)),
         )
         with train_settings(cfg.ray):
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except ray.train.ControllerError as exc:  # the stop above: its own error, not Ray Train's wrapper
+                if isinstance(exc.controller_failure, RepeatedFailureError):
+                    raise exc.controller_failure from None
+                raise
         if result.error is not None or (result.checkpoint is None and g.final_checkpoint):
             raise RuntimeError(f"GAPO training failed: {result.error or 'no checkpoint was reported'}")
         final = result.return_value if isinstance(result.return_value, dict) else result.metrics  # the last update's
