@@ -54,6 +54,25 @@ def test_each_released_structure_builds_loads_and_renders_per_seed(make_config, 
     assert not np.array_equal(both[0], both[1])  # distinct seeds, distinct videos
 
 
+@pytest.mark.parametrize("family", ("cogvideox_i2v", "wan_i2v"))
+def test_the_negative_prompt_conditions_cfgs_other_branch_and_needs_cfg(make_config, demo_manifest, family):
+    """``generator.negative_prompt`` (the Wan configs set Wan's, which its sampler substitutes for an empty one): the
+    same seed renders another video with it; without CFG nothing would read it, so the config refuses it."""
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.generation.generator import Generator
+
+    request = [GenerationRequest(read_manifest(demo_manifest)[0], (4,))]
+    videos = []
+    for negative in ("", "blurry, static, low quality", "blurry, static, low quality"):
+        cfg = make_config(f"model.family={family}", f"generator.negative_prompt={negative}")
+        videos.append(Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator,
+                                cfg.video).render(request))
+    assert cfg.generator.guidance_scale > 1 and not np.array_equal(videos[0], videos[1])
+    np.testing.assert_array_equal(videos[1], videos[2])
+    with pytest.raises(ConfigError, match="negative_prompt is set and guidance_scale=1.0"):
+        make_config(f"model.family={family}", "generator.guidance_scale=1", "generator.negative_prompt=blurry")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_conditions_exactly_as_the_pipeline_conditioned_the_rollout(make_config, demo_manifest, variant):
     """What the GAPO worker feeds the transformer besides the noisy latents (condition channels or the given first

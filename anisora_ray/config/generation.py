@@ -80,6 +80,10 @@ class GeneratorConfig(Section):
     # checkpoint's control codes, e.g. AniSora V3.x's " aesthetic score: 5.5. motion score: 3.0. There is no text
     # in the video."
     prompt_suffix: str = ""
+    # CFG's unconditional branch is conditioned on this text ("": the empty prompt, diffusers' default). Wan's own
+    # sampler and AniSora's substitute their long negative prompt for an empty one (configs/wan*.yaml set it), so
+    # rollouts and held-out videos match the checkpoint's release; GAPO's loss, which has no CFG, does not read it.
+    negative_prompt: str = ""
     device: str = "auto"  # auto: cuda when Ray gave the actor a GPU and torch sees one, else cpu
     torch_threads: int | None = Field(default=None, ge=1)  # default: the actor's num_cpus
     vae_slicing: bool = False
@@ -115,6 +119,13 @@ class GeneratorConfig(Section):
         if self.cache.kind == "faster_cache" and self.guidance_scale <= 1:
             raise ValueError(f"generator.cache.kind='faster_cache' approximates CFG's unconditional branch, and "
                              f"guidance_scale={self.guidance_scale} (<= 1) runs no CFG: use 'taylorseer' or no cache")
+        return self
+
+    @model_validator(mode="after")
+    def _negative_prompt_needs_cfg(self) -> GeneratorConfig:
+        if self.negative_prompt and self.guidance_scale <= 1:
+            raise ValueError(f"generator.negative_prompt is set and guidance_scale={self.guidance_scale} (<= 1) runs no "
+                             "CFG, so nothing reads it: unset it, or raise guidance_scale")
         return self
 
     @model_validator(mode="after")

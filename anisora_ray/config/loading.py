@@ -172,7 +172,7 @@ def _read_yaml(path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     if source in chain:
         raise ConfigError(f"config file {source!r} includes itself ({' -> '.join((*chain, source))})")
     try:
-        loaded = load_yaml(path.read_text())
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         where = f" (included by {chain[-1]!r})" if chain else ""
         raise ConfigError(f"config file {source!r} does not exist{where}") from None

@@ -26,8 +26,8 @@ JOURNAL_DIR = "journal"
 # what a video depends on besides its prompt, image, seed and weights (replica counts, timeouts and actor
 # resources do not change a video)
 RENDER_SETTINGS = {"num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale",
-                   "max_sequence_length", "prompt_suffix", "vae_slicing", "vae_tiling", "compile", "compile_mode",
-                   "attention_backend", "cache", "quantize", "scheduler", "flow_shift"}
+                   "max_sequence_length", "prompt_suffix", "negative_prompt", "vae_slicing", "vae_tiling", "compile",
+                   "compile_mode", "attention_backend", "cache", "quantize", "scheduler", "flow_shift"}
 
 
 def recipe(cfg: AnisoraConfig, weights_states: Sequence[dict], exact: bool) -> str:

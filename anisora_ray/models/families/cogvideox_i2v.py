@@ -97,6 +97,7 @@ class CogVideoXI2V(GeneratorFamily):
     def render(self, pipe, images, prompts, generators, cfg, steps=None) -> np.ndarray:
         out = pipe(image=images, prompt=prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
                    num_inference_steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   negative_prompt=[cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None,
                    generator=generators, output_type="np", max_sequence_length=cfg.max_sequence_length)
         return np.asarray(out.frames)
 

@@ -133,6 +133,7 @@ class WanI2V(GeneratorFamily):
             out = pipe(image=images[start], prompt=[prompts[start]] * (end - start), height=cfg.height,
                        width=cfg.width, num_frames=cfg.num_frames, num_inference_steps=steps or cfg.num_inference_steps,
                        guidance_scale=cfg.guidance_scale, generator=generators[start:end], output_type="np",
+                       negative_prompt=[cfg.negative_prompt] * (end - start) if cfg.negative_prompt else None,
                        max_sequence_length=cfg.max_sequence_length)
             videos.append(np.asarray(out.frames))
             start = end
