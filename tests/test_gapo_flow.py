@@ -14,6 +14,7 @@ from anisora_ray.models.objectives import (
     first_frame_mask,
     flow_errors,
     masked_error,
+    noised,
     scheduler_shift,
 )
 
@@ -52,6 +53,14 @@ def test_masked_velocity_errors_equal_a_hand_computation_and_ignore_the_given_fi
     assert torch.allclose(masked_error(prediction, target, mask), torch.full((2,), 0.5))
     with pytest.raises(ValueError, match="no generated position"):
         masked_error(prediction, target, torch.zeros(1, 1, 3, 2, 2))
+
+
+def test_bf16_latents_are_noised_at_the_sigma_the_model_is_told():
+    """x_t in float32, then bf16: σ = 0.972 rounded to bf16 first (0.97266) left 1 − σ = 0.0273 of x₀, not 0.028."""
+    x0, noise = torch.ones(1, 4, dtype=torch.bfloat16), torch.zeros(1, 4, dtype=torch.bfloat16)
+    x_t = noised(x0, noise, torch.tensor([0.972]))
+    assert x_t.dtype == torch.bfloat16
+    assert x_t.float().flatten().tolist() == pytest.approx([0.028] * 4, rel=4e-3)  # bf16's own rounding of 0.028 only
 
 
 def test_sigmas_come_from_the_schedulers_shifted_training_grid():
