@@ -96,6 +96,12 @@ class LeastLoaded:
     def loads(self) -> list[int]:
         return list(self.load)
 
+    def reset(self) -> None:
+        """Forget every lease: a stage starts (no lease outlives the stage that took it). A lease whose caller gave up
+        waiting for it, was cancelled while leasing or was killed before releasing it counted for the rest of the
+        job, and the router sent that replica fewer calls than the others (its GPU idle) round after round."""
+        self.load = [0] * len(self.load)
+
 
 def actor_placement() -> dict:
     """Where the calling actor runs: actor id, node id, the GPU ids Ray gave it, pid."""

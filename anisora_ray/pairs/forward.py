@@ -73,8 +73,8 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
     requests = [GenerationRequest(items[p], tuple(s)) for p, s in seeds.items()]
     size = prompts_per_call or len(requests)
     groups = [requests[i: i + size] for i in range(0, len(requests), size)]
-    leased = [_lease(router, len(replicas)) for _ in groups]
-    tried = [[index] for index in leased]  # per call: the replicas it was sent to
+    leased: list[int] = []  # per call: the replica it holds a lease on (taken inside the try: all released)
+    tried: list[list[int]] = []  # per call: the replicas it was sent to
     candidates, quarantined, retried = [], [], 0
     failed_at_last: dict[int, bool] = {}  # per call: whether its last replica failed it (for the router)
 
@@ -85,6 +85,9 @@ def generate_on_replicas(batch: pa.Table, replicas: list, router, out_dir: str, 
         return generate_call(replicas[leased[g]], groups[g], out_dir, exact)
 
     try:
+        for _ in groups:
+            leased.append(_lease(router, len(replicas)))
+            tried.append([leased[-1]])
         refs = [generate_call(replicas[index], group, out_dir, exact)
                 for index, group in zip(leased, groups, strict=True)]
         for g, ref in enumerate(refs):

@@ -246,6 +246,7 @@ def stream_pairs(cfg: AnisoraConfig, items: Sequence[PromptItem], replicas: Gene
     if not todo:
         return PairsResult(out_uri, 0, {}, already, 0, 0)
     _configure_data_context(cfg, progress)
+    ray.get(replicas.router.reset.remote())  # leases an earlier stage's cancelled or killed tasks left behind
     dataset = build_dataset(cfg, todo, replicas, fs.normalize(out_uri), round_index, reward_actors, exact)
     return consume(cfg, dataset, writer, len(todo), already, progress, on_prompt=on_prompt, statistics=statistics)
 
