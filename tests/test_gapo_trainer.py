@@ -234,6 +234,27 @@ def test_a_missing_deepspeed_config_is_named(make_config):
     assert ds["optimizer"]["params"]["lr"] == 0.5 and ds["scheduler"]["params"]["warmup_max_lr"] == 0.5
 
 
+def test_a_fit_whose_every_update_the_scheduler_runs_at_lr_0_is_said(make_config, caplog):
+    """The shipped WarmupLR JSONs start at warmup_min_lr 0: DeepSpeed steps a fit's first two updates at lr 0, so
+    ``train --set gapo.steps=2`` wrote the base weights back without a word. Counted with DeepSpeed's own scheduler."""
+    import logging
+
+    from anisora_ray.gapo.engine import deepspeed_config, still_updates
+
+    for name in ("zero2", "zero2_bf16", "zero3_offload"):
+        cfg = make_config(f"gapo.deepspeed_config=configs/deepspeed/{name}.json")
+        assert still_updates(deepspeed_config(cfg, REPO), 30) == 2, name
+    with caplog.at_level(logging.INFO, logger="anisora_ray.gapo.engine"):
+        deepspeed_config(make_config("gapo.steps=2"), REPO)
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "first 2 of a fit's 2 update(s) at learning rate 0: this fit will not change the weights" in caplog.text
+        caplog.clear()
+        deepspeed_config(make_config("gapo.steps=5"), REPO)
+        assert [r.levelname for r in caplog.records] == ["INFO"] and "first 2 of a fit's 5" in caplog.text
+    warm = make_config('gapo.deepspeed_overrides={"scheduler": {"params": {"warmup_min_lr": 1e-6}}}')
+    assert still_updates(deepspeed_config(warm, REPO), 30) == 0
+
+
 def test_deepspeed_overrides_that_a_gapo_key_would_overwrite_are_refused(make_config):
     """They were dropped without a word: the micro batch is gapo.pairs_per_step; an lr beside gapo.learning_rate is
     replaced by it; an optimizer lr alone is not what WarmupLR steps to (its warmup_max_lr is)."""

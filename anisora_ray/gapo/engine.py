@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import time
 
@@ -29,6 +30,8 @@ from anisora_ray.gapo.loss import GapoLoss
 from anisora_ray.gapo.models import Encoders, build_policy, build_reference, load_transformer_pipeline, zero_stage
 from anisora_ray.models.compile import compile_blocks
 from anisora_ray.models.families import get_family
+
+log = logging.getLogger(__name__)
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -64,7 +67,43 @@ def deepspeed_config(cfg: AnisoraConfig, root: str) -> dict:
     if lr is not None and peak is not None and lr != peak:  # the scheduler sets the rate: the optimizer's lr is unused
         raise ConfigError(f"the DeepSpeed config's optimizer lr ({lr}) is not its scheduler's warmup_max_lr ({peak}), "
                           "which is the rate training runs at: set gapo.learning_rate (it sets both)")
+    still = still_updates(ds, cfg.gapo.steps)
+    if still:  # said: `train --set gapo.steps=2` wrote the base weights back without a word
+        log.log(logging.WARNING if still >= cfg.gapo.steps else logging.INFO,
+                "the DeepSpeed scheduler of %s (%s %s) steps the first %d of a fit's %d update(s) at learning rate 0%s",
+                path, ds["scheduler"]["type"], ds["scheduler"].get("params", {}), still, cfg.gapo.steps,
+                ": this fit will not change the weights (raise gapo.steps, or the scheduler's warmup_min_lr through "
+                "gapo.deepspeed_overrides)" if still >= cfg.gapo.steps else "")
     return ds
+
+
+def still_updates(ds: dict, steps: int) -> int:
+    """How many of a fit's first ``steps`` updates DeepSpeed's scheduler runs at learning rate 0 (a WarmupLR from
+    ``warmup_min_lr`` 0: the first two, whatever ``warmup_num_steps``), by stepping DeepSpeed's own scheduler class
+    on a one-parameter optimizer."""
+    scheduler = ds.get("scheduler") or {}
+    try:
+        from deepspeed.runtime import lr_schedules
+    except ImportError:  # the driver without DeepSpeed: the workers' engine says it
+        return 0
+    kind = getattr(lr_schedules, str(scheduler.get("type")), None)
+    if not isinstance(kind, type):
+        return 0
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    quiet = logging.getLogger("DeepSpeed")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "Attempting to get learning rate from scheduler before it has started"
+    try:
+        schedule = kind(optimizer, **scheduler.get("params", {}))
+        count = 0
+        while count < steps and optimizer.param_groups[0]["lr"] == 0:
+            count += 1
+            schedule.step()
+    except (TypeError, ValueError):  # parameters DeepSpeed refuses: its engine says so in the workers
+        return 0
+    finally:
+        quiet.setLevel(level)
+    return count
 
 
 def _checked_overrides(g) -> dict:
