@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from anisora_ray import cli_eval
+from anisora_ray import cli_eval, cli_tools
 from anisora_ray.errors import AnisoraError, ConfigError
 
 
@@ -82,13 +82,18 @@ def _start_replicas(cfg):
 def _train(args: argparse.Namespace) -> int:
     from anisora_ray.config import load_config
     from anisora_ray.gapo.trainer import train_gapo
+    from anisora_ray.io import fs
     from anisora_ray.pairs.writer import pairs_table
 
     cfg = load_config(args.config, args.overrides)
+    table = pairs_table(args.pairs)
+    for flag, uri in (("--init", args.init), ("--resume", args.resume)):
+        if uri and not fs.exists(uri):  # it failed in every Ray Train restart, minutes later
+            raise ConfigError(f"train {flag} {uri}: no such folder")
     refresh = cfg.gapo.refresh_replicas and not args.no_refresh
     replicas = _start_replicas(cfg) if refresh and cfg.gapo.refresh_every else None  # live during training
     try:
-        m = train_gapo(cfg, pairs_table(args.pairs), args.out, init_uri=args.init, resume_from=args.resume,
+        m = train_gapo(cfg, table, args.out, init_uri=args.init, resume_from=args.resume,
                        replicas=replicas.actors if replicas else None)
     except BaseException:
         if replicas:
@@ -98,8 +103,6 @@ def _train(args: argparse.Namespace) -> int:
           f"implicit accuracy {m['implicit_accuracy']:.2f} -> {m['kind']} weights {m['weights_uri']} "
           f"(checkpoint {m['checkpoint_uri']}, MLflow run {m['mlflow_run_id']})")
     if refresh:
-        from anisora_ray.io import fs
-
         replicas = replicas or _start_replicas(cfg)
         try:
             version, reports = replicas.refresh_from(m["weights_uri"])  # each replica streams the folder
@@ -135,90 +138,6 @@ def _align(args: argparse.Namespace) -> int:
     print(f"reward curve: {result.curve_uri}\nstate: {result.state_uri}\n"
           f"MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (run {result.parent_run_id})")
     cli_eval.print_worker_logs(args)
-    return 0
-
-
-def _make_demo(args: argparse.Namespace) -> int:
-    from anisora_ray.data.demo import make_demo_set
-
-    print(make_demo_set(args.out, num_prompts=args.num, image_size=args.image_size, seed=args.seed, prefix=args.prefix))
-    return 0
-
-
-def _build_manifest(args: argparse.Namespace) -> int:
-    if bool(args.images) == bool(args.videos):
-        raise ConfigError("build-manifest: give --videos DIR [--captions FILE] or --images DIR [--prompts FILE]")
-    other = {"--captions": args.captions, "--images-out": args.images_out} if args.images else {"--prompts": args.prompts}
-    if stray := [flag for flag, value in other.items() if value]:  # unused, a captioning model would write the prompts
-        raise ConfigError(f"build-manifest: {' and '.join(stray)} do(es) not go with {'--images' if args.images else '--videos'}"
-                          ": --videos DIR [--captions FILE] [--images-out DIR], or --images DIR [--prompts FILE]")
-    if args.images and args.prompts:
-        from anisora_ray.data.manifest import build_manifest
-
-        items = build_manifest(args.images, args.prompts, args.out)
-        print(f"{len(items)} prompts -> {args.out}")
-        return 0
-    from anisora_ray.data import clips
-
-    captioner = None
-    if not args.captions:  # no captions given: a vision-language model writes them
-        from anisora_ray.config import load_config
-        from anisora_ray.generation.captioning import start_captioner
-
-        captioner = start_captioner(load_config(args.config, args.overrides), args.captioner, progress=not args.quiet)
-    if args.images:
-        items, bad = clips.build_manifest_from_images(args.images, args.out, captioner)
-    else:
-        def progress(done: int, total: int) -> None:
-            print(f"\rfirst frames: {done}/{total}", end="", flush=True)
-
-        items, bad = clips.build_manifest_from_videos(args.videos, args.captions, args.out, args.images_out,
-                                                      on_progress=None if args.quiet else progress, captioner=captioner)
-    aside = f"; {len(bad)} set aside: {clips.quarantine_uri(args.out)}" if bad else ""
-    review = f"; captions by {captioner.model} for review: {clips.captions_uri(args.out)}" if captioner else ""
-    print(f"\n{len(items)} prompts -> {args.out}{aside}{review}")
-    return 0
-
-
-def _tiny_model(args: argparse.Namespace) -> int:
-    from anisora_ray.config import load_config
-    from anisora_ray.models.families import family_of
-
-    cfg = load_config(args.config, args.overrides)
-    print(family_of(cfg.model).save_tiny(cfg.model, cfg.generator, args.out))
-    return 0
-
-
-def _train_reward(args: argparse.Namespace) -> int:
-    from anisora_ray.config import load_config
-    from anisora_ray.reward.training import train_reward
-
-    overrides = list(args.overrides) + ([f"reward.training.dimension={args.dimension}"] if args.dimension else [])
-    summary = train_reward(load_config(args.config, overrides), args.annotations, args.out)
-    print(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("holdout_")))
-    print(f"head -> {summary['head_uri']} (set reward.dimensions.{summary['dimension']}.options.head to use it)")
-    return 0
-
-
-def _build_gallery(args: argparse.Namespace) -> int:
-    from anisora_ray.config import load_config
-    from anisora_ray.errors import ConfigError
-    from anisora_ray.reward.base import build_dimension
-    from anisora_ray.reward.character import build_gallery
-
-    character = load_config(args.config, args.overrides).reward.dimensions.character
-    if character.backend != "grounded":
-        raise ConfigError(f"reward.dimensions.character.backend = {character.backend!r}: build-gallery needs 'grounded'")
-    options = {k: v for k, v in character.options.items() if k != "gallery"}
-    meta = build_gallery(build_dimension("character", "grounded", **options), args.references, args.out)
-    print(f"{len(meta['ids'])} characters -> {args.out} (set reward.dimensions.character.options.gallery to use it)")
-    return 0
-
-
-def _tiny_reward(args: argparse.Namespace) -> int:
-    from anisora_ray.models.tiny_reward import save_tiny_backbone
-
-    print(save_tiny_backbone(args.kind, args.out, seed=args.seed))
     return 0
 
 
@@ -272,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="demo")
-    p.set_defaults(func=_make_demo)
+    p.set_defaults(func=cli_tools.make_demo)
 
     p = sub.add_parser("build-manifest", help="manifest from a folder of clips (first frames) or of images, and "
                                               "captions (given, or written by a vision-language model)")
@@ -288,25 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or tiny:qwen2-vl (default: data.captioner.model, Qwen/Qwen2-VL-7B-Instruct)")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.add_argument("--out", required=True, help="manifest parquet URL")
-    p.set_defaults(func=_build_manifest)
+    p.set_defaults(func=cli_tools.build_manifest)
 
     p = sub.add_parser("tiny-model", help="build the tiny random-init pipeline of a config and save it")
     _with_config(p)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_tiny_model)
+    p.set_defaults(func=cli_tools.tiny_model)
 
     p = sub.add_parser("train-reward", help="fit a reward dimension's head on rated clips with Ray Train")
     _with_config(p)
     p.add_argument("--annotations", required=True, help="parquet: video_uri, prompt, image_uri, one column per dimension")
     p.add_argument("--dimension", help="default: reward.training.dimension")
     p.add_argument("--out", help="head folder or URL (default: <run.output_dir>/reward-heads/<dimension>)")
-    p.set_defaults(func=_train_reward)
+    p.set_defaults(func=cli_tools.train_reward)
 
     p = sub.add_parser("build-gallery", help="character embeddings from reference images (<dir>/<character_id>/*.png)")
     _with_config(p)
     p.add_argument("--references", required=True)
     p.add_argument("--out", required=True, help="gallery .safetensors URL")
-    p.set_defaults(func=_build_gallery)
+    p.set_defaults(func=cli_tools.build_gallery)
 
     p = sub.add_parser("convert-reward", help="convert the released AnimeReward checkpoints to safetensors folders")
     p.add_argument("--source", default="IndexTeam/Index-anisora",
@@ -382,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_tiny_reward)
+    p.set_defaults(func=cli_tools.tiny_reward)
     return parser
 
 
@@ -393,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AnisoraError as exc:
         print(f"anisora-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # an input the command line named; --verbose keeps the traceback
+        if args.verbose:
+            raise
+        print(f"anisora-ray: error: no such file or folder: {exc.filename or exc} (--verbose: the traceback)",
+              file=sys.stderr)
         return 2
 
 

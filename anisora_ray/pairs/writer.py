@@ -123,6 +123,8 @@ def mark_videos_pruned(out_uri: str, record: dict) -> None:
 
 def pairs_table(out_uri: str) -> pa.Table:
     """The pairs of ``out_uri`` as a training table; fails, naming the setting, when their videos were pruned."""
+    if not fs.exists(out_uri):
+        raise ConfigError(f"pairs folder {out_uri} does not exist (a `pairs` run's output: pairs-NNNNN.parquet)")
     if fs.exists(fs.join(out_uri, PRUNED)):
         record = json.loads(fs.read_bytes(fs.join(out_uri, PRUNED)))
         raise ConfigError(f"pairs {out_uri}: their candidate videos were pruned at {record['at']} by "
