@@ -208,7 +208,7 @@ def check_unique_ids(items: Sequence[PromptItem], source: str) -> None:
 
 
 MISSING_PROMPTS = (
-    "{key} is not set: this config trains and evaluates on your own data. Make a manifest from a folder of "
+    "{keys} not set: this config trains and evaluates on your own data. Make a manifest from a folder of "
     "clips (the first frame of each becomes its image): `anisora-ray build-manifest --videos CLIPS_DIR "
     "--captions captions.csv --out MANIFEST.parquet` (or `--images DIR --prompts FILE`), then pass "
     "`--set {key}=MANIFEST.parquet` (docs/data.md walks through it); `{key}=demo` uses the drawn demo set."
@@ -216,9 +216,10 @@ MISSING_PROMPTS = (
 
 
 def require_prompts(data_prompts: str | None, eval_prompts: str | None | bool = False) -> None:
-    """A clear error when a real config names no manifest (``None``); ``eval_prompts=False``: not needed."""
-    if data_prompts is None:
-        raise ConfigError(MISSING_PROMPTS.format(key="data.prompts"))
-    if eval_prompts is None:
-        raise ConfigError(MISSING_PROMPTS.format(key="eval.prompts") + " Held-out prompts and images must not "
-                          "appear in data.prompts.")
+    """A clear error when a real config names no manifest (``None``), both named at once; ``eval_prompts=False``:
+    not needed."""
+    unset = [key for key, value in (("data.prompts", data_prompts), ("eval.prompts", eval_prompts)) if value is None]
+    if unset:
+        held_out = (" Held-out prompts and images (eval.prompts) must not appear in data.prompts."
+                    if "eval.prompts" in unset else "")
+        raise ConfigError(MISSING_PROMPTS.format(keys=" and ".join(unset) + (" are" if len(unset) > 1 else " is"), key=unset[0]) + held_out)
