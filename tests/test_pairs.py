@@ -312,3 +312,9 @@ def test_scores_of_prompts_an_interrupted_flush_left_undone_are_not_written_twic
     assert sorted((r["prompt_id"], r["seed"]) for r in rows) == [("b", 3), ("b", 4), ("p", 1), ("p", 2)]
     assert [p.prompt_id for p in read_pairs(out)] == ["p"]
     assert [q.item_id for q in read_quarantined(out)] == ["b"]  # p's, written before p was done: dropped (redone without)
+    # each kind as one table (what the round's MLflow run gets: one artifact per kind, not one per shard)
+    from anisora_ray.pairs.writer import shard_tables
+
+    tables = shard_tables(out)
+    assert {k: t.num_rows for k, t in tables.items()} == {"pairs": 1, "skipped": 1, "scores": 4, "quarantine": 1}
+    assert sorted(tables["scores"].column("prompt_id").to_pylist()) == ["b", "b", "p", "p"]

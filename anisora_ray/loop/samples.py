@@ -13,7 +13,7 @@ from anisora_ray.eval.heldout import EvalResult
 from anisora_ray.eval.stats import compare_or_nan
 from anisora_ray.io import fs
 from anisora_ray.loop.report import side_by_side, side_by_side_videos
-from anisora_ray.pairs.writer import read_pairs
+from anisora_ray.pairs.writer import read_pairs, shard_tables
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,18 @@ def eval_row(index: int, result: EvalResult, baseline: dict[str, float] | None, 
 
 
 def log_samples(cfg: AnisoraConfig, pairs_uri: str, out: str) -> None:
-    """The round's pair tables and side-by-side winner | loser videos, as artifacts of the round's run."""
+    """The round's pair tables (each kind's shards as one table: a real round's hundreds of shards were as many
+    artifacts, copied into the store every round) and side-by-side winner | loser videos, as artifacts of the
+    round's run."""
+    import tempfile
+
     import mlflow
 
-    if not fs.is_url(pairs_uri):
-        for name in sorted(os.listdir(pairs_uri)):
-            if name.endswith(".parquet"):
-                mlflow.log_artifact(os.path.join(pairs_uri, name), artifact_path="pairs")
+    with tempfile.TemporaryDirectory() as folder:
+        for kind, table in shard_tables(pairs_uri).items():
+            path = os.path.join(folder, f"{kind}.parquet")
+            fs.write_table(table, path)
+            mlflow.log_artifact(path, artifact_path="pairs")
     for pair in read_pairs(pairs_uri)[: cfg.eval.sample_videos]:
         uri = side_by_side(pair, fs.join(out, f"{pair.prompt_id}-winner-vs-loser.mp4"), cfg.generator.fps)
         if not fs.is_url(uri):

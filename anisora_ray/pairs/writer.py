@@ -36,6 +36,15 @@ def _shards(out_uri: str) -> list[tuple[str, int, str]]:
     return sorted(found, key=lambda t: (t[1], t[0]))
 
 
+def shard_tables(out_uri: str) -> dict[str, pa.Table]:
+    """Each kind's shards of a pairs folder as one table (``pairs``, ``skipped``, ``scores``, ``quarantine``; kinds
+    with no shard left out), in shard order."""
+    by_kind: dict[str, list[pa.Table]] = {}
+    for kind, _, uri in _shards(out_uri):
+        by_kind.setdefault(kind, []).append(fs.read_table(uri))
+    return {kind: pa.concat_tables(tables, promote_options="default") for kind, tables in by_kind.items()}
+
+
 def read_pairs(out_uri: str) -> list[PreferencePair]:
     """Every pair of a pairs output folder, in shard order."""
     return [p for kind, _, uri in _shards(out_uri) if kind == "pairs" for p in PreferencePair.from_table(fs.read_table(uri))]
