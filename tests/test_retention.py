@@ -182,6 +182,9 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     assert freed["candidate_videos"] == 300_000 and not os.path.exists(os.path.join(pairs, "videos"))
     assert record_sizes(cfg, rs, freed) == ["pruned_mb", "output_dir_mb", "written_mb"]
     assert rs.metrics["written_mb"] == pytest.approx(0.3, abs=0.01) and rs.metrics["output_dir_mb"] < 0.01
+    remote = RoundState(1, phase="evaluated")  # an object store is not listed whole every round, only what was freed
+    assert record_sizes(make_config("run.output_dir=memory://job"), remote, {"weights": 2_000_000}) == ["pruned_mb"]
+    assert remote.metrics == {"pruned_mb": 2.0}
     assert check_free_space(cfg, state, 2) == pytest.approx(free, abs=1.0)  # 1.5 x 0.3 MB fits
     state.rounds.append(RoundState(2, phase="evaluated", metrics={"written_mb": free * 1e3}))  # a round as big as the disk
     with pytest.raises(DiskSpaceError, match=r"round 3 needs .*run\.free_space\.rounds=1\.5 x .* GB, the most a round"):

@@ -165,6 +165,8 @@ def record_sizes(cfg: AnisoraConfig, rs: RoundState, freed: dict[str, int]) -> l
         return []
     freed_mb = sum(freed.values()) / 1e6
     rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + freed_mb
+    if fs.is_url(fs.normalize(cfg.run.output_dir)):  # sizing a bucket lists every object of the job, each round
+        return ["pruned_mb"]
     rs.metrics["output_dir_mb"] = fs.size(fs.normalize(cfg.run.output_dir)) / 1e6
     if "output_dir_start_mb" in rs.metrics and "written_mb" not in rs.metrics:
         rs.metrics["written_mb"] = max(0.0, rs.metrics["output_dir_mb"] + freed_mb - rs.metrics["output_dir_start_mb"])
