@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,9 +53,11 @@ class GeneratorActor(Generator):
     then loads the weights of the ledger's latest refresh, so a restarted replica never generates
     with the base weights unnoticed."""
 
-    def __init__(self, pretrained, model, generator, video, ledger=None):
+    def __init__(self, pretrained, model, generator, video, ledger: str | None = None):
         super().__init__(pretrained, model, generator, video, warm_up_later=True)  # in the calls' thread: placement()
-        meta = ray.get(ledger.latest.remote()) if ledger is not None else None
+        # the ledger by name: an actor handle among the constructor's arguments is an argument Ray keeps in the object
+        # store, which a restart may find evicted (ray-project/ray#53727; Ray says so at every start)
+        meta = ray.get(ray.get_actor(ledger).latest.remote()) if ledger is not None else None
         if meta is not None:
             self.load_weights_from(meta)
 
@@ -110,13 +113,14 @@ class GeneratorReplicas:
                 f"placed within {ready_timeout_s:.0f}s; the cluster has {readable(ray.cluster_resources())}"
             ) from None
         remote = ray.remote(concurrency_groups={"encode": 4})(GeneratorActor)
-        self.ledger = WeightsLedger.options(scheduling_strategy=on_this_node()).remote()
+        ledger = f"anisora-weights-ledger-{uuid.uuid4().hex[:12]}"
+        self.ledger = WeightsLedger.options(name=ledger, scheduling_strategy=on_this_node()).remote()
         self.actors = [
             remote.options(
                 **g.actor.ray_options(),
                 max_restarts=g.max_restarts,  # calls are sent again by the caller (counted), not by Ray
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(pretrained, cfg.model, g, cfg.video, self.ledger)
+            ).remote(pretrained, cfg.model, g, cfg.video, ledger)
             for i in range(g.replicas)
         ]
         try:
