@@ -319,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anisora-ray: error: no such file or folder: {exc.filename or exc} (--verbose: the traceback)",
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a hundred lines of traceback said nothing more
+        if args.verbose:
+            raise
+        print("anisora-ray: interrupted; what finished is kept" + ("; continue with --resume" if args.command in
+              ("align", "ablate") else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 
 
@@ -99,13 +100,29 @@ def annotate(args: argparse.Namespace) -> int:
     low, high = s["win_rate_ci"]
     print(f"{s['trained']} vs {s['baseline'] or 'any other version'}: {s['wins']} won, {s['losses']} lost, {s['undecided']} without a majority "
           f"of {s['judged']} comparisons judged by >= {args.judges} annotators ({s['comparisons']} in the study)")
-    print(f"win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson); Fleiss' kappa {s['fleiss_kappa']:.3f}")
+    if s["wins"] + s["losses"]:
+        print(f"win rate {s['win_rate']:.3f}, 95% CI [{low:.3f}, {high:.3f}] (Wilson); Fleiss' kappa "
+              + ("n/a (no comparison with exactly that many answers)" if math.isnan(s["fleiss_kappa"])
+                 else f"{s['fleiss_kappa']:.3f}"))
+    else:
+        print(f"no win rate yet: no comparison has a majority of >= {args.judges} annotators")
     for name, counts in s["annotators"].items():
         print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(s, f, indent=2)
+        with open(args.json, "w") as f:  # JSON has no NaN: a value not there yet is null
+            json.dump(_json_safe(s), f, indent=2)
     return 0
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as None (what jq and JavaScript read)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def quiet_ray(cfg, args: argparse.Namespace, folder: str):

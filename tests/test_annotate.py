@@ -93,7 +93,7 @@ def test_a_study_of_several_versions_counts_each_against_its_own_comparisons_by_
     assert version_order(["gapo", "round-10", "round-3", "round-0"]) == ["round-0", "round-3", "round-10", "gapo"]
 
 
-def test_the_summary_judges_the_served_studys_trained_version_whatever_the_labels_sort_as(tmp_path):
+def test_the_summary_judges_the_served_studys_trained_version_whatever_the_labels_sort_as(tmp_path, capsys):
     """``anisora-ray eval`` labels are names: "aligned" sorts before "baseline", and with no record of which
     version was the baseline the summary once judged the baseline and reported the trained one's wins as losses."""
     from anisora_ray.cli import main
@@ -116,6 +116,12 @@ def test_the_summary_judges_the_served_studys_trained_version_whatever_the_label
     import json
 
     assert json.loads((tmp_path / "s.json").read_text())["wins"] == 4
+    # the newest study, not answered yet: said in words, and its JSON has null (not NaN, which JSON parsers refuse)
+    capsys.readouterr()
+    assert main(["annotate", "summarize", "--eval", str(tmp_path), "--json", str(tmp_path / "none.json")]) == 0
+    assert "no win rate yet: no comparison has a majority" in capsys.readouterr().out
+    text = (tmp_path / "none.json").read_text()
+    assert "NaN" not in text and json.loads(text)["win_rate"] is None
 
 
 def tiny_align_dir(root) -> str:

@@ -52,6 +52,24 @@ def test_missing_inputs_named_on_the_command_line_fail_at_once_in_one_line(tmp_p
         assert err.count("\n") == 1 and re.search(f"^anisora-ray: error: {said}", err), err
 
 
+def test_ctrl_c_during_align_is_one_line_that_says_how_to_go_on(tmp_path, model_cache):
+    """SIGINT (Ctrl-C) while the job runs: exit 130 and one line (a hundred-line KeyboardInterrupt traceback before)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    job = subprocess.Popen([sys.executable, "-m", "anisora_ray.cli", "align", "--config", LOCAL_CONFIG, "--set",
+                            f"run.output_dir={tmp_path}", "--set", f"model.cache_dir={model_cache}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    time.sleep(10)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "anisora-ray: interrupted; what finished is kept; continue with --resume"
+
+
 def test_make_demo_then_build_manifest(tmp_path, capsys):
     assert main(["make-demo", "--out", str(tmp_path / "demo"), "--num", "2", "--image-size", "32"]) == 0
     items = read_manifest(str(tmp_path / "demo" / "prompts.parquet"))
