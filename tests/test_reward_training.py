@@ -74,6 +74,18 @@ def test_annotations_are_validated_and_split_deterministically(tmp_path):
     assert str(err.value).startswith(f"annotations {uri!r}: missing column(s) ['character']")  # a message, no tuple
 
 
+def test_train_reward_on_a_backend_without_a_head_is_refused_before_ray(make_config, tmp_path):
+    """configs/local.yaml's visual_appeal is classical: it failed inside Ray Train naming options the user never set."""
+    from anisora_ray.errors import ConfigError
+    from anisora_ray.reward.training import train_reward
+
+    uri, _ = brightness_set(str(tmp_path), n=4)
+    with pytest.raises(ConfigError, match=r"visual_appeal.backend = 'classical' has none: --set "
+                                          r"reward.dimensions.visual_appeal.backend=siglip"):
+        train_reward(make_config("reward.training.dimension=visual_appeal",
+                                 "reward.dimensions.visual_appeal.backend=classical"), uri)
+
+
 def test_train_reward_reaches_a_held_out_correlation(ray_cluster, make_config, tmp_path):
     import mlflow
 

@@ -123,6 +123,11 @@ def check_options(dimension: str, backend: str, options: dict[str, Any]) -> None
         )
 
 
+def trains_a_head(dimension: str, backend: str) -> bool:
+    """Whether the backend has a learned head ``train-reward`` can fit (it takes ``head`` and ``training``)."""
+    return {"head", "training"} <= accepted_options(_factory(dimension, backend))
+
+
 def check_reward_options(reward) -> None:
     """Every weighted dimension's backend and option keys, checked on the driver (``reward``: RewardConfig);
     a backend with a ``check_options(options)`` static method also checks their values there."""

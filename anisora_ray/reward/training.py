@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import torch
 
 from anisora_ray.config import AnisoraConfig
-from anisora_ray.errors import ManifestError
+from anisora_ray.errors import ConfigError, ManifestError
 from anisora_ray.io import fs
 from anisora_ray.models.tiny_reward import resolve_backbones
-from anisora_ray.reward.base import ClipBatch, build_dimension
+from anisora_ray.reward.base import ClipBatch, build_dimension, trains_a_head
 from anisora_ray.reward.encoders import RegressionHead
 from anisora_ray.types import QuarantineRecord
 
@@ -231,6 +231,11 @@ def train_reward(cfg: AnisoraConfig, annotations_uri: str, out_uri: str | None =
     from anisora_ray.tracking import log_metrics, mlflow_run
 
     t = cfg.reward.training
+    backend = cfg.reward.dimensions.as_dict()[t.dimension].backend
+    if not trains_a_head(t.dimension, backend):  # it failed inside Ray Train, after the workers started
+        raise ConfigError(f"train-reward trains a head on a learned backbone; reward.dimensions.{t.dimension}.backend = "
+                          f"{backend!r} has none: --set reward.dimensions.{t.dimension}.backend=siglip (or another "
+                          "learned backend: README, \"AnimeReward backends\")")
     label = t.label_column or t.dimension
     table, bad = load_annotations(annotations_uri, label)
     train, holdout = split_holdout(table, t.holdout_fraction, t.seed, base=fs.normalize(annotations_uri).rsplit("/", 1)[0])
