@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:  # an input the command line named; --verbose keeps the traceback
         if args.verbose:
             raise
-        print(f"anisora-ray: error: no such file or folder: {exc.filename or exc} (--verbose: the traceback)",
-              file=sys.stderr)
+        said = f"no such file or folder: {exc.filename}" if exc.filename else f"{type(exc).__name__}: {exc}"
+        print(f"anisora-ray: error: {said} (--verbose: the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a hundred lines of traceback said nothing more
         if args.verbose:

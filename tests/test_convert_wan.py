@@ -139,3 +139,22 @@ def test_a_model_folder_that_is_not_there_is_named_before_anything_starts(make_c
     assert resolve_pretrained(cfg.model, cfg.generator) == missing  # once it exists
     hub = make_config("model.pretrained=Wan-AI/Wan2.2-I2V-A14B-Diffusers")
     assert resolve_pretrained(hub.model, hub.generator) == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+
+
+def test_sources_are_named_before_the_base_is_fetched_and_a_hub_that_cannot_give_it_is_one_line(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """`convert-wan` fetched a Hub base first (a 90-line traceback offline, the missing source never named); the
+    released-reward conversion's Hub download says the same in one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the Hub gets, at once
+    hub = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+    assert main(["convert-wan", str(tmp_path / "nope"), "--base", hub, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"anisora-ray: error: {tmp_path / 'nope'}: no such file or folder"
+    source = tmp_path / "experts"
+    source.mkdir()
+    save_file({"x": torch.zeros(1)}, str(source / "model.safetensors"))
+    assert main(["convert-wan", str(source), "--base", hub, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--base '{hub}' is no local folder, and the Hugging Face Hub did not give it" in err
+    assert main(["convert-reward", "--source", "IndexTeam/Index-anisora", "--out", str(tmp_path / "reward")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is no local folder, and the Hugging Face Hub did not give it" in err
