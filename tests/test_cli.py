@@ -224,9 +224,16 @@ def test_tiny_model_command_writes_the_family_of_the_config(tmp_path, capsys):
     from tests.conftest import REPO
 
     out = tmp_path / "tiny-wan"
-    assert main(["tiny-model", "--config", os.path.join(REPO, "configs", "local_wan.yaml"), "--set",
-                 "model.tiny.warm_start_steps=0", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip().endswith(str(out))
+    args = ["tiny-model", "--config", os.path.join(REPO, "configs", "local_wan.yaml"), "--set",
+            "model.tiny.warm_start_steps=0", "--set", f"model.cache_dir={tmp_path / 'cache'}"]
+    assert main([*args, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("building the tiny wan_i2v model") and said.strip().endswith(str(out))
+    # the same config again: the cached build copied (it built again, a warm start of minutes, without a word)
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "again")
+    assert (tmp_path / "again" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "WanImageToVideoPipeline" and index["expand_timesteps"] is True
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()

@@ -82,12 +82,16 @@ class GeneratorFamily(abc.ABC):
         _, save = self.tiny_builders()
         return save(model.tiny, generator.height, generator.width, generator.num_frames, out_dir)
 
-    def tiny_folder(self, model, generator) -> str:
-        """The tiny pipeline's folder under ``model.cache_dir``, built on first use."""
+    def tiny_cache_path(self, model, generator) -> str:
+        """Where :meth:`tiny_folder` keeps the tiny pipeline of this config under ``model.cache_dir``."""
         import os
 
         name = f"tiny-{self.name.replace('_', '-')}-{self.tiny_key(model, generator)}"
-        return self.save_tiny(model, generator, os.path.join(os.path.expanduser(model.cache_dir), name))
+        return os.path.join(os.path.expanduser(model.cache_dir), name)
+
+    def tiny_folder(self, model, generator) -> str:
+        """The tiny pipeline's folder under ``model.cache_dir``, built on first use."""
+        return self.save_tiny(model, generator, self.tiny_cache_path(model, generator))
 
     attention_dispatcher = False  # its attention goes through diffusers' dispatcher (set_attention_backend)
     # The latents' layout ("BFCHW", "BCFHW") when the pipeline runs CFG's two branches as one batch (FasterCache
