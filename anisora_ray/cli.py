@@ -12,7 +12,8 @@ from anisora_ray.errors import AnisoraError, ConfigError
 
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/local.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", default="configs/local.yaml",
+                        help="YAML config (default: %(default)s, relative to the current folder: the checkout's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable, e.g. --set generator.replicas=2")
 
@@ -186,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_align)
 
     p = sub.add_parser("make-demo", help="draw the demo prompt set (images + manifest)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="demo")
+    p.add_argument("--out", required=True, help="folder for images/ and the manifest")
+    p.add_argument("--num", type=int, default=16, help="prompts (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=256, help="square first-frame images, pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the draw's seed (default: %(default)s)")
+    p.add_argument("--prefix", default="demo", help="prompt_id prefix (default: %(default)s)")
     p.set_defaults(func=cli_tools.make_demo)
 
     p = sub.add_parser("build-manifest", help="manifest from a folder of clips (first frames) or of images, and "
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "generator, pairs and seeds")
     _with_config(p)
     p.add_argument("--variants", default="gapo,dpo,sft",
-                   help="comma-separated: gapo, dpo, sft, no-<dimension> (GAPO with that dimension's weight 0)")
+                   help="comma-separated: gapo, dpo, sft, no-<dimension> (GAPO with that dimension's weight 0), "
+                        "reward=<preset> (GAPO on pairs ranked by configs/reward/<preset>.yaml, e.g. videoscore)")
     p.add_argument("--out", help="output folder (default: <run.output_dir>/ablate)")
     p.set_defaults(func=cli_eval.ablate)
 
