@@ -42,6 +42,9 @@ from anisora_ray.types import Candidate, GenerationRequest, QuarantineRecord
 from anisora_ray.weights.receiver import WeightsReceiver
 
 log = logging.getLogger(__name__)
+# diffusers logs the truncated part of a long prompt (kilobytes, every call) after _warn_if_truncated said it once
+logging.getLogger("diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video").addFilter(
+    lambda record: "was truncated because `max_sequence_length`" not in record.getMessage())
 CONTENT_ERRORS = (AnisoraError, ValueError)  # failures of the item itself; everything else is infrastructure
 ENCODE_BACKLOG = 2  # calls whose frames may wait for the encoding thread (each: a call's videos as uint8)
 
