@@ -227,6 +227,7 @@ def test_align_killed_in_every_phase_resumes_on_policy_and_tracks_everything(ray
         resumed_from = gapo[0].data.metrics["final_resumed_from_update"]
         assert (resumed_from == max(killed_at)) if name == "round-1" else (resumed_from == 0), (name, resumed_from)
     assert {m.step for m in client.get_metric_history(parent.info.run_id, "disk_free_gb")} == {1, 2}
+    assert {m.step for m in client.get_metric_history(parent.info.run_id, "driver_rss_mb")} == {1, 2}
     assert {m.step for m in client.get_metric_history(parent.info.run_id, "written_mb")} == {1, 2}
     with pytest.raises(DiskSpaceError, match=r"round 3 needs .* \(run\.free_space\.rounds=1e\+09 x"):  # sized by them
         run_alignment(load_config(LOCAL_CONFIG, [*overrides, "loop.rounds=3", "run.free_space.rounds=1e9"]), resume=True)

@@ -71,8 +71,11 @@ def prepare_round(ctx: RoundContext, rs: RoundState) -> None:
     free = retention.check_free_space(ctx.cfg, ctx.state, rs.index)
     retention.round_started(ctx.cfg, rs)
     ctx.save()
-    if free is not None:
-        log_metrics({"disk_free_gb": free}, step=rs.index)
+    import psutil  # a Ray dependency
+
+    # the driver's memory round by round: what a run of days watches (Ray's driver grows a little per dataset)
+    log_metrics({"driver_rss_mb": psutil.Process().memory_info().rss / 2**20,
+                 **({"disk_free_gb": free} if free is not None else {})}, step=rs.index)
 
 
 class PairsStopped(Exception):
