@@ -292,6 +292,14 @@ def test_the_diffusion_dpo_and_sft_ablations_train_a_tiny_wan(make_config):
 
 
 CHILD = gapo_child_script(29591, """
+import deepspeed
+
+def snapshot(module, trained_only=False):
+    # name -> a copy of each (trained) parameter, whole: ZeRO-3 keeps only a slice in place
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trained_only]
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=hasattr(params[0][1], "ds_id")):
+        return {n: p.detach().clone() for n, p in params}
+
 cases = arg
 result = {}
 for name, overrides in cases.items():
@@ -302,18 +310,18 @@ for name, overrides in cases.items():
     worker.engine.module.register_forward_pre_hook(
         lambda _m, _a, kw: seen.update(float(t) for t in kw["timestep"].flatten()), with_kwargs=True)
     metrics, moved = [], []  # per update: the top-level modules whose trained parameters changed
-    start = {n: p.detach().clone() for n, p in worker.engine.module.named_parameters()}
+    start = snapshot(worker.engine.module)
     for _ in range(cfg.gapo.steps):
-        before = {n: p.detach().clone() for n, p in worker.engine.module.named_parameters() if p.requires_grad}
+        before = snapshot(worker.engine.module, trained_only=True)
         metrics.append(worker.train_update())
-        now = dict(worker.engine.module.named_parameters())
-        moved.append(sorted({n.split(".")[0] for n, t in before.items() if not torch.equal(t, now[n].detach())}))
+        now = snapshot(worker.engine.module)
+        moved.append(sorted({n.split(".")[0] for n, t in before.items() if not torch.equal(t, now[n])}))
     manifest = worker.export(f"{out}/{name}", 64.0)
+    trainable = {n for n, p in worker.engine.module.named_parameters() if p.requires_grad}
     result[name] = {"uri": f"{out}/{name}", "loss": [m["loss"] for m in metrics], "kind": manifest["kind"],
                     "num_tensors": manifest["num_tensors"], "timesteps": sorted(seen), "moved": moved,
-                    "trainable": sorted(n for n, p in now.items() if p.requires_grad),
-                    "base_moved": sorted(n for n, t in start.items() if ".lora_" not in n
-                                         and not torch.equal(t, now[n].detach()))}
+                    "trainable": sorted(trainable), "zero_stage": worker.engine.zero_optimization_stage(),
+                    "base_moved": sorted(n for n, t in start.items() if ".lora_" not in n and not torch.equal(t, now[n]))}
     for latents in worker.encoder.memory.values():  # a diverged model: its errors, so the loss, are NaN
         for t in latents.values():
             t.fill_(float("nan"))
@@ -327,8 +335,9 @@ print("RESULT " + json.dumps(result))
 
 def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit_for_bit(tmp_path, model_cache,
                                                                                           demo_manifest):
-    """GapoWorker (DeepSpeed ZeRO-2, gloo, world size 1) on the tiny Wan: LoRA on both A14B experts and full
-    fine-tuning of TI2V; each exported folder loads into a Wan replica exactly, and the replica renders anew."""
+    """GapoWorker (DeepSpeed, gloo, world size 1) on the tiny Wan: LoRA on both A14B experts and full fine-tuning of
+    TI2V (ZeRO-2), both A14B experts fully fine-tuned under ZeRO-3 with a partitioned reference (AniSora V3.2's
+    setting); each exported folder loads into a Wan replica exactly, and the replica renders anew."""
     import json
     import subprocess
     import sys
@@ -348,6 +357,12 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
                       "gapo.lora={r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}",
                       "generator.flow_shift=5", "generator.guidance_scale=1", "gapo.timesteps=rollout"],
         "ti2v_full": [*base, "model.tiny.wan_variant=wan22_ti2v", "gapo.learning_rate=1e-3"],
+        # AniSora V3.2's own training: both experts fully fine-tuned under ZeRO-3 (AdamW state on the host), the
+        # frozen reference partitioned (one update a micro-batch, so each update trains one expert)
+        "a14b_full_zero3": [*base, "model.tiny.wan_variant=wan22_i2v_a14b", "gapo.learning_rate=1e-2", "gapo.steps=10",
+                            "gapo.deepspeed_config=configs/deepspeed/zero3_offload.json", "gapo.reference=partitioned",
+                            "gapo.deepspeed_overrides={gradient_accumulation_steps: 1}",
+                            "generator.flow_shift=5", "generator.guidance_scale=1", "gapo.timesteps=rollout"],
     }
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), LOCAL_CONFIG, REPO, json.dumps(cases)],
                           check=False, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
@@ -365,6 +380,8 @@ def test_gapo_trains_wan_under_deepspeed_and_a_refresh_reaches_a_wan_replica_bit
             assert trained["base_moved"] == [], trained["base_moved"][:5]
         else:
             assert trained["base_moved"], name
+        if "zero3" in name:  # the experts trained: the pair's loss fell once WarmupLR's rate rose above 0
+            assert trained["zero_stage"] == 3 and min(trained["loss"][4:]) < trained["loss"][0] - 0.05, trained["loss"]
         cfg = load_config(LOCAL_CONFIG, overrides)
         replica = Generator(resolve_pretrained(cfg.model, cfg.generator), cfg.model, cfg.generator, cfg.video)
         called = []  # the timesteps the replica's denoisers are called at
