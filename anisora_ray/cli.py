@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="of a Hub --base")
     p.add_argument("--out", required=True, help="new folder (model.pretrained)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--copy", action="store_true", help="copy the base's other components instead of symlinking them")
+    p.add_argument("--copy", action="store_true", help="copy the base's other components instead of symlinking them (always, for a Hub --base)")
     p.add_argument("--check", action="store_true", help="load the result through the trainers' loader")
     p.set_defaults(func=cli_eval.convert_wan)
 

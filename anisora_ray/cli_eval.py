@@ -59,7 +59,8 @@ def convert_wan(args: argparse.Namespace) -> int:
             raise ConfigError(f"--base {base!r} is no local folder, and the Hugging Face Hub did not give it "
                               f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}): download it where "
                               "this runs and pass its folder") from None
-    report = convert(base, args.sources, args.out, dtype=args.dtype, link=not args.copy)
+    hub = base != args.base  # fetched into this machine's cache, which the other machines do not see: copied
+    report = convert(base, args.sources, args.out, dtype=args.dtype, link=not args.copy and not hub)
     if args.check:  # the replicas' and trainers' loader, on the converted folder
         from anisora_ray.models.families import get_family
 

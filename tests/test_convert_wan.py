@@ -136,7 +136,18 @@ def test_a_model_folder_that_is_not_there_is_named_before_anything_starts(make_c
     with pytest.raises(ConfigError, match="is not a folder"):
         resolve_pretrained(cfg.model, cfg.generator)
     os.makedirs(missing)
+    with pytest.raises(ConfigError, match="has no model_index.json: not a diffusers pipeline folder"):
+        resolve_pretrained(cfg.model, cfg.generator)
+    import shutil
+
+    tiny = make_config("model.family=wan_i2v")
+    shutil.copytree(resolve_pretrained(tiny.model, tiny.generator), missing, dirs_exist_ok=True)
     assert resolve_pretrained(cfg.model, cfg.generator) == missing  # once it exists
+    # converted elsewhere with links into that machine's Hugging Face cache: refused before anything loads
+    shutil.rmtree(os.path.join(missing, "vae"))
+    os.symlink(str(tmp_path / "another-machines-cache" / "vae"), os.path.join(missing, "vae"))
+    with pytest.raises(ConfigError, match=r"\['vae'\] are links to nothing here .*convert-wan --copy"):
+        resolve_pretrained(cfg.model, cfg.generator)
     hub = make_config("model.pretrained=Wan-AI/Wan2.2-I2V-A14B-Diffusers")
     assert resolve_pretrained(hub.model, hub.generator) == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
 

@@ -17,10 +17,23 @@ def check_pretrained(model: ModelConfig) -> None:
     name = model.pretrained
     if name == "tiny" or not (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
         return
-    if not os.path.isdir(os.path.expanduser(name)):
+    folder = os.path.expanduser(name)
+    if not os.path.isdir(folder):
         raise ConfigError(f"model.pretrained = {name!r} is not a folder on this machine: give a diffusers pipeline folder "
                           "(AniSora V2/V3's Wan-format release: convert it with `anisora-ray convert-wan`, "
                           "docs/alignment.md) or a Hugging Face id such as THUDM/CogVideoX-5b-I2V")
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise ConfigError(f"model.pretrained = {name!r} has no model_index.json: not a diffusers pipeline folder")
+    import json
+
+    with open(index) as f:
+        components = [key for key, value in json.load(f).items() if isinstance(value, list) and value[0] is not None]
+    # a link whose target is not there: a folder converted with links into one machine's Hugging Face cache
+    lost = [c for c in components if os.path.lexists(os.path.join(folder, c)) and not os.path.exists(os.path.join(folder, c))]
+    if lost:
+        raise ConfigError(f"model.pretrained = {name!r}: {lost} are links to nothing here (converted on another machine "
+                          "with links into its cache?): convert it again with `anisora-ray convert-wan --copy`")
 
 
 def resolve_pretrained(model: ModelConfig, generator: GeneratorConfig) -> str:
