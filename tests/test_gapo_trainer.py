@@ -111,7 +111,7 @@ def test_a_worker_group_failing_the_same_way_at_the_same_update_is_not_restarted
     shard = next(corrupt.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])
     cfg = trained["make"]("gapo.steps=2", "gapo.max_failures=-1", "gapo.same_failure_limit=2")
-    with pytest.raises(RepeatedFailureError, match=r"failed 2 times in a row before its first update .* "
+    with pytest.raises(RepeatedFailureError, match=r"failed 2 times in a row before any checkpoint .* "
                                                    r"WeightsError: cannot read weights file .*corrupt"):
         train_gapo(cfg, trained["table"], str(tmp_path / "out"), root=REPO, init_uri=str(corrupt), run_name="corrupt")
 
@@ -135,7 +135,8 @@ def test_the_stop_counts_one_error_at_one_update_and_leaves_dead_processes_to_ma
     fail(stop, RayError("the actor died"), RuntimeError("gloo: connection reset by [10.0.0.3]:5123"))  # left to Ray
     fail(stop, RuntimeError("gloo: connection reset by [10.0.0.3]:6000"))
     fail(stop, RuntimeError("gloo: connection reset by [10.0.0.4]:6001"))
-    with pytest.raises(RepeatedFailureError, match=r"3 times in a row after update 4 .*rank 1: RuntimeError: gloo"):
+    with pytest.raises(RepeatedFailureError, match=r"3 times in a row since its checkpoint of update 4 .*rank 1: "
+                                                   r"RuntimeError: gloo"):
         fail(stop, TypeError("another"), RuntimeError("gloo: connection reset by [10.0.0.1]:7000"))
     off = RepeatedFailureStop(0)
     for _ in range(5):

@@ -14,7 +14,7 @@ LAYERS = {
     "generation": 5, "reward": 5, "gapo": 5,
     "pairs": 6, "eval": 6,
     "loop": 7,
-    "cli": 8, "cli_eval": 8,
+    "cli": 8, "cli_eval": 8, "cli_tools": 8,
 }
 RAY_FREE = {"types", "config", "errors", "io", "models", "data", "drawing"}
 

@@ -74,8 +74,8 @@ class GapoConfig(Section):
     refresh_replicas: bool = True  # `anisora-ray train`: load the result into the generator replicas
     refresh_bucket_mb: float = Field(default=256.0, gt=0)  # bucket of a weight transfer: object-store bucket, shard, ZeRO-3 gather
     max_failures: int = Field(default=2, ge=-1)  # Ray Train restarts of a failed worker group from its last checkpoint (-1: no limit)
-    # A worker group that failed this many times in a row with the same error at the same update is not restarted
-    # again, whatever max_failures (a deterministic error: each restart repeats it; gapo/failures.py); 0: off
+    # A worker group that failed this many times in a row with the same error, no checkpoint reported between, is not
+    # restarted again, whatever max_failures (a deterministic error: each restart repeats it; gapo/failures.py); 0: off
     same_failure_limit: int = Field(default=3, ge=0)
     refresh_every: int = Field(default=0, ge=0)  # > 0: also refresh live replicas every N steps during training
     seed: int = 0

@@ -4,9 +4,10 @@ Ray Train restarts a failed worker group from its last checkpoint up to ``gapo.m
 limit, what an unattended run sets). An error no restart changes (a bug, a value every attempt meets) fails each
 attempt at the same update: every restart costs a model load and the updates since the checkpoint, and without a
 limit the run never ends. :class:`RepeatedFailureStop` runs in Ray Train's controller and ends the fit once
-``gapo.same_failure_limit`` attempts in a row raised the same error (digits aside) at the same update (the last one
-any rank reported). A failure in which a process died (an OOM kill, a lost node, a preemption: Ray's own errors;
-the other ranks' collective errors beside it) is left to ``max_failures``, and breaks the streak.
+``gapo.same_failure_limit`` attempts in a row raised the same error (digits aside) with no progress between them (no
+later checkpoint reported: each attempt restarted from the same one). A failure in which a process died (an OOM
+kill, a lost node, a preemption: Ray's own errors; the other ranks' collective errors beside it) is left to
+``max_failures``, and breaks the streak.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class RepeatedFailureStop(UserCallback):
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.step = -1  # the latest update any attempt reported
+        self.step = -1  # the latest update any attempt reported (with a checkpoint: every gapo.checkpoint_every)
         self.streak: tuple[int, set[str]] | None = None  # (update, the errors every attempt of the streak raised)
         self.count = 0
 
@@ -55,7 +56,7 @@ class RepeatedFailureStop(UserCallback):
             self.streak, self.count = (self.step, errors), 1
         if self.count >= self.limit:
             rank, exc = next((r, e) for r, e in sorted(raised.items()) if signature(e) in self.streak[1])
-            after = f"after update {self.step}" if self.step >= 0 else "before its first update"
+            after = f"since its checkpoint of update {self.step}" if self.step >= 0 else "before any checkpoint"
             raise RepeatedFailureError(
                 f"the GAPO worker group failed {self.count} times in a row {after} with the same error, which a "
                 f"restart repeats, so it is not restarted again (gapo.same_failure_limit={self.limit}): rank {rank}: "
