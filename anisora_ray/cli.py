@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="summarize: also write the summary here")
     p.set_defaults(func=cli_eval.annotate)
 
-    p = sub.add_parser("tiny-reward", help="save a tiny random-init reward backbone (clip, siglip, xclip, grounding-dino, sam)")
+    p = sub.add_parser("tiny-reward", help="save a tiny random-init reward backbone (clip, siglip, xclip, grounding-dino, sam, "
+                                            "dinov2, videoscore, qwen2-vl)")
     p.add_argument("--kind", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -52,6 +52,11 @@ def test_missing_inputs_named_on_the_command_line_fail_at_once_in_one_line(tmp_p
         assert err.count("\n") == 1 and re.search(f"^anisora-ray: error: {said}", err), err
 
 
+def test_an_unknown_tiny_reward_kind_lists_the_kinds(tmp_path, capsys):
+    assert main(["tiny-reward", "--kind", "bogus", "--out", str(tmp_path / "x")]) == 2  # a ValueError traceback
+    assert "unknown tiny backbone 'bogus'; expected one of clip, siglip" in capsys.readouterr().err
+
+
 def test_ctrl_c_during_align_is_one_line_that_says_how_to_go_on(tmp_path, model_cache):
     """SIGINT (Ctrl-C) while the job runs: exit 130 and one line (a hundred-line KeyboardInterrupt traceback before)."""
     import signal

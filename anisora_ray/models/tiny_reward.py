@@ -17,6 +17,8 @@ import tempfile
 import types
 
 REVISIONS = {"videoscore": 2}  # kinds whose builder changed since their first cached folders
+from anisora_ray.errors import ConfigError
+
 TINY_KINDS = ("clip", "siglip", "xclip", "grounding-dino", "sam", "dinov2", "videoscore", "qwen2-vl")
 TINY_IMAGE_SIZE = 32
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -271,7 +273,7 @@ def save_tiny_backbone(kind: str, path: str, seed: int = 0, base: bool = False) 
     import torch
 
     if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {TINY_KINDS}")
+        raise ConfigError(f"unknown tiny backbone {kind!r}; expected one of {', '.join(TINY_KINDS)}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     parent = os.path.dirname(os.path.abspath(path))
