@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a hundred lines of traceback said nothing more
         if args.verbose:
             raise
-        print("anisora-ray: interrupted; what finished is kept" + ("; continue with --resume" if args.command in
-              ("align", "ablate") else ""), file=sys.stderr)
+        go_on = {"align": "; continue with --resume", "ablate": "; the same command continues it",
+                 "pairs": "; the same --out continues it"}.get(args.command, "")
+        print(f"anisora-ray: interrupted; what finished is kept{go_on}", file=sys.stderr)
         return 130
 
 

@@ -148,6 +148,10 @@ def test_a_model_folder_that_is_not_there_is_named_before_anything_starts(make_c
     os.symlink(str(tmp_path / "another-machines-cache" / "vae"), os.path.join(missing, "vae"))
     with pytest.raises(ConfigError, match=r"\['vae'\] are links to nothing here .*convert-wan --copy"):
         resolve_pretrained(cfg.model, cfg.generator)
+    os.remove(os.path.join(missing, "model_index.json"))  # converted without --copy, it is a link too
+    os.symlink(str(tmp_path / "another-machines-cache" / "model_index.json"), os.path.join(missing, "model_index.json"))
+    with pytest.raises(ConfigError, match=r"\['model_index.json'\] are links to nothing here"):
+        resolve_pretrained(cfg.model, cfg.generator)
     hub = make_config("model.pretrained=Wan-AI/Wan2.2-I2V-A14B-Diffusers")
     assert resolve_pretrained(hub.model, hub.generator) == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
 

@@ -120,6 +120,7 @@ def test_the_stop_counts_one_error_at_one_update_and_leaves_dead_processes_to_ma
     """``RepeatedFailureStop`` in Ray Train's controller: only the same error (numbers aside) at the same update, in
     attempts one after the other, counts; a new update reported or a process that died starts the count again."""
     from ray.exceptions import RayError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
     from anisora_ray.gapo.failures import RepeatedFailureError, RepeatedFailureStop
 
@@ -133,6 +134,9 @@ def test_the_stop_counts_one_error_at_one_update_and_leaves_dead_processes_to_ma
     fail(stop, ValueError("pair 7 at 0x7f00 cannot train"))
     fail(stop, ValueError("pair 8 cannot train"), RuntimeError("gloo: connection reset by [10.0.0.3]:5123"))
     fail(stop, RayError("the actor died"), RuntimeError("gloo: connection reset by [10.0.0.3]:5123"))  # left to Ray
+    for _ in range(3):  # a dead worker as Ray Train's controller hands it over (a preemption, an OOM kill): not counted
+        fail(stop, WorkerHealthCheckFailedError("The actor experienced an error before finishing this task.",
+                                                RayError("the actor died")), RuntimeError("nccl: remote process exited"))
     fail(stop, RuntimeError("gloo: connection reset by [10.0.0.3]:6000"))
     fail(stop, RuntimeError("gloo: connection reset by [10.0.0.4]:6001"))
     with pytest.raises(RepeatedFailureError, match=r"3 times in a row since its checkpoint of update 4 .*rank 1: "

@@ -98,11 +98,19 @@ def test_an_interrupted_generation_renders_only_what_its_journal_lacks(replicas,
     requests = build_requests(items, cfg)
     states = group.weights_states()
     assert len(GenerationJournal(str(out), recipe(cfg, states, False)).split(requests)[0]) == 0
+    # a rebuilt manifest keeps its ids: a prompt whose text or image changed is rendered again
+    import dataclasses
+
+    changed = [dataclasses.replace(items[0], prompt="another prompt"), *items[1:-1],
+               dataclasses.replace(items[-1], image_uri=str(tmp_path / "fixed.png"))]
+    todo = GenerationJournal(str(out), recipe(cfg, states, False)).split(build_requests(changed, cfg))[0]
+    assert [r.item.prompt_id for r in todo] == [items[0].prompt_id, "ghost"]
     more_steps = cfg.model_copy(update={"generator": cfg.generator.model_copy(
         update={"num_inference_steps": cfg.generator.num_inference_steps + 1})})
     for other, other_states, exact in ((cfg, [{**s, "version": 1} for s in states], False), (cfg, states, True),
                                        (more_steps, states, False)):
         assert GenerationJournal(str(out), recipe(other, other_states, exact)).split(requests)[0] == requests
+    assert not list(journal.glob("*.json"))  # another recipe's entries go: it renders the same paths over their videos
     generate_candidates(cfg, items[:1], str(out), group, progress=False)  # not resumed: the journal starts over
     assert len(list(journal.glob("*.json"))) == 1
 

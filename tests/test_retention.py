@@ -154,7 +154,7 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
 
     from anisora_ray.errors import DiskSpaceError
     from anisora_ray.io import fs
-    from anisora_ray.loop.retention import check_free_space, prune, record_sizes, round_started
+    from anisora_ray.loop.retention import check_free_space, prune, record_sizes, round_started, unrecorded_round
     from anisora_ray.loop.state import AlignState, RoundState
 
     free = shutil.disk_usage(tmp_path).free / 1e9
@@ -185,6 +185,8 @@ def test_free_space_stops_before_a_round_that_would_not_fit_naming_the_setting(m
     remote = RoundState(1, phase="evaluated")  # an object store is not listed whole every round, only what was freed
     assert record_sizes(make_config("run.output_dir=memory://job"), remote, {"weights": 2_000_000}) == ["pruned_mb"]
     assert remote.metrics == {"pruned_mb": 2.0}
+    # recorded: a later round's pruning is not booked to this one (every round's was, to round 1, forever)
+    assert unrecorded_round(AlignState(rounds=[remote])) is None
     assert check_free_space(cfg, state, 2) == pytest.approx(free, abs=1.0)  # 1.5 x 0.3 MB fits
     state.rounds.append(RoundState(2, phase="evaluated", metrics={"written_mb": free * 1e3}))  # a round as big as the disk
     with pytest.raises(DiskSpaceError, match=r"round 3 needs .*run\.free_space\.rounds=1\.5 x .* GB, the most a round"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ray.exceptions import RayError
+from ray.train.v2._internal.exceptions import RayTrainError
 from ray.train.v2.api.callback import UserCallback
 
 from anisora_ray.runtime import first_line
@@ -27,6 +28,12 @@ class RepeatedFailureError(RuntimeError):
 def signature(exc: BaseException) -> str:
     """The error's type and message with its numbers masked (ports, addresses, pids change between attempts)."""
     return f"{type(exc).__name__}: " + re.sub(r"0x[0-9a-fA-F]+|\d+", "#", first_line(exc))
+
+
+def died(exc: BaseException) -> bool:
+    """A process that died or stopped answering: Ray's own errors, and how Ray Train's controller hands them over
+    (``WorkerHealthCheckFailedError`` carrying the actor's death, ``WorkerHealthCheckTimeoutError``)."""
+    return isinstance(exc, RayError | RayTrainError) or hasattr(exc, "health_check_failure")
 
 
 class RepeatedFailureStop(UserCallback):
@@ -46,7 +53,7 @@ class RepeatedFailureStop(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions: dict[int, BaseException]) -> None:
         raised = dict(worker_exceptions)
-        if not self.limit or not raised or any(isinstance(exc, RayError) for exc in raised.values()):
+        if not self.limit or not raised or any(died(exc) for exc in raised.values()):
             self.streak, self.count = None, 0
             return
         errors = {signature(exc) for exc in raised.values()}

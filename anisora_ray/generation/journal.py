@@ -62,7 +62,9 @@ class GenerationJournal:
             fs.remove(self.root)
 
     def _done(self) -> tuple[dict[tuple[str, int], Candidate], dict[str, QuarantineRecord]]:
-        """The journal's candidates by (prompt, seed) and quarantined prompts, of this recipe."""
+        """The journal's candidates by (prompt, seed) and quarantined prompts, of this recipe. Entries of another
+        recipe are deleted: this generation writes the same video paths, so their videos are about to be replaced
+        (kept, they would match again once that recipe came back, over videos of this one)."""
         by_seed: dict[tuple[str, int], Candidate] = {}
         quarantined: dict[str, QuarantineRecord] = {}
         filesystem, root = fs.url_to_fs(self.root)
@@ -76,6 +78,7 @@ class GenerationJournal:
             try:
                 entry = json.loads(fs.read_bytes(uri))
                 if entry.get("recipe") != self.recipe:
+                    fs.remove(uri)
                     continue
                 candidates = [Candidate.from_dict(row) for row in entry["candidates"]]
                 set_aside = [QuarantineRecord.from_dict(row) for row in entry["quarantined"]]
@@ -89,20 +92,22 @@ class GenerationJournal:
 
     def split(self, requests: Sequence[GenerationRequest]) -> tuple[list[GenerationRequest], list[Candidate],
                                                                     list[QuarantineRecord]]:
-        """The requests still to render, and the records of those done (in the journal with this recipe, every
-        seed's video still there, or the prompt quarantined)."""
+        """The requests still to render, and the records of those done (in the journal with this recipe and the same
+        prompt text, image and character, every seed's video still there, or the prompt quarantined)."""
         by_seed, quarantined = self._done()
         todo: list[GenerationRequest] = []
         done_candidates: list[Candidate] = []
         done_quarantined: list[QuarantineRecord] = []
         lost = 0  # requests rendered before whose videos are gone
         for request in requests:
-            pid = request.item.prompt_id
-            if pid in quarantined:
-                done_quarantined.append(quarantined[pid])
+            item = request.item
+            if (q := quarantined.get(item.prompt_id)) is not None and q.uri == item.image_uri:
+                done_quarantined.append(q)
                 continue
-            found = [by_seed.get((pid, int(seed))) for seed in request.seeds]
-            if all(c is not None and fs.exists(c.video_uri) for c in found):
+            found = [by_seed.get((item.prompt_id, int(seed))) for seed in request.seeds]
+            if all(c is not None and (c.prompt, c.image_uri, c.character_id) == (item.prompt, item.image_uri,
+                                                                                  item.character_id)
+                   and fs.exists(c.video_uri) for c in found):  # the same item (a rebuilt manifest keeps its ids)
                 done_candidates += found
             else:
                 todo.append(request)

@@ -302,7 +302,10 @@ class GeneratorReplicas:
             for into, part in zip(gathered, result, strict=True):
                 into += part
             if on_call:
-                on_call(*result)
+                try:
+                    on_call(*result)
+                except Exception as exc:  # noqa: BLE001 - a journal that cannot be written costs a resume, not the stage
+                    log.warning("generator call's records not journalled (%s: %s)", type(exc).__name__, first_line(exc))
             if on_progress:
                 on_progress(sum(len(r.seeds) for r in chunk))
         return tuple(gathered)

@@ -153,7 +153,7 @@ def round_started(cfg: AnisoraConfig, rs: RoundState) -> None:
 
 def unrecorded_round(state: AlignState) -> RoundState | None:
     """The earliest evaluated round whose sizes ``record_sizes`` has not recorded (its job stopped before its pruning)."""
-    pending = [r for r in state.rounds if r.reached("evaluated") and "output_dir_mb" not in r.metrics]
+    pending = [r for r in state.rounds if r.reached("evaluated") and "pruned_mb" not in r.metrics]
     return min(pending, key=lambda r: r.index, default=None)
 
 
@@ -161,7 +161,7 @@ def record_sizes(cfg: AnisoraConfig, rs: RoundState, freed: dict[str, int]) -> l
     """After ``prune``: the output folder's size, what was just freed and, once, what round ``rs`` wrote (``written_mb``:
     its growth from its start to its end before pruning, i.e. the folder now plus what was just freed) into its
     metrics. Once the round is evaluated, and again when a resumed job prunes more; returns the keys to log."""
-    if not rs.reached("evaluated") or not (freed or "output_dir_mb" not in rs.metrics):
+    if not rs.reached("evaluated") or not (freed or "pruned_mb" not in rs.metrics):
         return []
     freed_mb = sum(freed.values()) / 1e6
     rs.metrics["pruned_mb"] = rs.metrics.get("pruned_mb", 0.0) + freed_mb

@@ -23,14 +23,17 @@ def check_pretrained(model: ModelConfig) -> None:
                           "(AniSora V2/V3's Wan-format release: convert it with `anisora-ray convert-wan`, "
                           "docs/alignment.md) or a Hugging Face id such as THUDM/CogVideoX-5b-I2V")
     index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
+    lost = ["model_index.json"] if os.path.islink(index) and not os.path.exists(index) else []
+    if not lost and not os.path.isfile(index):
         raise ConfigError(f"model.pretrained = {name!r} has no model_index.json: not a diffusers pipeline folder")
-    import json
+    if not lost:
+        import json
 
-    with open(index) as f:
-        components = [key for key, value in json.load(f).items() if isinstance(value, list) and value[0] is not None]
-    # a link whose target is not there: a folder converted with links into one machine's Hugging Face cache
-    lost = [c for c in components if os.path.lexists(os.path.join(folder, c)) and not os.path.exists(os.path.join(folder, c))]
+        with open(index) as f:
+            components = [k for k, v in json.load(f).items() if isinstance(v, list) and v and v[0] is not None]
+        # a link whose target is not there: a folder converted with links into one machine's Hugging Face cache
+        lost = [c for c in components
+                if os.path.lexists(os.path.join(folder, c)) and not os.path.exists(os.path.join(folder, c))]
     if lost:
         raise ConfigError(f"model.pretrained = {name!r}: {lost} are links to nothing here (converted on another machine "
                           "with links into its cache?): convert it again with `anisora-ray convert-wan --copy`")
