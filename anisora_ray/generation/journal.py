@@ -83,8 +83,9 @@ class GenerationJournal:
                 candidates = [Candidate.from_dict(row) for row in entry["candidates"]]
                 set_aside = [QuarantineRecord.from_dict(row) for row in entry["quarantined"]]
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # cut short, or not ours
-                log.warning("generation journal %s unreadable (%s: %s): its requests are rendered again", uri,
+                log.warning("generation journal %s unreadable (%s: %s): removed, its requests are rendered again", uri,
                             type(exc).__name__, exc)
+                fs.remove(uri)
                 continue
             by_seed.update({(c.prompt_id, int(c.seed)): c for c in candidates})
             quarantined.update({q.item_id: q for q in set_aside})
