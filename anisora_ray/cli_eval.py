@@ -42,7 +42,7 @@ def convert_reward(args: argparse.Namespace) -> int:
 
 def convert_wan(args: argparse.Namespace) -> int:
     """Wan-format expert weights (AniSora V2/V3) into a diffusers folder for ``model.pretrained``."""
-    from anisora_ray.errors import ConfigError
+    from anisora_ray.io import hub
     from anisora_ray.models.convert_wan import EXPERTS, weight_files
     from anisora_ray.models.convert_wan import convert_wan as convert
 
@@ -50,15 +50,8 @@ def convert_wan(args: argparse.Namespace) -> int:
         weight_files(source)
     base = args.base
     if not os.path.isdir(base):  # a Hub id: everything but the transformers' weights, which are replaced
-        from huggingface_hub import snapshot_download
-
-        try:
-            base = snapshot_download(base, revision=args.revision,
-                                     ignore_patterns=[f"{name}/*.safetensors" for name in EXPERTS])
-        except Exception as exc:  # noqa: BLE001 - offline, no such repository, no access: the Hub's own words
-            raise ConfigError(f"--base {base!r} is no local folder, and the Hugging Face Hub did not give it "
-                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}): download it where "
-                              "this runs and pass its folder") from None
+        base = hub.snapshot(base, f"--base {base!r}", revision=args.revision,
+                            ignore_patterns=[f"{name}/*.safetensors" for name in EXPERTS])
     hub = base != args.base  # fetched into this machine's cache, which the other machines do not see: copied
     report = convert(base, args.sources, args.out, dtype=args.dtype, link=not args.copy and not hub)
     if args.check:  # the replicas' and trainers' loader, on the converted folder

@@ -126,17 +126,13 @@ def released_tree(source: str, code: str | None = None, dimensions: list[str] | 
         return find_tree(source, code)
     if "/" not in source or source.startswith((".", "/", "~")):
         raise CheckpointError(f"released reward source {source!r} is neither a folder nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
+    from anisora_ray.io import hub
 
     dimensions = dimensions or list(RELEASED)
     log.info("downloading the released AnimeReward files of %s from %s", ", ".join(dimensions), source)
-    try:
-        snapshot = snapshot_download(source, allow_patterns=hub_patterns(dimensions, detector))
-    except Exception as exc:  # noqa: BLE001 - offline, no such repository, no access: the Hub's own words
-        raise CheckpointError(f"released reward source {source!r} is no local folder, and the Hugging Face Hub did not "
-                              f"give it ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}): download "
-                              "it where this runs and pass its folder") from None
-    return ReleasedTree(os.path.join(snapshot, "reward"), "hub", code)
+    folder = hub.snapshot(source, f"released reward source {source!r}", CheckpointError,
+                          allow_patterns=hub_patterns(dimensions, detector))
+    return ReleasedTree(os.path.join(folder, "reward"), "hub", code)
 
 
 def convert_dimension(dimension: str, tree: ReleasedTree, out_dir: str,
